@@ -1,0 +1,259 @@
+"""The data model: :class:`Job`, :class:`JobStatus`, :class:`JobStats`, :class:`CancelResult`.
+
+Also the validation of values coming from users, so every entry point rejects bad
+input the same way, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+__all__ = [
+    "ACTIVE",
+    "ELIGIBLE",
+    "FINAL",
+    "CancelResult",
+    "Job",
+    "JobStats",
+    "JobStatus",
+    "utcnow",
+]
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life. See the state diagram in the README."""
+
+    INITIAL_PENDING = "initial_pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    FAILED_RETRY = "failed_retry"
+    UNKNOWN_RETRY = "unknown_retry"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    UNSCHEDULED = "unscheduled"
+    UNKNOWN_STOPPED = "unknown_stopped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL
+
+    @property
+    def is_eligible(self) -> bool:
+        """Whether a stream may assign a job in this status."""
+        return self in ELIGIBLE
+
+    @property
+    def is_active(self) -> bool:
+        """Whether a job in this status occupies a stream slot."""
+        return self in ACTIVE
+
+
+ELIGIBLE: frozenset[JobStatus] = frozenset(
+    {JobStatus.INITIAL_PENDING, JobStatus.FAILED_RETRY, JobStatus.UNKNOWN_RETRY}
+)
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+FINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.COMPLETED, JobStatus.STOPPED, JobStatus.UNSCHEDULED, JobStatus.UNKNOWN_STOPPED}
+)
+
+
+def utcnow() -> datetime:
+    """The calling process's clock, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Job:
+    """One unit of work and its whole recorded history.
+
+    Jobs returned by the library are snapshots: changing one changes nothing stored.
+    """
+
+    id: str
+    job_type: str
+    job_definition: bytes = b""
+    tags: list[str] = field(default_factory=list)
+    status: JobStatus = JobStatus.INITIAL_PENDING
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finalized_at: datetime | None = None
+    error_message: str = ""
+    result: bytes | None = None
+    retry_count: int = 0
+    last_retry_at: datetime | None = None
+    assignee_id: str = ""
+    assigned_at: datetime | None = None
+
+    def copy(self) -> Job:
+        """An independent snapshot (tags list copied)."""
+        return dataclasses.replace(self, tags=list(self.tags))
+
+    @property
+    def sort_key(self) -> datetime:
+        """Selection order: oldest first by ``last_retry_at``, else ``created_at``."""
+        return self.last_retry_at if self.last_retry_at is not None else self.created_at
+
+
+@dataclass(slots=True)
+class JobStats:
+    """Counts of the jobs matching a tag filter."""
+
+    tags: list[str]
+    total_jobs: int
+    pending_jobs: int
+    running_jobs: int
+    completed_jobs: int
+    stopped_jobs: int
+    failed_jobs: int
+    total_retries: int
+    by_status: dict[JobStatus, int]
+
+    @classmethod
+    def from_counts(
+        cls, tags: Sequence[str], counts: dict[JobStatus, int], total_retries: int
+    ) -> JobStats:
+        by = {s: counts.get(s, 0) for s in JobStatus}
+        return cls(
+            tags=list(tags),
+            total_jobs=sum(by.values()),
+            pending_jobs=by[JobStatus.INITIAL_PENDING],
+            running_jobs=by[JobStatus.RUNNING] + by[JobStatus.CANCELLING],
+            completed_jobs=by[JobStatus.COMPLETED],
+            stopped_jobs=by[JobStatus.STOPPED]
+            + by[JobStatus.UNSCHEDULED]
+            + by[JobStatus.UNKNOWN_STOPPED],
+            failed_jobs=by[JobStatus.FAILED_RETRY] + by[JobStatus.UNKNOWN_RETRY],
+            total_retries=total_retries,
+            by_status=by,
+        )
+
+
+@dataclass(slots=True)
+class CancelResult:
+    """What ``cancel_jobs`` did: jobs cancelled (or already cancelling), and the rest."""
+
+    cancelled: list[str]
+    unknown: list[str]
+
+
+# --- validation -----------------------------------------------------------------------
+
+
+def check_id(job_id: object, what: str = "job id") -> str:
+    """A job id: non-empty ``str`` without NUL."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"{what} must be str, got {type(job_id).__name__}")
+    if not job_id:
+        raise ValueError(f"{what} must not be empty")
+    if "\x00" in job_id:
+        raise ValueError(f"{what} must not contain NUL: {job_id!r}")
+    return job_id
+
+
+def check_ids(job_ids: object, what: str = "job_ids") -> list[str]:
+    if isinstance(job_ids, str | bytes) or not isinstance(job_ids, Iterable):
+        raise TypeError(f"{what} must be a sequence of str, got {type(job_ids).__name__}")
+    return [check_id(i, f"{what} item") for i in job_ids]
+
+
+def check_tags(tags: object, what: str = "tags") -> list[str]:
+    """A tag list: each a non-empty ``str`` without NUL; duplicates collapse (order kept)."""
+    if tags is None:
+        return []
+    if isinstance(tags, str | bytes) or not isinstance(tags, Iterable):
+        raise TypeError(f"{what} must be a list of str, got {type(tags).__name__}")
+    out: dict[str, None] = {}
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise TypeError(f"each tag must be str, got {type(tag).__name__}: {tag!r}")
+        if not tag:
+            raise ValueError("a tag must not be empty")
+        if "\x00" in tag:
+            raise ValueError(f"a tag must not contain NUL: {tag!r}")
+        out[tag] = None
+    return list(out)
+
+
+def check_aware(value: object, what: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware, got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+def check_bytes(value: object, what: str, *, optional: bool = False) -> bytes | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} must be bytes, got {type(value).__name__}")
+    return value
+
+
+def check_message(value: object, what: str = "error_message", *, required: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, got {type(value).__name__}")
+    if required and not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+def check_ttl(ttl: object) -> timedelta:
+    if not isinstance(ttl, timedelta):
+        raise TypeError(f"ttl must be a timedelta, got {type(ttl).__name__}")
+    if ttl <= timedelta(0):
+        raise ValueError(f"ttl must be positive, got {ttl!r}")
+    return ttl
+
+
+def check_new_job(job: object) -> Job:
+    """Validate a job for enqueueing and return a normalised private copy."""
+    if not isinstance(job, Job):
+        raise TypeError(f"expected a Job, got {type(job).__name__}")
+    check_id(job.id)
+    if not isinstance(job.job_type, str):
+        raise TypeError(f"job {job.id!r}: job_type must be str, got {type(job.job_type).__name__}")
+    if "\x00" in job.job_type:
+        raise ValueError(f"job {job.id!r}: job_type must not contain NUL")
+    check_bytes(job.job_definition, f"job {job.id!r}: job_definition")
+    tags = check_tags(job.tags, f"job {job.id!r}: tags")
+    if not isinstance(job.status, JobStatus) or job.status is not JobStatus.INITIAL_PENDING:
+        raise ValueError(
+            f"job {job.id!r}: enqueue accepts only status INITIAL_PENDING, got {job.status!r}"
+        )
+    if job.created_at is None:
+        raise TypeError(f"job {job.id!r}: created_at must be a datetime, got None")
+    created = check_aware(job.created_at, f"job {job.id!r}: created_at")
+    assert created is not None
+    for name in ("started_at", "finalized_at", "last_retry_at", "assigned_at"):
+        check_aware(getattr(job, name), f"job {job.id!r}: {name}")
+    check_message(job.error_message, f"job {job.id!r}: error_message")
+    check_bytes(job.result, f"job {job.id!r}: result", optional=True)
+    if not isinstance(job.retry_count, int) or isinstance(job.retry_count, bool):
+        raise TypeError(f"job {job.id!r}: retry_count must be int")
+    if job.retry_count < 0:
+        raise ValueError(f"job {job.id!r}: retry_count must not be negative")
+    if not isinstance(job.assignee_id, str):
+        raise TypeError(f"job {job.id!r}: assignee_id must be str")
+    return Job(
+        id=job.id,
+        job_type=job.job_type,
+        job_definition=bytes(job.job_definition),
+        tags=tags,
+        status=JobStatus.INITIAL_PENDING,
+        created_at=created,
+        started_at=check_aware(job.started_at, "started_at"),
+        finalized_at=check_aware(job.finalized_at, "finalized_at"),
+        error_message=job.error_message,
+        result=job.result,
+        retry_count=job.retry_count,
+        last_retry_at=check_aware(job.last_retry_at, "last_retry_at"),
+        assignee_id=job.assignee_id,
+        assigned_at=check_aware(job.assigned_at, "assigned_at"),
+    )

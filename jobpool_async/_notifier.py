@@ -1,0 +1,106 @@
+"""Waking streams: one :class:`asyncio.Condition` per queue, with targeted flags.
+
+A stream waits on the condition until its own flag is raised (or it is closed, or
+its poll timeout passes). Publishers raise the flags of exactly the streams that
+could act now — those whose tag filter matches a newly eligible job, or whose
+slot was freed — and then notify the condition. Raising the flag before the
+notify, and checking it under the condition's lock, means no wake is ever lost:
+a stream that was busy claiming when the event happened finds its flag raised and
+claims again at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+__all__ = ["Notifier", "Subscription"]
+
+
+class Subscription:
+    """One stream's place in the notifier."""
+
+    __slots__ = ("closed", "flag", "tags")
+
+    def __init__(self, tags: frozenset[str]) -> None:
+        self.tags = tags
+        self.flag = False
+        self.closed = False
+
+    def matches(self, job_tags: Iterable[str]) -> bool:
+        return not self.tags or self.tags.issubset(job_tags)
+
+
+class Notifier:
+    """Pushes wake-ups to waiting streams; no polling in-process."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._subs: set[Subscription] = set()
+        self._pending_notify: asyncio.Task[None] | None = None
+
+    def subscribe(self, tags: frozenset[str]) -> Subscription:
+        sub = Subscription(tags)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.closed = True
+        self._subs.discard(sub)
+
+    def mark(
+        self,
+        *,
+        tagsets: Iterable[Iterable[str]] = (),
+        subs: Iterable[Subscription] = (),
+        everyone: bool = False,
+    ) -> bool:
+        """Raise the flags of the subscriptions that should wake; True if any was raised."""
+        raised = False
+        for sub in subs:
+            sub.flag = raised = True
+        if everyone:
+            for sub in self._subs:
+                sub.flag = raised = True
+            return raised
+        tagsets = [frozenset(ts) for ts in tagsets]
+        if tagsets:
+            for sub in self._subs:
+                if not sub.flag and any(sub.tags.issubset(ts) for ts in tagsets):
+                    sub.flag = raised = True
+        return raised
+
+    async def notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def publish(
+        self,
+        *,
+        tagsets: Iterable[Iterable[str]] = (),
+        subs: Iterable[Subscription] = (),
+        everyone: bool = False,
+    ) -> None:
+        if self.mark(tagsets=tagsets, subs=subs, everyone=everyone):
+            await self.notify()
+
+    def publish_soon(self, *, everyone: bool = True) -> None:
+        """From synchronous code (backend listeners): wake without awaiting."""
+        if self.mark(everyone=everyone) and self._pending_notify is None:
+            self._pending_notify = asyncio.get_running_loop().create_task(self._notify_later())
+
+    async def _notify_later(self) -> None:
+        self._pending_notify = None
+        await self.notify()
+
+    async def wait(self, sub: Subscription, timeout: float | None) -> bool:
+        """Wait until ``sub`` is flagged or closed; False if ``timeout`` passed first."""
+        async with self._cond:
+            if sub.flag or sub.closed:
+                return True
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._cond.wait_for(lambda: sub.flag or sub.closed)
+            except TimeoutError:
+                return False
+            return True

@@ -1,0 +1,604 @@
+"""``PoolQueue`` (the manager logic) and ``JobStream`` (assignment to a consumer).
+
+The queue validates input, asks its backend to make each move in one call, and
+reads the :class:`~jobpool_async.backends.base.Moved` records that come back to
+free stream slots and wake the streams that can now take a job. It never decides
+a move itself: that is the transition table's job, applied by the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Self
+
+from ._errors import BatchError, JobPoolError, QueueClosedError
+from ._models import (
+    ACTIVE,
+    ELIGIBLE,
+    CancelResult,
+    Job,
+    JobStats,
+    JobStatus,
+    check_bytes,
+    check_id,
+    check_ids,
+    check_message,
+    check_new_job,
+    check_tags,
+    check_ttl,
+    utcnow,
+)
+from ._notifier import Notifier, Subscription
+from ._transitions import (
+    ACK_EXECUTING,
+    ACK_NOT_EXECUTING,
+    CANCEL,
+    COMPLETE,
+    FAIL,
+    MARK_UNKNOWN_STOPPED,
+    RELEASE,
+    STOP,
+    STOP_WITH_RETRY,
+    UPDATE_TO,
+    WORKER_LOST,
+    Transition,
+)
+from .backends.base import Backend, Change, Moved, Selection
+
+__all__ = ["JobStream", "PoolQueue"]
+
+logger = logging.getLogger("jobpool_async")
+
+RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
+
+CancelListener = Callable[[str], None]
+
+
+class PoolQueue:
+    """The job queue: submit jobs, stream them to workers, move them through their life.
+
+    Owns its backend: ``close()`` closes it. All methods are safe to call
+    concurrently from many tasks.
+    """
+
+    def __init__(self, backend: Backend, *, poll_interval: float | None = None) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a Backend, got {type(backend).__name__}")
+        if poll_interval is not None and (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, int | float)
+            or poll_interval <= 0
+        ):
+            raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
+        self._backend = backend
+        self._poll_interval = (
+            float(poll_interval) if poll_interval is not None else backend.default_poll_interval
+        )
+        self._notifier = Notifier()
+        self._holders: dict[str, JobStream] = {}
+        self._streams: set[JobStream] = set()
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def poll_interval(self) -> float | None:
+        """Seconds between looks at shared storage; ``None``: never polls."""
+        return self._poll_interval
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def open(self) -> None:
+        """Open the backend. Called for you on first use or by ``async with``."""
+        await self._ready()
+
+    async def _ready(self) -> None:
+        if self._closed:
+            raise QueueClosedError("the queue is closed")
+        if self._opened:
+            return
+        async with self._open_lock:
+            if self._closed:
+                raise QueueClosedError("the queue is closed")
+            if not self._opened:
+                await self._backend.open()
+                self._backend.set_listener(self._on_backend_event)
+                self._opened = True
+
+    async def __aenter__(self) -> Self:
+        await self._ready()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End every stream (giving back jobs not yet handed over) and close the backend."""
+        if self._close_task is None:
+            self._closed = True
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        try:
+            while self._streams:
+                await asyncio.gather(
+                    *(s.aclose() for s in list(self._streams)), return_exceptions=True
+                )
+        finally:
+            self._backend.set_listener(None)
+            await self._backend.close()
+
+    # --- waking -------------------------------------------------------------------
+
+    def _on_backend_event(self, moved: Sequence[Moved] | None) -> None:
+        """Changes pushed by another process (e.g. PostgreSQL ``NOTIFY``)."""
+        if self._closed:
+            return
+        if moved is None:
+            for stream in list(self._streams):
+                stream._recheck = True
+            self._notifier.publish_soon(everyone=True)
+            return
+        asyncio.get_running_loop().create_task(self._observe(moved))
+
+    async def _observe(self, moved: Iterable[Moved]) -> None:
+        """Free the slots of jobs that left RUNNING/CANCELLING; wake who can act now."""
+        tagsets: list[tuple[str, ...]] = []
+        freed: list[Subscription] = []
+        for m in moved:
+            stream = self._holders.get(m.job_id)
+            if stream is not None:
+                if m.status not in ACTIVE:
+                    del self._holders[m.job_id]
+                    stream._held.pop(m.job_id, None)
+                    freed.append(stream._sub)
+                elif m.status is JobStatus.CANCELLING:
+                    stream._cancel_requested(m.job_id)
+            if m.status in ELIGIBLE:
+                tagsets.append(m.tags)
+        if tagsets or freed:
+            await self._notifier.publish(tagsets=tagsets, subs=freed)
+
+    # --- submitting ---------------------------------------------------------------
+
+    async def enqueue_job(self, job: Job) -> str:
+        """Store one new job; wake a stream that can take it. Returns its id."""
+        return (await self.enqueue_jobs([job]))[0]
+
+    async def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
+        """Store new jobs all or nothing, in one transaction. Returns ids in input order."""
+        if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
+            raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
+        clean = [check_new_job(job) for job in jobs]
+        await self._ready()
+        if not clean:
+            return []
+        await self._backend.insert(clean)
+        await self._notifier.publish(tagsets={tuple(job.tags) for job in clean})
+        return [job.id for job in clean]
+
+    # --- streaming ----------------------------------------------------------------
+
+    def stream_jobs(
+        self, assignee_id: str, tags: Sequence[str] | None = None, max_assigned_jobs: int = 1
+    ) -> JobStream:
+        """A stream that assigns matching jobs to ``assignee_id``, at most
+        ``max_assigned_jobs`` in RUNNING/CANCELLING at once."""
+        check_id(assignee_id, "assignee_id")
+        clean_tags = check_tags(tags)
+        if isinstance(max_assigned_jobs, bool) or not isinstance(max_assigned_jobs, int):
+            raise TypeError(
+                f"max_assigned_jobs must be int, got {type(max_assigned_jobs).__name__}"
+            )
+        if max_assigned_jobs < 1:
+            raise ValueError(f"max_assigned_jobs must be at least 1, got {max_assigned_jobs}")
+        if self._closed:
+            raise QueueClosedError("the queue is closed")
+        stream = JobStream(self, assignee_id, clean_tags, max_assigned_jobs)
+        self._streams.add(stream)
+        return stream
+
+    async def _assign(self, stream: JobStream, limit: int) -> list[Job]:
+        await self._ready()
+        jobs = await self._backend.claim(stream.assignee_id, stream.tags, limit, utcnow())
+        for job in jobs:
+            stream._held[job.id] = job.assigned_at
+            self._holders[job.id] = stream
+        return jobs
+
+    async def _release(self, stream: JobStream, job_ids: Sequence[str]) -> None:
+        """Give back jobs assigned to ``stream`` but never handed to its caller."""
+        if not job_ids:
+            return
+        changes = [Change(i, RELEASE, error_message=RELEASE_MESSAGE) for i in job_ids]
+        outcome = await self._backend.apply(changes, utcnow())
+        await self._observe(outcome.moved)
+        for job_id in job_ids:  # moved elsewhere meanwhile: not ours any more
+            if self._holders.get(job_id) is stream:
+                del self._holders[job_id]
+            stream._held.pop(job_id, None)
+        logger.debug("stream %s released %d unhanded job(s)", stream.assignee_id, len(job_ids))
+
+    async def _refresh(self, stream: JobStream) -> None:
+        """Shared storage: drop held jobs another process moved; see its cancellations."""
+        held = dict(stream._held)
+        if not held:
+            return
+        states = await self._backend.job_states(list(held))
+        for job_id, assigned_at in held.items():
+            state = states.get(job_id)
+            if state is None or state.status not in ACTIVE or state.assigned_at != assigned_at:
+                if stream._held.get(job_id, 0) == assigned_at:
+                    del stream._held[job_id]
+                if self._holders.get(job_id) is stream:
+                    del self._holders[job_id]
+            elif state.status is JobStatus.CANCELLING:
+                stream._cancel_requested(job_id)
+
+    def _forget(self, stream: JobStream) -> None:
+        self._streams.discard(stream)
+
+    # --- lifecycle calls ----------------------------------------------------------
+
+    async def _apply_one(self, change: Change) -> None:
+        await self._ready()
+        outcome = await self._backend.apply([change], utcnow())
+        await self._observe(outcome.moved)
+        if outcome.errors:
+            raise next(iter(outcome.errors.values()))
+
+    async def _apply_many(self, changes: list[Change]) -> None:
+        await self._ready()
+        if not changes:
+            return
+        outcome = await self._backend.apply(changes, utcnow())
+        await self._observe(outcome.moved)
+        if outcome.errors:
+            raise BatchError(outcome.errors)
+
+    @staticmethod
+    def _mapping(value: object, what: str) -> Mapping[object, object]:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{what} must be a mapping of job id to value, got {type(value).__name__}")
+        return value
+
+    def _changes(
+        self,
+        mapping: object,
+        transition: Transition,
+        what: str,
+        *,
+        message_required: bool = False,
+    ) -> list[Change]:
+        out = []
+        for job_id, message in self._mapping(mapping, what).items():
+            check_id(job_id)
+            msg = check_message(message, f"error_message for job {job_id!r}", required=message_required)
+            out.append(Change(str(job_id), transition, error_message=msg))
+        return out
+
+    async def complete_job(self, job_id: str, result: bytes | None) -> None:
+        """RUNNING/CANCELLING/UNKNOWN_* → COMPLETED, storing ``result``."""
+        check_id(job_id)
+        res = check_bytes(result, "result", optional=True)
+        await self._apply_one(Change(job_id, COMPLETE, result=res))
+
+    async def complete_jobs(self, results: Mapping[str, bytes | None]) -> None:
+        """Complete many jobs in one transaction; ``BatchError`` lists those that could not."""
+        changes = []
+        for job_id, result in self._mapping(results, "results").items():
+            check_id(job_id)
+            res = check_bytes(result, f"result for job {job_id!r}", optional=True)
+            changes.append(Change(str(job_id), COMPLETE, result=res))
+        await self._apply_many(changes)
+
+    async def fail_job(self, job_id: str, error_message: str) -> None:
+        """RUNNING/UNKNOWN_RETRY → FAILED_RETRY (a retry); the message must not be empty."""
+        check_id(job_id)
+        msg = check_message(error_message, required=True)
+        await self._apply_one(Change(job_id, FAIL, error_message=msg))
+
+    async def fail_jobs(self, errors: Mapping[str, str]) -> None:
+        await self._apply_many(self._changes(errors, FAIL, "errors", message_required=True))
+
+    async def stop_job(self, job_id: str, error_message: str = "") -> None:
+        """RUNNING/CANCELLING/UNKNOWN_RETRY → STOPPED."""
+        check_id(job_id)
+        msg = check_message(error_message)
+        await self._apply_one(Change(job_id, STOP, error_message=msg))
+
+    async def stop_jobs(self, errors: Mapping[str, str]) -> None:
+        await self._apply_many(self._changes(errors, STOP, "errors"))
+
+    async def stop_job_with_retry(self, job_id: str, error_message: str) -> None:
+        """CANCELLING → STOPPED, counting a retry."""
+        check_id(job_id)
+        msg = check_message(error_message)
+        await self._apply_one(Change(job_id, STOP_WITH_RETRY, error_message=msg))
+
+    async def stop_jobs_with_retry(self, errors: Mapping[str, str]) -> None:
+        await self._apply_many(self._changes(errors, STOP_WITH_RETRY, "errors"))
+
+    async def mark_job_unknown_stopped(self, job_id: str, error_message: str) -> None:
+        """RUNNING/CANCELLING/UNKNOWN_RETRY → UNKNOWN_STOPPED."""
+        check_id(job_id)
+        msg = check_message(error_message)
+        await self._apply_one(Change(job_id, MARK_UNKNOWN_STOPPED, error_message=msg))
+
+    async def mark_jobs_unknown_stopped(self, errors: Mapping[str, str]) -> None:
+        await self._apply_many(self._changes(errors, MARK_UNKNOWN_STOPPED, "errors"))
+
+    async def update_job_status(
+        self,
+        job_id: str,
+        status: JobStatus,
+        result: bytes | None = None,
+        error_message: str = "",
+    ) -> None:
+        """The escape hatch: the moves SPEC §2 allows, or any status to itself."""
+        check_id(job_id)
+        try:
+            target = JobStatus(status)
+        except ValueError:
+            raise ValueError(f"unknown job status: {status!r}") from None
+        res = check_bytes(result, "result", optional=True)
+        msg = check_message(error_message)
+        await self._apply_one(Change(job_id, UPDATE_TO[target], result=res, error_message=msg or None))
+
+    async def acknowledge_cancellation(self, acks: Mapping[str, bool]) -> None:
+        """CANCELLING → STOPPED (was executing) or UNKNOWN_STOPPED (was not)."""
+        changes = []
+        for job_id, was_executing in self._mapping(acks, "acks").items():
+            check_id(job_id)
+            if not isinstance(was_executing, bool):
+                raise TypeError(
+                    f"was_executing for job {job_id!r} must be bool, "
+                    f"got {type(was_executing).__name__}"
+                )
+            changes.append(
+                Change(str(job_id), ACK_EXECUTING if was_executing else ACK_NOT_EXECUTING)
+            )
+        await self._apply_many(changes)
+
+    async def cancel_jobs(
+        self, tags: Sequence[str] | None = None, job_ids: Sequence[str] | None = None
+    ) -> CancelResult:
+        """Cancel the union of the jobs with all ``tags`` and those in ``job_ids``."""
+        selection = self._selection(tags, job_ids, "cancel_jobs")
+        await self._ready()
+        outcome = await self._backend.apply_selected(
+            CANCEL, selection, utcnow(), report_unmatched=True
+        )
+        await self._observe(outcome.moved)
+        return CancelResult(
+            cancelled=[m.job_id for m in outcome.moved], unknown=list(outcome.unmatched)
+        )
+
+    async def mark_worker_unresponsive(self, assignee_id: str) -> int:
+        """The jobs of ``assignee_id``: RUNNING → UNKNOWN_RETRY, CANCELLING → UNKNOWN_STOPPED."""
+        check_id(assignee_id, "assignee_id")
+        return await self._apply_selected(WORKER_LOST, Selection(assignee_id=assignee_id))
+
+    async def reset_running_jobs(self) -> int:
+        """For start-up after a crash: every RUNNING/CANCELLING job as if its worker vanished."""
+        return await self._apply_selected(WORKER_LOST, Selection(everything=True))
+
+    async def _apply_selected(self, transition: Transition, selection: Selection) -> int:
+        await self._ready()
+        outcome = await self._backend.apply_selected(transition, selection, utcnow())
+        await self._observe(outcome.moved)
+        return len(outcome.moved)
+
+    # --- reading and housekeeping -------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job:
+        """A snapshot of one job; ``JobNotFoundError`` if there is none."""
+        from ._errors import JobNotFoundError
+
+        check_id(job_id)
+        await self._ready()
+        jobs = await self._backend.get_jobs([job_id])
+        if not jobs:
+            raise JobNotFoundError(job_id)
+        return jobs[0]
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """Snapshots in input order; missing ids are skipped."""
+        ids = check_ids(job_ids)
+        await self._ready()
+        if not ids:
+            return []
+        return await self._backend.get_jobs(ids)
+
+    async def get_job_stats(self, tags: Sequence[str] | None = None) -> JobStats:
+        """Counts over the jobs carrying every tag in ``tags`` (all jobs if none)."""
+        clean = check_tags(tags)
+        await self._ready()
+        counts, retries = await self._backend.count_by_status(clean)
+        return JobStats.from_counts(clean, counts, retries)
+
+    async def cleanup_expired_jobs(self, ttl: timedelta) -> int:
+        """Delete COMPLETED jobs finalized at or before now − ``ttl``."""
+        check_ttl(ttl)
+        await self._ready()
+        cutoff: datetime = utcnow() - ttl
+        return await self._backend.delete_completed_before(cutoff)
+
+    async def delete_jobs(
+        self, tags: Sequence[str] | None = None, job_ids: Sequence[str] | None = None
+    ) -> int:
+        """Delete the selected jobs, all final, or nothing (``JobsNotFinalError``)."""
+        selection = self._selection(tags, job_ids, "delete_jobs")
+        await self._ready()
+        return await self._backend.delete(selection)
+
+    @staticmethod
+    def _selection(
+        tags: Sequence[str] | None, job_ids: Sequence[str] | None, what: str
+    ) -> Selection:
+        clean_tags = check_tags(tags)
+        ids = check_ids(job_ids) if job_ids is not None else []
+        if not clean_tags and not ids:
+            raise ValueError(f"{what} needs tags or job_ids (both were empty)")
+        return Selection(job_ids=tuple(dict.fromkeys(ids)), tags=tuple(clean_tags))
+
+
+class JobStream:
+    """Assigns jobs to one consumer, at most ``max_assigned_jobs`` at a time.
+
+    ``async for batch in stream`` yields non-empty lists of RUNNING jobs. Use it as
+    an async context manager (or call :meth:`aclose`) so jobs assigned but not yet
+    handed over are given back (to FAILED_RETRY) when it ends.
+    """
+
+    def __init__(
+        self, queue: PoolQueue, assignee_id: str, tags: list[str], max_assigned_jobs: int
+    ) -> None:
+        self._queue = queue
+        self.assignee_id = assignee_id
+        self.tags: tuple[str, ...] = tuple(tags)
+        self.max_assigned_jobs = max_assigned_jobs
+        self._held: dict[str, datetime | None] = {}
+        self._sub = queue._notifier.subscribe(frozenset(tags))
+        self._sub.flag = True  # take waiting jobs at once
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None] | asyncio.Task[list[Job]]] = set()
+        self._cancel_listeners: list[CancelListener] = []
+        self._cancels_seen: set[str] = set()
+        self._recheck = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def assigned_job_ids(self) -> list[str]:
+        """Ids of this stream's jobs currently RUNNING or CANCELLING (as far as it knows)."""
+        return list(self._held)
+
+    def add_cancel_listener(self, listener: CancelListener) -> None:
+        """Call ``listener(job_id)`` when one of this stream's jobs moves to CANCELLING.
+
+        In-process cancellations arrive at once; those made by other processes
+        sharing the storage arrive within ``poll_interval`` (or by push, where the
+        backend supports it).
+        """
+        self._cancel_listeners.append(listener)
+
+    def _cancel_requested(self, job_id: str) -> None:
+        if job_id in self._cancels_seen:
+            return
+        self._cancels_seen.add(job_id)
+        if len(self._cancels_seen) > 4 * self.max_assigned_jobs + 64:
+            self._cancels_seen.intersection_update(self._held)
+        for listener in self._cancel_listeners:
+            try:
+                listener(job_id)
+            except Exception:  # a listener's bug must not break the queue
+                logger.exception("cancel listener failed for job %r", job_id)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> list[Job]:
+        if self._queue._closed and not self._closed:
+            await self.aclose()
+        async with self._lock:
+            poll = self._queue._poll_interval
+            while True:
+                if self._closed:
+                    raise StopAsyncIteration
+                if self._recheck and self._held:
+                    self._recheck = False
+                    await self._queue._refresh(self)
+                    continue
+                free = self.max_assigned_jobs - len(self._held)
+                self._sub.flag = False
+                if free > 0:
+                    jobs = await self._claim(free)
+                    if jobs:
+                        return jobs
+                    if self._closed:
+                        raise StopAsyncIteration
+                    if self._sub.flag:
+                        continue
+                woke = await self._queue._notifier.wait(self._sub, poll)
+                if not woke and self._held:
+                    await self._queue._refresh(self)
+
+    async def _claim(self, limit: int) -> list[Job]:
+        task = asyncio.ensure_future(self._queue._assign(self, limit))
+        self._track(task)
+        try:
+            jobs = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+        if self._closed and jobs:
+            await self._release_tracked([job.id for job in jobs])
+            raise StopAsyncIteration
+        return jobs
+
+    def _track(self, task: asyncio.Task[None] | asyncio.Task[list[Job]]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release_abandoned(self, task: asyncio.Task[list[Job]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        jobs = task.result()
+        if jobs:
+            self._track(asyncio.ensure_future(self._queue._release(self, [j.id for j in jobs])))
+
+    async def _release_tracked(self, job_ids: list[str]) -> None:
+        task = asyncio.ensure_future(self._queue._release(self, job_ids))
+        self._track(task)
+        await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """End the stream; jobs assigned but not handed over go back to FAILED_RETRY.
+
+        Jobs already handed to the caller stay RUNNING: the caller owns them.
+        """
+        if not self._closed:
+            self._closed = True
+            self._queue._notifier.unsubscribe(self._sub)
+            await self._queue._notifier.notify()
+        async with self._lock:  # a pending __anext__ in another task ends first
+            pass
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._queue._forget(self)
+
+    async def __aenter__(self) -> Self:
+        if self._queue._closed:
+            raise QueueClosedError("the queue is closed")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,207 @@
+"""The one transition table of the job state machine (SPEC §2).
+
+Every backend applies moves through the :class:`Transition` objects defined here:
+the memory and LevelDB backends call :func:`apply` on job records, the SQL backends
+compile the same table into ``CASE`` expressions (``backends/_sql.py``). Nothing
+else in the library decides which move is legal.
+
+Side effects are derived from the move, uniformly:
+
+* ``assign`` transitions set ``assignee_id``/``assigned_at`` (and ``started_at`` once);
+* entering a status in ``retry_targets`` from another status counts a retry
+  (``retry_count += 1``, ``last_retry_at = now``);
+* entering a final status from another status sets ``finalized_at = now``;
+* a given ``result`` / ``error_message`` (not ``None``) is stored.
+
+A move from a status to itself therefore changes no timestamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+from ._models import FINAL, Job, JobStatus
+
+__all__ = [
+    "ACK_EXECUTING",
+    "ACK_NOT_EXECUTING",
+    "ASSIGN",
+    "CANCEL",
+    "COMPLETE",
+    "FAIL",
+    "MARK_UNKNOWN_STOPPED",
+    "RELEASE",
+    "STOP",
+    "STOP_WITH_RETRY",
+    "UPDATE_TO",
+    "WORKER_LOST",
+    "Transition",
+    "apply",
+]
+
+S = JobStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A named operation: which statuses it moves from, and to what."""
+
+    name: str
+    moves: Mapping[JobStatus, JobStatus]
+    #: The status named in ``InvalidTransitionError.target`` (``None`` if several).
+    target: JobStatus | None = None
+    retry_targets: frozenset[JobStatus] = frozenset()
+    assign: bool = False
+    #: Moves in ``moves`` that count a retry / set ``finalized_at`` (derived).
+    retry_sources: frozenset[JobStatus] = field(init=False)
+    finalize_sources: frozenset[JobStatus] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "moves", MappingProxyType(dict(self.moves)))
+        object.__setattr__(
+            self,
+            "retry_sources",
+            frozenset(s for s, t in self.moves.items() if t in self.retry_targets and s != t),
+        )
+        object.__setattr__(
+            self,
+            "finalize_sources",
+            frozenset(s for s, t in self.moves.items() if t in FINAL and s != t),
+        )
+
+    @property
+    def sources(self) -> frozenset[JobStatus]:
+        return frozenset(self.moves)
+
+    def target_of(self, current: JobStatus) -> JobStatus | None:
+        """Where a job in ``current`` goes, or ``None`` if this move is not allowed."""
+        return self.moves.get(current)
+
+
+def _to(target: JobStatus, *sources: JobStatus) -> dict[JobStatus, JobStatus]:
+    return dict.fromkeys(sources, target)
+
+
+ASSIGN = Transition(
+    "assign",
+    _to(S.RUNNING, S.INITIAL_PENDING, S.FAILED_RETRY, S.UNKNOWN_RETRY),
+    target=S.RUNNING,
+    assign=True,
+)
+COMPLETE = Transition(
+    "complete",
+    _to(S.COMPLETED, S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY, S.UNKNOWN_STOPPED),
+    target=S.COMPLETED,
+)
+FAIL = Transition(
+    "fail",
+    _to(S.FAILED_RETRY, S.RUNNING, S.UNKNOWN_RETRY),
+    target=S.FAILED_RETRY,
+    retry_targets=frozenset({S.FAILED_RETRY}),
+)
+STOP = Transition(
+    "stop", _to(S.STOPPED, S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY), target=S.STOPPED
+)
+STOP_WITH_RETRY = Transition(
+    "stop_with_retry",
+    _to(S.STOPPED, S.CANCELLING),
+    target=S.STOPPED,
+    retry_targets=frozenset({S.STOPPED}),
+)
+MARK_UNKNOWN_STOPPED = Transition(
+    "mark_unknown_stopped",
+    _to(S.UNKNOWN_STOPPED, S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY),
+    target=S.UNKNOWN_STOPPED,
+)
+#: ``cancel_jobs``; a job already CANCELLING stays so and counts as cancelled.
+CANCEL = Transition(
+    "cancel",
+    {
+        S.INITIAL_PENDING: S.UNSCHEDULED,
+        S.RUNNING: S.CANCELLING,
+        S.CANCELLING: S.CANCELLING,
+        S.FAILED_RETRY: S.STOPPED,
+        S.UNKNOWN_RETRY: S.STOPPED,
+    },
+)
+ACK_EXECUTING = Transition("acknowledge_cancellation", {S.CANCELLING: S.STOPPED}, target=S.STOPPED)
+ACK_NOT_EXECUTING = Transition(
+    "acknowledge_cancellation", {S.CANCELLING: S.UNKNOWN_STOPPED}, target=S.UNKNOWN_STOPPED
+)
+#: ``mark_worker_unresponsive`` and ``reset_running_jobs``.
+WORKER_LOST = Transition(
+    "worker_lost", {S.RUNNING: S.UNKNOWN_RETRY, S.CANCELLING: S.UNKNOWN_STOPPED}
+)
+#: A stream gives back jobs it assigned but never handed to its caller.
+RELEASE = Transition(
+    "release",
+    {S.RUNNING: S.FAILED_RETRY, S.CANCELLING: S.STOPPED},
+    retry_targets=frozenset({S.FAILED_RETRY}),
+)
+
+_UPDATE_ALLOWED: dict[JobStatus, tuple[JobStatus, ...]] = {
+    S.INITIAL_PENDING: (S.UNSCHEDULED,),
+    S.RUNNING: (
+        S.COMPLETED,
+        S.FAILED_RETRY,
+        S.STOPPED,
+        S.CANCELLING,
+        S.UNKNOWN_RETRY,
+        S.UNKNOWN_STOPPED,
+    ),
+    S.CANCELLING: (S.COMPLETED, S.STOPPED, S.UNKNOWN_STOPPED),
+    S.FAILED_RETRY: (S.STOPPED, S.UNKNOWN_STOPPED),
+    S.UNKNOWN_RETRY: (S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED),
+    S.UNKNOWN_STOPPED: (S.COMPLETED, S.STOPPED),
+    S.COMPLETED: (),
+    S.STOPPED: (),
+    S.UNSCHEDULED: (),
+}
+
+
+def _update_to(target: JobStatus) -> Transition:
+    moves = {src: target for src, targets in _UPDATE_ALLOWED.items() if target in targets}
+    moves[target] = target  # any status to itself: updates result/error only
+    return Transition(f"update_to_{target.value}", moves, target=target)
+
+
+#: ``update_job_status(job_id, status)``: one transition per target status.
+UPDATE_TO: Mapping[JobStatus, Transition] = MappingProxyType(
+    {status: _update_to(status) for status in JobStatus}
+)
+
+
+def apply(
+    job: Job,
+    transition: Transition,
+    now: datetime,
+    *,
+    result: bytes | None = None,
+    error_message: str | None = None,
+    assignee_id: str | None = None,
+) -> JobStatus | None:
+    """Move ``job`` in place; return the new status, or ``None`` if not allowed."""
+    current = job.status
+    target = transition.moves.get(current)
+    if target is None:
+        return None
+    if transition.assign:
+        assert assignee_id is not None
+        job.assignee_id = assignee_id
+        job.assigned_at = now
+        if job.started_at is None:
+            job.started_at = now
+    if current in transition.retry_sources:
+        job.retry_count += 1
+        job.last_retry_at = now
+    if current in transition.finalize_sources:
+        job.finalized_at = now
+    if result is not None:
+        job.result = result
+    if error_message is not None:
+        job.error_message = error_message
+    job.status = target
+    return target

@@ -1,0 +1,192 @@
+"""The storage contract every backend implements.
+
+A backend owns storage and atomicity; :class:`~jobpool_async.PoolQueue` owns
+streams, capacity and waking. The contract is shaped for a networked,
+multi-process store: every operation is one call (one transaction), and each call
+returns what the queue needs to free the right stream slots and wake the right
+streams (:class:`Moved` records), so no second round trip is needed.
+
+Rules every implementation follows (the conformance suite in ``tests/conformance``
+checks them):
+
+* Moves are decided only by the :mod:`jobpool_async._transitions` table, as a
+  compare-and-set on the current status inside the same transaction.
+* Every method is one storage transaction; a failure raises :class:`StorageError`
+  (or the documented ``JobPoolError``) and leaves the store as it was.
+* Arguments arrive validated; backends do not re-check user input.
+* Returned jobs are fresh snapshots with timezone-aware UTC datetimes.
+* Claiming reads an index of eligible jobs in selection order
+  (``last_retry_at`` or else ``created_at``, then enqueue order); its cost does
+  not grow with the number of final jobs kept.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import ClassVar
+
+from .._errors import JobPoolError
+from .._models import Job, JobStatus
+from .._transitions import Transition
+
+__all__ = [
+    "ApplyOutcome",
+    "Backend",
+    "Change",
+    "JobState",
+    "Listener",
+    "Moved",
+    "SelectOutcome",
+    "Selection",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One job to move by ``transition``; ``None`` fields are left unchanged."""
+
+    job_id: str
+    transition: Transition
+    result: bytes | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A job that a call moved (possibly to the same status), with its new status."""
+
+    job_id: str
+    status: JobStatus
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class ApplyOutcome:
+    """Result of :meth:`Backend.apply`: the moves made and, per job, why not."""
+
+    moved: list[Moved] = field(default_factory=list)
+    #: ``JobNotFoundError`` or ``InvalidTransitionError`` for each job not moved.
+    errors: dict[str, JobPoolError] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which jobs a selection-based call acts on.
+
+    ``job_ids`` and ``tags`` select their union (tags match with AND; an empty
+    tuple selects nothing by that criterion). ``assignee_id`` selects the jobs
+    last assigned to that assignee. ``everything`` selects every job.
+    """
+
+    job_ids: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    assignee_id: str | None = None
+    everything: bool = False
+
+
+@dataclass(slots=True)
+class SelectOutcome:
+    """Result of :meth:`Backend.apply_selected`."""
+
+    moved: list[Moved] = field(default_factory=list)
+    #: With ``report_unmatched``: selected ids that do not exist, and selected jobs
+    #: whose status the transition does not move from (each once, ids first).
+    unmatched: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """The cheap part of a job a stream needs to know if it still holds it."""
+
+    status: JobStatus
+    assigned_at: datetime | None
+
+
+#: Called by backends with out-of-process changes: moves, or ``None`` for "re-check".
+Listener = Callable[[Sequence[Moved] | None], None]
+
+
+class Backend(abc.ABC):
+    """Abstract storage for jobs. One :class:`PoolQueue` owns one backend instance."""
+
+    #: Seconds between a stream's looks at storage shared with other processes;
+    #: ``None`` when every change passes through this process (never poll).
+    default_poll_interval: ClassVar[float | None] = None
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open (and create or check) the store. Called once before any other call."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the store. Idempotent."""
+
+    @abc.abstractmethod
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        """Store new ``INITIAL_PENDING`` jobs, all or nothing.
+
+        Raises :class:`DuplicateJobError` if an id exists or repeats in ``jobs``.
+        """
+
+    @abc.abstractmethod
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        """Assign up to ``limit`` eligible jobs carrying every tag in ``tags``.
+
+        Oldest first (see module docs), by :data:`~jobpool_async._transitions.ASSIGN`,
+        in one transaction; returns the assigned jobs (now ``RUNNING``).
+        """
+
+    @abc.abstractmethod
+    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+        """Apply each change that its job's current status allows, in one transaction.
+
+        Job ids in ``changes`` are distinct. A job that does not exist gets
+        ``JobNotFoundError``; one whose status the transition does not allow gets
+        ``InvalidTransitionError(job_id, current, transition.target)``.
+        """
+
+    @abc.abstractmethod
+    async def apply_selected(
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        *,
+        report_unmatched: bool = False,
+    ) -> SelectOutcome:
+        """Move every selected job whose status ``transition`` allows, in one transaction."""
+
+    @abc.abstractmethod
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """The jobs with these ids, in input order; missing ids are skipped."""
+
+    @abc.abstractmethod
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """Status and ``assigned_at`` of the jobs that exist among ``job_ids``."""
+
+    @abc.abstractmethod
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        """Job counts per status and the sum of ``retry_count``, over jobs with all ``tags``."""
+
+    @abc.abstractmethod
+    async def delete(self, selection: Selection) -> int:
+        """Delete the selected jobs if all are final; else raise ``JobsNotFinalError``.
+
+        ``JobsNotFinalError.job_ids`` names exactly the selected non-final jobs and
+        nothing is deleted. Ids that do not exist are skipped.
+        """
+
+    @abc.abstractmethod
+    async def delete_completed_before(self, cutoff: datetime) -> int:
+        """Delete ``COMPLETED`` jobs whose ``finalized_at`` is at or before ``cutoff``."""
+
+    def set_listener(self, listener: Listener | None) -> None:  # noqa: B027 - optional hook
+        """Receive changes made by other processes, for backends that can push them.
+
+        The default does nothing: such backends are polled at ``poll_interval``.
+        """

@@ -1,0 +1,271 @@
+"""In-process backend: plain dicts and sorted indexes, for tests and demos.
+
+Every method runs without awaiting, so each call is atomic on the event loop.
+Indexes kept in step with the records:
+
+* eligible jobs in selection order ``(sort_key, seq)``, globally and per tag,
+  so a claim reads only eligible jobs (never finished ones);
+* all job ids per tag (stats, cancel and delete by tags);
+* active jobs per assignee (``mark_worker_unresponsive``);
+* completed jobs by ``finalized_at`` (TTL cleanup);
+* counts per status and the retry sum (stats without tags in O(1)).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+
+from sortedcontainers import SortedList
+
+from .._errors import DuplicateJobError, InvalidTransitionError, JobNotFoundError, JobsNotFinalError
+from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
+from .._transitions import ASSIGN, Transition, apply
+from .base import (
+    ApplyOutcome,
+    Backend,
+    Change,
+    JobState,
+    Moved,
+    SelectOutcome,
+    Selection,
+)
+
+__all__ = ["MemoryBackend"]
+
+_Key = tuple[datetime, int, str]
+
+
+class MemoryBackend(Backend):
+    """Jobs kept in this process's memory; gone when the process ends."""
+
+    default_poll_interval = None
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._seq: dict[str, int] = {}
+        self._next_seq = 0
+        self._eligible: SortedList[_Key] = SortedList()
+        self._eligible_by_tag: dict[str, SortedList[_Key]] = {}
+        self._ids_by_tag: dict[str, set[str]] = {}
+        self._active_by_assignee: dict[str, set[str]] = {}
+        self._completed: SortedList[_Key] = SortedList()
+        self._counts: Counter[JobStatus] = Counter()
+        self._retries = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # --- index maintenance --------------------------------------------------------
+
+    def _key(self, job: Job) -> _Key:
+        return (job.sort_key, self._seq[job.id], job.id)
+
+    def _unindex(self, job: Job) -> None:
+        self._counts[job.status] -= 1
+        self._retries -= job.retry_count
+        if job.status in ELIGIBLE:
+            key = self._key(job)
+            self._eligible.remove(key)
+            for tag in job.tags:
+                self._eligible_by_tag[tag].remove(key)
+        elif job.status in ACTIVE:
+            self._active_by_assignee[job.assignee_id].discard(job.id)
+        elif job.status is JobStatus.COMPLETED:
+            assert job.finalized_at is not None
+            self._completed.remove((job.finalized_at, self._seq[job.id], job.id))
+
+    def _index(self, job: Job) -> None:
+        self._counts[job.status] += 1
+        self._retries += job.retry_count
+        if job.status in ELIGIBLE:
+            key = self._key(job)
+            self._eligible.add(key)
+            for tag in job.tags:
+                self._eligible_by_tag.setdefault(tag, SortedList()).add(key)
+        elif job.status in ACTIVE:
+            self._active_by_assignee.setdefault(job.assignee_id, set()).add(job.id)
+        elif job.status is JobStatus.COMPLETED:
+            assert job.finalized_at is not None
+            self._completed.add((job.finalized_at, self._seq[job.id], job.id))
+
+    def _move(
+        self,
+        job: Job,
+        transition: Transition,
+        now: datetime,
+        *,
+        result: bytes | None = None,
+        error_message: str | None = None,
+        assignee_id: str | None = None,
+    ) -> JobStatus | None:
+        if transition.target_of(job.status) is None:
+            return None
+        self._unindex(job)
+        new = apply(
+            job,
+            transition,
+            now,
+            result=result,
+            error_message=error_message,
+            assignee_id=assignee_id,
+        )
+        self._index(job)
+        return new
+
+    def _with_all_tags(self, tags: Sequence[str]) -> Iterator[Job]:
+        sets = [self._ids_by_tag.get(t, set()) for t in tags]
+        smallest = min(sets, key=len)
+        wanted = set(tags)
+        for job_id in smallest:
+            job = self._jobs[job_id]
+            if wanted.issubset(job.tags):
+                yield job
+
+    def _select(self, selection: Selection) -> Iterable[Job]:
+        if selection.everything:
+            return list(self._jobs.values())
+        if selection.assignee_id is not None:
+            ids = self._active_by_assignee.get(selection.assignee_id, set())
+            return [self._jobs[i] for i in ids]
+        chosen: dict[str, Job] = {}
+        for job_id in selection.job_ids:
+            if job_id in self._jobs:
+                chosen[job_id] = self._jobs[job_id]
+        if selection.tags:
+            for job in self._with_all_tags(selection.tags):
+                chosen.setdefault(job.id, job)
+        return list(chosen.values())
+
+    # --- the contract -------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        seen: set[str] = set()
+        for job in jobs:
+            if job.id in self._jobs or job.id in seen:
+                raise DuplicateJobError(job.id)
+            seen.add(job.id)
+        for job in jobs:
+            stored = job.copy()
+            self._jobs[stored.id] = stored
+            self._seq[stored.id] = self._next_seq
+            self._next_seq += 1
+            for tag in stored.tags:
+                self._ids_by_tag.setdefault(tag, set()).add(stored.id)
+            self._index(stored)
+
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        if tags:
+            index = min(
+                (self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len
+            )
+            wanted = set(tags)
+        else:
+            index, wanted = self._eligible, set()
+        picked: list[Job] = []
+        for _, _, job_id in index:
+            job = self._jobs[job_id]
+            if wanted.issubset(job.tags):
+                picked.append(job)
+                if len(picked) >= limit:
+                    break
+        for job in picked:
+            self._move(job, ASSIGN, now, assignee_id=assignee_id)
+        return [job.copy() for job in picked]
+
+    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+        out = ApplyOutcome()
+        for change in changes:
+            job = self._jobs.get(change.job_id)
+            if job is None:
+                out.errors[change.job_id] = JobNotFoundError(change.job_id)
+                continue
+            current = job.status
+            new = self._move(
+                job,
+                change.transition,
+                now,
+                result=change.result,
+                error_message=change.error_message,
+            )
+            if new is None:
+                out.errors[change.job_id] = InvalidTransitionError(
+                    change.job_id, current, change.transition.target
+                )
+            else:
+                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+        return out
+
+    async def apply_selected(
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        *,
+        report_unmatched: bool = False,
+    ) -> SelectOutcome:
+        out = SelectOutcome()
+        if report_unmatched:
+            out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in self._jobs)
+        for job in self._select(selection):
+            new = self._move(job, transition, now)
+            if new is None:
+                if report_unmatched:
+                    out.unmatched.append(job.id)
+            else:
+                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+        return out
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        return [self._jobs[i].copy() for i in job_ids if i in self._jobs]
+
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        out: dict[str, JobState] = {}
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                out[job_id] = JobState(job.status, job.assigned_at)
+        return out
+
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        if not tags:
+            return {s: n for s, n in self._counts.items() if n}, self._retries
+        counts: Counter[JobStatus] = Counter()
+        retries = 0
+        for job in self._with_all_tags(tags):
+            counts[job.status] += 1
+            retries += job.retry_count
+        return dict(counts), retries
+
+    def _remove(self, job: Job) -> None:
+        self._unindex(job)
+        for tag in job.tags:
+            ids = self._ids_by_tag[tag]
+            ids.discard(job.id)
+            if not ids:
+                del self._ids_by_tag[tag]
+                self._eligible_by_tag.pop(tag, None)
+        del self._jobs[job.id]
+        del self._seq[job.id]
+
+    async def delete(self, selection: Selection) -> int:
+        selected = list(self._select(selection))
+        not_final = [job.id for job in selected if not job.status.is_final]
+        if not_final:
+            raise JobsNotFinalError(not_final)
+        for job in selected:
+            self._remove(job)
+        return len(selected)
+
+    async def delete_completed_before(self, cutoff: datetime) -> int:
+        end = self._completed.bisect_right((cutoff, float("inf"), ""))  # type: ignore[arg-type]
+        expired = [self._jobs[job_id] for _, _, job_id in self._completed[:end]]
+        for job in expired:
+            self._remove(job)
+        return len(expired)
