@@ -1,5 +1,9 @@
 """jobpool_async: an asyncio-native job queue with a precise, atomic job state machine."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -12,7 +16,12 @@ from ._errors import (
 )
 from ._models import CancelResult, Job, JobStats, JobStatus
 from ._queue import JobStream, PoolQueue
-from .backends import Backend, MemoryBackend
+from .backends import Backend, MemoryBackend, open_backend
+
+if TYPE_CHECKING:
+    from .backends.leveldb import LevelDBBackend
+    from .backends.postgres import PostgresBackend
+    from .backends.sqlite import SQLiteBackend
 
 __all__ = [
     "Backend",
@@ -27,9 +36,22 @@ __all__ = [
     "JobStatus",
     "JobStream",
     "JobsNotFinalError",
+    "LevelDBBackend",
     "MemoryBackend",
     "PoolQueue",
+    "PostgresBackend",
     "QueueClosedError",
+    "SQLiteBackend",
     "StorageError",
+    "open_backend",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The storage backends with optional dependencies load on first use."""
+    if name in ("SQLiteBackend", "LevelDBBackend", "PostgresBackend"):
+        from . import backends
+
+        return getattr(backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
