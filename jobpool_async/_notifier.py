@@ -93,13 +93,13 @@ class Notifier:
         self._pending_notify = None
         await self.notify()
 
-    async def wait(self, sub: Subscription, timeout: float | None) -> bool:
-        """Wait until ``sub`` is flagged or closed; False if ``timeout`` passed first."""
+    async def wait(self, sub: Subscription, poll_interval: float | None) -> bool:
+        """Wait until ``sub`` is flagged or closed; False if ``poll_interval`` passed first."""
         async with self._cond:
             if sub.flag or sub.closed:
                 return True
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(poll_interval):
                     await self._cond.wait_for(lambda: sub.flag or sub.closed)
             except TimeoutError:
                 return False

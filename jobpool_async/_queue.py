@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
-from ._errors import BatchError, JobPoolError, QueueClosedError
+from ._errors import BatchError, QueueClosedError
 from ._models import (
     ACTIVE,
     ELIGIBLE,
@@ -278,7 +278,9 @@ class PoolQueue:
     @staticmethod
     def _mapping(value: object, what: str) -> Mapping[object, object]:
         if not isinstance(value, Mapping):
-            raise TypeError(f"{what} must be a mapping of job id to value, got {type(value).__name__}")
+            raise TypeError(
+                f"{what} must be a mapping of job id to value, got {type(value).__name__}"
+            )
         return value
 
     def _changes(
@@ -292,7 +294,9 @@ class PoolQueue:
         out = []
         for job_id, message in self._mapping(mapping, what).items():
             check_id(job_id)
-            msg = check_message(message, f"error_message for job {job_id!r}", required=message_required)
+            msg = check_message(
+                message, f"error_message for job {job_id!r}", required=message_required
+            )
             out.append(Change(str(job_id), transition, error_message=msg))
         return out
 
@@ -362,7 +366,9 @@ class PoolQueue:
             raise ValueError(f"unknown job status: {status!r}") from None
         res = check_bytes(result, "result", optional=True)
         msg = check_message(error_message)
-        await self._apply_one(Change(job_id, UPDATE_TO[target], result=res, error_message=msg or None))
+        await self._apply_one(
+            Change(job_id, UPDATE_TO[target], result=res, error_message=msg or None)
+        )
 
     async def acknowledge_cancellation(self, acks: Mapping[str, bool]) -> None:
         """CANCELLING → STOPPED (was executing) or UNKNOWN_STOPPED (was not)."""
@@ -437,7 +443,7 @@ class PoolQueue:
         return JobStats.from_counts(clean, counts, retries)
 
     async def cleanup_expired_jobs(self, ttl: timedelta) -> int:
-        """Delete COMPLETED jobs finalized at or before now − ``ttl``."""
+        """Delete COMPLETED jobs finalized at or before now - ``ttl``."""
         check_ttl(ttl)
         await self._ready()
         cutoff: datetime = utcnow() - ttl

@@ -7,7 +7,13 @@ import pytest
 
 from jobpool_async import Backend, PoolQueue
 
-from .backends import BACKENDS, BackendFactory, backend_factory, drop_postgres_schema, new_schema_name
+from .backends import (
+    BACKENDS,
+    BackendFactory,
+    backend_factory,
+    drop_postgres_schema,
+    new_schema_name,
+)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -28,8 +28,8 @@ from .base import (
     Change,
     JobState,
     Moved,
-    SelectOutcome,
     Selection,
+    SelectOutcome,
 )
 
 __all__ = ["MemoryBackend"]
@@ -162,9 +162,7 @@ class MemoryBackend(Backend):
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
         if tags:
-            index = min(
-                (self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len
-            )
+            index = min((self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len)
             wanted = set(tags)
         else:
             index, wanted = self._eligible, set()

@@ -1,0 +1,103 @@
+"""``Config``: the worker's settings, built directly or read from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Self
+
+__all__ = ["Config", "parse_duration"]
+
+_ENV_TTL = "JOBPOOL_TTL"
+_ENV_CLEANUP = "JOBPOOL_CLEANUP_INTERVAL"
+_ENV_BATCH = "JOBPOOL_BATCH_SIZE"
+
+_UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_WHOLE = re.compile(r"[0-9]+")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"30"`` (whole days), or units in the order d, h, m, s: ``"7d"``, ``"1h30m"``, ``"90s"``.
+
+    Raises ``ValueError`` for anything else (empty, negative, fractional, unknown
+    unit, units out of order) and for a zero duration.
+    """
+    value = text.strip().lower()
+    if _WHOLE.fullmatch(value):
+        delta = timedelta(days=int(value))
+    else:
+        match = _DURATION.fullmatch(value)
+        if not value or match is None:
+            raise ValueError(
+                f'cannot read duration {text!r}: use whole days ("30") or '
+                'units d/h/m/s in that order, e.g. "7d", "24h", "1h30m"'
+            )
+        parts = dict(zip(_UNITS.values(), match.groups(), strict=True))
+        delta = timedelta(**{k: int(v) for k, v in parts.items() if v is not None})
+    if delta <= timedelta(0):
+        raise ValueError(f"duration {text!r} must be longer than zero")
+    return delta
+
+
+def _positive_timedelta(name: str, value: object) -> None:
+    if not isinstance(value, timedelta):
+        raise TypeError(f"Config.{name} must be a timedelta, got {type(value).__name__}")
+    if value <= timedelta(0):
+        raise ValueError(f"Config.{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """How a :class:`~jobpool_async.Worker` runs.
+
+    * ``ttl`` — how long COMPLETED jobs are kept before the periodic cleanup deletes them;
+    * ``cleanup_interval`` — how often the worker runs that cleanup;
+    * ``batch_size`` — how many jobs the worker runs at once (its stream's slots).
+    """
+
+    ttl: timedelta = field(default=timedelta(days=30))
+    cleanup_interval: timedelta = field(default=timedelta(days=1))
+    batch_size: int = 10
+
+    def __post_init__(self) -> None:
+        _positive_timedelta("ttl", self.ttl)
+        _positive_timedelta("cleanup_interval", self.cleanup_interval)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise TypeError(f"Config.batch_size must be int, got {type(self.batch_size).__name__}")
+        if self.batch_size < 1:
+            raise ValueError(f"Config.batch_size must be at least 1, got {self.batch_size}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Read ``JOBPOOL_TTL``, ``JOBPOOL_CLEANUP_INTERVAL`` and ``JOBPOOL_BATCH_SIZE``.
+
+        Unset or empty variables keep their defaults. A value that cannot be read
+        raises ``ValueError`` naming the variable and the value. ``environ``
+        defaults to ``os.environ``.
+        """
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        ttl = _env_duration(env, _ENV_TTL, defaults.ttl)
+        cleanup_interval = _env_duration(env, _ENV_CLEANUP, defaults.cleanup_interval)
+        batch_size = defaults.batch_size
+        raw = env.get(_ENV_BATCH, "")
+        if raw.strip():
+            text = raw.strip()
+            if not _WHOLE.fullmatch(text) or int(text) < 1:
+                raise ValueError(f"{_ENV_BATCH}={raw!r}: must be a whole number of at least 1")
+            batch_size = int(text)
+        return cls(ttl=ttl, cleanup_interval=cleanup_interval, batch_size=batch_size)
+
+
+def _env_duration(env: Mapping[str, str], var: str, default: timedelta) -> timedelta:
+    raw = env.get(var, "")
+    if not raw.strip():
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r}: {exc}") from None

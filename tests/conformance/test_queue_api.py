@@ -1,0 +1,205 @@
+"""Submitting, reading, stats, deletion and cleanup (SPEC §1, §3) on every backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from jobpool_async import (
+    DuplicateJobError,
+    Job,
+    JobsNotFinalError,
+    JobStatus,
+    PoolQueue,
+    QueueClosedError,
+)
+
+from ..backends import BackendFactory
+from ._helpers import job_in, take
+
+S = JobStatus
+
+
+async def test_enqueue_and_get_round_trip_every_field(queue: PoolQueue) -> None:
+    created = datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=UTC)
+    job = Job(
+        id="ünïcødé/id:with|separators 'quotes' \"double\"",
+        job_type="render",
+        job_definition=bytes(range(256)) * 3,
+        tags=["b", "a", "b", "with space", "ταγ"],
+        created_at=created,
+    )
+    assert await queue.enqueue_job(job) == job.id
+    got = await queue.get_job(job.id)
+    assert got.id == job.id
+    assert got.job_type == "render"
+    assert got.job_definition == bytes(range(256)) * 3
+    assert sorted(got.tags) == sorted(["a", "b", "with space", "ταγ"]), "duplicates collapse"
+    assert got.status is S.INITIAL_PENDING
+    assert got.created_at == created and got.created_at.tzinfo is not None
+    assert got.created_at.utcoffset() == timedelta(0)
+    assert (got.started_at, got.finalized_at, got.last_retry_at, got.assigned_at) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert (got.error_message, got.result, got.retry_count, got.assignee_id) == ("", None, 0, "")
+
+
+async def test_timestamps_keep_microseconds_and_become_utc(queue: PoolQueue) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    local = datetime(2030, 1, 1, 12, 0, 0, 1, tzinfo=plus_two)
+    await queue.enqueue_job(Job(id="tz", job_type="t", created_at=local))
+    got = await queue.get_job("tz")
+    assert got.created_at == local
+    assert got.created_at.utcoffset() == timedelta(0)
+    assert got.created_at.microsecond == 1
+    running = await take(queue, "tz2")
+    stored = await queue.get_job("tz2")
+    assert stored.assigned_at == running.assigned_at
+    assert stored.started_at == running.started_at
+    assert stored.assigned_at is not None and stored.assigned_at.tzinfo is not None
+
+
+async def test_enqueue_jobs_returns_ids_in_order_and_is_all_or_nothing(queue: PoolQueue) -> None:
+    ids = await queue.enqueue_jobs([Job(id=f"j{i}", job_type="t") for i in (3, 1, 2)])
+    assert ids == ["j3", "j1", "j2"]
+    with pytest.raises(DuplicateJobError):
+        await queue.enqueue_jobs([Job(id="new1", job_type="t"), Job(id="j1", job_type="t")])
+    assert await queue.get_jobs(["new1"]) == []
+    with pytest.raises(DuplicateJobError):
+        await queue.enqueue_jobs([Job(id="twice", job_type="t"), Job(id="twice", job_type="t")])
+    assert await queue.get_jobs(["twice"]) == []
+    with pytest.raises(DuplicateJobError):
+        await queue.enqueue_job(Job(id="j3", job_type="t"))
+    assert (await queue.get_job_stats()).total_jobs == 3
+
+
+async def test_get_jobs_in_input_order_skipping_missing(queue: PoolQueue) -> None:
+    await queue.enqueue_jobs([Job(id=i, job_type="t") for i in "abc"])
+    got = await queue.get_jobs(["c", "zz", "a", "b"])
+    assert [j.id for j in got] == ["c", "a", "b"]
+    assert await queue.get_jobs([]) == []
+
+
+async def test_returned_jobs_are_snapshots(queue: PoolQueue) -> None:
+    original = Job(id="snap", job_type="t", tags=["a"])
+    await queue.enqueue_job(original)
+    original.tags.append("mutated-after-enqueue")
+    got = await queue.get_job("snap")
+    got.tags.append("x")
+    got.status = S.COMPLETED
+    again = await queue.get_job("snap")
+    assert again.tags == ["a"]
+    assert again.status is S.INITIAL_PENDING
+
+
+async def test_stats_count_every_status_with_tag_and_filter(queue: PoolQueue) -> None:
+    for status in S:
+        await job_in(queue, status)
+    await queue.enqueue_jobs(
+        [
+            Job(id="t1", job_type="t", tags=["red", "big"]),
+            Job(id="t2", job_type="t", tags=["red"]),
+            Job(id="t3", job_type="t", tags=["big"]),
+        ]
+    )
+    stats = await queue.get_job_stats()
+    assert stats.total_jobs == 12
+    assert set(stats.by_status) == set(S)
+    assert stats.by_status[S.INITIAL_PENDING] == 4
+    assert stats.pending_jobs == 4
+    assert stats.running_jobs == 2
+    assert stats.completed_jobs == 1
+    assert stats.stopped_jobs == 3
+    assert stats.failed_jobs == 2
+    assert stats.total_retries == 1
+    assert stats.tags == []
+    red_big = await queue.get_job_stats(["red", "big"])
+    assert (red_big.total_jobs, red_big.tags) == (1, ["red", "big"])
+    assert (await queue.get_job_stats(["red"])).total_jobs == 2
+    assert (await queue.get_job_stats(["nothing-has-this"])).total_jobs == 0
+    assert (await queue.get_job_stats(["Red"])).total_jobs == 0, "tags are case-sensitive"
+    assert (await queue.get_job_stats([])).total_jobs == 12
+
+
+async def test_hostile_tags_match_exactly(queue: PoolQueue) -> None:
+    tags = ["a/b", "a", "a%", "_", "'; DROP TABLE jobs; --", "x" * 5000, "a,b", '"q"', "%"]
+    await queue.enqueue_jobs([Job(id=f"h{i}", job_type="t", tags=[t]) for i, t in enumerate(tags)])
+    for i, tag in enumerate(tags):
+        stats = await queue.get_job_stats([tag])
+        assert stats.total_jobs == 1, tag
+        async with queue.stream_jobs("w", tags=[tag]) as stream:
+            (got,) = await stream.__anext__()
+        assert got.id == f"h{i}"
+
+
+async def test_delete_jobs_only_when_all_selected_are_final(queue: PoolQueue) -> None:
+    done = await job_in(queue, S.COMPLETED)
+    stopped = await job_in(queue, S.STOPPED)
+    running = await job_in(queue, S.RUNNING)
+    pending = await job_in(queue, S.INITIAL_PENDING)
+    with pytest.raises(JobsNotFinalError) as info:
+        await queue.delete_jobs(job_ids=[done, running, pending, "missing"])
+    assert sorted(info.value.job_ids) == sorted([running, pending])
+    assert len(await queue.get_jobs([done, running, pending])) == 3, "nothing deleted"
+    assert await queue.delete_jobs(job_ids=[done, stopped, "missing"]) == 2
+    assert await queue.get_jobs([done, stopped]) == []
+    assert await queue.delete_jobs(job_ids=["missing"]) == 0
+
+
+async def test_delete_by_tags(queue: PoolQueue) -> None:
+    await queue.enqueue_jobs(
+        [Job(id="d1", job_type="t", tags=["old"]), Job(id="d2", job_type="t", tags=["old"])]
+    )
+    await queue.cancel_jobs(job_ids=["d1"])
+    with pytest.raises(JobsNotFinalError) as info:
+        await queue.delete_jobs(tags=["old"])
+    assert info.value.job_ids == ["d2"]
+    await queue.cancel_jobs(tags=["old"])
+    assert await queue.delete_jobs(tags=["old"]) == 2
+    assert (await queue.get_job_stats()).total_jobs == 0
+
+
+async def test_deleted_id_can_be_reused(queue: PoolQueue) -> None:
+    await job_in(queue, S.COMPLETED, "reuse")
+    await queue.delete_jobs(job_ids=["reuse"])
+    await queue.enqueue_job(Job(id="reuse", job_type="again"))
+    job = await queue.get_job("reuse")
+    assert (job.job_type, job.status, job.result) == ("again", S.INITIAL_PENDING, None)
+
+
+async def test_cleanup_expired_deletes_only_old_completed(queue: PoolQueue) -> None:
+    done = await job_in(queue, S.COMPLETED)
+    stopped = await job_in(queue, S.STOPPED)
+    assert await queue.cleanup_expired_jobs(timedelta(hours=1)) == 0
+    assert await queue.cleanup_expired_jobs(timedelta(microseconds=1)) == 1
+    assert await queue.get_jobs([done]) == []
+    assert len(await queue.get_jobs([stopped])) == 1
+
+
+async def test_store_survives_reopen(make_backend: BackendFactory, backend_name: str) -> None:
+    if backend_name == "memory":
+        pytest.skip("the memory backend keeps nothing after its process ends, by design")
+    first = PoolQueue(make_backend())
+    async with first:
+        ids = [await job_in(first, status) for status in S]
+        before = await first.get_jobs(ids)
+    async with PoolQueue(make_backend()) as second:
+        assert await second.get_jobs(ids) == before
+
+
+async def test_calls_on_closed_queue_raise(queue: PoolQueue) -> None:
+    await queue.enqueue_job(Job(id="x", job_type="t"))
+    await queue.close()
+    await queue.close()  # idempotent
+    with pytest.raises(QueueClosedError):
+        await queue.get_job("x")
+    with pytest.raises(QueueClosedError):
+        await queue.enqueue_job(Job(id="y", job_type="t"))
+    with pytest.raises(QueueClosedError):
+        queue.stream_jobs("w")
+    with pytest.raises(QueueClosedError):
+        await queue.get_job_stats()
