@@ -85,6 +85,7 @@ class PoolQueue:
         self._open_lock = asyncio.Lock()
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -158,7 +159,9 @@ class PoolQueue:
                 stream._recheck = True
             self._notifier.publish_soon(everyone=True)
             return
-        asyncio.get_running_loop().create_task(self._observe(moved))
+        task = asyncio.get_running_loop().create_task(self._observe(moved))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _observe(self, moved: Iterable[Moved]) -> None:
         """Free the slots of jobs that left RUNNING/CANCELLING; wake who can act now."""
