@@ -6,7 +6,6 @@ input the same way, before anything is written.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +89,22 @@ class Job:
 
     def copy(self) -> Job:
         """An independent snapshot (tags list copied)."""
-        return dataclasses.replace(self, tags=list(self.tags))
+        return Job(
+            self.id,
+            self.job_type,
+            self.job_definition,
+            list(self.tags),
+            self.status,
+            self.created_at,
+            self.started_at,
+            self.finalized_at,
+            self.error_message,
+            self.result,
+            self.retry_count,
+            self.last_retry_at,
+            self.assignee_id,
+            self.assigned_at,
+        )
 
     @property
     def sort_key(self) -> datetime:
