@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._config import Config
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -16,6 +17,7 @@ from ._errors import (
 )
 from ._models import CancelResult, Job, JobStats, JobStatus
 from ._queue import JobStream, PoolQueue
+from ._worker import Worker
 from .backends import Backend, MemoryBackend, open_backend
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ __all__ = [
     "Backend",
     "BatchError",
     "CancelResult",
+    "Config",
     "DuplicateJobError",
     "InvalidTransitionError",
     "Job",
@@ -43,6 +46,7 @@ __all__ = [
     "QueueClosedError",
     "SQLiteBackend",
     "StorageError",
+    "Worker",
     "open_backend",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,10 @@ def parse_duration(text: str) -> timedelta:
     """
     value = text.strip().lower()
     if _WHOLE.fullmatch(value):
-        delta = timedelta(days=int(value))
+        try:
+            delta = timedelta(days=int(value))
+        except OverflowError:
+            raise ValueError(f"duration {text!r} is too long") from None
     else:
         match = _DURATION.fullmatch(value)
         if not value or match is None:
@@ -37,7 +40,10 @@ def parse_duration(text: str) -> timedelta:
                 'units d/h/m/s in that order, e.g. "7d", "24h", "1h30m"'
             )
         parts = dict(zip(_UNITS.values(), match.groups(), strict=True))
-        delta = timedelta(**{k: int(v) for k, v in parts.items() if v is not None})
+        try:
+            delta = timedelta(**{k: int(v) for k, v in parts.items() if v is not None})
+        except OverflowError:
+            raise ValueError(f"duration {text!r} is too long") from None
     if delta <= timedelta(0):
         raise ValueError(f"duration {text!r} must be longer than zero")
     return delta

@@ -1,0 +1,127 @@
+"""Other job queues on the same end-to-end workload, each in its own process.
+
+A peer whose package is not installed (they are benchmark-only dependencies, in
+the ``bench`` extra) or whose server is not configured is reported as
+unavailable with the reason; one that fails while running is reported failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PEERS", "PeerResult", "PeerSpec", "run_peer"]
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSpec:
+    label: str
+    module: str
+    #: "sqlite", "postgres" or "redis": what it stores in (and which server it needs).
+    storage: str
+    #: Our backend whose figure on the same workload it is compared with.
+    compare_with: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+PEERS: dict[str, PeerSpec] = {
+    "huey-normal": PeerSpec(
+        "huey SqliteHuey (synchronous=NORMAL)",
+        "huey",
+        "sqlite",
+        "sqlite",
+        {"synchronous": "NORMAL"},
+    ),
+    "huey-default": PeerSpec(
+        "huey SqliteHuey (default: FULL)", "huey", "sqlite", "sqlite", {"synchronous": "FULL"}
+    ),
+    "persist-queue": PeerSpec("persist-queue SQLiteAckQueue", "persistqueue", "sqlite", "sqlite"),
+    "litequeue": PeerSpec("litequeue", "litequeue", "sqlite", "sqlite"),
+    "procrastinate": PeerSpec("procrastinate", "procrastinate", "postgres", "postgres"),
+    "pgqueuer": PeerSpec("pgqueuer", "pgqueuer", "postgres", "postgres"),
+    "arq": PeerSpec("arq (Redis)", "arq", "redis", "sqlite"),
+    "saq": PeerSpec("saq (Redis)", "saq", "redis", "sqlite"),
+}
+
+
+@dataclass(slots=True)
+class PeerResult:
+    ok: bool
+    seconds: float = 0.0
+    note: str = ""
+    #: True when it could not run here at all (not installed, no server).
+    unavailable: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def availability(peer: str, postgres_dsn: str | None, redis_url: str | None) -> str:
+    """``""`` when the peer can run here, else why not."""
+    spec = PEERS[peer]
+    if importlib.util.find_spec(spec.module) is None:
+        return f"{spec.module} is not installed (pip install 'jobpool_async[bench]')"
+    if spec.storage == "postgres" and not postgres_dsn:
+        return "no PostgreSQL DSN (JOBPOOL_BENCH_POSTGRES_DSN or --postgres-dsn)"
+    if spec.storage == "redis" and not redis_url:
+        return "no Redis URL (JOBPOOL_BENCH_REDIS_URL or --redis-url)"
+    return ""
+
+
+async def run_peer(
+    peer: str,
+    n: int,
+    concurrency: int,
+    workdir: Path,
+    postgres_dsn: str | None,
+    redis_url: str | None,
+    time_limit: float,
+) -> PeerResult:
+    """Run one peer in a child process and read its one-line JSON answer."""
+    why = availability(peer, postgres_dsn, redis_url)
+    if why:
+        return PeerResult(False, note=why, unavailable=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix=f"peer-{peer}-", dir=workdir) as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks._peer_child",
+            peer,
+            "--jobs",
+            str(n),
+            "--concurrency",
+            str(concurrency),
+            "--workdir",
+            tmp,
+            "--postgres-dsn",
+            postgres_dsn or "",
+            "--redis-url",
+            redis_url or "",
+            "--timeout",
+            str(time_limit),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=_ROOT
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), time_limit + 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return PeerResult(False, note=f"timed out after {time_limit:.0f} s")
+    lines = out.decode(errors="replace").strip().splitlines()
+    if not lines:
+        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        return PeerResult(False, note=f"peer process exited {proc.returncode}: {tail}")
+    data = json.loads(lines[-1])
+    metrics = {str(k): float(v) for k, v in data.get("metrics", {}).items()}
+    return PeerResult(bool(data["ok"]), float(data["seconds"]), str(data["note"]), False, metrics)

@@ -1,0 +1,598 @@
+"""``Worker``: runs a processor coroutine for each job a stream assigns to it.
+
+Design, in short:
+
+* one :class:`~jobpool_async.JobStream` with ``config.batch_size`` slots feeds a
+  consumer task, which starts one task per job (so up to ``batch_size`` run at once);
+* a finished job task only *records* its outcome; a flusher task writes the
+  outcomes that finished close together in one ``complete_jobs`` / ``fail_jobs`` /
+  ``acknowledge_cancellation`` call each, a couple of milliseconds after the first;
+* cancellations arrive through the stream's cancel listener; the worker checks
+  which assignment of the job was cancelled (running tasks are keyed by
+  ``(job id, assigned_at)``) and cancels exactly that task. The acknowledgement
+  goes through the flusher, never through the stream, so it needs no free slot;
+* shutdown stops the consumer, waits up to the grace period, cancels what still
+  runs and records every such job (``FAILED_RETRY``, so it runs again), writes
+  all outcomes, and only then closes the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from ._config import Config
+from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
+from ._models import Job, JobStatus, check_id, check_tags
+from ._queue import JobStream, PoolQueue
+
+__all__ = ["Processor", "Worker"]
+
+logger = logging.getLogger("jobpool_async.worker")
+
+#: ``async def processor(job: Job) -> bytes``; ``None`` completes with no result.
+Processor = Callable[[Job], Awaitable[bytes | None]]
+
+_Key = tuple[str, datetime | None]
+_Reason = Literal["cancelled", "shutdown"]
+
+_FLUSH_DELAY = 0.002  # seconds an outcome may wait for others finishing close by
+_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # storage errors, consumer and flusher
+_FINAL_FLUSH_ATTEMPTS = 5
+_MAX_EARLY_CANCELS = 1024
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    reason: _Reason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    kind: Literal["complete", "fail", "ack"]
+    result: bytes | None = None
+    message: str = ""
+
+
+def _clean_message(text: str) -> str:
+    """Error text as stored: NUL is not storable everywhere (PostgreSQL text)."""
+    return text.replace("\x00", "\\x00")
+
+
+class Worker:
+    """Runs ``processor(job)`` for each job assigned to ``assignee_id``.
+
+    ``async with Worker(...)`` runs it in the background until the block ends;
+    ``await worker.run()`` runs it in the foreground until :meth:`stop` is called
+    (or the queue closes). See ``docs/worker.md`` for the exact semantics.
+
+    ``recover_on_start`` calls :meth:`PoolQueue.reset_running_jobs` before taking
+    jobs. It is off by default because it moves *every* RUNNING job in the store,
+    including those of other live workers sharing it; enable it only when this
+    worker is the only one using the store (e.g. a single-process service).
+    ``grace`` is the default grace period (seconds) used by :meth:`stop` and by
+    leaving ``async with``.
+    """
+
+    def __init__(
+        self,
+        queue: PoolQueue,
+        processor: Processor,
+        *,
+        assignee_id: str,
+        config: Config | None = None,
+        tags: Sequence[str] | None = None,
+        recover_on_start: bool = False,
+        grace: float | timedelta = 10.0,
+    ) -> None:
+        if not isinstance(queue, PoolQueue):
+            raise TypeError(f"queue must be a PoolQueue, got {type(queue).__name__}")
+        if not callable(processor):
+            raise TypeError(f"processor must be an async callable, got {processor!r}")
+        check_id(assignee_id, "assignee_id")
+        if config is None:
+            config = Config()
+        elif not isinstance(config, Config):
+            raise TypeError(f"config must be a Config, got {type(config).__name__}")
+        self._queue = queue
+        self._processor = processor
+        self.assignee_id = assignee_id
+        self.config = config
+        self.tags: list[str] = check_tags(tags)
+        self._recover = bool(recover_on_start)
+        self._grace = _seconds(grace, "grace")
+        self._state: Literal["new", "running", "stopping", "stopped"] = "new"
+        self._stream: JobStream | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._cleaner: asyncio.Task[None] | None = None
+        self._bg: asyncio.Task[None] | None = None
+        self._helpers: set[asyncio.Task[Any]] = set()
+        self._running: dict[_Key, _Running] = {}
+        self._pending: dict[_Key, _Outcome] = {}
+        self._early_cancels: dict[_Key, None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no processor runs
+        self._closing_flusher = False
+        self._started = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._stop_grace: float | None = None
+        self._start_error: BaseException | None = None
+
+    # --- public API -----------------------------------------------------------------
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        """Snapshots of the jobs whose processor is running now."""
+        return [r.job.copy() for r in self._running.values()]
+
+    @property
+    def stopped(self) -> bool:
+        return self._state == "stopped"
+
+    async def run(self) -> None:
+        """Take and run jobs until :meth:`stop` is called or the queue closes.
+
+        Cancelling the task that runs this stops the worker at once (no grace
+        period): running processors are cancelled and their jobs recorded as
+        ``FAILED_RETRY`` before the ``CancelledError`` propagates.
+        """
+        if self._state != "new":
+            raise RuntimeError(f"this Worker is {self._state}; a Worker runs once")
+        self._state = "running"
+        try:
+            await self._run()
+        finally:
+            self._state = "stopped"
+            self._started.set()
+            self._finished.set()
+
+    async def stop(self, grace: float | timedelta | None = None) -> None:
+        """Take no new jobs; let running ones finish within ``grace`` seconds; then
+        cancel the rest and record them as ``FAILED_RETRY`` so they run again.
+
+        Returns when every outcome is written and the stream is closed. Calling it
+        again (or concurrently) waits for the same shutdown.
+        """
+        seconds = self._grace if grace is None else _seconds(grace, "grace")
+        if self._state == "new":
+            self._state = "stopped"
+            self._finished.set()
+            return
+        if self._state == "running":
+            self._state = "stopping"
+            self._stop_grace = seconds
+            if self._consumer is not None:
+                self._consumer.cancel()
+        await self._finished.wait()
+        if self._bg is not None and self._bg.done() and not self._bg.cancelled():
+            exc = self._bg.exception()
+            if exc is not None and not isinstance(exc, QueueClosedError):
+                raise exc
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise RuntimeError(f"this Worker is {self._state}; a Worker runs once")
+        self._bg = asyncio.get_running_loop().create_task(
+            self.run(), name=f"jobpool worker {self.assignee_id}"
+        )
+        started = asyncio.ensure_future(self._started.wait())
+        try:
+            await asyncio.wait({self._bg, started}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if self._bg.done():
+            self._bg.result()  # raises why it could not start
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # --- main loop --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        if self._recover:
+            moved = await self._queue.reset_running_jobs()
+            logger.info("worker %s: recovered %d job(s) left running", self.assignee_id, moved)
+        stream = self._queue.stream_jobs(
+            self.assignee_id, self.tags or None, max_assigned_jobs=self.config.batch_size
+        )
+        stream.add_cancel_listener(self._on_cancel)
+        self._stream = stream
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.create_task(self._flush_loop())
+        self._cleaner = loop.create_task(self._cleanup_loop())
+        self._consumer = loop.create_task(self._consume(stream))
+        if self._state == "stopping":  # stop() came before the consumer existed
+            self._consumer.cancel()
+        self._started.set()
+        logger.info(
+            "worker %s started (batch_size=%d, tags=%s)",
+            self.assignee_id,
+            self.config.batch_size,
+            self.tags,
+        )
+        interrupted = False
+        try:
+            await asyncio.wait({self._consumer})
+        except asyncio.CancelledError:
+            interrupted = True
+        grace = 0.0 if interrupted else (self._stop_grace or 0.0)
+        if self._state == "running":  # the stream ended by itself (queue closed)
+            self._state = "stopping"
+        shutdown = loop.create_task(self._shutdown(grace))
+        while not shutdown.done():
+            try:
+                await asyncio.shield(shutdown)
+            except asyncio.CancelledError:
+                interrupted = True
+        logger.info("worker %s stopped", self.assignee_id)
+        if interrupted:
+            raise asyncio.CancelledError
+        if not self._consumer.cancelled():
+            exc = self._consumer.exception()
+            if exc is not None:
+                raise exc
+        shutdown.result()
+
+    async def _consume(self, stream: JobStream) -> None:
+        """Hand each assigned job to its own task; back off on storage errors."""
+        failures = 0
+        while True:
+            try:
+                batch = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except QueueClosedError:
+                return
+            except Exception:
+                delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)]
+                failures += 1
+                logger.exception(
+                    "worker %s: taking jobs failed; retrying in %.2f s", self.assignee_id, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for job in batch:
+                self._start(job)
+
+    def _start(self, job: Job) -> None:
+        key: _Key = (job.id, job.assigned_at)
+        if key in self._early_cancels:  # cancelled between assignment and hand-over
+            del self._early_cancels[key]
+            self._record(key, _Outcome("ack"))
+            return
+        entry = _Running(job)
+        self._running[key] = entry
+        self._idle.clear()
+        entry.task = asyncio.get_running_loop().create_task(
+            self._execute(key, entry), name=f"jobpool job {job.id}"
+        )
+        entry.task.add_done_callback(lambda _: self._task_done(key, entry))
+
+    def _task_done(self, key: _Key, entry: _Running) -> None:
+        """A task cancelled before its first step never ran ``_execute``: record it here."""
+        if self._running.get(key) is entry:
+            self._record(key, self._cancel_outcome(entry))
+
+    async def _execute(self, key: _Key, entry: _Running) -> None:
+        """Run the processor for one job and record what happened; never raises."""
+        job = entry.job
+        outcome: _Outcome
+        try:
+            result = await self._processor(job)
+        except asyncio.CancelledError:
+            outcome = self._cancel_outcome(entry)
+        except Exception as exc:
+            logger.debug("job %r failed: %r", job.id, exc)
+            outcome = _Outcome("fail", message=_clean_message(str(exc) or type(exc).__name__))
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then propagate
+            self._record(key, _Outcome("fail", message=type(exc).__name__))
+            raise
+        else:
+            if result is None or isinstance(result, bytes):
+                outcome = _Outcome("complete", result=result)
+            elif isinstance(result, bytearray | memoryview):
+                outcome = _Outcome("complete", result=bytes(result))
+            else:
+                outcome = _Outcome(
+                    "fail",
+                    message=f"the processor returned {type(result).__name__}, expected bytes",
+                )
+        self._record(key, outcome)
+
+    def _cancel_outcome(self, entry: _Running) -> _Outcome:
+        if entry.reason == "cancelled":
+            return _Outcome("ack")
+        if entry.reason == "shutdown":
+            return _Outcome(
+                "fail",
+                message=f"worker {self.assignee_id!r} shut down before the job finished "
+                "(grace period over); it will run again",
+            )
+        return _Outcome(
+            "fail",
+            message="the job's task was cancelled (not by a cancellation of the job "
+            "or a worker shutdown)",
+        )
+
+    def _record(self, key: _Key, outcome: _Outcome) -> None:
+        self._running.pop(key, None)
+        if not self._running:
+            self._idle.set()
+        self._pending[key] = outcome
+        self._wake.set()
+
+    # --- cancellation -----------------------------------------------------------------
+
+    def _on_cancel(self, job_id: str) -> None:
+        """Stream listener: one of our jobs moved to CANCELLING."""
+        self._spawn(self._handle_cancel(job_id))
+
+    async def _handle_cancel(self, job_id: str) -> None:
+        try:
+            job = await self._queue.get_job(job_id)
+        except (JobNotFoundError, QueueClosedError):
+            return
+        except Exception:
+            logger.exception("worker %s: could not read cancelled job %r", self.assignee_id, job_id)
+            return
+        if job.status is not JobStatus.CANCELLING or job.assignee_id != self.assignee_id:
+            return  # already finished (its result won), or no longer ours
+        key: _Key = (job_id, job.assigned_at)
+        entry = self._running.get(key)
+        if entry is None:
+            if key not in self._pending:
+                # Assigned to our stream but not handed to us yet: never start it.
+                self._early_cancels[key] = None
+                while len(self._early_cancels) > _MAX_EARLY_CANCELS:
+                    del self._early_cancels[next(iter(self._early_cancels))]
+            return
+        if entry.reason is None:
+            entry.reason = "cancelled"
+        if entry.task is not None:
+            entry.task.cancel()
+        logger.debug("worker %s: cancelling job %r", self.assignee_id, job_id)
+
+    # --- writing outcomes ---------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            if not self._pending:
+                if self._closing_flusher:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                await self._gather_more()
+            try:
+                await self._flush()
+            except QueueClosedError:
+                self._drop_pending("the queue is closed")
+                failures = 0
+            except Exception:
+                failures += 1
+                if self._closing_flusher and failures >= _FINAL_FLUSH_ATTEMPTS:
+                    logger.exception(
+                        "worker %s: giving up writing job outcomes at shutdown", self.assignee_id
+                    )
+                    self._drop_pending("storage kept failing")
+                    return
+                delay = _RETRY_DELAYS[min(failures - 1, len(_RETRY_DELAYS) - 1)]
+                logger.exception(
+                    "worker %s: writing job outcomes failed; retrying in %.2f s",
+                    self.assignee_id,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            else:
+                failures = 0
+
+    async def _gather_more(self) -> None:
+        """Let outcomes finishing close together join one write: wait a loop
+        iteration, then up to ``_FLUSH_DELAY`` while some processor still runs."""
+        await asyncio.sleep(0)
+        if self._running and not self._closing_flusher:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FLUSH_DELAY):
+                    await self._idle.wait()
+
+    def _drop_pending(self, why: str) -> None:
+        if self._pending:
+            ids = sorted(key[0] for key in self._pending)
+            logger.error(
+                "worker %s: %s; outcomes of %d job(s) not written, they stay RUNNING "
+                "until mark_worker_unresponsive/reset_running_jobs: %s",
+                self.assignee_id,
+                why,
+                len(ids),
+                ids[:20],
+            )
+            self._pending.clear()
+
+    async def _flush(self) -> None:
+        """Write every recorded outcome: one call per kind. On a storage error the
+        outcomes not yet written stay pending (a newer one for the same job wins)."""
+        batch, self._pending = self._pending, {}
+        latest: dict[str, datetime | None] = {}
+        for job_id, assigned_at in self._running:
+            latest[job_id] = _newest(latest.get(job_id, assigned_at), assigned_at)
+        for job_id, assigned_at in batch:
+            latest[job_id] = _newest(latest.get(job_id, assigned_at), assigned_at)
+        by_kind: dict[str, dict[str, tuple[_Key, _Outcome]]] = {
+            "complete": {},
+            "fail": {},
+            "ack": {},
+        }
+        for key, outcome in batch.items():
+            if latest[key[0]] != key[1]:
+                logger.warning(
+                    "worker %s: job %r was finished elsewhere and assigned again; "
+                    "dropping the old run's outcome (%s)",
+                    self.assignee_id,
+                    key[0],
+                    outcome.kind,
+                )
+                continue
+            by_kind[outcome.kind][key[0]] = (key, outcome)
+        written: set[_Key] = set()
+        try:
+            completes = by_kind["complete"]
+            if completes:
+                errors = await self._write(
+                    self._queue.complete_jobs, {i: o.result for i, (_, o) in completes.items()}
+                )
+                written.update(k for k, _ in completes.values())
+                self._report("complete", errors)
+            acks = {i: k for i, (k, _) in by_kind["ack"].items()}
+            fails = by_kind["fail"]
+            if fails:
+                errors = await self._write(
+                    self._queue.fail_jobs, {i: o.message for i, (_, o) in fails.items()}
+                )
+                for job_id, err in list(errors.items()):
+                    if (
+                        isinstance(err, InvalidTransitionError)
+                        and err.current is JobStatus.CANCELLING
+                    ):
+                        key = fails.pop(job_id)[0]
+                        batch[key] = _Outcome("ack")  # cancelled while it failed: it stopped
+                        acks[job_id] = key
+                        del errors[job_id]
+                written.update(k for k, _ in fails.values())
+                self._report("fail", errors)
+            if acks:
+                errors = await self._write(
+                    self._queue.acknowledge_cancellation, dict.fromkeys(acks, True)
+                )
+                written.update(acks.values())
+                self._report("acknowledge_cancellation", errors)
+        except BaseException:
+            newer = {k[0] for k in self._pending}
+            for key, outcome in batch.items():
+                if key not in written and key[0] not in newer:
+                    self._pending[key] = outcome
+            raise
+
+    @staticmethod
+    async def _write(
+        call: Callable[[dict[str, Any]], Coroutine[Any, Any, None]], mapping: dict[str, Any]
+    ) -> dict[str, Exception]:
+        try:
+            await call(mapping)
+        except BatchError as exc:
+            return dict(exc.errors)
+        return {}
+
+    def _report(self, what: str, errors: dict[str, Exception]) -> None:
+        for job_id, err in errors.items():
+            logger.warning(
+                "worker %s: could not %s job %r, it was moved meanwhile: %s",
+                self.assignee_id,
+                what,
+                job_id,
+                err,
+            )
+
+    # --- housekeeping and shutdown ------------------------------------------------------
+
+    async def _cleanup_loop(self) -> None:
+        interval = self.config.cleanup_interval.total_seconds()
+        while True:
+            try:
+                deleted = await self._queue.cleanup_expired_jobs(self.config.ttl)
+            except QueueClosedError:
+                return
+            except Exception:
+                logger.exception("worker %s: TTL cleanup failed", self.assignee_id)
+            else:
+                if deleted:
+                    logger.info(
+                        "worker %s: deleted %d completed job(s) older than %s",
+                        self.assignee_id,
+                        deleted,
+                        self.config.ttl,
+                    )
+            await asyncio.sleep(interval)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    async def _shutdown(self, grace: float) -> None:
+        """Everything after the consumer stopped; runs to the end even if cancelled."""
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.wait({self._consumer})
+        running = [r.task for r in self._running.values() if r.task is not None]
+        if running and grace > 0:
+            logger.info(
+                "worker %s stopping: waiting up to %.1f s for %d running job(s)",
+                self.assignee_id,
+                grace,
+                len(running),
+            )
+            await asyncio.wait(running, timeout=grace)
+        late = [r for r in self._running.values() if r.task is not None and not r.task.done()]
+        if late:
+            logger.warning(
+                "worker %s: cancelling %d job(s) still running at shutdown; they will run again",
+                self.assignee_id,
+                len(late),
+            )
+            for entry in late:
+                if entry.reason is None:
+                    entry.reason = "shutdown"
+                assert entry.task is not None
+                entry.task.cancel()
+            await asyncio.wait([e.task for e in late if e.task is not None])
+        if self._helpers:
+            await asyncio.wait(list(self._helpers))
+        self._closing_flusher = True
+        self._wake.set()
+        if self._flusher is not None:
+            await asyncio.wait({self._flusher})
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleaner
+        if self._stream is not None:
+            await self._stream.aclose()
+        while self._helpers:  # cancel listeners that fired during the final flush
+            await asyncio.wait(list(self._helpers))
+        self._early_cancels.clear()
+
+
+def _newest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _seconds(value: float | timedelta, what: str) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds or a timedelta, got {type(value).__name__}")
+    if not seconds >= 0:
+        raise ValueError(f"{what} must not be negative, got {value!r}")
+    return seconds

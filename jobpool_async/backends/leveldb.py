@@ -1,0 +1,727 @@
+"""LevelDB backend: one directory, one process at a time, plyvel in one worker thread.
+
+Every plyvel call runs in a single dedicated worker thread, so the event loop never
+blocks on disk. Each backend operation (read, decide through the transition table,
+write) is one function run in that thread, so operations are serialized, and each
+ends in one atomic ``WriteBatch`` (synced to disk when ``sync=True``). A crash
+between operations therefore never leaves a half-applied move or an index that
+disagrees with the records. Only this process writes, so the queue never polls.
+
+Key layout (``enc(s)`` is a self-delimiting component: UTF-8 with NUL escaped as
+``00 FF``, ended by ``00 01``, so no id or tag can collide with another or escape
+its prefix; ``id`` is the raw UTF-8 job id, always the last component; times are
+microseconds since 0001-01-01 UTC as big-endian u64; ``seq`` is the job's enqueue
+sequence number, a big-endian u64 allocated from the meta counters, so it survives
+reopening)::
+
+    M                                   -> JSON {"application": "jobpool_async", "format": 1}
+    N                                   -> next seq u64, count per status, retry sum
+    J id                                -> the job record (_leveldb_codec.encode_job)
+    E sort_time seq id                  -> ""  eligible jobs, in selection order
+    F enc(tag) sort_time seq id         -> ""  eligible jobs per tag, in selection order
+    T enc(tag) id                       -> ""  every job per tag
+    K enc(tag)                          -> count per status and retry sum of the tag's jobs
+    A enc(assignee) id                  -> ""  RUNNING/CANCELLING jobs per assignee
+    D finalized_time seq id             -> ""  COMPLETED jobs by finalized_at (TTL cleanup)
+
+``sort_time`` is ``last_retry_at`` or else ``created_at``. A claim walks ``E`` (or
+the ``F`` index of the filter tag with the fewest eligible jobs, checking the other
+tags in the record), so its cost does not depend on how many final jobs are kept.
+Stats without tags read ``N``; with one tag, ``K``; with several, the ``T`` index of
+the smallest tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._errors import (
+    DuplicateJobError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
+    StorageError,
+)
+from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
+from .._transitions import ASSIGN, Transition, apply
+from . import _leveldb_codec as codec
+from .base import (
+    ApplyOutcome,
+    Backend,
+    Change,
+    JobState,
+    Moved,
+    Selection,
+    SelectOutcome,
+)
+
+__all__ = ["LevelDBBackend"]
+
+_T = TypeVar("_T")
+
+INSTALL_HINT = "pip install 'jobpool_async[leveldb]'"
+
+_META = b"M"
+_COUNTERS = b"N"
+_JOB = b"J"
+_ELIGIBLE = b"E"
+_ELIGIBLE_TAG = b"F"
+_TAG = b"T"
+_TAG_COUNTS = b"K"
+_ASSIGNEE = b"A"
+_DONE = b"D"
+_ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
+#: How many per-tag scan floors to remember (see ``_floors``).
+_MAX_FLOORS = 4096
+#: LevelDB's messages when another handle (this process) or process holds the LOCK file.
+_LOCKED = "already held by process"
+_LOCK_BUSY = "Resource temporarily unavailable"
+#: How many RUNNING/CANCELLING jobs to keep decoded in memory (see ``_active``).
+_MAX_ACTIVE = 100_000
+
+
+def _import_plyvel() -> Any:
+    try:
+        import plyvel
+    except ImportError as exc:
+        raise ImportError(
+            f"LevelDBBackend needs the optional plyvel package: {INSTALL_HINT}"
+        ) from exc
+    return plyvel
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix``."""
+    trimmed = prefix.rstrip(b"\xff")
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _index_keys(job: Job, seq: int) -> list[bytes]:
+    """The status-dependent index keys of ``job`` (E and F keys first when eligible)."""
+    status = job.status
+    if status in ELIGIBLE:
+        order = codec.order_part(codec.to_micros(job.sort_key), seq) + codec.id_bytes(job.id)
+        keys = [_ELIGIBLE + order]
+        for tag in job.tags:
+            keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
+        return keys
+    if status in ACTIVE:
+        return [_ASSIGNEE + codec.enc(job.assignee_id) + codec.id_bytes(job.id)]
+    if status is JobStatus.COMPLETED:
+        assert job.finalized_at is not None
+        order = codec.order_part(codec.to_micros(job.finalized_at), seq)
+        return [_DONE + order + codec.id_bytes(job.id)]
+    return []
+
+
+def _scan_prefix(key: bytes) -> bytes:
+    """The index prefix (``E`` or ``F enc(tag)``) of an eligible-index key."""
+    return key[:1] if key[:1] == _ELIGIBLE else key[: key.index(b"\x00\x01") + 2]
+
+
+class _Write:
+    """The changes of one operation, staged until one ``WriteBatch`` writes them."""
+
+    __slots__ = ("counts", "deletes", "lowered", "next_seq", "puts", "tag_counts", "touched")
+
+    def __init__(self) -> None:
+        self.puts: dict[bytes, bytes] = {}
+        self.deletes: set[bytes] = set()
+        self.counts = codec.Counters()
+        self.tag_counts: dict[str, codec.Counters] = {}
+        #: Per eligible index (prefix), the smallest key this write adds to it.
+        self.lowered: dict[bytes, bytes] = {}
+        self.next_seq: int | None = None
+        #: Jobs this write changes (``None``: deleted), for the active-job cache.
+        self.touched: dict[str, tuple[Job, int] | None] = {}
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.puts[key] = value
+        self.deletes.discard(key)
+
+    def delete(self, key: bytes) -> None:
+        self.deletes.add(key)
+        self.puts.pop(key, None)
+
+    def _count(self, job: Job, sign: int) -> None:
+        code = codec.CODE_OF[job.status]
+        retries = job.retry_count
+        self.counts.add(code, retries, sign)
+        for tag in job.tags:
+            counters = self.tag_counts.get(tag)
+            if counters is None:
+                counters = self.tag_counts[tag] = codec.Counters()
+            counters.add(code, retries, sign)
+
+    def unindex(self, job: Job, seq: int) -> None:
+        self._count(job, -1)
+        puts, deletes = self.puts, self.deletes
+        for key in _index_keys(job, seq):
+            deletes.add(key)
+            puts.pop(key, None)
+
+    def index(self, job: Job, seq: int) -> None:
+        self._count(job, +1)
+        self._add_keys(job, _index_keys(job, seq))
+
+    def _add_keys(self, job: Job, keys: list[bytes]) -> None:
+        puts, deletes = self.puts, self.deletes
+        for key in keys:
+            puts[key] = b""
+            deletes.discard(key)
+        if job.status in ELIGIBLE:
+            lowered = self.lowered
+            for key in keys:
+                prefix = _scan_prefix(key)
+                low = lowered.get(prefix)
+                if low is None or key < low:
+                    lowered[prefix] = key
+
+    def moved(
+        self, job: Job, seq: int, old_code: int, old_retries: int, old_keys: list[bytes]
+    ) -> None:
+        """Stage the index and counter changes of ``job``, which was ``old_code`` before."""
+        code = codec.CODE_OF[job.status]
+        retries = job.retry_count
+        if code != old_code or retries != old_retries:
+            values = self.counts.values
+            values[old_code] -= 1
+            values[code] += 1
+            values[-1] += retries - old_retries
+            for tag in job.tags:
+                counters = self.tag_counts.get(tag)
+                if counters is None:
+                    counters = self.tag_counts[tag] = codec.Counters()
+                values = counters.values
+                values[old_code] -= 1
+                values[code] += 1
+                values[-1] += retries - old_retries
+        if code == old_code and code not in _ELIGIBLE_CODES:
+            return  # same status, same assignee / finalized_at: same keys
+        new_keys = _index_keys(job, seq)
+        if new_keys == old_keys:
+            return
+        puts, deletes = self.puts, self.deletes
+        for key in old_keys:
+            if key not in new_keys:
+                deletes.add(key)
+                puts.pop(key, None)
+        self._add_keys(job, new_keys)
+
+
+class LevelDBBackend(Backend):
+    """Jobs in a LevelDB directory (created if missing), used by one process at a time.
+
+    ``sync=True`` makes every write wait for the disk (survives an OS crash, not
+    only a process crash), at a large cost in speed.
+    """
+
+    default_poll_interval = None
+
+    def __init__(self, path: str | os.PathLike[str], *, sync: bool = False) -> None:
+        self._plyvel = _import_plyvel()
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be str or os.PathLike, got {type(path).__name__}")
+        if not str(path):
+            raise ValueError("path must not be empty")
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be bool, got {type(sync).__name__}")
+        self.path = Path(path)
+        self.sync = sync
+        self._db: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._next_seq = 0
+        self._counts = codec.Counters()
+        #: Index prefix -> a key no live key of that index sorts below. Claims start
+        #: there, skipping the deletion markers LevelDB keeps for claimed entries.
+        self._floors: dict[bytes, bytes] = {}
+        #: RUNNING/CANCELLING jobs as last written (written through in ``_commit``), so
+        #: completing a job just assigned needs no read or decode.
+        self._active: dict[str, tuple[Job, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"LevelDBBackend({str(self.path)!r}, sync={self.sync})"
+
+    # --- running in the worker thread ---------------------------------------------
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._closed or self._executor is None:
+            raise StorageError(f"{self!r} is closed" if self._closed else f"{self!r} is not open")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._guarded, fn, *args)
+        # Once submitted, an operation runs to its end even if the caller is cancelled
+        # (as a statement sent to a database server would): later calls, queued behind
+        # it in the one worker thread, then see its effect.
+        future.add_done_callback(_consume)
+        return await asyncio.shield(future)
+
+    def _guarded(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._db is None:
+            raise StorageError(f"{self!r} is closed")
+        try:
+            return fn(*args)
+        except JobPoolError:
+            raise
+        except self._plyvel.Error as exc:
+            raise StorageError(f"LevelDB error in {self.path}: {_message(exc)}") from exc
+
+    # --- open / close -------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed")
+        if self._executor is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobpool-leveldb")
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._open_sync)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    def _open_sync(self) -> None:
+        path = self.path
+        where = str(path)
+        if path.exists() and not path.is_dir():
+            raise StorageError(f"{where} is not a directory, so not a jobpool_async LevelDB store")
+        fresh = not path.exists() or not any(path.iterdir())
+        if not fresh and not (path / "CURRENT").is_file():
+            raise StorageError(f"{where} is a non-empty directory but not a LevelDB store")
+        plyvel = self._plyvel
+        try:
+            db = plyvel.DB(where, create_if_missing=fresh)
+        except plyvel.IOError as exc:
+            text = _message(exc)
+            if _LOCKED in text or _LOCK_BUSY in text:
+                raise StorageError(
+                    f"the LevelDB store {where} is in use by another backend or process "
+                    f"(only one may open it at a time): {text}"
+                ) from exc
+            raise StorageError(f"cannot open the LevelDB store {where}: {text}") from exc
+        except plyvel.Error as exc:
+            raise StorageError(f"cannot open the LevelDB store {where}: {_message(exc)}") from exc
+        try:
+            meta = db.get(_META)
+            if meta is None:
+                with db.iterator(include_value=False) as it:
+                    if next(it, None) is not None:
+                        raise StorageError(
+                            f"{where} is a LevelDB database but not a jobpool_async store"
+                        )
+                wb = db.write_batch(sync=True)
+                wb.put(_META, codec.encode_meta())
+                wb.put(_COUNTERS, codec.encode_global(0, codec.Counters()))
+                wb.write()
+                self._next_seq, self._counts = 0, codec.Counters()
+            else:
+                codec.check_meta(meta, where)
+                raw = db.get(_COUNTERS)
+                if raw is None:
+                    raise StorageError(f"{where}: jobpool_async store without its counters")
+                self._next_seq, self._counts = codec.decode_global(raw)
+        except BaseException as exc:
+            db.close()
+            if isinstance(exc, plyvel.Error):
+                raise StorageError(f"cannot open {where}: {_message(exc)}") from exc
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        finally:
+            executor.shutdown(wait=False)
+
+    def _close_sync(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    # --- staging and writing ------------------------------------------------------
+
+    def _read_job(self, job_id: str) -> tuple[Job, int] | None:
+        """A private copy of the job (and its seq), from the active cache or the store."""
+        cached = self._active.get(job_id)
+        if cached is not None:
+            return cached[0].copy(), cached[1]
+        raw = self._db.get(_JOB + codec.id_bytes(job_id))
+        return None if raw is None else codec.decode_job(raw)
+
+    def _tag_counters(self, tag: str) -> codec.Counters:
+        raw = self._db.get(_TAG_COUNTS + codec.enc(tag))
+        return codec.Counters() if raw is None else codec.Counters.decode(raw)
+
+    def _commit(self, w: _Write) -> None:
+        """Write everything staged in ``w`` as one batch; then update the caches."""
+        counts = self._counts.merged(w.counts)
+        next_seq = self._next_seq if w.next_seq is None else w.next_seq
+        wb = self._db.write_batch(sync=self.sync)
+        for key in w.deletes:
+            wb.delete(key)
+        for key, value in w.puts.items():
+            wb.put(key, value)
+        for tag, delta in w.tag_counts.items():
+            if not any(delta.values):
+                continue
+            key = _TAG_COUNTS + codec.enc(tag)
+            merged = self._tag_counters(tag).merged(delta)
+            if merged.total:
+                wb.put(key, merged.encode())
+            else:
+                wb.delete(key)
+        wb.put(_COUNTERS, codec.encode_global(next_seq, counts))
+        wb.write()
+        # Only now that the write succeeded do the in-memory copies change.
+        self._counts, self._next_seq = counts, next_seq
+        for prefix, key in w.lowered.items():
+            floor = self._floors.get(prefix)
+            if floor is not None and key < floor:
+                self._floors[prefix] = key
+        active = self._active
+        for job_id, entry in w.touched.items():
+            if entry is not None and entry[0].status in ACTIVE and len(active) < _MAX_ACTIVE:
+                active[job_id] = entry
+            else:
+                active.pop(job_id, None)
+
+    def _stage_move(
+        self,
+        w: _Write,
+        job: Job,
+        seq: int,
+        transition: Transition,
+        now: datetime,
+        *,
+        result: bytes | None = None,
+        error_message: str | None = None,
+        assignee_id: str | None = None,
+    ) -> JobStatus | None:
+        """Move ``job`` (a private copy) by ``transition`` and stage what changes."""
+        if transition.target_of(job.status) is None:
+            return None
+        old_code = codec.CODE_OF[job.status]
+        old_retries = job.retry_count
+        old_keys = _index_keys(job, seq)
+        new = apply(
+            job,
+            transition,
+            now,
+            result=result,
+            error_message=error_message,
+            assignee_id=assignee_id,
+        )
+        w.moved(job, seq, old_code, old_retries, old_keys)
+        w.puts[_JOB + codec.id_bytes(job.id)] = codec.encode_job(job, seq)
+        w.touched[job.id] = (job, seq)
+        return new
+
+    def _stage_remove(self, w: _Write, job: Job, seq: int) -> None:
+        w.unindex(job, seq)
+        job_key = codec.id_bytes(job.id)
+        for tag in job.tags:
+            w.delete(_TAG + codec.enc(tag) + job_key)
+        w.delete(_JOB + job_key)
+        w.touched[job.id] = None
+
+    # --- selections ---------------------------------------------------------------
+
+    def _scan_ids(self, prefix: bytes) -> Iterator[str]:
+        """Job ids of the index keys ``prefix <id>``."""
+        start = len(prefix)
+        with self._db.iterator(prefix=prefix, include_value=False) as it:
+            for key in it:
+                yield codec.id_text(key[start:])
+
+    def _smallest_tag(self, tags: Sequence[str]) -> tuple[str, int]:
+        sizes = [(self._tag_counters(t).total, t) for t in tags]
+        total, tag = min(sizes)
+        return tag, total
+
+    def _with_all_tags(self, tags: Sequence[str]) -> Iterator[tuple[Job, int]]:
+        tag, total = self._smallest_tag(tags)
+        if not total:
+            return
+        wanted = set(tags)
+        for job_id in self._scan_ids(_TAG + codec.enc(tag)):
+            found = self._read_job(job_id)
+            if found is None:
+                raise StorageError(f"tag index names job {job_id!r}, which has no record")
+            if wanted.issubset(found[0].tags):
+                yield found
+
+    def _select(self, selection: Selection, transition: Transition | None) -> list[tuple[Job, int]]:
+        if selection.everything:
+            if transition is not None and transition.sources <= ACTIVE:
+                ids: Iterable[str] = list(self._active_ids())
+            else:
+                ids = [codec.id_text(k[1:]) for k in self._keys(_JOB)]
+            return self._read_existing(ids)
+        if selection.assignee_id is not None:
+            prefix = _ASSIGNEE + codec.enc(selection.assignee_id)
+            return self._read_existing(list(self._scan_ids(prefix)))
+        chosen: dict[str, tuple[Job, int]] = {}
+        for job_id in selection.job_ids:
+            if job_id not in chosen:
+                found = self._read_job(job_id)
+                if found is not None:
+                    chosen[job_id] = found
+        if selection.tags:
+            for found in self._with_all_tags(selection.tags):
+                chosen.setdefault(found[0].id, found)
+        return list(chosen.values())
+
+    def _keys(self, prefix: bytes) -> list[bytes]:
+        with self._db.iterator(prefix=prefix, include_value=False) as it:
+            return list(it)
+
+    def _active_ids(self) -> Iterator[str]:
+        for key in self._keys(_ASSIGNEE):
+            _, end = codec.split_enc(key, 1)
+            yield codec.id_text(key[end:])
+
+    def _read_existing(self, ids: Iterable[str]) -> list[tuple[Job, int]]:
+        out = []
+        for job_id in ids:
+            found = self._read_job(job_id)
+            if found is None:
+                raise StorageError(f"an index names job {job_id!r}, which has no record")
+            out.append(found)
+        return out
+
+    # --- the contract -------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        await self._run(self._insert, list(jobs))
+
+    def _insert(self, jobs: list[Job]) -> None:
+        seen: set[str] = set()
+        get = self._db.get
+        for job in jobs:
+            if job.id in seen or get(_JOB + codec.id_bytes(job.id)) is not None:
+                raise DuplicateJobError(job.id)
+            seen.add(job.id)
+        w = _Write()
+        seq = self._next_seq
+        for job in jobs:
+            job_key = codec.id_bytes(job.id)
+            w.put(_JOB + job_key, codec.encode_job(job, seq))
+            for tag in job.tags:
+                w.put(_TAG + codec.enc(tag) + job_key, b"")
+            w.index(job, seq)
+            seq += 1
+        w.next_seq = seq
+        self._commit(w)
+
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        return await self._run(self._claim, assignee_id, list(tags), limit, now)
+
+    def _claim(self, assignee_id: str, tags: list[str], limit: int, now: datetime) -> list[Job]:
+        if limit < 1:
+            return []
+        if tags:
+            eligible = [
+                (sum(self._tag_counters(t).values[c] for c in _ELIGIBLE_CODES), t) for t in tags
+            ]
+            smallest, tag = min(eligible)
+            if not smallest:
+                return []
+            prefix = _ELIGIBLE_TAG + codec.enc(tag)
+            wanted: set[str] = set(tags)
+        else:
+            prefix, wanted = _ELIGIBLE, set()
+        skip = len(prefix) + 16
+        picked: list[tuple[Job, int]] = []
+        first_left: bytes | None = None
+        last: bytes | None = None
+        start = self._floors.get(prefix, prefix)
+        get = self._db.get
+        with self._db.iterator(start=start, stop=_prefix_end(prefix), include_value=False) as it:
+            for key in it:
+                last = key
+                if len(picked) >= limit:
+                    first_left = key
+                    break
+                raw = get(_JOB + key[skip:])  # eligible jobs are never in the active cache
+                found = None if raw is None else codec.decode_job(raw)
+                if found is None or found[0].status not in ELIGIBLE:
+                    job_id = codec.id_text(key[skip:])
+                    raise StorageError(f"eligible index names job {job_id!r} out of step")
+                if wanted and not wanted.issubset(found[0].tags):
+                    if first_left is None:
+                        first_left = key
+                    continue
+                picked.append(found)
+        if not picked:
+            return []
+        w = _Write()
+        for job, seq in picked:
+            self._stage_move(w, job, seq, ASSIGN, now, assignee_id=assignee_id)
+        self._commit(w)
+        if first_left is None:
+            assert last is not None
+            first_left = last + b"\x00"
+        if prefix in self._floors or len(self._floors) < _MAX_FLOORS:
+            self._floors[prefix] = first_left
+        return [job.copy() for job, _ in picked]  # the staged objects stay in the cache
+
+    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+        return await self._run(self._apply, list(changes), now)
+
+    def _apply(self, changes: list[Change], now: datetime) -> ApplyOutcome:
+        out = ApplyOutcome()
+        w = _Write()
+        for change in changes:
+            found = self._read_job(change.job_id)
+            if found is None:
+                out.errors[change.job_id] = JobNotFoundError(change.job_id)
+                continue
+            job, seq = found
+            current = job.status
+            new = self._stage_move(
+                w,
+                job,
+                seq,
+                change.transition,
+                now,
+                result=change.result,
+                error_message=change.error_message,
+            )
+            if new is None:
+                out.errors[change.job_id] = InvalidTransitionError(
+                    change.job_id, current, change.transition.target
+                )
+            else:
+                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+        if out.moved:
+            self._commit(w)
+        return out
+
+    async def apply_selected(
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        *,
+        report_unmatched: bool = False,
+    ) -> SelectOutcome:
+        return await self._run(self._apply_selected, transition, selection, now, report_unmatched)
+
+    def _apply_selected(
+        self, transition: Transition, selection: Selection, now: datetime, report_unmatched: bool
+    ) -> SelectOutcome:
+        out = SelectOutcome()
+        selected = self._select(selection, transition)
+        if report_unmatched:
+            present = {job.id for job, _ in selected}
+            out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in present)
+        w = _Write()
+        for job, seq in selected:
+            new = self._stage_move(w, job, seq, transition, now)
+            if new is None:
+                if report_unmatched:
+                    out.unmatched.append(job.id)
+            else:
+                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+        if out.moved:
+            self._commit(w)
+        return out
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        return await self._run(self._get_jobs, list(job_ids))
+
+    def _get_jobs(self, job_ids: list[str]) -> list[Job]:
+        out = []
+        for job_id in job_ids:
+            found = self._read_job(job_id)
+            if found is not None:
+                out.append(found[0])
+        return out
+
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        return await self._run(self._job_states, list(job_ids))
+
+    def _job_states(self, job_ids: list[str]) -> dict[str, JobState]:
+        out: dict[str, JobState] = {}
+        for job_id in job_ids:
+            raw = self._db.get(_JOB + codec.id_bytes(job_id))
+            if raw is not None:
+                status, assigned_at = codec.decode_state(raw)
+                out[job_id] = JobState(status, assigned_at)
+        return out
+
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        return await self._run(self._count_by_status, list(tags))
+
+    def _count_by_status(self, tags: list[str]) -> tuple[dict[JobStatus, int], int]:
+        if not tags:
+            return self._counts.as_counts()
+        if len(tags) == 1:
+            return self._tag_counters(tags[0]).as_counts()
+        counters = codec.Counters()
+        for job, _ in self._with_all_tags(tags):
+            counters.add(codec.CODE_OF[job.status], job.retry_count, +1)
+        return counters.as_counts()
+
+    async def delete(self, selection: Selection) -> int:
+        return await self._run(self._delete, selection)
+
+    def _delete(self, selection: Selection) -> int:
+        selected = self._select(selection, None)
+        not_final = [job.id for job, _ in selected if not job.status.is_final]
+        if not_final:
+            raise JobsNotFinalError(not_final)
+        if not selected:
+            return 0
+        w = _Write()
+        for job, seq in selected:
+            self._stage_remove(w, job, seq)
+        self._commit(w)
+        return len(selected)
+
+    async def delete_completed_before(self, cutoff: datetime) -> int:
+        return await self._run(self._delete_completed_before, cutoff)
+
+    def _delete_completed_before(self, cutoff: datetime) -> int:
+        stop = _DONE + codec.u64(codec.to_micros(cutoff) + 1)
+        with self._db.iterator(start=_DONE, stop=stop, include_value=False) as it:
+            ids = [codec.id_text(key[17:]) for key in it]
+        if not ids:
+            return 0
+        w = _Write()
+        for job, seq in self._read_existing(ids):
+            if job.status is not JobStatus.COMPLETED:
+                raise StorageError(f"completed index names job {job.id!r} out of step")
+            self._stage_remove(w, job, seq)
+        self._commit(w)
+        return len(ids)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of an operation whose caller was cancelled (no warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _message(exc: BaseException) -> str:
+    """plyvel puts the LevelDB status in ``args[0]`` as bytes."""
+    arg = exc.args[0] if exc.args else exc
+    if isinstance(arg, bytes):
+        return arg.decode("utf-8", "replace")
+    return str(arg)

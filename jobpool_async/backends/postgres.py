@@ -1,0 +1,741 @@
+"""PostgreSQL backend on asyncpg: many processes and hosts share one queue.
+
+* Tables live in their own PostgreSQL schema (``schema=``), created and versioned
+  on :meth:`PostgresBackend.open` under an advisory lock, so several processes may
+  open the same store at once.
+* Claiming is one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
+  RETURNING …`` statement over a partial index of eligible jobs in selection order.
+* Every move is a compare-and-set on the current status inside its statement; the
+  ``SET`` clauses are compiled from the transition table (``_sql.py``).
+* Waking across processes is pushed with ``LISTEN/NOTIFY``: every statement that
+  makes jobs eligible, frees slots or cancels sends ``pg_notify`` inside itself, so
+  the notification is delivered exactly when the change commits. A dedicated
+  listener connection hands the moves to the queue; it reconnects by itself and
+  then asks the queue to re-check.
+
+asyncpg is the optional ``postgres`` extra: ``pip install 'jobpool_async[postgres]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._errors import (
+    DuplicateJobError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
+    StorageError,
+)
+from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus
+from .._transitions import ASSIGN, Transition
+from ._sql import in_list, set_clause
+from .base import (
+    ApplyOutcome,
+    Backend,
+    Change,
+    JobState,
+    Listener,
+    Moved,
+    SelectOutcome,
+    Selection,
+)
+
+try:
+    import asyncpg
+
+    _HAVE_ASYNCPG = True
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    _HAVE_ASYNCPG = False
+
+if TYPE_CHECKING:
+    from asyncpg import Connection, Pool, Record
+
+__all__ = ["SCHEMA_VERSION", "PostgresBackend"]
+
+logger = logging.getLogger("jobpool_async.postgres")
+
+#: The schema version this code writes; a store with a newer one is refused.
+SCHEMA_VERSION = 1
+
+_INSTALL_HINT = "PostgresBackend needs asyncpg: pip install 'jobpool_async[postgres]'"
+
+#: NOTIFY payloads above this many bytes are replaced by a bare "re-check" notice
+#: (PostgreSQL's limit is 8000 bytes).
+_MAX_PAYLOAD = 7000
+
+_COLS = (
+    "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
+)
+_STATUS = {s.value: s for s in JobStatus}
+_ELIGIBLE = in_list(ELIGIBLE)
+_ACTIVE = in_list(ACTIVE)
+_FINAL = in_list(FINAL)
+_RUNNING = JobStatus.RUNNING.value
+
+
+def _quote_ident(name: str) -> str:
+    """A double-quoted SQL identifier (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _row_to_job(r: Record) -> Job:
+    return Job(
+        id=r[0],
+        job_type=r[1],
+        job_definition=r[2],
+        tags=list(r[3]),
+        status=_STATUS[r[4]],
+        created_at=r[5],
+        started_at=r[6],
+        finalized_at=r[7],
+        error_message=r[8],
+        result=r[9],
+        retry_count=r[10],
+        last_retry_at=r[11],
+        assignee_id=r[12],
+        assigned_at=r[13],
+    )
+
+
+async def _no_reset(conn: Connection) -> None:
+    """Pool release hook: this backend keeps no session state, so skip ``RESET ALL``.
+
+    asyncpg still rolls back any transaction left open before calling it.
+    """
+
+
+def _storage_error_types() -> tuple[type[BaseException], ...]:
+    return (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        OSError,
+        TimeoutError,
+    )
+
+
+class PostgresBackend(Backend):
+    """Jobs in a PostgreSQL database, shared by any number of processes and hosts.
+
+    ``dsn`` is a libpq connection string or ``postgresql://`` URL. ``schema`` names
+    the PostgreSQL schema holding this queue's tables (several queues may share one
+    database). ``pool_min_size``/``pool_max_size`` size the connection pool;
+    ``command_timeout`` (seconds) bounds each statement.
+    """
+
+    default_poll_interval: ClassVar[float | None] = 1.0
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "jobpool",
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        command_timeout: float | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not _HAVE_ASYNCPG:
+            raise ImportError(_INSTALL_HINT)
+        if not isinstance(dsn, str) or not dsn:
+            raise ValueError("dsn must be a non-empty str")
+        if not isinstance(schema, str) or not schema:
+            raise ValueError("schema must be a non-empty str")
+        if "\x00" in schema or len(schema.encode()) > 63:
+            raise ValueError(f"schema must be at most 63 bytes without NUL, got {schema!r}")
+        for name, value in (("pool_min_size", pool_min_size), ("pool_max_size", pool_max_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be int, got {type(value).__name__}")
+        if pool_min_size < 0 or pool_max_size < 1 or pool_min_size > pool_max_size:
+            raise ValueError(
+                f"need 0 <= pool_min_size <= pool_max_size and pool_max_size >= 1, "
+                f"got {pool_min_size}, {pool_max_size}"
+            )
+        self._dsn = dsn
+        self.schema = schema
+        self._pool_min = pool_min_size
+        self._pool_max = pool_max_size
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._s = _quote_ident(schema)
+        self._t = f"{self._s}.jobs"
+        digest = hashlib.sha256(schema.encode()).hexdigest()
+        #: NOTIFY channel of this schema (a plain identifier, well under 63 bytes).
+        self.channel = f"jobpool_{digest[:24]}"
+        self._lock_key = int.from_bytes(bytes.fromhex(digest[24:40]), "big", signed=True)
+        #: Tags this instance's notifications so its own listener ignores them.
+        self._token = secrets.token_hex(8)
+        self._pool: Pool | None = None
+        self._listen_conn: Connection | None = None
+        self._listener: Listener | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._listen_lost = asyncio.Event()
+        self._closed = False
+        self._opened = False
+        self._sql_cache: dict[int, tuple[Transition, str]] = {}
+        self._sel_cache: dict[tuple[Any, ...], str] = {}
+        self._claim_sql = self._build_claim_sql(False)
+        self._claim_tags_sql = self._build_claim_sql(True)
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend(schema={self.schema!r})"
+
+    # --- errors -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        if self._pool is None:
+            raise StorageError(f"PostgreSQL store {self.schema!r} is not open")
+        try:
+            yield
+        except JobPoolError:
+            raise
+        except _storage_error_types() as exc:
+            raise StorageError(f"PostgreSQL {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    # --- opening, schema, closing -------------------------------------------------
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        if self._closed:
+            raise StorageError("this PostgresBackend was closed; make a new one")
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._pool_min,
+                max_size=self._pool_max,
+                command_timeout=self._command_timeout,
+                timeout=self._connect_timeout,
+                reset=_no_reset,
+            )
+            async with self._pool.acquire() as conn:
+                await self._migrate(conn)
+            self._listen_conn = await self._connect_listener()
+        except BaseException as exc:
+            await self._shutdown()
+            if isinstance(exc, JobPoolError | asyncio.CancelledError):
+                raise
+            if isinstance(exc, _storage_error_types()):
+                raise StorageError(
+                    f"cannot open PostgreSQL store {self.schema!r}: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        self._opened = True
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _migrate(self, conn: Connection) -> None:
+        """Create the schema if missing, or check its version, under an advisory lock."""
+        s, t = self._s, self._t
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+            tables = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                    self.schema,
+                )
+            }
+            if "jobpool_version" in tables:
+                row = await conn.fetchrow(f"SELECT max(version) FROM {s}.jobpool_version")
+                version = row[0] if row is not None else None
+                if version is None:
+                    raise StorageError(f"schema {self.schema!r}: jobpool_version table is empty")
+                if version > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"schema {self.schema!r} has jobpool store version {version}, newer "
+                        f"than this library understands ({SCHEMA_VERSION}); upgrade jobpool_async"
+                    )
+                if "jobs" not in tables:
+                    raise StorageError(f"schema {self.schema!r}: jobs table is missing")
+                return
+            if tables:
+                raise StorageError(
+                    f"schema {self.schema!r} holds other tables and is not a jobpool store"
+                )
+            await conn.execute(
+                f"""
+                CREATE SCHEMA IF NOT EXISTS {s};
+                CREATE TABLE {t} (
+                    id text PRIMARY KEY,
+                    seq bigserial NOT NULL,
+                    job_type text NOT NULL,
+                    job_definition bytea NOT NULL,
+                    tags text[] NOT NULL,
+                    status text NOT NULL,
+                    created_at timestamptz NOT NULL,
+                    started_at timestamptz,
+                    finalized_at timestamptz,
+                    error_message text NOT NULL,
+                    result bytea,
+                    retry_count bigint NOT NULL,
+                    last_retry_at timestamptz,
+                    assignee_id text NOT NULL,
+                    assigned_at timestamptz,
+                    claimed_by text
+                );
+                CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
+                    WHERE status IN {_ELIGIBLE};
+                CREATE INDEX jobs_tags ON {t} USING gin (tags);
+                CREATE INDEX jobs_eligible_tags ON {t} USING gin (tags)
+                    WHERE status IN {_ELIGIBLE};
+                CREATE INDEX jobs_active_assignee ON {t} (assignee_id)
+                    WHERE status IN {_ACTIVE};
+                CREATE INDEX jobs_completed ON {t} (finalized_at)
+                    WHERE status = '{JobStatus.COMPLETED.value}';
+                CREATE TABLE {s}.jobpool_version (version integer NOT NULL);
+                INSERT INTO {s}.jobpool_version (version) VALUES ({SCHEMA_VERSION});
+                """
+            )
+
+    async def close(self) -> None:
+        self._closed = True
+        self._listener = None
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            await self._close_conn(conn)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (Exception, asyncio.CancelledError):
+                pool.terminate()
+                raise
+
+    @staticmethod
+    async def _close_conn(conn: Connection) -> None:
+        try:
+            await asyncio.wait_for(conn.close(), 5)
+        except Exception:
+            conn.terminate()
+
+    # --- listening ----------------------------------------------------------------
+
+    def set_listener(self, listener: Listener | None) -> None:
+        self._listener = listener
+
+    async def _connect_listener(self) -> Connection:
+        conn: Connection = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+        try:
+            await conn.add_listener(self.channel, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._listen_lost.clear()
+        conn.add_termination_listener(self._on_listen_lost)
+        return conn
+
+    def _on_listen_lost(self, conn: Any) -> None:
+        self._listen_lost.set()
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        listener = self._listener
+        if listener is None or not isinstance(payload, str) or payload.startswith(self._token):
+            return
+        _, sep, body = payload.partition(" ")
+        moved: list[Moved] | None = None
+        if sep:
+            try:
+                moved = [
+                    Moved(str(job_id), _STATUS[status], tuple(tags or ()))
+                    for job_id, status, tags in json.loads(body)
+                ]
+            except (ValueError, TypeError, KeyError):
+                logger.warning("unreadable notification on %s; re-checking", channel)
+                moved = None
+        try:
+            listener(moved)
+        except Exception:  # the queue's bug must not kill the listener connection
+            logger.exception("PostgreSQL notification listener failed")
+
+    async def _supervise(self) -> None:
+        """Keep the listener connection alive; after a reconnect, ask for a re-check."""
+        delay = 0.05
+        while not self._closed:
+            conn = self._listen_conn
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await self._listen_lost.wait()
+                if not self._listen_lost.is_set() and not conn.is_closed():
+                    try:  # keepalive: notice a silently dead connection
+                        await conn.fetchval("SELECT 1", timeout=5)
+                        continue
+                    except (Exception, TimeoutError):
+                        pass
+                logger.warning("PostgreSQL listener connection lost; reconnecting")
+                self._listen_conn = None
+                conn.terminate()
+            try:
+                self._listen_conn = await self._connect_listener()
+            except (Exception, TimeoutError) as exc:
+                logger.debug("listener reconnect failed: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            listener = self._listener
+            if listener is not None:  # notifications may have been missed meanwhile
+                listener(None)
+
+    # --- SQL building -------------------------------------------------------------
+
+    def _note(self, source: str) -> str:
+        """A CTE sending one NOTIFY for the moved rows of ``source`` that others care about.
+
+        Others care about jobs becoming eligible (they may claim them), and about
+        jobs claimed by another instance leaving RUNNING or being cancelled (that
+        instance's stream frees a slot or tells its cancel listeners). A move of a
+        job this instance claimed itself is already seen by its own queue, so a
+        worker completing its own jobs sends no notification at all (and its
+        commits are not serialized by PostgreSQL's notification queue lock).
+        """
+        tok = self._token
+        return f"""note AS (
+            SELECT pg_notify('{self.channel}',
+                             CASE WHEN octet_length(p) <= {_MAX_PAYLOAD} THEN p ELSE '{tok}' END)
+            FROM (SELECT '{tok} ' || json_agg(json_build_array(id, status, tags))::text AS p
+                  FROM {source}
+                  WHERE status IN {_ELIGIBLE}
+                     OR (status <> '{_RUNNING}' AND claimed_by IS DISTINCT FROM '{tok}')) s
+            WHERE p IS NOT NULL)"""
+
+    def _build_claim_sql(self, with_tags: bool) -> str:
+        """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
+        move them to RUNNING (compare-and-set on the status again, in the same statement)."""
+        t = self._t
+        tag_cond = "AND tags @> $4::text[]" if with_tags else ""
+        sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
+        return f"""
+            WITH picked AS (
+                SELECT id AS pid FROM {t}
+                WHERE status IN {_ELIGIBLE} {tag_cond}
+                ORDER BY COALESCE(last_retry_at, created_at), seq
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED)
+            UPDATE {t} SET {sets}, claimed_by = '{self._token}'
+            FROM picked
+            WHERE {t}.id = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
+            RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
+
+    def _apply_sql(self, transition: Transition) -> str:
+        cached = self._sql_cache.get(id(transition))
+        if cached is not None and cached[0] is transition:
+            return cached[1]
+        t = self._t
+        sets = set_clause(
+            transition, now="c.cnow", result="c.cres", error_message="c.cerr"
+        )
+        sql = f"""
+            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
+                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)),
+            moved AS (
+                UPDATE {t} SET {sets}
+                FROM c WHERE {t}.id = c.cid AND {t}.status IN {in_list(transition.sources)}
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
+            {self._note("moved")}
+            SELECT true AS moved, id, status, tags FROM moved
+            WHERE (SELECT count(*) FROM note) >= 0
+            UNION ALL
+            SELECT false, c.cid, j.status, NULL::text[]
+            FROM c LEFT JOIN {t} j ON j.id = c.cid
+            WHERE c.cid NOT IN (SELECT id FROM moved)"""
+        self._sql_cache[id(transition)] = (transition, sql)
+        return sql
+
+    @staticmethod
+    def _selection_sql(
+        selection: Selection, alias: str, first: int
+    ) -> tuple[str, list[Any], int | None]:
+        """A WHERE condition for ``selection`` on ``alias``, with placeholders from ``$first``.
+
+        Returns the condition, its arguments, and the placeholder number of the id list.
+        """
+        if selection.everything:
+            return "TRUE", [], None
+        if selection.assignee_id is not None:
+            cond = f"({alias}.assignee_id = ${first}::text AND {alias}.status IN {_ACTIVE})"
+            return cond, [selection.assignee_id], None
+        parts: list[str] = []
+        args: list[Any] = []
+        ids_at: int | None = None
+        if selection.job_ids:
+            ids_at = first + len(args)
+            args.append(list(selection.job_ids))
+            parts.append(f"{alias}.id = ANY(${ids_at}::text[])")
+        if selection.tags:
+            args.append(list(selection.tags))
+            parts.append(f"{alias}.tags @> ${first + len(args) - 1}::text[]")
+        return ("(" + " OR ".join(parts) + ")" if parts else "FALSE"), args, ids_at
+
+    # --- the contract -------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        seen: set[str] = set()
+        for job in jobs:
+            if job.id in seen:
+                raise DuplicateJobError(job.id)
+            seen.add(job.id)
+        if not jobs:
+            return
+        flat: list[str] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        tagsets: dict[tuple[str, ...], None] = {}
+        for job in jobs:
+            starts.append(len(flat) + 1)
+            flat.extend(job.tags)
+            ends.append(len(flat))
+            tagsets[tuple(job.tags)] = None
+        payload = self._token + " " + json.dumps(
+            [["", JobStatus.INITIAL_PENDING.value, list(ts)] for ts in tagsets],
+            separators=(",", ":"),
+        )
+        if len(payload.encode()) > _MAX_PAYLOAD:
+            payload = self._token
+        sql = f"""
+            WITH ins AS (
+                INSERT INTO {self._t} ({_COLS})
+                SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
+                       '{JobStatus.INITIAL_PENDING.value}', u.created_at, u.started_at,
+                       u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat
+                FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
+                            $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                            $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
+                            $14::text[], $15::timestamptz[])
+                     WITH ORDINALITY AS u(id, job_type, def, ts, te, created_at, started_at,
+                                          finalized_at, err, res, rc, lra, aid, aat, ord)
+                ORDER BY u.ord
+                RETURNING 1)
+            SELECT count(*), pg_notify('{self.channel}', $16::text) FROM ins"""
+        args = [
+            [j.id for j in jobs],
+            [j.job_type for j in jobs],
+            [j.job_definition for j in jobs],
+            flat,
+            starts,
+            ends,
+            [j.created_at for j in jobs],
+            [j.started_at for j in jobs],
+            [j.finalized_at for j in jobs],
+            [j.error_message for j in jobs],
+            [j.result for j in jobs],
+            [j.retry_count for j in jobs],
+            [j.last_retry_at for j in jobs],
+            [j.assignee_id for j in jobs],
+            [j.assigned_at for j in jobs],
+            payload,
+        ]
+        with self._errors("insert"):
+            assert self._pool is not None
+            try:
+                await self._pool.execute(sql, *args)
+            except asyncpg.UniqueViolationError:
+                existing = await self._pool.fetch(
+                    f"SELECT id FROM {self._t} WHERE id = ANY($1::text[])", args[0]
+                )
+                found = {r[0] for r in existing}
+                dup = next((j.id for j in jobs if j.id in found), None)
+                raise DuplicateJobError(dup if dup is not None else jobs[0].id) from None
+
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        with self._errors("claim"):
+            assert self._pool is not None
+            if tags:
+                rows = await self._pool.fetch(
+                    self._claim_tags_sql, now, assignee_id, limit, list(tags)
+                )
+            else:
+                rows = await self._pool.fetch(self._claim_sql, now, assignee_id, limit)
+        return [_row_to_job(r) for r in rows]
+
+    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+        out = ApplyOutcome()
+        if not changes:
+            return out
+        groups: dict[int, list[Change]] = {}
+        for change in changes:
+            groups.setdefault(id(change.transition), []).append(change)
+        with self._errors("update"):
+            assert self._pool is not None
+            if len(groups) == 1:
+                rows = await self._pool.fetch(*self._apply_args(changes, now))
+                results = [(changes[0].transition, rows)]
+            else:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    results = []
+                    for group in groups.values():
+                        rows = await conn.fetch(*self._apply_args(group, now))
+                        results.append((group[0].transition, rows))
+            stale: dict[str, Transition] = {}
+            for transition, rows in results:
+                for r in rows:
+                    job_id, status = r[1], r[2]
+                    if r[0]:
+                        out.moved.append(Moved(job_id, _STATUS[status], tuple(r[3])))
+                    elif status is None:
+                        out.errors[job_id] = JobNotFoundError(job_id)
+                    elif _STATUS[status] in transition.sources:
+                        stale[job_id] = transition  # changed under us: read it again
+                    else:
+                        out.errors[job_id] = InvalidTransitionError(
+                            job_id, _STATUS[status], transition.target
+                        )
+            if stale:
+                fresh = await self._pool.fetch(
+                    f"SELECT id, status FROM {self._t} WHERE id = ANY($1::text[])", list(stale)
+                )
+                current = {r[0]: _STATUS[r[1]] for r in fresh}
+                for job_id, transition in stale.items():
+                    if job_id not in current:
+                        out.errors[job_id] = JobNotFoundError(job_id)
+                    else:
+                        out.errors[job_id] = InvalidTransitionError(
+                            job_id, current[job_id], transition.target
+                        )
+        return out
+
+    def _apply_args(self, changes: Sequence[Change], now: datetime) -> tuple[Any, ...]:
+        return (
+            self._apply_sql(changes[0].transition),
+            [c.job_id for c in changes],
+            [c.result for c in changes],
+            [c.error_message for c in changes],
+            now,
+        )
+
+    async def apply_selected(
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        *,
+        report_unmatched: bool = False,
+    ) -> SelectOutcome:
+        t = self._t
+        cond, sel_args, ids_at = self._selection_sql(selection, t, 2)
+        cond_j = self._selection_sql(selection, "j", 2)[0]
+        args: list[Any] = [now, *sel_args]
+        sets = set_clause(transition, now="$1::timestamptz")
+        sql = f"""
+            WITH moved AS (
+                UPDATE {t} SET {sets}
+                WHERE {cond} AND {t}.status IN {in_list(transition.sources)}
+                  AND $1::timestamptz IS NOT NULL
+                RETURNING id, status, tags, seq, claimed_by),
+            {self._note("moved")}
+            SELECT 1 AS kind, id, status, tags, seq FROM moved
+            WHERE (SELECT count(*) FROM note) >= 0"""
+        if report_unmatched:
+            sql += f"""
+            UNION ALL
+            SELECT 2, j.id, j.status, NULL::text[], j.seq FROM {t} j
+            WHERE {cond_j} AND j.id NOT IN (SELECT id FROM moved)"""
+            if ids_at is not None:
+                sql += f"""
+            UNION ALL
+            SELECT 0, x.id, NULL, NULL::text[], x.ord FROM unnest(${ids_at}::text[])
+                WITH ORDINALITY AS x(id, ord)
+            WHERE NOT EXISTS (SELECT 1 FROM {t} e WHERE e.id = x.id)"""
+        with self._errors("update"):
+            assert self._pool is not None
+            rows = await self._pool.fetch(sql, *args)
+        position = {job_id: i for i, job_id in enumerate(selection.job_ids)}
+
+        def order(r: Record) -> tuple[int, int]:
+            pos = position.get(r[1])
+            return (0, pos) if pos is not None else (1, r[4])
+
+        out = SelectOutcome()
+        moved = sorted((r for r in rows if r[0] == 1), key=order)
+        out.moved = [Moved(r[1], _STATUS[r[2]], tuple(r[3])) for r in moved]
+        if report_unmatched:
+            missing = sorted((r for r in rows if r[0] == 0), key=lambda r: int(r[4]))
+            others = sorted((r for r in rows if r[0] == 2), key=order)
+            out.unmatched = list(dict.fromkeys([r[1] for r in missing] + [r[1] for r in others]))
+        return out
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        if not job_ids:
+            return []
+        with self._errors("read"):
+            assert self._pool is not None
+            rows = await self._pool.fetch(
+                f"SELECT {_COLS} FROM {self._t} WHERE id = ANY($1::text[])", list(job_ids)
+            )
+        by_id = {r[0]: r for r in rows}
+        return [_row_to_job(by_id[i]) for i in job_ids if i in by_id]
+
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        if not job_ids:
+            return {}
+        with self._errors("read"):
+            assert self._pool is not None
+            rows = await self._pool.fetch(
+                f"SELECT id, status, assigned_at FROM {self._t} WHERE id = ANY($1::text[])",
+                list(job_ids),
+            )
+        return {r[0]: JobState(_STATUS[r[1]], r[2]) for r in rows}
+
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        sql = f"SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM {self._t}"
+        args: list[Any] = []
+        if tags:
+            sql += " WHERE tags @> $1::text[]"
+            args.append(list(tags))
+        sql += " GROUP BY status"
+        with self._errors("read"):
+            assert self._pool is not None
+            rows = await self._pool.fetch(sql, *args)
+        return {_STATUS[r[0]]: int(r[1]) for r in rows}, sum(int(r[2]) for r in rows)
+
+    async def delete(self, selection: Selection) -> int:
+        t = self._t
+        cond, args, _ = self._selection_sql(selection, "j", 1)
+        sql = f"""
+            WITH sel AS (SELECT j.id, j.status, j.seq FROM {t} j WHERE {cond} FOR UPDATE),
+            bad AS (SELECT id, seq FROM sel WHERE status NOT IN {_FINAL}),
+            del AS (DELETE FROM {t} d USING sel WHERE d.id = sel.id
+                    AND NOT EXISTS (SELECT 1 FROM bad) RETURNING d.id)
+            SELECT false AS deleted, id, seq FROM bad
+            UNION ALL SELECT true, id, 0 FROM del"""
+        with self._errors("delete"):
+            assert self._pool is not None
+            rows = await self._pool.fetch(sql, *args)
+        bad = [r for r in rows if not r[0]]
+        if bad:
+            position = {job_id: i for i, job_id in enumerate(selection.job_ids)}
+            bad.sort(key=lambda r: (0, position[r[1]]) if r[1] in position else (1, r[2]))
+            raise JobsNotFinalError([r[1] for r in bad])
+        return len(rows)
+
+    async def delete_completed_before(self, cutoff: datetime) -> int:
+        sql = (
+            f"DELETE FROM {self._t} WHERE status = '{JobStatus.COMPLETED.value}' "
+            "AND finalized_at <= $1::timestamptz"
+        )
+        with self._errors("delete"):
+            assert self._pool is not None
+            status = await self._pool.execute(sql, cutoff)
+        return int(status.rsplit(" ", 1)[-1])

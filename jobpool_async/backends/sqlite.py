@@ -1,0 +1,774 @@
+"""SQLite backend: one file in WAL mode, shared safely by several processes.
+
+Built on aiosqlite, which owns one connection and the one thread it runs in. Every
+backend call runs as **one function in that thread** (one ``await``, one hop):
+the whole transaction — ``BEGIN IMMEDIATE``, its statements and ``COMMIT`` — or a
+single self-committing statement such as the claim's ``UPDATE … RETURNING``.
+A thread hop costs more than the SQL of a typical call, so this is what makes the
+backend fast; see ``docs/sqlite.md`` for the measurements.
+
+Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
+``PRAGMA application_id`` so foreign databases are recognised and left alone):
+
+* ``jobs``: one row per job; ``seq`` (the rowid) is the enqueue order; datetimes
+  are INTEGER microseconds since the Unix epoch (exact round trip, UTC); tags are
+  a JSON array in the order given.
+* ``job_tags(seq, tag, sort_key)``: one row per (job, tag); ``sort_key`` is the
+  job's selection key while the job is eligible and NULL otherwise, kept in step
+  by triggers on ``jobs`` within the same statement.
+* Partial indexes: eligible jobs in selection order (globally and per tag), active
+  jobs per assignee, completed jobs by ``finalized_at``. Claiming reads only the
+  eligible-jobs index, so its cost does not grow with the number of finished jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, cast
+
+import aiosqlite
+
+from .._errors import (
+    DuplicateJobError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
+    StorageError,
+)
+from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
+from .._transitions import ASSIGN, Transition
+from ._sql import set_clause
+from .base import (
+    ApplyOutcome,
+    Backend,
+    Change,
+    JobState,
+    Moved,
+    Selection,
+    SelectOutcome,
+)
+
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteBackend"]
+
+T = TypeVar("T")
+
+#: ``PRAGMA application_id`` of a jobpool store ("JPOL"): tells our files from others.
+APPLICATION_ID: Final = 0x4A504F4C
+#: ``PRAGMA user_version`` of the schema this module creates and reads.
+SCHEMA_VERSION: Final = 1
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
+_STATUS: Final = {s.value: s for s in JobStatus}
+
+
+def _one_of(statuses: frozenset[JobStatus], column: str = "status") -> str:
+    """``(status = 'a' OR status = 'b')``: like ``IN``, but SQLite builds no temporary
+    index for it on every execution (measured: ~1 µs per row and list with ``IN``)."""
+    return "(" + " OR ".join(f"{column} = '{s.value}'" for s in sorted(statuses)) + ")"
+
+
+_ELIG = _one_of(ELIGIBLE)
+_ACTIVE = _one_of(ACTIVE)
+_SORT = "COALESCE(last_retry_at, created_at)"
+
+_SCHEMA: Final = (
+    """CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        job_type TEXT NOT NULL,
+        job_definition BLOB NOT NULL,
+        tags TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finalized_at INTEGER,
+        error_message TEXT NOT NULL,
+        result BLOB,
+        retry_count INTEGER NOT NULL,
+        last_retry_at INTEGER,
+        assignee_id TEXT NOT NULL,
+        assigned_at INTEGER
+    )""",
+    f"CREATE INDEX jobs_eligible ON jobs ({_SORT}, seq) WHERE {_ELIG}",
+    f"CREATE INDEX jobs_active ON jobs (assignee_id) WHERE {_ACTIVE}",
+    "CREATE INDEX jobs_completed ON jobs (finalized_at) WHERE status = 'completed'",
+    """CREATE TABLE job_tags (
+        seq INTEGER NOT NULL,
+        tag TEXT NOT NULL,
+        sort_key INTEGER,
+        PRIMARY KEY (seq, tag)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX job_tags_tag ON job_tags (tag, seq)",
+    "CREATE INDEX job_tags_eligible ON job_tags (tag, sort_key, seq) WHERE sort_key IS NOT NULL",
+    f"""CREATE TRIGGER jobs_tag_eligibility AFTER UPDATE OF status, last_retry_at ON jobs
+        WHEN new.tags <> '[]' AND (
+            {_one_of(ELIGIBLE, "old.status")} <> {_one_of(ELIGIBLE, "new.status")}
+            OR ({_one_of(ELIGIBLE, "new.status")}
+                AND old.last_retry_at IS NOT new.last_retry_at))
+        BEGIN
+            UPDATE job_tags
+            SET sort_key = CASE WHEN {_one_of(ELIGIBLE, "new.status")}
+                                THEN COALESCE(new.last_retry_at, new.created_at) END
+            WHERE seq = new.seq;
+        END""",
+    """CREATE TRIGGER jobs_tag_delete AFTER DELETE ON jobs WHEN old.tags <> '[]'
+        BEGIN
+            DELETE FROM job_tags WHERE seq = old.seq;
+        END""",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_COLS: Final = (
+    "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
+)
+_INSERT: Final = f"INSERT INTO jobs (seq, {_COLS}) VALUES ({', '.join(['?'] * 15)})"
+_INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key) VALUES (?, ?, ?)"
+_IDS: Final = "SELECT value FROM json_each(?)"
+
+_ASSIGN_SET: Final = set_clause(ASSIGN, now="?1", assignee_id="?2")
+_HAS_ELIGIBLE: Final = f"SELECT 1 FROM jobs WHERE {_ELIG} LIMIT 1"
+#: The claim without tags: one self-committing statement (the ``?3`` oldest eligible).
+CLAIM_SQL: Final = (
+    f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
+    f"SELECT seq FROM jobs WHERE {_ELIG} ORDER BY {_SORT}, seq LIMIT ?3"
+    f") RETURNING {_COLS}"
+)
+
+
+def _all_tags(n: int, first: int, alias: str = "t0") -> str:
+    """SQL terms: ``alias`` is a ``job_tags`` row of tag ``?first`` whose job has the
+    other ``n - 1`` tags (``?first+1`` …), checked through the ``(seq, tag)`` key."""
+    terms = [f"{alias}.tag = ?{first}"]
+    terms += [
+        f"EXISTS (SELECT 1 FROM job_tags x{i} WHERE x{i}.seq = {alias}.seq "
+        f"AND x{i}.tag = ?{first + i})"
+        for i in range(1, n)
+    ]
+    return " AND ".join(terms)
+
+
+@functools.lru_cache(maxsize=64)
+def claim_tags_sql(n: int) -> str:
+    """The claim of jobs carrying ``n`` tags (params: now, assignee, limit, tags…).
+
+    Walks the per-tag eligible index of the first tag in selection order.
+    """
+    return (
+        f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
+        f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, 4)} AND t0.sort_key IS NOT NULL "
+        f"ORDER BY t0.sort_key, t0.seq LIMIT ?3"
+        f") RETURNING {_COLS}"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _tagged_seqs(n: int, first: int = 1) -> str:
+    """A subquery of the seqs of jobs carrying all of ``n`` tags (``?first`` …)."""
+    return f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, first)}"
+
+
+# --- conversions ----------------------------------------------------------------------
+
+
+def _us(value: datetime) -> int:
+    """A datetime as integer microseconds since the epoch (exact)."""
+    return (value - _EPOCH) // _US
+
+
+def _us_opt(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _US
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(0, 0, value)
+
+
+def _tags(text: str) -> list[str]:
+    if text == "[]":
+        return []
+    return cast(list[str], json.loads(text))
+
+
+def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
+    """:class:`Job` objects from rows in ``_COLS`` order.
+
+    Jobs of one batch share timestamps (``assigned_at`` of a claim, ``created_at``
+    of a batch enqueue), so each distinct value is converted once (immutable).
+    """
+    seen: dict[int | None, datetime | None] = {None: None}
+
+    def dt(value: int | None) -> datetime | None:
+        try:
+            return seen[value]
+        except KeyError:
+            assert value is not None
+            out: datetime = _EPOCH + timedelta(0, 0, value)
+            seen[value] = out
+            return out
+
+    return [
+        Job(
+            row[0],
+            row[1],
+            row[2],
+            _tags(row[3]),
+            _STATUS[row[4]],
+            dt(row[5]),  # type: ignore[arg-type]
+            dt(row[6]),
+            dt(row[7]),
+            row[8],
+            row[9],
+            row[10],
+            dt(row[11]),
+            row[12],
+            dt(row[13]),
+        )
+        for row in rows
+    ]
+
+
+# --- functions run in the connection's thread -------------------------------------------
+#
+# Each takes the raw ``sqlite3.Connection`` (autocommit mode: ``isolation_level=None``)
+# and is run whole by one hop. Multi-statement work goes through ``_transaction``,
+# which rolls back on any error so a failed call leaves the store as it was.
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[..., T], *args: Any) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = body(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return out
+
+
+def _classify(conn: sqlite3.Connection, path: str) -> bool:
+    """True if this is a jobpool store of our schema, False if it is empty; else raise."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app_id == APPLICATION_ID:
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"{path}: jobpool SQLite store has schema version {version}, "
+                f"this version of jobpool_async reads version {SCHEMA_VERSION}"
+            )
+        tables = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+            "AND name IN ('jobs', 'job_tags')"
+        ).fetchone()[0]
+        if tables != 2:
+            raise StorageError(f"{path}: jobpool SQLite store is damaged (tables missing)")
+        return True
+    objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if app_id == 0 and version == 0 and objects == 0:
+        return False
+    raise StorageError(
+        f"{path} is not a jobpool store (an SQLite database of another application); "
+        "it was not modified"
+    )
+
+
+def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: int) -> None:
+    """Check (or create) the schema, then switch to WAL and set durability."""
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    try:
+        ours = _classify(conn, path)
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_NOTADB:  # random bytes
+            raise
+        raise StorageError(f"{path} is not a jobpool store ({exc}); it was not modified") from exc
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StorageError(f"{path}: cannot use WAL journal mode (got {mode!r})")
+    if not ours:
+        _transaction(conn, _create_schema, path)
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+
+
+def _create_schema(conn: sqlite3.Connection, path: str) -> None:
+    if _classify(conn, path):  # another process created it meanwhile
+        return
+    for statement in _SCHEMA:
+        conn.execute(statement)
+
+
+#: Rows per multi-row ``INSERT`` (15 parameters each); the remainder goes in smaller
+#: fixed sizes, so only a handful of statement shapes are ever prepared.
+_INSERT_SIZES: Final = (256, 64, 16, 4, 1)
+
+
+@functools.lru_cache(maxsize=len(_INSERT_SIZES))
+def _insert_sql(rows: int) -> str:
+    one = "(" + ", ".join(["?"] * 15) + ")"
+    return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([one] * rows)
+
+
+def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    """Insert ``jobs`` (one multi-row statement per chunk: ~2 µs/job cheaper than
+    ``executemany``) and their tags; runs inside the caller's transaction."""
+    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+    params: list[Any] = []
+    tag_rows: list[tuple[int, str, int]] = []
+    for job in jobs:
+        seq += 1
+        created = (job.created_at - _EPOCH) // _US
+        params += (
+            seq,
+            job.id,
+            job.job_type,
+            job.job_definition,
+            json.dumps(job.tags) if job.tags else "[]",
+            job.status.value,
+            created,
+            _us_opt(job.started_at),
+            _us_opt(job.finalized_at),
+            job.error_message,
+            job.result,
+            job.retry_count,
+            _us_opt(job.last_retry_at),
+            job.assignee_id,
+            _us_opt(job.assigned_at),
+        )
+        if job.tags:
+            sort_key = _us(job.last_retry_at) if job.last_retry_at is not None else created
+            tag_rows.extend((seq, tag, sort_key) for tag in job.tags)
+    try:
+        start = 0
+        for size in _INSERT_SIZES:
+            sql = _insert_sql(size)
+            while len(jobs) - start >= size:
+                conn.execute(sql, params[15 * start : 15 * (start + size)])
+                start += size
+    except sqlite3.IntegrityError:
+        conn.rollback()  # earlier chunks of this batch must not count as existing
+        existing = {
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM jobs WHERE id IN ({_IDS})", (json.dumps([j.id for j in jobs]),)
+            )
+        }
+        for job in jobs:
+            if job.id in existing:
+                raise DuplicateJobError(job.id) from None
+        raise
+    if tag_rows:
+        conn.executemany(_INSERT_TAG, tag_rows)
+
+
+def _claim(
+    conn: sqlite3.Connection, assignee_id: str, tags: Sequence[str], limit: int, now: int
+) -> list[Any]:
+    if not tags:
+        # A read first: with nothing eligible, no write lock is taken at all.
+        if conn.execute(_HAS_ELIGIBLE).fetchone() is None:
+            return []
+        return conn.execute(CLAIM_SQL, (now, assignee_id, limit)).fetchall()
+    if len(tags) > 1:
+        tags = _rarest_first(conn, tags)
+    if (
+        conn.execute(
+            "SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL LIMIT 1", (tags[0],)
+        ).fetchone()
+        is None
+    ):
+        return []
+    return conn.execute(claim_tags_sql(len(tags)), (now, assignee_id, limit, *tags)).fetchall()
+
+
+_RARITY_CAP: Final = 256
+_RARITY: Final = (
+    "SELECT count(*) FROM (SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL "
+    f"LIMIT {_RARITY_CAP})"
+)
+
+
+def _rarest_first(conn: sqlite3.Connection, tags: Sequence[str]) -> list[str]:
+    """Tags reordered so the one with the fewest eligible jobs (counted up to a cap,
+    so the cost is bounded) leads the claim's index walk."""
+    counts = {tag: conn.execute(_RARITY, (tag,)).fetchone()[0] for tag in tags}
+    return sorted(tags, key=counts.__getitem__)
+
+
+_ApplyPlan = tuple[list[Moved], dict[str, JobPoolError]]
+
+#: Rows per ``UPDATE … FROM (VALUES …)`` statement (3 parameters each; SQLite allows 32766).
+_APPLY_CHUNK: Final = 5000
+
+
+_APPLY_SQL: dict[tuple[int, int, bool, bool], tuple[Transition, str]] = {}
+
+
+def _apply_sql(transition: Transition, rows: int, with_result: bool, with_error: bool) -> str:
+    """One statement moving ``rows`` jobs by ``transition``, each with its own result
+    and message: ``?1`` is now, then ``(id, result, error_message)`` per job.
+
+    Cached by transition identity (transitions are not hashable) and shape."""
+    key = (id(transition), rows, with_result, with_error)
+    hit = _APPLY_SQL.get(key)
+    if hit is None or hit[0] is not transition:
+        if len(_APPLY_SQL) > 1024:
+            _APPLY_SQL.clear()
+        hit = _APPLY_SQL[key] = (
+            transition,
+            _build_apply_sql(transition, rows, with_result, with_error),
+        )
+    return hit[1]
+
+
+def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_error: bool) -> str:
+    values = ", ".join(f"(?{3 * i + 2}, ?{3 * i + 3}, ?{3 * i + 4})" for i in range(rows))
+    sets = set_clause(
+        transition,
+        now="?1",
+        result="c_result" if with_result else None,
+        error_message="c_error" if with_error else None,
+    )
+    return (
+        f"WITH c(c_id, c_result, c_error) AS (VALUES {values}) "
+        f"UPDATE jobs SET {sets} FROM c WHERE jobs.id = c.c_id "
+        f"AND {_one_of(transition.sources)} RETURNING jobs.id, jobs.status, jobs.tags"
+    )
+
+
+def _apply(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -> _ApplyPlan:
+    """Move every job its transition allows (one statement per transition and chunk),
+    then look up why the others did not move — all in the caller's transaction."""
+    groups: dict[int, tuple[Transition, list[Change]]] = {}
+    for change in changes:
+        group = groups.get(id(change.transition))
+        if group is None:
+            group = groups[id(change.transition)] = (change.transition, [])
+        group[1].append(change)
+    done: dict[str, Moved] = {}
+    for transition, members in groups.values():
+        for k in range(0, len(members), _APPLY_CHUNK):
+            chunk = members[k : k + _APPLY_CHUNK]
+            params: list[Any] = [now]
+            with_result = with_error = False
+            for c in chunk:
+                params += (c.job_id, c.result, c.error_message)
+                with_result = with_result or c.result is not None
+                with_error = with_error or c.error_message is not None
+            sql = _apply_sql(transition, len(chunk), with_result, with_error)
+            for job_id, status, tags in conn.execute(sql, params).fetchall():
+                done[job_id] = Moved(job_id, _STATUS[status], tuple(_tags(tags)))
+    moved = [done[c.job_id] for c in changes if c.job_id in done]
+    errors: dict[str, JobPoolError] = {}
+    if len(moved) < len(changes):
+        missed = [c for c in changes if c.job_id not in done]
+        current = dict(
+            conn.execute(
+                f"SELECT id, status FROM jobs WHERE id IN ({_IDS})",
+                (json.dumps([c.job_id for c in missed]),),
+            ).fetchall()
+        )
+        for c in missed:
+            status = current.get(c.job_id)
+            errors[c.job_id] = (
+                JobNotFoundError(c.job_id)
+                if status is None
+                else InvalidTransitionError(c.job_id, _STATUS[status], c.transition.target)
+            )
+    return moved, errors
+
+
+def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
+    """``(seq, id, status, tags)`` of the selected jobs: ids first (input order), then
+    jobs by tags (enqueue order), each once."""
+    if selection.everything:
+        return conn.execute("SELECT seq, id, status, tags FROM jobs ORDER BY seq").fetchall()
+    if selection.assignee_id is not None:
+        return conn.execute(
+            f"SELECT seq, id, status, tags FROM jobs WHERE assignee_id = ? AND {_ACTIVE}",
+            (selection.assignee_id,),
+        ).fetchall()
+    rows: list[Any] = []
+    if selection.job_ids:
+        by_id = {
+            row[1]: row
+            for row in conn.execute(
+                f"SELECT seq, id, status, tags FROM jobs WHERE id IN ({_IDS})",
+                (json.dumps(selection.job_ids),),
+            )
+        }
+        rows.extend(by_id[i] for i in dict.fromkeys(selection.job_ids) if i in by_id)
+    if selection.tags:
+        seen = {row[0] for row in rows}
+        tagged = conn.execute(
+            f"SELECT j.seq, j.id, j.status, j.tags FROM jobs j WHERE j.seq IN "
+            f"({_tagged_seqs(len(selection.tags))}) ORDER BY j.seq",
+            selection.tags,
+        ).fetchall()
+        rows.extend(row for row in tagged if row[0] not in seen)
+    return rows
+
+
+def _apply_selected(
+    conn: sqlite3.Connection,
+    transition: Transition,
+    selection: Selection,
+    now: int,
+    report_unmatched: bool,
+) -> SelectOutcome:
+    out = SelectOutcome()
+    if not report_unmatched and (selection.everything or selection.assignee_id is not None):
+        # Bulk moves (reset_running_jobs, mark_worker_unresponsive): one statement.
+        sets = set_clause(transition, now="?1")
+        where = _one_of(transition.sources)
+        params: tuple[Any, ...] = (now,)
+        if selection.assignee_id is not None:
+            where += f" AND assignee_id = ?2 AND {_ACTIVE}"
+            params = (now, selection.assignee_id)
+        for job_id, status, tags in conn.execute(
+            f"UPDATE jobs SET {sets} WHERE {where} RETURNING id, status, tags", params
+        ).fetchall():
+            out.moved.append(Moved(job_id, _STATUS[status], tuple(_tags(tags))))
+        return out
+    rows = _selected_rows(conn, selection)
+    if report_unmatched and selection.job_ids:
+        present = {row[1] for row in rows}
+        out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in present)
+    seqs = []
+    for seq, job_id, status, tags in rows:
+        target = transition.target_of(_STATUS[status])
+        if target is None:
+            if report_unmatched:
+                out.unmatched.append(job_id)
+            continue
+        seqs.append(seq)
+        out.moved.append(Moved(job_id, target, tuple(_tags(tags))))
+    if seqs:  # under the write lock, so exactly the rows decided above move
+        conn.execute(
+            f"UPDATE jobs SET {set_clause(transition, now='?1')} "
+            f"WHERE seq IN (SELECT value FROM json_each(?2)) AND {_one_of(transition.sources)}",
+            (now, json.dumps(seqs)),
+        )
+    return out
+
+
+def _delete(conn: sqlite3.Connection, selection: Selection) -> int:
+    rows = _selected_rows(conn, selection)
+    not_final = [row[1] for row in rows if not _STATUS[row[2]].is_final]
+    if not_final:
+        raise JobsNotFinalError(not_final)
+    conn.execute(f"DELETE FROM jobs WHERE seq IN ({_IDS})", (json.dumps([row[0] for row in rows]),))
+    return len(rows)
+
+
+def _delete_completed_before(conn: sqlite3.Connection, cutoff: int) -> int:
+    cur = conn.execute(
+        "DELETE FROM jobs WHERE status = 'completed' AND finalized_at <= ?", (cutoff,)
+    )
+    return cur.rowcount
+
+
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+
+class SQLiteBackend(Backend):
+    """Jobs in one SQLite file (WAL mode); several processes may share it.
+
+    ``synchronous``: ``"NORMAL"`` (default; a commit survives a crash of the
+    process, the last commits may be lost on power failure) or ``"FULL"`` (fsync
+    on every commit). ``busy_timeout``: seconds to wait for another process's write
+    lock before a call fails with :class:`StorageError`.
+    """
+
+    default_poll_interval = 1.0
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be str or a path, got {type(path).__name__}")
+        text = os.fspath(path)
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"path must be a non-empty file path, got {path!r}")
+        if text == ":memory:" or text.startswith("file:"):
+            raise ValueError(
+                f"SQLiteBackend needs a file path, got {text!r} (use MemoryBackend in memory)"
+            )
+        mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
+        if mode not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, int | float)
+            or not busy_timeout >= 0
+        ):
+            raise ValueError(f"busy_timeout must be a non-negative number, got {busy_timeout!r}")
+        self._path = Path(text)
+        self._synchronous: str = mode
+        self._busy_timeout = float(busy_timeout)
+        self._db: aiosqlite.Connection | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def synchronous(self) -> str:
+        return self._synchronous
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({str(self._path)!r}, synchronous={self._synchronous!r})"
+
+    # --- the bridge -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the connection's thread: one hop, one await.
+
+        aiosqlite's ``Connection._execute`` queues a callable to its thread; it is
+        the one private name used here (checked in :meth:`open`).
+        """
+        db = self._db
+        if db is None:
+            raise StorageError(f"{self._path}: the SQLite store is not open")
+        execute = cast(Callable[..., Awaitable[T]], db._execute)
+        try:
+            return await execute(fn, db._conn, *args)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate in an id, tag or message
+            raise ValueError(f"text cannot be stored in SQLite (not valid Unicode): {exc}") from exc
+        except ValueError as exc:  # aiosqlite's way to say the connection is gone
+            if str(exc) in ("Connection closed", "no active connection"):
+                raise StorageError(f"{self._path}: the SQLite store is closed") from exc
+            raise
+
+    async def _transact(self, body: Callable[..., T], *args: Any) -> T:
+        return await self._run(_transaction, body, *args)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self._closed:
+            raise StorageError(f"{self._path}: the SQLite backend was closed")
+        path = str(self._path)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None, cached_statements=256)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{path}: cannot open SQLite store: {exc}") from exc
+        if not callable(getattr(db, "_execute", None)):  # pragma: no cover - aiosqlite API
+            await db.close()
+            raise StorageError("this aiosqlite version lacks Connection._execute")
+        self._db = db
+        try:
+            await self._run(_open_store, path, self._synchronous, int(self._busy_timeout * 1000))
+        except BaseException:
+            self._db = None
+            await db.close()
+            raise
+
+    async def close(self) -> None:
+        self._closed = True
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self._path}: closing failed: {exc}") from exc
+
+    # --- the contract -----------------------------------------------------------------
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        seen: set[str] = set()
+        for job in jobs:
+            if job.id in seen:
+                raise DuplicateJobError(job.id)
+            seen.add(job.id)
+        if jobs:
+            await self._transact(_insert, jobs)
+
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        rows = await self._run(_claim, assignee_id, tuple(tags), limit, _us(now))
+        return _jobs(rows)
+
+    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+        if not changes:
+            return ApplyOutcome()
+        moved, errors = await self._transact(_apply, changes, _us(now))
+        return ApplyOutcome(moved=moved, errors=errors)
+
+    async def apply_selected(
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        *,
+        report_unmatched: bool = False,
+    ) -> SelectOutcome:
+        return await self._transact(
+            _apply_selected, transition, selection, _us(now), report_unmatched
+        )
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        if not job_ids:
+            return []
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT {_COLS} FROM jobs WHERE id IN ({_IDS})",
+            (json.dumps(list(job_ids)),),
+        )
+        by_id = {job.id: job for job in _jobs(rows)}
+        out: list[Job] = []
+        for i in job_ids:
+            job = by_id.pop(i, None)
+            if job is not None:
+                out.append(job)
+                by_id[i] = job.copy()  # a repeated id gets its own snapshot
+        return out
+
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        if not job_ids:
+            return {}
+        rows = await self._run(
+            _fetch_all,
+            f"SELECT id, status, assigned_at FROM jobs WHERE id IN ({_IDS})",
+            (json.dumps(list(job_ids)),),
+        )
+        return {row[0]: JobState(_STATUS[row[1]], _dt(row[2])) for row in rows}
+
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        if tags:
+            sql = (
+                "SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM jobs "
+                f"WHERE seq IN ({_tagged_seqs(len(tags))}) GROUP BY status"
+            )
+        else:
+            sql = "SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM jobs GROUP BY status"
+        rows = await self._run(_fetch_all, sql, tuple(tags))
+        return {_STATUS[s]: n for s, n, _ in rows}, sum(r for _, _, r in rows)
+
+    async def delete(self, selection: Selection) -> int:
+        return await self._transact(_delete, selection)
+
+    async def delete_completed_before(self, cutoff: datetime) -> int:
+        return await self._transact(_delete_completed_before, _us(cutoff))

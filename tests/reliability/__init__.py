@@ -1,0 +1,1 @@
+"""Reliability suite: randomised state machine, faults, crashes, stress and hostile input."""

@@ -1,0 +1,136 @@
+"""A tiny-size run of the benchmark harness, so CI keeps it working.
+
+No wall-clock asserts: speed is not checked here, only that every workload runs,
+that its correctness checks hold (every job delivered and completed exactly
+once), that each figure carries its same-run baseline, and that the results are
+written. Also checks that missing backends and peers are reported with a reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import Options, Report, Sizes, run
+from benchmarks._common import check_exactly_once, percentile
+from benchmarks._targets import find_targets
+from benchmarks.peers import run_peer
+from benchmarks.report import markdown, write
+from benchmarks.runner import WORKLOADS
+
+pytestmark = pytest.mark.timeout(300)
+
+LOCAL = ["memory", "sqlite", "leveldb"]
+
+
+def test_exactly_once_check_catches_duplicates_and_losses() -> None:
+    assert check_exactly_once(["a", "b"], ["b", "a"]) == ""
+    assert "1 duplicate" in check_exactly_once(["a", "b"], ["a", "a", "b"])
+    assert "1 jobs never delivered" in check_exactly_once(["a", "b"], ["a"])
+    assert "1 unexpected" in check_exactly_once(["a"], ["a", "z"])
+
+
+def test_percentile() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([0.0, 10.0], 0.99) == pytest.approx(9.9)
+
+
+def test_unavailable_backends_have_a_reason() -> None:
+    (pg,) = find_targets(["postgres"], None)
+    assert not pg.available
+    assert "DSN" in pg.reason
+    with pytest.raises(ValueError, match="unknown backend"):
+        find_targets(["nosuch"], None)
+
+
+async def test_unavailable_peer_has_a_reason(tmp_path: Path) -> None:
+    result = await run_peer("arq", 10, 2, tmp_path, None, None, 30.0)
+    assert not result.ok and result.unavailable
+    assert "Redis" in result.note or "not installed" in result.note
+
+
+async def test_quick_run_every_workload_correct(tmp_path: Path) -> None:
+    peers = ("litequeue",) if importlib.util.find_spec("litequeue") else ()
+    messages: list[str] = []
+    report = await run(
+        Options(
+            sizes=Sizes.quick(),
+            backends=LOCAL,
+            peers=peers,
+            workdir=tmp_path,
+            progress=messages.append,
+        )
+    )
+    available = [t.name for t in find_targets(LOCAL, None) if t.available]
+    assert "memory" in available
+    for name in set(LOCAL) - set(available):
+        assert report.unavailable[f"jobpool_async[{name}]"]  # a reason, not a crash
+
+    failed = [(r.workload, r.system, r.note) for r in report.rows if not r.ok]
+    assert failed == []
+    for backend in available:
+        ours = {r.workload for r in report.rows if r.backend == backend and r.kind == "ours"}
+        assert ours >= set(WORKLOADS) - {"peers", "worker"}, backend
+        e2e = [r for r in report.rows if r.backend == backend and r.workload == "e2e"]
+        floors = [r for r in e2e if r.kind == "floor"]
+        stream = [r for r in e2e if r.kind == "ours" and "Worker" not in r.system]
+        assert len(stream) == len(Sizes.quick().e2e_slots)
+        assert floors and all(r.jobs_per_s for r in floors)
+        for row in stream:  # each figure beside its same-run floor, as a ratio
+            assert row.baseline is not None and row.ratio is not None and row.ratio > 0
+            assert row.jobs == Sizes.quick().e2e_jobs
+        wake = next(
+            r
+            for r in report.rows
+            if r.backend == backend and r.workload == "wake" and r.kind == "ours"
+        )
+        assert wake.metrics["samples"] == Sizes.quick().wake_samples
+        assert wake.metrics["p99_ms"] >= wake.metrics["p50_ms"] >= 0
+        scale = [r for r in report.rows if r.backend == backend and r.workload == "scale"]
+        assert [r.params["completed_in_store"] for r in scale] == list(Sizes.quick().scale_levels)
+        memory = next(r for r in report.rows if r.backend == backend and r.workload == "memory")
+        assert memory.metrics["samples"] >= 2 and memory.metrics["rss_end_mb"] > 0
+    for peer in peers:
+        assert any(r.kind == "peer" and r.ok and r.jobs_per_s for r in report.rows), peer
+
+    _check_written(report, tmp_path / "results")
+
+
+def _check_written(report: Report, out: Path) -> None:
+    paths = write(report, out)
+    data = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))
+    assert data["machine"]["cpu_count"] == os.cpu_count()
+    assert data["machine"]["libraries"]["jobpool_async"]
+    assert len(data["rows"]) == len(report.rows)
+    text = markdown(report)
+    assert "## End to end" in text and "raw dict" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert Path(paths["chart"]).stat().st_size > 0
+    else:
+        assert "matplotlib" in str(paths["chart_skipped"])
+
+
+@pytest.mark.skipif(
+    not os.environ.get("JOBPOOL_TEST_POSTGRES_DSN"),
+    reason="no PostgreSQL server configured: set JOBPOOL_TEST_POSTGRES_DSN",
+)
+async def test_quick_run_postgres(tmp_path: Path) -> None:
+    report = await run(
+        Options(
+            sizes=Sizes.quick(),
+            backends=["postgres"],
+            postgres_dsn=os.environ["JOBPOOL_TEST_POSTGRES_DSN"],
+            workloads=("e2e", "wake"),
+            peers=(),
+            workdir=tmp_path,
+        )
+    )
+    if "jobpool_async[postgres]" in report.unavailable:
+        pytest.skip(f"postgres backend: {report.unavailable['jobpool_async[postgres]']}")
+    assert [(r.system, r.note) for r in report.rows if not r.ok] == []
+    assert any(r.system == "raw asyncpg" for r in report.rows)
+    assert any(r.kind == "ours" and r.ratio for r in report.rows if r.workload == "e2e")

@@ -1,0 +1,119 @@
+"""Config: defaults, validation, and reading the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from jobpool_async import Config
+from jobpool_async._config import parse_duration
+
+
+def test_defaults() -> None:
+    config = Config()
+    assert config.ttl == timedelta(days=30)
+    assert config.cleanup_interval == timedelta(days=1)
+    assert config.batch_size == 10
+
+
+def test_keywords_only_and_frozen() -> None:
+    config = Config(ttl=timedelta(hours=2), cleanup_interval=timedelta(minutes=5), batch_size=3)
+    assert (config.ttl, config.cleanup_interval, config.batch_size) == (
+        timedelta(hours=2),
+        timedelta(minutes=5),
+        3,
+    )
+    with pytest.raises(TypeError):
+        Config(timedelta(days=1))  # type: ignore[call-arg]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ttl": timedelta(0)}, ValueError, "ttl must be positive"),
+        ({"ttl": timedelta(seconds=-1)}, ValueError, "ttl must be positive"),
+        ({"ttl": 30}, TypeError, "ttl must be a timedelta"),
+        ({"cleanup_interval": timedelta(0)}, ValueError, "cleanup_interval must be positive"),
+        ({"cleanup_interval": "1d"}, TypeError, "cleanup_interval must be a timedelta"),
+        ({"batch_size": 0}, ValueError, "batch_size must be at least 1"),
+        ({"batch_size": True}, TypeError, "batch_size must be int"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be int"),
+    ],
+)
+def test_bad_values_are_rejected(kwargs: dict[str, object], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        Config(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30", timedelta(days=30)),
+        ("1", timedelta(days=1)),
+        ("24h", timedelta(hours=24)),
+        ("90m", timedelta(minutes=90)),
+        ("7d", timedelta(days=7)),
+        ("1h30m", timedelta(hours=1, minutes=30)),
+        ("45s", timedelta(seconds=45)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        ("2d3h4m5s", timedelta(days=2, hours=3, minutes=4, seconds=5)),
+        (" 7D ", timedelta(days=7)),
+    ],
+)
+def test_durations(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "x", "1.5", "1.5h", "-3", "0", "0h", "30m1h", "1h 30m", "h", "3w", "²", "9" * 30],
+)
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_from_env_defaults_when_unset_or_empty() -> None:
+    assert Config.from_env({}) == Config()
+    assert Config.from_env({"JOBPOOL_TTL": "", "JOBPOOL_BATCH_SIZE": " "}) == Config()
+
+
+def test_from_env_reads_every_variable() -> None:
+    config = Config.from_env(
+        {"JOBPOOL_TTL": "7d", "JOBPOOL_CLEANUP_INTERVAL": "1h30m", "JOBPOOL_BATCH_SIZE": "25"}
+    )
+    assert config == Config(
+        ttl=timedelta(days=7), cleanup_interval=timedelta(minutes=90), batch_size=25
+    )
+    assert Config.from_env({"JOBPOOL_TTL": "30"}).ttl == timedelta(days=30)
+
+
+def test_from_env_uses_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBPOOL_TTL", "24h")
+    monkeypatch.setenv("JOBPOOL_BATCH_SIZE", "4")
+    monkeypatch.delenv("JOBPOOL_CLEANUP_INTERVAL", raising=False)
+    assert Config.from_env() == Config(ttl=timedelta(hours=24), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("JOBPOOL_TTL", "soon"),
+        ("JOBPOOL_TTL", "0"),
+        ("JOBPOOL_CLEANUP_INTERVAL", "1.5h"),
+        ("JOBPOOL_CLEANUP_INTERVAL", "-1"),
+        ("JOBPOOL_BATCH_SIZE", "ten"),
+        ("JOBPOOL_BATCH_SIZE", "0"),
+        ("JOBPOOL_BATCH_SIZE", "-4"),
+        ("JOBPOOL_BATCH_SIZE", "2.5"),
+    ],
+)
+def test_from_env_names_the_variable_and_the_value(var: str, value: str) -> None:
+    with pytest.raises(ValueError) as info:
+        Config.from_env({var: value})
+    assert var in str(info.value)
+    assert repr(value) in str(info.value)

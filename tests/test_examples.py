@@ -1,0 +1,161 @@
+"""Every example and the demo run as written (as subprocesses), and the ASGI service in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 90
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBPOOL_")}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["basic_sqlite.py", "basic_leveldb.py", "worker.py", "asgi_service.py"]
+)
+def test_example_runs_as_written(name: str, tmp_path: Path) -> None:
+    result = run(str(EXAMPLES / name), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r": OK$", result.stdout.strip()), result.stdout
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # examples clean up after themselves
+
+
+def test_worker_example_shows_retries_and_a_cancellation(tmp_path: Path) -> None:
+    result = run(str(EXAMPLES / "worker.py"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nightly-export: cancelled while running" in result.stdout
+    assert "nightly-export: STOPPED" in result.stdout
+    assert re.search(r"completed after \d+ retries", result.stdout)
+
+
+def _table_counts(stdout: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^([A-Z_]+|total)\s+(\d+)$", stdout, re.M)}
+
+
+def test_the_demo(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    result = run("-m", "jobpool_async", "--jobs", "400", "--db", str(db))
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = _table_counts(result.stdout)
+    assert counts["total"] == 400
+    assert counts["COMPLETED"] == 392 and counts["STOPPED"] == 3 and counts["UNSCHEDULED"] == 5
+    assert counts["RUNNING"] == counts["FAILED_RETRY"] == counts["INITIAL_PENDING"] == 0
+    retries = int(re.search(r"^retries\s+(\d+)$", result.stdout, re.M)[1])  # type: ignore[index]
+    assert retries > 0
+    assert re.search(r"^throughput\s+\d+ completed jobs/s$", result.stdout, re.M)
+    assert "processed 400/400 (100.0%)" in result.stderr  # the progress line
+    assert db.exists()
+    # a second run on the same file counts only its own jobs
+    again = run("-m", "jobpool_async", "--jobs", "50", "--db", str(db), "--quiet")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _table_counts(again.stdout)["total"] == 50
+    assert again.stderr == ""
+
+
+def test_the_demo_defaults_to_a_temporary_file(tmp_path: Path) -> None:
+    result = run(
+        "-m", "jobpool_async", "--jobs", "60", "--workers", "1", "--batch-size", "3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 worker(s) x 3 slots" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_rejects_bad_arguments() -> None:
+    result = run("-m", "jobpool_async", "--jobs", "3")
+    assert result.returncode == 2
+    assert "--jobs must be at least" in result.stderr
+
+
+# --- the ASGI service, in-process -----------------------------------------------------------
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def client(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    service = _load("asgi_service")
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/service.db"
+    app = service.create_app(url, batch_size=2)
+    # httpx's ASGITransport does not run the lifespan: drive it here.
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        yield c
+
+
+async def _final(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    """Poll the status endpoint with a deadline until the job is final."""
+    async with asyncio.timeout(10):
+        while True:
+            body: dict[str, Any] = (await client.get(f"/jobs/{job_id}")).json()
+            if body["status"] in ("completed", "stopped", "unscheduled", "unknown_stopped"):
+                return body
+            await asyncio.sleep(0.01)
+
+
+async def test_the_service_runs_jobs(client: httpx.AsyncClient) -> None:
+    created = [
+        (await client.post("/jobs", json={"text": text, "tags": ["t"]}))
+        for text in ("a", "flaky b")
+    ]
+    assert [r.status_code for r in created] == [201, 201]
+    first = await _final(client, created[0].json()["id"])
+    second = await _final(client, created[1].json()["id"])
+    assert first["status"] == "completed" and first["result"] == "A"
+    assert first["retry_count"] == 0 and first["tags"] == ["t"]
+    assert second["status"] == "completed" and second["result"] == "FLAKY B"
+    assert second["retry_count"] == 1
+    assert second["error_message"] == "flaky upstream, try again"
+    stats = (await client.get("/stats")).json()
+    assert stats["completed"] == 2 and sum(stats.values()) == 2
+
+
+async def test_the_service_rejects_bad_requests(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/jobs/nope")).status_code == 404
+    assert (await client.post("/jobs", content=b"{not json")).status_code == 400
+    assert (await client.post("/jobs", json={"tags": []})).status_code == 400
+    bad_tags = await client.post("/jobs", json={"text": "x", "tags": [""]})
+    assert bad_tags.status_code == 400 and "tag" in bad_tags.json()["error"]
+    assert (await client.get("/stats")).json()["initial_pending"] == 0
+
+
+async def test_the_service_cancel_endpoint(client: httpx.AsyncClient) -> None:
+    job_id = (await client.post("/jobs", json={"text": "done soon"})).json()["id"]
+    assert (await _final(client, job_id))["status"] == "completed"
+    assert (await client.post(f"/jobs/{job_id}/cancel")).json() == {"cancelled": False}
+    assert (await client.post("/jobs/unknown/cancel")).json() == {"cancelled": False}

@@ -1,0 +1,524 @@
+"""SQLite backend: multi-process use, crash recovery, exact round trips, foreign files,
+indexes and failure atomicity. (The shared behaviour is in ``tests/conformance``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobpool_async import (
+    DuplicateJobError,
+    Job,
+    JobStatus,
+    PoolQueue,
+    StorageError,
+    open_backend,
+)
+from jobpool_async.backends import sqlite as sq
+from jobpool_async.backends.sqlite import SQLiteBackend
+
+S = JobStatus
+WORKER = str(Path(__file__).with_name("sqlite_worker.py"))
+DEADLINE = 20.0
+POLL = 0.05
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+async def run_worker(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        WORKER,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process) -> str:
+    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def line(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    raw = await asyncio.wait_for(proc.stdout.readline(), DEADLINE)
+    if not raw:
+        assert proc.stderr is not None
+        err = await proc.stderr.read()
+        raise AssertionError(f"worker ended early: {err.decode()}")
+    return raw.decode().rstrip("\n")
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[PoolQueue]:
+    q = PoolQueue(SQLiteBackend(tmp_path / "jobs.db"), poll_interval=POLL)
+    await q.open()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+def jobs(n: int, prefix: str = "job", **kwargs: Any) -> list[Job]:
+    return [Job(id=f"{prefix}-{i}", job_type="t", **kwargs) for i in range(n)]
+
+
+async def sql(backend: SQLiteBackend, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+    return await backend._run(sq._fetch_all, statement, tuple(params))
+
+
+# --- several processes --------------------------------------------------------------------
+
+
+async def test_several_processes_stream_one_file_without_duplicates(
+    queue: PoolQueue, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "jobs.db")
+    total = 600
+    workers = [
+        await run_worker("stream", path, "w0", str(total), "--slots", "7"),
+        await run_worker("stream", path, "w1", str(total), "--slots", "3"),
+        await run_worker("stream", path, "w2", str(total), "--tags", "odd", "--slots", "5"),
+    ]
+    for w in workers:
+        assert await line(w) == "ready"
+    # Enqueued in batches while the workers run: they see them only by polling.
+    for k in range(0, total, 50):
+        await queue.enqueue_jobs(
+            [
+                Job(id=f"job-{i}", job_type="t", tags=["odd" if i % 2 else "even"])
+                for i in range(k, k + 50)
+            ]
+        )
+        await asyncio.sleep(0.01)
+    delivered = {
+        w: json.loads(await finish(p)) for w, p in zip(("w0", "w1", "w2"), workers, strict=True)
+    }
+    every = [i for ids in delivered.values() for i in ids]
+    assert len(every) == len(set(every)) == total  # each job delivered exactly once
+    assert all(int(i.split("-")[1]) % 2 for i in delivered["w2"])  # tag filter held
+    done = await queue.get_jobs([f"job-{i}" for i in range(total)])
+    assert len(done) == total
+    for job in done:
+        assert job.status is S.COMPLETED and job.retry_count == 0
+        assert job.result == job.assignee_id.encode()  # completed by the one that got it
+        assert job.id in delivered[job.assignee_id]
+
+
+async def test_worker_killed_mid_work_then_reset(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        await q.enqueue_jobs(jobs(30))
+    proc = await run_worker("hold", str(path), "doomed", "8")
+    completed = []
+    while True:
+        text = await line(proc)
+        if text.startswith("done "):
+            completed.append(text[5:])
+        else:
+            assert text.startswith("holding ")
+            held = json.loads(text[8:])
+            break
+    proc.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(proc.wait(), DEADLINE)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(completed) == 8 and len(held) == 5
+
+    async with PoolQueue(SQLiteBackend(path), poll_interval=POLL) as q:
+        before = {j.id: j for j in await q.get_jobs([f"job-{i}" for i in range(30)])}
+        assert {i for i, j in before.items() if j.status is S.RUNNING} == set(held)
+        assert await q.reset_running_jobs() == 5
+        for job_id in completed:
+            job = await q.get_job(job_id)
+            assert job.status is S.COMPLETED
+            assert job.result == f"result of {job_id}".encode()
+        for job_id in held:
+            assert (await q.get_job(job_id)).status is S.UNKNOWN_RETRY
+        # every unfinished job is eligible again: a stream takes all of them
+        unfinished = {i for i in before if i not in completed}
+        taken: set[str] = set()
+        async with q.stream_jobs("rescuer", max_assigned_jobs=100) as s:
+            while taken != unfinished:
+                batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+                taken.update(j.id for j in batch)
+                await q.complete_jobs({j.id: b"rescued" for j in batch})
+        stats = await q.get_job_stats()
+        assert stats.completed_jobs == 30 and stats.running_jobs == 0
+
+
+async def test_stream_sees_jobs_enqueued_by_another_process(
+    queue: PoolQueue, tmp_path: Path
+) -> None:
+    async with queue.stream_jobs("here", tags=["x"]) as s:
+        pending = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(POLL * 2)
+        assert not pending.done()
+        await finish(
+            await run_worker("enqueue", str(tmp_path / "jobs.db"), "from-afar", "--tags", "x")
+        )
+        batch = await asyncio.wait_for(pending, DEADLINE)  # only polling can find it
+    assert [j.id for j in batch] == ["from-afar"]
+    assert batch[0].status is S.RUNNING and batch[0].assignee_id == "here"
+
+
+async def test_slot_freed_by_another_process_is_freed_here(
+    queue: PoolQueue, tmp_path: Path
+) -> None:
+    await queue.enqueue_jobs(jobs(2))
+    async with queue.stream_jobs("here", max_assigned_jobs=1) as s:
+        (first,) = await asyncio.wait_for(s.__anext__(), DEADLINE)
+        pending = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(POLL * 2)
+        assert not pending.done()  # the one slot is taken
+        await finish(await run_worker("complete", str(tmp_path / "jobs.db"), first.id, "far"))
+        (second,) = await asyncio.wait_for(pending, DEADLINE)
+    assert second.id != first.id
+    assert (await queue.get_job(first.id)).result == b"far"
+
+
+async def test_fresh_file_opened_by_several_processes_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "fresh.db")
+    procs = [await run_worker("enqueue", path, f"job-{i}") for i in range(4)]
+    for p in procs:
+        assert (await finish(p)).strip() == "ok"
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        assert (await q.get_job_stats()).pending_jobs == 4
+
+
+# --- round trips ------------------------------------------------------------------------
+
+
+async def test_reopen_keeps_every_field_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    plus5 = timezone(timedelta(hours=5, minutes=30))
+    created = [
+        datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2031, 1, 1, 0, 0, 0, 1, tzinfo=plus5),  # stored as the same instant in UTC
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 123457, tzinfo=UTC),
+    ]
+    odd_tags = ["a/b", "it's", 'say "hi"', "ünï©ødé 🎉", "x" * 5000, "a,b", "[]", "%_"]
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        for i, when in enumerate(created):
+            await q.enqueue_job(
+                Job(
+                    id=f"job-{i} \u2603 '\"",
+                    job_type=f"type-{i}",
+                    job_definition=bytes(range(256)) * i + b"\x00",
+                    tags=odd_tags[i : i + 3],
+                    created_at=when,
+                )
+            )
+        ids = [f"job-{i} \u2603 '\"" for i in range(len(created))]
+        async with q.stream_jobs("w\x01", max_assigned_jobs=3) as s:
+            batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+        # the three oldest: year 1, 1969 and 2024
+        assert {j.id for j in batch} == {ids[2], ids[4], ids[0]}
+        await q.complete_job(ids[2], b"")
+        await q.fail_job(ids[4], "first failure \u2603")
+        await q.complete_job(ids[0], b"\x00\xff" * 100)
+        await q.cancel_jobs(job_ids=[ids[3]])
+        before = await q.get_jobs(ids)
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        after = await q.get_jobs(ids)
+    assert after == before
+    for a, b in zip(after, before, strict=True):
+        for name in ("created_at", "started_at", "finalized_at", "last_retry_at", "assigned_at"):
+            value = getattr(a, name)
+            if value is not None:
+                assert value.tzinfo is UTC and value.utcoffset() == timedelta(0)
+                assert (
+                    value == getattr(b, name) and value.microsecond == getattr(b, name).microsecond
+                )
+    by_id = {j.id: j for j in after}
+    assert by_id[ids[1]].created_at == created[1]
+    assert by_id[ids[0]].created_at.microsecond == 999999
+    # b"" stays b"", a result never set stays None
+    assert by_id[ids[2]].result == b"" and by_id[ids[0]].result == b"\x00\xff" * 100
+    assert by_id[ids[4]].status is S.FAILED_RETRY and by_id[ids[4]].result is None
+    assert by_id[ids[4]].last_retry_at is not None and by_id[ids[4]].retry_count == 1
+    assert by_id[ids[3]].status is S.UNSCHEDULED and by_id[ids[3]].finalized_at is not None
+    assert by_id[ids[1]].status is S.INITIAL_PENDING and by_id[ids[1]].started_at is None
+
+
+async def test_selection_order_uses_microseconds_and_enqueue_order(queue: PoolQueue) -> None:
+    base = datetime(2030, 5, 5, tzinfo=UTC)
+    order = [
+        Job(id="c", job_type="t", created_at=base + timedelta(microseconds=2)),
+        Job(id="a", job_type="t", created_at=base + timedelta(microseconds=1)),
+        Job(id="tie-1", job_type="t", created_at=base + timedelta(microseconds=3)),
+        Job(id="tie-0", job_type="t", created_at=base + timedelta(microseconds=3)),
+    ]
+    await queue.enqueue_jobs(order)
+    seen = []
+    async with queue.stream_jobs("w", max_assigned_jobs=1) as s:
+        for _ in order:
+            (job,) = await asyncio.wait_for(s.__anext__(), DEADLINE)
+            seen.append(job.id)
+            await queue.complete_job(job.id, None)
+    assert seen == ["a", "c", "tie-1", "tie-0"]
+
+
+# --- foreign files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["random", "other-app", "newer-schema", "text"])
+async def test_foreign_file_is_refused_and_never_modified(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "not-ours.db"
+    if kind == "random":
+        path.write_bytes(random.Random(7).randbytes(8192))
+    elif kind == "text":
+        path.write_text("hello, I am a text file\n" * 100)
+    else:
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        if kind == "newer-schema":
+            conn.execute(f"PRAGMA application_id = {sq.APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {sq.SCHEMA_VERSION + 1}")
+        conn.commit()
+        conn.close()
+    before = path.read_bytes()
+    backend = SQLiteBackend(path)
+    with pytest.raises(StorageError) as info:
+        await backend.open()
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+    await backend.close()
+    with pytest.raises(StorageError):  # and a queue over it fails the same way
+        async with PoolQueue(SQLiteBackend(path)):
+            pass
+    assert path.read_bytes() == before
+
+
+async def test_missing_directory_is_a_storage_error(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "no" / "such" / "dir" / "jobs.db")
+    with pytest.raises(StorageError, match="no/such/dir"):
+        await backend.open()
+
+
+async def test_store_reopens_and_schema_is_marked(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    for _ in range(2):
+        async with PoolQueue(SQLiteBackend(path)) as q:
+            await q.enqueue_jobs(jobs(1, prefix=f"p{_}"))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == sq.APPLICATION_ID
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sq.SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2
+    conn.close()
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"synchronous": "OFF"}, ValueError),
+        ({"synchronous": 2}, ValueError),
+        ({"busy_timeout": -1}, ValueError),
+        ({"busy_timeout": True}, ValueError),
+        ({"busy_timeout": float("nan")}, ValueError),
+    ],
+)
+def test_bad_options(tmp_path: Path, kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        SQLiteBackend(tmp_path / "x.db", **kwargs)
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", "file:x.db?mode=memory"])
+def test_bad_paths(path: str) -> None:
+    with pytest.raises(ValueError):
+        SQLiteBackend(path)
+
+
+@pytest.mark.parametrize(("mode", "code"), [("NORMAL", 1), ("FULL", 2), ("full", 2)])
+async def test_synchronous_option_is_applied(tmp_path: Path, mode: Any, code: int) -> None:
+    backend = open_backend(f"sqlite:///{tmp_path}/jobs.db", synchronous=mode)
+    assert isinstance(backend, SQLiteBackend)
+    assert backend.path == tmp_path / "jobs.db"
+    await backend.open()
+    try:
+        assert await sql(backend, "PRAGMA synchronous") == [(code,)]
+        assert await sql(backend, "PRAGMA journal_mode") == [("wal",)]
+    finally:
+        await backend.close()
+
+
+async def test_default_poll_interval() -> None:
+    assert SQLiteBackend.default_poll_interval == 1.0
+    assert PoolQueue(SQLiteBackend("x.db")).poll_interval == 1.0
+
+
+# --- failures leave the store unchanged ---------------------------------------------------
+
+
+async def test_locked_store_is_a_storage_error_and_nothing_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        await q.enqueue_jobs(jobs(3))
+    q = PoolQueue(SQLiteBackend(path, busy_timeout=0.05))
+    await q.open()
+    try:
+        (job,) = await q.get_jobs(["job-0"])
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StorageError, match="locked"):
+                await q.enqueue_jobs(jobs(2, prefix="new"))
+            with pytest.raises(StorageError, match="locked"):
+                async with q.stream_jobs("w") as s:
+                    await s.__anext__()
+            with pytest.raises(StorageError, match="locked"):
+                await q.cancel_jobs(job_ids=["job-1"])
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert (await q.get_job_stats()).pending_jobs == 3
+        assert await q.get_jobs(["new-0", "new-1"]) == []
+        assert await q.get_jobs(["job-0"]) == [job]
+        await q.enqueue_jobs(jobs(2, prefix="new"))  # works again once the lock is gone
+    finally:
+        await q.close()
+
+
+async def test_duplicate_in_a_late_chunk_inserts_nothing(queue: PoolQueue) -> None:
+    await queue.enqueue_job(Job(id="taken", job_type="t"))
+    batch = jobs(700, tags=["bulk"])  # several multi-row INSERT statements
+    batch[650] = Job(id="taken", job_type="t", tags=["bulk"])
+    with pytest.raises(DuplicateJobError) as info:
+        await queue.enqueue_jobs(batch)
+    assert info.value.job_id == "taken"
+    stats = await queue.get_job_stats()
+    assert stats.total_jobs == 1
+    assert (await queue.get_job_stats(["bulk"])).total_jobs == 0
+    backend = queue.backend
+    assert isinstance(backend, SQLiteBackend)
+    assert await sql(backend, "SELECT count(*) FROM job_tags") == [(0,)]
+
+
+async def test_calls_after_close_are_storage_errors(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "jobs.db")
+    await backend.open()
+    await backend.close()
+    await backend.close()  # idempotent
+    with pytest.raises(StorageError):
+        await backend.get_jobs(["x"])
+
+
+# --- indexes ------------------------------------------------------------------------------
+
+
+def plan(conn: sqlite3.Connection, statement: str, nparams: int) -> str:
+    rows = conn.execute("EXPLAIN QUERY PLAN " + statement, [1] * nparams).fetchall()
+    return "\n".join(str(r[3]) for r in rows)
+
+
+async def test_claim_query_plans_read_only_the_eligible_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with PoolQueue(SQLiteBackend(path)):
+        pass
+    conn = sqlite3.connect(path)
+    untagged = plan(conn, sq.CLAIM_SQL, 3)
+    assert "SCAN jobs USING INDEX jobs_eligible" in untagged
+    assert "TEMP B-TREE" not in untagged  # already in selection order
+    for n in (1, 3):
+        tagged = plan(conn, sq.claim_tags_sql(n), 3 + n)
+        assert "USING COVERING INDEX job_tags_eligible (tag=? AND sort_key>?)" in tagged
+        assert "TEMP B-TREE" not in tagged
+        assert "SCAN jobs" not in tagged and "SCAN job_tags" not in tagged
+    conn.close()
+
+
+def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
+    """SQLite VM instructions executed by one claim (progress handler every step)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    rows = sq._claim(conn, "probe", tags, limit, 0)
+    conn.set_progress_handler(None, 0)
+    assert len(rows) == limit
+    conn.execute("UPDATE jobs SET status = 'initial_pending' WHERE assignee_id = 'probe'")
+    conn.close()
+    return steps
+
+
+async def test_claim_work_does_not_grow_with_finished_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with PoolQueue(SQLiteBackend(path)) as q:
+        # eligible jobs enqueued last, so finished ones come first in enqueue order
+        late = datetime(2100, 1, 1, tzinfo=UTC)
+        await q.enqueue_jobs(jobs(20, prefix="ready", tags=["a", "b"], created_at=late))
+        empty = (vm_steps(path, ()), vm_steps(path, ("a",)), vm_steps(path, ("b", "a")))
+        await q.enqueue_jobs(jobs(6000, prefix="old", tags=["a", "b"]))
+        async with q.stream_jobs("w", max_assigned_jobs=1000) as s:
+            for _ in range(6):
+                batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+                assert all(j.id.startswith("old") for j in batch)
+                await q.complete_jobs({j.id: None for j in batch})
+        assert (await q.get_job_stats()).completed_jobs == 6000
+        full = (vm_steps(path, ()), vm_steps(path, ("a",)), vm_steps(path, ("b", "a")))
+    for before, after in zip(empty, full, strict=True):
+        # a scan of the finished jobs would cost tens of thousands of steps
+        assert after <= before * 1.2 + 50, (empty, full)
+
+
+async def test_tag_index_stays_in_step_with_job_status(queue: PoolQueue) -> None:
+    """``job_tags.sort_key`` is kept by triggers: non-NULL exactly for eligible jobs."""
+    rnd = random.Random(3)
+    tags = ["a", "b", "c"]
+    await queue.enqueue_jobs(
+        [
+            Job(id=f"j{i}", job_type="t", tags=rnd.sample(tags, rnd.randint(0, 3)))
+            for i in range(120)
+        ]
+    )
+    async with queue.stream_jobs("w", max_assigned_jobs=40) as s:
+        batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+    for i, job in enumerate(batch):
+        if i % 4 == 0:
+            await queue.fail_job(job.id, "boom")
+        elif i % 4 == 1:
+            await queue.complete_job(job.id, b"ok")
+    await queue.mark_worker_unresponsive("w")
+    await queue.cancel_jobs(tags=["c"])
+    await queue.fail_jobs({j.id: "again" for j in batch[2::4] if j.tags and "c" not in j.tags})
+    await queue.delete_jobs(tags=["a", "c"])
+    backend = queue.backend
+    assert isinstance(backend, SQLiteBackend)
+    bad = await sql(
+        backend,
+        "SELECT t.seq, t.tag, t.sort_key, j.status FROM job_tags t JOIN jobs j USING (seq) "
+        f"WHERE (t.sort_key IS NOT NULL) <> {sq._ELIG.replace('status', 'j.status')} "
+        "OR (t.sort_key IS NOT NULL AND t.sort_key <> COALESCE(j.last_retry_at, j.created_at))",
+    )
+    assert bad == []
+    orphans = await sql(
+        backend, "SELECT count(*) FROM job_tags WHERE seq NOT IN (SELECT seq FROM jobs)"
+    )
+    assert orphans == [(0,)]
+    tagged = await sql(backend, "SELECT count(*) FROM jobs WHERE tags <> '[]'")
+    assert tagged[0][0] > 0

@@ -1,0 +1,706 @@
+"""The Worker: concurrency, batched writes, cancellation, shutdown, recovery, cleanup.
+
+Most tests run on the memory backend (the worker's logic does not depend on the
+storage); those about storage sharing run on SQLite too. Waiting is always on
+events or polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobpool_async import (
+    Config,
+    Job,
+    JobNotFoundError,
+    JobStatus,
+    MemoryBackend,
+    PoolQueue,
+    StorageError,
+    Worker,
+)
+from jobpool_async.pytest_plugin import wait_for_status
+
+S = JobStatus
+DEADLINE = 10.0
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[PoolQueue]:
+    q = PoolQueue(MemoryBackend())
+    await q.open()
+    try:
+        yield q
+    finally:
+        await q.close()
+
+
+def job(job_id: str, **kwargs: Any) -> Job:
+    return Job(id=job_id, job_type="test", **kwargs)
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a cheap in-process predicate with a deadline."""
+    async with asyncio.timeout(DEADLINE):
+        while not predicate():  # noqa: ASYNC110 - polling with a deadline
+            await asyncio.sleep(0.001)
+
+
+async def status_of(queue: PoolQueue, job_id: str) -> JobStatus:
+    return (await queue.get_job(job_id)).status
+
+
+class Gate:
+    """A processor whose jobs wait until released; records what it saw."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.running = 0
+        self.max_running = 0
+        self.result = b"done"
+        self.on_start = asyncio.Event()
+
+    async def __call__(self, job: Job) -> bytes:
+        self.started.append(job.id)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.on_start.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(job.id)
+            raise
+        finally:
+            self.running -= 1
+        return self.result
+
+
+# --- construction ---------------------------------------------------------------------
+
+
+async def test_bad_arguments_are_rejected(queue: PoolQueue) -> None:
+    async def proc(job: Job) -> bytes:
+        return b""
+
+    with pytest.raises(TypeError, match="PoolQueue"):
+        Worker(object(), proc, assignee_id="w")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="assignee_id"):
+        Worker(queue, proc, assignee_id="")
+    with pytest.raises(TypeError, match="Config"):
+        Worker(queue, proc, assignee_id="w", config={"batch_size": 2})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tag"):
+        Worker(queue, proc, assignee_id="w", tags=[""])
+    with pytest.raises(ValueError, match="grace"):
+        Worker(queue, proc, assignee_id="w", grace=-1)
+    with pytest.raises(TypeError, match="processor"):
+        Worker(queue, "not callable", assignee_id="w")  # type: ignore[arg-type]
+
+
+async def test_a_worker_runs_once(queue: PoolQueue) -> None:
+    worker = Worker(queue, Gate(), assignee_id="w")
+    async with worker:
+        with pytest.raises(RuntimeError, match="runs once"):
+            await worker.run()
+    assert worker.stopped
+    with pytest.raises(RuntimeError, match="runs once"):
+        async with worker:
+            pass
+
+
+# --- running jobs -----------------------------------------------------------------------
+
+
+async def test_runs_up_to_batch_size_jobs_at_once(queue: PoolQueue) -> None:
+    gate = Gate()
+    await queue.enqueue_jobs([job(f"j{i}") for i in range(7)])
+    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=3)):
+        await until(lambda: gate.running == 3, "three jobs running")
+        stats = await queue.get_job_stats()
+        assert stats.running_jobs == 3 and stats.pending_jobs == 4
+        gate.release.set()
+        for i in range(7):
+            await wait_for_status(queue, f"j{i}", S.COMPLETED, timeout=DEADLINE)
+    assert gate.max_running == 3
+    assert (await queue.get_job("j0")).result == b"done"
+
+
+async def test_outcomes(queue: PoolQueue) -> None:
+    class Silent(Exception):
+        pass
+
+    async def proc(job: Job) -> Any:
+        kind = job.job_definition
+        if job.retry_count:  # each failing kind fails once, then succeeds
+            return b"second"
+        if kind == b"ok":
+            return b"result:" + job.id.encode()
+        if kind == b"none":
+            return None
+        if kind == b"bytearray":
+            return bytearray(b"ba")
+        if kind == b"boom":
+            raise RuntimeError("it broke")
+        if kind == b"silent":
+            raise Silent()
+        if kind == b"nul":
+            raise ValueError("a\x00b")
+        return 42  # not bytes
+
+    kinds = ["ok", "none", "bytearray", "boom", "silent", "nul", "int"]
+    await queue.enqueue_jobs([job(k, job_definition=k.encode()) for k in kinds])
+    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=4)):
+        for k in ["ok", "none", "bytearray"]:
+            await wait_for_status(queue, k, S.COMPLETED)
+        for k in ["boom", "silent", "nul", "int"]:
+            await wait_for_status(queue, k, S.COMPLETED)
+    jobs = {j.id: j for j in await queue.get_jobs(kinds)}
+    assert jobs["ok"].result == b"result:ok"
+    assert jobs["none"].result is None
+    assert jobs["bytearray"].result == b"ba"
+    assert jobs["boom"].error_message == "it broke"
+    assert jobs["silent"].error_message == "Silent"
+    assert jobs["nul"].error_message == "a\\x00b"
+    assert jobs["int"].error_message == "the processor returned int, expected bytes"
+    for k in ["boom", "silent", "nul", "int"]:  # the failure is kept after the retry
+        assert jobs[k].retry_count == 1 and jobs[k].result == b"second"
+
+
+async def test_a_failed_job_runs_again(queue: PoolQueue) -> None:
+    seen: list[int] = []
+
+    async def proc(job: Job) -> bytes:
+        seen.append(job.retry_count)
+        if job.retry_count < 2:
+            raise RuntimeError(f"attempt {job.retry_count} failed")
+        return b"third time lucky"
+
+    await queue.enqueue_job(job("flaky"))
+    async with Worker(queue, proc, assignee_id="w"):
+        done = await wait_for_status(queue, "flaky", S.COMPLETED)
+    assert seen == [0, 1, 2]
+    assert done.retry_count == 2 and done.result == b"third time lucky"
+    assert done.error_message == "attempt 1 failed"
+
+
+async def test_only_jobs_with_the_workers_tags(queue: PoolQueue) -> None:
+    await queue.enqueue_jobs([job("gpu", tags=["gpu", "x"]), job("cpu", tags=["cpu"])])
+
+    async def proc(job: Job) -> bytes:
+        return b""
+
+    async with Worker(queue, proc, assignee_id="w", tags=["gpu"]):
+        await wait_for_status(queue, "gpu", S.COMPLETED)
+        await asyncio.sleep(0.02)
+        assert await status_of(queue, "cpu") is S.INITIAL_PENDING
+
+
+async def test_outcomes_finishing_together_are_written_in_one_call(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, list[int]] = {"complete_jobs": [], "fail_jobs": []}
+    for name in calls:
+        real = getattr(queue, name)
+
+        def spy(mapping: dict[str, Any], _real: Any = real, _name: str = name) -> Awaitable[None]:
+            calls[_name].append(len(mapping))
+            return _real(mapping)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(queue, name, spy)
+
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def proc(job: Job) -> bytes:
+        started.append(job.id)
+        await release.wait()
+        if job.id.startswith("bad"):
+            raise RuntimeError("no")
+        return b"ok"
+
+    await queue.enqueue_jobs([job(f"good{i}") for i in range(6)] + [job("bad0"), job("bad1")])
+    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=8)):
+        await until(lambda: len(started) == 8, "all running")
+        release.set()
+        for i in range(6):
+            await wait_for_status(queue, f"good{i}", S.COMPLETED)
+        await wait_for_status(queue, "bad0", (S.FAILED_RETRY, S.RUNNING))
+    assert calls["complete_jobs"][0] == 6, calls
+    assert calls["fail_jobs"][0] == 2, calls
+
+
+async def test_a_finished_job_is_written_while_others_still_run(queue: PoolQueue) -> None:
+    gate = Gate()
+
+    async def proc(job: Job) -> bytes:
+        if job.id == "slow":
+            return await gate(job)
+        return b"quick"
+
+    await queue.enqueue_job(job("slow"))
+    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=2)):
+        await until(lambda: gate.running == 1, "slow job running")
+        await queue.enqueue_job(job("quick"))
+        await wait_for_status(queue, "quick", S.COMPLETED, timeout=DEADLINE)
+        assert gate.running == 1
+        gate.release.set()
+        await wait_for_status(queue, "slow", S.COMPLETED)
+
+
+async def test_a_storage_error_while_writing_is_retried(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = queue.complete_jobs
+    failures = [StorageError("disk on fire")]
+
+    async def flaky(mapping: dict[str, bytes | None]) -> None:
+        if failures:
+            raise failures.pop()
+        await real(mapping)
+
+    monkeypatch.setattr(queue, "complete_jobs", flaky)
+
+    async def proc(job: Job) -> bytes:
+        return b"ok"
+
+    await queue.enqueue_job(job("a"))
+    with caplog.at_level(logging.ERROR, logger="jobpool_async"):
+        async with Worker(queue, proc, assignee_id="w"):
+            await wait_for_status(queue, "a", S.COMPLETED)
+    assert "writing job outcomes failed" in caplog.text
+    assert not failures
+
+
+async def test_a_job_moved_meanwhile_is_logged_and_the_worker_goes_on(
+    queue: PoolQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate()
+    await queue.enqueue_job(job("a"))
+    with caplog.at_level(logging.WARNING, logger="jobpool_async"):
+        async with Worker(queue, gate, assignee_id="w"):
+            await until(lambda: gate.running == 1, "running")
+            await queue.stop_job("a", "stopped by an operator")
+            gate.release.set()
+            await until(lambda: "could not complete job 'a'" in caplog.text, "warning logged")
+            await queue.enqueue_job(job("b"))
+            await wait_for_status(queue, "b", S.COMPLETED)
+    stopped = await queue.get_job("a")
+    assert stopped.status is S.STOPPED and stopped.result is None
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+async def test_cancelling_a_running_job_cancels_its_processor(
+    queue: PoolQueue, batch_size: int
+) -> None:
+    """With batch_size=1 the only slot is busy: the acknowledgement must not need it."""
+    gate = Gate()
+    await queue.enqueue_jobs([job("a"), job("b")])
+    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=batch_size)):
+        await until(lambda: "a" in gate.started, "a running")
+        result = await queue.cancel_jobs(job_ids=["a"])
+        assert result.cancelled == ["a"]
+        stopped = await wait_for_status(queue, "a", S.STOPPED)
+        assert gate.cancelled == ["a"]
+        assert stopped.result is None
+        gate.release.set()
+        await wait_for_status(queue, "b", S.COMPLETED)
+
+
+async def test_a_result_that_finished_first_wins_over_a_cancel(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processor returned, its write is in flight, then the job is cancelled."""
+    real = queue.complete_jobs
+    writing = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_complete(mapping: dict[str, bytes | None]) -> None:
+        writing.set()
+        await go_on.wait()
+        await real(mapping)
+
+    monkeypatch.setattr(queue, "complete_jobs", slow_complete)
+
+    async def proc(job: Job) -> bytes:
+        return b"finished"
+
+    await queue.enqueue_job(job("a"))
+    async with Worker(queue, proc, assignee_id="w"):
+        await asyncio.wait_for(writing.wait(), DEADLINE)
+        assert (await queue.cancel_jobs(job_ids=["a"])).cancelled == ["a"]
+        assert await status_of(queue, "a") is S.CANCELLING
+        await asyncio.sleep(0.01)  # give the cancel handler every chance to act (wrongly)
+        go_on.set()
+        done = await wait_for_status(queue, "a", S.COMPLETED)
+    assert done.result == b"finished"
+
+
+async def test_a_processor_that_ignores_the_cancel_and_returns_completes(
+    queue: PoolQueue,
+) -> None:
+    started = asyncio.Event()
+
+    async def proc(job: Job) -> bytes:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return b"cleaned up and finished"
+        return b""
+
+    await queue.enqueue_job(job("a"))
+    async with Worker(queue, proc, assignee_id="w"):
+        await asyncio.wait_for(started.wait(), DEADLINE)
+        await queue.cancel_jobs(job_ids=["a"])
+        done = await wait_for_status(queue, "a", S.COMPLETED)
+    assert done.result == b"cleaned up and finished"
+
+
+async def test_a_processor_that_fails_while_cancelled_ends_stopped(queue: PoolQueue) -> None:
+    started = asyncio.Event()
+
+    async def proc(job: Job) -> bytes:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("failed while cleaning up") from None
+        return b""
+
+    await queue.enqueue_job(job("a"))
+    async with Worker(queue, proc, assignee_id="w"):
+        await asyncio.wait_for(started.wait(), DEADLINE)
+        await queue.cancel_jobs(job_ids=["a"])
+        stopped = await wait_for_status(queue, "a", S.STOPPED)
+    assert stopped.retry_count == 0
+
+
+async def test_cancelling_a_job_again_after_its_id_was_reused(queue: PoolQueue) -> None:
+    """Cancel job x, delete it, enqueue a new x: cancelling the new one still works.
+
+    (Fails while ``JobStream._cancels_seen`` remembers cancelled ids without their
+    ``assigned_at``: the second cancel of a reused id is never passed on.)
+    """
+    gate = Gate()
+    async with Worker(queue, gate, assignee_id="w", grace=0.05):
+        for round_ in range(2):
+            gate.on_start.clear()
+            await queue.enqueue_job(job("x", job_definition=str(round_).encode()))
+            await asyncio.wait_for(gate.on_start.wait(), DEADLINE)
+            assert (await queue.cancel_jobs(job_ids=["x"])).cancelled == ["x"]
+            await wait_for_status(queue, "x", S.STOPPED, timeout=5)
+            assert gate.cancelled == ["x"] * (round_ + 1)
+            assert await queue.delete_jobs(job_ids=["x"]) == 1
+
+
+async def test_a_cancel_never_hits_an_older_run_with_the_same_id(
+    queue: PoolQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old x still runs (an operator stopped and deleted it); new x runs too.
+
+    The old run's late result must not complete the new job, and cancelling x
+    must cancel the new run only.
+    """
+    old_release = asyncio.Event()
+    cancelled: list[bytes] = []
+    started: list[bytes] = []
+
+    async def proc(job: Job) -> bytes:
+        started.append(job.job_definition)
+        try:
+            if job.job_definition == b"old":
+                await old_release.wait()
+                return b"old result"
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(job.job_definition)
+            raise
+        return b""
+
+    with caplog.at_level(logging.WARNING, logger="jobpool_async"):
+        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=2)):
+            await queue.enqueue_job(job("x", job_definition=b"old"))
+            await until(lambda: started == [b"old"], "old running")
+            await queue.stop_job("x", "an operator stopped it")
+            assert await queue.delete_jobs(job_ids=["x"]) == 1
+            await queue.enqueue_job(job("x", job_definition=b"new"))
+            await until(lambda: started == [b"old", b"new"], "new running")
+            old_release.set()
+            await until(lambda: "dropping the old run's outcome" in caplog.text, "dropped")
+            still = await queue.get_job("x")
+            assert still.status is S.RUNNING and still.result is None
+            await queue.cancel_jobs(job_ids=["x"])
+            await wait_for_status(queue, "x", S.STOPPED)
+            assert cancelled == [b"new"]
+    new = await queue.get_job("x")
+    assert new.status is S.STOPPED and new.result is None
+
+
+# --- shutdown ---------------------------------------------------------------------------
+
+
+async def test_stop_lets_running_jobs_finish_and_takes_no_new_ones(queue: PoolQueue) -> None:
+    gate = Gate()
+    await queue.enqueue_job(job("a"))
+    worker = Worker(queue, gate, assignee_id="w")
+    await worker.__aenter__()
+    await until(lambda: gate.running == 1, "a running")
+    stopping = asyncio.ensure_future(worker.stop(grace=DEADLINE))
+    await asyncio.sleep(0.01)
+    await queue.enqueue_job(job("late"))
+    assert not stopping.done()
+    gate.release.set()
+    await asyncio.wait_for(stopping, DEADLINE)
+    assert await status_of(queue, "a") is S.COMPLETED
+    assert await status_of(queue, "late") is S.INITIAL_PENDING
+    assert gate.started == ["a"]
+    await worker.stop()  # again: fine
+
+
+async def test_stop_after_the_grace_period_fails_the_jobs_so_they_run_again(
+    queue: PoolQueue,
+) -> None:
+    gate = Gate()
+    await queue.enqueue_jobs([job("a"), job("b")])
+    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=2), grace=0.05):
+        await until(lambda: gate.running == 2, "both running")
+    assert sorted(gate.cancelled) == ["a", "b"]
+    for job_id in "ab":
+        failed = await queue.get_job(job_id)
+        assert failed.status is S.FAILED_RETRY
+        assert "shut down before the job finished" in failed.error_message
+        assert failed.retry_count == 1
+    # ... and another worker runs them again
+    async with Worker(queue, lambda j: _ok(), assignee_id="w2"):
+        await wait_for_status(queue, "a", S.COMPLETED)
+        await wait_for_status(queue, "b", S.COMPLETED)
+
+
+async def _ok() -> bytes:
+    return b"ok"
+
+
+async def test_a_processor_that_returns_when_cancelled_at_shutdown_completes(
+    queue: PoolQueue,
+) -> None:
+    started = asyncio.Event()
+
+    async def proc(job: Job) -> bytes:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return b"saved my work"
+        return b""
+
+    await queue.enqueue_job(job("a"))
+    async with Worker(queue, proc, assignee_id="w", grace=0):
+        await asyncio.wait_for(started.wait(), DEADLINE)
+    done = await queue.get_job("a")
+    assert done.status is S.COMPLETED and done.result == b"saved my work"
+
+
+async def test_a_job_task_cancelled_before_its_first_step_is_still_recorded(
+    queue: PoolQueue,
+) -> None:
+    """White-box: a task cancelled before it starts never runs its body; the worker
+    must record the job anyway (here as a shutdown would: FAILED_RETRY, run again)."""
+    ran: list[int] = []
+
+    async def proc(job: Job) -> bytes:
+        ran.append(job.retry_count)
+        return b"second run"
+
+    worker = Worker(queue, proc, assignee_id="w")
+    real_start = worker._start
+    cancelled: list[str] = []
+
+    def start_then_cancel(j: Job) -> None:
+        real_start(j)
+        if not cancelled:
+            cancelled.append(j.id)
+            entry = worker._running[(j.id, j.assigned_at)]
+            entry.reason = "shutdown"
+            assert entry.task is not None
+            entry.task.cancel()
+
+    worker._start = start_then_cancel  # type: ignore[method-assign, assignment]
+    await queue.enqueue_job(job("a"))
+    async with worker:
+        done = await wait_for_status(queue, "a", S.COMPLETED)
+    assert ran == [1]
+    assert done.retry_count == 1 and "shut down before the job finished" in done.error_message
+
+
+async def test_cancelling_the_run_task_records_every_running_job(queue: PoolQueue) -> None:
+    """CancelledError is a BaseException: the job must not stay RUNNING with no owner."""
+    gate = Gate()
+    await queue.enqueue_jobs([job("a"), job("b")])
+    worker = Worker(queue, gate, assignee_id="w", config=Config(batch_size=2), grace=60)
+    task = asyncio.ensure_future(worker.run())
+    await until(lambda: gate.running == 2, "both running")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for job_id in "ab":
+        assert await status_of(queue, job_id) is S.FAILED_RETRY
+    assert worker.stopped
+    await worker.stop()
+
+
+async def test_a_cancel_during_shutdown_still_ends_stopped(queue: PoolQueue) -> None:
+    async def proc(job: Job) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    await queue.enqueue_job(job("a"))
+    worker = Worker(queue, proc, assignee_id="w")
+    await worker.__aenter__()
+    await wait_for_status(queue, "a", S.RUNNING)
+    await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(worker.stop(grace=DEADLINE))
+    await asyncio.sleep(0.01)
+    await queue.cancel_jobs(job_ids=["a"])
+    await asyncio.wait_for(stopping, DEADLINE)
+    assert await status_of(queue, "a") is S.STOPPED
+
+
+async def test_foreground_run_and_concurrent_stops(queue: PoolQueue) -> None:
+    gate = Gate()
+    gate.release.set()
+    await queue.enqueue_job(job("a"))
+    worker = Worker(queue, gate, assignee_id="w")
+    runner = asyncio.ensure_future(worker.run())
+    await wait_for_status(queue, "a", S.COMPLETED)
+    await asyncio.gather(worker.stop(), worker.stop(grace=0))
+    await asyncio.wait_for(runner, DEADLINE)
+    assert runner.result() is None
+
+
+async def test_stop_before_start(queue: PoolQueue) -> None:
+    worker = Worker(queue, Gate(), assignee_id="w")
+    await worker.stop()
+    assert worker.stopped
+    with pytest.raises(RuntimeError):
+        await worker.run()
+
+
+async def test_the_worker_ends_when_the_queue_closes(queue: PoolQueue) -> None:
+    worker = Worker(queue, Gate(), assignee_id="w")
+    runner = asyncio.ensure_future(worker.run())
+    await asyncio.sleep(0.01)
+    await queue.close()
+    await asyncio.wait_for(runner, DEADLINE)
+    assert worker.stopped
+
+
+async def test_start_on_a_closed_queue_raises(queue: PoolQueue) -> None:
+    from jobpool_async import QueueClosedError
+
+    await queue.close()
+    with pytest.raises(QueueClosedError):
+        async with Worker(queue, Gate(), assignee_id="w"):
+            pass
+
+
+# --- recovery and cleanup -------------------------------------------------------------
+
+
+async def _leave_running(queue: PoolQueue, job_id: str) -> None:
+    """A job handed to a consumer that then vanished: RUNNING, nobody working on it."""
+    await queue.enqueue_job(job(job_id, tags=[f"only:{job_id}"]))
+    async with queue.stream_jobs("crashed", tags=[f"only:{job_id}"]) as stream:
+        await asyncio.wait_for(stream.__anext__(), DEADLINE)
+    assert await status_of(queue, job_id) is S.RUNNING
+
+
+async def test_recover_on_start_is_off_by_default(queue: PoolQueue) -> None:
+    await _leave_running(queue, "orphan")
+    await queue.enqueue_job(job("marker"))
+    async with Worker(queue, lambda j: _ok(), assignee_id="w"):
+        await wait_for_status(queue, "marker", S.COMPLETED)
+        assert await status_of(queue, "orphan") is S.RUNNING
+
+
+async def test_recover_on_start_runs_jobs_left_running(queue: PoolQueue) -> None:
+    await _leave_running(queue, "orphan")
+    async with Worker(queue, lambda j: _ok(), assignee_id="w", recover_on_start=True):
+        done = await wait_for_status(queue, "orphan", S.COMPLETED)
+    assert done.assignee_id == "w"
+
+
+async def test_periodic_ttl_cleanup(queue: PoolQueue) -> None:
+    config = Config(ttl=timedelta(milliseconds=1), cleanup_interval=timedelta(milliseconds=20))
+    await queue.enqueue_jobs([job("a"), job("fails")])
+
+    async def proc(job: Job) -> bytes:
+        if job.id == "fails":
+            raise RuntimeError("no")
+        return b""
+
+    async with Worker(queue, proc, assignee_id="w", config=config):
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                try:
+                    await queue.get_job("a")
+                except JobNotFoundError:
+                    break
+                await asyncio.sleep(0.005)
+        assert (await queue.get_job("fails")).retry_count >= 1
+
+
+# --- logging ------------------------------------------------------------------------------
+
+
+async def test_nothing_is_logged_per_job_at_info(
+    queue: PoolQueue, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def proc(job: Job) -> bytes:
+        if job.retry_count == 0 and job.id.endswith("7"):
+            raise RuntimeError("first attempt fails")
+        return b""
+
+    n = 60
+    await queue.enqueue_jobs([job(f"j{i}") for i in range(n)])
+    with caplog.at_level(logging.INFO, logger="jobpool_async"):
+        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=5)):
+            async with asyncio.timeout(DEADLINE):
+                while (await queue.get_job_stats()).completed_jobs < n:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+    infos = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(infos) <= 3, [r.getMessage() for r in infos]
+    assert all(r.name.startswith("jobpool_async") for r in caplog.records)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+# --- storage shared between processes -----------------------------------------------------
+
+
+async def test_a_cancel_from_another_process_reaches_the_worker(tmp_path: Path) -> None:
+    """Two queues on one SQLite file stand for two processes: pushed within poll_interval."""
+    from jobpool_async import SQLiteBackend
+
+    path = tmp_path / "jobs.db"
+    gate = Gate()
+    async with (
+        PoolQueue(SQLiteBackend(path), poll_interval=0.05) as mine,
+        PoolQueue(SQLiteBackend(path), poll_interval=0.05) as other,
+    ):
+        await other.enqueue_job(job("a"))
+        async with Worker(mine, gate, assignee_id="w"):
+            await until(lambda: gate.running == 1, "a running")
+            await other.cancel_jobs(job_ids=["a"])
+            await wait_for_status(other, "a", S.STOPPED)
+            assert gate.cancelled == ["a"]
