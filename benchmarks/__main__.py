@@ -90,8 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         progress=lambda msg: print(msg, flush=True),
     )
-    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if "postgres" not in a]
-    command = shlex.join(["python", "-m", "benchmarks", *shown])
+    given = list(argv if argv is not None else sys.argv[1:])
+    shown: list[str] = []
+    for arg in given:  # a DSN may hold a password: record that one was given, not which
+        if shown and shown[-1] == "--postgres-dsn":
+            shown[-1] = "--postgres-dsn=…"
+        elif arg.startswith("--postgres-dsn="):
+            shown.append("--postgres-dsn=…")
+        else:
+            shown.append(arg)
+    env = (
+        ["JOBPOOL_BENCH_POSTGRES_DSN=…"]
+        if options.postgres_dsn and not any(a.startswith("--postgres-dsn") for a in shown)
+        else []
+    )
+    command = " ".join([*env, shlex.join(["python", "-m", "benchmarks", *shown])])
     report = asyncio.run(run(options, command))
     paths = write(report, args.out, args.stem)
     for kind, path in paths.items():

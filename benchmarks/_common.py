@@ -34,6 +34,7 @@ class Sizes:
     bulk_batch: int
     e2e_jobs: int
     e2e_slots: tuple[int, ...]
+    e2e_rounds: int
     enqueue_batch: int
     fanout_jobs: int
     fanout_streams: int
@@ -59,6 +60,7 @@ class Sizes:
             bulk_batch=1_000,
             e2e_jobs=20_000,
             e2e_slots=(10, 100),
+            e2e_rounds=2,
             enqueue_batch=1_000,
             fanout_jobs=20_000,
             fanout_streams=50,
@@ -97,6 +99,7 @@ class Sizes:
             bulk_batch=100,
             e2e_jobs=300,
             e2e_slots=(10, 100),
+            e2e_rounds=1,
             enqueue_batch=100,
             fanout_jobs=300,
             fanout_streams=10,

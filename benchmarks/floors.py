@@ -105,12 +105,13 @@ class Floor(abc.ABC):
         return now() - t0, claimed
 
     async def wake(self, samples: int) -> list[float]:
-        """Seconds for one single-job insert followed by its claim: the storage part of a wake."""
+        """Seconds to claim one just-inserted job: the storage work a wake cannot avoid
+        between ``enqueue_job`` returning and the consumer holding the job."""
         out = []
         prefix = f"w{uuid.uuid4().hex[:6]}-"
         for i in range(samples):
-            t0 = now()
             await self.insert([f"{prefix}{i:08d}"])
+            t0 = now()
             got = await self.claim(1)
             out.append(now() - t0)
             await self.complete(got)

@@ -88,11 +88,15 @@ class _Run:
         self.workdir = workdir
         self.rows: list[Row] = []
         self.unavailable: dict[str, str] = {}
+        self._hold: list[Row] | None = None
 
     def say(self, msg: str) -> None:
         self.o.progress(msg)
 
     def add(self, row: Row) -> Row:
+        if self._hold is not None:  # repeated rounds: the best is added later
+            self._hold.append(row)
+            return row
         self.rows.append(row)
         rate_txt = f"{row.jobs_per_s:,.0f} jobs/s" if row.jobs_per_s is not None else ""
         extra = " ".join(f"{k}={v:.3g}" for k, v in row.metrics.items() if k.endswith("_ms"))
@@ -164,6 +168,31 @@ class _Run:
             row.ratio = row.jobs_per_s / floor.jobs_per_s
         return self.add(row)
 
+    def _keep_best(self, backend: str) -> None:
+        """Add the best round of each held system (a failed round wins: it must show),
+        with ratios recomputed against the best round of the floor."""
+        held, self._hold = self._hold or [], None
+        by_system: dict[str, list[Row]] = {}
+        for row in held:
+            by_system.setdefault(row.system, []).append(row)
+        best: list[Row] = []
+        for rows in by_system.values():
+            failed = [r for r in rows if not r.ok]
+            pick = failed[0] if failed else max(rows, key=lambda r: r.jobs_per_s or 0.0)
+            if len(rows) > 1:
+                pick.metrics["rounds"] = float(len(rows))
+            best.append(pick)
+        floor = next(
+            (r for r in best if r.kind == "floor" and r.system == FLOOR_FOR[backend]), None
+        )
+        for row in best:
+            if row.kind == "ours":
+                row.baseline = row.ratio = None
+                if floor is not None and floor.ok and floor.jobs_per_s and row.jobs_per_s:
+                    row.baseline = floor.system
+                    row.ratio = row.jobs_per_s / floor.jobs_per_s
+            self.add(row)
+
     # --- floors ---------------------------------------------------------------------------
 
     async def floor_e2e(
@@ -233,32 +262,35 @@ class _Run:
         if "e2e" in w or "worker" in w:
             for slots in s.e2e_slots:
                 params = {"jobs": s.e2e_jobs, "slots": slots}
-                floor_row = await self.floor_e2e(name, s.e2e_jobs, slots, "e2e")
-                if name == "sqlite":
-                    await self.floor_e2e(name, s.e2e_jobs, slots, "e2e", "raw aiosqlite")
-                if "e2e" in w:
-                    try:
-                        out = await self.with_store(
-                            target,
-                            partial(_e2e, end_to_end_stream, s, slots),
-                        )
-                        self.ours("e2e", name, params, out, floor_row)
-                    except Exception as exc:
-                        self.failed("e2e", f"jobpool_async[{name}]", "ours", name, params, exc)
-                if "worker" in w:
-                    system = f"jobpool_async[{name}] Worker"
-                    ok, why = worker_available()
-                    if not ok:
-                        self.add(Row("e2e", system, "ours", name, params, ok=False, note=why))
-                        continue
-                    try:
-                        out = await self.with_store(
-                            target,
-                            partial(_e2e, end_to_end_worker, s, slots),
-                        )
-                        self.ours("e2e", name, params, out, floor_row, system)
-                    except Exception as exc:
-                        self.failed("e2e", system, "ours", name, params, exc)
+                self._hold = []
+                for _ in range(s.e2e_rounds):
+                    floor_row = await self.floor_e2e(name, s.e2e_jobs, slots, "e2e")
+                    if name == "sqlite":
+                        await self.floor_e2e(name, s.e2e_jobs, slots, "e2e", "raw aiosqlite")
+                    if "e2e" in w:
+                        try:
+                            out = await self.with_store(
+                                target,
+                                partial(_e2e, end_to_end_stream, s, slots),
+                            )
+                            self.ours("e2e", name, params, out, floor_row)
+                        except Exception as exc:
+                            self.failed("e2e", f"jobpool_async[{name}]", "ours", name, params, exc)
+                    if "worker" in w:
+                        system = f"jobpool_async[{name}] Worker"
+                        ok, why = worker_available()
+                        if not ok:
+                            self.unavailable[system] = why
+                            continue
+                        try:
+                            out = await self.with_store(
+                                target,
+                                partial(_e2e, end_to_end_worker, s, slots),
+                            )
+                            self.ours("e2e", name, params, out, floor_row, system)
+                        except Exception as exc:
+                            self.failed("e2e", system, "ours", name, params, exc)
+                self._keep_best(name)
 
         if "fanout" in w:
             params = {
@@ -302,7 +334,7 @@ class _Run:
                         sum(lat),
                         None,
                         {"p50_ms": floor_p50, "p99_ms": percentile(lat, 0.99) * 1000},
-                        note="one insert + one claim, no waking",
+                        note="one claim of a just-inserted job, no waking",
                     )
                 )
             except Exception as exc:

@@ -493,7 +493,7 @@ class JobStream:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None] | asyncio.Task[list[Job]]] = set()
         self._cancel_listeners: list[CancelListener] = []
-        self._cancels_seen: set[str] = set()
+        self._cancels_seen: set[tuple[str, datetime | None]] = set()
         self._recheck = False
 
     @property
@@ -515,11 +515,15 @@ class JobStream:
         self._cancel_listeners.append(listener)
 
     def _cancel_requested(self, job_id: str) -> None:
-        if job_id in self._cancels_seen:
+        # Keyed by assignment, not id: a later job reusing the id is a new job.
+        key = (job_id, self._held.get(job_id))
+        if key in self._cancels_seen:
             return
-        self._cancels_seen.add(job_id)
+        self._cancels_seen.add(key)
         if len(self._cancels_seen) > 4 * self.max_assigned_jobs + 64:
-            self._cancels_seen.intersection_update(self._held)
+            self._cancels_seen = {
+                k for k in self._cancels_seen if k[0] in self._held and self._held[k[0]] == k[1]
+            }
         for listener in self._cancel_listeners:
             try:
                 listener(job_id)

@@ -36,7 +36,8 @@ async def stream(path: str, assignee: str, total: int, tags: list[str], slots: i
         say("ready")
 
         async def watch() -> None:
-            while (await queue.get_job_stats()).completed_jobs < total:
+            # The other processes' progress is only visible in the file: poll it.
+            while (await queue.get_job_stats()).completed_jobs < total:  # noqa: ASYNC110
                 await asyncio.sleep(POLL)
             await s.aclose()
 

@@ -913,3 +913,31 @@ async def test_an_operation_whose_caller_is_cancelled_still_completes(store: Pat
     finally:
         await backend.close()
     check_store(store)
+
+
+async def test_selecting_everything_matches_the_memory_backend(store: Path) -> None:
+    from jobpool_async._transitions import CANCEL, WORKER_LOST
+    from jobpool_async.backends.base import Selection
+
+    outcomes = []
+    for backend in (MemoryBackend(), LevelDBBackend(store)):
+        async with PoolQueue(backend) as q:
+            await q.enqueue_jobs(
+                [Job(id=f"j{i}", job_type="t", tags=[f"t{i % 2}"]) for i in range(8)]
+            )
+            running = await take(q, "w", 4)
+            await q.complete_job(running[0].id, b"")
+            await q.cancel_jobs(job_ids=[running[1].id])
+            everything = Selection(everything=True)
+            now = datetime.now(UTC)
+            lost = await backend.apply_selected(WORKER_LOST, everything, now)
+            cancelled = await backend.apply_selected(CANCEL, everything, now, report_unmatched=True)
+            outcomes.append(
+                (
+                    sorted((m.job_id, m.status) for m in lost.moved),
+                    sorted((m.job_id, m.status) for m in cancelled.moved),
+                    sorted(cancelled.unmatched),
+                )
+            )
+    assert outcomes[0] == outcomes[1]
+    check_store(store)

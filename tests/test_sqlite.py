@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -522,3 +521,13 @@ async def test_tag_index_stays_in_step_with_job_status(queue: PoolQueue) -> None
     assert orphans == [(0,)]
     tagged = await sql(backend, "SELECT count(*) FROM jobs WHERE tags <> '[]'")
     assert tagged[0][0] > 0
+
+
+async def test_text_sqlite_cannot_store_is_a_value_error_and_nothing_is_written(
+    queue: PoolQueue,
+) -> None:
+    """A lone surrogate is not UTF-8: SQLite cannot store it (documented limitation)."""
+    batch = [*jobs(3), Job(id="ok-id", job_type="t", tags=["bad \ud800 tag"])]
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        await queue.enqueue_jobs(batch)
+    assert (await queue.get_job_stats()).total_jobs == 0

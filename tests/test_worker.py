@@ -199,7 +199,8 @@ async def test_only_jobs_with_the_workers_tags(queue: PoolQueue) -> None:
 
     async with Worker(queue, proc, assignee_id="w", tags=["gpu"]):
         await wait_for_status(queue, "gpu", S.COMPLETED)
-        await asyncio.sleep(0.02)
+        await queue.enqueue_job(job("gpu2", tags=["gpu"]))  # younger than "cpu"
+        await wait_for_status(queue, "gpu2", S.COMPLETED)
         assert await status_of(queue, "cpu") is S.INITIAL_PENDING
 
 
@@ -399,7 +400,7 @@ async def test_cancelling_a_job_again_after_its_id_was_reused(queue: PoolQueue) 
             await queue.enqueue_job(job("x", job_definition=str(round_).encode()))
             await asyncio.wait_for(gate.on_start.wait(), DEADLINE)
             assert (await queue.cancel_jobs(job_ids=["x"])).cancelled == ["x"]
-            await wait_for_status(queue, "x", S.STOPPED, timeout=5)
+            await wait_for_status(queue, "x", S.STOPPED, timeout=3)
             assert gate.cancelled == ["x"] * (round_ + 1)
             assert await queue.delete_jobs(job_ids=["x"]) == 1
 
@@ -560,15 +561,17 @@ async def test_cancelling_the_run_task_records_every_running_job(queue: PoolQueu
 
 
 async def test_a_cancel_during_shutdown_still_ends_stopped(queue: PoolQueue) -> None:
+    started = asyncio.Event()
+
     async def proc(job: Job) -> bytes:
+        started.set()
         await asyncio.Event().wait()
         return b""
 
     await queue.enqueue_job(job("a"))
     worker = Worker(queue, proc, assignee_id="w")
     await worker.__aenter__()
-    await wait_for_status(queue, "a", S.RUNNING)
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(started.wait(), DEADLINE)
     stopping = asyncio.ensure_future(worker.stop(grace=DEADLINE))
     await asyncio.sleep(0.01)
     await queue.cancel_jobs(job_ids=["a"])
@@ -704,3 +707,79 @@ async def test_a_cancel_from_another_process_reaches_the_worker(tmp_path: Path) 
             await other.cancel_jobs(job_ids=["a"])
             await wait_for_status(other, "a", S.STOPPED)
             assert gate.cancelled == ["a"]
+
+
+async def test_on_every_backend(make_backend: Callable[[], Any]) -> None:
+    """The whole loop on each backend: concurrency, retries, a cancel, a shutdown."""
+    started = asyncio.Event()
+
+    async def proc(job: Job) -> bytes:
+        if job.id == "long":
+            started.set()
+            await asyncio.Event().wait()
+        if job.retry_count == 0 and job.id.endswith("3"):
+            raise RuntimeError("first attempt fails")
+        return job.id.encode()
+
+    async with PoolQueue(make_backend(), poll_interval=0.05) as queue:
+        ids = await queue.enqueue_jobs([job(f"j{i}") for i in range(40)])
+        await queue.enqueue_job(job("long"))
+        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=4)):
+            await asyncio.wait_for(started.wait(), DEADLINE)
+            await queue.cancel_jobs(job_ids=["long"])
+            for job_id in ids:
+                await wait_for_status(queue, job_id, S.COMPLETED)
+            await wait_for_status(queue, "long", S.STOPPED)
+        stats = await queue.get_job_stats()
+        assert stats.completed_jobs == 40 and stats.stopped_jobs == 1
+        assert stats.total_retries == 4  # j3, j13, j23, j33
+        assert (await queue.get_job("j13")).result == b"j13"
+
+
+@pytest.mark.parametrize("backend_name", ["memory", "sqlite"])
+async def test_under_concurrent_cancels_and_failures_every_job_ends_recorded(
+    make_backend: Callable[[], Any],
+) -> None:
+    """Two workers, random short processors, failures and cancels from another task,
+    then a shutdown with a short grace: no job may stay RUNNING or CANCELLING."""
+    import random
+
+    rng = random.Random(1234)
+    running = 0
+    peak = 0
+
+    async def proc(job: Job) -> bytes:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(rng.choice([0, 0, 0.001, 0.003]))
+            if rng.random() < 0.2:
+                raise RuntimeError("random failure")
+            return b"ok"
+        finally:
+            running -= 1
+
+    n = 300
+    async with PoolQueue(make_backend(), poll_interval=0.05) as queue:
+        ids = await queue.enqueue_jobs([job(f"j{i}") for i in range(n)])
+        workers = [
+            Worker(queue, proc, assignee_id=f"w{k}", config=Config(batch_size=5), grace=0.01)
+            for k in range(2)
+        ]
+        for w in workers:
+            await w.__aenter__()
+        for _ in range(40):
+            await queue.cancel_jobs(job_ids=rng.sample(ids, 3))
+            await asyncio.sleep(0.002)
+        async with asyncio.timeout(DEADLINE):
+            while (await queue.get_job_stats()).pending_jobs:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        await asyncio.gather(*(w.stop() for w in workers))
+        stats = await queue.get_job_stats()
+        assert stats.running_jobs == 0, stats
+        assert stats.total_jobs == n
+        assert peak <= 10
+        assert stats.by_status[S.STOPPED] + stats.by_status[S.UNSCHEDULED] > 0
+        for j in await queue.get_jobs(ids):
+            assert j.status in (S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.FAILED_RETRY), j

@@ -467,10 +467,9 @@ class LevelDBBackend(Backend):
     def _select(self, selection: Selection, transition: Transition | None) -> list[tuple[Job, int]]:
         if selection.everything:
             if transition is not None and transition.sources <= ACTIVE:
-                ids: Iterable[str] = list(self._active_ids())
-            else:
-                ids = [codec.id_text(k[1:]) for k in self._keys(_JOB)]
-            return self._read_existing(ids)
+                return self._read_existing(list(self._active_ids()))
+            with self._db.iterator(prefix=_JOB, include_key=False) as it:
+                return [codec.decode_job(raw) for raw in it]
         if selection.assignee_id is not None:
             prefix = _ASSIGNEE + codec.enc(selection.assignee_id)
             return self._read_existing(list(self._scan_ids(prefix)))
@@ -556,7 +555,8 @@ class LevelDBBackend(Backend):
             for key in it:
                 last = key
                 if len(picked) >= limit:
-                    first_left = key
+                    if first_left is None:
+                        first_left = key
                     break
                 raw = get(_JOB + key[skip:])  # eligible jobs are never in the active cache
                 found = None if raw is None else codec.decode_job(raw)

@@ -219,6 +219,9 @@ class PostgresBackend(Backend):
                 command_timeout=self._command_timeout,
                 timeout=self._connect_timeout,
                 reset=_no_reset,
+                # Plans cached while the table was small (seq scans) would stay in use
+                # after it grows; a custom plan costs a fraction of a millisecond.
+                server_settings={"plan_cache_mode": "force_custom_plan"},
             )
             async with self._pool.acquire() as conn:
                 await self._migrate(conn)

@@ -23,6 +23,7 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -576,6 +577,11 @@ def _delete_completed_before(conn: sqlite3.Connection, cutoff: int) -> int:
     return cur.rowcount
 
 
+def _probe(path: str) -> None:
+    """Open and close ``path`` (creating an empty file if missing), or raise."""
+    sqlite3.connect(path).close()
+
+
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     return conn.execute(sql, params).fetchall()
 
@@ -671,6 +677,9 @@ class SQLiteBackend(Backend):
             raise StorageError(f"{self._path}: the SQLite backend was closed")
         path = str(self._path)
         try:
+            # A path SQLite cannot open is found here, with plain sqlite3: aiosqlite's
+            # own failure path leaves its thread posting to the loop after we return.
+            await asyncio.to_thread(_probe, path)
             db = await aiosqlite.connect(path, isolation_level=None, cached_statements=256)
         except sqlite3.Error as exc:
             raise StorageError(f"{path}: cannot open SQLite store: {exc}") from exc

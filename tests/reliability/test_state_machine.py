@@ -69,7 +69,7 @@ OPS: dict[str, LifecycleOp] = {
         S.COMPLETED,
         stores_message=False,
     ),
-    "fail": LifecycleOp(frozenset({S.RUNNING, S.UNKNOWN_RETRY}), S.FAILED_RETRY, retry=True),
+    "fail": LifecycleOp(frozenset({S.RUNNING}), S.FAILED_RETRY, retry=True),
     "stop": LifecycleOp(frozenset({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}), S.STOPPED),
     "stop_with_retry": LifecycleOp(frozenset({S.CANCELLING}), S.STOPPED, retry=True),
     "mark_unknown_stopped": LifecycleOp(
@@ -99,7 +99,7 @@ UPDATE_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 CANCEL_MOVES: dict[JobStatus, JobStatus] = {
     S.INITIAL_PENDING: S.UNSCHEDULED,
     S.RUNNING: S.CANCELLING,
-    S.CANCELLING: S.STOPPED,
+    S.CANCELLING: S.CANCELLING,
     S.FAILED_RETRY: S.STOPPED,
     S.UNKNOWN_RETRY: S.STOPPED,
 }
@@ -196,11 +196,11 @@ def _lifecycle_error(job: MJob | None, job_id: str, op: LifecycleOp) -> object:
 TAGS = ["a", "b", "c"]
 ASSIGNEES = ["w1", "w2", "w3"]
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
-MAX_JOBS = 14
+MAX_JOBS = 20
 MAX_STREAMS = 3
 LIFECYCLE_ONE = frozenset({"complete", "fail", "stop", "stop_with_retry", "mark_unknown_stopped"})
 LIFECYCLE_BATCH = [*sorted(LIFECYCLE_ONE), "ack"]
-ACTS = ["one", "one", "batch", "update", "cancel", "lost", "reset"]
+ACTS = ["one", "one", "batch", "update", "cancel", "lost"]
 
 T = TypeVar("T")
 Chooser = Callable[[random.Random], T]
@@ -436,6 +436,8 @@ class QueueMachine(RuleBasedStateMachine):
         Reaches deep paths (RUNNING → CANCELLING → STOPPED with retry, UNKNOWN_* and
         back) far more often than independent steps would.
         """
+        if len(self.jobs) < MAX_JOBS and not any(j.status in ELIGIBLE for j in self.jobs.values()):
+            self.enqueue_batch(data, data.draw(integers(1, 3)), None)
         self.claim(data, probe=False)
         busy = sorted(i for i, j in self.jobs.items() if j.assignee_id)
         if not busy:
@@ -454,9 +456,7 @@ class QueueMachine(RuleBasedStateMachine):
         elif kind == "batch":
             self.lifecycle_batch(data, data.draw(sampled_from(LIFECYCLE_BATCH)))
         elif kind == "update":
-            self.update_status(
-                data, data.draw(sampled_from(list(S))), data.draw(results), data.draw(messages)
-            )
+            self.update_status(data, data.draw(results), data.draw(messages))
         elif kind == "cancel":
             tags = data.draw(filters) if data.draw(integers(0, 3)) == 0 else []
             self.cancel(data, tags, not tags or data.draw(booleans()))
@@ -531,13 +531,13 @@ class QueueMachine(RuleBasedStateMachine):
         failed = {i: e for i, e in errors.items() if e is not None}
         self.expect_error(error, ("batch", failed) if failed else None)
 
-    def update_status(
-        self, data: Draw, status: JobStatus, result: bytes | None, message: str
-    ) -> None:
-        target = status
-        job_id = self.pick_id(
-            data, [s for s, targets in UPDATE_ALLOWED.items() if target in targets]
-        )
+    def update_status(self, data: Draw, result: bytes | None, message: str) -> None:
+        job_id = self.pick_id(data)
+        job = self.jobs.get(job_id)
+        if job is not None and data.draw(integers(0, 2)) > 0:  # mostly a move it allows
+            target = data.draw(sampled_from(sorted(UPDATE_ALLOWED[job.status] | {job.status})))
+        else:
+            target = data.draw(sampled_from(list(S)))
         _, error, now = self.call(self.queue.update_job_status(job_id, target, result, message))
         job = self.jobs.get(job_id)
         if job is None:
@@ -597,6 +597,14 @@ class QueueMachine(RuleBasedStateMachine):
         value, error, now = self.call(self.queue.reset_running_jobs())
         self.expect_error(error, None)
         assert value == self.model_worker_lost(self.jobs.values(), now)
+
+    def delete_ids(self, ids: list[str]) -> None:
+        value, error, _ = self.call(self.queue.delete_jobs(job_ids=ids))
+        self.expect_error(error, None)
+        assert value == len(ids)
+        for i in ids:
+            del self.jobs[i]
+            self.gone.add(i)
 
     def delete(self, data: Draw, by_tags: list[str], by_ids: bool) -> None:
         ids = self.pick_ids(data) if by_ids else []
@@ -700,7 +708,10 @@ class QueueMachine(RuleBasedStateMachine):
     def r_enqueue(self, seed: int) -> None:
         data = Draw(seed)
         kind = data.draw(sampled_from(["one", "batch"]))
-        if len(self.jobs) >= MAX_JOBS:
+        if len(self.jobs) >= MAX_JOBS:  # make room: delete some final jobs by id
+            final = sorted(i for i, j in self.jobs.items() if j.status in FINAL)
+            if final:
+                self.delete_ids(data.draw(subsets(final, 1, 6)))
             return
         if kind == "one":
             self.enqueue_one(data)
@@ -733,7 +744,7 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(seed=seeds)
     def r_act(self, seed: int) -> None:
         data = Draw(seed)
-        self.act(data, data.draw(sampled_from(ACTS)))
+        self.act(data, data.draw(sampled_from([*ACTS, "reset"])))
 
     @rule(seed=seeds)
     def r_housekeeping(self, seed: int) -> None:
