@@ -56,6 +56,7 @@ logger = logging.getLogger("jobpool_async")
 RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
 
 CancelListener = Callable[[str], None]
+_VALIDATE_CHUNK = 2000
 
 
 class PoolQueue:
@@ -191,7 +192,11 @@ class PoolQueue:
         """Store new jobs all or nothing, in one transaction. Returns ids in input order."""
         if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
-        clean = [check_new_job(job) for job in jobs]
+        clean: list[Job] = []
+        for job in jobs:
+            clean.append(check_new_job(job))
+            if len(clean) % _VALIDATE_CHUNK == 0:
+                await asyncio.sleep(0)  # keep the event loop responsive for huge batches
         await self._ready()
         if not clean:
             return []

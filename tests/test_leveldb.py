@@ -840,11 +840,6 @@ async def test_the_event_loop_keeps_running_during_a_50000_job_insert(store: Pat
     assert longest < total / 5, (longest, total)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: PoolQueue.enqueue_jobs validates every job on the event loop before the "
-    "backend call (about 7 us a job), so 50,000 jobs pause the loop for a large share of the call",
-)
 async def test_the_event_loop_keeps_running_while_the_queue_enqueues_50000_jobs(
     queue: PoolQueue,
 ) -> None:

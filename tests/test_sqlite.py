@@ -87,7 +87,7 @@ async def test_several_processes_stream_one_file_without_duplicates(
     queue: PoolQueue, tmp_path: Path
 ) -> None:
     path = str(tmp_path / "jobs.db")
-    total = 600
+    total = 1200
     workers = [
         await run_worker("stream", path, "w0", str(total), "--slots", "7"),
         await run_worker("stream", path, "w1", str(total), "--slots", "3"),
@@ -96,11 +96,11 @@ async def test_several_processes_stream_one_file_without_duplicates(
     for w in workers:
         assert await line(w) == "ready"
     # Enqueued in batches while the workers run: they see them only by polling.
-    for k in range(0, total, 50):
+    for k in range(0, total, 100):
         await queue.enqueue_jobs(
             [
                 Job(id=f"job-{i}", job_type="t", tags=["odd" if i % 2 else "even"])
-                for i in range(k, k + 50)
+                for i in range(k, k + 100)
             ]
         )
         await asyncio.sleep(0.01)
@@ -118,16 +118,24 @@ async def test_several_processes_stream_one_file_without_duplicates(
         assert job.id in delivered[job.assignee_id]
 
 
-async def test_worker_killed_mid_work_then_reset(tmp_path: Path) -> None:
+@pytest.mark.parametrize("moment", ["holding", "writing"])
+async def test_worker_killed_mid_work_then_reset(tmp_path: Path, moment: str) -> None:
+    """SIGKILL while the worker holds 5 jobs, or while it is busy claiming and
+    completing: committed completions survive, nothing is half-written, and after
+    ``reset_running_jobs`` every unfinished job is eligible again."""
     path = tmp_path / "jobs.db"
+    total = 60
     async with PoolQueue(SQLiteBackend(path)) as q:
-        await q.enqueue_jobs(jobs(30))
-    proc = await run_worker("hold", str(path), "doomed", "8")
-    completed = []
+        await q.enqueue_jobs(jobs(total, tags=["t"]))
+    completed: list[str] = []
+    held: list[str] = []
+    proc = await run_worker("hold", str(path), "doomed", "8" if moment == "holding" else "1000")
     while True:
         text = await line(proc)
         if text.startswith("done "):
             completed.append(text[5:])
+            if moment == "writing" and len(completed) == 20:
+                break  # it is in the middle of its next claim or completion
         else:
             assert text.startswith("holding ")
             held = json.loads(text[8:])
@@ -135,28 +143,38 @@ async def test_worker_killed_mid_work_then_reset(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     await asyncio.wait_for(proc.wait(), DEADLINE)
     assert proc.returncode == -signal.SIGKILL
-    assert len(completed) == 8 and len(held) == 5
 
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
+    ids = [f"job-{i}" for i in range(total)]
     async with PoolQueue(SQLiteBackend(path), poll_interval=POLL) as q:
-        before = {j.id: j for j in await q.get_jobs([f"job-{i}" for i in range(30)])}
-        assert {i for i, j in before.items() if j.status is S.RUNNING} == set(held)
-        assert await q.reset_running_jobs() == 5
-        for job_id in completed:
-            job = await q.get_job(job_id)
-            assert job.status is S.COMPLETED
-            assert job.result == f"result of {job_id}".encode()
-        for job_id in held:
+        before = {j.id: j for j in await q.get_jobs(ids)}
+        running = {i for i, j in before.items() if j.status is S.RUNNING}
+        if moment == "holding":
+            assert len(completed) == 8 and running == set(held) and len(held) == 5
+        else:
+            assert len(running) <= 1  # its stream holds one job at a time
+        for job_id, job in before.items():  # each job is whole: done with its result, or not
+            if job.status is S.COMPLETED:
+                assert job.result == f"result of {job_id}".encode()
+                assert job.finalized_at is not None and job.assignee_id == "doomed"
+            else:
+                assert job.status in (S.RUNNING, S.INITIAL_PENDING) and job.result is None
+        assert set(completed) <= {i for i, j in before.items() if j.status is S.COMPLETED}
+        assert await q.reset_running_jobs() == len(running)
+        for job_id in running:
             assert (await q.get_job(job_id)).status is S.UNKNOWN_RETRY
-        # every unfinished job is eligible again: a stream takes all of them
-        unfinished = {i for i in before if i not in completed}
+        # every unfinished job is eligible again: a stream (by tag, too) takes all of them
+        unfinished = {i for i, j in before.items() if j.status is not S.COMPLETED}
         taken: set[str] = set()
-        async with q.stream_jobs("rescuer", max_assigned_jobs=100) as s:
+        async with q.stream_jobs("rescuer", tags=["t"], max_assigned_jobs=100) as s:
             while taken != unfinished:
                 batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
                 taken.update(j.id for j in batch)
                 await q.complete_jobs({j.id: b"rescued" for j in batch})
         stats = await q.get_job_stats()
-        assert stats.completed_jobs == 30 and stats.running_jobs == 0
+        assert stats.completed_jobs == total and stats.running_jobs == 0
 
 
 async def test_stream_sees_jobs_enqueued_by_another_process(

@@ -85,6 +85,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogatepass")
 
 
+@functools.lru_cache(maxsize=4096)
 def enc(text: str) -> bytes:
     """A self-delimiting, order-preserving key component.
 
@@ -253,14 +254,14 @@ def encode_job(job: Job, seq: int) -> bytes:
         joined = "\x00".join(tags)
         if joined.count("\x00") != len(tags) - 1:
             raise ValueError(f"job {job.id!r}: a tag must not contain NUL")
-        tag_bytes = _utf8(joined)
+        tag_bytes = joined.encode("utf-8", "surrogatepass")
     else:
         tag_bytes = b""
-    id_ = _utf8(job.id)
-    type_ = _utf8(job.job_type)
+    id_ = job.id.encode("utf-8", "surrogatepass")
+    type_ = job.job_type.encode("utf-8", "surrogatepass")
     definition = job.job_definition
-    error = _utf8(job.error_message) if job.error_message else b""
-    assignee = _utf8(job.assignee_id) if job.assignee_id else b""
+    error = job.error_message.encode("utf-8", "surrogatepass") if job.error_message else b""
+    assignee = job.assignee_id.encode("utf-8", "surrogatepass") if job.assignee_id else b""
     head = _HEAD.pack(
         RECORD_VERSION,
         CODE_OF[job.status],

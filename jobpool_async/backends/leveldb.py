@@ -29,6 +29,11 @@ the ``F`` index of the filter tag with the fewest eligible jobs, checking the ot
 tags in the record), so its cost does not depend on how many final jobs are kept.
 Stats without tags read ``N``; with one tag, ``K``; with several, the ``T`` index of
 the smallest tag.
+
+Because this process is the only writer, it also keeps, updated only after a
+successful write: the counters of ``N``; per eligible index, the key where the last
+claim stopped (so claims skip LevelDB's deletion markers of claimed entries); and
+decoded copies of RUNNING/CANCELLING jobs (so completing a job reads nothing).
 """
 
 from __future__ import annotations
@@ -103,21 +108,20 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
-def _index_keys(job: Job, seq: int) -> list[bytes]:
-    """The status-dependent index keys of ``job`` (E and F keys first when eligible)."""
+def _index_keys(job: Job, seq: int, idb: bytes) -> list[bytes]:
+    """The status-dependent index keys of ``job`` (``idb``: its id as key bytes)."""
     status = job.status
     if status in ELIGIBLE:
-        order = codec.order_part(codec.to_micros(job.sort_key), seq) + codec.id_bytes(job.id)
+        order = codec.order_part(codec.to_micros(job.sort_key), seq) + idb
         keys = [_ELIGIBLE + order]
         for tag in job.tags:
             keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
         return keys
     if status in ACTIVE:
-        return [_ASSIGNEE + codec.enc(job.assignee_id) + codec.id_bytes(job.id)]
+        return [_ASSIGNEE + codec.enc(job.assignee_id) + idb]
     if status is JobStatus.COMPLETED:
         assert job.finalized_at is not None
-        order = codec.order_part(codec.to_micros(job.finalized_at), seq)
-        return [_DONE + order + codec.id_bytes(job.id)]
+        return [_DONE + codec.order_part(codec.to_micros(job.finalized_at), seq) + idb]
     return []
 
 
@@ -160,16 +164,16 @@ class _Write:
                 counters = self.tag_counts[tag] = codec.Counters()
             counters.add(code, retries, sign)
 
-    def unindex(self, job: Job, seq: int) -> None:
+    def unindex(self, job: Job, seq: int, idb: bytes) -> None:
         self._count(job, -1)
         puts, deletes = self.puts, self.deletes
-        for key in _index_keys(job, seq):
+        for key in _index_keys(job, seq, idb):
             deletes.add(key)
             puts.pop(key, None)
 
-    def index(self, job: Job, seq: int) -> None:
+    def index(self, job: Job, seq: int, idb: bytes) -> None:
         self._count(job, +1)
-        self._add_keys(job, _index_keys(job, seq))
+        self._add_keys(job, _index_keys(job, seq, idb))
 
     def _add_keys(self, job: Job, keys: list[bytes]) -> None:
         puts, deletes = self.puts, self.deletes
@@ -185,7 +189,13 @@ class _Write:
                     lowered[prefix] = key
 
     def moved(
-        self, job: Job, seq: int, old_code: int, old_retries: int, old_keys: list[bytes]
+        self,
+        job: Job,
+        seq: int,
+        idb: bytes,
+        old_code: int,
+        old_retries: int,
+        old_keys: list[bytes],
     ) -> None:
         """Stage the index and counter changes of ``job``, which was ``old_code`` before."""
         code = codec.CODE_OF[job.status]
@@ -205,7 +215,7 @@ class _Write:
                 values[-1] += retries - old_retries
         if code == old_code and code not in _ELIGIBLE_CODES:
             return  # same status, same assignee / finalized_at: same keys
-        new_keys = _index_keys(job, seq)
+        new_keys = _index_keys(job, seq, idb)
         if new_keys == old_keys:
             return
         puts, deletes = self.puts, self.deletes
@@ -416,7 +426,8 @@ class LevelDBBackend(Backend):
             return None
         old_code = codec.CODE_OF[job.status]
         old_retries = job.retry_count
-        old_keys = _index_keys(job, seq)
+        idb = job.id.encode("utf-8", "surrogatepass")
+        old_keys = _index_keys(job, seq, idb)
         new = apply(
             job,
             transition,
@@ -425,14 +436,14 @@ class LevelDBBackend(Backend):
             error_message=error_message,
             assignee_id=assignee_id,
         )
-        w.moved(job, seq, old_code, old_retries, old_keys)
-        w.puts[_JOB + codec.id_bytes(job.id)] = codec.encode_job(job, seq)
+        w.moved(job, seq, idb, old_code, old_retries, old_keys)
+        w.puts[_JOB + idb] = codec.encode_job(job, seq)
         w.touched[job.id] = (job, seq)
         return new
 
     def _stage_remove(self, w: _Write, job: Job, seq: int) -> None:
-        w.unindex(job, seq)
         job_key = codec.id_bytes(job.id)
+        w.unindex(job, seq, job_key)
         for tag in job.tags:
             w.delete(_TAG + codec.enc(tag) + job_key)
         w.delete(_JOB + job_key)
@@ -521,7 +532,7 @@ class LevelDBBackend(Backend):
             w.put(_JOB + job_key, codec.encode_job(job, seq))
             for tag in job.tags:
                 w.put(_TAG + codec.enc(tag) + job_key, b"")
-            w.index(job, seq)
+            w.index(job, seq, job_key)
             seq += 1
         w.next_seq = seq
         self._commit(w)

@@ -69,7 +69,7 @@ OPS: dict[str, LifecycleOp] = {
         S.COMPLETED,
         stores_message=False,
     ),
-    "fail": LifecycleOp(frozenset({S.RUNNING}), S.FAILED_RETRY, retry=True),
+    "fail": LifecycleOp(frozenset({S.RUNNING, S.UNKNOWN_RETRY}), S.FAILED_RETRY, retry=True),
     "stop": LifecycleOp(frozenset({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}), S.STOPPED),
     "stop_with_retry": LifecycleOp(frozenset({S.CANCELLING}), S.STOPPED, retry=True),
     "mark_unknown_stopped": LifecycleOp(
