@@ -226,8 +226,64 @@ def check_ttl(ttl: object) -> timedelta:
     return ttl
 
 
+def _plain_tags(tags: object) -> bool:
+    """Tags already in normal form: a list of distinct non-empty str without NUL."""
+    if type(tags) is not list:
+        return False
+    for tag in tags:
+        if type(tag) is not str or not tag or "\x00" in tag:
+            return False
+    return len(set(tags)) == len(tags)
+
+
 def check_new_job(job: object) -> Job:
-    """Validate a job for enqueueing and return a normalised private copy."""
+    """Validate a job for enqueueing and return a normalised private copy.
+
+    The common case (a freshly built job with default history fields) takes a fast
+    path of exact type checks; anything else goes through the full checks, which
+    name what is wrong.
+    """
+    if (
+        type(job) is Job
+        and type(job.id) is str
+        and job.id
+        and "\x00" not in job.id
+        and type(job.job_type) is str
+        and "\x00" not in job.job_type
+        and type(job.job_definition) is bytes
+        and job.status is JobStatus.INITIAL_PENDING
+        and type(job.created_at) is datetime
+        and job.created_at.tzinfo is UTC
+        and job.started_at is None
+        and job.finalized_at is None
+        and job.last_retry_at is None
+        and job.assigned_at is None
+        and job.result is None
+        and job.retry_count == 0
+        and type(job.error_message) is str
+        and type(job.assignee_id) is str
+        and _plain_tags(job.tags)
+    ):
+        return Job(
+            job.id,
+            job.job_type,
+            job.job_definition,
+            list(job.tags),
+            JobStatus.INITIAL_PENDING,
+            job.created_at,
+            None,
+            None,
+            job.error_message,
+            None,
+            0,
+            None,
+            job.assignee_id,
+            None,
+        )
+    return _check_new_job_slow(job)
+
+
+def _check_new_job_slow(job: object) -> Job:
     if not isinstance(job, Job):
         raise TypeError(f"expected a Job, got {type(job).__name__}")
     check_id(job.id)

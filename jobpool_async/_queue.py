@@ -605,7 +605,8 @@ class JobStream:
         async with self._lock:  # a pending __anext__ in another task ends first
             pass
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            # asyncio.wait, unlike gather, never cancels the give-backs if we are cancelled.
+            await asyncio.wait(list(self._tasks))
         self._queue._forget(self)
 
     async def __aenter__(self) -> Self:

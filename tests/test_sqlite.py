@@ -475,7 +475,7 @@ def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
         return 0
 
     conn.set_progress_handler(count, 1)
-    rows = sq._claim(conn, "probe", tags, limit, 0)
+    rows = sq._claim(conn, "probe", tags, limit, 0, True)
     conn.set_progress_handler(None, 0)
     assert len(rows) == limit
     conn.execute("UPDATE jobs SET status = 'initial_pending' WHERE assignee_id = 'probe'")
@@ -549,3 +549,22 @@ async def test_text_sqlite_cannot_store_is_a_value_error_and_nothing_is_written(
     with pytest.raises(ValueError, match="not valid Unicode"):
         await queue.enqueue_jobs(batch)
     assert (await queue.get_job_stats()).total_jobs == 0
+
+
+async def test_idle_poll_takes_no_write_lock(tmp_path: Path) -> None:
+    """With nothing eligible, a claim only reads: another process's long write does
+    not make idle streams fail."""
+    path = tmp_path / "jobs.db"
+    backend = SQLiteBackend(path, busy_timeout=0.05)
+    await backend.open()
+    try:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            for tags in ((), ("a",), ("a", "b")):
+                assert await backend.claim("idle", tags, 5, datetime.now(UTC)) == []
+        finally:
+            blocker.rollback()
+            blocker.close()
+    finally:
+        await backend.close()

@@ -26,7 +26,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from .._errors import JobPoolError
 from .._models import Job, JobStatus
@@ -44,9 +44,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One job to move by ``transition``; ``None`` fields are left unchanged."""
+class Change(NamedTuple):
+    """One job to move by ``transition``; ``None`` fields are left unchanged.
+
+    (Named tuples, not dataclasses: one is built per job on the hot path.)
+    """
 
     job_id: str
     transition: Transition
@@ -54,8 +56,7 @@ class Change:
     error_message: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Moved:
+class Moved(NamedTuple):
     """A job that a call moved (possibly to the same status), with its new status."""
 
     job_id: str

@@ -186,12 +186,12 @@ def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
 
-def _us_opt(value: datetime | None) -> int | None:
-    return None if value is None else (value - _EPOCH) // _US
-
-
 def _dt(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(0, 0, value)
+
+
+def _tag_tuple(text: str) -> tuple[str, ...]:
+    return () if text == "[]" else tuple(json.loads(text))
 
 
 def _tags(text: str) -> list[str]:
@@ -324,25 +324,32 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
     params: list[Any] = []
     tag_rows: list[tuple[int, str, int]] = []
+    pending = JobStatus.INITIAL_PENDING.value  # the only status insert receives
     for job in jobs:
         seq += 1
         created = (job.created_at - _EPOCH) // _US
+        started, finalized, retried, assigned = (
+            job.started_at,
+            job.finalized_at,
+            job.last_retry_at,
+            job.assigned_at,
+        )
         params += (
             seq,
             job.id,
             job.job_type,
             job.job_definition,
             json.dumps(job.tags) if job.tags else "[]",
-            job.status.value,
+            pending,
             created,
-            _us_opt(job.started_at),
-            _us_opt(job.finalized_at),
+            None if started is None else (started - _EPOCH) // _US,
+            None if finalized is None else (finalized - _EPOCH) // _US,
             job.error_message,
             job.result,
             job.retry_count,
-            _us_opt(job.last_retry_at),
+            None if retried is None else (retried - _EPOCH) // _US,
             job.assignee_id,
-            _us_opt(job.assigned_at),
+            None if assigned is None else (assigned - _EPOCH) // _US,
         )
         if job.tags:
             sort_key = _us(job.last_retry_at) if job.last_retry_at is not None else created
@@ -371,25 +378,30 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
 
 
 def _claim(
-    conn: sqlite3.Connection, assignee_id: str, tags: Sequence[str], limit: int, now: int
+    conn: sqlite3.Connection,
+    assignee_id: str,
+    tags: Sequence[str],
+    limit: int,
+    now: int,
+    look_first: bool,
 ) -> list[Any]:
+    """Assign up to ``limit`` eligible jobs: one self-committing ``UPDATE … RETURNING``.
+
+    With ``look_first`` a read checks that something is eligible, so an idle poll
+    never takes the write lock (skipped while claims keep coming back full).
+    """
     if not tags:
-        # A read first: with nothing eligible, no write lock is taken at all.
-        if conn.execute(_HAS_ELIGIBLE).fetchone() is None:
+        if look_first and conn.execute(_HAS_ELIGIBLE).fetchone() is None:
             return []
         return conn.execute(CLAIM_SQL, (now, assignee_id, limit)).fetchall()
     if len(tags) > 1:
         tags = _rarest_first(conn, tags)
-    if (
-        conn.execute(
-            "SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL LIMIT 1", (tags[0],)
-        ).fetchone()
-        is None
-    ):
+    if look_first and conn.execute(_HAS_TAGGED, (tags[0],)).fetchone() is None:
         return []
     return conn.execute(claim_tags_sql(len(tags)), (now, assignee_id, limit, *tags)).fetchall()
 
 
+_HAS_TAGGED: Final = "SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL LIMIT 1"
 _RARITY_CAP: Final = 256
 _RARITY: Final = (
     "SELECT count(*) FROM (SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL "
@@ -466,7 +478,7 @@ def _apply(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -> _Ap
                 with_error = with_error or c.error_message is not None
             sql = _apply_sql(transition, len(chunk), with_result, with_error)
             for job_id, status, tags in conn.execute(sql, params).fetchall():
-                done[job_id] = Moved(job_id, _STATUS[status], tuple(_tags(tags)))
+                done[job_id] = Moved(job_id, _STATUS[status], _tag_tuple(tags))
     moved = [done[c.job_id] for c in changes if c.job_id in done]
     errors: dict[str, JobPoolError] = {}
     if len(moved) < len(changes):
@@ -537,7 +549,7 @@ def _apply_selected(
         for job_id, status, tags in conn.execute(
             f"UPDATE jobs SET {sets} WHERE {where} RETURNING id, status, tags", params
         ).fetchall():
-            out.moved.append(Moved(job_id, _STATUS[status], tuple(_tags(tags))))
+            out.moved.append(Moved(job_id, _STATUS[status], _tag_tuple(tags)))
         return out
     rows = _selected_rows(conn, selection)
     if report_unmatched and selection.job_ids:
@@ -551,7 +563,7 @@ def _apply_selected(
                 out.unmatched.append(job_id)
             continue
         seqs.append(seq)
-        out.moved.append(Moved(job_id, target, tuple(_tags(tags))))
+        out.moved.append(Moved(job_id, target, _tag_tuple(tags)))
     if seqs:  # under the write lock, so exactly the rows decided above move
         conn.execute(
             f"UPDATE jobs SET {set_clause(transition, now='?1')} "
@@ -630,6 +642,8 @@ class SQLiteBackend(Backend):
         self._busy_timeout = float(busy_timeout)
         self._db: aiosqlite.Connection | None = None
         self._closed = False
+        #: Per tag filter: did the last claim come back full? (Then skip the look first.)
+        self._claims_full: dict[tuple[str, ...], bool] = {}
 
     @property
     def path(self) -> Path:
@@ -717,7 +731,12 @@ class SQLiteBackend(Backend):
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
-        rows = await self._run(_claim, assignee_id, tuple(tags), limit, _us(now))
+        key = tuple(tags)
+        full = self._claims_full
+        rows = await self._run(_claim, assignee_id, key, limit, _us(now), not full.get(key))
+        if len(full) > 256:
+            full.clear()
+        full[key] = len(rows) == limit
         return _jobs(rows)
 
     async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:

@@ -363,7 +363,11 @@ def test_generated_wrong_types_are_rejected(backend_name: str, tmp_path: Path) -
         st.booleans(),
     )
     not_bytes = st.one_of(
-        st.none(), st.integers(), st.text(), st.lists(st.integers(0, 255)), st.binary().map(bytearray)
+        st.none(),
+        st.integers(),
+        st.text(),
+        st.lists(st.integers(0, 255)),
+        st.binary().map(bytearray),
     )
     try:
 

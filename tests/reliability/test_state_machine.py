@@ -327,7 +327,7 @@ class QueueMachine(RuleBasedStateMachine):
     # -- enqueue -----------------------------------------------------------------------
 
     def new_job(self, data: Draw) -> Job:
-        if self.gone - set(self.jobs) and data.draw(booleans()):
+        if data.draw(booleans()) and self.gone - set(self.jobs):
             job_id = data.draw(sampled_from(sorted(self.gone - set(self.jobs))))
         else:
             job_id = f"j{self.next_id}"
