@@ -211,7 +211,6 @@ _LIBRARIES = (
     "redis",
     "psycopg",
     "matplotlib",
-    "psutil",
 )
 
 

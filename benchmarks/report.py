@@ -171,6 +171,9 @@ def _chart(report: Report, path: Path) -> str:
     ax_e2e.set_title("End to end, as a share of the raw floor (same run)")
     if e2e_backends:
         ax_e2e.legend()
+    else:
+        ax_e2e.axis("off")
+        ax_e2e.text(0.5, 0.5, "no end-to-end figures in this run", ha="center", va="center")
 
     levels = sorted(
         {int(r.params["completed_in_store"]) for r in report.rows if r.workload == "scale"}

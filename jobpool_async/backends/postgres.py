@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from .._errors import (
     StorageError,
 )
 from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus
-from .._transitions import ASSIGN, Transition
+from .._transitions import ASSIGN, RELEASE, Transition
 from ._sql import in_list, set_clause
 from .base import (
     ApplyOutcome,
@@ -46,8 +47,8 @@ from .base import (
     JobState,
     Listener,
     Moved,
-    SelectOutcome,
     Selection,
+    SelectOutcome,
 )
 
 try:
@@ -59,6 +60,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess test
 
 if TYPE_CHECKING:
     from asyncpg import Connection, Pool, Record
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["SCHEMA_VERSION", "PostgresBackend"]
 
@@ -66,6 +68,9 @@ logger = logging.getLogger("jobpool_async.postgres")
 
 #: The schema version this code writes; a store with a newer one is refused.
 SCHEMA_VERSION = 1
+
+#: ``error_message`` of jobs given back after a claim's answer was lost.
+LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connection"
 
 _INSTALL_HINT = "PostgresBackend needs asyncpg: pip install 'jobpool_async[postgres]'"
 
@@ -173,6 +178,8 @@ class PostgresBackend(Backend):
         digest = hashlib.sha256(schema.encode()).hexdigest()
         #: NOTIFY channel of this schema (a plain identifier, well under 63 bytes).
         self.channel = f"jobpool_{digest[:24]}"
+        #: ``application_name`` of this backend's connections (see ``pg_stat_activity``).
+        self.application_name = f"jobpool_async:{schema}".encode()[:63].decode(errors="ignore")
         self._lock_key = int.from_bytes(bytes.fromhex(digest[24:40]), "big", signed=True)
         #: Tags this instance's notifications so its own listener ignores them.
         self._token = secrets.token_hex(8)
@@ -185,6 +192,9 @@ class PostgresBackend(Backend):
         self._opened = False
         self._sql_cache: dict[int, tuple[Transition, str]] = {}
         self._sel_cache: dict[tuple[Any, ...], str] = {}
+        self._claims = 0
+        #: Nonces of claims that failed and may have committed (see :meth:`claim`).
+        self._orphans: list[str] = []
         self._claim_sql = self._build_claim_sql(False)
         self._claim_tags_sql = self._build_claim_sql(True)
 
@@ -221,7 +231,11 @@ class PostgresBackend(Backend):
                 reset=_no_reset,
                 # Plans cached while the table was small (seq scans) would stay in use
                 # after it grows; a custom plan costs a fraction of a millisecond.
-                server_settings={"plan_cache_mode": "force_custom_plan"},
+                server_settings={
+                    "plan_cache_mode": os.environ.get("JP_PCM", "force_custom_plan"),
+                    "enable_seqscan": os.environ.get("JP_SEQ", "on"),
+                    "application_name": self.application_name,
+                },
             )
             async with self._pool.acquire() as conn:
                 await self._migrate(conn)
@@ -238,7 +252,7 @@ class PostgresBackend(Backend):
         self._opened = True
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _migrate(self, conn: Connection) -> None:
+    async def _migrate(self, conn: PoolConnectionProxy[Record]) -> None:
         """Create the schema if missing, or check its version, under an advisory lock."""
         s, t = self._s, self._t
         async with conn.transaction():
@@ -337,7 +351,11 @@ class PostgresBackend(Backend):
         self._listener = listener
 
     async def _connect_listener(self) -> Connection:
-        conn: Connection = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+        conn: Connection = await asyncpg.connect(
+            self._dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": self.application_name},
+        )
         try:
             await conn.add_listener(self.channel, self._on_notify)
         except BaseException:
@@ -419,14 +437,15 @@ class PostgresBackend(Backend):
             FROM (SELECT '{tok} ' || json_agg(json_build_array(id, status, tags))::text AS p
                   FROM {source}
                   WHERE status IN {_ELIGIBLE}
-                     OR (status <> '{_RUNNING}' AND claimed_by IS DISTINCT FROM '{tok}')) s
+                     OR (status <> '{_RUNNING}'
+                         AND (claimed_by IS NULL OR claimed_by NOT LIKE '{tok}:%'))) s
             WHERE p IS NOT NULL)"""
 
     def _build_claim_sql(self, with_tags: bool) -> str:
         """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
         move them to RUNNING (compare-and-set on the status again, in the same statement)."""
         t = self._t
-        tag_cond = "AND tags @> $4::text[]" if with_tags else ""
+        tag_cond = "AND tags @> $5::text[]" if with_tags else ""
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
         return f"""
             WITH picked AS (
@@ -435,7 +454,7 @@ class PostgresBackend(Backend):
                 ORDER BY COALESCE(last_retry_at, created_at), seq
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED)
-            UPDATE {t} SET {sets}, claimed_by = '{self._token}'
+            UPDATE {t} SET {sets}, claimed_by = $4::text
             FROM picked
             WHERE {t}.id = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
             RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
@@ -445,9 +464,7 @@ class PostgresBackend(Backend):
         if cached is not None and cached[0] is transition:
             return cached[1]
         t = self._t
-        sets = set_clause(
-            transition, now="c.cnow", result="c.cres", error_message="c.cerr"
-        )
+        sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
                        FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)),
@@ -509,9 +526,13 @@ class PostgresBackend(Backend):
             flat.extend(job.tags)
             ends.append(len(flat))
             tagsets[tuple(job.tags)] = None
-        payload = self._token + " " + json.dumps(
-            [["", JobStatus.INITIAL_PENDING.value, list(ts)] for ts in tagsets],
-            separators=(",", ":"),
+        payload = (
+            self._token
+            + " "
+            + json.dumps(
+                [["", JobStatus.INITIAL_PENDING.value, list(ts)] for ts in tagsets],
+                separators=(",", ":"),
+            )
         )
         if len(payload.encode()) > _MAX_PAYLOAD:
             payload = self._token
@@ -563,15 +584,47 @@ class PostgresBackend(Backend):
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
-        with self._errors("claim"):
-            assert self._pool is not None
-            if tags:
-                rows = await self._pool.fetch(
-                    self._claim_tags_sql, now, assignee_id, limit, list(tags)
-                )
-            else:
-                rows = await self._pool.fetch(self._claim_sql, now, assignee_id, limit)
+        if self._orphans:
+            await self._release_orphans(now)
+        self._claims += 1
+        nonce = f"{self._token}:{self._claims}"
+        try:
+            with self._errors("claim"):
+                assert self._pool is not None
+                if tags:
+                    rows = await self._pool.fetch(
+                        self._claim_tags_sql, now, assignee_id, limit, nonce, list(tags)
+                    )
+                else:
+                    rows = await self._pool.fetch(self._claim_sql, now, assignee_id, limit, nonce)
+        except StorageError:
+            # The connection may have died after the commit, before the answer came:
+            # then jobs are RUNNING for a claim nobody received. Give them back (now,
+            # or before the next claim if the server is still away).
+            self._orphans.append(nonce)
+            with contextlib.suppress(StorageError):
+                await self._release_orphans(now)
+            raise
         return [_row_to_job(r) for r in rows]
+
+    async def _release_orphans(self, now: datetime) -> None:
+        """Move the jobs of claims whose answer was lost back to eligible (RELEASE)."""
+        nonces = list(self._orphans)
+        sets = set_clause(RELEASE, now="$2::timestamptz", error_message="$3::text")
+        sql = f"""
+            WITH moved AS (
+                UPDATE {self._t} SET {sets}
+                WHERE claimed_by = ANY($1::text[]) AND status IN {in_list(RELEASE.sources)}
+                RETURNING id, status, tags, claimed_by),
+            {self._note("moved")}
+            SELECT count(*) FROM moved WHERE (SELECT count(*) FROM note) >= 0"""
+        with self._errors("release"):
+            assert self._pool is not None
+            released = await self._pool.fetchval(sql, nonces, now, LOST_CLAIM_MESSAGE)
+        done = set(nonces)
+        self._orphans = [n for n in self._orphans if n not in done]
+        if released:
+            logger.warning("gave back %d job(s) of claims lost with the connection", released)
 
     async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
         out = ApplyOutcome()

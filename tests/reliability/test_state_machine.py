@@ -255,6 +255,10 @@ created = sampled_from([None, *(BASE_TIME + timedelta(seconds=s) for s in range(
 seeds = st.integers(0, 2**32 - 1)
 
 
+def _op_key(name: str) -> str:
+    return "ack_executing" if name == "ack" else name
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -431,7 +435,7 @@ class QueueMachine(RuleBasedStateMachine):
             job.holder = ms
 
     def claim_and_act(self, data: Draw) -> None:
-        """A claim, then a chain of 1-4 random calls focused on one assigned job.
+        """A claim, then a chain of 1-5 random calls focused on one assigned job.
 
         Reaches deep paths (RUNNING → CANCELLING → STOPPED with retry, UNKNOWN_* and
         back) far more often than independent steps would.
@@ -444,17 +448,27 @@ class QueueMachine(RuleBasedStateMachine):
             return
         self.focus = data.draw(sampled_from(busy))
         try:
-            for _ in range(data.draw(integers(1, 4))):
+            for _ in range(data.draw(integers(1, 5))):
                 self.act(data, data.draw(sampled_from(ACTS)))
         finally:
             self.focus = None
 
+    def op_name(self, data: Draw, names: Iterable[str]) -> str:
+        """A lifecycle call; while focused on a job, mostly one its status allows."""
+        pool = sorted(names)
+        job = self.jobs.get(self.focus) if self.focus is not None else None
+        if job is not None and data.draw(integers(0, 2)) > 0:
+            fitting = [n for n in pool if job.status in OPS[_op_key(n)].sources]
+            if fitting:
+                return data.draw(sampled_from(fitting))
+        return data.draw(sampled_from(pool))
+
     def act(self, data: Draw, kind: str) -> None:
         if kind == "one":
-            name = data.draw(sampled_from(sorted(LIFECYCLE_ONE)))
+            name = self.op_name(data, LIFECYCLE_ONE)
             self.lifecycle_one(data, name, data.draw(messages), data.draw(results))
         elif kind == "batch":
-            self.lifecycle_batch(data, data.draw(sampled_from(LIFECYCLE_BATCH)))
+            self.lifecycle_batch(data, self.op_name(data, LIFECYCLE_BATCH))
         elif kind == "update":
             self.update_status(data, data.draw(results), data.draw(messages))
         elif kind == "cancel":
@@ -534,8 +548,8 @@ class QueueMachine(RuleBasedStateMachine):
     def update_status(self, data: Draw, result: bytes | None, message: str) -> None:
         job_id = self.pick_id(data)
         job = self.jobs.get(job_id)
-        if job is not None and data.draw(integers(0, 2)) > 0:  # mostly a move it allows
-            target = data.draw(sampled_from(sorted(UPDATE_ALLOWED[job.status] | {job.status})))
+        if job is not None and UPDATE_ALLOWED[job.status] and data.draw(integers(0, 2)) > 0:
+            target = data.draw(sampled_from(sorted(UPDATE_ALLOWED[job.status])))  # a real move
         else:
             target = data.draw(sampled_from(list(S)))
         _, error, now = self.call(self.queue.update_job_status(job_id, target, result, message))

@@ -1,0 +1,794 @@
+"""PostgreSQL backend: schema handling, cross-process waking, recovery, connection loss.
+
+Runs against the server named by ``JOBPOOL_TEST_POSTGRES_DSN`` (skipped with that
+reason otherwise); each test works in a schema of its own, dropped afterwards.
+Queues here use ``poll_interval=30`` wherever a wake-up is checked, so a wake-up
+within the test's deadline can only come from ``LISTEN/NOTIFY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from jobpool_async import (
+    BatchError,
+    DuplicateJobError,
+    InvalidTransitionError,
+    Job,
+    JobStatus,
+    PoolQueue,
+    StorageError,
+    open_backend,
+)
+from jobpool_async.backends.base import Moved
+from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
+
+from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
+
+WORKER = str(Path(__file__).with_name("postgres_worker.py"))
+DEADLINE = 20.0  # seconds; generous for a busy machine, far below anything that hangs
+NO_POLL = 30.0  # poll_interval: any wake-up sooner than this came from NOTIFY
+
+# --- fixtures and helpers -------------------------------------------------------------
+
+
+@pytest.fixture
+def dsn() -> str:
+    return postgres_dsn()
+
+
+@pytest.fixture
+async def schema(dsn: str) -> AsyncIterator[str]:
+    name = new_schema_name()
+    yield name
+    await drop_postgres_schema(name)
+
+
+def backend(dsn: str, schema: str, **options: Any) -> PostgresBackend:
+    return PostgresBackend(dsn, schema=schema, **options)
+
+
+async def open_queue(dsn: str, schema: str, **options: Any) -> PoolQueue:
+    q = PoolQueue(backend(dsn, schema, **options), poll_interval=NO_POLL)
+    await q.open()
+    return q
+
+
+@pytest.fixture
+async def queues(dsn: str, schema: str) -> AsyncIterator[tuple[PoolQueue, PoolQueue]]:
+    """Two queues on one store, as two processes would have (separate pools and listeners)."""
+    a = await open_queue(dsn, schema)
+    b = await open_queue(dsn, schema)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def jobs(n: int, prefix: str = "job", **kwargs: Any) -> list[Job]:
+    return [Job(f"{prefix}-{i}", "test", **kwargs) for i in range(n)]
+
+
+async def sql(dsn: str, statement: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(statement, *args))
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate: Any, what: str, deadline: float = DEADLINE) -> None:
+    """Poll a condition with a deadline (test-side checking only)."""
+    end = time.monotonic() + deadline
+    while not await predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def terminate_connections(dsn: str, b: PostgresBackend) -> int:
+    """Kill every server connection of ``b`` (as a server restart would), nobody else's."""
+    rows = await sql(
+        dsn,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        b.application_name,
+    )
+    return int(rows[0][0])
+
+
+async def run_child(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        WORKER,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def line(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    raw = await asyncio.wait_for(proc.stdout.readline(), DEADLINE)
+    if not raw:
+        assert proc.stderr is not None
+        err = await proc.stderr.read()
+        raise AssertionError(f"child ended early: {err.decode()}")
+    return raw.decode().rstrip("\n")
+
+
+async def expect(proc: asyncio.subprocess.Process, prefix: str) -> str:
+    """The next line starting with ``prefix`` (other lines are skipped)."""
+    while True:
+        text = await line(proc)
+        if text.startswith(prefix):
+            return text[len(prefix) :].strip()
+
+
+async def finish(proc: asyncio.subprocess.Process) -> str:
+    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+
+
+# --- construction, import, schema -----------------------------------------------------
+
+
+def test_without_asyncpg_the_library_works_and_the_backend_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "import asyncio, jobpool_async\n"
+        "from jobpool_async import PoolQueue, MemoryBackend, Job\n"
+        "async def main():\n"
+        "    async with PoolQueue(MemoryBackend()) as q:\n"
+        "        await q.enqueue_job(Job('a', 't'))\n"
+        "asyncio.run(main())\n"
+        "from jobpool_async.backends.postgres import PostgresBackend\n"
+        "try:\n"
+        "    PostgresBackend('postgresql://x/y')\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "pip install 'jobpool_async[postgres]'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"schema": ""}, ValueError),
+        ({"schema": "x" * 64}, ValueError),
+        ({"schema": "a\x00b"}, ValueError),
+        ({"pool_max_size": 0}, ValueError),
+        ({"pool_min_size": 5, "pool_max_size": 2}, ValueError),
+        ({"pool_max_size": 2.5}, TypeError),
+    ],
+)
+def test_bad_options(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        PostgresBackend("postgresql://postgres@127.0.0.1/test", **kwargs)
+
+
+def test_open_backend_builds_a_postgres_backend() -> None:
+    b = open_backend("postgresql://postgres@127.0.0.1:5432/test", schema="s1", pool_max_size=3)
+    assert isinstance(b, PostgresBackend)
+    assert b.schema == "s1"
+    assert PostgresBackend.default_poll_interval == 1.0
+
+
+async def test_unreachable_server_is_a_storage_error() -> None:
+    b = PostgresBackend("postgresql://postgres@127.0.0.1:1/test", connect_timeout=5)
+    with pytest.raises(StorageError):
+        await b.open()
+    await b.close()
+
+
+async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
+    q = await open_queue(dsn, schema)
+    await q.close()
+    tables = {
+        r[0]
+        for r in await sql(
+            dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema=$1", schema
+        )
+    }
+    assert tables == {"jobs", "jobpool_version"}
+    indexes = {
+        r[0]: r[1]
+        for r in await sql(
+            dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
+        )
+    }
+    assert "COALESCE(last_retry_at, created_at), seq" in indexes["jobs_eligible"]
+    assert "WHERE (status = ANY" in indexes["jobs_eligible"]
+    assert "gin (tags)" in indexes["jobs_tags"]
+    assert "assignee_id" in indexes["jobs_active_assignee"]
+    assert "finalized_at" in indexes["jobs_completed"]
+    types = {
+        r[0]: r[1]
+        for r in await sql(
+            dsn,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = $1 AND table_name = 'jobs'",
+            schema,
+        )
+    }
+    assert types["created_at"] == "timestamp with time zone"
+    assert types["tags"] == "ARRAY"
+    rows = await sql(dsn, f'SELECT version FROM "{schema}".jobpool_version')
+    assert [r[0] for r in rows] == [SCHEMA_VERSION]
+
+
+async def test_many_processes_opening_a_fresh_schema_at_once(dsn: str, schema: str) -> None:
+    backends = [backend(dsn, schema, pool_min_size=0, pool_max_size=1) for _ in range(6)]
+    try:
+        await asyncio.gather(*(b.open() for b in backends))
+        await backends[0].insert(jobs(1))
+        assert [j.id for j in await backends[5].get_jobs(["job-0"])] == ["job-0"]
+    finally:
+        await asyncio.gather(*(b.close() for b in backends))
+
+
+async def test_newer_store_version_is_refused(dsn: str, schema: str) -> None:
+    q = await open_queue(dsn, schema)
+    await q.enqueue_job(Job("keep", "t"))
+    await q.close()
+    await sql(dsn, f'UPDATE "{schema}".jobpool_version SET version = $1', SCHEMA_VERSION + 1)
+    with pytest.raises(StorageError, match="newer"):
+        await open_queue(dsn, schema)
+    rows = await sql(dsn, f'SELECT id FROM "{schema}".jobs')
+    assert [r[0] for r in rows] == ["keep"]
+
+
+async def test_schema_holding_other_tables_is_refused_and_left_alone(dsn: str, schema: str) -> None:
+    await sql(dsn, f'CREATE SCHEMA "{schema}"')
+    await sql(dsn, f'CREATE TABLE "{schema}".jobs (x int)')
+    with pytest.raises(StorageError, match="not a jobpool store"):
+        await open_queue(dsn, schema)
+    tables = await sql(
+        dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema=$1", schema
+    )
+    assert [r[0] for r in tables] == ["jobs"]
+
+
+async def test_odd_schema_names_are_quoted(dsn: str) -> None:
+    name = 'jp test "odd"; DROP TABLE x; --' + new_schema_name()[-8:]
+    try:
+        async with await open_queue(dsn, name) as q, await open_queue(dsn, name) as other:
+            s = q.stream_jobs("w")
+            got = asyncio.ensure_future(s.__anext__())
+            await other.enqueue_job(Job("j", "t", tags=["a'b", 'c"d']))
+            batch = await asyncio.wait_for(got, DEADLINE)  # woken through NOTIFY
+            assert [j.id for j in batch] == ["j"]
+            await s.aclose()
+    finally:
+        await drop_postgres_schema(name.replace('"', '""'))
+
+
+async def test_calls_after_close_are_storage_errors(dsn: str, schema: str) -> None:
+    b = backend(dsn, schema)
+    await b.open()
+    await b.close()
+    await b.close()  # idempotent
+    with pytest.raises(StorageError):
+        await b.get_jobs(["x"])
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+async def test_every_field_round_trips_exactly(dsn: str, schema: str) -> None:
+    tz = timezone(timedelta(hours=5, minutes=30))
+    created = datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=tz)
+    job = Job(
+        "ü id/'\"",
+        "type",
+        b"\x00\xffpayload",
+        tags=["b", "a", "a", "x y", "quote'\"", "long" * 500],
+        created_at=created,
+    )
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_job(job)
+        got = await q.get_job(job.id)
+        assert got.created_at == created
+        assert got.created_at.tzinfo is UTC
+        assert got.created_at.utcoffset() == timedelta(0)
+        assert got.tags == ["b", "a", "x y", "quote'\"", "long" * 500]
+        assert got.job_definition == b"\x00\xffpayload"
+        assert got.result is None and got.error_message == ""
+        async with q.stream_jobs("w") as s:
+            (claimed,) = await s.__anext__()
+        assert claimed.assigned_at is not None and claimed.assigned_at.tzinfo is UTC
+        await q.fail_job(job.id, "boom \u00e9")
+    async with await open_queue(dsn, schema) as q:
+        again = await q.get_job(job.id)
+        assert again.status is JobStatus.FAILED_RETRY
+        assert again.started_at == claimed.started_at
+        assert again.retry_count == 1 and again.error_message == "boom \u00e9"
+        assert again.last_retry_at is not None and again.last_retry_at.tzinfo is UTC
+
+
+# --- waking across processes (two queues stand for two processes) -----------------------
+
+
+async def test_enqueue_in_one_process_wakes_a_stream_in_another(
+    queues: tuple[PoolQueue, PoolQueue],
+) -> None:
+    a, b = queues
+    async with a.stream_jobs("w", tags=["gpu"]) as s:
+        got = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0)
+        await b.enqueue_job(Job("cpu-job", "t", tags=["cpu"]))
+        start = time.monotonic()
+        await b.enqueue_job(Job("gpu-job", "t", tags=["gpu", "big"]))
+        batch = await asyncio.wait_for(got, DEADLINE)
+        latency = time.monotonic() - start
+    assert [j.id for j in batch] == ["gpu-job"]
+    assert latency < NO_POLL / 3  # far below the poll interval: pushed, not polled
+
+
+async def test_retry_and_recovery_in_one_process_wake_a_stream_in_another(
+    queues: tuple[PoolQueue, PoolQueue],
+) -> None:
+    a, b = queues
+    await b.enqueue_jobs(jobs(2))
+    async with b.stream_jobs("dies", max_assigned_jobs=2) as held:
+        first = await held.__anext__()
+        assert len(first) == 2
+        async with a.stream_jobs("w") as s:
+            got = asyncio.ensure_future(s.__anext__())
+            await b.fail_job("job-0", "boom")
+            assert [j.id for j in await asyncio.wait_for(got, DEADLINE)] == ["job-0"]
+            got = asyncio.ensure_future(s.__anext__())
+            await a.complete_job("job-0", b"ok")  # frees a's slot in a (no NOTIFY needed)
+            assert await b.mark_worker_unresponsive("dies") == 1
+            assert [j.id for j in await asyncio.wait_for(got, DEADLINE)] == ["job-1"]
+
+
+async def test_slot_freed_by_another_process_is_freed_here(
+    queues: tuple[PoolQueue, PoolQueue],
+) -> None:
+    a, b = queues
+    await b.enqueue_jobs(jobs(2))
+    async with a.stream_jobs("w", max_assigned_jobs=1) as s:
+        (first,) = await s.__anext__()
+        got = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0.05)
+        assert not got.done()  # its only slot is taken
+        await b.complete_job(first.id, b"done elsewhere")
+        (second,) = await asyncio.wait_for(got, DEADLINE)
+    assert {first.id, second.id} == {"job-0", "job-1"}
+
+
+async def test_cancel_in_one_process_reaches_the_cancel_listener_in_another(
+    queues: tuple[PoolQueue, PoolQueue],
+) -> None:
+    a, b = queues
+    await b.enqueue_job(Job("long", "t"))
+    heard = asyncio.Event()
+    cancelled: list[str] = []
+
+    def listener(job_id: str) -> None:
+        cancelled.append(job_id)
+        heard.set()
+
+    async with a.stream_jobs("w") as s:
+        s.add_cancel_listener(listener)
+        await s.__anext__()
+        result = await b.cancel_jobs(job_ids=["long"])
+        assert result.cancelled == ["long"]
+        await asyncio.wait_for(heard.wait(), DEADLINE)
+        assert cancelled == ["long"]
+        await a.acknowledge_cancellation({"long": True})
+    assert (await b.get_job("long")).status is JobStatus.STOPPED
+
+
+async def test_own_moves_send_no_notification(dsn: str, schema: str) -> None:
+    """A worker completing the jobs it claimed itself notifies nobody."""
+    q = await open_queue(dsn, schema)
+    b = q.backend
+    assert isinstance(b, PostgresBackend)
+    received: list[str] = []
+    fence = asyncio.Event()
+    conn = await asyncpg.connect(dsn)
+
+    def on_note(_c: Any, _pid: int, _ch: str, payload: object) -> None:
+        if payload == "fence":
+            fence.set()
+        else:
+            received.append(str(payload))
+
+    try:
+        await conn.add_listener(b.channel, on_note)
+        await q.enqueue_jobs(jobs(3))
+        async with q.stream_jobs("w", max_assigned_jobs=3) as s:
+            batch = await s.__anext__()
+            await q.complete_jobs({j.id: b"" for j in batch})
+        await conn.execute("SELECT pg_notify($1, 'fence')", b.channel)
+        await asyncio.wait_for(fence.wait(), DEADLINE)  # notifications arrive in commit order
+        assert len(received) == 1 and "initial_pending" in received[0]  # the enqueue only
+    finally:
+        await conn.close()
+        await q.close()
+
+
+async def test_a_large_change_is_announced_as_recheck(dsn: str, schema: str) -> None:
+    a = backend(dsn, schema)
+    b = backend(dsn, schema)
+    await a.open()
+    await b.open()
+    events: list[Sequence[Moved] | None] = []
+    got = asyncio.Event()
+
+    def listener(moved: Sequence[Moved] | None) -> None:
+        events.append(moved)
+        got.set()
+
+    try:
+        a.set_listener(listener)
+        many = [Job("x" * 200 + str(i), "t", tags=["t" * 100]) for i in range(100)]
+        await b.insert(many)
+        await asyncio.wait_for(got.wait(), DEADLINE)  # tag sets deduplicated: fits
+        assert events[0] is not None and {m.tags for m in events[0]} == {("t" * 100,)}
+        got.clear()
+        events.clear()
+        from jobpool_async._transitions import CANCEL
+        from jobpool_async.backends.base import Selection
+
+        out = await b.apply_selected(CANCEL, Selection(tags=("t" * 100,)), datetime.now(UTC))
+        assert len(out.moved) == 100
+        await asyncio.wait_for(got.wait(), DEADLINE)
+        assert events == [None]  # too big for one NOTIFY: "re-check"
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- connection loss ------------------------------------------------------------------
+
+
+async def test_lost_connections_are_reestablished_and_streams_recheck(
+    dsn: str, schema: str
+) -> None:
+    a = await open_queue(dsn, schema)
+    b = await open_queue(dsn, schema)
+    ba = a.backend
+    assert isinstance(ba, PostgresBackend)
+    rechecks: list[None] = []
+    original = a._on_backend_event
+
+    def spy(moved: Sequence[Moved] | None) -> None:
+        if moved is None:
+            rechecks.append(None)
+        original(moved)
+
+    ba.set_listener(spy)
+    try:
+        await a.enqueue_job(Job("before", "t"))
+        assert await terminate_connections(dsn, ba) >= 2  # pool and listener
+
+        async def usable() -> bool:
+            try:
+                await a.get_job_stats()
+            except StorageError:
+                return False
+            return True
+
+        await wait_for(usable, "the pool to reconnect")
+
+        async def rechecked() -> bool:
+            return bool(rechecks)
+
+        await wait_for(rechecked, "the listener to reconnect and ask for a re-check")
+        async with a.stream_jobs("w", max_assigned_jobs=2) as s:
+            assert [j.id for j in await s.__anext__()] == ["before"]
+            got = asyncio.ensure_future(s.__anext__())
+            await b.enqueue_job(Job("after", "t"))
+            assert [j.id for j in await asyncio.wait_for(got, DEADLINE)] == ["after"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_connection_loss_during_work_loses_and_duplicates_nothing(
+    dsn: str, schema: str
+) -> None:
+    """Connections killed again and again under load: failed calls raise StorageError,
+    the callers retry, and every job is completed exactly once."""
+    total = 300
+    q = await open_queue(dsn, schema, pool_max_size=4)
+    b = q.backend
+    assert isinstance(b, PostgresBackend)
+    errors: list[BaseException] = []
+    delivered: list[str] = []
+    stop = asyncio.Event()
+
+    async def retrying(call: Any) -> Any:
+        while True:
+            try:
+                return await call()
+            except StorageError as exc:
+                errors.append(exc)
+                await asyncio.sleep(0.01)
+
+    async def produce() -> None:
+        for i in range(0, total, 10):
+            batch = jobs(10, prefix=f"p{i}")
+            try:
+                await retrying(lambda batch=batch: q.enqueue_jobs(batch))
+            except DuplicateJobError as exc:  # a failed call had committed after all
+                errors.append(exc)
+
+    async def consume(name: str) -> None:
+        async with q.stream_jobs(name, max_assigned_jobs=5) as s:
+            while not stop.is_set():
+                try:
+                    batch = await s.__anext__()
+                except StorageError as exc:
+                    errors.append(exc)
+                    continue
+                except StopAsyncIteration:
+                    return
+                delivered.extend(j.id for j in batch)
+                ids = {j.id: b"ok" for j in batch}
+                await retrying(lambda ids=ids: q.complete_jobs(ids))
+
+    async def chaos() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            await terminate_connections(dsn, b)
+
+    async def watch() -> None:
+        async def done() -> bool:
+            stats = await retrying(q.get_job_stats)
+            return bool(stats.completed_jobs == total)
+
+        try:
+            await wait_for(done, "all jobs to complete", deadline=60)
+        finally:
+            stop.set()
+            for s in list(q._streams):
+                await s.aclose()
+
+    consumers = [asyncio.ensure_future(consume(f"w{i}")) for i in range(3)]
+    try:
+        await asyncio.gather(produce(), chaos(), watch(), *consumers)
+    finally:
+        stop.set()
+        await q.close()
+    assert errors, "the connections were never cut while in use"
+    assert all(isinstance(e, StorageError | DuplicateJobError) for e in errors)
+    assert len(delivered) == len(set(delivered)) == total, "a job was delivered twice or lost"
+
+
+# --- compare-and-set against races ---------------------------------------------------
+
+
+async def test_late_completion_and_recovery_never_overwrite_each_other(
+    queues: tuple[PoolQueue, PoolQueue],
+) -> None:
+    a, b = queues
+    n = 40
+    for round_ in range(5):
+        batch = jobs(n, prefix=f"r{round_}")
+        await a.enqueue_jobs(batch)
+        async with a.stream_jobs(f"w{round_}", max_assigned_jobs=n) as s:
+            claimed: list[Job] = []
+            while len(claimed) < n:
+                claimed += await s.__anext__()
+            half = [j.id for j in claimed[: n // 2]]
+            # cancel half so that stop_with_retry (CANCELLING only) races recovery too
+            await a.cancel_jobs(job_ids=half)
+            completing = a.complete_jobs({j.id: b"late" for j in claimed[n // 2 :]})
+            stopping = a.stop_jobs_with_retry(dict.fromkeys(half, "stopped"))
+            recovering = b.mark_worker_unresponsive(f"w{round_}")
+            outcome = await asyncio.gather(completing, stopping, recovering, return_exceptions=True)
+        stop_errors = outcome[1].errors if isinstance(outcome[1], BatchError) else {}
+        assert outcome[0] is None  # COMPLETE is allowed from RUNNING and UNKNOWN_RETRY
+        for job in await a.get_jobs([j.id for j in claimed]):
+            if job.id in half:
+                if job.id in stop_errors:  # recovery came first
+                    assert job.status is JobStatus.UNKNOWN_STOPPED
+                    err = stop_errors[job.id]
+                    assert isinstance(err, InvalidTransitionError)
+                    assert err.current is JobStatus.UNKNOWN_STOPPED
+                else:
+                    assert job.status is JobStatus.STOPPED and job.retry_count == 1
+            else:
+                assert job.status is JobStatus.COMPLETED and job.result == b"late"
+
+
+async def test_many_streams_in_many_instances_never_share_a_job(dsn: str, schema: str) -> None:
+    qs = [await open_queue(dsn, schema, pool_max_size=3) for _ in range(3)]
+    total = 400
+    seen: dict[str, str] = {}
+    dupes: list[str] = []
+    streams = [
+        q.stream_jobs(f"q{i}s{k}", max_assigned_jobs=7) for i, q in enumerate(qs) for k in range(3)
+    ]
+
+    async def consume(q: PoolQueue, s: Any) -> None:
+        async with s:
+            async for batch in s:
+                for j in batch:
+                    if j.id in seen:
+                        dupes.append(j.id)
+                    seen[j.id] = s.assignee_id
+                await q.complete_jobs({j.id: b"" for j in batch})
+                if len(seen) >= total:
+                    for other in streams:
+                        await other.aclose()
+
+    try:
+        await qs[0].enqueue_jobs(jobs(total))
+        await asyncio.wait_for(
+            asyncio.gather(*(consume(s._queue, s) for s in streams)), DEADLINE * 2
+        )
+        assert dupes == []
+        stats = await qs[0].get_job_stats()
+        assert stats.completed_jobs == total == len(seen)
+        assert stats.total_retries == 0
+    finally:
+        for q in qs:
+            await q.close()
+
+
+# --- separate OS processes -------------------------------------------------------------
+
+
+async def test_three_processes_stream_one_queue_without_duplicates(dsn: str, schema: str) -> None:
+    total = 300
+    async with await open_queue(dsn, schema) as q:  # creates the schema first
+        procs = [await run_child("stream", dsn, schema, f"p{i}", str(total)) for i in range(3)]
+        try:
+            for p in procs:
+                assert await line(p) == "ready"
+            for i in range(0, total, 25):  # enqueued while they stream: NOTIFY wakes them
+                await q.enqueue_jobs(jobs(25, prefix=f"b{i}"))
+            outs = [await finish(p) for p in procs]
+        finally:
+            for p in procs:
+                kill(p)
+        delivered = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+        everything = [job_id for d in delivered for job_id in d]
+        assert len(everything) == len(set(everything)) == total
+        assert all(d for d in delivered), "some process got no job at all"
+        done = await q.get_jobs([j for d in delivered for j in d])
+        assert all(j.status is JobStatus.COMPLETED and j.retry_count == 0 for j in done)
+        owner = {job_id: f"p{i}".encode() for i, d in enumerate(delivered) for job_id in d}
+        assert all(j.result == owner[j.id] for j in done)
+
+
+async def test_cancel_in_this_process_stops_a_worker_in_another(dsn: str, schema: str) -> None:
+    async with await open_queue(dsn, schema) as q:
+        proc = await run_child("worker", dsn, schema, "remote")
+        try:
+            assert await expect(proc, "ready") == ""
+            await q.enqueue_job(Job("slow", "t"))
+            assert await expect(proc, "started") == "slow"
+            start = time.monotonic()
+            result = await q.cancel_jobs(job_ids=["slow"])
+            assert result.cancelled == ["slow"]
+            assert await expect(proc, "cancelled") == "slow"
+            latency = time.monotonic() - start
+            assert latency < NO_POLL / 3  # pushed by NOTIFY, not found by polling
+
+            async def stopped() -> bool:
+                return (await q.get_job("slow")).status is JobStatus.STOPPED
+
+            await wait_for(stopped, "the worker to acknowledge the cancellation")
+            assert proc.stdin is not None
+            proc.stdin.close()
+            await finish(proc)
+        finally:
+            kill(proc)
+
+
+async def test_killed_worker_process_is_recovered_with_mark_worker_unresponsive(
+    dsn: str, schema: str
+) -> None:
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_jobs(jobs(3))
+        proc = await run_child("hold", dsn, schema, "doomed", "2")
+        try:
+            assert await line(proc) == "ready"
+            held = json.loads(await expect(proc, "holding"))
+            assert held == ["job-0", "job-1"]
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.wait_for(proc.wait(), DEADLINE)
+        finally:
+            kill(proc)
+        assert [j.status for j in await q.get_jobs(held)] == [JobStatus.RUNNING] * 2
+        assert await q.mark_worker_unresponsive("doomed") == 2
+        assert await q.mark_worker_unresponsive("doomed") == 0
+        assert [j.status for j in await q.get_jobs(held)] == [JobStatus.UNKNOWN_RETRY] * 2
+        async with q.stream_jobs("rescuer", max_assigned_jobs=3) as s:
+            got: list[Job] = []
+            while len(got) < 3:
+                got += await s.__anext__()
+        assert sorted(j.id for j in got) == ["job-0", "job-1", "job-2"]
+        assert all(j.assignee_id == "rescuer" for j in got)
+
+
+# --- claiming internals ------------------------------------------------------------------
+
+
+async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> None:
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        await b.insert(jobs(3000, tags=["a"]))
+        t = f'"{schema}".jobs'
+        await sql(dsn, f"UPDATE {t} SET status = 'completed', finalized_at = now() WHERE seq > 20")
+        await sql(dsn, f"ANALYZE {t}")
+        now = datetime.now(UTC)
+        for statement, args in (
+            (b._claim_sql, (now, "w", 10, "n")),
+            (b._claim_tags_sql, (now, "w", 10, "n", ["a"])),
+        ):
+            plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + statement, *args))
+            assert "Seq Scan" not in plan, plan
+            assert "jobs_eligible" in plan, plan
+    finally:
+        await b.close()
+
+
+async def test_jobs_of_a_claim_whose_answer_was_lost_are_given_back(
+    dsn: str, schema: str
+) -> None:
+    from jobpool_async.backends.postgres import LOST_CLAIM_MESSAGE
+
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        await b.insert(jobs(3))
+        lost = await b.claim("w", [], 2, datetime.now(UTC))
+        # As if that claim had raised StorageError after committing (see claim()):
+        b._orphans.append(f"{b._token}:{b._claims}")
+        again = await b.claim("w", [], 3, datetime.now(UTC))
+        assert b._orphans == []
+        assert sorted(j.id for j in again) == ["job-0", "job-1", "job-2"]
+        by_id = {j.id: j for j in again}
+        for j in lost:
+            assert by_id[j.id].retry_count == 1
+            assert by_id[j.id].error_message == LOST_CLAIM_MESSAGE
+        assert by_id["job-2"].retry_count == 0
+    finally:
+        await b.close()
+
+
+async def test_tag_filters_match_with_and(dsn: str, schema: str) -> None:
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_jobs(
+            [
+                Job("ab", "t", tags=["a", "b"]),
+                Job("a", "t", tags=["a"]),
+                Job("abc", "t", tags=["c", "b", "a"]),
+            ]
+        )
+        async with q.stream_jobs("w", tags=["b", "a"], max_assigned_jobs=5) as s:
+            assert sorted(j.id for j in await s.__anext__()) == ["ab", "abc"]
+        assert (await q.get_job_stats(["a"])).total_jobs == 3
+        assert (await q.get_job_stats(["c", "a"])).total_jobs == 1
