@@ -411,7 +411,7 @@ async def saq(n: int, c: int, url: str, time_limit: float) -> float:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await queue.disconnect()
-        await _redis_cleanup(url, [f"saq:{token}*"])
+        await _redis_cleanup(url, [f"saq:*{token}*"])
     problem = _check(n, seen)
     if problem:
         raise AssertionError(problem)

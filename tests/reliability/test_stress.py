@@ -193,6 +193,24 @@ async def _eligible_left(queue: PoolQueue) -> int:
     )
 
 
+async def _drain(world: World, final: Consumer, seed: int) -> None:
+    """Wait (polling storage, with a deadline) until no job is eligible any more."""
+    assert final.task is not None
+    try:
+        async with asyncio.timeout(scaled(60, 600)):
+            while await _eligible_left(world.queue):  # noqa: ASYNC110 - polls storage
+                if final.task.done():
+                    raise AssertionError(f"seed {seed}: final consumer ended: {final.task!r}")
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        jobs = await world.queue.get_jobs(world.ids)
+        waiting = [(j.id, j.status.value, j.tags) for j in jobs if j.status in ELIGIBLE]
+        raise AssertionError(
+            f"seed {seed}: eligible jobs never taken by a free stream: {waiting[:10]}; "
+            f"final stream holds {final.stream.assigned_job_ids}, task {final.task!r}"
+        ) from None
+
+
 async def test_streams_enqueuers_cancellers_and_chaos(make_backend: BackendFactory) -> None:
     seed = int(os.environ.get(SEED_ENV, "20261129"))
     rng = random.Random(seed)
@@ -222,9 +240,7 @@ async def test_streams_enqueuers_cancellers_and_chaos(make_backend: BackendFacto
             "final", queue.stream_jobs("final", max_assigned_jobs=8), 8
         )
         me.task = asyncio.create_task(_consume(world, me))
-        async with asyncio.timeout(120):
-            while await _eligible_left(queue):  # noqa: ASYNC110 - polling storage, deadline above
-                await asyncio.sleep(0.01)
+        await _drain(world, me, seed)
         for consumer in list(world.consumers.values()):
             await consumer.stream.aclose()
         results = await asyncio.gather(
