@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
@@ -229,11 +228,11 @@ class PostgresBackend(Backend):
                 command_timeout=self._command_timeout,
                 timeout=self._connect_timeout,
                 reset=_no_reset,
-                # Plans cached while the table was small (seq scans) would stay in use
-                # after it grows; a custom plan costs a fraction of a millisecond.
                 server_settings={
-                    "plan_cache_mode": os.environ.get("JP_PCM", "force_custom_plan"),
-                    "enable_seqscan": os.environ.get("JP_SEQ", "on"),
+                    # Every statement here has an index path. A plan cached while the
+                    # table was small (or its statistics stale) could otherwise keep a
+                    # sequential scan after it grows, until the next ANALYZE.
+                    "enable_seqscan": "off",
                     "application_name": self.application_name,
                 },
             )

@@ -56,6 +56,7 @@ async def _wait_ready(proc: asyncio.subprocess.Process, log: Path) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.timeout(scaled(120, 3600))
 @pytest.mark.parametrize("backend_name", ["sqlite", "leveldb"])
 async def test_sigkill_at_random_points(backend_name: str, tmp_path: Path) -> None:
     seed = int(os.environ.get("JOBPOOL_CRASH_SEED", "7"))

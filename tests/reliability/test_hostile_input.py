@@ -26,7 +26,7 @@ import jobpool_async
 from jobpool_async import Job, JobStats, JobStatus, PoolQueue
 
 from ..backends import BACKENDS, BackendFactory
-from .conftest import LoopRunner, hypothesis_settings
+from .conftest import LoopRunner, hypothesis_settings, scaled
 
 # --- strategies ------------------------------------------------------------------------
 
@@ -105,6 +105,7 @@ async def _first_batch(queue: PoolQueue, assignee: str, tags: list[str]) -> list
 # --- round trips -----------------------------------------------------------------------
 
 
+@pytest.mark.timeout(scaled(120, 3600))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_hostile_values_round_trip(backend_name: str, tmp_path: Path) -> None:
     """Ids, job types, tags, payloads, messages and results come back exactly; claims,
@@ -176,6 +177,7 @@ async def _round_trip(queue: PoolQueue, job: Job, message: str, result: bytes) -
     assert await queue.get_jobs([job.id]) == []
 
 
+@pytest.mark.timeout(scaled(120, 3600))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_tag_filters_match_exactly(backend_name: str, tmp_path: Path) -> None:
     """Separators, wildcards and quotes in tags never widen or narrow a match:
@@ -348,6 +350,7 @@ async def test_bad_stream_arguments_raise_at_once(queue: PoolQueue, case: str) -
     assert await snapshot(queue, known) == before
 
 
+@pytest.mark.timeout(scaled(120, 3600))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_generated_wrong_types_are_rejected(backend_name: str, tmp_path: Path) -> None:
     """Any non-``str`` id or tag and any non-``bytes`` payload: TypeError/ValueError, no write."""

@@ -37,6 +37,7 @@ async def _ready(procs: list[asyncio.subprocess.Process], logs: list[Path]) -> N
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.timeout(scaled(120, 1800))
 @pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
 async def test_each_job_handed_out_once_across_processes(backend_name: str, tmp_path: Path) -> None:
     schema = new_schema_name() if backend_name == "postgres" else None
