@@ -157,14 +157,34 @@ class CancelResult:
 # --- validation -----------------------------------------------------------------------
 
 
+def is_storable_text(text: str) -> bool:
+    """Text every backend stores exactly: valid Unicode (no lone surrogates), no NUL."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(text: str, what: str) -> None:
+    if "\x00" in text:
+        raise ValueError(f"{what} must not contain NUL: {text[:80]!r}")
+    if not is_storable_text(text):
+        raise ValueError(f"{what} is not valid Unicode (it has a lone surrogate): {text[:80]!r}")
+
+
 def check_id(job_id: object, what: str = "job id") -> str:
-    """A job id: non-empty ``str`` without NUL."""
+    """A job id: non-empty ``str`` of valid Unicode without NUL."""
     if not isinstance(job_id, str):
         raise TypeError(f"{what} must be str, got {type(job_id).__name__}")
     if not job_id:
         raise ValueError(f"{what} must not be empty")
-    if "\x00" in job_id:
-        raise ValueError(f"{what} must not contain NUL: {job_id!r}")
+    if not job_id.isascii() or "\x00" in job_id:
+        _check_text(job_id, what)
     return job_id
 
 
@@ -186,8 +206,8 @@ def check_tags(tags: object, what: str = "tags") -> list[str]:
             raise TypeError(f"each tag must be str, got {type(tag).__name__}: {tag!r}")
         if not tag:
             raise ValueError("a tag must not be empty")
-        if "\x00" in tag:
-            raise ValueError(f"a tag must not contain NUL: {tag!r}")
+        if not tag.isascii() or "\x00" in tag:
+            _check_text(tag, "a tag")
         out[tag] = None
     return list(out)
 
@@ -215,6 +235,8 @@ def check_message(value: object, what: str = "error_message", *, required: bool 
         raise TypeError(f"{what} must be str, got {type(value).__name__}")
     if required and not value:
         raise ValueError(f"{what} must not be empty")
+    if not value.isascii() or "\x00" in value:
+        _check_text(value, what)
     return value
 
 
@@ -231,7 +253,7 @@ def _plain_tags(tags: object) -> bool:
     if type(tags) is not list:
         return False
     for tag in tags:
-        if type(tag) is not str or not tag or "\x00" in tag:
+        if type(tag) is not str or not tag or not is_storable_text(tag):
             return False
     return len(set(tags)) == len(tags)
 
@@ -247,9 +269,9 @@ def check_new_job(job: object) -> Job:
         type(job) is Job
         and type(job.id) is str
         and job.id
-        and "\x00" not in job.id
+        and is_storable_text(job.id)
         and type(job.job_type) is str
-        and "\x00" not in job.job_type
+        and is_storable_text(job.job_type)
         and type(job.job_definition) is bytes
         and job.status is JobStatus.INITIAL_PENDING
         and type(job.created_at) is datetime
@@ -261,7 +283,9 @@ def check_new_job(job: object) -> Job:
         and job.result is None
         and job.retry_count == 0
         and type(job.error_message) is str
+        and is_storable_text(job.error_message)
         and type(job.assignee_id) is str
+        and is_storable_text(job.assignee_id)
         and _plain_tags(job.tags)
     ):
         return Job(
@@ -289,8 +313,7 @@ def _check_new_job_slow(job: object) -> Job:
     check_id(job.id)
     if not isinstance(job.job_type, str):
         raise TypeError(f"job {job.id!r}: job_type must be str, got {type(job.job_type).__name__}")
-    if "\x00" in job.job_type:
-        raise ValueError(f"job {job.id!r}: job_type must not contain NUL")
+    _check_text(job.job_type, f"job {job.id!r}: job_type")
     check_bytes(job.job_definition, f"job {job.id!r}: job_definition")
     tags = check_tags(job.tags, f"job {job.id!r}: tags")
     if not isinstance(job.status, JobStatus) or job.status is not JobStatus.INITIAL_PENDING:
@@ -311,6 +334,7 @@ def _check_new_job_slow(job: object) -> Job:
         raise ValueError(f"job {job.id!r}: retry_count must not be negative")
     if not isinstance(job.assignee_id, str):
         raise TypeError(f"job {job.id!r}: assignee_id must be str")
+    _check_text(job.assignee_id, f"job {job.id!r}: assignee_id")
     return Job(
         id=job.id,
         job_type=job.job_type,

@@ -40,7 +40,6 @@ _Key = tuple[datetime, int, str]
 class MemoryBackend(Backend):
     """Jobs kept in this process's memory; gone when the process ends."""
 
-
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}

@@ -119,6 +119,12 @@ async def _no_reset(conn: Connection) -> None:
     """
 
 
+# Lock ordering: every statement that may wait for row locks on several jobs first
+# locks them in ``seq`` order (a ``SELECT … ORDER BY seq FOR UPDATE`` CTE that the
+# UPDATE/DELETE waits for), so two batch calls never deadlock; claims use SKIP LOCKED
+# and never wait at all.
+
+
 def _storage_error_types() -> tuple[type[BaseException], ...]:
     return (
         asyncpg.PostgresError,
@@ -190,10 +196,10 @@ class PostgresBackend(Backend):
         self._closed = False
         self._opened = False
         self._sql_cache: dict[int, tuple[Transition, str]] = {}
-        self._sel_cache: dict[tuple[Any, ...], str] = {}
         self._claims = 0
         #: Nonces of claims that failed and may have committed (see :meth:`claim`).
         self._orphans: list[str] = []
+        self._insert_sql = self._build_insert_sql()
         self._claim_sql = self._build_claim_sql(False)
         self._claim_tags_sql = self._build_claim_sql(True)
 
@@ -233,6 +239,9 @@ class PostgresBackend(Backend):
                     # table was small (or its statistics stale) could otherwise keep a
                     # sequential scan after it grows, until the next ANALYZE.
                     "enable_seqscan": "off",
+                    # ...which makes any unavoidable full scan look so costly that the
+                    # JIT compiler would start (130 ms for a 5-row stats query): no JIT.
+                    "jit": "off",
                     "application_name": self.application_name,
                 },
             )
@@ -283,9 +292,19 @@ class PostgresBackend(Backend):
             await conn.execute(
                 f"""
                 CREATE SCHEMA IF NOT EXISTS {s};
+                -- Tags and ids may be any length: B-tree and GIN entries may not (about
+                -- 2.7 kB). So ids are unique through a hash exclusion constraint (exact
+                -- equality, no size limit), and tags are indexed by short keys: the tag
+                -- itself when short, else its SHA-256; queries recheck the real tags.
+                CREATE FUNCTION {s}.tag_keys(text[]) RETURNS text[]
+                    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+                    SELECT coalesce(array_agg(CASE WHEN octet_length(k) <= 256 THEN k
+                        ELSE 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') END),
+                        '{{}}'::text[])
+                    FROM unnest($1) AS k $fn$;
                 CREATE TABLE {t} (
-                    id text PRIMARY KEY,
-                    seq bigserial NOT NULL,
+                    id text NOT NULL,
+                    seq bigserial PRIMARY KEY,
                     job_type text NOT NULL,
                     job_definition bytea NOT NULL,
                     tags text[] NOT NULL,
@@ -299,14 +318,15 @@ class PostgresBackend(Backend):
                     last_retry_at timestamptz,
                     assignee_id text NOT NULL,
                     assigned_at timestamptz,
-                    claimed_by text
+                    claimed_by text,
+                    CONSTRAINT jobs_id_unique EXCLUDE USING hash (id WITH =)
                 );
                 CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
                     WHERE status IN {_ELIGIBLE};
-                CREATE INDEX jobs_tags ON {t} USING gin (tags);
-                CREATE INDEX jobs_eligible_tags ON {t} USING gin (tags)
+                CREATE INDEX jobs_tags ON {t} USING gin ({s}.tag_keys(tags));
+                CREATE INDEX jobs_eligible_tags ON {t} USING gin ({s}.tag_keys(tags))
                     WHERE status IN {_ELIGIBLE};
-                CREATE INDEX jobs_active_assignee ON {t} (assignee_id)
+                CREATE INDEX jobs_active_assignee ON {t} USING hash (assignee_id)
                     WHERE status IN {_ACTIVE};
                 CREATE INDEX jobs_completed ON {t} (finalized_at)
                     WHERE status = '{JobStatus.COMPLETED.value}';
@@ -365,7 +385,9 @@ class PostgresBackend(Backend):
         return conn
 
     def _on_listen_lost(self, conn: Any) -> None:
-        self._listen_lost.set()
+        current = self._listen_conn
+        if current is None or current is conn:  # not a late call about a replaced one
+            self._listen_lost.set()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         listener = self._listener
@@ -415,7 +437,10 @@ class PostgresBackend(Backend):
             delay = 0.05
             listener = self._listener
             if listener is not None:  # notifications may have been missed meanwhile
-                listener(None)
+                try:
+                    listener(None)
+                except Exception:
+                    logger.exception("PostgreSQL notification listener failed")
 
     # --- SQL building -------------------------------------------------------------
 
@@ -444,7 +469,7 @@ class PostgresBackend(Backend):
         """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
         move them to RUNNING (compare-and-set on the status again, in the same statement)."""
         t = self._t
-        tag_cond = "AND tags @> $5::text[]" if with_tags else ""
+        tag_cond = f"AND {self._tag_match('tags', '$5')}" if with_tags else ""
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
         return f"""
             WITH picked AS (
@@ -458,6 +483,25 @@ class PostgresBackend(Backend):
             WHERE {t}.id = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
             RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
 
+    def _build_insert_sql(self) -> str:
+        """Insert a batch from parallel arrays (tags as slices of one flat array), in input
+        order (so ``seq`` follows it), and send the enqueue notification, in one statement."""
+        return f"""
+            WITH ins AS (
+                INSERT INTO {self._t} ({_COLS})
+                SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
+                       '{JobStatus.INITIAL_PENDING.value}', u.created_at, u.started_at,
+                       u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat
+                FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
+                            $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                            $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
+                            $14::text[], $15::timestamptz[])
+                     WITH ORDINALITY AS u(id, job_type, def, ts, te, created_at, started_at,
+                                          finalized_at, err, res, rc, lra, aid, aat, ord)
+                ORDER BY u.ord
+                RETURNING 1)
+            SELECT count(*), pg_notify('{self.channel}', $16::text) FROM ins"""
+
     def _apply_sql(self, transition: Transition) -> str:
         cached = self._sql_cache.get(id(transition))
         if cached is not None and cached[0] is transition:
@@ -467,9 +511,12 @@ class PostgresBackend(Backend):
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
                        FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)),
+            lk AS (SELECT k.seq FROM {t} k WHERE k.id IN (SELECT cid FROM c)
+                   ORDER BY k.seq FOR UPDATE OF k),
             moved AS (
                 UPDATE {t} SET {sets}
                 FROM c WHERE {t}.id = c.cid AND {t}.status IN {in_list(transition.sources)}
+                  AND (SELECT count(*) FROM lk) >= 0
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
             {self._note("moved")}
             SELECT true AS moved, id, status, tags FROM moved
@@ -481,9 +528,14 @@ class PostgresBackend(Backend):
         self._sql_cache[id(transition)] = (transition, sql)
         return sql
 
-    @staticmethod
+    def _tag_match(self, column: str, param: str) -> str:
+        """Jobs carrying every tag in ``param``: the GIN index on short tag keys finds
+        candidates, the comparison of the real tags decides (a hash never does)."""
+        keys = f"{self._s}.tag_keys"
+        return f"({keys}({column}) @> {keys}({param}::text[]) AND {column} @> {param}::text[])"
+
     def _selection_sql(
-        selection: Selection, alias: str, first: int
+        self, selection: Selection, alias: str, first: int
     ) -> tuple[str, list[Any], int | None]:
         """A WHERE condition for ``selection`` on ``alias``, with placeholders from ``$first``.
 
@@ -503,7 +555,7 @@ class PostgresBackend(Backend):
             parts.append(f"{alias}.id = ANY(${ids_at}::text[])")
         if selection.tags:
             args.append(list(selection.tags))
-            parts.append(f"{alias}.tags @> ${first + len(args) - 1}::text[]")
+            parts.append(self._tag_match(f"{alias}.tags", f"${first + len(args) - 1}"))
         return ("(" + " OR ".join(parts) + ")" if parts else "FALSE"), args, ids_at
 
     # --- the contract -------------------------------------------------------------
@@ -535,21 +587,6 @@ class PostgresBackend(Backend):
         )
         if len(payload.encode()) > _MAX_PAYLOAD:
             payload = self._token
-        sql = f"""
-            WITH ins AS (
-                INSERT INTO {self._t} ({_COLS})
-                SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
-                       '{JobStatus.INITIAL_PENDING.value}', u.created_at, u.started_at,
-                       u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat
-                FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
-                            $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
-                            $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
-                            $14::text[], $15::timestamptz[])
-                     WITH ORDINALITY AS u(id, job_type, def, ts, te, created_at, started_at,
-                                          finalized_at, err, res, rc, lra, aid, aat, ord)
-                ORDER BY u.ord
-                RETURNING 1)
-            SELECT count(*), pg_notify('{self.channel}', $16::text) FROM ins"""
         args = [
             [j.id for j in jobs],
             [j.job_type for j in jobs],
@@ -571,8 +608,8 @@ class PostgresBackend(Backend):
         with self._errors("insert"):
             assert self._pool is not None
             try:
-                await self._pool.execute(sql, *args)
-            except asyncpg.UniqueViolationError:
+                await self._pool.execute(self._insert_sql, *args)
+            except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 existing = await self._pool.fetch(
                     f"SELECT id FROM {self._t} WHERE id = ANY($1::text[])", args[0]
                 )
@@ -694,10 +731,13 @@ class PostgresBackend(Backend):
         args: list[Any] = [now, *sel_args]
         sets = set_clause(transition, now="$1::timestamptz")
         sql = f"""
-            WITH moved AS (
+            WITH lk AS (SELECT {t}.seq FROM {t} WHERE {cond}
+                        AND {t}.status IN {in_list(transition.sources)}
+                        ORDER BY {t}.seq FOR UPDATE),
+            moved AS (
                 UPDATE {t} SET {sets}
                 WHERE {cond} AND {t}.status IN {in_list(transition.sources)}
-                  AND $1::timestamptz IS NOT NULL
+                  AND $1::timestamptz IS NOT NULL AND (SELECT count(*) FROM lk) >= 0
                 RETURNING id, status, tags, seq, claimed_by),
             {self._note("moved")}
             SELECT 1 AS kind, id, status, tags, seq FROM moved
@@ -757,7 +797,7 @@ class PostgresBackend(Backend):
         sql = f"SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM {self._t}"
         args: list[Any] = []
         if tags:
-            sql += " WHERE tags @> $1::text[]"
+            sql += f" WHERE {self._tag_match('tags', '$1')}"
             args.append(list(tags))
         sql += " GROUP BY status"
         with self._errors("read"):
@@ -769,7 +809,8 @@ class PostgresBackend(Backend):
         t = self._t
         cond, args, _ = self._selection_sql(selection, "j", 1)
         sql = f"""
-            WITH sel AS (SELECT j.id, j.status, j.seq FROM {t} j WHERE {cond} FOR UPDATE),
+            WITH sel AS (SELECT j.id, j.status, j.seq FROM {t} j WHERE {cond}
+                         ORDER BY j.seq FOR UPDATE),
             bad AS (SELECT id, seq FROM sel WHERE status NOT IN {_FINAL}),
             del AS (DELETE FROM {t} d USING sel WHERE d.id = sel.id
                     AND NOT EXISTS (SELECT 1 FROM bad) RETURNING d.id)
@@ -787,8 +828,9 @@ class PostgresBackend(Backend):
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
         sql = (
-            f"DELETE FROM {self._t} WHERE status = '{JobStatus.COMPLETED.value}' "
-            "AND finalized_at <= $1::timestamptz"
+            f"DELETE FROM {self._t} WHERE seq IN (SELECT seq FROM {self._t} "
+            f"WHERE status = '{JobStatus.COMPLETED.value}' AND finalized_at <= $1::timestamptz "
+            "ORDER BY seq FOR UPDATE)"
         )
         with self._errors("delete"):
             assert self._pool is not None

@@ -221,14 +221,25 @@ class LevelDBInjector(Injector):
 
         self.armed = False
         self.ops = 0
+        self.db: _DBProxy | None = None
         real_db = plyvel.DB
-        monkeypatch.setattr(plyvel, "DB", lambda *a, **k: _DBProxy(real_db(*a, **k), self))
+
+        def open_db(*args: Any, **kwargs: Any) -> _DBProxy:
+            self.db = _DBProxy(real_db(*args, **kwargs), self)
+            return self.db
+
+        monkeypatch.setattr(plyvel, "DB", open_db)
 
     async def arm(self) -> None:
         self.armed, self.ops = True, 0
 
     async def disarm(self) -> None:
         self.armed = False
+
+    async def raw(self) -> object:
+        """Every key and value in the store (read through the backend's own handle)."""
+        assert self.db is not None
+        return list(self.db.iterator())
 
 
 # --- scenarios: each sets up jobs, then runs one call with VICTIM mid-batch ---------------

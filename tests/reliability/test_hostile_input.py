@@ -61,8 +61,8 @@ TRICKY = [
     "None",
     "a\nb",
     "a\tb",
-    "ä",
-    "ä",
+    "\u00e4",
+    "a\u0308",  # the same letter decomposed: must stay distinct from "\u00e4"
     "\u202eevil",
     "🙂",
     "\x7f",
@@ -438,7 +438,10 @@ async def test_lone_surrogates_round_trip_or_are_rejected(queue: PoolQueue, fiel
         assert (stored.id, stored.job_type, stored.tags) == (job.id, job.job_type, job.tags)
 
     await _accepted_exactly_or_rejected(
-        queue, queue.enqueue_jobs([Job("before", "t"), job]), check, ["before", job.id]
+        queue,
+        queue.enqueue_jobs([Job("before", "t"), job]),
+        check,
+        ["before"] if field == "id" else ["before", job.id],  # a bad id can't be looked up
     )
 
 

@@ -857,6 +857,10 @@ class QueueMachine(RuleBasedStateMachine):
             assert len(held) <= ms.max_assigned
 
 
+#: Examples per backend in the ``ci`` profile (the ``long`` profile runs 500 on each).
+CI_EXAMPLES = {"memory": 150, "sqlite": 40, "leveldb": 40, "postgres": 30}
+
+
 @pytest.mark.timeout(scaled(240, 7200))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_queue_state_machine(backend_name: str, tmp_path: Path) -> None:
@@ -867,7 +871,7 @@ def test_queue_state_machine(backend_name: str, tmp_path: Path) -> None:
         {"backend_name": backend_name, "base_dir": tmp_path},
     )
     LoopRunner(backend_name, tmp_path).close()  # skip/fail early if the backend is unavailable
-    # The in-memory store is cheap: it gets more examples, exploring the core state machine
-    # (the one transition table every backend applies) more deeply.
-    extra = {"max_examples": 150} if backend_name == "memory" and profile_name() == "ci" else {}
+    # In CI the in-memory store, which is cheap, gets more examples: it explores the core
+    # state machine (the one transition table every backend applies) more deeply.
+    extra = {"max_examples": CI_EXAMPLES[backend_name]} if profile_name() == "ci" else {}
     run_state_machine_as_test(machine, settings=hypothesis_settings(**extra))
