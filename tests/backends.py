@@ -65,6 +65,7 @@ async def drop_postgres_schema(schema: str) -> None:
 
     conn = await asyncpg.connect(postgres_dsn())
     try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        quoted = '"' + schema.replace('"', '""') + '"'
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quoted} CASCADE")
     finally:
         await conn.close()

@@ -540,6 +540,7 @@ async def test_connection_loss_during_work_loses_and_duplicates_nothing(
                 await retrying(lambda batch=batch: q.enqueue_jobs(batch))
             except DuplicateJobError as exc:  # a failed call had committed after all
                 errors.append(exc)
+            await asyncio.sleep(0.01)  # spread the work over the chaos window
 
     async def consume(name: str) -> None:
         async with q.stream_jobs(name, max_assigned_jobs=5) as s:
@@ -556,9 +557,12 @@ async def test_connection_loss_during_work_loses_and_duplicates_nothing(
                 await retrying(lambda ids=ids: q.complete_jobs(ids))
 
     async def chaos() -> None:
-        # as a server restarting several times during use; then it stays up
-        for _ in range(8):
-            await asyncio.sleep(0.1)
+        # as a server restarting several times during use (at least until a call has
+        # seen it fail, and at most 40 times); then it stays up
+        for cut in range(40):
+            if stop.is_set() or (cut >= 8 and errors):
+                return
+            await asyncio.sleep(0.05)
             await terminate_connections(dsn, b)
 
     async def watch() -> None:
