@@ -82,6 +82,18 @@ _COLS = (
     "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
 )
 _STATUS = {s.value: s for s in JobStatus}
+_TAG_KEY_MAX = 256
+
+
+def tag_key(tag: str) -> str:
+    """The indexed form of a tag: itself when short, else its SHA-256 (B-tree and GIN
+    entries are limited to about 2.7 kB). Must equal the schema's ``tag_keys()``."""
+    raw = tag.encode("utf-8")
+    if len(raw) <= _TAG_KEY_MAX:
+        return tag
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
 _ELIGIBLE = in_list(ELIGIBLE)
 _ACTIVE = in_list(ACTIVE)
 _FINAL = in_list(FINAL)
@@ -119,10 +131,11 @@ async def _no_reset(conn: Connection) -> None:
     """
 
 
-# Lock ordering: every statement that may wait for row locks on several jobs first
-# locks them in ``seq`` order (a ``SELECT … ORDER BY seq FOR UPDATE`` CTE that the
-# UPDATE/DELETE waits for), so two batch calls never deadlock; claims use SKIP LOCKED
-# and never wait at all.
+# Lock ordering: every statement that may wait for row locks on several jobs takes
+# them in ``id_key`` order, so two batch calls never deadlock: ``apply`` walks its
+# input sorted by key; selections and deletes lock first with a
+# ``SELECT … ORDER BY id_key FOR UPDATE`` CTE that the UPDATE/DELETE waits for.
+# Claims use SKIP LOCKED and never wait at all.
 
 
 def _storage_error_types() -> tuple[type[BaseException], ...]:
@@ -293,21 +306,28 @@ class PostgresBackend(Backend):
                 f"""
                 CREATE SCHEMA IF NOT EXISTS {s};
                 -- Tags and ids may be any length: B-tree and GIN entries may not (about
-                -- 2.7 kB). So ids are unique through a hash exclusion constraint (exact
-                -- equality, no size limit), and tags are indexed by short keys: the tag
-                -- itself when short, else its SHA-256; queries recheck the real tags.
+                -- 2.7 kB). So both are indexed by short keys, written once at insert: the
+                -- text itself when short, else its SHA-256 (id_key, the primary key, and
+                -- tag_keys); queries also compare the real text. id_key() and tag_keys()
+                -- make the same keys for query parameters.
                 CREATE FUNCTION {s}.tag_keys(text[]) RETURNS text[]
                     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
-                    SELECT coalesce(array_agg(CASE WHEN octet_length(k) <= 256 THEN k
+                    SELECT coalesce(array_agg(CASE WHEN octet_length(k) <= {_TAG_KEY_MAX} THEN k
                         ELSE 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') END),
                         '{{}}'::text[])
                     FROM unnest($1) AS k $fn$;
+                CREATE FUNCTION {s}.id_key(text) RETURNS text
+                    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+                    SELECT CASE WHEN octet_length($1) <= {_TAG_KEY_MAX} THEN $1
+                        ELSE 'sha256:' || encode(sha256(convert_to($1, 'UTF8')), 'hex') END $fn$;
                 CREATE TABLE {t} (
+                    id_key text PRIMARY KEY,
                     id text NOT NULL,
-                    seq bigserial PRIMARY KEY,
+                    seq bigserial NOT NULL,
                     job_type text NOT NULL,
                     job_definition bytea NOT NULL,
                     tags text[] NOT NULL,
+                    tag_keys text[] NOT NULL,
                     status text NOT NULL,
                     created_at timestamptz NOT NULL,
                     started_at timestamptz,
@@ -318,13 +338,12 @@ class PostgresBackend(Backend):
                     last_retry_at timestamptz,
                     assignee_id text NOT NULL,
                     assigned_at timestamptz,
-                    claimed_by text,
-                    CONSTRAINT jobs_id_unique EXCLUDE USING hash (id WITH =)
+                    claimed_by text
                 );
                 CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
                     WHERE status IN {_ELIGIBLE};
-                CREATE INDEX jobs_tags ON {t} USING gin ({s}.tag_keys(tags));
-                CREATE INDEX jobs_eligible_tags ON {t} USING gin ({s}.tag_keys(tags))
+                CREATE INDEX jobs_tags ON {t} USING gin (tag_keys);
+                CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
                     WHERE status IN {_ELIGIBLE};
                 CREATE INDEX jobs_active_assignee ON {t} USING hash (assignee_id)
                     WHERE status IN {_ACTIVE};
@@ -473,14 +492,14 @@ class PostgresBackend(Backend):
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
         return f"""
             WITH picked AS (
-                SELECT id AS pid FROM {t}
+                SELECT id_key AS pid FROM {t}
                 WHERE status IN {_ELIGIBLE} {tag_cond}
                 ORDER BY COALESCE(last_retry_at, created_at), seq
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED)
             UPDATE {t} SET {sets}, claimed_by = $4::text
             FROM picked
-            WHERE {t}.id = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
+            WHERE {t}.id_key = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
             RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
 
     def _build_insert_sql(self) -> str:
@@ -488,10 +507,11 @@ class PostgresBackend(Backend):
         order (so ``seq`` follows it), and send the enqueue notification, in one statement."""
         return f"""
             WITH ins AS (
-                INSERT INTO {self._t} ({_COLS})
+                INSERT INTO {self._t} ({_COLS}, tag_keys, id_key)
                 SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
                        '{JobStatus.INITIAL_PENDING.value}', u.created_at, u.started_at,
-                       u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat
+                       u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat,
+                       ($17::text[])[u.ts:u.te], {self._s}.id_key(u.id)
                 FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
                             $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
                             $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
@@ -510,29 +530,34 @@ class PostgresBackend(Backend):
         sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
-                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)),
-            lk AS (SELECT k.seq FROM {t} k WHERE k.id IN (SELECT cid FROM c)
-                   ORDER BY k.seq FOR UPDATE OF k),
+                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
+                       ORDER BY {self._s}.id_key(u.cid)),
             moved AS (
                 UPDATE {t} SET {sets}
-                FROM c WHERE {t}.id = c.cid AND {t}.status IN {in_list(transition.sources)}
-                  AND (SELECT count(*) FROM lk) >= 0
+                FROM c WHERE {t}.id_key = {self._s}.id_key(c.cid) AND {t}.id = c.cid
+                  AND {t}.status IN {in_list(transition.sources)}
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
             {self._note("moved")}
             SELECT true AS moved, id, status, tags FROM moved
             WHERE (SELECT count(*) FROM note) >= 0
             UNION ALL
             SELECT false, c.cid, j.status, NULL::text[]
-            FROM c LEFT JOIN {t} j ON j.id = c.cid
+            FROM c LEFT JOIN {t} j ON j.id_key = {self._s}.id_key(c.cid) AND j.id = c.cid
             WHERE c.cid NOT IN (SELECT id FROM moved)"""
         self._sql_cache[id(transition)] = (transition, sql)
         return sql
 
+    def _id_match(self, prefix: str, param: str) -> str:
+        """Jobs whose id is in the text array ``param``, found by their short keys."""
+        keys = f"ARRAY(SELECT {self._s}.id_key(x) FROM unnest({param}::text[]) AS x)"
+        return f"({prefix}id_key = ANY({keys}) AND {prefix}id = ANY({param}::text[]))"
+
     def _tag_match(self, column: str, param: str) -> str:
         """Jobs carrying every tag in ``param``: the GIN index on short tag keys finds
         candidates, the comparison of the real tags decides (a hash never does)."""
-        keys = f"{self._s}.tag_keys"
-        return f"({keys}({column}) @> {keys}({param}::text[]) AND {column} @> {param}::text[])"
+        keys_column = column[: -len("tags")] + "tag_keys"
+        wanted = f"{self._s}.tag_keys({param}::text[])"
+        return f"({keys_column} @> {wanted} AND {column} @> {param}::text[])"
 
     def _selection_sql(
         self, selection: Selection, alias: str, first: int
@@ -552,7 +577,7 @@ class PostgresBackend(Backend):
         if selection.job_ids:
             ids_at = first + len(args)
             args.append(list(selection.job_ids))
-            parts.append(f"{alias}.id = ANY(${ids_at}::text[])")
+            parts.append(self._id_match(f"{alias}.", f"${ids_at}"))
         if selection.tags:
             args.append(list(selection.tags))
             parts.append(self._tag_match(f"{alias}.tags", f"${first + len(args) - 1}"))
@@ -604,6 +629,7 @@ class PostgresBackend(Backend):
             [j.assignee_id for j in jobs],
             [j.assigned_at for j in jobs],
             payload,
+            [tag_key(tag) for tag in flat],
         ]
         with self._errors("insert"):
             assert self._pool is not None
@@ -611,7 +637,7 @@ class PostgresBackend(Backend):
                 await self._pool.execute(self._insert_sql, *args)
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 existing = await self._pool.fetch(
-                    f"SELECT id FROM {self._t} WHERE id = ANY($1::text[])", args[0]
+                    f"SELECT id FROM {self._t} WHERE {self._id_match('', '$1')}", args[0]
                 )
                 found = {r[0] for r in existing}
                 dup = next((j.id for j in jobs if j.id in found), None)
@@ -696,7 +722,8 @@ class PostgresBackend(Backend):
                         )
             if stale:
                 fresh = await self._pool.fetch(
-                    f"SELECT id, status FROM {self._t} WHERE id = ANY($1::text[])", list(stale)
+                    f"SELECT id, status FROM {self._t} WHERE {self._id_match('', '$1')}",
+                    list(stale),
                 )
                 current = {r[0]: _STATUS[r[1]] for r in fresh}
                 for job_id, transition in stale.items():
@@ -731,9 +758,9 @@ class PostgresBackend(Backend):
         args: list[Any] = [now, *sel_args]
         sets = set_clause(transition, now="$1::timestamptz")
         sql = f"""
-            WITH lk AS (SELECT {t}.seq FROM {t} WHERE {cond}
+            WITH lk AS (SELECT {t}.id_key FROM {t} WHERE {cond}
                         AND {t}.status IN {in_list(transition.sources)}
-                        ORDER BY {t}.seq FOR UPDATE),
+                        ORDER BY {t}.id_key FOR UPDATE),
             moved AS (
                 UPDATE {t} SET {sets}
                 WHERE {cond} AND {t}.status IN {in_list(transition.sources)}
@@ -752,7 +779,8 @@ class PostgresBackend(Backend):
             UNION ALL
             SELECT 0, x.id, NULL, NULL::text[], x.ord FROM unnest(${ids_at}::text[])
                 WITH ORDINALITY AS x(id, ord)
-            WHERE NOT EXISTS (SELECT 1 FROM {t} e WHERE e.id = x.id)"""
+            WHERE NOT EXISTS (SELECT 1 FROM {t} e
+                              WHERE e.id_key = {self._s}.id_key(x.id) AND e.id = x.id)"""
         with self._errors("update"):
             assert self._pool is not None
             rows = await self._pool.fetch(sql, *args)
@@ -777,7 +805,7 @@ class PostgresBackend(Backend):
         with self._errors("read"):
             assert self._pool is not None
             rows = await self._pool.fetch(
-                f"SELECT {_COLS} FROM {self._t} WHERE id = ANY($1::text[])", list(job_ids)
+                f"SELECT {_COLS} FROM {self._t} WHERE {self._id_match('', '$1')}", list(job_ids)
             )
         by_id = {r[0]: r for r in rows}
         return [_row_to_job(by_id[i]) for i in job_ids if i in by_id]
@@ -788,7 +816,7 @@ class PostgresBackend(Backend):
         with self._errors("read"):
             assert self._pool is not None
             rows = await self._pool.fetch(
-                f"SELECT id, status, assigned_at FROM {self._t} WHERE id = ANY($1::text[])",
+                f"SELECT id, status, assigned_at FROM {self._t} WHERE {self._id_match('', '$1')}",
                 list(job_ids),
             )
         return {r[0]: JobState(_STATUS[r[1]], r[2]) for r in rows}
@@ -809,10 +837,10 @@ class PostgresBackend(Backend):
         t = self._t
         cond, args, _ = self._selection_sql(selection, "j", 1)
         sql = f"""
-            WITH sel AS (SELECT j.id, j.status, j.seq FROM {t} j WHERE {cond}
-                         ORDER BY j.seq FOR UPDATE),
+            WITH sel AS (SELECT j.id_key, j.id, j.status, j.seq FROM {t} j WHERE {cond}
+                         ORDER BY j.id_key FOR UPDATE),
             bad AS (SELECT id, seq FROM sel WHERE status NOT IN {_FINAL}),
-            del AS (DELETE FROM {t} d USING sel WHERE d.id = sel.id
+            del AS (DELETE FROM {t} d USING sel WHERE d.id_key = sel.id_key
                     AND NOT EXISTS (SELECT 1 FROM bad) RETURNING d.id)
             SELECT false AS deleted, id, seq FROM bad
             UNION ALL SELECT true, id, 0 FROM del"""
@@ -828,9 +856,9 @@ class PostgresBackend(Backend):
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
         sql = (
-            f"DELETE FROM {self._t} WHERE seq IN (SELECT seq FROM {self._t} "
+            f"DELETE FROM {self._t} WHERE id_key IN (SELECT id_key FROM {self._t} "
             f"WHERE status = '{JobStatus.COMPLETED.value}' AND finalized_at <= $1::timestamptz "
-            "ORDER BY seq FOR UPDATE)"
+            "ORDER BY id_key FOR UPDATE)"
         )
         with self._errors("delete"):
             assert self._pool is not None
