@@ -498,8 +498,10 @@ class PostgresBackend(Backend):
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED)
             UPDATE {t} SET {sets}, claimed_by = $4::text
-            FROM picked
-            WHERE {t}.id_key = picked.pid AND {t}.status IN {in_list(ASSIGN.sources)}
+            WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
+              -- the compare-and-set, written so the planner looks the rows up by key
+              -- rather than walking the eligible index
+              AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
             RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
 
     def _build_insert_sql(self) -> str:
