@@ -285,7 +285,7 @@ async def test_odd_schema_names_are_quoted(dsn: str) -> None:
             assert [j.id for j in batch] == ["j"]
             await s.aclose()
     finally:
-        await drop_postgres_schema(name.replace('"', '""'))
+        await drop_postgres_schema(name)
 
 
 async def test_calls_after_close_are_storage_errors(dsn: str, schema: str) -> None:
