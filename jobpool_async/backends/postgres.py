@@ -349,6 +349,13 @@ class PostgresBackend(Backend):
                     WHERE status IN {_ACTIVE};
                 CREATE INDEX jobs_completed ON {t} (finalized_at)
                     WHERE status = '{JobStatus.COMPLETED.value}';
+                -- A queue table churns: every move leaves a dead row version, and dead
+                -- entries at the head of the eligible index slow every claim until
+                -- vacuum removes them. So vacuum it far more often than the default.
+                ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0.01,
+                    autovacuum_vacuum_threshold = 1000,
+                    autovacuum_vacuum_insert_scale_factor = 0.05,
+                    autovacuum_analyze_scale_factor = 0.02);
                 CREATE TABLE {s}.jobpool_version (version integer NOT NULL);
                 INSERT INTO {s}.jobpool_version (version) VALUES ({SCHEMA_VERSION});
                 """
