@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
-from ._errors import BatchError, QueueClosedError
+from ._errors import BatchError, JobNotFoundError, QueueClosedError
 from ._models import (
     ACTIVE,
     ELIGIBLE,
@@ -301,11 +301,11 @@ class PoolQueue:
     ) -> list[Change]:
         out = []
         for job_id, message in self._mapping(mapping, what).items():
-            check_id(job_id)
+            key = check_id(job_id)
             msg = check_message(
                 message, f"error_message for job {job_id!r}", required=message_required
             )
-            out.append(Change(str(job_id), transition, error_message=msg))
+            out.append(Change(key, transition, error_message=msg))
         return out
 
     async def complete_job(self, job_id: str, result: bytes | None) -> None:
@@ -318,9 +318,9 @@ class PoolQueue:
         """Complete many jobs in one transaction; ``BatchError`` lists those that could not."""
         changes = []
         for job_id, result in self._mapping(results, "results").items():
-            check_id(job_id)
+            key = check_id(job_id)
             res = check_bytes(result, f"result for job {job_id!r}", optional=True)
-            changes.append(Change(str(job_id), COMPLETE, result=res))
+            changes.append(Change(key, COMPLETE, result=res))
         await self._apply_many(changes)
 
     async def fail_job(self, job_id: str, error_message: str) -> None:
@@ -382,15 +382,13 @@ class PoolQueue:
         """CANCELLING → STOPPED (was executing) or UNKNOWN_STOPPED (was not)."""
         changes = []
         for job_id, was_executing in self._mapping(acks, "acks").items():
-            check_id(job_id)
+            key = check_id(job_id)
             if not isinstance(was_executing, bool):
                 raise TypeError(
                     f"was_executing for job {job_id!r} must be bool, "
                     f"got {type(was_executing).__name__}"
                 )
-            changes.append(
-                Change(str(job_id), ACK_EXECUTING if was_executing else ACK_NOT_EXECUTING)
-            )
+            changes.append(Change(key, ACK_EXECUTING if was_executing else ACK_NOT_EXECUTING))
         await self._apply_many(changes)
 
     async def cancel_jobs(
@@ -426,8 +424,6 @@ class PoolQueue:
 
     async def get_job(self, job_id: str) -> Job:
         """A snapshot of one job; ``JobNotFoundError`` if there is none."""
-        from ._errors import JobNotFoundError
-
         check_id(job_id)
         await self._ready()
         jobs = await self._backend.get_jobs([job_id])
