@@ -84,9 +84,16 @@ class Notifier:
         if self.mark(tagsets=tagsets, subs=subs, everyone=everyone):
             await self.notify()
 
-    def publish_soon(self, *, everyone: bool = True) -> None:
-        """From synchronous code (backend listeners): wake without awaiting."""
-        if self.mark(everyone=everyone) and self._pending_notify is None:
+    def publish_soon(
+        self,
+        *,
+        tagsets: Iterable[Iterable[str]] = (),
+        subs: Iterable[Subscription] = (),
+        everyone: bool = False,
+    ) -> None:
+        """From synchronous code (callbacks): raise flags now, notify without awaiting."""
+        raised = self.mark(tagsets=tagsets, subs=subs, everyone=everyone)
+        if raised and self._pending_notify is None:
             self._pending_notify = asyncio.get_running_loop().create_task(self._notify_later())
 
     async def _notify_later(self) -> None:

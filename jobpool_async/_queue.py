@@ -9,11 +9,12 @@ a move itself: that is the transition table's job, applied by the backend.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from ._errors import BatchError, JobNotFoundError, QueueClosedError
 from ._models import (
@@ -47,7 +48,7 @@ from ._transitions import (
     WORKER_LOST,
     Transition,
 )
-from .backends.base import Backend, Change, Moved, Selection
+from .backends.base import ApplyOutcome, Backend, Change, Moved, Refill, Selection
 
 __all__ = ["JobStream", "PoolQueue"]
 
@@ -166,6 +167,12 @@ class PoolQueue:
 
     async def _observe(self, moved: Iterable[Moved]) -> None:
         """Free the slots of jobs that left RUNNING/CANCELLING; wake who can act now."""
+        tagsets, freed = self._note(moved)
+        if tagsets or freed:
+            await self._notifier.publish(tagsets=tagsets, subs=freed)
+
+    def _note(self, moved: Iterable[Moved]) -> tuple[list[tuple[str, ...]], list[Subscription]]:
+        """Free slots and tell cancel listeners (no await); return whom to wake."""
         tagsets: list[tuple[str, ...]] = []
         freed: list[Subscription] = []
         for m in moved:
@@ -179,8 +186,7 @@ class PoolQueue:
                     stream._cancel_requested(m.job_id)
             if m.status in ELIGIBLE:
                 tagsets.append(m.tags)
-        if tagsets or freed:
-            await self._notifier.publish(tagsets=tagsets, subs=freed)
+        return tagsets, freed
 
     # --- submitting ---------------------------------------------------------------
 
@@ -269,8 +275,7 @@ class PoolQueue:
 
     async def _apply_one(self, change: Change) -> None:
         await self._ready()
-        outcome = await self._backend.apply([change], utcnow())
-        await self._observe(outcome.moved)
+        outcome = await self._apply([change])
         if outcome.errors:
             raise next(iter(outcome.errors.values()))
 
@@ -278,10 +283,54 @@ class PoolQueue:
         await self._ready()
         if not changes:
             return
-        outcome = await self._backend.apply(changes, utcnow())
-        await self._observe(outcome.moved)
+        outcome = await self._apply(changes)
         if outcome.errors:
             raise BatchError(outcome.errors)
+
+    async def _apply(self, changes: list[Change]) -> ApplyOutcome:
+        """Apply ``changes`` and observe the moves.
+
+        Where they free slots of a stream that is waiting for a slot, the backend
+        claims that stream's next jobs in the same call (a :class:`Refill`): the
+        stream wakes with its batch ready instead of making its own round trip.
+        """
+        stream: JobStream | None = None
+        ids: list[str] = []
+        holders = self._holders
+        for change in changes:
+            holder = holders.get(change.job_id)
+            if holder is not None and (holder is stream or (stream is None and holder._waiting)):
+                stream = holder
+                ids.append(change.job_id)
+        if stream is None or stream._closed or stream._ready:
+            outcome = await self._backend.apply(changes, utcnow())
+            await self._observe(outcome.moved)
+            return outcome
+        refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
+        task = asyncio.ensure_future(self._backend.apply(changes, utcnow(), refill))
+        stream._track(task)  # aclose() waits for it, so its jobs are never stranded
+        task.add_done_callback(functools.partial(self._refilled, stream))
+        return await asyncio.shield(task)
+
+    def _refilled(self, stream: JobStream, task: asyncio.Task[ApplyOutcome]) -> None:
+        """Done callback of a refilling apply (runs even if its caller was cancelled):
+        observe its moves and hand its claimed jobs to the stream, or give them back."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        outcome = task.result()
+        # Moves first: a job the apply made eligible may be among those claimed.
+        tagsets, freed = self._note(outcome.moved)
+        for job in outcome.claimed:
+            stream._held[job.id] = job.assigned_at
+            self._holders[job.id] = stream
+        if outcome.claimed:
+            if stream._closed:
+                ids = [job.id for job in outcome.claimed]
+                stream._track(asyncio.ensure_future(self._release(stream, ids)))
+            else:
+                stream._ready.extend(outcome.claimed)
+                freed.append(stream._sub)
+        self._notifier.publish_soon(tagsets=tagsets, subs=freed)
 
     @staticmethod
     def _mapping(value: object, what: str) -> Mapping[object, object]:
@@ -492,7 +541,11 @@ class JobStream:
         self._sub.flag = True  # take waiting jobs at once
         self._closed = False
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None] | asyncio.Task[list[Job]]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Jobs claimed for this stream by a refilling apply, not yet handed over.
+        self._ready: list[Job] = []
+        #: In ``__anext__``, waiting to be woken (a refill may claim for it).
+        self._waiting = False
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
         self._recheck = False
@@ -542,6 +595,13 @@ class JobStream:
             while True:
                 if self._closed:
                     raise StopAsyncIteration
+                if self._ready:
+                    held = self._held  # drop any moved meanwhile by another process
+                    jobs = [job for job in self._ready if job.id in held]
+                    self._ready = []
+                    if jobs:
+                        return jobs
+                    continue
                 if self._recheck and self._held:
                     self._recheck = False
                     await self._queue._refresh(self)
@@ -556,7 +616,14 @@ class JobStream:
                         raise StopAsyncIteration
                     if self._sub.flag:
                         continue
-                woke = await self._queue._notifier.wait(self._sub, poll)
+                self._waiting = True
+                try:
+                    woke = await self._queue._notifier.wait(self._sub, poll)
+                except asyncio.CancelledError:
+                    self._give_back_ready()
+                    raise
+                finally:
+                    self._waiting = False
                 if not woke and self._held:
                     await self._queue._refresh(self)
 
@@ -573,7 +640,14 @@ class JobStream:
             raise StopAsyncIteration
         return jobs
 
-    def _track(self, task: asyncio.Task[None] | asyncio.Task[list[Job]]) -> None:
+    def _give_back_ready(self) -> None:
+        """Release refilled jobs that will not be handed over (cancelled or closing)."""
+        if self._ready:
+            ids = [job.id for job in self._ready]
+            self._ready = []
+            self._track(asyncio.ensure_future(self._queue._release(self, ids)))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -600,9 +674,11 @@ class JobStream:
             await self._queue._notifier.notify()
         async with self._lock:  # a pending __anext__ in another task ends first
             pass
+        self._give_back_ready()
         while self._tasks:
             # asyncio.wait, unlike gather, never cancels the give-backs if we are cancelled.
             await asyncio.wait(list(self._tasks))
+            self._give_back_ready()
         self._queue._forget(self)
 
     async def __aenter__(self) -> Self:

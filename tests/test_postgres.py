@@ -184,6 +184,7 @@ def test_without_asyncpg_the_library_works_and_the_backend_names_the_extra() -> 
         ({"pool_max_size": 0}, ValueError),
         ({"pool_min_size": 5, "pool_max_size": 2}, ValueError),
         ({"pool_max_size": 2.5}, TypeError),
+        ({"self_vacuum": "yes"}, TypeError),
     ],
 )
 def test_bad_options(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -826,3 +827,54 @@ async def test_a_failed_statement_leaves_the_store_unchanged(dsn: str, schema: s
         with pytest.raises(StorageError):
             await q.fail_jobs({"job-0": "fine", "job-1": "explode"})
         assert [j.status for j in await q.get_jobs(["job-0", "job-1"])] == [JobStatus.RUNNING] * 2
+
+
+# --- self-vacuum --------------------------------------------------------------------------
+
+
+async def test_self_vacuum_follows_the_server_autovacuum_setting(dsn: str, schema: str) -> None:
+    (autovacuum,) = (await sql(dsn, "SELECT current_setting('autovacuum')"))[0]
+    for option, expected in ((None, autovacuum == "off"), (True, True), (False, False)):
+        q = await open_queue(dsn, schema, self_vacuum=option)
+        try:
+            assert isinstance(q.backend, PostgresBackend)
+            assert q.backend.vacuuming is expected, option
+        finally:
+            await q.close()
+
+
+async def test_self_vacuum_cleans_the_table_in_the_background(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After enough claimed and completed rows, the backend VACUUMs its own table
+    (PostgreSQL records a manual vacuum in ``last_vacuum``); no job is disturbed."""
+    from jobpool_async.backends import postgres
+
+    monkeypatch.setattr(postgres, "VACUUM_MIN_CHANGES", 200)
+    q = await open_queue(dsn, schema, self_vacuum=True)
+    try:
+        b = q.backend
+        assert isinstance(b, PostgresBackend)
+        await q.enqueue_jobs(jobs(300))
+        async with q.stream_jobs("w", max_assigned_jobs=50) as stream:
+            done = 0
+            async for batch in stream:
+                await q.complete_jobs({j.id: b"ok" for j in batch})
+                done += len(batch)
+                if done == 300:
+                    break
+
+        async def vacuumed() -> bool:
+            rows = await sql(
+                dsn,
+                "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+                "WHERE schemaname = $1 AND relname = 'jobs'",
+                schema,
+            )
+            return b.vacuum_runs >= 1 and bool(rows and rows[0][0])
+
+        await wait_for(vacuumed, "a VACUUM of the jobs table")
+        stats = await q.get_job_stats()
+        assert stats.completed_jobs == 300 and stats.total_jobs == 300
+    finally:
+        await q.close()

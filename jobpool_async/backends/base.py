@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import ClassVar, NamedTuple
 
 from .._errors import JobPoolError
-from .._models import Job, JobStatus
+from .._models import ACTIVE, Job, JobStatus
 from .._transitions import Transition
 
 __all__ = [
@@ -39,8 +39,10 @@ __all__ = [
     "JobState",
     "Listener",
     "Moved",
+    "Refill",
     "SelectOutcome",
     "Selection",
+    "refill_limit",
 ]
 
 
@@ -64,6 +66,26 @@ class Moved(NamedTuple):
     tags: tuple[str, ...] = ()
 
 
+class Refill(NamedTuple):
+    """A claim made by :meth:`Backend.apply` in the same call, for a stream waiting for
+    a free slot: up to one job for each job of ``job_ids`` (that stream's) which the
+    apply moved out of RUNNING/CANCELLING, i.e. one per slot the apply freed.
+
+    This saves the stream its own claim round trip (and, on PostgreSQL, a commit)
+    after every completion batch: the Worker's common case.
+    """
+
+    assignee_id: str
+    tags: tuple[str, ...]
+    job_ids: frozenset[str]
+
+
+def refill_limit(refill: Refill, moved: Sequence[Moved]) -> int:
+    """How many jobs ``refill`` may claim after ``moved``: the slots they freed."""
+    ids = refill.job_ids
+    return sum(1 for m in moved if m.status not in ACTIVE and m.job_id in ids)
+
+
 @dataclass(slots=True)
 class ApplyOutcome:
     """Result of :meth:`Backend.apply`: the moves made and, per job, why not."""
@@ -71,6 +93,8 @@ class ApplyOutcome:
     moved: list[Moved] = field(default_factory=list)
     #: ``JobNotFoundError`` or ``InvalidTransitionError`` for each job not moved.
     errors: dict[str, JobPoolError] = field(default_factory=dict)
+    #: Jobs claimed for the call's :class:`Refill` (now RUNNING), oldest first.
+    claimed: list[Job] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +167,20 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         """Apply each change that its job's current status allows, in one transaction.
 
         Job ids in ``changes`` are distinct. A job that does not exist gets
         ``JobNotFoundError``; one whose status the transition does not allow gets
         ``InvalidTransitionError(job_id, current, transition.target)``.
+
+        With ``refill``, then claim up to :func:`refill_limit` jobs for it exactly as
+        :meth:`claim` would (``now`` as the assignment time), in the same call: in the
+        same transaction where the store has them, else right after the apply's own
+        atomic write (if that claim fails, the apply's outcome is still returned, with
+        no jobs claimed: the stream claims for itself when it wakes).
         """
 
     @abc.abstractmethod

@@ -39,6 +39,7 @@ decoded copies of RUNNING/CANCELLING jobs (so completing a job reads nothing).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,13 +64,16 @@ from .base import (
     Change,
     JobState,
     Moved,
+    Refill,
     Selection,
     SelectOutcome,
+    refill_limit,
 )
 
 __all__ = ["LevelDBBackend"]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("jobpool_async")
 
 INSTALL_HINT = "pip install 'jobpool_async[leveldb]'"
 
@@ -592,10 +596,12 @@ class LevelDBBackend(Backend):
             self._floors[prefix] = first_left
         return [job.copy() for job, _ in picked]  # the staged objects stay in the cache
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
-        return await self._run(self._apply, list(changes), now)
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
+        return await self._run(self._apply, list(changes), now, refill)
 
-    def _apply(self, changes: list[Change], now: datetime) -> ApplyOutcome:
+    def _apply(self, changes: list[Change], now: datetime, refill: Refill | None) -> ApplyOutcome:
         out = ApplyOutcome()
         w = _Write()
         for change in changes:
@@ -622,6 +628,17 @@ class LevelDBBackend(Backend):
                 out.moved.append(Moved(job.id, new, tuple(job.tags)))
         if out.moved:
             self._commit(w)
+        if refill is not None:
+            # A second atomic batch, in the same hop. (Claiming inside the first one
+            # would have to see its staged, unwritten moves.)
+            limit = refill_limit(refill, out.moved)
+            if limit:
+                try:
+                    out.claimed = self._claim(refill.assignee_id, list(refill.tags), limit, now)
+                except (JobPoolError, self._plyvel.Error):
+                    logger.warning(
+                        "claim after an apply failed; the stream claims later", exc_info=True
+                    )
         return out
 
     async def apply_selected(

@@ -28,8 +28,10 @@ from .base import (
     Change,
     JobState,
     Moved,
+    Refill,
     Selection,
     SelectOutcome,
+    refill_limit,
 )
 
 __all__ = ["MemoryBackend"]
@@ -175,7 +177,9 @@ class MemoryBackend(Backend):
             self._move(job, ASSIGN, now, assignee_id=assignee_id)
         return [job.copy() for job in picked]
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         out = ApplyOutcome()
         for change in changes:
             job = self._jobs.get(change.job_id)
@@ -196,6 +200,10 @@ class MemoryBackend(Backend):
                 )
             else:
                 out.moved.append(Moved(job.id, new, tuple(job.tags)))
+        if refill is not None:
+            limit = refill_limit(refill, out.moved)
+            if limit:  # no await in between: one atomic step on the event loop
+                out.claimed = await self.claim(refill.assignee_id, refill.tags, limit, now)
         return out
 
     async def apply_selected(

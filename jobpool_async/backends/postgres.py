@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,6 +46,7 @@ from .base import (
     JobState,
     Listener,
     Moved,
+    Refill,
     Selection,
     SelectOutcome,
 )
@@ -61,12 +62,15 @@ if TYPE_CHECKING:
     from asyncpg import Connection, Pool, Record
     from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["SCHEMA_VERSION", "PostgresBackend"]
+__all__ = ["SCHEMA_VERSION", "VACUUM_MIN_CHANGES", "PostgresBackend"]
 
 logger = logging.getLogger("jobpool_async.postgres")
 
 #: The schema version this code writes; a store with a newer one is refused.
 SCHEMA_VERSION = 1
+
+#: Rows changed between the VACUUMs a self-vacuuming backend runs (at least).
+VACUUM_MIN_CHANGES = 10_000
 
 #: ``error_message`` of jobs given back after a claim's answer was lost.
 LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connection"
@@ -103,6 +107,38 @@ _RUNNING = JobStatus.RUNNING.value
 def _quote_ident(name: str) -> str:
     """A double-quoted SQL identifier (embedded quotes doubled)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+#: Columns of a refill's claimed rows after ``kind``: id, status, tags, then the rest.
+_CLAIMED_COLS = (
+    "id", "status", "tags", "job_type", "job_definition", "created_at", "started_at",
+    "finalized_at", "error_message", "result", "retry_count", "last_retry_at",
+    "assignee_id", "assigned_at",
+)  # fmt: skip
+_REST_TYPES = (
+    "text", "bytea", "timestamptz", "timestamptz", "timestamptz", "text", "bytea", "bigint",
+    "timestamptz", "text", "timestamptz",
+)  # fmt: skip
+
+
+def _claimed_to_job(r: Record) -> Job:
+    """A job from a row of :meth:`PostgresBackend._apply_refill_sql` of kind 2."""
+    return Job(
+        id=r[1],
+        job_type=r[4],
+        job_definition=r[5],
+        tags=list(r[3]),
+        status=_STATUS[r[2]],
+        created_at=r[6],
+        started_at=r[7],
+        finalized_at=r[8],
+        error_message=r[9],
+        result=r[10],
+        retry_count=r[11],
+        last_retry_at=r[12],
+        assignee_id=r[13],
+        assigned_at=r[14],
+    )
 
 
 def _row_to_job(r: Record) -> Job:
@@ -155,6 +191,14 @@ class PostgresBackend(Backend):
     the PostgreSQL schema holding this queue's tables (several queues may share one
     database). ``pool_min_size``/``pool_max_size`` size the connection pool;
     ``command_timeout`` (seconds) bounds each statement.
+
+    ``self_vacuum``: every claim and move leaves a dead row version behind, and dead
+    entries at the head of the eligible-jobs index slow every claim until VACUUM
+    removes them. The schema asks autovacuum to run early on the jobs table, but a
+    server may have autovacuum off. With ``None`` (the default) this backend then
+    runs ``VACUUM (ANALYZE)`` on its jobs table itself, in the background, after
+    every :data:`VACUUM_MIN_CHANGES` rows it changed (or 2% of the table, if more);
+    ``True`` does so even with autovacuum on, ``False`` never.
     """
 
     default_poll_interval: ClassVar[float | None] = 1.0
@@ -168,6 +212,7 @@ class PostgresBackend(Backend):
         pool_max_size: int = 10,
         command_timeout: float | None = None,
         connect_timeout: float = 10.0,
+        self_vacuum: bool | None = None,
     ) -> None:
         if not _HAVE_ASYNCPG:
             raise ImportError(_INSTALL_HINT)
@@ -185,8 +230,18 @@ class PostgresBackend(Backend):
                 f"need 0 <= pool_min_size <= pool_max_size and pool_max_size >= 1, "
                 f"got {pool_min_size}, {pool_max_size}"
             )
+        if self_vacuum is not None and not isinstance(self_vacuum, bool):
+            raise TypeError(f"self_vacuum must be bool or None, got {type(self_vacuum).__name__}")
         self._dsn = dsn
         self.schema = schema
+        self._self_vacuum = self_vacuum
+        #: Whether this backend vacuums its table (decided at open, see the class doc).
+        self.vacuuming = False
+        self._changed = 0
+        self._vacuum_after = VACUUM_MIN_CHANGES
+        self._vacuum_task: asyncio.Task[None] | None = None
+        #: VACUUM runs completed by this backend (for tests and monitoring).
+        self.vacuum_runs = 0
         self._pool_min = pool_min_size
         self._pool_max = pool_max_size
         self._command_timeout = command_timeout
@@ -209,6 +264,7 @@ class PostgresBackend(Backend):
         self._closed = False
         self._opened = False
         self._sql_cache: dict[int, tuple[Transition, str]] = {}
+        self._refill_sql_cache: dict[tuple[int, bool], tuple[Transition, str]] = {}
         self._claims = 0
         #: Nonces of claims that failed and may have committed (see :meth:`claim`).
         self._orphans: list[str] = []
@@ -260,6 +316,12 @@ class PostgresBackend(Backend):
             )
             async with self._pool.acquire() as conn:
                 await self._migrate(conn)
+                self.vacuuming = self._self_vacuum is True or (
+                    self._self_vacuum is None
+                    and not await conn.fetchval("SELECT current_setting('autovacuum') = 'on'")
+                )
+            if self.vacuuming and self._self_vacuum is None:
+                logger.info("autovacuum is off on the server: %r vacuums its own table", self)
             self._listen_conn = await self._connect_listener()
         except BaseException as exc:
             await self._shutdown()
@@ -367,11 +429,12 @@ class PostgresBackend(Backend):
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._supervisor, self._vacuum_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._supervisor = self._vacuum_task = None
         conn, self._listen_conn = self._listen_conn, None
         if conn is not None:
             await self._close_conn(conn)
@@ -389,6 +452,42 @@ class PostgresBackend(Backend):
             await asyncio.wait_for(conn.close(), 5)
         except Exception:
             conn.terminate()
+
+    # --- vacuuming -----------------------------------------------------------------
+
+    def _changed_rows(self, count: int) -> None:
+        """Count rows changed (dead versions made); start a VACUUM when enough are."""
+        if not self.vacuuming or count <= 0:
+            return
+        self._changed += count
+        if self._changed >= self._vacuum_after and self._vacuum_task is None and not self._closed:
+            self._changed = 0
+            self._vacuum_task = asyncio.get_running_loop().create_task(self._vacuum())
+
+    async def _vacuum(self) -> None:
+        """``VACUUM (ANALYZE)`` the jobs table on a connection of its own (not the pool's:
+        it may take a while on a big table, and VACUUM cannot run in a transaction)."""
+        try:
+            conn: Connection = await asyncpg.connect(
+                self._dsn,
+                timeout=self._connect_timeout,
+                server_settings={"application_name": self.application_name},
+            )
+            try:
+                await conn.execute(f"VACUUM (ANALYZE) {self._t}")
+                rows = await conn.fetchval(
+                    "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", self._t
+                )
+                self._vacuum_after = max(VACUUM_MIN_CHANGES, int((rows or 0) * 0.02))
+                self.vacuum_runs += 1
+            finally:
+                await self._close_conn(conn)
+        except asyncio.CancelledError:
+            raise
+        except (Exception, TimeoutError) as exc:  # housekeeping: never fail a caller
+            logger.warning("VACUUM of %s failed: %s", self._t, exc)
+        finally:
+            self._vacuum_task = None
 
     # --- listening ----------------------------------------------------------------
 
@@ -547,13 +646,63 @@ class PostgresBackend(Backend):
                   AND {t}.status IN {in_list(transition.sources)}
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
             {self._note("moved")}
-            SELECT true AS moved, id, status, tags FROM moved
+            SELECT 1 AS kind, id, status, tags FROM moved
             WHERE (SELECT count(*) FROM note) >= 0
             UNION ALL
-            SELECT false, c.cid, j.status, NULL::text[]
+            SELECT 0, c.cid, j.status, NULL::text[]
             FROM c LEFT JOIN {t} j ON j.id_key = {self._s}.id_key(c.cid) AND j.id = c.cid
             WHERE c.cid NOT IN (SELECT id FROM moved)"""
         self._sql_cache[id(transition)] = (transition, sql)
+        return sql
+
+    def _apply_refill_sql(self, transition: Transition, with_tags: bool) -> str:
+        """:meth:`_apply_sql` plus the :class:`Refill` claim, in one statement (one round
+        trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids, ``$7`` the
+        claim's nonce, ``$8`` its tags. The claim takes one job per freed slot; it sees
+        the statement's snapshot, so it never picks a row this statement moved.
+
+        Rows: ``kind`` (1 moved, 0 not moved, 2 claimed), id, status, tags, then, for
+        claimed jobs, the other columns (:func:`_claimed_to_job`)."""
+        key = (id(transition), with_tags)
+        cached = self._refill_sql_cache.get(key)
+        if cached is not None and cached[0] is transition:
+            return cached[1]
+        t = self._t
+        sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
+        assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
+        tag_cond = f"AND {self._tag_match('tags', '$8')}" if with_tags else ""
+        rest = ", ".join(f"NULL::{kind}" for kind in _REST_TYPES)
+        sql = f"""
+            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
+                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
+                       ORDER BY {self._s}.id_key(u.cid)),
+            moved AS (
+                UPDATE {t} SET {sets}
+                FROM c WHERE {t}.id_key = {self._s}.id_key(c.cid) AND {t}.id = c.cid
+                  AND {t}.status IN {in_list(transition.sources)}
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
+            {self._note("moved")},
+            picked AS (
+                SELECT id_key AS pid FROM {t}
+                WHERE status IN {_ELIGIBLE} {tag_cond}
+                ORDER BY COALESCE(last_retry_at, created_at), seq
+                LIMIT (SELECT count(*) FROM moved
+                       WHERE moved.id = ANY($6::text[]) AND moved.status NOT IN {_ACTIVE})
+                FOR UPDATE SKIP LOCKED),
+            claimed AS (
+                UPDATE {t} SET {assign}, claimed_by = $7::text
+                WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
+                  AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
+                RETURNING {", ".join(f"{t}.{c}" for c in _CLAIMED_COLS)})
+            SELECT 1 AS kind, id, status, tags, {rest} FROM moved
+            WHERE (SELECT count(*) FROM note) >= 0
+            UNION ALL
+            SELECT 0, c.cid, j.status, NULL::text[], {rest}
+            FROM c LEFT JOIN {t} j ON j.id_key = {self._s}.id_key(c.cid) AND j.id = c.cid
+            WHERE c.cid NOT IN (SELECT id FROM moved)
+            UNION ALL
+            SELECT 2, {", ".join(_CLAIMED_COLS)} FROM claimed"""
+        self._refill_sql_cache[key] = (transition, sql)
         return sql
 
     def _id_match(self, prefix: str, param: str) -> str:
@@ -657,26 +806,43 @@ class PostgresBackend(Backend):
     ) -> list[Job]:
         if self._orphans:
             await self._release_orphans(now)
-        self._claims += 1
-        nonce = f"{self._token}:{self._claims}"
+        assert self._pool is not None
+        nonce = self._nonce()
         try:
             with self._errors("claim"):
-                assert self._pool is not None
-                if tags:
-                    rows = await self._pool.fetch(
-                        self._claim_tags_sql, now, assignee_id, limit, nonce, list(tags)
-                    )
-                else:
-                    rows = await self._pool.fetch(self._claim_sql, now, assignee_id, limit, nonce)
+                rows = await self._claim_rows(self._pool, assignee_id, tags, limit, now, nonce)
         except StorageError:
-            # The connection may have died after the commit, before the answer came:
-            # then jobs are RUNNING for a claim nobody received. Give them back (now,
-            # or before the next claim if the server is still away).
-            self._orphans.append(nonce)
-            with contextlib.suppress(StorageError):
-                await self._release_orphans(now)
+            await self._lost_claim(nonce, now)
             raise
+        self._changed_rows(len(rows))
         return [_row_to_job(r) for r in rows]
+
+    def _nonce(self) -> str:
+        self._claims += 1
+        return f"{self._token}:{self._claims}"
+
+    async def _claim_rows(
+        self,
+        conn: Pool[Record] | PoolConnectionProxy[Record],
+        assignee_id: str,
+        tags: Sequence[str],
+        limit: int,
+        now: datetime,
+        nonce: str,
+    ) -> list[Record]:
+        if tags:
+            return await conn.fetch(
+                self._claim_tags_sql, now, assignee_id, limit, nonce, list(tags)
+            )
+        return await conn.fetch(self._claim_sql, now, assignee_id, limit, nonce)
+
+    async def _lost_claim(self, nonce: str, now: datetime) -> None:
+        """A claim failed: the connection may have died after the commit, before the
+        answer came, and then jobs are RUNNING for a claim nobody received. Give them
+        back (now, or before the next claim if the server is still away)."""
+        self._orphans.append(nonce)
+        with contextlib.suppress(StorageError):
+            await self._release_orphans(now)
 
     async def _release_orphans(self, now: datetime) -> None:
         """Move the jobs of claims whose answer was lost back to eligible (RELEASE)."""
@@ -697,29 +863,45 @@ class PostgresBackend(Backend):
         if released:
             logger.warning("gave back %d job(s) of claims lost with the connection", released)
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         out = ApplyOutcome()
         if not changes:
             return out
         groups: dict[int, list[Change]] = {}
         for change in changes:
             groups.setdefault(id(change.transition), []).append(change)
+        claimed: list[Any] = []
+        results: list[tuple[Transition, Sequence[Any]]]
         with self._errors("update"):
             assert self._pool is not None
-            if len(groups) == 1:
-                rows = await self._pool.fetch(*self._apply_args(changes, now))
-                results = [(changes[0].transition, rows)]
+            if len(groups) == 1 and refill is None:
+                results = [
+                    (changes[0].transition, await self._pool.fetch(*self._apply_args(changes, now)))
+                ]
             else:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    results = []
-                    for group in groups.values():
-                        rows = await conn.fetch(*self._apply_args(group, now))
-                        results.append((group[0].transition, rows))
+                if refill is not None and self._orphans:
+                    await self._release_orphans(now)
+                nonce = self._nonce()
+                try:
+                    if len(groups) == 1:
+                        assert refill is not None
+                        args = self._refill_args(changes, now, refill, nonce)
+                        results = [(changes[0].transition, await self._pool.fetch(*args))]
+                    else:
+                        results = await self._apply_groups(groups.values(), now, refill, nonce)
+                except _storage_error_types():
+                    if refill is not None:
+                        await self._lost_claim(nonce, now)
+                    raise
             stale: dict[str, Transition] = {}
             for transition, rows in results:
                 for r in rows:
                     job_id, status = r[1], r[2]
-                    if r[0]:
+                    if r[0] == 2:
+                        claimed.append(r)
+                    elif r[0]:
                         out.moved.append(Moved(job_id, _STATUS[status], tuple(r[3])))
                     elif status is None:
                         out.errors[job_id] = JobNotFoundError(job_id)
@@ -742,7 +924,55 @@ class PostgresBackend(Backend):
                         out.errors[job_id] = InvalidTransitionError(
                             job_id, current[job_id], transition.target
                         )
+        out.claimed = [_claimed_to_job(r) for r in claimed]
+        self._changed_rows(len(out.moved) + len(claimed))
         return out
+
+    async def _apply_groups(
+        self,
+        groups: Iterable[list[Change]],
+        now: datetime,
+        refill: Refill | None,
+        nonce: str,
+    ) -> list[tuple[Transition, Sequence[Any]]]:
+        """Changes of several transitions in one transaction (then the refill's claim)."""
+        assert self._pool is not None
+        results: list[tuple[Transition, Sequence[Any]]] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            for group in groups:
+                results.append(
+                    (group[0].transition, await conn.fetch(*self._apply_args(group, now)))
+                )
+            if refill is not None:
+                limit = sum(  # the slots of the refill's stream freed above
+                    1
+                    for _, rows in results
+                    for r in rows
+                    if r[0] and r[1] in refill.job_ids and _STATUS[r[2]] not in ACTIVE
+                )
+                if limit:
+                    claimed = await self._claim_rows(
+                        conn, refill.assignee_id, refill.tags, limit, now, nonce
+                    )
+                    # as rows of kind 2 (see _apply_refill_sql)
+                    rows = [(2, r[0], r[4], r[3], r[1], r[2], *r[5:14]) for r in claimed]
+                    results.append((ASSIGN, rows))
+        return results
+
+    def _refill_args(
+        self, changes: Sequence[Change], now: datetime, refill: Refill, nonce: str
+    ) -> tuple[Any, ...]:
+        args = (
+            self._apply_refill_sql(changes[0].transition, bool(refill.tags)),
+            [c.job_id for c in changes],
+            [c.result for c in changes],
+            [c.error_message for c in changes],
+            now,
+            refill.assignee_id,
+            list(refill.job_ids),
+            nonce,
+        )
+        return (*args, list(refill.tags)) if refill.tags else args
 
     def _apply_args(self, changes: Sequence[Change], now: datetime) -> tuple[Any, ...]:
         return (
@@ -806,6 +1036,7 @@ class PostgresBackend(Backend):
             missing = sorted((r for r in rows if r[0] == 0), key=lambda r: int(r[4]))
             others = sorted((r for r in rows if r[0] == 2), key=order)
             out.unmatched = list(dict.fromkeys([r[1] for r in missing] + [r[1] for r in others]))
+        self._changed_rows(len(out.moved))
         return out
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
@@ -861,6 +1092,7 @@ class PostgresBackend(Backend):
             position = {job_id: i for i, job_id in enumerate(selection.job_ids)}
             bad.sort(key=lambda r: (0, position[r[1]]) if r[1] in position else (1, r[2]))
             raise JobsNotFinalError([r[1] for r in bad])
+        self._changed_rows(len(rows))
         return len(rows)
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
@@ -872,4 +1104,6 @@ class PostgresBackend(Backend):
         with self._errors("delete"):
             assert self._pool is not None
             status = await self._pool.execute(sql, cutoff)
-        return int(status.rsplit(" ", 1)[-1])
+        deleted = int(status.rsplit(" ", 1)[-1])
+        self._changed_rows(deleted)
+        return deleted

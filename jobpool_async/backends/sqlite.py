@@ -52,8 +52,10 @@ from .base import (
     Change,
     JobState,
     Moved,
+    Refill,
     Selection,
     SelectOutcome,
+    refill_limit,
 )
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SQLiteBackend"]
@@ -416,7 +418,7 @@ def _rarest_first(conn: sqlite3.Connection, tags: Sequence[str]) -> list[str]:
     return sorted(tags, key=counts.__getitem__)
 
 
-_ApplyPlan = tuple[list[Moved], dict[str, JobPoolError]]
+_ApplyPlan = tuple[list[Moved], dict[str, JobPoolError], list[Any]]
 
 #: Rows per ``UPDATE … FROM (VALUES …)`` statement (3 parameters each; SQLite allows 32766).
 _APPLY_CHUNK: Final = 5000
@@ -457,9 +459,12 @@ def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_
     )
 
 
-def _apply(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -> _ApplyPlan:
+def _apply(
+    conn: sqlite3.Connection, changes: Sequence[Change], now: int, refill: Refill | None
+) -> _ApplyPlan:
     """Move every job its transition allows (one statement per transition and chunk),
-    then look up why the others did not move — all in the caller's transaction."""
+    look up why the others did not move, and claim the ``refill`` (rows) — all in the
+    caller's transaction."""
     groups: dict[int, tuple[Transition, list[Change]]] = {}
     for change in changes:
         group = groups.get(id(change.transition))
@@ -496,7 +501,12 @@ def _apply(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -> _Ap
                 if status is None
                 else InvalidTransitionError(c.job_id, _STATUS[status], c.transition.target)
             )
-    return moved, errors
+    rows: list[Any] = []
+    if refill is not None:
+        limit = refill_limit(refill, moved)
+        if limit:
+            rows = _claim(conn, refill.assignee_id, refill.tags, limit, now, False)
+    return moved, errors, rows
 
 
 def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
@@ -739,11 +749,13 @@ class SQLiteBackend(Backend):
         full[key] = len(rows) == limit
         return _jobs(rows)
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         if not changes:
             return ApplyOutcome()
-        moved, errors = await self._transact(_apply, changes, _us(now))
-        return ApplyOutcome(moved=moved, errors=errors)
+        moved, errors, rows = await self._transact(_apply, changes, _us(now), refill)
+        return ApplyOutcome(moved=moved, errors=errors, claimed=_jobs(rows))
 
     async def apply_selected(
         self,

@@ -33,6 +33,7 @@ from jobpool_async.backends.base import (
     Change,
     JobState,
     Listener,
+    Refill,
     Selection,
     SelectOutcome,
 )
@@ -406,9 +407,11 @@ class FlakyBackend(Backend):
         self._check("claim")
         return await self.inner.claim(assignee_id, tags, limit, now)
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         self._check("apply")
-        return await self.inner.apply(changes, now)
+        return await self.inner.apply(changes, now, refill)
 
     async def apply_selected(
         self,

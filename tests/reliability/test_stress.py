@@ -33,7 +33,7 @@ from jobpool_async import (
     MemoryBackend,
     PoolQueue,
 )
-from jobpool_async.backends.base import ApplyOutcome, Change
+from jobpool_async.backends.base import ApplyOutcome, Change, Refill
 
 from ..backends import BackendFactory
 from .conftest import scaled
@@ -300,10 +300,12 @@ class _SlowMemory(MemoryBackend):
         await self.claim_gate.wait()
         return await super().claim(assignee_id, tags, limit, now)
 
-    async def apply(self, changes: Sequence[Change], now: datetime) -> ApplyOutcome:
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
         self.applying.set()
         await self.apply_gate.wait()
-        return await super().apply(changes, now)
+        return await super().apply(changes, now, refill)
 
 
 async def test_second_cancellation_during_close_strands_nothing() -> None:
