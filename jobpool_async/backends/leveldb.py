@@ -42,7 +42,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +57,7 @@ from .._errors import (
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
 from .._transitions import ASSIGN, Transition, apply
 from . import _leveldb_codec as codec
+from ._thread import WorkerThread
 from .base import (
     ApplyOutcome,
     Backend,
@@ -250,7 +250,7 @@ class LevelDBBackend(Backend):
         self.path = Path(path)
         self.sync = sync
         self._db: Any = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: WorkerThread | None = None
         self._closed = False
         self._next_seq = 0
         self._counts = codec.Counters()
@@ -267,10 +267,9 @@ class LevelDBBackend(Backend):
     # --- running in the worker thread ---------------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        if self._closed or self._executor is None:
+        if self._closed or self._thread is None:
             raise StorageError(f"{self!r} is closed" if self._closed else f"{self!r} is not open")
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._guarded, fn, *args)
+        future = self._thread.submit(self._guarded, fn, *args)
         # Once submitted, an operation runs to its end even if the caller is cancelled
         # (as a statement sent to a database server would): later calls, queued behind
         # it in the one worker thread, then see its effect.
@@ -292,15 +291,15 @@ class LevelDBBackend(Backend):
     async def open(self) -> None:
         if self._closed:
             raise StorageError(f"{self!r} is closed")
-        if self._executor is not None:
+        if self._thread is not None:
             return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobpool-leveldb")
+        thread = WorkerThread("jobpool-leveldb")
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._open_sync)
+            await thread.submit(self._open_sync)
         except BaseException:
-            executor.shutdown(wait=False)
+            thread.stop()
             raise
-        self._executor = executor
+        self._thread = thread
 
     def _open_sync(self) -> None:
         path = self.path
@@ -353,13 +352,13 @@ class LevelDBBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        executor, self._executor = self._executor, None
-        if executor is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+            await thread.submit(self._close_sync)
         finally:
-            executor.shutdown(wait=False)
+            thread.stop()
 
     def _close_sync(self) -> None:
         db, self._db = self._db, None
