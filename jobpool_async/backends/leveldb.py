@@ -94,6 +94,8 @@ _LOCKED = "already held by process"
 _LOCK_BUSY = "Resource temporarily unavailable"
 #: How many RUNNING/CANCELLING jobs to keep decoded in memory (see ``_active``).
 _MAX_ACTIVE = 100_000
+#: How many eligible jobs to keep decoded in memory (see ``_eligible``).
+_MAX_ELIGIBLE = 10_000
 
 
 def _import_plyvel() -> Any:
@@ -260,6 +262,10 @@ class LevelDBBackend(Backend):
         #: RUNNING/CANCELLING jobs as last written (written through in ``_commit``), so
         #: completing a job just assigned needs no read or decode.
         self._active: dict[str, tuple[Job, int]] = {}
+        #: Eligible jobs as last written, by id bytes, so a claim of a job enqueued or
+        #: retried recently needs no read or decode. Filled until full, and a claim
+        #: takes the oldest first, so it holds the next jobs to be claimed.
+        self._eligible: dict[bytes, tuple[Job, int]] = {}
 
     def __repr__(self) -> str:
         return f"LevelDBBackend({str(self.path)!r}, sync={self.sync})"
@@ -405,12 +411,17 @@ class LevelDBBackend(Backend):
             floor = self._floors.get(prefix)
             if floor is not None and key < floor:
                 self._floors[prefix] = key
-        active = self._active
+        active, eligible = self._active, self._eligible
         for job_id, entry in w.touched.items():
-            if entry is not None and entry[0].status in ACTIVE and len(active) < _MAX_ACTIVE:
-                active[job_id] = entry
+            status = None if entry is None else entry[0].status
+            if status in ACTIVE and len(active) < _MAX_ACTIVE:
+                active[job_id] = entry  # type: ignore[assignment]
             else:
                 active.pop(job_id, None)
+            if status in ELIGIBLE and len(eligible) < _MAX_ELIGIBLE:
+                eligible[codec.id_bytes(job_id)] = entry  # type: ignore[assignment]
+            elif eligible:
+                eligible.pop(codec.id_bytes(job_id), None)
 
     def _stage_move(
         self,
@@ -530,12 +541,15 @@ class LevelDBBackend(Backend):
             seen.add(job.id)
         w = _Write()
         seq = self._next_seq
+        room = len(self._eligible) < _MAX_ELIGIBLE
         for job in jobs:
             job_key = codec.id_bytes(job.id)
             w.put(_JOB + job_key, codec.encode_job(job, seq))
             for tag in job.tags:
                 w.put(_TAG + codec.enc(tag) + job_key, b"")
             w.index(job, seq, job_key)
+            if room:  # a private copy: the caller keeps its Job
+                w.touched[job.id] = (job.copy(), seq)
             seq += 1
         w.next_seq = seq
         self._commit(w)
@@ -565,6 +579,7 @@ class LevelDBBackend(Backend):
         last: bytes | None = None
         start = self._floors.get(prefix, prefix)
         get = self._db.get
+        cached = self._eligible
         with self._db.iterator(start=start, stop=_prefix_end(prefix), include_value=False) as it:
             for key in it:
                 last = key
@@ -572,8 +587,12 @@ class LevelDBBackend(Backend):
                     if first_left is None:
                         first_left = key
                     break
-                raw = get(_JOB + key[skip:])  # eligible jobs are never in the active cache
-                found = None if raw is None else codec.decode_job(raw)
+                idb = key[skip:]
+                # Popped: the move below changes it in place (re-cached if it commits).
+                found = cached.pop(idb, None)
+                if found is None:
+                    raw = get(_JOB + idb)
+                    found = None if raw is None else codec.decode_job(raw)
                 if found is None or found[0].status not in ELIGIBLE:
                     job_id = codec.id_text(key[skip:])
                     raise StorageError(f"eligible index names job {job_id!r} out of step")
