@@ -50,6 +50,9 @@ class Sizes:
     memory_batch: int
     peer_jobs: int
     peer_concurrency: int
+    #: Each peer runs this many times, each run right after one of ours on the same
+    #: storage; its ratio is the median of those pairs (drift cancels out).
+    peer_rounds: int
     timeout: float
 
     @classmethod
@@ -76,6 +79,7 @@ class Sizes:
             memory_batch=10_000,
             peer_jobs=10_000,
             peer_concurrency=10,
+            peer_rounds=3,
             timeout=600.0,
         )
 
@@ -115,6 +119,7 @@ class Sizes:
             memory_batch=500,
             peer_jobs=100,
             peer_concurrency=10,
+            peer_rounds=1,
             timeout=60.0,
         )
 

@@ -32,8 +32,11 @@ the smallest tag.
 
 Because this process is the only writer, it also keeps, updated only after a
 successful write: the counters of ``N``; per eligible index, the key where the last
-claim stopped (so claims skip LevelDB's deletion markers of claimed entries); and
-decoded copies of RUNNING/CANCELLING jobs (so completing a job reads nothing).
+claim stopped (so claims skip LevelDB's deletion markers of claimed entries);
+decoded copies of RUNNING/CANCELLING jobs (so completing a job reads nothing); and
+decoded copies of up to ``_MAX_ELIGIBLE`` eligible jobs (filled until full; claims
+take the oldest, so it holds the next ones to claim, and a claim of a job enqueued
+or retried recently reads and decodes nothing).
 """
 
 from __future__ import annotations

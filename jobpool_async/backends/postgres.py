@@ -109,54 +109,30 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-#: Columns of a refill's claimed rows after ``kind``: id, status, tags, then the rest.
-_CLAIMED_COLS = (
-    "id", "status", "tags", "job_type", "job_definition", "created_at", "started_at",
-    "finalized_at", "error_message", "result", "retry_count", "last_retry_at",
-    "assignee_id", "assigned_at",
-)  # fmt: skip
-_REST_TYPES = (
-    "text", "bytea", "timestamptz", "timestamptz", "timestamptz", "text", "bytea", "bigint",
-    "timestamptz", "text", "timestamptz",
+#: SQL types of ``_COLS``, for the NULL placeholders of rows that carry no job.
+_COL_TYPES = (
+    "text", "text", "bytea", "text[]", "text", "timestamptz", "timestamptz", "timestamptz",
+    "text", "bytea", "bigint", "timestamptz", "text", "timestamptz",
 )  # fmt: skip
 
 
-def _claimed_to_job(r: Record) -> Job:
-    """A job from a row of :meth:`PostgresBackend._apply_refill_sql` of kind 2."""
+def _row_to_job(r: Record | Sequence[Any], at: int = 0) -> Job:
+    """A job from the ``_COLS`` of a row, starting at column ``at``."""
     return Job(
-        id=r[1],
-        job_type=r[4],
-        job_definition=r[5],
-        tags=list(r[3]),
-        status=_STATUS[r[2]],
-        created_at=r[6],
-        started_at=r[7],
-        finalized_at=r[8],
-        error_message=r[9],
-        result=r[10],
-        retry_count=r[11],
-        last_retry_at=r[12],
-        assignee_id=r[13],
-        assigned_at=r[14],
-    )
-
-
-def _row_to_job(r: Record) -> Job:
-    return Job(
-        id=r[0],
-        job_type=r[1],
-        job_definition=r[2],
-        tags=list(r[3]),
-        status=_STATUS[r[4]],
-        created_at=r[5],
-        started_at=r[6],
-        finalized_at=r[7],
-        error_message=r[8],
-        result=r[9],
-        retry_count=r[10],
-        last_retry_at=r[11],
-        assignee_id=r[12],
-        assigned_at=r[13],
+        r[at],
+        r[at + 1],
+        r[at + 2],
+        list(r[at + 3]),
+        _STATUS[r[at + 4]],
+        r[at + 5],
+        r[at + 6],
+        r[at + 7],
+        r[at + 8],
+        r[at + 9],
+        r[at + 10],
+        r[at + 11],
+        r[at + 12],
+        r[at + 13],
     )
 
 
@@ -263,8 +239,7 @@ class PostgresBackend(Backend):
         self._listen_lost = asyncio.Event()
         self._closed = False
         self._opened = False
-        self._sql_cache: dict[int, tuple[Transition, str]] = {}
-        self._refill_sql_cache: dict[tuple[int, bool], tuple[Transition, str]] = {}
+        self._sql_cache: dict[tuple[int, bool, bool], tuple[Transition, str]] = {}
         self._claims = 0
         #: Nonces of claims that failed and may have committed (see :meth:`claim`).
         self._orphans: list[str] = []
@@ -630,58 +605,28 @@ class PostgresBackend(Backend):
                 RETURNING 1)
             SELECT count(*), pg_notify('{self.channel}', $16::text) FROM ins"""
 
-    def _apply_sql(self, transition: Transition) -> str:
-        cached = self._sql_cache.get(id(transition))
-        if cached is not None and cached[0] is transition:
-            return cached[1]
-        t = self._t
-        sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
-        sql = f"""
-            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
-                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
-                       ORDER BY {self._s}.id_key(u.cid)),
-            moved AS (
-                UPDATE {t} SET {sets}
-                FROM c WHERE {t}.id_key = {self._s}.id_key(c.cid) AND {t}.id = c.cid
-                  AND {t}.status IN {in_list(transition.sources)}
-                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
-            {self._note("moved")}
-            SELECT 1 AS kind, id, status, tags FROM moved
-            WHERE (SELECT count(*) FROM note) >= 0
-            UNION ALL
-            SELECT 0, c.cid, j.status, NULL::text[]
-            FROM c LEFT JOIN {t} j ON j.id_key = {self._s}.id_key(c.cid) AND j.id = c.cid
-            WHERE c.cid NOT IN (SELECT id FROM moved)"""
-        self._sql_cache[id(transition)] = (transition, sql)
-        return sql
+    def _apply_sql(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
+        """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
+        messages, ``$4`` now. Rows: ``kind`` (1 moved, 0 not moved), id, status, tags.
 
-    def _apply_refill_sql(self, transition: Transition, with_tags: bool) -> str:
-        """:meth:`_apply_sql` plus the :class:`Refill` claim, in one statement (one round
+        With ``refill``, the :class:`Refill` claim too, in the same statement (one round
         trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids, ``$7`` the
-        claim's nonce, ``$8`` its tags. The claim takes one job per freed slot; it sees
-        the statement's snapshot, so it never picks a row this statement moved.
-
-        Rows: ``kind`` (1 moved, 0 not moved, 2 claimed), id, status, tags, then, for
-        claimed jobs, the other columns (:func:`_claimed_to_job`)."""
-        key = (id(transition), with_tags)
-        cached = self._refill_sql_cache.get(key)
+        claim's nonce, ``$8`` its tags (with ``tags``). It takes one job per freed slot
+        and sees the statement's snapshot, so it never picks a row this statement moved.
+        Its rows are of kind 2 and carry all of ``_COLS`` from column 4 on.
+        """
+        key = (id(transition), refill, tags)
+        cached = self._sql_cache.get(key)
         if cached is not None and cached[0] is transition:
             return cached[1]
         t = self._t
         sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
-        assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
-        tag_cond = f"AND {self._tag_match('tags', '$8')}" if with_tags else ""
-        rest = ", ".join(f"NULL::{kind}" for kind in _REST_TYPES)
-        sql = f"""
-            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
-                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
-                       ORDER BY {self._s}.id_key(u.cid)),
-            moved AS (
-                UPDATE {t} SET {sets}
-                FROM c WHERE {t}.id_key = {self._s}.id_key(c.cid) AND {t}.id = c.cid
-                  AND {t}.status IN {in_list(transition.sources)}
-                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
-            {self._note("moved")},
+        claim = rest = claimed = ""
+        if refill:
+            assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
+            tag_cond = f"AND {self._tag_match('tags', '$8')}" if tags else ""
+            rest = ", " + ", ".join(f"NULL::{kind}" for kind in _COL_TYPES)
+            claim = f""",
             picked AS (
                 SELECT id_key AS pid FROM {t}
                 WHERE status IN {_ELIGIBLE} {tag_cond}
@@ -693,16 +638,27 @@ class PostgresBackend(Backend):
                 UPDATE {t} SET {assign}, claimed_by = $7::text
                 WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
                   AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
-                RETURNING {", ".join(f"{t}.{c}" for c in _CLAIMED_COLS)})
-            SELECT 1 AS kind, id, status, tags, {rest} FROM moved
+                RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))})"""
+            claimed = f"""
+            UNION ALL
+            SELECT 2, id, status, tags, {_COLS} FROM claimed"""
+        sql = f"""
+            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
+                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
+                       ORDER BY {self._s}.id_key(u.cid)),
+            moved AS (
+                UPDATE {t} SET {sets}
+                FROM c WHERE {t}.id_key = {self._s}.id_key(c.cid) AND {t}.id = c.cid
+                  AND {t}.status IN {in_list(transition.sources)}
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
+            {self._note("moved")}{claim}
+            SELECT 1 AS kind, id, status, tags{rest} FROM moved
             WHERE (SELECT count(*) FROM note) >= 0
             UNION ALL
-            SELECT 0, c.cid, j.status, NULL::text[], {rest}
+            SELECT 0, c.cid, j.status, NULL::text[]{rest}
             FROM c LEFT JOIN {t} j ON j.id_key = {self._s}.id_key(c.cid) AND j.id = c.cid
-            WHERE c.cid NOT IN (SELECT id FROM moved)
-            UNION ALL
-            SELECT 2, {", ".join(_CLAIMED_COLS)} FROM claimed"""
-        self._refill_sql_cache[key] = (transition, sql)
+            WHERE c.cid NOT IN (SELECT id FROM moved){claimed}"""
+        self._sql_cache[key] = (transition, sql)
         return sql
 
     def _id_match(self, prefix: str, param: str) -> str:
@@ -924,7 +880,7 @@ class PostgresBackend(Backend):
                         out.errors[job_id] = InvalidTransitionError(
                             job_id, current[job_id], transition.target
                         )
-        out.claimed = [_claimed_to_job(r) for r in claimed]
+        out.claimed = [_row_to_job(r, 4) for r in claimed]
         self._changed_rows(len(out.moved) + len(claimed))
         return out
 
@@ -954,8 +910,8 @@ class PostgresBackend(Backend):
                     claimed = await self._claim_rows(
                         conn, refill.assignee_id, refill.tags, limit, now, nonce
                     )
-                    # as rows of kind 2 (see _apply_refill_sql)
-                    rows = [(2, r[0], r[4], r[3], r[1], r[2], *r[5:14]) for r in claimed]
+                    # as rows of kind 2 (see _apply_sql)
+                    rows = [(2, r[0], r[4], r[3], *r) for r in claimed]
                     results.append((ASSIGN, rows))
         return results
 
@@ -963,7 +919,7 @@ class PostgresBackend(Backend):
         self, changes: Sequence[Change], now: datetime, refill: Refill, nonce: str
     ) -> tuple[Any, ...]:
         args = (
-            self._apply_refill_sql(changes[0].transition, bool(refill.tags)),
+            self._apply_sql(changes[0].transition, True, bool(refill.tags)),
             [c.job_id for c in changes],
             [c.result for c in changes],
             [c.error_message for c in changes],

@@ -172,3 +172,27 @@ async def test_many_streams_with_refills_deliver_each_job_once_within_capacity(
     stats = await queue.get_job_stats()
     assert stats.completed_jobs == total
     assert stats.running_jobs == 0 and stats.pending_jobs == 0
+
+
+async def test_a_tagged_stream_is_refilled_with_matching_jobs_by_a_mixed_batch(
+    queue: PoolQueue,
+) -> None:
+    """A batch of two transitions (one transaction) frees slots of a stream with a tag
+    filter: the refill takes only jobs carrying its tags, oldest first."""
+    await queue.enqueue_jobs(
+        [Job(id=f"gpu{i}", job_type="t", tags=["gpu", "x"]) for i in range(2)]
+        + [Job(id="cpu", job_type="t", tags=["cpu"])]
+        + [Job(id=f"gpu{i}", job_type="t", tags=["gpu"]) for i in range(2, 5)]
+    )
+    async with queue.stream_jobs("w", tags=["gpu"], max_assigned_jobs=2) as stream:
+        assert sorted(j.id for j in await next_batch(stream)) == ["gpu0", "gpu1"]
+        await queue.cancel_jobs(job_ids=["gpu0", "gpu1"])
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await assert_pending(waiting, 0.02)
+        await queue.acknowledge_cancellation({"gpu0": True, "gpu1": False})
+        gpu0, gpu1 = await queue.get_jobs(["gpu0", "gpu1"])
+        assert (gpu0.status, gpu1.status) == (S.STOPPED, S.UNKNOWN_STOPPED)
+        batch = await asyncio.wait_for(waiting, DEADLINE)
+        assert sorted(j.id for j in batch) == ["gpu2", "gpu3"]
+        assert (await queue.get_job("cpu")).status is S.INITIAL_PENDING
+        assert (await queue.get_job("gpu4")).status is S.INITIAL_PENDING
