@@ -492,6 +492,8 @@ class _Run:
             if ours_rate is not None:
                 mine.append(ours_rate)
                 ratios.append(ours_rate / rate(n, result.seconds))
+            if sum(seconds) > _SLOW_PEER_SECONDS:  # far behind anyway: one pair will do
+                break
         assert result is not None
         ok = result.ok
         median_s = statistics.median(seconds) if seconds else result.seconds
@@ -517,6 +519,10 @@ class _Run:
         if not ok and result.unavailable:
             self.unavailable[spec.label] = result.note
         self.add(row)
+
+
+#: A peer whose runs have taken this long in all is not run again (see ``_peer``).
+_SLOW_PEER_SECONDS = 60.0
 
 
 async def run(options: Options, command: str = "python -m benchmarks") -> Report:
