@@ -63,7 +63,7 @@ class Sizes:
             bulk_batch=1_000,
             e2e_jobs=20_000,
             e2e_slots=(10, 100),
-            e2e_rounds=2,
+            e2e_rounds=3,
             enqueue_batch=1_000,
             fanout_jobs=20_000,
             fanout_streams=50,

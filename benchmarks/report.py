@@ -76,7 +76,8 @@ def _metrics(row: Row) -> str:
     parts = []
     for k in keys:
         if k in row.metrics:
-            parts.append(f"{k}={row.metrics[k]:.3g}")
+            value = row.metrics[k]
+            parts.append(f"{k}={value:,.0f}" if abs(value) >= 1000 else f"{k}={value:.3g}")
     return " ".join(parts)
 
 

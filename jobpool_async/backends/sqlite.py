@@ -474,16 +474,48 @@ def _apply(
     done: dict[str, Moved] = {}
     for transition, members in groups.values():
         for k in range(0, len(members), _APPLY_CHUNK):
-            chunk = members[k : k + _APPLY_CHUNK]
-            params: list[Any] = [now]
-            with_result = with_error = False
-            for c in chunk:
-                params += (c.job_id, c.result, c.error_message)
-                with_result = with_result or c.result is not None
-                with_error = with_error or c.error_message is not None
-            sql = _apply_sql(transition, len(chunk), with_result, with_error)
-            for job_id, status, tags in conn.execute(sql, params).fetchall():
-                done[job_id] = Moved(job_id, _STATUS[status], _tag_tuple(tags))
+            done.update(_move_chunk(conn, transition, members[k : k + _APPLY_CHUNK], now))
+    moved, errors = _outcome(conn, changes, done)
+    rows: list[Any] = []
+    if refill is not None:
+        limit = refill_limit(refill, moved)
+        if limit:
+            rows = _claim(conn, refill.assignee_id, refill.tags, limit, now, False)
+    return moved, errors, rows
+
+
+def _move_chunk(
+    conn: sqlite3.Connection, transition: Transition, chunk: Sequence[Change], now: int
+) -> dict[str, Moved]:
+    """One statement moving the jobs of ``chunk`` (all of ``transition``) it allows."""
+    params: list[Any] = [now]
+    with_result = with_error = False
+    for c in chunk:
+        params += (c.job_id, c.result, c.error_message)
+        with_result = with_result or c.result is not None
+        with_error = with_error or c.error_message is not None
+    sql = _apply_sql(transition, len(chunk), with_result, with_error)
+    return {
+        job_id: Moved(job_id, _STATUS[status], _tag_tuple(tags))
+        for job_id, status, tags in conn.execute(sql, params).fetchall()
+    }
+
+
+def _apply_fast(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -> _ApplyPlan:
+    """The common batch (one transition, one statement, no refill) as one self-committing
+    statement: no ``BEGIN``/``COMMIT`` around it. Why the others did not move is read
+    after it (a read only, so the call still writes all or nothing); a job another
+    process moved in between is reported with the status it has then, as PostgreSQL
+    reports it."""
+    done = _move_chunk(conn, changes[0].transition, changes, now)
+    moved, errors = _outcome(conn, changes, done)
+    return moved, errors, []
+
+
+def _outcome(
+    conn: sqlite3.Connection, changes: Sequence[Change], done: dict[str, Moved]
+) -> tuple[list[Moved], dict[str, JobPoolError]]:
+    """The moves in input order, and why each other change did not move."""
     moved = [done[c.job_id] for c in changes if c.job_id in done]
     errors: dict[str, JobPoolError] = {}
     if len(moved) < len(changes):
@@ -501,12 +533,7 @@ def _apply(
                 if status is None
                 else InvalidTransitionError(c.job_id, _STATUS[status], c.transition.target)
             )
-    rows: list[Any] = []
-    if refill is not None:
-        limit = refill_limit(refill, moved)
-        if limit:
-            rows = _claim(conn, refill.assignee_id, refill.tags, limit, now, False)
-    return moved, errors, rows
+    return moved, errors
 
 
 def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
@@ -754,7 +781,15 @@ class SQLiteBackend(Backend):
     ) -> ApplyOutcome:
         if not changes:
             return ApplyOutcome()
-        moved, errors, rows = await self._transact(_apply, changes, _us(now), refill)
+        transition = changes[0].transition
+        if (
+            refill is None
+            and len(changes) <= _APPLY_CHUNK
+            and all(c.transition is transition for c in changes)
+        ):
+            moved, errors, rows = await self._run(_apply_fast, changes, _us(now))
+        else:
+            moved, errors, rows = await self._transact(_apply, changes, _us(now), refill)
         return ApplyOutcome(moved=moved, errors=errors, claimed=_jobs(rows))
 
     async def apply_selected(
