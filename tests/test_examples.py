@@ -35,10 +35,12 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["basic_sqlite.py", "basic_leveldb.py", "worker.py", "asgi_service.py"]
+    "name",
+    ["basics.py", "basics.py leveldb", "worker.py", "asgi_service.py"],
 )
 def test_example_runs_as_written(name: str, tmp_path: Path) -> None:
-    result = run(str(EXAMPLES / name), cwd=tmp_path)
+    script, *args = name.split()
+    result = run(str(EXAMPLES / script), *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r": OK$", result.stdout.strip()), result.stdout
     assert "Traceback" not in result.stderr

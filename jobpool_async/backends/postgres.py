@@ -49,6 +49,7 @@ from .base import (
     Refill,
     Selection,
     SelectOutcome,
+    refill_limit,
 )
 
 try:
@@ -832,24 +833,24 @@ class PostgresBackend(Backend):
         results: list[tuple[Transition, Sequence[Any]]]
         with self._errors("update"):
             assert self._pool is not None
-            if len(groups) == 1 and refill is None:
-                results = [
-                    (changes[0].transition, await self._pool.fetch(*self._apply_args(changes, now)))
-                ]
+            if refill is None:
+                if len(groups) == 1:
+                    args = self._apply_args(changes, now)
+                    results = [(changes[0].transition, await self._pool.fetch(*args))]
+                else:
+                    results = await self._apply_groups(groups.values(), now, None, "")
             else:
-                if refill is not None and self._orphans:
+                if self._orphans:
                     await self._release_orphans(now)
                 nonce = self._nonce()
                 try:
                     if len(groups) == 1:
-                        assert refill is not None
                         args = self._refill_args(changes, now, refill, nonce)
                         results = [(changes[0].transition, await self._pool.fetch(*args))]
                     else:
                         results = await self._apply_groups(groups.values(), now, refill, nonce)
                 except _storage_error_types():
-                    if refill is not None:
-                        await self._lost_claim(nonce, now)
+                    await self._lost_claim(nonce, now)
                     raise
             stale: dict[str, Transition] = {}
             for transition, rows in results:
@@ -900,12 +901,8 @@ class PostgresBackend(Backend):
                     (group[0].transition, await conn.fetch(*self._apply_args(group, now)))
                 )
             if refill is not None:
-                limit = sum(  # the slots of the refill's stream freed above
-                    1
-                    for _, rows in results
-                    for r in rows
-                    if r[0] and r[1] in refill.job_ids and _STATUS[r[2]] not in ACTIVE
-                )
+                moved = [Moved(r[1], _STATUS[r[2]]) for _, rows in results for r in rows if r[0]]
+                limit = refill_limit(refill, moved)
                 if limit:
                     claimed = await self._claim_rows(
                         conn, refill.assignee_id, refill.tags, limit, now, nonce

@@ -13,6 +13,7 @@ as before, raises ``StorageError``, and the queue keeps working afterwards.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -47,14 +48,14 @@ BASE = datetime(2024, 1, 1, tzinfo=UTC)
 # --- fault injectors ----------------------------------------------------------------------
 
 
-class Injector:
+class Injector(abc.ABC):
     """Arms a fault that hits the storage operation on ``VICTIM`` (or the Nth write)."""
 
-    async def arm(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def arm(self) -> None: ...
 
-    async def disarm(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def disarm(self) -> None: ...
 
     async def raw(self) -> object:
         """Every row/record of the store (``None`` where it cannot be read while open)."""

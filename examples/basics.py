@@ -1,19 +1,29 @@
-"""The basics on an embedded SQLite file: enqueue, stream, complete, fail, cancel, stats.
+"""The basics on an embedded store: enqueue, stream, complete, fail, cancel, stats.
 
-Run it: ``python examples/basic_sqlite.py`` (it uses a temporary directory).
+Run it: ``python examples/basics.py`` for an SQLite file, ``python examples/basics.py
+leveldb`` for a LevelDB directory (either in a temporary directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from jobpool_async import Job, JobStatus, PoolQueue, SQLiteBackend
+from jobpool_async import Backend, Job, JobStatus, LevelDBBackend, PoolQueue, SQLiteBackend
+
+#: Store kind -> (backend on a path, file name of the store).
+STORES: dict[str, tuple[Callable[[Path], Backend], str]] = {
+    "sqlite": (SQLiteBackend, "jobs.db"),
+    "leveldb": (LevelDBBackend, "jobs.ldb"),
+}
 
 
-async def main(path: Path) -> None:
-    async with PoolQueue(SQLiteBackend(path)) as queue:
+async def main(kind: str, path: Path) -> None:
+    make_backend = STORES[kind][0]
+    async with PoolQueue(make_backend(path)) as queue:
         await queue.enqueue_jobs(
             [
                 Job(
@@ -59,13 +69,16 @@ async def main(path: Path) -> None:
         )
         assert stats.completed_jobs == 5 and stats.by_status[JobStatus.UNSCHEDULED] == 1
 
-    # The file keeps everything: reopen it and read a job back.
-    async with PoolQueue(SQLiteBackend(path)) as queue:
+    # The store keeps everything: reopen it and read a job back.
+    async with PoolQueue(make_backend(path)) as queue:
         job = await queue.get_job("resize-0")
         print(f"after reopening: {job.id} is {job.status.name}, result {job.result!r}")
-    print("basic_sqlite: OK")
+    print(f"basics ({kind}): OK")
 
 
 if __name__ == "__main__":
+    store = sys.argv[1] if len(sys.argv) > 1 else "sqlite"
+    if store not in STORES:
+        sys.exit(f"usage: python examples/basics.py [{' | '.join(STORES)}]")
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(main(Path(tmp) / "jobs.db"))
+        asyncio.run(main(store, Path(tmp) / STORES[store][1]))
