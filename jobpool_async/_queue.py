@@ -181,7 +181,8 @@ class PoolQueue:
                 if m.status not in ACTIVE:
                     del self._holders[m.job_id]
                     stream._held.pop(m.job_id, None)
-                    freed.append(stream._sub)
+                    if not freed or freed[-1] is not stream._sub:
+                        freed.append(stream._sub)
                 elif m.status is JobStatus.CANCELLING:
                     stream._cancel_requested(m.job_id)
             if m.status in ELIGIBLE:
@@ -368,8 +369,9 @@ class PoolQueue:
         changes = []
         for job_id, result in self._mapping(results, "results").items():
             key = check_id(job_id)
-            res = check_bytes(result, f"result for job {job_id!r}", optional=True)
-            changes.append(Change(key, COMPLETE, result=res))
+            if result is not None and type(result) is not bytes:
+                check_bytes(result, f"result for job {job_id!r}")  # raises, naming the job
+            changes.append(Change(key, COMPLETE, result=result))
         await self._apply_many(changes)
 
     async def fail_job(self, job_id: str, error_message: str) -> None:

@@ -67,6 +67,15 @@ APPLICATION_ID: Final = 0x4A504F4C
 #: ``PRAGMA user_version`` of the schema this module creates and reads.
 SCHEMA_VERSION: Final = 1
 
+#: Pages the WAL may grow to before a commit checkpoints it (SQLite's default: 1000).
+#: Each checkpoint syncs the WAL and the database file; every job is written three
+#: times (insert, claim, completion), so at the default a busy queue checkpoints every
+#: few hundred jobs. 10,000 pages (about 40 MB of WAL at 4 KiB pages) measured 10-15%
+#: less SQLite work per job; durability is unchanged (a commit is in the WAL either way).
+WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
+#: Page cache per connection in KiB (SQLite's default: 2,000).
+CACHE_KIB: Final = 16_384
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 _STATUS: Final = {s.value: s for s in JobStatus}
@@ -134,7 +143,12 @@ _COLS: Final = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
     "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
 )
-_INSERT: Final = f"INSERT INTO jobs (seq, {_COLS}) VALUES ({', '.join(['?'] * 15)})"
+#: What a claim returns: the columns it did not set (status, assignee and
+#: ``assigned_at`` are known to the caller), in this order.
+_CLAIMED_COLS: Final = (
+    "id, job_type, job_definition, tags, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at"
+)
 _INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key) VALUES (?, ?, ?)"
 _IDS: Final = "SELECT value FROM json_each(?)"
 
@@ -144,7 +158,7 @@ _HAS_ELIGIBLE: Final = f"SELECT 1 FROM jobs WHERE {_ELIG} LIMIT 1"
 CLAIM_SQL: Final = (
     f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
     f"SELECT seq FROM jobs WHERE {_ELIG} ORDER BY {_SORT}, seq LIMIT ?3"
-    f") RETURNING {_COLS}"
+    f") RETURNING {_CLAIMED_COLS}"
 )
 
 
@@ -170,7 +184,7 @@ def claim_tags_sql(n: int) -> str:
         f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
         f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, 4)} AND t0.sort_key IS NOT NULL "
         f"ORDER BY t0.sort_key, t0.seq LIMIT ?3"
-        f") RETURNING {_COLS}"
+        f") RETURNING {_CLAIMED_COLS}"
     )
 
 
@@ -240,6 +254,45 @@ def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
     ]
 
 
+def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> list[Job]:
+    """The :class:`Job` objects of a claim's rows (``_CLAIMED_COLS`` order), assigned
+    to ``assignee_id`` at ``now``; a first run's ``started_at`` is ``now`` too."""
+    now_us = _us(now)
+    running = JobStatus.RUNNING
+    epoch = _EPOCH
+    return [
+        Job(
+            job_id,
+            job_type,
+            definition,
+            [] if tags == "[]" else json.loads(tags),
+            running,
+            epoch + timedelta(0, 0, created),
+            now if started == now_us else epoch + timedelta(0, 0, started),
+            None if finalized is None else epoch + timedelta(0, 0, finalized),
+            message,
+            result,
+            retries,
+            None if retried is None else epoch + timedelta(0, 0, retried),
+            assignee_id,
+            now,
+        )
+        for (
+            job_id,
+            job_type,
+            definition,
+            tags,
+            created,
+            started,
+            finalized,
+            message,
+            result,
+            retries,
+            retried,
+        ) in rows
+    ]
+
+
 # --- functions run in the connection's thread -------------------------------------------
 #
 # Each takes the raw ``sqlite3.Connection`` (autocommit mode: ``isolation_level=None``)
@@ -300,6 +353,8 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
     if not ours:
         _transaction(conn, _create_schema, path)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
 
 def _create_schema(conn: sqlite3.Connection, path: str) -> None:
@@ -309,27 +364,68 @@ def _create_schema(conn: sqlite3.Connection, path: str) -> None:
         conn.execute(statement)
 
 
-#: Rows per multi-row ``INSERT`` (15 parameters each); the remainder goes in smaller
-#: fixed sizes, so only a handful of statement shapes are ever prepared.
+#: Rows per multi-row ``INSERT``; the remainder goes in smaller fixed sizes, so
+#: only a handful of statement shapes are ever prepared.
 _INSERT_SIZES: Final = (256, 64, 16, 4, 1)
+#: Per inserted row: every column bound (a job enqueued with history fields set), or
+#: only those a new job may carry, the rest literals (the common case: half the
+#: parameters, about 2 µs per job less work in the connection's thread).
+_ROW_FULL: Final = "(" + ", ".join(["?"] * 15) + ")"
+_ROW_NEW: Final = (
+    f"(?, ?, ?, ?, ?, '{JobStatus.INITIAL_PENDING.value}', ?, "  # status, created_at
+    "NULL, NULL, ?, NULL, 0, NULL, ?, NULL)"
+)
 
 
-@functools.lru_cache(maxsize=len(_INSERT_SIZES))
-def _insert_sql(rows: int) -> str:
-    one = "(" + ", ".join(["?"] * 15) + ")"
-    return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([one] * rows)
+@functools.lru_cache(maxsize=2 * len(_INSERT_SIZES))
+def _insert_sql(row: str, rows: int) -> str:
+    return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([row] * rows)
 
 
 def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     """Insert ``jobs`` (one multi-row statement per chunk: ~2 µs/job cheaper than
     ``executemany``) and their tags; runs inside the caller's transaction."""
     seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+    first = seq + 1
+    params: list[Any] = []
+    tag_rows: list[tuple[int, str, int]] = []
+    epoch, us = _EPOCH, _US
+    for job in jobs:
+        if (
+            job.started_at is not None
+            or job.finalized_at is not None
+            or job.result is not None
+            or job.retry_count
+            or job.last_retry_at is not None
+            or job.assigned_at is not None
+        ):
+            _insert_rows(conn, jobs, _ROW_FULL, _full_params(jobs, first))
+            return
+        seq += 1
+        created = (job.created_at - epoch) // us
+        tags = job.tags
+        params += (
+            seq,
+            job.id,
+            job.job_type,
+            job.job_definition,
+            json.dumps(tags) if tags else "[]",
+            created,
+            job.error_message,
+            job.assignee_id,
+        )
+        if tags:
+            tag_rows.extend((seq, tag, created) for tag in tags)
+    _insert_rows(conn, jobs, _ROW_NEW, (params, tag_rows))
+
+
+def _full_params(jobs: Sequence[Job], first: int) -> tuple[list[Any], list[tuple[int, str, int]]]:
+    """Every column of every job, for jobs enqueued with history fields set."""
     params: list[Any] = []
     tag_rows: list[tuple[int, str, int]] = []
     pending = JobStatus.INITIAL_PENDING.value  # the only status insert receives
-    for job in jobs:
-        seq += 1
-        created = (job.created_at - _EPOCH) // _US
+    for seq, job in enumerate(jobs, first):
+        created = _us(job.created_at)
         started, finalized, retried, assigned = (
             job.started_at,
             job.finalized_at,
@@ -344,24 +440,35 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
             json.dumps(job.tags) if job.tags else "[]",
             pending,
             created,
-            None if started is None else (started - _EPOCH) // _US,
-            None if finalized is None else (finalized - _EPOCH) // _US,
+            None if started is None else _us(started),
+            None if finalized is None else _us(finalized),
             job.error_message,
             job.result,
             job.retry_count,
-            None if retried is None else (retried - _EPOCH) // _US,
+            None if retried is None else _us(retried),
             job.assignee_id,
-            None if assigned is None else (assigned - _EPOCH) // _US,
+            None if assigned is None else _us(assigned),
         )
         if job.tags:
-            sort_key = _us(job.last_retry_at) if job.last_retry_at is not None else created
+            sort_key = _us(retried) if retried is not None else created
             tag_rows.extend((seq, tag, sort_key) for tag in job.tags)
+    return params, tag_rows
+
+
+def _insert_rows(
+    conn: sqlite3.Connection,
+    jobs: Sequence[Job],
+    row: str,
+    params_and_tags: tuple[list[Any], list[tuple[int, str, int]]],
+) -> None:
+    params, tag_rows = params_and_tags
+    width = row.count("?")
     try:
         start = 0
         for size in _INSERT_SIZES:
-            sql = _insert_sql(size)
+            sql = _insert_sql(row, size)
             while len(jobs) - start >= size:
-                conn.execute(sql, params[15 * start : 15 * (start + size)])
+                conn.execute(sql, params[width * start : width * (start + size)])
                 start += size
     except sqlite3.IntegrityError:
         conn.rollback()  # earlier chunks of this batch must not count as existing
@@ -774,7 +881,7 @@ class SQLiteBackend(Backend):
         if len(full) > 256:
             full.clear()
         full[key] = len(rows) == limit
-        return _jobs(rows)
+        return _claimed(rows, assignee_id, now)
 
     async def apply(
         self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
@@ -790,7 +897,8 @@ class SQLiteBackend(Backend):
             moved, errors, rows = await self._run(_apply_fast, changes, _us(now))
         else:
             moved, errors, rows = await self._transact(_apply, changes, _us(now), refill)
-        return ApplyOutcome(moved=moved, errors=errors, claimed=_jobs(rows))
+        claimed = _claimed(rows, refill.assignee_id, now) if refill and rows else []
+        return ApplyOutcome(moved=moved, errors=errors, claimed=claimed)
 
     async def apply_selected(
         self,
