@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -16,7 +17,7 @@ from jobpool_async import (
 )
 
 from ..backends import BackendFactory
-from ._helpers import job_in, take
+from ._helpers import DEADLINE, job_in, take
 
 S = JobStatus
 
@@ -46,6 +47,43 @@ async def test_enqueue_and_get_round_trip_every_field(queue: PoolQueue) -> None:
         None,
     )
     assert (got.error_message, got.result, got.retry_count, got.assignee_id) == ("", None, 0, "")
+
+
+async def test_enqueue_keeps_history_fields_and_orders_by_them(queue: PoolQueue) -> None:
+    """A job enqueued with history fields set (a re-import, say) keeps every one of
+    them, beside a fresh job in the same batch, and is selected by ``last_retry_at``."""
+    t = datetime(2024, 1, 1, 8, 0, 0, 7, tzinfo=UTC)
+    fresh = Job(id="fresh", job_type="t", tags=["x"], created_at=t + timedelta(seconds=2))
+    imported = Job(
+        id="imported",
+        job_type="t",
+        job_definition=b"def",
+        tags=["x", "y"],
+        created_at=t + timedelta(seconds=3),
+        started_at=t,
+        finalized_at=t + timedelta(microseconds=1),
+        error_message="failed before",
+        result=b"partial",
+        retry_count=2,
+        last_retry_at=t + timedelta(seconds=1),
+        assignee_id="old-worker",
+        assigned_at=t + timedelta(microseconds=5),
+    )
+    await queue.enqueue_jobs([fresh, imported])
+    got = await queue.get_job("imported")
+    assert got == imported
+    async with queue.stream_jobs("w", tags=["x"], max_assigned_jobs=1) as stream:
+        (first,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+    assert first.id == "imported", "oldest by last_retry_at goes first"
+    assert first.status is JobStatus.RUNNING and first.assignee_id == "w"
+    assert first.started_at == t, "a job that ran before keeps its first start"
+    assert (first.result, first.retry_count, first.error_message) == (
+        b"partial",
+        2,
+        "failed before",
+    )
+    assert first.last_retry_at == t + timedelta(seconds=1)
+    assert await queue.get_job("imported") == first
 
 
 async def test_timestamps_keep_microseconds_and_become_utc(queue: PoolQueue) -> None:
