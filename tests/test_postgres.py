@@ -301,6 +301,38 @@ async def test_calls_after_close_are_storage_errors(dsn: str, schema: str) -> No
 # --- values -------------------------------------------------------------------------------
 
 
+async def test_ids_of_any_length_go_through_every_call(dsn: str, schema: str) -> None:
+    """Ids are indexed by a key (the id itself up to 256 UTF-8 bytes, else its SHA-256).
+    Statements compute the key inline; it must equal the schema's ``id_key()`` at every
+    length around the limit, and every call must find the job by it."""
+    ids = ["a" * 256, "b" * 257, "é" * 128, "é" * 129, "ü" * 3000, "short"]
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_jobs([Job(i, "t") for i in ids])
+        async with q.stream_jobs("w", max_assigned_jobs=len(ids)) as s:
+            batch = await asyncio.wait_for(s.__anext__(), 10)
+        assert sorted(j.id for j in batch) == sorted(ids)
+        await q.complete_jobs({i: i.encode()[:8] for i in ids[:3]})
+        await q.cancel_jobs(job_ids=ids[3:])
+        got = {j.id: j for j in await q.get_jobs(ids)}
+        assert [got[i].status for i in ids] == [JobStatus.COMPLETED] * 3 + [
+            JobStatus.CANCELLING
+        ] * 3
+        assert got[ids[1]].result == b"b" * 8
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                f'SELECT id, id_key, "{schema}".id_key(id) AS expected FROM "{schema}".jobs'
+            )
+        finally:
+            await conn.close()
+        assert len(rows) == len(ids)
+        for row in rows:
+            assert row["id_key"] == row["expected"], row["id"][:20]
+            assert (row["id_key"] == row["id"]) == (len(row["id"].encode()) <= 256)
+        await q.acknowledge_cancellation(dict.fromkeys(ids[3:], True))
+        assert await q.delete_jobs(job_ids=ids) == len(ids)
+
+
 async def test_every_field_round_trips_exactly(dsn: str, schema: str) -> None:
     tz = timezone(timedelta(hours=5, minutes=30))
     created = datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=tz)
