@@ -459,6 +459,24 @@ class _Run:
         for peer in self.o.peers:
             await self._peer(peer, targets.get(PEERS[peer].compare_with), params)
 
+    async def _paired_ours(self, target: Target | None, workload: Any) -> float | None:
+        """Our rate on the peer workload (``end_to_end_stream`` or ``end_to_end_worker``),
+        run right before the peer; None if it could not run or failed its check."""
+        s = self.s
+        if target is None or not target.available:
+            return None
+        try:
+            out = await self.with_store(
+                target,
+                lambda st: workload(
+                    st.backend, s.peer_jobs, s.peer_concurrency, s.enqueue_batch, s.timeout
+                ),
+            )
+        except Exception:
+            logger.debug("paired run of ours failed", exc_info=True)
+            return None
+        return None if out.problem else rate(out.jobs, out.seconds)
+
     async def _peer(self, peer: str, target: Target | None, params: dict[str, Any]) -> None:
         """``peer_rounds`` runs of the peer, each right after one of ours on the same
         storage (the machine drifts by 2x within minutes); the median of the pairs."""
@@ -468,30 +486,28 @@ class _Run:
         seconds: list[float] = []
         ratios: list[float] = []
         mine: list[float] = []
+        worker_ratios: list[float] = []
+        mine_worker: list[float] = []
         result: PeerResult | None = None
+        with_worker = worker_available()[0] and "worker" in self.o.workloads
         for _ in range(s.peer_rounds):
-            ours_rate = None
-            if target is not None and target.available:
-                try:
-                    out = await self.with_store(
-                        target,
-                        lambda st: end_to_end_stream(
-                            st.backend, n, conc, s.enqueue_batch, s.timeout
-                        ),
-                    )
-                    if not out.problem:
-                        ours_rate = rate(out.jobs, out.seconds)
-                except Exception:
-                    logger.debug("paired run of ours failed", exc_info=True)
+            ours_rate = await self._paired_ours(target, end_to_end_stream)
+            worker_rate = (
+                await self._paired_ours(target, end_to_end_worker) if with_worker else None
+            )
             result = await run_peer(
                 peer, n, conc, self.workdir, self.o.postgres_dsn, self.o.redis_url, s.timeout
             )
             if not result.ok:
                 break
             seconds.append(result.seconds)
+            peer_rate = rate(n, result.seconds)
             if ours_rate is not None:
                 mine.append(ours_rate)
-                ratios.append(ours_rate / rate(n, result.seconds))
+                ratios.append(ours_rate / peer_rate)
+            if worker_rate is not None:
+                mine_worker.append(worker_rate)
+                worker_ratios.append(worker_rate / peer_rate)
             if sum(seconds) > _SLOW_PEER_SECONDS:  # far behind anyway: one pair will do
                 break
         assert result is not None
@@ -500,6 +516,9 @@ class _Run:
         metrics = dict(result.metrics)
         if mine:
             metrics["ours_paired"] = statistics.median(mine)
+        if mine_worker:
+            metrics["worker_paired"] = statistics.median(mine_worker)
+            metrics["worker_ratio"] = statistics.median(worker_ratios)
         row = Row(
             "peers",
             spec.label,

@@ -369,9 +369,11 @@ class PoolQueue:
         changes = []
         for job_id, result in self._mapping(results, "results").items():
             key = check_id(job_id)
-            if result is not None and type(result) is not bytes:
-                check_bytes(result, f"result for job {job_id!r}")  # raises, naming the job
-            changes.append(Change(key, COMPLETE, result=result))
+            if result is None or type(result) is bytes:
+                res: bytes | None = result
+            else:  # a bytes subclass, or an error naming the job (formatted only here)
+                res = check_bytes(result, f"result for job {job_id!r}")
+            changes.append(Change(key, COMPLETE, result=res))
         await self._apply_many(changes)
 
     async def fail_job(self, job_id: str, error_message: str) -> None:

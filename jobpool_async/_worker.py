@@ -403,8 +403,12 @@ class Worker:
                 failures = 0
 
     async def _gather_more(self) -> None:
-        """Let outcomes finishing close together join one write: wait a loop
-        iteration, then up to ``_FLUSH_DELAY`` while some processor still runs."""
+        """Let outcomes finishing close together join one write: while some processor
+        still runs, wait a loop iteration, then up to ``_FLUSH_DELAY`` for the rest.
+        With none running no other outcome can come (new jobs wait for this write's
+        freed slots), so write at once."""
+        if not self._running:
+            return
         await asyncio.sleep(0)
         if self._running and not self._closing_flusher:
             with contextlib.suppress(TimeoutError):

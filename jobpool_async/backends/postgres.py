@@ -245,6 +245,10 @@ class PostgresBackend(Backend):
         #: Tags this instance's notifications so its own listener ignores them.
         self._token = secrets.token_hex(8)
         self._pool: Pool | None = None
+        #: Pool connections kept between single-statement calls (see :meth:`_fetch`).
+        self._hot: list[PoolConnectionProxy[Record]] = []
+        #: How many: at most 4, and always 2 left to the pool (transactions, vacuum).
+        self._keep = max(0, min(4, pool_max_size - 2))
         self._listen_conn: Connection | None = None
         self._listener: Listener | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -427,12 +431,39 @@ class PostgresBackend(Backend):
         if conn is not None:
             await self._close_conn(conn)
         pool, self._pool = self._pool, None
+        hot, self._hot = self._hot, []
         if pool is not None:
+            for kept in hot:
+                with contextlib.suppress(Exception):
+                    await pool.release(kept)
             try:
                 await asyncio.wait_for(pool.close(), 10)
             except (Exception, asyncio.CancelledError):
                 pool.terminate()
                 raise
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Record]:
+        """``pool.fetch`` on a connection kept between calls: the pool's acquire and
+        release measured about 60 µs of CPU per call here, a quarter of a whole
+        complete-and-refill call's client work. A failed call's connection goes back
+        to the pool (which replaces broken ones), as does one found closed."""
+        pool = self._pool
+        if pool is None:
+            raise StorageError(f"PostgreSQL store {self.schema!r} is not open")
+        conn = self._hot.pop() if self._hot else await pool.acquire()
+        if conn.is_closed():
+            await pool.release(conn)
+            conn = await pool.acquire()
+        try:
+            rows: list[Record] = await conn.fetch(sql, *args)
+        except BaseException:
+            await pool.release(conn)
+            raise
+        if self._pool is pool and len(self._hot) < self._keep:
+            self._hot.append(conn)
+        else:
+            await pool.release(conn)
+        return rows
 
     @staticmethod
     async def _close_conn(conn: Connection) -> None:
@@ -805,7 +836,7 @@ class PostgresBackend(Backend):
         nonce = self._nonce()
         try:
             with self._errors("claim"):
-                rows = await self._claim_rows(self._pool, assignee_id, tags, limit, now, nonce)
+                rows = await self._fetch(*self._claim_args(assignee_id, tags, limit, now, nonce))
         except StorageError:
             await self._lost_claim(nonce, now)
             raise
@@ -818,18 +849,21 @@ class PostgresBackend(Backend):
 
     async def _claim_rows(
         self,
-        conn: Pool[Record] | PoolConnectionProxy[Record],
+        conn: PoolConnectionProxy[Record],
         assignee_id: str,
         tags: Sequence[str],
         limit: int,
         now: datetime,
         nonce: str,
     ) -> list[Record]:
+        return await conn.fetch(*self._claim_args(assignee_id, tags, limit, now, nonce))
+
+    def _claim_args(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime, nonce: str
+    ) -> tuple[Any, ...]:
         if tags:
-            return await conn.fetch(
-                self._claim_tags_sql, now, assignee_id, limit, nonce, list(tags)
-            )
-        return await conn.fetch(self._claim_sql, now, assignee_id, limit, nonce)
+            return (self._claim_tags_sql, now, assignee_id, limit, nonce, list(tags))
+        return (self._claim_sql, now, assignee_id, limit, nonce)
 
     async def _lost_claim(self, nonce: str, now: datetime) -> None:
         """A claim failed: the connection may have died after the commit, before the
@@ -874,7 +908,7 @@ class PostgresBackend(Backend):
             if refill is None:
                 if len(groups) == 1:
                     args = self._apply_args(changes, now)
-                    results = [(changes[0].transition, await self._pool.fetch(*args))]
+                    results = [(changes[0].transition, await self._fetch(*args))]
                 else:
                     results = await self._apply_groups(groups.values(), now, None, "")
             else:
@@ -884,7 +918,7 @@ class PostgresBackend(Backend):
                 try:
                     if len(groups) == 1:
                         args = self._refill_args(changes, now, refill, nonce)
-                        results = [(changes[0].transition, await self._pool.fetch(*args))]
+                        results = [(changes[0].transition, await self._fetch(*args))]
                     else:
                         results = await self._apply_groups(groups.values(), now, refill, nonce)
                 except _storage_error_types():
