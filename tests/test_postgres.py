@@ -797,6 +797,83 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
         await b.close()
 
 
+async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
+    dsn: str, schema: str
+) -> None:
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        await b.insert(jobs(3000, prefix="plain"))
+        await b.insert(jobs(3000, prefix="common", tags=["common"]))
+        await b.insert(jobs(3, prefix="rare", tags=["rare", "common"]))
+        t = f'"{schema}".jobs'
+        await sql(dsn, f"ANALYZE {t}")
+        defs = {
+            r[0]: r[1]
+            for r in await sql(
+                dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
+            )
+        }
+        for name in ("jobs_tags", "jobs_eligible_tags"):
+            assert "tag_keys <> '{}'::text[]" in defs[name], defs[name]
+        now = datetime.now(UTC)
+        plan = "\n".join(
+            r[0]
+            for r in await sql(
+                dsn, "EXPLAIN " + b._claim_tags_sql, now, "w", 10, "n", ["rare", "common"]
+            )
+        )
+        assert "jobs_eligible_tags" in plan, plan
+        plan = "\n".join(
+            r[0]
+            for r in await sql(
+                dsn,
+                f"EXPLAIN SELECT count(*) FROM {t} WHERE {b._tag_match('tags', '$1')}",
+                ["rare"],
+            )
+        )
+        assert "jobs_tags" in plan and "Seq Scan" not in plan, plan
+        got = await b.claim("w", ["rare", "common"], 10, now)
+        assert sorted(j.id for j in got) == ["rare-0", "rare-1", "rare-2"]
+    finally:
+        await b.close()
+
+
+async def test_a_version_1_store_is_upgraded_in_place(dsn: str, schema: str) -> None:
+    """Version 1 indexed every job's (possibly empty) tag keys; opening it upgrades the
+    indexes and the version, and keeps every job."""
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_jobs([Job("tagged", "t", tags=["x"]), Job("plain", "t")])
+    s = f'"{schema}"'
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags; "
+            f"CREATE INDEX jobs_tags ON {s}.jobs USING gin (tag_keys); "
+            f"CREATE INDEX jobs_eligible_tags ON {s}.jobs USING gin (tag_keys) "
+            "WHERE status IN ('failed_retry', 'initial_pending', 'unknown_retry'); "
+            f"UPDATE {s}.jobpool_version SET version = 1",
+        )
+    finally:
+        await conn.close()
+    async with await open_queue(dsn, schema) as q:
+        stats = await q.get_job_stats(tags=["x"])
+        assert stats.total_jobs == 1
+        async with q.stream_jobs("w", tags=["x"]) as stream:
+            (job,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        assert job.id == "tagged"
+        assert (await q.get_job("plain")).status is JobStatus.INITIAL_PENDING
+    rows = await sql(dsn, f"SELECT version FROM {s}.jobpool_version")
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [2]
+    defs = await sql(
+        dsn,
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
+        schema,
+        "jobs_tags",
+    )
+    assert "tag_keys <> '{}'::text[]" in defs[0][0]
+
+
 async def test_jobs_of_a_claim_whose_answer_was_lost_are_given_back(dsn: str, schema: str) -> None:
     from jobpool_async.backends.postgres import LOST_CLAIM_MESSAGE
 

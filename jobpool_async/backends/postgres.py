@@ -68,7 +68,7 @@ __all__ = ["SCHEMA_VERSION", "VACUUM_MIN_CHANGES", "PostgresBackend"]
 logger = logging.getLogger("jobpool_async.postgres")
 
 #: The schema version this code writes; a store with a newer one is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Rows changed between the VACUUMs a self-vacuuming backend runs (at least).
 VACUUM_MIN_CHANGES = 10_000
@@ -351,6 +351,8 @@ class PostgresBackend(Backend):
                     )
                 if "jobs" not in tables:
                     raise StorageError(f"schema {self.schema!r}: jobs table is missing")
+                if version < SCHEMA_VERSION:
+                    await self._upgrade(conn, version)
                 return
             if tables:
                 raise StorageError(
@@ -396,9 +398,7 @@ class PostgresBackend(Backend):
                 );
                 CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
                     WHERE status IN {_ELIGIBLE};
-                CREATE INDEX jobs_tags ON {t} USING gin (tag_keys);
-                CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
-                    WHERE status IN {_ELIGIBLE};
+                {self._tag_indexes_sql()}
                 CREATE INDEX jobs_active_assignee ON {t} USING hash (assignee_id)
                     WHERE status IN {_ACTIVE};
                 CREATE INDEX jobs_completed ON {t} (finalized_at)
@@ -414,6 +414,28 @@ class PostgresBackend(Backend):
                 INSERT INTO {s}.jobpool_version (version) VALUES ({SCHEMA_VERSION});
                 """
             )
+
+    def _tag_indexes_sql(self) -> str:
+        """The GIN indexes over tag keys. Only jobs with tags are in them (``tag_keys <>
+        '{}'``, which every tag filter adds): a job without tags would otherwise add an
+        "empty" GIN entry on insert and on every move, which cost about 15% of an insert."""
+        t = self._t
+        return f"""
+                CREATE INDEX jobs_tags ON {t} USING gin (tag_keys) WHERE tag_keys <> '{{}}';
+                CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
+                    WHERE status IN {_ELIGIBLE} AND tag_keys <> '{{}}';"""
+
+    async def _upgrade(self, conn: PoolConnectionProxy[Record], version: int) -> None:
+        """Bring a store of an older version up to :data:`SCHEMA_VERSION` (inside
+        :meth:`_migrate`'s locked transaction, so all or nothing)."""
+        s = self._s
+        if version == 1:  # 2: the GIN indexes leave out jobs without tags
+            await conn.execute(
+                f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags;"
+                + self._tag_indexes_sql()
+            )
+        await conn.execute(f"UPDATE {s}.jobpool_version SET version = {SCHEMA_VERSION}")
+        logger.info("upgraded store %r from version %d to %d", self.schema, version, SCHEMA_VERSION)
 
     async def close(self) -> None:
         self._closed = True
@@ -727,7 +749,10 @@ class PostgresBackend(Backend):
         candidates, the comparison of the real tags decides (a hash never does)."""
         keys_column = column[: -len("tags")] + "tag_keys"
         wanted = f"{self._s}.tag_keys({param}::text[])"
-        return f"({keys_column} @> {wanted} AND {column} @> {param}::text[])"
+        return (
+            f"({keys_column} <> '{{}}' AND {keys_column} @> {wanted} "
+            f"AND {column} @> {param}::text[])"
+        )
 
     def _selection_sql(
         self, selection: Selection, alias: str, first: int
