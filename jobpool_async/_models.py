@@ -258,6 +258,21 @@ def _plain_tags(tags: object) -> bool:
     return len(set(tags)) == len(tags)
 
 
+def has_history(job: Job) -> bool:
+    """Whether a job to enqueue carries any history field (a re-imported job, say).
+
+    Most do not; storage backends insert those with the history columns as
+    constants, which is cheaper than binding a parameter for each."""
+    return (
+        job.started_at is not None
+        or job.finalized_at is not None
+        or job.result is not None
+        or job.retry_count != 0
+        or job.last_retry_at is not None
+        or job.assigned_at is not None
+    )
+
+
 def check_new_job(job: object) -> Job:
     """Validate a job for enqueueing and return a normalised private copy.
 

@@ -36,7 +36,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
-from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus
+from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, has_history
 from .._transitions import ASSIGN, RELEASE, Transition
 from ._sql import in_list, set_clause
 from .base import (
@@ -807,15 +807,7 @@ class PostgresBackend(Backend):
         )
         if len(payload.encode()) > _MAX_PAYLOAD:
             payload = self._token
-        new = all(
-            j.started_at is None
-            and j.finalized_at is None
-            and j.result is None
-            and not j.retry_count
-            and j.last_retry_at is None
-            and j.assigned_at is None
-            for j in jobs
-        )
+        new = not any(has_history(j) for j in jobs)
         args: list[Any] = [
             [j.id for j in jobs],
             [j.job_type for j in jobs],

@@ -43,7 +43,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
-from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
+from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, has_history
 from .._transitions import ASSIGN, Transition
 from ._sql import set_clause
 from .base import (
@@ -391,14 +391,7 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     tag_rows: list[tuple[int, str, int]] = []
     epoch, us = _EPOCH, _US
     for job in jobs:
-        if (
-            job.started_at is not None
-            or job.finalized_at is not None
-            or job.result is not None
-            or job.retry_count
-            or job.last_retry_at is not None
-            or job.assigned_at is not None
-        ):
+        if has_history(job):
             _insert_rows(conn, jobs, _ROW_FULL, _full_params(jobs, first))
             return
         seq += 1
