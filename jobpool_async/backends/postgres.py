@@ -177,7 +177,8 @@ class PostgresBackend(Backend):
 
     ``dsn`` is a libpq connection string or ``postgresql://`` URL. ``schema`` names
     the PostgreSQL schema holding this queue's tables (several queues may share one
-    database). ``pool_min_size``/``pool_max_size`` size the connection pool;
+    database). ``pool_min_size``/``pool_max_size`` size the connection pool (up to 4
+    of its connections, and at most ``pool_max_size - 2``, are kept between calls);
     ``command_timeout`` (seconds) bounds each statement.
 
     ``self_vacuum``: every claim and move leaves a dead row version behind, and dead
