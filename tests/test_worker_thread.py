@@ -52,8 +52,7 @@ async def test_a_call_whose_caller_was_cancelled_still_runs_to_its_end() -> None
             gate.wait(10)
             done.set()
 
-        waiter = asyncio.ensure_future(worker.submit(slow))
-        await asyncio.sleep(0)
+        waiter = worker.submit(slow)  # queued to the thread at once
         waiter.cancel()
         gate.set()
         assert await worker.submit(done.is_set) is True  # ran before the next call

@@ -865,17 +865,6 @@ class PostgresBackend(Backend):
         self._claims += 1
         return f"{self._token}:{self._claims}"
 
-    async def _claim_rows(
-        self,
-        conn: PoolConnectionProxy[Record],
-        assignee_id: str,
-        tags: Sequence[str],
-        limit: int,
-        now: datetime,
-        nonce: str,
-    ) -> list[Record]:
-        return await conn.fetch(*self._claim_args(assignee_id, tags, limit, now, nonce))
-
     def _claim_args(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime, nonce: str
     ) -> tuple[Any, ...]:
@@ -994,8 +983,8 @@ class PostgresBackend(Backend):
                 moved = [Moved(r[1], _STATUS[r[2]]) for _, rows in results for r in rows if r[0]]
                 limit = refill_limit(refill, moved)
                 if limit:
-                    claimed = await self._claim_rows(
-                        conn, refill.assignee_id, refill.tags, limit, now, nonce
+                    claimed = await conn.fetch(
+                        *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                     )
                     # as rows of kind 2 (see _apply_sql)
                     rows = [(2, r[0], r[4], r[3], *r) for r in claimed]

@@ -382,19 +382,25 @@ def _insert_sql(row: str, rows: int) -> str:
     return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([row] * rows)
 
 
+_Params = tuple[list[Any], list[tuple[int, str, int]]]
+
+
 def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     """Insert ``jobs`` (one multi-row statement per chunk: ~2 µs/job cheaper than
     ``executemany``) and their tags; runs inside the caller's transaction."""
-    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
-    first = seq + 1
+    first = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0] + 1
+    if any(has_history(job) for job in jobs):
+        _insert_rows(conn, jobs, _ROW_FULL, _full_params(jobs, first))
+    else:
+        _insert_rows(conn, jobs, _ROW_NEW, _new_params(jobs, first))
+
+
+def _new_params(jobs: Sequence[Job], first: int) -> _Params:
+    """The columns of ``_ROW_NEW`` for jobs without history fields, and their tags."""
     params: list[Any] = []
     tag_rows: list[tuple[int, str, int]] = []
     epoch, us = _EPOCH, _US
-    for job in jobs:
-        if has_history(job):
-            _insert_rows(conn, jobs, _ROW_FULL, _full_params(jobs, first))
-            return
-        seq += 1
+    for seq, job in enumerate(jobs, first):
         created = (job.created_at - epoch) // us
         tags = job.tags
         params += (
@@ -409,10 +415,10 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
         )
         if tags:
             tag_rows.extend((seq, tag, created) for tag in tags)
-    _insert_rows(conn, jobs, _ROW_NEW, (params, tag_rows))
+    return params, tag_rows
 
 
-def _full_params(jobs: Sequence[Job], first: int) -> tuple[list[Any], list[tuple[int, str, int]]]:
+def _full_params(jobs: Sequence[Job], first: int) -> _Params:
     """Every column of every job, for jobs enqueued with history fields set."""
     params: list[Any] = []
     tag_rows: list[tuple[int, str, int]] = []
@@ -452,7 +458,7 @@ def _insert_rows(
     conn: sqlite3.Connection,
     jobs: Sequence[Job],
     row: str,
-    params_and_tags: tuple[list[Any], list[tuple[int, str, int]]],
+    params_and_tags: _Params,
 ) -> None:
     params, tag_rows = params_and_tags
     width = row.count("?")
