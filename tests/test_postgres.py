@@ -33,7 +33,8 @@ from jobpool_async import (
     StorageError,
     open_backend,
 )
-from jobpool_async.backends.base import Moved
+from jobpool_async._transitions import WORKER_LOST
+from jobpool_async.backends.base import Moved, Selection
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
 from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
@@ -89,6 +90,14 @@ async def sql(dsn: str, statement: str, *args: Any) -> list[Any]:
         return list(await conn.fetch(statement, *args))
     finally:
         await conn.close()
+
+
+async def index_defs(dsn: str, schema: str) -> dict[str, str]:
+    """Each index of ``schema`` by name: its ``CREATE INDEX`` statement."""
+    rows = await sql(
+        dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
+    )
+    return {r[0]: r[1] for r in rows}
 
 
 async def wait_for(predicate: Any, what: str, deadline: float = DEADLINE) -> None:
@@ -216,12 +225,7 @@ async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
         )
     }
     assert tables == {"jobs", "jobpool_version"}
-    indexes = {
-        r[0]: r[1]
-        for r in await sql(
-            dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
-        )
-    }
+    indexes = await index_defs(dsn, schema)
     assert "COALESCE(last_retry_at, created_at), seq" in indexes["jobs_eligible"]
     assert "WHERE (status = ANY" in indexes["jobs_eligible"]
     assert "gin (tag_keys)" in indexes["jobs_tags"]
@@ -797,6 +801,42 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
         await b.close()
 
 
+async def test_a_workers_jobs_are_found_by_index_whatever_the_length_of_its_id(
+    dsn: str, schema: str
+) -> None:
+    """The assignee index holds a prefix of the id (a B-tree entry is limited in size):
+    ids of 20,000 characters work, and two that share the indexed prefix stay apart."""
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        await b.insert(jobs(3000))
+        long_a, long_b = "w" * 20_000 + "a", "w" * 20_000 + "b"
+        now = datetime.now(UTC)
+        for assignee in ("short", long_a, long_b):
+            assert len(await b.claim(assignee, [], 2, now)) == 2
+        t = f'"{schema}".jobs'
+        await sql(dsn, f"ANALYZE {t}")
+        cond, args, _ = b._selection_sql(Selection(assignee_id="short"), t, 1)
+        plan = "\n".join(
+            r[0] for r in await sql(dsn, f"EXPLAIN SELECT id FROM {t} WHERE {cond}", *args)
+        )
+        assert "jobs_active_assignee" in plan and "Seq Scan" not in plan, plan
+        out = await b.apply_selected(WORKER_LOST, Selection(assignee_id=long_a), now)
+        assert len(out.moved) == 2
+        assert {m.status for m in out.moved} == {JobStatus.UNKNOWN_RETRY}
+        states = await sql(dsn, f"SELECT assignee_id, status FROM {t} WHERE assignee_id <> ''")
+        assert sorted((r[0][-1], r[1]) for r in states) == [
+            ("a", "unknown_retry"),
+            ("a", "unknown_retry"),
+            ("b", "running"),
+            ("b", "running"),
+            ("t", "running"),
+            ("t", "running"),
+        ]
+    finally:
+        await b.close()
+
+
 async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
     dsn: str, schema: str
 ) -> None:
@@ -808,12 +848,7 @@ async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
         await b.insert(jobs(3, prefix="rare", tags=["rare", "common"]))
         t = f'"{schema}".jobs'
         await sql(dsn, f"ANALYZE {t}")
-        defs = {
-            r[0]: r[1]
-            for r in await sql(
-                dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
-            )
-        }
+        defs = await index_defs(dsn, schema)
         for name in ("jobs_tags", "jobs_eligible_tags"):
             assert "tag_keys <> '{}'::text[]" in defs[name], defs[name]
         now = datetime.now(UTC)
@@ -839,21 +874,33 @@ async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
         await b.close()
 
 
-async def test_a_version_1_store_is_upgraded_in_place(dsn: str, schema: str) -> None:
-    """Version 1 indexed every job's (possibly empty) tag keys; opening it upgrades the
-    indexes and the version, and keeps every job."""
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, version: int) -> None:
+    """Version 1 indexed every job's (possibly empty) tag keys, versions 1 and 2 had a
+    hash index of active jobs by assignee; opening such a store upgrades the indexes
+    and the version, and keeps every job, running ones included."""
     async with await open_queue(dsn, schema) as q:
-        await q.enqueue_jobs([Job("tagged", "t", tags=["x"]), Job("plain", "t")])
+        await q.enqueue_jobs([Job("run", "t"), Job("tagged", "t", tags=["x"]), Job("plain", "t")])
+        async with q.stream_jobs("old-worker") as stream:
+            (running,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        assert running.id == "run"
     s = f'"{schema}"'
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(
-            f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags; "
-            f"CREATE INDEX jobs_tags ON {s}.jobs USING gin (tag_keys); "
-            f"CREATE INDEX jobs_eligible_tags ON {s}.jobs USING gin (tag_keys) "
-            "WHERE status IN ('failed_retry', 'initial_pending', 'unknown_retry'); "
-            f"UPDATE {s}.jobpool_version SET version = 1",
-        )
+        async with conn.transaction():
+            await conn.execute(
+                f"DROP INDEX {s}.jobs_active_assignee; "
+                f"CREATE INDEX jobs_active_assignee ON {s}.jobs USING hash (assignee_id) "
+                "WHERE status IN ('cancelling', 'running'); "
+                f"UPDATE {s}.jobpool_version SET version = {version}"
+            )
+            if version == 1:
+                await conn.execute(
+                    f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags; "
+                    f"CREATE INDEX jobs_tags ON {s}.jobs USING gin (tag_keys); "
+                    f"CREATE INDEX jobs_eligible_tags ON {s}.jobs USING gin (tag_keys) "
+                    "WHERE status IN ('failed_retry', 'initial_pending', 'unknown_retry')"
+                )
     finally:
         await conn.close()
     async with await open_queue(dsn, schema) as q:
@@ -863,15 +910,14 @@ async def test_a_version_1_store_is_upgraded_in_place(dsn: str, schema: str) -> 
             (job,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
         assert job.id == "tagged"
         assert (await q.get_job("plain")).status is JobStatus.INITIAL_PENDING
+        # the running job is found through the new assignee index
+        assert await q.mark_worker_unresponsive("old-worker") == 1
+        assert (await q.get_job(running.id)).status is JobStatus.UNKNOWN_RETRY
     rows = await sql(dsn, f"SELECT version FROM {s}.jobpool_version")
-    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [2]
-    defs = await sql(
-        dsn,
-        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
-        schema,
-        "jobs_tags",
-    )
-    assert "tag_keys <> '{}'::text[]" in defs[0][0]
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [3]
+    defs = await index_defs(dsn, schema)
+    assert "tag_keys <> '{}'::text[]" in defs["jobs_tags"]
+    assert 'btree ("left"(assignee_id, 200))' in defs["jobs_active_assignee"]
 
 
 async def test_jobs_of_a_claim_whose_answer_was_lost_are_given_back(dsn: str, schema: str) -> None:

@@ -17,7 +17,14 @@ from collections.abc import Iterable
 from .._models import JobStatus
 from .._transitions import Transition
 
-__all__ = ["in_list", "set_clause", "status_case"]
+__all__ = ["CLAIMED_COLUMNS", "in_list", "set_clause", "status_case"]
+
+#: The columns a claim returns: those it did not set itself (status, assignee and
+#: assignment time are the claim's own values, so reading them back is wasted work).
+CLAIMED_COLUMNS = (
+    "id, job_type, job_definition, tags, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at"
+)
 
 
 def in_list(statuses: Iterable[JobStatus]) -> str:

@@ -38,7 +38,7 @@ from .._errors import (
 )
 from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, has_history
 from .._transitions import ASSIGN, RELEASE, Transition
-from ._sql import in_list, set_clause
+from ._sql import CLAIMED_COLUMNS, in_list, set_clause
 from .base import (
     ApplyOutcome,
     Backend,
@@ -68,7 +68,7 @@ __all__ = ["SCHEMA_VERSION", "VACUUM_MIN_CHANGES", "PostgresBackend"]
 logger = logging.getLogger("jobpool_async.postgres")
 
 #: The schema version this code writes; a store with a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Rows changed between the VACUUMs a self-vacuuming backend runs (at least).
 VACUUM_MIN_CHANGES = 10_000
@@ -103,6 +103,7 @@ _ELIGIBLE = in_list(ELIGIBLE)
 _ACTIVE = in_list(ACTIVE)
 _FINAL = in_list(FINAL)
 _RUNNING = JobStatus.RUNNING.value
+_ASSIGNED = JobStatus.RUNNING  # every claim's status (ASSIGN moves all sources there)
 
 
 def _key(text: str) -> str:
@@ -116,16 +117,25 @@ def _key(text: str) -> str:
     )
 
 
+#: The indexed prefix of an assignee id (at most 800 bytes in UTF-8).
+_ASSIGNEE_PREFIX = "left({}, 200)"
+
+
 def _quote_ident(name: str) -> str:
     """A double-quoted SQL identifier (embedded quotes doubled)."""
     return '"' + name.replace('"', '""') + '"'
 
 
-#: SQL types of ``_COLS``, for the NULL placeholders of rows that carry no job.
-_COL_TYPES = (
-    "text", "text", "bytea", "text[]", "text", "timestamptz", "timestamptz", "timestamptz",
-    "text", "bytea", "bigint", "timestamptz", "text", "timestamptz",
+#: SQL types of :data:`CLAIMED_COLUMNS`, for the NULL padding of rows that carry no job.
+_CLAIMED_TYPES = (
+    "text", "text", "bytea", "text[]", "timestamptz", "timestamptz", "timestamptz",
+    "text", "bytea", "bigint", "timestamptz",
 )  # fmt: skip
+
+
+def _claimed_returning(table: str) -> str:
+    """:data:`CLAIMED_COLUMNS`, each qualified by ``table`` (for ``RETURNING``)."""
+    return ", ".join(f"{table}.{c.strip()}" for c in CLAIMED_COLUMNS.split(","))
 
 
 def _row_to_job(r: Record | Sequence[Any], at: int = 0) -> Job:
@@ -145,6 +155,27 @@ def _row_to_job(r: Record | Sequence[Any], at: int = 0) -> Job:
         r[at + 11],
         r[at + 12],
         r[at + 13],
+    )
+
+
+def _claimed_job(r: Record | Sequence[Any], at: int, assignee_id: str, now: datetime) -> Job:
+    """A job a claim just assigned, from its :data:`CLAIMED_COLUMNS` starting at column
+    ``at``; the claim set its status, assignee and assignment time itself."""
+    return Job(
+        r[at],
+        r[at + 1],
+        r[at + 2],
+        list(r[at + 3]),
+        _ASSIGNED,
+        r[at + 4],
+        r[at + 5],
+        r[at + 6],
+        r[at + 7],
+        r[at + 8],
+        r[at + 9],
+        r[at + 10],
+        assignee_id,
+        now,
     )
 
 
@@ -400,8 +431,7 @@ class PostgresBackend(Backend):
                 CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
                     WHERE status IN {_ELIGIBLE};
                 {self._tag_indexes_sql()}
-                CREATE INDEX jobs_active_assignee ON {t} USING hash (assignee_id)
-                    WHERE status IN {_ACTIVE};
+                {self._assignee_index_sql()}
                 CREATE INDEX jobs_completed ON {t} (finalized_at)
                     WHERE status = '{JobStatus.COMPLETED.value}';
                 -- A queue table churns: every move leaves a dead row version, and dead
@@ -426,15 +456,27 @@ class PostgresBackend(Backend):
                 CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
                     WHERE status IN {_ELIGIBLE} AND tag_keys <> '{{}}';"""
 
+    def _assignee_index_sql(self) -> str:
+        """The index of active jobs by assignee (``mark_worker_unresponsive``), on a
+        prefix of the id: a B-tree entry is limited to about 2.7 kB and an assignee id
+        is not (queries also compare the whole id). Every claim adds an entry; with the
+        hash index of version 2, which takes ids of any length, a Worker's
+        complete-and-claim statement measured 2-3% slower (all of one worker's entries
+        fall in one hash bucket, dead ones included until vacuum)."""
+        return f"""CREATE INDEX jobs_active_assignee ON {self._t}
+                    ({_ASSIGNEE_PREFIX.format("assignee_id")}) WHERE status IN {_ACTIVE};"""
+
     async def _upgrade(self, conn: PoolConnectionProxy[Record], version: int) -> None:
         """Bring a store of an older version up to :data:`SCHEMA_VERSION` (inside
         :meth:`_migrate`'s locked transaction, so all or nothing)."""
         s = self._s
-        if version == 1:  # 2: the GIN indexes leave out jobs without tags
+        if version < 2:  # 2: the GIN indexes leave out jobs without tags
             await conn.execute(
                 f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags;"
                 + self._tag_indexes_sql()
             )
+        if version < 3:  # 3: the assignee index is a B-tree, not a hash index
+            await conn.execute(f"DROP INDEX {s}.jobs_active_assignee;" + self._assignee_index_sql())
         await conn.execute(f"UPDATE {s}.jobpool_version SET version = {SCHEMA_VERSION}")
         logger.info("upgraded store %r from version %d to %d", self.schema, version, SCHEMA_VERSION)
 
@@ -650,7 +692,7 @@ class PostgresBackend(Backend):
               -- the compare-and-set, written so the planner looks the rows up by key
               -- rather than walking the eligible index
               AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
-            RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))}"""
+            RETURNING {_claimed_returning(t)}"""
 
     def _build_insert_sql(self, full: bool) -> str:
         """Insert a batch from parallel arrays (tags as slices of one flat array), in input
@@ -686,13 +728,14 @@ class PostgresBackend(Backend):
 
     def _apply_sql(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
         """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
-        messages, ``$4`` now. Rows: ``kind`` (1 moved, 0 not moved), id, status, tags.
+        messages, ``$4`` now. Rows: ``kind`` 1, id, new status, tags, for each job it
+        moved; a job it did not move has no row (:meth:`apply` then reads why).
 
         With ``refill``, the :class:`Refill` claim too, in the same statement (one round
         trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids, ``$7`` the
         claim's nonce, ``$8`` its tags (with ``tags``). It takes one job per freed slot
         and sees the statement's snapshot, so it never picks a row this statement moved.
-        Its rows are of kind 2 and carry all of ``_COLS`` from column 4 on.
+        Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS` from column 4 on.
         """
         key = (id(transition), refill, tags)
         cached = self._sql_cache.get(key)
@@ -704,7 +747,7 @@ class PostgresBackend(Backend):
         if refill:
             assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
             tag_cond = f"AND {self._tag_match('tags', '$8')}" if tags else ""
-            rest = ", " + ", ".join(f"NULL::{kind}" for kind in _COL_TYPES)
+            rest = ", " + ", ".join(f"NULL::{kind}" for kind in _CLAIMED_TYPES)
             claim = f""",
             picked AS (
                 SELECT id_key AS pid FROM {t}
@@ -717,10 +760,10 @@ class PostgresBackend(Backend):
                 UPDATE {t} SET {assign}, claimed_by = $7::text
                 WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
                   AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
-                RETURNING {", ".join(f"{t}.{c.strip()}" for c in _COLS.split(","))})"""
+                RETURNING {_claimed_returning(t)})"""
             claimed = f"""
             UNION ALL
-            SELECT 2, id, status, tags, {_COLS} FROM claimed"""
+            SELECT 2, NULL, NULL, NULL, {CLAIMED_COLUMNS} FROM claimed"""
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
                        FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
@@ -732,11 +775,7 @@ class PostgresBackend(Backend):
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
             {self._note("moved")}{claim}
             SELECT 1 AS kind, id, status, tags{rest} FROM moved
-            WHERE (SELECT count(*) FROM note) >= 0
-            UNION ALL
-            SELECT 0, c.cid, j.status, NULL::text[]{rest}
-            FROM c LEFT JOIN {t} j ON j.id_key = {_key("c.cid")} AND j.id = c.cid
-            WHERE c.cid NOT IN (SELECT id FROM moved){claimed}"""
+            WHERE (SELECT count(*) FROM note) >= 0{claimed}"""
         self._sql_cache[key] = (transition, sql)
         return sql
 
@@ -765,7 +804,11 @@ class PostgresBackend(Backend):
         if selection.everything:
             return "TRUE", [], None
         if selection.assignee_id is not None:
-            cond = f"({alias}.assignee_id = ${first}::text AND {alias}.status IN {_ACTIVE})"
+            prefix = _ASSIGNEE_PREFIX.format
+            cond = (
+                f"({prefix(f'{alias}.assignee_id')} = {prefix(f'${first}::text')} "
+                f"AND {alias}.assignee_id = ${first}::text AND {alias}.status IN {_ACTIVE})"
+            )
             return cond, [selection.assignee_id], None
         parts: list[str] = []
         args: list[Any] = []
@@ -859,7 +902,7 @@ class PostgresBackend(Backend):
             await self._lost_claim(nonce, now)
             raise
         self._changed_rows(len(rows))
-        return [_row_to_job(r) for r in rows]
+        return [_claimed_job(r, 0, assignee_id, now) for r in rows]
 
     def _nonce(self) -> str:
         self._claims += 1
@@ -908,14 +951,12 @@ class PostgresBackend(Backend):
         groups: dict[int, list[Change]] = {}
         for change in changes:
             groups.setdefault(id(change.transition), []).append(change)
-        claimed: list[Any] = []
-        results: list[tuple[Transition, Sequence[Any]]]
+        results: list[tuple[Sequence[Change], Sequence[Any]]]
         with self._errors("update"):
             assert self._pool is not None
             if refill is None:
                 if len(groups) == 1:
-                    args = self._apply_args(changes, now)
-                    results = [(changes[0].transition, await self._fetch(*args))]
+                    results = [(changes, await self._fetch(*self._apply_args(changes, now)))]
                 else:
                     results = await self._apply_groups(groups.values(), now, None, "")
             else:
@@ -925,44 +966,46 @@ class PostgresBackend(Backend):
                 try:
                     if len(groups) == 1:
                         args = self._refill_args(changes, now, refill, nonce)
-                        results = [(changes[0].transition, await self._fetch(*args))]
+                        results = [(changes, await self._fetch(*args))]
                     else:
                         results = await self._apply_groups(groups.values(), now, refill, nonce)
                 except _storage_error_types():
                     await self._lost_claim(nonce, now)
                     raise
-            stale: dict[str, Transition] = {}
-            for transition, rows in results:
+            assignee = refill.assignee_id if refill is not None else ""
+            unmoved: dict[str, Transition] = {}
+            for group, rows in results:
+                moved_ids: set[str] = set()
                 for r in rows:
-                    job_id, status = r[1], r[2]
                     if r[0] == 2:
-                        claimed.append(r)
-                    elif r[0]:
-                        out.moved.append(Moved(job_id, _STATUS[status], tuple(r[3])))
-                    elif status is None:
-                        out.errors[job_id] = JobNotFoundError(job_id)
-                    elif _STATUS[status] in transition.sources:
-                        stale[job_id] = transition  # changed under us: read it again
+                        out.claimed.append(_claimed_job(r, 4, assignee, now))
                     else:
-                        out.errors[job_id] = InvalidTransitionError(
-                            job_id, _STATUS[status], transition.target
-                        )
-            if stale:
-                fresh = await self._pool.fetch(
-                    f"SELECT id, status FROM {self._t} WHERE {self._id_match('', '$1')}",
-                    list(stale),
-                )
-                current = {r[0]: _STATUS[r[1]] for r in fresh}
-                for job_id, transition in stale.items():
-                    if job_id not in current:
-                        out.errors[job_id] = JobNotFoundError(job_id)
-                    else:
-                        out.errors[job_id] = InvalidTransitionError(
-                            job_id, current[job_id], transition.target
-                        )
-        out.claimed = [_row_to_job(r, 4) for r in claimed]
-        self._changed_rows(len(out.moved) + len(claimed))
+                        out.moved.append(Moved(r[1], _STATUS[r[2]], tuple(r[3])))
+                        moved_ids.add(r[1])
+                if len(moved_ids) < len(group):
+                    for c in group:
+                        if c.job_id not in moved_ids:
+                            unmoved.setdefault(c.job_id, c.transition)
+            if unmoved:
+                await self._explain_unmoved(unmoved, out)
+        self._changed_rows(len(out.moved) + len(out.claimed))
         return out
+
+    async def _explain_unmoved(self, unmoved: dict[str, Transition], out: ApplyOutcome) -> None:
+        """The errors of jobs an apply did not move: gone, or in a status the transition
+        does not leave (read now, after the commit; the statement itself returns only
+        what it moved, which keeps the common all-moved case cheaper)."""
+        assert self._pool is not None
+        rows = await self._pool.fetch(
+            f"SELECT id, status FROM {self._t} WHERE {self._id_match('', '$1')}", list(unmoved)
+        )
+        current = {r[0]: _STATUS[r[1]] for r in rows}
+        for job_id, transition in unmoved.items():
+            status = current.get(job_id)
+            if status is None:
+                out.errors[job_id] = JobNotFoundError(job_id)
+            else:
+                out.errors[job_id] = InvalidTransitionError(job_id, status, transition.target)
 
     async def _apply_groups(
         self,
@@ -970,25 +1013,22 @@ class PostgresBackend(Backend):
         now: datetime,
         refill: Refill | None,
         nonce: str,
-    ) -> list[tuple[Transition, Sequence[Any]]]:
+    ) -> list[tuple[Sequence[Change], Sequence[Any]]]:
         """Changes of several transitions in one transaction (then the refill's claim)."""
         assert self._pool is not None
-        results: list[tuple[Transition, Sequence[Any]]] = []
+        results: list[tuple[Sequence[Change], Sequence[Any]]] = []
         async with self._pool.acquire() as conn, conn.transaction():
             for group in groups:
-                results.append(
-                    (group[0].transition, await conn.fetch(*self._apply_args(group, now)))
-                )
+                results.append((group, await conn.fetch(*self._apply_args(group, now))))
             if refill is not None:
-                moved = [Moved(r[1], _STATUS[r[2]]) for _, rows in results for r in rows if r[0]]
+                moved = [Moved(r[1], _STATUS[r[2]]) for _, rows in results for r in rows]
                 limit = refill_limit(refill, moved)
                 if limit:
                     claimed = await conn.fetch(
                         *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                     )
                     # as rows of kind 2 (see _apply_sql)
-                    rows = [(2, r[0], r[4], r[3], *r) for r in claimed]
-                    results.append((ASSIGN, rows))
+                    results.append(((), [(2, None, None, None, *r) for r in claimed]))
         return results
 
     def _refill_args(

@@ -45,7 +45,7 @@ from .._errors import (
 )
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, has_history
 from .._transitions import ASSIGN, Transition
-from ._sql import set_clause
+from ._sql import CLAIMED_COLUMNS, set_clause
 from .base import (
     ApplyOutcome,
     Backend,
@@ -145,10 +145,7 @@ _COLS: Final = (
 )
 #: What a claim returns: the columns it did not set (status, assignee and
 #: ``assigned_at`` are known to the caller), in this order.
-_CLAIMED_COLS: Final = (
-    "id, job_type, job_definition, tags, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at"
-)
+_CLAIMED_COLS: Final = CLAIMED_COLUMNS
 _INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key) VALUES (?, ?, ?)"
 _IDS: Final = "SELECT value FROM json_each(?)"
 
