@@ -267,9 +267,11 @@ async def procrastinate(n: int, c: int, dsn: str, time_limit: float) -> float:
         await _pg_schema(dsn, schema, False)
 
 
-async def pgqueuer(n: int, c: int, dsn: str, time_limit: float) -> float:
+async def pgqueuer(n: int, c: int, dsn: str, time_limit: float, capped: bool) -> float:
     """pgqueuer in its own schema: one batch ``enqueue`` per 1,000, ``QueueManager.run``
-    with ``batch_size=c`` in drain mode (stops when the queue is empty)."""
+    in drain mode (stops when the queue is empty). ``capped``: at most ``c`` jobs in
+    flight (``max_concurrent_tasks=c``, ``batch_size=c // 2``, the largest it allows);
+    else ``batch_size=c`` and no cap, which holds up to ``2c`` jobs picked at once."""
     schema = f"jpbench_pq_{uuid.uuid4().hex[:10]}"
     os.environ["PGQUEUER_SCHEMA"] = schema
     asyncpg: Any = importlib.import_module("asyncpg")
@@ -296,8 +298,10 @@ async def pgqueuer(n: int, c: int, dsn: str, time_limit: float) -> float:
                 ["noop"] * len(ids), [str(i).encode() for i in ids], [0] * len(ids)
             )
         _enqueued(t0)
+        limits = {"batch_size": max(1, c // 2), "max_concurrent_tasks": c} if capped else {}
         await asyncio.wait_for(
-            qm.run(batch_size=c, mode=types.QueueExecutionMode.drain), time_limit
+            qm.run(**({"batch_size": c} | limits), mode=types.QueueExecutionMode.drain),
+            time_limit,
         )
         seconds = time.perf_counter() - t0
         conn2 = await asyncpg.connect(dsn)
@@ -429,8 +433,8 @@ def run(peer: str, n: int, c: int, workdir: Path, dsn: str, redis: str, time_lim
         return litequeue(n, c, workdir, time_limit)
     if peer == "procrastinate":
         return asyncio.run(procrastinate(n, c, dsn, time_limit))
-    if peer == "pgqueuer":
-        return asyncio.run(pgqueuer(n, c, dsn, time_limit))
+    if peer in ("pgqueuer", "pgqueuer-batch"):
+        return asyncio.run(pgqueuer(n, c, dsn, time_limit, capped=peer == "pgqueuer"))
     if peer == "arq":
         return asyncio.run(arq(n, c, redis, time_limit))
     if peer == "saq":

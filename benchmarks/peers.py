@@ -31,6 +31,9 @@ class PeerSpec:
     #: Our backend whose figure on the same workload it is compared with.
     compare_with: str
     params: dict[str, Any] = field(default_factory=dict)
+    #: Jobs it holds in flight per unit of the workload's concurrency; ours is paired
+    #: with that many slots per unit, so both hold as many jobs at once.
+    in_flight: int = 1
 
 
 PEERS: dict[str, PeerSpec] = {
@@ -47,7 +50,24 @@ PEERS: dict[str, PeerSpec] = {
     "persist-queue": PeerSpec("persist-queue SQLiteAckQueue", "persistqueue", "sqlite", "sqlite"),
     "litequeue": PeerSpec("litequeue", "litequeue", "sqlite", "sqlite"),
     "procrastinate": PeerSpec("procrastinate", "procrastinate", "postgres", "postgres"),
-    "pgqueuer": PeerSpec("pgqueuer", "pgqueuer", "postgres", "postgres"),
+    # pgqueuer's batch_size bounds one fetch, not the jobs in flight: with batch_size=c
+    # and no max_concurrent_tasks it held 2c jobs picked at once (measured). Capped at
+    # c in flight it needs batch_size <= c/2 (its rule: cap >= 2 x batch).
+    "pgqueuer": PeerSpec(
+        "pgqueuer (at most c in flight)",
+        "pgqueuer",
+        "postgres",
+        "postgres",
+        {"batch_size": "c/2", "max_concurrent_tasks": "c"},
+    ),
+    "pgqueuer-batch": PeerSpec(
+        "pgqueuer (batch_size=c, uncapped: 2c in flight)",
+        "pgqueuer",
+        "postgres",
+        "postgres",
+        {"batch_size": "c", "ours_slots": "2c"},
+        in_flight=2,
+    ),
     "arq": PeerSpec("arq (Redis)", "arq", "redis", "sqlite"),
     "saq": PeerSpec("saq (Redis)", "saq", "redis", "sqlite"),
 }

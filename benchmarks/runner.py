@@ -459,18 +459,17 @@ class _Run:
         for peer in self.o.peers:
             await self._peer(peer, targets.get(PEERS[peer].compare_with), params)
 
-    async def _paired_ours(self, target: Target | None, workload: Any) -> float | None:
-        """Our rate on the peer workload (``end_to_end_stream`` or ``end_to_end_worker``),
-        run right before the peer; None if it could not run or failed its check."""
+    async def _paired_ours(self, target: Target | None, workload: Any, slots: int) -> float | None:
+        """Our rate on the peer workload (``end_to_end_stream`` or ``end_to_end_worker``)
+        with ``slots`` slots, run right before the peer; None if it could not run or
+        failed its check."""
         s = self.s
         if target is None or not target.available:
             return None
         try:
             out = await self.with_store(
                 target,
-                lambda st: workload(
-                    st.backend, s.peer_jobs, s.peer_concurrency, s.enqueue_batch, s.timeout
-                ),
+                lambda st: workload(st.backend, s.peer_jobs, slots, s.enqueue_batch, s.timeout),
             )
         except Exception:
             logger.debug("paired run of ours failed", exc_info=True)
@@ -490,10 +489,11 @@ class _Run:
         mine_worker: list[float] = []
         result: PeerResult | None = None
         with_worker = worker_available()[0] and "worker" in self.o.workloads
+        slots = conc * spec.in_flight  # as many jobs in flight as the peer holds
         for _ in range(s.peer_rounds):
-            ours_rate = await self._paired_ours(target, end_to_end_stream)
+            ours_rate = await self._paired_ours(target, end_to_end_stream, slots)
             worker_rate = (
-                await self._paired_ours(target, end_to_end_worker) if with_worker else None
+                await self._paired_ours(target, end_to_end_worker, slots) if with_worker else None
             )
             result = await run_peer(
                 peer, n, conc, self.workdir, self.o.postgres_dsn, self.o.redis_url, s.timeout

@@ -335,7 +335,7 @@ class PoolQueue:
 
     @staticmethod
     def _mapping(value: object, what: str) -> Mapping[object, object]:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise TypeError(
                 f"{what} must be a mapping of job id to value, got {type(value).__name__}"
             )

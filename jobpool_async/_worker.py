@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -282,9 +283,9 @@ class Worker:
         entry.task = asyncio.get_running_loop().create_task(
             self._execute(key, entry), name=f"jobpool job {job.id}"
         )
-        entry.task.add_done_callback(lambda _: self._task_done(key, entry))
+        entry.task.add_done_callback(functools.partial(self._task_done, key, entry))
 
-    def _task_done(self, key: _Key, entry: _Running) -> None:
+    def _task_done(self, key: _Key, entry: _Running, _: object) -> None:
         """A task cancelled before its first step never ran ``_execute``: record it here."""
         if self._running.get(key) is entry:
             self._record(key, self._cancel_outcome(entry))
@@ -432,26 +433,15 @@ class Worker:
         """Write every recorded outcome: one call per kind. On a storage error the
         outcomes not yet written stay pending (a newer one for the same job wins)."""
         batch, self._pending = self._pending, {}
-        latest: dict[str, datetime | None] = {}
-        for job_id, assigned_at in self._running:
-            latest[job_id] = _newest(latest.get(job_id, assigned_at), assigned_at)
-        for job_id, assigned_at in batch:
-            latest[job_id] = _newest(latest.get(job_id, assigned_at), assigned_at)
+        ids = {key[0] for key in batch}
+        if len(ids) < len(batch) or not ids.isdisjoint([key[0] for key in self._running]):
+            batch = self._latest_only(batch)
         by_kind: dict[str, dict[str, tuple[_Key, _Outcome]]] = {
             "complete": {},
             "fail": {},
             "ack": {},
         }
         for key, outcome in batch.items():
-            if latest[key[0]] != key[1]:
-                logger.warning(
-                    "worker %s: job %r was finished elsewhere and assigned again; "
-                    "dropping the old run's outcome (%s)",
-                    self.assignee_id,
-                    key[0],
-                    outcome.kind,
-                )
-                continue
             by_kind[outcome.kind][key[0]] = (key, outcome)
         written: set[_Key] = set()
         try:
@@ -460,7 +450,7 @@ class Worker:
                 errors = await self._write(
                     self._queue.complete_jobs, {i: o.result for i, (_, o) in completes.items()}
                 )
-                written.update(k for k, _ in completes.values())
+                written.update([k for k, _ in completes.values()])
                 self._report("complete", errors)
             acks = {i: k for i, (k, _) in by_kind["ack"].items()}
             fails = by_kind["fail"]
@@ -491,6 +481,26 @@ class Worker:
                 if key not in written and key[0] not in newer:
                     self._pending[key] = outcome
             raise
+
+    def _latest_only(self, batch: dict[_Key, _Outcome]) -> dict[_Key, _Outcome]:
+        """``batch`` without outcomes of a job's older assignment: one finished elsewhere
+        (say, recovered as unresponsive) and assigned to us again meanwhile."""
+        latest: dict[str, datetime | None] = {}
+        for job_id, assigned_at in [*self._running, *batch]:
+            latest[job_id] = _newest(latest.get(job_id, assigned_at), assigned_at)
+        kept: dict[_Key, _Outcome] = {}
+        for key, outcome in batch.items():
+            if latest[key[0]] == key[1]:
+                kept[key] = outcome
+            else:
+                logger.warning(
+                    "worker %s: job %r was finished elsewhere and assigned again; "
+                    "dropping the old run's outcome (%s)",
+                    self.assignee_id,
+                    key[0],
+                    outcome.kind,
+                )
+        return kept
 
     @staticmethod
     async def _write(

@@ -53,6 +53,19 @@ async def test_unavailable_peer_has_a_reason(tmp_path: Path) -> None:
     assert "Redis" in result.note or "not installed" in result.note
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("pgqueuer") is None or not os.environ.get("JOBPOOL_TEST_POSTGRES_DSN"),
+    reason="needs pgqueuer (the bench extra) and JOBPOOL_TEST_POSTGRES_DSN",
+)
+@pytest.mark.parametrize("peer", ["pgqueuer", "pgqueuer-batch"])
+async def test_pgqueuer_peer_runs_capped_and_uncapped(tmp_path: Path, peer: str) -> None:
+    """Both pgqueuer set-ups run the workload and pass its exactly-once check."""
+    dsn = os.environ["JOBPOOL_TEST_POSTGRES_DSN"]
+    result = await run_peer(peer, 60, 4, tmp_path, dsn, None, 60.0)
+    assert result.ok, result.note
+    assert result.seconds > 0
+
+
 async def test_quick_run_every_workload_correct(tmp_path: Path) -> None:
     peers = ("litequeue",) if importlib.util.find_spec("litequeue") else ()
     messages: list[str] = []

@@ -59,7 +59,10 @@ class Change(NamedTuple):
 
 
 class Moved(NamedTuple):
-    """A job that a call moved (possibly to the same status), with its new status."""
+    """A job that a call moved (possibly to the same status), with its new status.
+
+    ``tags`` are needed only when the new status is eligible (to wake the streams
+    that match); a backend may leave them empty otherwise."""
 
     job_id: str
     status: JobStatus

@@ -728,14 +728,16 @@ class PostgresBackend(Backend):
 
     def _apply_sql(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
         """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
-        messages, ``$4`` now. Rows: ``kind`` 1, id, new status, tags, for each job it
-        moved; a job it did not move has no row (:meth:`apply` then reads why).
+        messages, ``$4`` now. Rows: ``kind`` 1, id, new status, tags (NULL when the
+        transition makes nothing eligible) for each job it moved; a job it did not move
+        has no row (:meth:`apply` then reads why).
 
         With ``refill``, the :class:`Refill` claim too, in the same statement (one round
-        trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids, ``$7`` the
-        claim's nonce, ``$8`` its tags (with ``tags``). It takes one job per freed slot
-        and sees the statement's snapshot, so it never picks a row this statement moved.
-        Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS` from column 4 on.
+        trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids (NULL: all of
+        ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``). It takes one
+        job per freed slot and sees the statement's snapshot, so it never picks a row
+        this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
+        from column 4 on.
         """
         key = (id(transition), refill, tags)
         cached = self._sql_cache.get(key)
@@ -744,6 +746,9 @@ class PostgresBackend(Backend):
         t = self._t
         sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
         claim = rest = claimed = ""
+        # Tags matter only for a job that became eligible (streams to wake); not
+        # reading them back otherwise saves decoding an array per job.
+        tags_out = "tags" if set(transition.moves.values()) & ELIGIBLE else "NULL::text[]"
         if refill:
             assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
             tag_cond = f"AND {self._tag_match('tags', '$8')}" if tags else ""
@@ -754,7 +759,8 @@ class PostgresBackend(Backend):
                 WHERE status IN {_ELIGIBLE} {tag_cond}
                 ORDER BY COALESCE(last_retry_at, created_at), seq
                 LIMIT (SELECT count(*) FROM moved
-                       WHERE moved.id = ANY($6::text[]) AND moved.status NOT IN {_ACTIVE})
+                       WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
+                         AND moved.status NOT IN {_ACTIVE})
                 FOR UPDATE SKIP LOCKED),
             claimed AS (
                 UPDATE {t} SET {assign}, claimed_by = $7::text
@@ -774,7 +780,7 @@ class PostgresBackend(Backend):
                   AND {t}.status IN {in_list(transition.sources)}
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
             {self._note("moved")}{claim}
-            SELECT 1 AS kind, id, status, tags{rest} FROM moved
+            SELECT 1 AS kind, id, status, {tags_out}{rest} FROM moved
             WHERE (SELECT count(*) FROM note) >= 0{claimed}"""
         self._sql_cache[key] = (transition, sql)
         return sql
@@ -948,14 +954,18 @@ class PostgresBackend(Backend):
         out = ApplyOutcome()
         if not changes:
             return out
-        groups: dict[int, list[Change]] = {}
+        first = changes[0].transition
+        groups: dict[int, list[Change]] = {}  # stays empty when all share ``first``
         for change in changes:
-            groups.setdefault(id(change.transition), []).append(change)
+            if change.transition is not first:
+                for c in changes:
+                    groups.setdefault(id(c.transition), []).append(c)
+                break
         results: list[tuple[Sequence[Change], Sequence[Any]]]
         with self._errors("update"):
             assert self._pool is not None
             if refill is None:
-                if len(groups) == 1:
+                if not groups:
                     results = [(changes, await self._fetch(*self._apply_args(changes, now)))]
                 else:
                     results = await self._apply_groups(groups.values(), now, None, "")
@@ -964,7 +974,7 @@ class PostgresBackend(Backend):
                     await self._release_orphans(now)
                 nonce = self._nonce()
                 try:
-                    if len(groups) == 1:
+                    if not groups:
                         args = self._refill_args(changes, now, refill, nonce)
                         results = [(changes, await self._fetch(*args))]
                     else:
@@ -980,7 +990,8 @@ class PostgresBackend(Backend):
                     if r[0] == 2:
                         out.claimed.append(_claimed_job(r, 4, assignee, now))
                     else:
-                        out.moved.append(Moved(r[1], _STATUS[r[2]], tuple(r[3])))
+                        tags = r[3]
+                        out.moved.append(Moved(r[1], _STATUS[r[2]], tuple(tags) if tags else ()))
                         moved_ids.add(r[1])
                 if len(moved_ids) < len(group):
                     for c in group:
@@ -1034,24 +1045,24 @@ class PostgresBackend(Backend):
     def _refill_args(
         self, changes: Sequence[Change], now: datetime, refill: Refill, nonce: str
     ) -> tuple[Any, ...]:
-        args = (
-            self._apply_sql(changes[0].transition, True, bool(refill.tags)),
-            [c.job_id for c in changes],
-            [c.result for c in changes],
-            [c.error_message for c in changes],
-            now,
-            refill.assignee_id,
-            list(refill.job_ids),
-            nonce,
-        )
+        base = self._apply_args(changes, now, True, bool(refill.tags))
+        ids = refill.job_ids
+        # NULL when every change is the stream's own job (the Worker's case)
+        args = (*base, refill.assignee_id, None if ids.issuperset(base[1]) else list(ids), nonce)
         return (*args, list(refill.tags)) if refill.tags else args
 
-    def _apply_args(self, changes: Sequence[Change], now: datetime) -> tuple[Any, ...]:
+    def _apply_args(
+        self, changes: Sequence[Change], now: datetime, refill: bool = False, tags: bool = False
+    ) -> tuple[Any, ...]:
+        """The SQL and ``$1``-``$4``. A column of only NULLs is sent as NULL (``unnest``
+        pads it): asyncpg checks every array element's type, a noticeable cost."""
+        results = [c.result for c in changes]
+        messages = [c.error_message for c in changes]
         return (
-            self._apply_sql(changes[0].transition),
+            self._apply_sql(changes[0].transition, refill, tags),
             [c.job_id for c in changes],
-            [c.result for c in changes],
-            [c.error_message for c in changes],
+            None if results.count(None) == len(results) else results,
+            None if messages.count(None) == len(messages) else messages,
             now,
         )
 

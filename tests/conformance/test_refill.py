@@ -67,6 +67,29 @@ async def test_refill_takes_only_the_slots_the_call_freed(queue: PoolQueue) -> N
         assert len(stream.assigned_job_ids) == 3
 
 
+async def test_a_call_freeing_slots_of_two_streams_refills_only_the_waiting_ones_own(
+    queue: PoolQueue,
+) -> None:
+    """The refill claims one job per slot the call freed *in the waiting stream*: jobs
+    of another stream completed in the same call free no slot of it."""
+    await queue.enqueue_jobs(jobs("a", 2) + jobs("b", 2))
+    async with (
+        queue.stream_jobs("wa", max_assigned_jobs=2) as a,
+        queue.stream_jobs("wb", max_assigned_jobs=2) as b,
+    ):
+        assert [j.id for j in await next_batch(a)] == ["a000", "a001"]
+        assert [j.id for j in await next_batch(b)] == ["b000", "b001"]
+        await queue.enqueue_jobs(jobs("n", 5))
+        waiting = asyncio.ensure_future(a.__anext__())
+        await assert_pending(waiting, 0.02)
+        await queue.complete_jobs({"b000": b"", "a000": b"", "b001": b""})
+        batch = await asyncio.wait_for(waiting, DEADLINE)
+        assert [j.id for j in batch] == ["n000"]
+        assert sorted(a.assigned_job_ids) == ["a001", "n000"]
+        stats = await queue.get_job_stats()
+        assert (stats.running_jobs, stats.pending_jobs) == (2, 4)
+
+
 async def test_a_retried_job_can_refill_its_own_slot(queue: PoolQueue) -> None:
     await queue.enqueue_job(Job(id="again", job_type="t"))
     async with queue.stream_jobs("w") as stream:
