@@ -461,8 +461,8 @@ class PostgresBackend(Backend):
         prefix of the id: a B-tree entry is limited to about 2.7 kB and an assignee id
         is not (queries also compare the whole id). Every claim adds an entry; with the
         hash index of version 2, which takes ids of any length, a Worker's
-        complete-and-claim statement measured 2-3% slower (all of one worker's entries
-        fall in one hash bucket, dead ones included until vacuum)."""
+        complete-and-claim statement measured 2-3% slower (likely because all of one
+        worker's entries fall in one hash bucket, dead ones included until vacuum)."""
         return f"""CREATE INDEX jobs_active_assignee ON {self._t}
                     ({_ASSIGNEE_PREFIX.format("assignee_id")}) WHERE status IN {_ACTIVE};"""
 
