@@ -1033,3 +1033,48 @@ async def test_self_vacuum_cleans_the_table_in_the_background(
         assert stats.completed_jobs == 300 and stats.total_jobs == 300
     finally:
         await q.close()
+
+
+async def test_self_vacuum_pauses_as_autovacuum_does(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's VACUUM runs with a cost delay (autovacuum's throttling), so on a
+    big table it leaves the server to the claims: while it runs, PostgreSQL shows it
+    sleeping in ``VacuumDelay``. (A long delay here makes the pause easy to catch.)"""
+    from jobpool_async.backends import postgres
+
+    monkeypatch.setattr(postgres, "VACUUM_MIN_CHANGES", 4000)
+    monkeypatch.setattr(postgres, "VACUUM_COST_DELAY_MS", 50)
+    q = await open_queue(dsn, schema, self_vacuum=True)
+    try:
+        b = q.backend
+        assert isinstance(b, PostgresBackend)
+        await q.enqueue_jobs(jobs(2000))
+        async with q.stream_jobs("w", max_assigned_jobs=200) as stream:
+            done = 0
+            async for batch in stream:
+                await q.complete_jobs({j.id: b"ok" for j in batch})
+                done += len(batch)
+                if done == 2000:
+                    break
+        seen: set[str] = set()
+
+        async def paused() -> bool:
+            rows = await sql(
+                dsn,
+                "SELECT wait_event FROM pg_stat_activity WHERE application_name = $1 "
+                "AND query LIKE 'VACUUM%' AND state = 'active'",
+                b.application_name,
+            )
+            seen.update(str(r[0]) for r in rows)
+            return "VacuumDelay" in seen
+
+        async def finished() -> bool:
+            return b.vacuum_runs >= 1
+
+        await wait_for(paused, "the VACUUM to pause in VacuumDelay")
+        await wait_for(finished, "the VACUUM to finish", 60)
+        stats = await q.get_job_stats()
+        assert stats.completed_jobs == 2000
+    finally:
+        await q.close()

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from asyncpg import Connection, Pool, Record
     from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["SCHEMA_VERSION", "VACUUM_MIN_CHANGES", "PostgresBackend"]
+__all__ = ["SCHEMA_VERSION", "VACUUM_COST_DELAY_MS", "VACUUM_MIN_CHANGES", "PostgresBackend"]
 
 logger = logging.getLogger("jobpool_async.postgres")
 
@@ -72,6 +72,12 @@ SCHEMA_VERSION = 3
 
 #: Rows changed between the VACUUMs a self-vacuuming backend runs (at least).
 VACUUM_MIN_CHANGES = 10_000
+
+#: Its VACUUM pauses as autovacuum's does (PostgreSQL's default for autovacuum; a
+#: plain VACUUM does not pause): on a big table it takes longer, but leaves the
+#: server to the claims. With 1,000,000 jobs stored, claims ran at 89-126% of the
+#: empty-store rate with the pauses and 68-75% without.
+VACUUM_COST_DELAY_MS = 2
 
 #: ``error_message`` of jobs given back after a claim's answer was lost.
 LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connection"
@@ -217,8 +223,9 @@ class PostgresBackend(Backend):
     removes them. The schema asks autovacuum to run early on the jobs table, but a
     server may have autovacuum off. With ``None`` (the default) this backend then
     runs ``VACUUM (ANALYZE)`` on its jobs table itself, in the background, after
-    every :data:`VACUUM_MIN_CHANGES` rows it changed (or 2% of the table, if more);
-    ``True`` does so even with autovacuum on, ``False`` never.
+    every :data:`VACUUM_MIN_CHANGES` rows it changed (or 2% of the table, if more),
+    throttled as autovacuum is (:data:`VACUUM_COST_DELAY_MS`); ``True`` does so even
+    with autovacuum on, ``False`` never.
     """
 
     default_poll_interval: ClassVar[float | None] = 1.0
@@ -558,6 +565,7 @@ class PostgresBackend(Backend):
                 server_settings={"application_name": self.application_name},
             )
             try:
+                await conn.execute(f"SET vacuum_cost_delay = '{VACUUM_COST_DELAY_MS}ms'")
                 await conn.execute(f"VACUUM (ANALYZE) {self._t}")
                 rows = await conn.fetchval(
                     "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", self._t
