@@ -998,6 +998,18 @@ async def test_self_vacuum_follows_the_server_autovacuum_setting(dsn: str, schem
             await q.close()
 
 
+async def run_through(q: PoolQueue, n: int, slots: int) -> None:
+    """Enqueue ``n`` jobs and complete them all through one stream (2n row changes)."""
+    await q.enqueue_jobs(jobs(n))
+    async with q.stream_jobs("w", max_assigned_jobs=slots) as stream:
+        done = 0
+        async for batch in stream:
+            await q.complete_jobs({j.id: b"ok" for j in batch})
+            done += len(batch)
+            if done == n:
+                break
+
+
 async def test_self_vacuum_cleans_the_table_in_the_background(
     dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1010,14 +1022,7 @@ async def test_self_vacuum_cleans_the_table_in_the_background(
     try:
         b = q.backend
         assert isinstance(b, PostgresBackend)
-        await q.enqueue_jobs(jobs(300))
-        async with q.stream_jobs("w", max_assigned_jobs=50) as stream:
-            done = 0
-            async for batch in stream:
-                await q.complete_jobs({j.id: b"ok" for j in batch})
-                done += len(batch)
-                if done == 300:
-                    break
+        await run_through(q, 300, 50)
 
         async def vacuumed() -> bool:
             rows = await sql(
@@ -1049,14 +1054,7 @@ async def test_self_vacuum_pauses_as_autovacuum_does(
     try:
         b = q.backend
         assert isinstance(b, PostgresBackend)
-        await q.enqueue_jobs(jobs(2000))
-        async with q.stream_jobs("w", max_assigned_jobs=200) as stream:
-            done = 0
-            async for batch in stream:
-                await q.complete_jobs({j.id: b"ok" for j in batch})
-                done += len(batch)
-                if done == 2000:
-                    break
+        await run_through(q, 2000, 200)
         seen: set[str] = set()
 
         async def paused() -> bool:
