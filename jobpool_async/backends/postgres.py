@@ -144,35 +144,21 @@ def _claimed_returning(table: str) -> str:
     return ", ".join(f"{table}.{c.strip()}" for c in CLAIMED_COLUMNS.split(","))
 
 
-def _row_to_job(r: Record | Sequence[Any], at: int = 0) -> Job:
-    """A job from the ``_COLS`` of a row, starting at column ``at``."""
+def _job(
+    r: Record | Sequence[Any],
+    at: int,
+    status: JobStatus,
+    assignee_id: str,
+    assigned_at: datetime | None,
+) -> Job:
+    """A job from the :data:`CLAIMED_COLUMNS` of a row, starting at column ``at``, and
+    the three columns a claim sets (given: a claim knows them, a read selects them)."""
     return Job(
         r[at],
         r[at + 1],
         r[at + 2],
         list(r[at + 3]),
-        _STATUS[r[at + 4]],
-        r[at + 5],
-        r[at + 6],
-        r[at + 7],
-        r[at + 8],
-        r[at + 9],
-        r[at + 10],
-        r[at + 11],
-        r[at + 12],
-        r[at + 13],
-    )
-
-
-def _claimed_job(r: Record | Sequence[Any], at: int, assignee_id: str, now: datetime) -> Job:
-    """A job a claim just assigned, from its :data:`CLAIMED_COLUMNS` starting at column
-    ``at``; the claim set its status, assignee and assignment time itself."""
-    return Job(
-        r[at],
-        r[at + 1],
-        r[at + 2],
-        list(r[at + 3]),
-        _ASSIGNED,
+        status,
         r[at + 4],
         r[at + 5],
         r[at + 6],
@@ -181,7 +167,7 @@ def _claimed_job(r: Record | Sequence[Any], at: int, assignee_id: str, now: date
         r[at + 9],
         r[at + 10],
         assignee_id,
-        now,
+        assigned_at,
     )
 
 
@@ -916,7 +902,7 @@ class PostgresBackend(Backend):
             await self._lost_claim(nonce, now)
             raise
         self._changed_rows(len(rows))
-        return [_claimed_job(r, 0, assignee_id, now) for r in rows]
+        return [_job(r, 0, _ASSIGNED, assignee_id, now) for r in rows]
 
     def _nonce(self) -> str:
         self._claims += 1
@@ -996,7 +982,7 @@ class PostgresBackend(Backend):
                 moved_ids: set[str] = set()
                 for r in rows:
                     if r[0] == 2:
-                        out.claimed.append(_claimed_job(r, 4, assignee, now))
+                        out.claimed.append(_job(r, 4, _ASSIGNED, assignee, now))
                     else:
                         tags = r[3]
                         out.moved.append(Moved(r[1], _STATUS[r[2]], tuple(tags) if tags else ()))
@@ -1136,10 +1122,16 @@ class PostgresBackend(Backend):
         with self._errors("read"):
             assert self._pool is not None
             rows = await self._pool.fetch(
-                f"SELECT {_COLS} FROM {self._t} WHERE {self._id_match('', '$1')}", list(job_ids)
+                f"SELECT {CLAIMED_COLUMNS}, status, assignee_id, assigned_at FROM {self._t} "
+                f"WHERE {self._id_match('', '$1')}",
+                list(job_ids),
             )
         by_id = {r[0]: r for r in rows}
-        return [_row_to_job(by_id[i]) for i in job_ids if i in by_id]
+        return [
+            _job(r, 0, _STATUS[r[11]], r[12], r[13])
+            for i in job_ids
+            if (r := by_id.get(i)) is not None
+        ]
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         if not job_ids:

@@ -143,9 +143,6 @@ _COLS: Final = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
     "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
 )
-#: What a claim returns: the columns it did not set (status, assignee and
-#: ``assigned_at`` are known to the caller), in this order.
-_CLAIMED_COLS: Final = CLAIMED_COLUMNS
 _INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key) VALUES (?, ?, ?)"
 _IDS: Final = "SELECT value FROM json_each(?)"
 
@@ -155,7 +152,7 @@ _HAS_ELIGIBLE: Final = f"SELECT 1 FROM jobs WHERE {_ELIG} LIMIT 1"
 CLAIM_SQL: Final = (
     f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
     f"SELECT seq FROM jobs WHERE {_ELIG} ORDER BY {_SORT}, seq LIMIT ?3"
-    f") RETURNING {_CLAIMED_COLS}"
+    f") RETURNING {CLAIMED_COLUMNS}"
 )
 
 
@@ -181,7 +178,7 @@ def claim_tags_sql(n: int) -> str:
         f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
         f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, 4)} AND t0.sort_key IS NOT NULL "
         f"ORDER BY t0.sort_key, t0.seq LIMIT ?3"
-        f") RETURNING {_CLAIMED_COLS}"
+        f") RETURNING {CLAIMED_COLUMNS}"
     )
 
 
@@ -252,7 +249,7 @@ def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
 
 
 def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> list[Job]:
-    """The :class:`Job` objects of a claim's rows (``_CLAIMED_COLS`` order), assigned
+    """The :class:`Job` objects of a claim's rows (``CLAIMED_COLUMNS`` order), assigned
     to ``assignee_id`` at ``now``; a first run's ``started_at`` is ``now`` too."""
     now_us = _us(now)
     running = JobStatus.RUNNING
