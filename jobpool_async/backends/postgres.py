@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import (
@@ -144,6 +144,15 @@ def _claimed_returning(table: str) -> str:
     return ", ".join(f"{table}.{c.strip()}" for c in CLAIMED_COLUMNS.split(","))
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """A timestamp read back, timezone-aware: asyncpg decodes PostgreSQL's ±infinity
+    (how it stores ``datetime.min``/``datetime.max`` in UTC) as *naive*
+    ``datetime.min``/``datetime.max``; every other value comes back in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
 def _job(
     r: Record | Sequence[Any],
     at: int,
@@ -159,15 +168,15 @@ def _job(
         r[at + 2],
         list(r[at + 3]),
         status,
-        r[at + 4],
-        r[at + 5],
-        r[at + 6],
+        _utc(r[at + 4]),  # type: ignore[arg-type]
+        _utc(r[at + 5]),
+        _utc(r[at + 6]),
         r[at + 7],
         r[at + 8],
         r[at + 9],
-        r[at + 10],
+        _utc(r[at + 10]),
         assignee_id,
-        assigned_at,
+        _utc(assigned_at),
     )
 
 
@@ -1142,7 +1151,7 @@ class PostgresBackend(Backend):
                 f"SELECT id, status, assigned_at FROM {self._t} WHERE {self._id_match('', '$1')}",
                 list(job_ids),
             )
-        return {r[0]: JobState(_STATUS[r[1]], r[2]) for r in rows}
+        return {r[0]: JobState(_STATUS[r[1]], _utc(r[2])) for r in rows}
 
     async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
         sql = f"SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM {self._t}"

@@ -15,6 +15,7 @@ from jobpool_async import (
     PoolQueue,
     QueueClosedError,
 )
+from jobpool_async import _queue as queue_module
 
 from ..backends import BackendFactory
 from ._helpers import DEADLINE, job_in, take
@@ -99,6 +100,48 @@ async def test_timestamps_keep_microseconds_and_become_utc(queue: PoolQueue) -> 
     assert stored.assigned_at == running.assigned_at
     assert stored.started_at == running.started_at
     assert stored.assigned_at is not None and stored.assigned_at.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime.min.replace(tzinfo=UTC),
+        datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=1),
+        datetime.max.replace(tzinfo=UTC),
+        datetime.max.replace(tzinfo=UTC) - timedelta(microseconds=1),
+    ],
+    ids=["min", "min+1us", "max", "max-1us"],
+)
+async def test_extreme_datetimes_round_trip_exactly_as_utc(
+    queue: PoolQueue, when: datetime
+) -> None:
+    """The first and last representable instants (PostgreSQL stores them as
+    ±infinity) come back equal and timezone-aware, in every field, and are
+    selected in order."""
+    job = Job(
+        id="extreme",
+        job_type="t",
+        tags=["x"],
+        created_at=when,
+        started_at=when,
+        finalized_at=when,
+        last_retry_at=when,
+        assigned_at=when,
+    )
+    ordinary = datetime(2024, 1, 1, tzinfo=UTC)
+    other = Job(id="ordinary", job_type="t", tags=["x"], created_at=ordinary)
+    await queue.enqueue_jobs([job, other])
+    got = await queue.get_job("extreme")
+    assert got == job
+    for value in (got.created_at, got.started_at, got.finalized_at, got.last_retry_at):
+        assert value is not None and value.utcoffset() == timedelta(0)
+    assert got.assigned_at is not None and got.assigned_at.utcoffset() == timedelta(0)
+    async with queue.stream_jobs("w", tags=["x"], max_assigned_jobs=1) as stream:
+        (first,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+    assert first.id == ("extreme" if when.year == 1 else "ordinary")
+    if first.id == "extreme":
+        assert (first.created_at, first.started_at, first.last_retry_at) == (when, when, when)
+        assert first.created_at.utcoffset() == timedelta(0)
 
 
 async def test_enqueue_jobs_returns_ids_in_order_and_is_all_or_nothing(queue: PoolQueue) -> None:
@@ -216,6 +259,24 @@ async def test_cleanup_expired_deletes_only_old_completed(queue: PoolQueue) -> N
     assert await queue.cleanup_expired_jobs(timedelta(microseconds=1)) == 1
     assert await queue.get_jobs([done]) == []
     assert len(await queue.get_jobs([stopped])) == 1
+
+
+async def test_cleanup_cutoff_is_inclusive(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job finalized exactly ``ttl`` ago is expired; one finalized a microsecond
+    later is not (a controlled clock, no sleeping)."""
+    done = await job_in(queue, S.COMPLETED)
+    finalized = (await queue.get_job(done)).finalized_at
+    assert finalized is not None
+    ttl = timedelta(minutes=5)
+    clock = [finalized + ttl - timedelta(microseconds=1)]
+    monkeypatch.setattr(queue_module, "utcnow", lambda: clock[0])
+    assert await queue.cleanup_expired_jobs(ttl) == 0
+    assert len(await queue.get_jobs([done])) == 1
+    clock[0] = finalized + ttl
+    assert await queue.cleanup_expired_jobs(ttl) == 1
+    assert await queue.get_jobs([done]) == []
 
 
 async def test_store_survives_reopen(make_backend: BackendFactory, backend_name: str) -> None:
