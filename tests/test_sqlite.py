@@ -456,8 +456,8 @@ async def test_claim_query_plans_read_only_the_eligible_indexes(tmp_path: Path) 
     untagged = plan(conn, sq.CLAIM_SQL, 3)
     assert "SCAN jobs USING INDEX jobs_eligible" in untagged
     assert "TEMP B-TREE" not in untagged  # already in selection order
-    for n in (1, 3):
-        tagged = plan(conn, sq.claim_tags_sql(n), 3 + n)
+    for several in (False, True):
+        tagged = plan(conn, sq.claim_tags_sql(several), 5 if several else 4)
         assert "USING COVERING INDEX job_tags_eligible (tag=? AND sort_key>?)" in tagged
         assert "TEMP B-TREE" not in tagged
         assert "SCAN jobs" not in tagged and "SCAN job_tags" not in tagged

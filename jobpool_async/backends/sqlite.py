@@ -156,36 +156,55 @@ CLAIM_SQL: Final = (
 )
 
 
-def _all_tags(n: int, first: int, alias: str = "t0") -> str:
-    """SQL terms: ``alias`` is a ``job_tags`` row of tag ``?first`` whose job has the
-    other ``n - 1`` tags (``?first+1`` …), checked through the ``(seq, tag)`` key."""
-    terms = [f"{alias}.tag = ?{first}"]
-    terms += [
-        f"EXISTS (SELECT 1 FROM job_tags x{i} WHERE x{i}.seq = {alias}.seq "
-        f"AND x{i}.tag = ?{first + i})"
-        for i in range(1, n)
-    ]
-    return " AND ".join(terms)
+def _tag_filter(several: bool, first: int) -> tuple[str, str]:
+    """A ``WITH`` prefix and a condition: ``t0`` is a ``job_tags`` row of tag
+    ``?first`` whose job has the other tags of the filter too (params:
+    :func:`_tag_params`).
 
-
-@functools.lru_cache(maxsize=64)
-def claim_tags_sql(n: int) -> str:
-    """The claim of jobs carrying ``n`` tags (params: now, assignee, limit, tags…).
-
-    Walks the per-tag eligible index of the first tag in selection order.
+    The other tags are a JSON list (``?first+1``), materialised once per statement,
+    and the condition is "none of them is missing from the job" (two ``NOT EXISTS``,
+    checked through the ``(seq, tag)`` key): one term whatever the number of tags,
+    so no filter is too large for SQLite's expression depth limit (1,000), and as
+    cheap as one ``EXISTS`` per tag was.
     """
+    cond = f"t0.tag = ?{first}"
+    if not several:
+        return "", cond
+    return (
+        f"WITH w(tag) AS MATERIALIZED (SELECT value FROM json_each(?{first + 1})) ",
+        f"{cond} AND NOT EXISTS (SELECT 1 FROM w WHERE NOT EXISTS ("
+        "SELECT 1 FROM job_tags x WHERE x.seq = t0.seq AND x.tag = w.tag))",
+    )
+
+
+def _tag_params(tags: Sequence[str]) -> tuple[str, ...]:
+    """The parameters of :func:`_tag_filter`: the leading tag, then (with more) the
+    JSON list of the others."""
+    if len(tags) == 1:
+        return (tags[0],)
+    return tags[0], json.dumps([t for t in dict.fromkeys(tags) if t != tags[0]])
+
+
+@functools.lru_cache(maxsize=2)
+def claim_tags_sql(several: bool) -> str:
+    """The claim of jobs carrying one tag or ``several`` (params: now, assignee,
+    limit, then :func:`_tag_params`). Walks the per-tag eligible index of the first
+    tag in selection order."""
+    with_, cond = _tag_filter(several, 4)
     return (
         f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
-        f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, 4)} AND t0.sort_key IS NOT NULL "
+        f"{with_}SELECT t0.seq FROM job_tags t0 WHERE {cond} AND t0.sort_key IS NOT NULL "
         f"ORDER BY t0.sort_key, t0.seq LIMIT ?3"
         f") RETURNING {CLAIMED_COLUMNS}"
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _tagged_seqs(n: int, first: int = 1) -> str:
-    """A subquery of the seqs of jobs carrying all of ``n`` tags (``?first`` …)."""
-    return f"SELECT t0.seq FROM job_tags t0 WHERE {_all_tags(n, first)}"
+@functools.lru_cache(maxsize=2)
+def _tagged_seqs(several: bool) -> str:
+    """A subquery of the seqs of jobs carrying one tag or ``several`` (params:
+    :func:`_tag_params`)."""
+    with_, cond = _tag_filter(several, 1)
+    return f"{with_}SELECT t0.seq FROM job_tags t0 WHERE {cond}"
 
 
 # --- conversions ----------------------------------------------------------------------
@@ -500,7 +519,9 @@ def _claim(
         tags = _rarest_first(conn, tags)
     if look_first and conn.execute(_HAS_TAGGED, (tags[0],)).fetchone() is None:
         return []
-    return conn.execute(claim_tags_sql(len(tags)), (now, assignee_id, limit, *tags)).fetchall()
+    return conn.execute(
+        claim_tags_sql(len(tags) > 1), (now, assignee_id, limit, *_tag_params(tags))
+    ).fetchall()
 
 
 _HAS_TAGGED: Final = "SELECT 1 FROM job_tags WHERE tag = ? AND sort_key IS NOT NULL LIMIT 1"
@@ -660,8 +681,8 @@ def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
         seen = {row[0] for row in rows}
         tagged = conn.execute(
             f"SELECT j.seq, j.id, j.status, j.tags FROM jobs j WHERE j.seq IN "
-            f"({_tagged_seqs(len(selection.tags))}) ORDER BY j.seq",
-            selection.tags,
+            f"({_tagged_seqs(len(selection.tags) > 1)}) ORDER BY j.seq",
+            _tag_params(selection.tags),
         ).fetchall()
         rows.extend(row for row in tagged if row[0] not in seen)
     return rows
@@ -936,11 +957,11 @@ class SQLiteBackend(Backend):
         if tags:
             sql = (
                 "SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM jobs "
-                f"WHERE seq IN ({_tagged_seqs(len(tags))}) GROUP BY status"
+                f"WHERE seq IN ({_tagged_seqs(len(tags) > 1)}) GROUP BY status"
             )
         else:
             sql = "SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM jobs GROUP BY status"
-        rows = await self._run(_fetch_all, sql, tuple(tags))
+        rows = await self._run(_fetch_all, sql, _tag_params(tags) if tags else ())
         return {_STATUS[s]: n for s, n, _ in rows}, sum(r for _, _, r in rows)
 
     async def delete(self, selection: Selection) -> int:

@@ -206,6 +206,40 @@ async def test_stats_count_every_status_with_tag_and_filter(queue: PoolQueue) ->
     assert (await queue.get_job_stats([])).total_jobs == 12
 
 
+#: Tags in one filter: SQLite once nested one term per tag and failed from about 500.
+MANY_TAGS = 5000
+
+
+async def test_filters_of_thousands_of_tags_work_everywhere(queue: PoolQueue) -> None:
+    """Stats, claim, cancel and delete with a 5,000-tag filter select exactly the
+    jobs carrying every one of those tags."""
+    tags = [f"tag-{i}" for i in range(MANY_TAGS)]
+    await queue.enqueue_jobs(
+        [
+            Job(id="all", job_type="t", tags=tags),
+            Job(id="all-too", job_type="t", tags=[*reversed(tags), "extra"]),
+            Job(id="all-but-one", job_type="t", tags=tags[:-1]),
+            Job(id="untagged", job_type="t"),
+        ]
+    )
+    stats = await queue.get_job_stats(tags)
+    assert (stats.total_jobs, stats.pending_jobs) == (2, 2)
+    async with queue.stream_jobs("w", tags=tags, max_assigned_jobs=1) as stream:
+        (first,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        assert first.id == "all"
+        cancelled = await queue.cancel_jobs(tags=tags)
+        assert sorted(cancelled.cancelled) == ["all", "all-too"]
+        assert cancelled.unknown == []
+        with pytest.raises(JobsNotFinalError) as caught:
+            await queue.delete_jobs(tags=tags)
+        assert caught.value.job_ids == ["all"]
+        await queue.acknowledge_cancellation({"all": False})
+    assert await queue.delete_jobs(tags=tags) == 2
+    left = await queue.get_jobs(["all", "all-too", "all-but-one", "untagged"])
+    assert [j.id for j in left] == ["all-but-one", "untagged"]
+    assert (await queue.get_job_stats(tags)).total_jobs == 0
+
+
 async def test_hostile_tags_match_exactly(queue: PoolQueue) -> None:
     tags = ["a/b", "a", "a%", "_", "'; DROP TABLE jobs; --", "x" * 5000, "a,b", '"q"', "%"]
     await queue.enqueue_jobs([Job(id=f"h{i}", job_type="t", tags=[t]) for i, t in enumerate(tags)])
