@@ -9,6 +9,7 @@ actually stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -313,7 +314,9 @@ async def test_second_opener_in_the_same_process_gets_storage_error(store: Path)
     await third.close()
 
 
-async def test_second_opener_in_another_process_gets_storage_error(store: Path) -> None:
+@contextlib.asynccontextmanager
+async def held_by_child(store: Path) -> AsyncIterator[None]:
+    """The store open in a child process for the duration of the block."""
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         str(CHILD),
@@ -326,12 +329,17 @@ async def test_second_opener_in_another_process_gets_storage_error(store: Path) 
     try:
         line = await asyncio.wait_for(holder.stdout.readline(), DEADLINE)
         assert line == b"open\n"
-        backend = LevelDBBackend(store)
-        with pytest.raises(StorageError, match="in use"):
-            await backend.open()
+        yield
     finally:
         holder.stdin.close()
         await asyncio.wait_for(holder.wait(), DEADLINE)
+
+
+async def test_second_opener_in_another_process_gets_storage_error(store: Path) -> None:
+    async with held_by_child(store):
+        backend = LevelDBBackend(store)
+        with pytest.raises(StorageError, match="in use"):
+            await backend.open()
     # and the other way round: this process holds it, a child is refused
     async with PoolQueue(LevelDBBackend(store)) as q:
         await q.open()
@@ -508,6 +516,135 @@ async def test_a_failed_write_leaves_the_store_and_counters_unchanged(store: Pat
         assert len(await take(q, "w", 5)) == 5
     jobs = check_store(store)
     assert {j.status for j in jobs.values()} == {S.RUNNING}
+
+
+# --- damage and repair ---------------------------------------------------------------
+
+#: LevelDB's human-readable diagnostic log, rotated by every open attempt: not data.
+_INFO_LOGS = {"LOG", "LOG.old"}
+
+
+async def _write_store(store: Path, n: int = 3000) -> dict[str, Job]:
+    """A store written by the backend, jobs in several statuses; returns every job."""
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        for start in range(0, n, 100):
+            await q.enqueue_jobs(
+                [
+                    Job(id=f"j{i:05}", job_type="t", tags=["all", f"g{i % 3}"])
+                    for i in range(start, start + 100)
+                ]
+            )
+        running = await take(q, "w", 300)
+        await q.complete_jobs({j.id: b"ok" for j in running[:100]})
+        await q.fail_jobs({j.id: "boom" for j in running[100:200]})
+        return {j.id: j for j in await q.get_jobs([f"j{i:05}" for i in range(n)])}
+
+
+def _damage_log(store: Path) -> None:
+    """Overwrite 64 bytes in the middle of the write-ahead log with other bytes."""
+    (log,) = store.glob("*.log")
+    data = bytearray(log.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    log.write_bytes(bytes(data))
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in store.iterdir() if p.name not in _INFO_LOGS}
+
+
+def _contents(store: Path) -> dict[bytes, bytes]:
+    """Every key and value (a LevelDB open that succeeds writes a new manifest and
+    log, so the files of a sound store change even when no key does)."""
+    db = plyvel.DB(str(store))
+    try:
+        return dict(db.iterator())
+    finally:
+        db.close()
+
+
+async def test_a_damaged_log_fails_the_open_and_leaves_the_store_as_it_was(store: Path) -> None:
+    written = await _write_store(store)
+    _damage_log(store)
+    before = _files(store)
+    for _ in range(2):  # (the first failed open must not make the damage permanent)
+        with pytest.raises(StorageError, match=r"damaged.*LevelDBBackend\.repair"):
+            await LevelDBBackend(store).open()
+        assert _files(store) == before, "a failed open changed the store"
+    report = await LevelDBBackend.repair(store)
+    assert report.counted_before == len(written)
+    # The damaged part of the log is lost; a record salvaged from it that does not
+    # decode (its batch passed LevelDB's checks, its bytes are wrong) is removed.
+    assert 0 < report.jobs <= report.jobs + report.dropped_records < len(written)
+    survivors = check_store(store)  # every index and counter agrees with the records
+    assert len(survivors) == report.jobs and set(survivors) <= set(written)
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        assert (await q.get_job_stats()).total_jobs == report.jobs
+        await q.enqueue_job(Job(id="after", job_type="t", tags=["all"]))
+        assert (
+            len(await take(q, "w2", 5000, ["all"]))
+            == sum(1 for j in survivors.values() if j.status.is_eligible) + 1
+        )
+    check_store(store)
+
+
+async def test_counters_that_disagree_with_the_records_fail_the_open(store: Path) -> None:
+    """A store damaged before the open checked for it (LevelDB, opened without
+    paranoid checks, dropped the damaged records and rewrote its log) counts jobs
+    that are gone: the open says so instead of serving phantom pending jobs."""
+    written = await _write_store(store)
+    _damage_log(store)
+    plyvel.DB(str(store)).close()  # what an open without paranoid checks does
+    before = _contents(store)
+    with pytest.raises(StorageError, match=r"counters disagree.*LevelDBBackend\.repair") as e:
+        await LevelDBBackend(store).open()
+    assert f"where the counters say {len(written)}" in str(e.value)
+    assert _contents(store) == before
+    report = await LevelDBBackend.repair(store)
+    assert report.counted_before == len(written) and report.jobs < len(written)
+    assert len(check_store(store)) == report.jobs
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        assert (await q.get_job_stats()).total_jobs == report.jobs
+
+
+async def test_a_lost_index_entry_fails_the_open_and_repair_restores_it(store: Path) -> None:
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        await q.enqueue_jobs([Job(id=f"j{i}", job_type="t", tags=["x"]) for i in range(5)])
+    db = plyvel.DB(str(store))
+    (key,) = list(db.iterator(prefix=b"E", include_value=False))[:1]
+    db.delete(key)
+    db.put(b"Jjunk", b"\x01not a record")
+    db.close()
+    with pytest.raises(StorageError, match="4 eligible-index entries where the counters say 5"):
+        await LevelDBBackend(store).open()
+    report = await LevelDBBackend.repair(store)
+    assert (report.jobs, report.counted_before, report.dropped_records) == (5, 5, 1)
+    assert sorted(check_store(store)) == [f"j{i}" for i in range(5)]
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        assert [j.id for j in await take(q, "w", 10, ["x"])] == [f"j{i}" for i in range(5)]
+
+
+async def test_repair_of_a_sound_store_changes_no_job(store: Path) -> None:
+    written = await _write_store(store, 500)
+    report = await LevelDBBackend.repair(store)
+    assert (report.jobs, report.counted_before, report.dropped_records) == (500, 500, 0)
+    assert check_store(store) == written
+
+
+async def test_repair_refuses_a_store_in_use(store: Path, tmp_path: Path) -> None:
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        with pytest.raises(StorageError, match="open in this process"):
+            await LevelDBBackend.repair(store)
+    finally:
+        await backend.close()
+    async with held_by_child(store):
+        with pytest.raises(StorageError, match="in use by another process"):
+            await LevelDBBackend.repair(store)
+    with pytest.raises(StorageError, match="not a LevelDB store"):
+        await LevelDBBackend.repair(tmp_path / "missing")
+    assert (await LevelDBBackend.repair(store)).jobs == 0
 
 
 # --- crash recovery -----------------------------------------------------------------

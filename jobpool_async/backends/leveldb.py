@@ -42,9 +42,11 @@ or retried recently reads and decodes nothing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,7 +75,7 @@ from .base import (
     refill_limit,
 )
 
-__all__ = ["LevelDBBackend"]
+__all__ = ["LevelDBBackend", "RepairReport"]
 
 _T = TypeVar("_T")
 logger = logging.getLogger("jobpool_async")
@@ -90,6 +92,7 @@ _TAG_COUNTS = b"K"
 _ASSIGNEE = b"A"
 _DONE = b"D"
 _ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
+_ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: How many per-tag scan floors to remember (see ``_floors``).
 _MAX_FLOORS = 4096
 #: LevelDB's messages when another handle (this process) or process holds the LOCK file.
@@ -99,6 +102,12 @@ _LOCK_BUSY = "Resource temporarily unavailable"
 _MAX_ACTIVE = 100_000
 #: How many eligible jobs to keep decoded in memory (see ``_eligible``).
 _MAX_ELIGIBLE = 10_000
+#: Store directories a backend of this process has open (``repair`` refuses them).
+_OPEN_HERE: set[Path] = set()
+#: Keys derived from the job records, which a repair rebuilds.
+_DERIVED = (_ELIGIBLE, _ELIGIBLE_TAG, _TAG, _TAG_COUNTS, _ASSIGNEE, _DONE)
+#: Jobs per write batch while a repair rebuilds the indexes.
+_REPAIR_CHUNK = 10_000
 
 
 def _import_plyvel() -> Any:
@@ -137,6 +146,18 @@ def _index_keys(job: Job, seq: int, idb: bytes) -> list[bytes]:
 def _scan_prefix(key: bytes) -> bytes:
     """The index prefix (``E`` or ``F enc(tag)``) of an eligible-index key."""
     return key[:1] if key[:1] == _ELIGIBLE else key[: key.index(b"\x00\x01") + 2]
+
+
+@dataclass(frozen=True, slots=True)
+class RepairReport:
+    """What :meth:`LevelDBBackend.repair` did."""
+
+    #: Job records in the store after the repair (every one indexed and counted).
+    jobs: int
+    #: Jobs the store's counters knew before the repair (``None``: unreadable).
+    counted_before: int | None
+    #: Records that could not be decoded, removed by the repair.
+    dropped_records: int
 
 
 class _Write:
@@ -273,6 +294,22 @@ class LevelDBBackend(Backend):
     def __repr__(self) -> str:
         return f"LevelDBBackend({str(self.path)!r}, sync={self.sync})"
 
+    @classmethod
+    async def repair(cls, path: str | os.PathLike[str]) -> RepairReport:
+        """Repair a damaged store in place; the explicit fix for a ``StorageError``
+        saying the store is damaged. The store must not be open anywhere.
+
+        LevelDB's own repair (``plyvel.repair_db``) first salvages every record its
+        files still hold; then every index and counter is rebuilt from the job
+        records that survived (records that cannot be decoded are removed and
+        counted). Jobs whose records were lost are gone: the report says how many
+        the counters knew before. Safe to run again if interrupted.
+        """
+        plyvel = _import_plyvel()
+        if not isinstance(path, str | os.PathLike) or not str(path):
+            raise TypeError(f"path must be a non-empty str or os.PathLike, got {path!r}")
+        return await asyncio.to_thread(_repair_sync, plyvel, Path(path))
+
     # --- running in the worker thread ---------------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -309,6 +346,7 @@ class LevelDBBackend(Backend):
             thread.stop()
             raise
         self._thread = thread
+        _OPEN_HERE.add(self.path.resolve())
 
     def _open_sync(self) -> None:
         path = self.path
@@ -320,7 +358,15 @@ class LevelDBBackend(Backend):
             raise StorageError(f"{where} is a non-empty directory but not a LevelDB store")
         plyvel = self._plyvel
         try:
-            db = plyvel.DB(where, create_if_missing=fresh)
+            # paranoid_checks: a damaged write-ahead log (or table) fails the open,
+            # instead of LevelDB dropping the damaged records and rewriting the log
+            # without them, which would make the loss permanent.
+            db = plyvel.DB(where, create_if_missing=fresh, paranoid_checks=True)
+        except plyvel.CorruptionError as exc:
+            raise StorageError(
+                f"the LevelDB store {where} is damaged ({_message(exc)}); it was left as "
+                f"it is. {_repair_hint(where)}"
+            ) from exc
         except plyvel.IOError as exc:
             text = _message(exc)
             if _LOCKED in text or _LOCK_BUSY in text:
@@ -350,6 +396,7 @@ class LevelDBBackend(Backend):
                 if raw is None:
                     raise StorageError(f"{where}: jobpool_async store without its counters")
                 self._next_seq, self._counts = codec.decode_global(raw)
+                _check_counters(db, self._counts, where)
         except BaseException as exc:
             db.close()
             if isinstance(exc, plyvel.Error):
@@ -364,6 +411,7 @@ class LevelDBBackend(Backend):
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        _OPEN_HERE.discard(self.path.resolve())
         try:
             await thread.submit(self._close_sync)
         finally:
@@ -774,3 +822,174 @@ def _message(exc: BaseException) -> str:
     if isinstance(arg, bytes):
         return arg.decode("utf-8", "replace")
     return str(arg)
+
+
+def _repair_hint(where: str) -> str:
+    return (
+        f"LevelDBBackend.repair({where!r}) salvages the job records that survive and "
+        "rebuilds the indexes and counters from them (see docs/leveldb.md, 'Damage and repair')"
+    )
+
+
+def _count_keys(db: Any, prefix: bytes) -> int:
+    with db.iterator(prefix=prefix, include_value=False) as it:
+        return sum(1 for _ in it)
+
+
+def _check_counters(db: Any, counts: codec.Counters, where: str) -> None:
+    """Compare the stored counters with the records and indexes actually present.
+
+    A store damaged before this check existed (opened without ``paranoid_checks``,
+    which silently dropped records) keeps counters for jobs that are gone: found
+    here, at open, instead of phantom pending jobs for ever. Reads only keys.
+    """
+    values = counts.values
+    expected = (
+        ("job records", _JOB, counts.total),
+        ("eligible-index entries", _ELIGIBLE, sum(values[c] for c in _ELIGIBLE_CODES)),
+        ("running/cancelling-index entries", _ASSIGNEE, sum(values[c] for c in _ACTIVE_CODES)),
+        ("completed-index entries", _DONE, values[codec.CODE_OF[JobStatus.COMPLETED]]),
+    )
+    wrong = []
+    for name, prefix, want in expected:
+        found = _count_keys(db, prefix)
+        if found != want:
+            wrong.append(f"{found} {name} where the counters say {want}")
+    if any(v < 0 for v in values):
+        wrong.append(f"negative counters {values}")
+    if wrong:
+        raise StorageError(
+            f"the LevelDB store {where} is damaged: its counters disagree with its "
+            f"contents ({'; '.join(wrong)}). It was left as it is. {_repair_hint(where)}"
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold the store's LOCK file (as LevelDB does, with ``fcntl``) or raise
+    :class:`StorageError` if a backend, here or in another process, has it open.
+
+    ``plyvel.repair_db`` takes no lock itself, and repairing a store in use would
+    destroy it.
+    """
+    where = str(path)
+    if path.resolve() in _OPEN_HERE:
+        raise StorageError(f"the LevelDB store {where} is open in this process: close it first")
+    lock = path / "LOCK"
+    if not lock.exists():
+        yield
+        return
+    import fcntl
+
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise StorageError(
+                f"the LevelDB store {where} is in use by another process: close it first"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)  # (releases the lock; LevelDB's own was released at its close)
+
+
+def _repair_sync(plyvel: Any, path: Path) -> RepairReport:
+    where = str(path)
+    if not path.is_dir() or not any(
+        (path / "CURRENT").is_file() or p.suffix in (".log", ".ldb", ".sst") for p in path.iterdir()
+    ):
+        raise StorageError(f"{where} is not a LevelDB store: nothing to repair")
+    with _exclusive(path):
+        try:
+            plyvel.repair_db(where)
+            db = plyvel.DB(where)
+        except plyvel.Error as exc:
+            raise StorageError(f"cannot repair the LevelDB store {where}: {_message(exc)}") from exc
+        try:
+            report = _rebuild(db, where)
+        except plyvel.Error as exc:
+            text = _message(exc)
+            raise StorageError(f"repairing the LevelDB store {where} failed: {text}") from exc
+        finally:
+            db.close()
+    logger.warning(
+        "repaired the LevelDB store %s: %d job(s) kept, the counters knew %s before, "
+        "%d unreadable record(s) removed",
+        where,
+        report.jobs,
+        "?" if report.counted_before is None else report.counted_before,
+        report.dropped_records,
+    )
+    return report
+
+
+def _rebuild(db: Any, where: str) -> RepairReport:
+    """Rebuild every index and counter of ``db`` from its job records."""
+    meta = db.get(_META)
+    if meta is not None:
+        codec.check_meta(meta, where)
+    elif _count_keys(db, _JOB) == 0:
+        raise StorageError(f"{where} holds no jobpool_async store: nothing to repair")
+    before: int | None = None
+    next_seq = 0
+    raw = db.get(_COUNTERS)
+    if raw is not None:
+        try:
+            next_seq, old = codec.decode_global(raw)
+            before = old.total
+        except StorageError:
+            pass
+    for prefix in _DERIVED:  # drop every derived key: they are rebuilt below
+        with db.iterator(prefix=prefix, include_value=False) as it:
+            for chunk in _chunks(it, _REPAIR_CHUNK):
+                with db.write_batch() as wb:
+                    for key in chunk:
+                        wb.delete(key)
+    counts = codec.Counters()
+    tag_counts: dict[str, codec.Counters] = {}
+    jobs = dropped = 0
+    with db.iterator(prefix=_JOB) as it:
+        for chunk in _chunks(it, _REPAIR_CHUNK):
+            with db.write_batch() as wb:
+                for key, raw in chunk:
+                    try:
+                        job, seq = codec.decode_job(raw)
+                        idb = codec.id_bytes(job.id)
+                        if key != _JOB + idb:
+                            raise StorageError(f"record of job {job.id!r} under another key")
+                    except StorageError as exc:
+                        logger.warning("repair of %s removes the record %r: %s", where, key, exc)
+                        wb.delete(key)
+                        dropped += 1
+                        continue
+                    jobs += 1
+                    next_seq = max(next_seq, seq + 1)
+                    code, retries = codec.CODE_OF[job.status], job.retry_count
+                    counts.add(code, retries, +1)
+                    for tag in job.tags:
+                        wb.put(_TAG + codec.enc(tag) + idb, b"")
+                        tag_counter = tag_counts.get(tag)
+                        if tag_counter is None:
+                            tag_counter = tag_counts[tag] = codec.Counters()
+                        tag_counter.add(code, retries, +1)
+                    for index_key in _index_keys(job, seq, idb):
+                        wb.put(index_key, b"")
+    with db.write_batch(sync=True) as wb:
+        for tag, tag_counter in tag_counts.items():
+            wb.put(_TAG_COUNTS + codec.enc(tag), tag_counter.encode())
+        wb.put(_COUNTERS, codec.encode_global(next_seq, counts))
+        if meta is None:
+            wb.put(_META, codec.encode_meta())
+    return RepairReport(jobs=jobs, counted_before=before, dropped_records=dropped)
+
+
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    chunk: list[_T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
