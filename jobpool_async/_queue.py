@@ -57,6 +57,7 @@ logger = logging.getLogger("jobpool_async")
 RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
 
 CancelListener = Callable[[str], None]
+_NOT_HELD = object()
 _VALIDATE_CHUNK = 2000
 
 
@@ -172,22 +173,55 @@ class PoolQueue:
             await self._notifier.publish(tagsets=tagsets, subs=freed)
 
     def _note(self, moved: Iterable[Moved]) -> tuple[list[tuple[str, ...]], list[Subscription]]:
-        """Free slots and tell cancel listeners (no await); return whom to wake."""
+        """Free slots and tell cancel listeners (no await); return whom to wake.
+
+        A move counts for a stream only if it is of that stream's assignment (the
+        same ``assigned_at``): a move that a call made before another stream claimed
+        the job again is seen late, and must not touch the new holder."""
         tagsets: list[tuple[str, ...]] = []
         freed: list[Subscription] = []
         for m in moved:
-            stream = self._holders.get(m.job_id)
+            stream = self._holder(m.job_id, m.assigned_at)
             if stream is not None:
                 if m.status not in ACTIVE:
-                    del self._holders[m.job_id]
-                    stream._held.pop(m.job_id, None)
+                    self._unhold(stream, m.job_id)
                     if not freed or freed[-1] is not stream._sub:
                         freed.append(stream._sub)
                 elif m.status is JobStatus.CANCELLING:
-                    stream._cancel_requested(m.job_id)
+                    stream._cancel_requested(m.job_id, m.assigned_at)
             if m.status in ELIGIBLE:
                 tagsets.append(m.tags)
         return tagsets, freed
+
+    # --- who holds which assignment ------------------------------------------------
+
+    def _holder(self, job_id: str, assigned_at: datetime | None) -> JobStream | None:
+        """The stream holding this assignment of ``job_id`` (not just the id), if any."""
+        stream = self._holders.get(job_id)
+        if stream is not None and stream._held.get(job_id, _NOT_HELD) == assigned_at:
+            return stream
+        return None
+
+    def _hold(self, stream: JobStream, job: Job) -> Subscription | None:
+        """Record that ``stream`` was assigned ``job``. A claim ends every earlier
+        assignment of the job (the store made it eligible first), so a stream still
+        recorded as holding it loses it; returns that stream's subscription to wake."""
+        previous = self._holders.get(job.id)
+        self._holders[job.id] = stream
+        stream._held[job.id] = job.assigned_at
+        if previous is None or previous is stream:
+            return None
+        previous._held.pop(job.id, None)
+        return previous._sub
+
+    def _unhold(self, stream: JobStream, job_id: str) -> None:
+        del self._holders[job_id]
+        del stream._held[job_id]
+
+    def _drop(self, stream: JobStream, job_id: str, assigned_at: datetime | None) -> None:
+        """Forget that ``stream`` holds this assignment of ``job_id`` (if it still does)."""
+        if self._holder(job_id, assigned_at) is stream:
+            self._unhold(stream, job_id)
 
     # --- submitting ---------------------------------------------------------------
 
@@ -235,23 +269,25 @@ class PoolQueue:
     async def _assign(self, stream: JobStream, limit: int) -> list[Job]:
         await self._ready()
         jobs = await self._backend.claim(stream.assignee_id, stream.tags, limit, utcnow())
-        for job in jobs:
-            stream._held[job.id] = job.assigned_at
-            self._holders[job.id] = stream
+        self._held_by(stream, jobs)
         return jobs
 
-    async def _release(self, stream: JobStream, job_ids: Sequence[str]) -> None:
+    def _held_by(self, stream: JobStream, jobs: Sequence[Job]) -> None:
+        """Record a claim's jobs for ``stream``; wake streams that lost a stale record."""
+        lost = [sub for sub in (self._hold(stream, job) for job in jobs) if sub is not None]
+        if lost:
+            self._notifier.publish_soon(subs=lost)
+
+    async def _release(self, stream: JobStream, jobs: Sequence[Job]) -> None:
         """Give back jobs assigned to ``stream`` but never handed to its caller."""
-        if not job_ids:
+        if not jobs:
             return
-        changes = [Change(i, RELEASE, error_message=RELEASE_MESSAGE) for i in job_ids]
+        changes = [Change(job.id, RELEASE, error_message=RELEASE_MESSAGE) for job in jobs]
         outcome = await self._backend.apply(changes, utcnow())
         await self._observe(outcome.moved)
-        for job_id in job_ids:  # moved elsewhere meanwhile: not ours any more
-            if self._holders.get(job_id) is stream:
-                del self._holders[job_id]
-            stream._held.pop(job_id, None)
-        logger.debug("stream %s released %d unhanded job(s)", stream.assignee_id, len(job_ids))
+        for job in jobs:  # moved elsewhere meanwhile: that assignment is over too
+            self._drop(stream, job.id, job.assigned_at)
+        logger.debug("stream %s released %d unhanded job(s)", stream.assignee_id, len(jobs))
 
     async def _refresh(self, stream: JobStream) -> None:
         """Shared storage: drop held jobs another process moved; see its cancellations."""
@@ -262,12 +298,11 @@ class PoolQueue:
         for job_id, assigned_at in held.items():
             state = states.get(job_id)
             if state is None or state.status not in ACTIVE or state.assigned_at != assigned_at:
-                if stream._held.get(job_id, 0) == assigned_at:
-                    del stream._held[job_id]
-                if self._holders.get(job_id) is stream:
-                    del self._holders[job_id]
-            elif state.status is JobStatus.CANCELLING:
-                stream._cancel_requested(job_id)
+                self._drop(stream, job_id, assigned_at)
+            elif (
+                state.status is JobStatus.CANCELLING and self._holder(job_id, assigned_at) is stream
+            ):
+                stream._cancel_requested(job_id, assigned_at)
 
     def _forget(self, stream: JobStream) -> None:
         self._streams.discard(stream)
@@ -322,12 +357,12 @@ class PoolQueue:
         # Moves first: a job the apply made eligible may be among those claimed.
         tagsets, freed = self._note(outcome.moved)
         for job in outcome.claimed:
-            stream._held[job.id] = job.assigned_at
-            self._holders[job.id] = stream
+            lost = self._hold(stream, job)
+            if lost is not None:
+                freed.append(lost)
         if outcome.claimed:
             if stream._closed:
-                ids = [job.id for job in outcome.claimed]
-                stream._track(asyncio.ensure_future(self._release(stream, ids)))
+                stream._track(asyncio.ensure_future(self._release(stream, outcome.claimed)))
             else:
                 stream._ready.extend(outcome.claimed)
                 freed.append(stream._sub)
@@ -572,9 +607,9 @@ class JobStream:
         """
         self._cancel_listeners.append(listener)
 
-    def _cancel_requested(self, job_id: str) -> None:
+    def _cancel_requested(self, job_id: str, assigned_at: datetime | None) -> None:
         # Keyed by assignment, not id: a later job reusing the id is a new job.
-        key = (job_id, self._held.get(job_id))
+        key = (job_id, assigned_at)
         if key in self._cancels_seen:
             return
         self._cancels_seen.add(key)
@@ -600,8 +635,10 @@ class JobStream:
                 if self._closed:
                     raise StopAsyncIteration
                 if self._ready:
-                    held = self._held  # drop any moved meanwhile by another process
-                    jobs = [job for job in self._ready if job.id in held]
+                    held = self._held  # drop any that left this stream meanwhile
+                    jobs = [
+                        job for job in self._ready if held.get(job.id, _NOT_HELD) == job.assigned_at
+                    ]
                     self._ready = []
                     if jobs:
                         return jobs
@@ -640,16 +677,15 @@ class JobStream:
             task.add_done_callback(self._release_abandoned)
             raise
         if self._closed and jobs:
-            await self._release_tracked([job.id for job in jobs])
+            await self._release_tracked(jobs)
             raise StopAsyncIteration
         return jobs
 
     def _give_back_ready(self) -> None:
         """Release refilled jobs that will not be handed over (cancelled or closing)."""
         if self._ready:
-            ids = [job.id for job in self._ready]
-            self._ready = []
-            self._track(asyncio.ensure_future(self._queue._release(self, ids)))
+            jobs, self._ready = self._ready, []
+            self._track(asyncio.ensure_future(self._queue._release(self, jobs)))
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -660,10 +696,10 @@ class JobStream:
             return
         jobs = task.result()
         if jobs:
-            self._track(asyncio.ensure_future(self._queue._release(self, [j.id for j in jobs])))
+            self._track(asyncio.ensure_future(self._queue._release(self, jobs)))
 
-    async def _release_tracked(self, job_ids: list[str]) -> None:
-        task = asyncio.ensure_future(self._queue._release(self, job_ids))
+    async def _release_tracked(self, jobs: list[Job]) -> None:
+        task = asyncio.ensure_future(self._queue._release(self, jobs))
         self._track(task)
         await asyncio.shield(task)
 

@@ -9,6 +9,7 @@ within the test's deadline can only come from ``LISTEN/NOTIFY``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -472,36 +473,75 @@ async def test_own_moves_send_no_notification(dsn: str, schema: str) -> None:
         await q.close()
 
 
-async def test_a_large_change_is_announced_as_recheck(dsn: str, schema: str) -> None:
+class Heard:
+    """A backend listener recording what it is told; ``next()`` waits for a notice."""
+
+    def __init__(self) -> None:
+        self.events: list[Sequence[Moved] | None] = []
+        self._got = asyncio.Event()
+
+    def __call__(self, moved: Sequence[Moved] | None) -> None:
+        self.events.append(moved)
+        self._got.set()
+
+    async def next(self) -> list[Sequence[Moved] | None]:
+        await asyncio.wait_for(self._got.wait(), DEADLINE)
+        out, self.events = self.events, []
+        self._got.clear()
+        return out
+
+
+@contextlib.asynccontextmanager
+async def two_backends(
+    dsn: str, schema: str
+) -> AsyncIterator[tuple[PostgresBackend, PostgresBackend]]:
+    """Two instances on one schema, as two processes would have."""
     a = backend(dsn, schema)
     b = backend(dsn, schema)
     await a.open()
     await b.open()
-    events: list[Sequence[Moved] | None] = []
-    got = asyncio.Event()
-
-    def listener(moved: Sequence[Moved] | None) -> None:
-        events.append(moved)
-        got.set()
-
     try:
-        a.set_listener(listener)
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_large_change_is_announced_as_recheck(dsn: str, schema: str) -> None:
+    async with two_backends(dsn, schema) as (a, b):
+        heard = Heard()
+        a.set_listener(heard)
         many = [Job("x" * 200 + str(i), "t", tags=["t" * 100]) for i in range(100)]
         await b.insert(many)
-        await asyncio.wait_for(got.wait(), DEADLINE)  # tag sets deduplicated: fits
+        events = await heard.next()  # tag sets deduplicated: fits
         assert events[0] is not None and {m.tags for m in events[0]} == {("t" * 100,)}
-        got.clear()
-        events.clear()
         from jobpool_async._transitions import CANCEL
         from jobpool_async.backends.base import Selection
 
         out = await b.apply_selected(CANCEL, Selection(tags=("t" * 100,)), datetime.now(UTC))
         assert len(out.moved) == 100
-        await asyncio.wait_for(got.wait(), DEADLINE)
-        assert events == [None]  # too big for one NOTIFY: "re-check"
-    finally:
-        await a.close()
-        await b.close()
+        assert await heard.next() == [None]  # too big for one NOTIFY: "re-check"
+
+
+async def test_pushed_moves_name_the_assignment_they_ended(dsn: str, schema: str) -> None:
+    """A NOTIFY carries each move's ``assigned_at`` exactly, so the listening queue
+    frees or tells only the stream holding that assignment (issue #14)."""
+    from jobpool_async._transitions import CANCEL, FAIL
+    from jobpool_async.backends.base import Change
+
+    async with two_backends(dsn, schema) as (a, b):
+        heard = Heard()
+        b.set_listener(heard)
+        await b.insert([Job("x", "t", tags=["k"]), Job("y", "t", tags=["k"])])
+        claimed = await b.claim("w", (), 2, datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+        at = {j.id: j.assigned_at for j in claimed}
+        await a.apply_selected(CANCEL, Selection(job_ids=("x",)), datetime.now(UTC))
+        events = await heard.next()
+        assert [[m[:3] for m in e or ()] for e in events] == [
+            [("x", JobStatus.CANCELLING, at["x"])]
+        ]
+        await a.apply([Change("y", FAIL, error_message="boom")], datetime.now(UTC))
+        assert await heard.next() == [[Moved("y", JobStatus.FAILED_RETRY, at["y"], ("k",))]]
 
 
 # --- connection loss ------------------------------------------------------------------

@@ -109,6 +109,27 @@ async def test_a_reused_id_is_not_mistaken_for_the_held_job(
         assert job.id == "free-slot", "the old assignment ended; the new one is not ours"
 
 
+async def test_a_claim_ends_the_earlier_assignment_another_stream_still_records() -> None:
+    """Another process failed A's job (A has not polled yet) and B, in A's process,
+    claimed it again: that claim ends A's assignment, so A's slot is free at once."""
+    store = SharedStore()
+    a, b = PoolQueue(store, poll_interval=30.0), PoolQueue(store, poll_interval=30.0)
+    async with a, b:
+        await a.enqueue_job(Job(id="x", job_type="t", tags=["x"]))
+        async with a.stream_jobs("A", max_assigned_jobs=1) as first:
+            await asyncio.wait_for(first.__anext__(), DEADLINE)
+            await b.fail_job("x", "failed elsewhere")  # A is not told: no push, no poll
+            assert first.assigned_job_ids == ["x"]
+            async with a.stream_jobs("B", tags=["x"]) as second:
+                (again,) = await asyncio.wait_for(second.__anext__(), DEADLINE)
+                assert again.id == "x"
+                assert first.assigned_job_ids == []
+                assert second.assigned_job_ids == ["x"]
+                await a.enqueue_job(Job(id="next", job_type="t"))
+                (job,) = await asyncio.wait_for(first.__anext__(), DEADLINE)
+                assert job.id == "next"
+
+
 async def test_pushed_events_wake_streams_without_polling() -> None:
     store = SharedStore()
     a, b = PoolQueue(store, poll_interval=30.0), PoolQueue(store, poll_interval=30.0)
@@ -117,10 +138,10 @@ async def test_pushed_events_wake_streams_without_polling() -> None:
         heard: list[str] = []
         async with a.stream_jobs("w", max_assigned_jobs=1) as stream:
             stream.add_cancel_listener(heard.append)
-            await asyncio.wait_for(stream.__anext__(), DEADLINE)
+            (held,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
             waiting = asyncio.ensure_future(stream.__anext__())
             await b.cancel_jobs(job_ids=["held"])
-            store.push([Moved("held", JobStatus.CANCELLING)])
+            store.push([Moved("held", JobStatus.CANCELLING, held.assigned_at)])
             for _ in range(100):
                 if heard:
                     break
@@ -130,8 +151,8 @@ async def test_pushed_events_wake_streams_without_polling() -> None:
             await b.enqueue_job(Job(id="pushed", job_type="t", tags=["x"]))
             store.push(
                 [
-                    Moved("held", JobStatus.STOPPED),
-                    Moved("pushed", JobStatus.INITIAL_PENDING, ("x",)),
+                    Moved("held", JobStatus.STOPPED, held.assigned_at),
+                    Moved("pushed", JobStatus.INITIAL_PENDING, None, ("x",)),
                 ]
             )
             (job,) = await asyncio.wait_for(waiting, 5.0)

@@ -61,11 +61,16 @@ class Change(NamedTuple):
 class Moved(NamedTuple):
     """A job that a call moved (possibly to the same status), with its new status.
 
-    ``tags`` are needed only when the new status is eligible (to wake the streams
-    that match); a backend may leave them empty otherwise."""
+    ``assigned_at`` is the job's assignment time when it moved (a move never changes
+    it): with the id it names the assignment the move ended or changed, so a queue
+    never applies a move to a later assignment of the same job (a stream that
+    claimed it again meanwhile). ``tags`` are needed only when the new status is
+    eligible (to wake the streams that match); a backend may leave them empty
+    otherwise."""
 
     job_id: str
     status: JobStatus
+    assigned_at: datetime | None
     tags: tuple[str, ...] = ()
 
 

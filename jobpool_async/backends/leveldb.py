@@ -694,7 +694,7 @@ class LevelDBBackend(Backend):
                     change.job_id, current, change.transition.target
                 )
             else:
-                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
         if out.moved:
             self._commit(w)
         if refill is not None:
@@ -735,7 +735,7 @@ class LevelDBBackend(Backend):
                 if report_unmatched:
                     out.unmatched.append(job.id)
             else:
-                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
         if out.moved:
             self._commit(w)
         return out

@@ -199,7 +199,7 @@ class MemoryBackend(Backend):
                     change.job_id, current, change.transition.target
                 )
             else:
-                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
         if refill is not None:
             limit = refill_limit(refill, out.moved)
             if limit:  # no await in between: one atomic step on the event loop
@@ -223,7 +223,7 @@ class MemoryBackend(Backend):
                 if report_unmatched:
                     out.unmatched.append(job.id)
             else:
-                out.moved.append(Moved(job.id, new, tuple(job.tags)))
+                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
         return out
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:

@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._errors import (
@@ -93,6 +93,10 @@ _COLS = (
     "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
 )
 _STATUS = {s.value: s for s in JobStatus}
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: SQL of a ``timestamptz`` as exact integer microseconds since the epoch (for NOTIFY
+#: payloads: JSON has no timestamp type, and a float would lose the microseconds).
+_EPOCH_US = "CASE WHEN isfinite({0}) THEN (extract(epoch FROM {0}) * 1000000)::bigint END"
 _TAG_KEY_MAX = 256
 
 
@@ -151,6 +155,11 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def _from_us(value: int | None) -> datetime | None:
+    """A datetime from :data:`_EPOCH_US` microseconds (``None`` stays ``None``)."""
+    return None if value is None else _UTC_EPOCH + timedelta(microseconds=value)
 
 
 def _job(
@@ -610,8 +619,8 @@ class PostgresBackend(Backend):
         if sep:
             try:
                 moved = [
-                    Moved(str(job_id), _STATUS[status], tuple(tags or ()))
-                    for job_id, status, tags in json.loads(body)
+                    Moved(str(job_id), _STATUS[status], _from_us(at), tuple(tags or ()))
+                    for job_id, status, tags, at in json.loads(body)
                 ]
             except (ValueError, TypeError, KeyError):
                 logger.warning("unreadable notification on %s; re-checking", channel)
@@ -670,7 +679,9 @@ class PostgresBackend(Backend):
         return f"""note AS (
             SELECT pg_notify('{self.channel}',
                              CASE WHEN octet_length(p) <= {_MAX_PAYLOAD} THEN p ELSE '{tok}' END)
-            FROM (SELECT '{tok} ' || json_agg(json_build_array(id, status, tags))::text AS p
+            FROM (SELECT '{tok} ' || json_agg(json_build_array(
+                                  id, status, tags, {_EPOCH_US.format("assigned_at")}
+                              ))::text AS p
                   FROM {source}
                   WHERE status IN {_ELIGIBLE}
                      OR (status <> '{_RUNNING}'
@@ -740,7 +751,7 @@ class PostgresBackend(Backend):
         ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``). It takes one
         job per freed slot and sees the statement's snapshot, so it never picks a row
         this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
-        from column 4 on.
+        from column 5 on.
         """
         key = (id(transition), refill, tags)
         cached = self._sql_cache.get(key)
@@ -772,7 +783,7 @@ class PostgresBackend(Backend):
                 RETURNING {_claimed_returning(t)})"""
             claimed = f"""
             UNION ALL
-            SELECT 2, NULL, NULL, NULL, {CLAIMED_COLUMNS} FROM claimed"""
+            SELECT 2, NULL, NULL, NULL, NULL::timestamptz, {CLAIMED_COLUMNS} FROM claimed"""
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
                        FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
@@ -781,9 +792,9 @@ class PostgresBackend(Backend):
                 UPDATE {t} SET {sets}
                 FROM c WHERE {t}.id_key = {_key("c.cid")} AND {t}.id = c.cid
                   AND {t}.status IN {in_list(transition.sources)}
-                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by),
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at),
             {self._note("moved")}{claim}
-            SELECT 1 AS kind, id, status, {tags_out}{rest} FROM moved
+            SELECT 1 AS kind, id, status, {tags_out}, assigned_at{rest} FROM moved
             WHERE (SELECT count(*) FROM note) >= 0{claimed}"""
         self._sql_cache[key] = (transition, sql)
         return sql
@@ -854,7 +865,7 @@ class PostgresBackend(Backend):
             self._token
             + " "
             + json.dumps(
-                [["", JobStatus.INITIAL_PENDING.value, list(ts)] for ts in tagsets],
+                [["", JobStatus.INITIAL_PENDING.value, list(ts), None] for ts in tagsets],
                 separators=(",", ":"),
             )
         )
@@ -940,7 +951,7 @@ class PostgresBackend(Backend):
             WITH moved AS (
                 UPDATE {self._t} SET {sets}
                 WHERE claimed_by = ANY($1::text[]) AND status IN {in_list(RELEASE.sources)}
-                RETURNING id, status, tags, claimed_by),
+                RETURNING id, status, tags, claimed_by, assigned_at),
             {self._note("moved")}
             SELECT count(*) FROM moved WHERE (SELECT count(*) FROM note) >= 0"""
         with self._errors("release"):
@@ -991,10 +1002,12 @@ class PostgresBackend(Backend):
                 moved_ids: set[str] = set()
                 for r in rows:
                     if r[0] == 2:
-                        out.claimed.append(_job(r, 4, _ASSIGNED, assignee, now))
+                        out.claimed.append(_job(r, 5, _ASSIGNED, assignee, now))
                     else:
                         tags = r[3]
-                        out.moved.append(Moved(r[1], _STATUS[r[2]], tuple(tags) if tags else ()))
+                        out.moved.append(
+                            Moved(r[1], _STATUS[r[2]], _utc(r[4]), tuple(tags) if tags else ())
+                        )
                         moved_ids.add(r[1])
                 if len(moved_ids) < len(group):
                     for c in group:
@@ -1035,14 +1048,14 @@ class PostgresBackend(Backend):
             for group in groups:
                 results.append((group, await conn.fetch(*self._apply_args(group, now))))
             if refill is not None:
-                moved = [Moved(r[1], _STATUS[r[2]]) for _, rows in results for r in rows]
+                moved = [Moved(r[1], _STATUS[r[2]], r[4]) for _, rows in results for r in rows]
                 limit = refill_limit(refill, moved)
                 if limit:
                     claimed = await conn.fetch(
                         *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                     )
                     # as rows of kind 2 (see _apply_sql)
-                    results.append(((), [(2, None, None, None, *r) for r in claimed]))
+                    results.append(((), [(2, None, None, None, None, *r) for r in claimed]))
         return results
 
     def _refill_args(
@@ -1090,19 +1103,20 @@ class PostgresBackend(Backend):
                 UPDATE {t} SET {sets}
                 WHERE {cond} AND {t}.status IN {in_list(transition.sources)}
                   AND $1::timestamptz IS NOT NULL AND (SELECT count(*) FROM lk) >= 0
-                RETURNING id, status, tags, seq, claimed_by),
+                RETURNING id, status, tags, seq, claimed_by, assigned_at),
             {self._note("moved")}
-            SELECT 1 AS kind, id, status, tags, seq FROM moved
+            SELECT 1 AS kind, id, status, tags, seq, assigned_at FROM moved
             WHERE (SELECT count(*) FROM note) >= 0"""
         if report_unmatched:
             sql += f"""
             UNION ALL
-            SELECT 2, j.id, j.status, NULL::text[], j.seq FROM {t} j
+            SELECT 2, j.id, j.status, NULL::text[], j.seq, NULL::timestamptz FROM {t} j
             WHERE {cond_j} AND j.id NOT IN (SELECT id FROM moved)"""
             if ids_at is not None:
                 sql += f"""
             UNION ALL
-            SELECT 0, x.id, NULL, NULL::text[], x.ord FROM unnest(${ids_at}::text[])
+            SELECT 0, x.id, NULL, NULL::text[], x.ord, NULL::timestamptz
+            FROM unnest(${ids_at}::text[])
                 WITH ORDINALITY AS x(id, ord)
             WHERE NOT EXISTS (SELECT 1 FROM {t} e
                               WHERE e.id_key = {_key("x.id")} AND e.id = x.id)"""
@@ -1117,7 +1131,7 @@ class PostgresBackend(Backend):
 
         out = SelectOutcome()
         moved = sorted((r for r in rows if r[0] == 1), key=order)
-        out.moved = [Moved(r[1], _STATUS[r[2]], tuple(r[3])) for r in moved]
+        out.moved = [Moved(r[1], _STATUS[r[2]], _utc(r[5]), tuple(r[3])) for r in moved]
         if report_unmatched:
             missing = sorted((r for r in rows if r[0] == 0), key=lambda r: int(r[4]))
             others = sorted((r for r in rows if r[0] == 2), key=order)

@@ -576,7 +576,8 @@ def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_
     return (
         f"WITH c(c_id, c_result, c_error) AS (VALUES {values}) "
         f"UPDATE jobs SET {sets} FROM c WHERE jobs.id = c.c_id "
-        f"AND {_one_of(transition.sources)} RETURNING jobs.id, jobs.status, jobs.tags"
+        f"AND {_one_of(transition.sources)} "
+        "RETURNING jobs.id, jobs.status, jobs.tags, jobs.assigned_at"
     )
 
 
@@ -617,8 +618,8 @@ def _move_chunk(
         with_error = with_error or c.error_message is not None
     sql = _apply_sql(transition, len(chunk), with_result, with_error)
     return {
-        job_id: Moved(job_id, _STATUS[status], _tag_tuple(tags))
-        for job_id, status, tags in conn.execute(sql, params).fetchall()
+        job_id: Moved(job_id, _STATUS[status], _dt(assigned_at), _tag_tuple(tags))
+        for job_id, status, tags, assigned_at in conn.execute(sql, params).fetchall()
     }
 
 
@@ -658,13 +659,16 @@ def _outcome(
 
 
 def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
-    """``(seq, id, status, tags)`` of the selected jobs: ids first (input order), then
+    """``(seq, id, status, tags, assigned_at)`` of the selected jobs: ids first (input order), then
     jobs by tags (enqueue order), each once."""
     if selection.everything:
-        return conn.execute("SELECT seq, id, status, tags FROM jobs ORDER BY seq").fetchall()
+        return conn.execute(
+            "SELECT seq, id, status, tags, assigned_at FROM jobs ORDER BY seq"
+        ).fetchall()
     if selection.assignee_id is not None:
         return conn.execute(
-            f"SELECT seq, id, status, tags FROM jobs WHERE assignee_id = ? AND {_ACTIVE}",
+            f"SELECT seq, id, status, tags, assigned_at FROM jobs "
+            f"WHERE assignee_id = ? AND {_ACTIVE}",
             (selection.assignee_id,),
         ).fetchall()
     rows: list[Any] = []
@@ -672,7 +676,7 @@ def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
         by_id = {
             row[1]: row
             for row in conn.execute(
-                f"SELECT seq, id, status, tags FROM jobs WHERE id IN ({_IDS})",
+                f"SELECT seq, id, status, tags, assigned_at FROM jobs WHERE id IN ({_IDS})",
                 (json.dumps(selection.job_ids),),
             )
         }
@@ -680,7 +684,7 @@ def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
     if selection.tags:
         seen = {row[0] for row in rows}
         tagged = conn.execute(
-            f"SELECT j.seq, j.id, j.status, j.tags FROM jobs j WHERE j.seq IN "
+            f"SELECT j.seq, j.id, j.status, j.tags, j.assigned_at FROM jobs j WHERE j.seq IN "
             f"({_tagged_seqs(len(selection.tags) > 1)}) ORDER BY j.seq",
             _tag_params(selection.tags),
         ).fetchall()
@@ -704,24 +708,25 @@ def _apply_selected(
         if selection.assignee_id is not None:
             where += f" AND assignee_id = ?2 AND {_ACTIVE}"
             params = (now, selection.assignee_id)
-        for job_id, status, tags in conn.execute(
-            f"UPDATE jobs SET {sets} WHERE {where} RETURNING id, status, tags", params
+        for job_id, status, tags, assigned_at in conn.execute(
+            f"UPDATE jobs SET {sets} WHERE {where} RETURNING id, status, tags, assigned_at",
+            params,
         ).fetchall():
-            out.moved.append(Moved(job_id, _STATUS[status], _tag_tuple(tags)))
+            out.moved.append(Moved(job_id, _STATUS[status], _dt(assigned_at), _tag_tuple(tags)))
         return out
     rows = _selected_rows(conn, selection)
     if report_unmatched and selection.job_ids:
         present = {row[1] for row in rows}
         out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in present)
     seqs = []
-    for seq, job_id, status, tags in rows:
+    for seq, job_id, status, tags, assigned_at in rows:
         target = transition.target_of(_STATUS[status])
         if target is None:
             if report_unmatched:
                 out.unmatched.append(job_id)
             continue
         seqs.append(seq)
-        out.moved.append(Moved(job_id, target, _tag_tuple(tags)))
+        out.moved.append(Moved(job_id, target, _dt(assigned_at), _tag_tuple(tags)))
     if seqs:  # under the write lock, so exactly the rows decided above move
         conn.execute(
             f"UPDATE jobs SET {set_clause(transition, now='?1')} "

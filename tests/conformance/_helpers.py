@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from jobpool_async import Job, JobStatus, PoolQueue
+from jobpool_async import Backend, Job, JobStatus, PoolQueue
+from jobpool_async.backends.base import ApplyOutcome, Change, Refill
 
 S = JobStatus
 _counter = itertools.count()
@@ -92,3 +95,43 @@ async def job_in(queue: PoolQueue, status: JobStatus, job_id: str | None = None)
 
 def utc(year: int, month: int, day: int) -> datetime:
     return datetime(year, month, day, tzinfo=UTC)
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a cheap in-process predicate with a deadline (never sleep and hope)."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while not predicate():  # noqa: ASYNC110 - polling with a deadline
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise AssertionError(f"not within {DEADLINE} s: {what}") from None
+
+
+class PauseAfterApply:
+    """Fault injection: hold a backend's ``apply`` calls chosen by ``when`` after the
+    store made the moves and before the queue sees the outcome (the window in which
+    another task can claim a job again). ``paused`` is set when one is held; ``go()``
+    lets it return."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        when: Callable[[list[Change], Refill | None], bool],
+    ) -> None:
+        self.paused = asyncio.Event()
+        self._go = asyncio.Event()
+        self._when = when
+        self._inner = backend.apply
+        backend.apply = self._apply  # type: ignore[method-assign]
+
+    async def _apply(
+        self, changes: Any, now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
+        outcome = await self._inner(changes, now, refill)
+        if self._when(list(changes), refill):
+            self.paused.set()
+            await self._go.wait()
+        return outcome
+
+    def go(self) -> None:
+        self._go.set()

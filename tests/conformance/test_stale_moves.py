@@ -1,0 +1,142 @@
+"""A move seen late never touches a later assignment of the same job (issue #14, item 1).
+
+A call's moves reach the queue's bookkeeping only after the backend call returns. In
+that window another stream can claim the job again (a fail made it eligible). The
+late move must end only the assignment it was made on, not the new holder's: else
+the new holder loses a slot it still uses (a), its cancel listener is never told (b),
+and a refilled job not yet handed over is dropped and left RUNNING for ever (c).
+
+Each test holds the failing call's ``apply`` in that window (fault injection), so the
+interleaving is forced, not left to timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from jobpool_async import Job, JobStatus, JobStream, PoolQueue
+from jobpool_async.backends.base import Change, Refill
+
+from ._helpers import DEADLINE, PauseAfterApply, job, new_id, until
+
+S = JobStatus
+
+
+def failing(job_id: str) -> Callable[[list[Change], Refill | None], bool]:
+    """Pause the plain apply of ``fail_job(job_id)``."""
+    return lambda changes, refill: (
+        (refill is None and [(c.job_id, c.transition.target) for c in changes])
+        == [(job_id, S.FAILED_RETRY)]
+    )
+
+
+async def handed_and_failed_late(
+    queue: PoolQueue,
+) -> tuple[Job, PauseAfterApply, asyncio.Task[None]]:
+    """A job handed to a stream (then closed), failed by a call now held after its
+    write: the job is FAILED_RETRY in the store, the queue has not seen it yet."""
+    tag = new_id("tag")
+    x = job(tags=[tag])
+    await queue.enqueue_job(x)
+    async with queue.stream_jobs("a", tags=[tag]) as a:
+        (first,) = await asyncio.wait_for(a.__anext__(), DEADLINE)
+    assert first.id == x.id
+    pause = PauseAfterApply(queue.backend, failing(x.id))
+    fail = asyncio.ensure_future(queue.fail_job(x.id, "boom"))
+    await asyncio.wait_for(pause.paused.wait(), DEADLINE)
+    assert (await queue.get_job(x.id)).status is S.FAILED_RETRY
+    return first, pause, fail
+
+
+async def reclaim(queue: PoolQueue, x: Job) -> JobStream:
+    stream = queue.stream_jobs("b", tags=x.tags, max_assigned_jobs=1)
+    (again,) = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+    assert again.id == x.id and again.assigned_at != x.assigned_at
+    return stream
+
+
+async def test_a_late_move_leaves_the_new_holder_at_its_slot_limit(queue: PoolQueue) -> None:
+    x, pause, fail = await handed_and_failed_late(queue)
+    async with await reclaim(queue, x) as b:
+        pause.go()
+        await asyncio.wait_for(fail, DEADLINE)
+        await queue.enqueue_job(job(tags=list(x.tags)))
+        await queue.cancel_jobs(job_ids=[x.id])  # CANCELLING still takes b's only slot
+        nxt = asyncio.ensure_future(b.__anext__())
+        try:
+            await until(lambda: nxt.done() or b._waiting, "b waits or takes a job")
+            assert not nxt.done(), "b was handed a second job while its first is CANCELLING"
+            await queue.acknowledge_cancellation({x.id: True})
+            (second,) = await asyncio.wait_for(nxt, DEADLINE)
+        finally:
+            nxt.cancel()
+        assert second.id != x.id
+        running = [
+            j
+            for j in await queue.get_jobs([x.id, second.id])
+            if j.status in (S.RUNNING, S.CANCELLING)
+        ]
+        assert [j.id for j in running] == [second.id]
+
+
+async def test_a_late_move_does_not_hide_a_cancel_from_the_new_holder(queue: PoolQueue) -> None:
+    x, pause, fail = await handed_and_failed_late(queue)
+    heard: list[str] = []
+    async with await reclaim(queue, x) as b:
+        b.add_cancel_listener(heard.append)
+        pause.go()
+        await asyncio.wait_for(fail, DEADLINE)
+        result = await queue.cancel_jobs(job_ids=[x.id])
+        assert result.cancelled == [x.id]
+        assert heard == [x.id], "b's cancel listener was not told"
+
+
+async def test_a_late_move_does_not_drop_a_refilled_job_before_hand_over(queue: PoolQueue) -> None:
+    tag = new_id("tag")
+    x, held = job(tags=[tag]), job(tags=[tag])
+    await queue.enqueue_jobs([x, held])
+    async with queue.stream_jobs("a", tags=[tag]) as a:
+        (first,) = await asyncio.wait_for(a.__anext__(), DEADLINE)
+    assert first.id == x.id
+
+    # b waits for a slot; its wake-ups are held at a gate so the late move lands
+    # between the refill claiming x for b and b handing x over.
+    gate = asyncio.Event()
+    waits = wakes = 0
+    real_wait = queue._notifier.wait
+
+    async def gated_wait(sub: object, poll: float | None) -> bool:
+        nonlocal waits, wakes
+        if sub is b._sub:
+            waits += 1
+        woke = await real_wait(sub, poll)  # type: ignore[arg-type]
+        if sub is b._sub:
+            wakes += 1
+            await gate.wait()
+        return woke
+
+    queue._notifier.wait = gated_wait  # type: ignore[method-assign,assignment]
+    async with queue.stream_jobs("b", tags=[tag], max_assigned_jobs=1) as b:
+        (mine,) = await asyncio.wait_for(b.__anext__(), DEADLINE)
+        assert mine.id == held.id
+        nxt = asyncio.ensure_future(b.__anext__())
+        try:
+            await until(lambda: b._waiting, "b waits for a slot")
+            pause = PauseAfterApply(queue.backend, failing(x.id))
+            fail = asyncio.ensure_future(queue.fail_job(x.id, "boom"))
+            await asyncio.wait_for(pause.paused.wait(), DEADLINE)
+            await queue.complete_job(held.id, b"")  # refills b with x, in the same call
+            await until(lambda: wakes == 1, "b woke with x ready")
+            assert [j.id for j in b._ready] == [x.id]
+            pause.go()
+            await asyncio.wait_for(fail, DEADLINE)  # the late move of x's old assignment
+            gate.set()
+            await until(lambda: nxt.done() or waits > wakes, "b returns or waits again")
+            assert nxt.done(), "the refilled job was dropped before hand-over"
+            assert [j.id for j in nxt.result()] == [x.id]
+        finally:
+            nxt.cancel()
+        assert b.assigned_job_ids == [x.id]
+    assert (await queue.get_job(x.id)).status is S.RUNNING  # handed over: the caller owns it
+    await queue.complete_job(x.id, b"")
