@@ -7,6 +7,7 @@ input the same way, before anything is written.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -238,6 +239,24 @@ def check_message(value: object, what: str = "error_message", *, required: bool 
     if not value.isascii() or "\x00" in value:
         _check_text(value, what)
     return value
+
+
+def check_seconds(value: object, what: str, *, zero: bool = False) -> float:
+    """A duration or interval in seconds: a finite ``int``/``float`` (not ``bool``),
+    positive (or at least zero with ``zero``). NaN and infinity are refused: every
+    timer built on them misbehaves (NaN never compares, infinity never fires)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not zero):
+        rule = "at least zero" if zero else "positive"
+        raise ValueError(f"{what} must be {rule}, got {value!r}")
+    return seconds
 
 
 def check_ttl(ttl: object) -> timedelta:

@@ -29,6 +29,7 @@ from ._models import (
     check_ids,
     check_message,
     check_new_job,
+    check_seconds,
     check_tags,
     check_ttl,
     utcnow,
@@ -71,15 +72,11 @@ class PoolQueue:
     def __init__(self, backend: Backend, *, poll_interval: float | None = None) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a Backend, got {type(backend).__name__}")
-        if poll_interval is not None and (
-            isinstance(poll_interval, bool)
-            or not isinstance(poll_interval, int | float)
-            or poll_interval <= 0
-        ):
-            raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
         self._backend = backend
         self._poll_interval = (
-            float(poll_interval) if poll_interval is not None else backend.default_poll_interval
+            check_seconds(poll_interval, "poll_interval")
+            if poll_interval is not None
+            else backend.default_poll_interval
         )
         self._notifier = Notifier()
         self._holders: dict[str, JobStream] = {}

@@ -30,7 +30,7 @@ from typing import Any, Literal, Self
 
 from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
-from ._models import Job, JobStatus, check_id, check_tags
+from ._models import Job, JobStatus, check_id, check_seconds, check_tags
 from ._queue import JobStream, PoolQueue
 
 __all__ = ["Processor", "Worker"]
@@ -601,12 +601,9 @@ def _newest(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 def _seconds(value: float | timedelta, what: str) -> float:
+    """Seconds from a number or a ``timedelta``: finite, at least zero."""
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{what} must be seconds or a timedelta, got {type(value).__name__}")
-    if not seconds >= 0:
-        raise ValueError(f"{what} must not be negative, got {value!r}")
-    return seconds
+        if value < timedelta(0):
+            raise ValueError(f"{what} must not be negative, got {value!r}")
+        return value.total_seconds()
+    return check_seconds(value, what, zero=True)

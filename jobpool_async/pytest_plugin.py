@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import pytest
 
 from ._errors import JobNotFoundError
-from ._models import Job, JobStatus
+from ._models import Job, JobStatus, check_seconds
 from ._queue import PoolQueue
 from .backends.base import Backend
 
@@ -73,9 +73,7 @@ async def wait_for_status(
     )
     if not wanted:
         raise ValueError("status must name at least one JobStatus")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout!r}")
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + check_seconds(timeout, "timeout")
     delay = 0.002
     last: Job | None = None
     while True:

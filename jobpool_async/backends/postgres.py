@@ -36,7 +36,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
-from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, has_history
+from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, check_seconds, has_history
 from .._transitions import ASSIGN, RELEASE, Transition
 from ._sql import CLAIMED_COLUMNS, in_list, set_clause
 from .base import (
@@ -261,6 +261,9 @@ class PostgresBackend(Backend):
                 f"need 0 <= pool_min_size <= pool_max_size and pool_max_size >= 1, "
                 f"got {pool_min_size}, {pool_max_size}"
             )
+        if command_timeout is not None:
+            command_timeout = check_seconds(command_timeout, "command_timeout")
+        connect_timeout = check_seconds(connect_timeout, "connect_timeout")
         if self_vacuum is not None and not isinstance(self_vacuum, bool):
             raise TypeError(f"self_vacuum must be bool or None, got {type(self_vacuum).__name__}")
         self._dsn = dsn

@@ -43,7 +43,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
-from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, has_history
+from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, check_seconds, has_history
 from .._transitions import ASSIGN, Transition
 from ._sql import CLAIMED_COLUMNS, set_clause
 from .base import (
@@ -794,15 +794,10 @@ class SQLiteBackend(Backend):
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
-        if (
-            isinstance(busy_timeout, bool)
-            or not isinstance(busy_timeout, int | float)
-            or not busy_timeout >= 0
-        ):
-            raise ValueError(f"busy_timeout must be a non-negative number, got {busy_timeout!r}")
+        seconds = check_seconds(busy_timeout, "busy_timeout", zero=True)
         self._path = Path(text)
         self._synchronous: str = mode
-        self._busy_timeout = float(busy_timeout)
+        self._busy_timeout = seconds
         self._db: aiosqlite.Connection | None = None
         self._closed = False
         #: Per tag filter: did the last claim come back full? (Then skip the look first.)
