@@ -497,25 +497,70 @@ async def test_enqueue_order_survives_reopen(store: Path) -> None:
     assert order == [f"first-{i}" for i in range(3)] + [f"a-{i}" for i in range(3)]
 
 
-async def test_a_failed_write_leaves_the_store_and_counters_unchanged(store: Path) -> None:
+async def test_a_failed_write_leaves_the_store_and_counters_unchanged(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failing like a full disk changes nothing; the backend then reopens its
+    handle before the next call (every handle here fails its writes while
+    ``failing`` is set), and works again once writes can succeed."""
+    failing = [False]
+    handles: list[CountingDB] = []
+    real_db = plyvel.DB
+
+    def open_db(*args: Any, **kwargs: Any) -> CountingDB:
+        handle = CountingDB(real_db(*args, **kwargs))
+        handle.fail_writes = failing[0]
+        handles.append(handle)
+        return handle
+
+    monkeypatch.setattr(plyvel, "DB", open_db)
     async with PoolQueue(LevelDBBackend(store)) as q:
         await q.enqueue_jobs([Job(id=f"j{i}", job_type="t", tags=["t"]) for i in range(5)])
         before = (await q.get_job_stats(), await q.get_job_stats(["t"]))
-        proxy = counting(q)
-        proxy.fail_writes = True
-        with pytest.raises(StorageError, match="No space left"):
+        handles[-1].fail_writes = failing[0] = True
+        with pytest.raises(StorageError, match=r"No space left.*reopened before the next call"):
             await q.enqueue_job(Job(id="new", job_type="t", tags=["t"]))
-        with pytest.raises(StorageError):
+        assert len(handles) == 1
+        with pytest.raises(StorageError, match="No space left"):
             await q.cancel_jobs(tags=["t"])
-        proxy.fail_writes = False
+        assert len(handles) == 2, "the handle that failed a write was replaced"
+        failing[0] = False
         assert (await q.get_job_stats(), await q.get_job_stats(["t"])) == before
+        assert len(handles) == 3
         assert await q.get_jobs(["new"]) == []
         assert {j.status for j in await q.get_jobs([f"j{i}" for i in range(5)])} == {
             S.INITIAL_PENDING
         }
         assert len(await take(q, "w", 5)) == 5
+        assert len(handles) == 3, "a sound handle is kept"
     jobs = check_store(store)
     assert {j.status for j in jobs.values()} == {S.RUNNING}
+
+
+async def test_a_reopen_that_fails_is_retried_by_the_next_call(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store cannot be reopened after a failed write (the disk is still
+    full), each call says so; the first call after that works."""
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        await q.enqueue_job(Job(id="a", job_type="t"))
+        proxy = counting(q)
+        proxy.fail_writes = True
+        with pytest.raises(StorageError, match="No space left"):
+            await q.enqueue_job(Job(id="b", job_type="t"))
+        real_db = plyvel.DB
+
+        def full_disk(*args: Any, **kwargs: Any) -> Any:
+            raise plyvel.IOError(b"IO error: 000009.ldb: No space left on device")
+
+        monkeypatch.setattr(plyvel, "DB", full_disk)
+        for _ in range(2):
+            with pytest.raises(StorageError, match="reopening the store failed too"):
+                await q.get_jobs(["a"])
+        monkeypatch.setattr(plyvel, "DB", real_db)
+        assert [j.id for j in await q.get_jobs(["a", "b"])] == ["a"]
+        await q.enqueue_job(Job(id="c", job_type="t"))
+    assert sorted(check_store(store)) == ["a", "c"]
 
 
 # --- damage and repair ---------------------------------------------------------------

@@ -276,6 +276,8 @@ class LevelDBBackend(Backend):
         self.path = Path(path)
         self.sync = sync
         self._db: Any = None
+        #: An I/O error hit the handle: reopen it before the next call (``_reopen``).
+        self._suspect = False
         self._thread: WorkerThread | None = None
         self._closed = False
         self._next_seq = 0
@@ -323,6 +325,8 @@ class LevelDBBackend(Backend):
         return await asyncio.shield(future)
 
     def _guarded(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._suspect:
+            self._reopen()
         if self._db is None:
             raise StorageError(f"{self!r} is closed")
         try:
@@ -330,7 +334,39 @@ class LevelDBBackend(Backend):
         except JobPoolError:
             raise
         except self._plyvel.Error as exc:
-            raise StorageError(f"LevelDB error in {self.path}: {_message(exc)}") from exc
+            text = _message(exc)
+            if isinstance(exc, self._plyvel.IOError):
+                self._suspect = True
+                text += " (the store is reopened before the next call)"
+            raise StorageError(f"LevelDB error in {self.path}: {text}") from exc
+
+    def _reopen(self) -> None:
+        """Close and reopen the LevelDB handle after an I/O error (a full disk, say).
+
+        A handle whose log write failed must not be written through again: LevelDB
+        keeps appending after the torn record, and an open later drops what follows
+        it, so writes it acknowledged would be lost. A fresh handle replays the log
+        (the torn tail is ignored) and starts a new one. While that fails (the disk
+        is still full), every call raises ``StorageError`` and the next one retries.
+        """
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(self._plyvel.Error):
+                db.close()
+        # Caches of what the old handle wrote: rebuilt from the store as it is.
+        self._floors.clear()
+        self._active.clear()
+        self._eligible.clear()
+        try:
+            self._open_sync()
+        except StorageError as exc:
+            raise StorageError(
+                f"{self!r}: a write failed, and reopening the store failed too, so "
+                f"nothing is read or written until it succeeds (the next call tries "
+                f"again): {exc}"
+            ) from exc
+        self._suspect = False
+        logger.warning("%r reopened its store after an I/O error", self)
 
     # --- open / close -------------------------------------------------------------
 
@@ -704,7 +740,9 @@ class LevelDBBackend(Backend):
             if limit:
                 try:
                     out.claimed = self._claim(refill.assignee_id, list(refill.tags), limit, now)
-                except (JobPoolError, self._plyvel.Error):
+                except (JobPoolError, self._plyvel.Error) as exc:
+                    if isinstance(exc, self._plyvel.IOError):
+                        self._suspect = True
                     logger.warning(
                         "claim after an apply failed; the stream claims later", exc_info=True
                     )

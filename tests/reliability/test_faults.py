@@ -566,13 +566,23 @@ async def test_full_disk_gives_storage_error_and_no_corruption(
             stored.extend(f"late{n}-{k}" for k in range(3))
         assert failed is not None, "the store never reported the full disk"
         rejected = [f"late{failed[0]}-{k}" for k in range(3)]
-        assert await queue.get_jobs(rejected) == [], "a failed batch was partly written"
+        with pytest.raises(StorageError):  # still full: still refused, nothing written
+            await queue.enqueue_job(Job("still-full", "t", payload))
+        filler.unlink()
+        # Space is back: the same queue, in the same process, works again.
+        assert await queue.get_jobs([*rejected, "still-full"]) == [], "a failed batch was written"
+        await queue.enqueue_job(Job("recovered", "t", tags=["after"]))
+        stored.append("recovered")
+        async with queue.stream_jobs("w", tags=["after"]) as stream:
+            batch = await asyncio.wait_for(stream.__anext__(), 10)
+        assert [j.id for j in batch] == ["recovered"]
+        await queue.complete_job("recovered", b"done")
+        assert (await queue.get_job_stats()).total_jobs == len(stored)
     finally:
         with contextlib.suppress(StorageError):
             await queue.close()
-    filler.unlink()
     async with PoolQueue(factory()) as reopened:
-        jobs = await reopened.get_jobs(stored + rejected)
+        jobs = await reopened.get_jobs([*stored, *rejected, "still-full"])
         assert [j.id for j in jobs] == stored, "every job written before the failure is intact"
         done = await reopened.get_job("early0")
         assert (done.status, done.result) == (JobStatus.COMPLETED, b"result")
