@@ -351,7 +351,7 @@ async def test_store_reopens_and_schema_is_marked(tmp_path: Path) -> None:
         ({"synchronous": "OFF"}, ValueError),
         ({"synchronous": 2}, ValueError),
         ({"busy_timeout": -1}, ValueError),
-        ({"busy_timeout": True}, ValueError),
+        ({"busy_timeout": True}, TypeError),  # a bool is not a number of seconds
         ({"busy_timeout": float("nan")}, ValueError),
     ],
 )
