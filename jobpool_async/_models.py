@@ -149,10 +149,17 @@ class JobStats:
 
 @dataclass(slots=True)
 class CancelResult:
-    """What ``cancel_jobs`` did: jobs cancelled (or already cancelling), and the rest."""
+    """What ``cancel_jobs`` did: jobs cancelled (or already cancelling), and the rest.
+
+    ``unknown``: every selected job not cancelled, i.e. requested ids that do not
+    exist and selected jobs already final. ``missing``: those of ``unknown`` that do
+    not exist (in request order), so a caller can tell "no such job" (HTTP 404) from
+    "already finished" (409) without another read.
+    """
 
     cancelled: list[str]
     unknown: list[str]
+    missing: list[str] = field(default_factory=list)
 
 
 # --- validation -----------------------------------------------------------------------

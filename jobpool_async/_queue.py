@@ -487,7 +487,9 @@ class PoolQueue:
         )
         await self._observe(outcome.moved)
         return CancelResult(
-            cancelled=[m.job_id for m in outcome.moved], unknown=list(outcome.unmatched)
+            cancelled=[m.job_id for m in outcome.moved],
+            unknown=list(outcome.unmatched),
+            missing=list(outcome.missing),
         )
 
     async def mark_worker_unresponsive(self, assignee_id: str) -> int:

@@ -128,6 +128,8 @@ class SelectOutcome:
     #: With ``report_unmatched``: selected ids that do not exist, and selected jobs
     #: whose status the transition does not move from (each once, ids first).
     unmatched: list[str] = field(default_factory=list)
+    #: With ``report_unmatched``: the selected ids that do not exist (also in ``unmatched``).
+    missing: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

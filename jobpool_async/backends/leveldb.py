@@ -765,7 +765,8 @@ class LevelDBBackend(Backend):
         selected = self._select(selection, transition)
         if report_unmatched:
             present = {job.id for job, _ in selected}
-            out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in present)
+            out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in present]
+            out.unmatched.extend(out.missing)
         w = _Write()
         for job, seq in selected:
             new = self._stage_move(w, job, seq, transition, now)

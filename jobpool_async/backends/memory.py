@@ -216,7 +216,8 @@ class MemoryBackend(Backend):
     ) -> SelectOutcome:
         out = SelectOutcome()
         if report_unmatched:
-            out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in self._jobs)
+            out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in self._jobs]
+            out.unmatched.extend(out.missing)
         for job in self._select(selection):
             new = self._move(job, transition, now)
             if new is None:

@@ -1138,7 +1138,8 @@ class PostgresBackend(Backend):
         if report_unmatched:
             missing = sorted((r for r in rows if r[0] == 0), key=lambda r: int(r[4]))
             others = sorted((r for r in rows if r[0] == 2), key=order)
-            out.unmatched = list(dict.fromkeys([r[1] for r in missing] + [r[1] for r in others]))
+            out.missing = list(dict.fromkeys(r[1] for r in missing))
+            out.unmatched = list(dict.fromkeys([*out.missing, *(r[1] for r in others)]))
         self._changed_rows(len(out.moved))
         return out
 

@@ -717,7 +717,8 @@ def _apply_selected(
     rows = _selected_rows(conn, selection)
     if report_unmatched and selection.job_ids:
         present = {row[1] for row in rows}
-        out.unmatched.extend(i for i in dict.fromkeys(selection.job_ids) if i not in present)
+        out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in present]
+        out.unmatched.extend(out.missing)
     seqs = []
     for seq, job_id, status, tags, assigned_at in rows:
         target = transition.target_of(_STATUS[status])

@@ -224,6 +224,7 @@ async def test_cancel_moves_each_status_as_specified(queue: PoolQueue) -> None:
     result = await queue.cancel_jobs(job_ids=[*ids.values(), missing, ids[S.RUNNING]])
     assert sorted(result.cancelled) == sorted(ids[s] for s in expected)
     assert sorted(result.unknown) == sorted([missing, *(ids[s] for s in FINAL)])
+    assert result.missing == [missing]
     for status, job_id in ids.items():
         job = await queue.get_job(job_id)
         assert job.status is expected.get(status, status)
@@ -250,6 +251,22 @@ async def test_cancel_by_tags_and_ids_is_a_union_reported_once(queue: PoolQueue)
     again = await queue.cancel_jobs(tags=["x"])
     assert again.cancelled == ["b"]
     assert sorted(again.unknown) == ["a"]
+    assert again.missing == []
+
+
+async def test_cancel_reports_missing_ids_apart_from_final_ones(queue: PoolQueue) -> None:
+    """``missing`` (no such job: an HTTP 404) is the part of ``unknown`` that does not
+    exist; a final job (409) is only in ``unknown``. Request order, each id once."""
+    done = await job_in(queue, S.COMPLETED)
+    pending = await job_in(queue, S.INITIAL_PENDING)
+    gone1, gone2 = new_id("gone"), new_id("gone")
+    result = await queue.cancel_jobs(job_ids=[gone2, done, pending, gone1, gone2])
+    assert result.cancelled == [pending]
+    assert result.missing == [gone2, gone1]
+    assert sorted(result.unknown) == sorted([gone1, gone2, done])
+    assert set(result.missing) <= set(result.unknown)
+    by_tag = await queue.cancel_jobs(tags=["no-such-tag"])
+    assert by_tag.cancelled == by_tag.unknown == by_tag.missing == []
 
 
 async def test_acknowledge_cancellation(queue: PoolQueue) -> None:
