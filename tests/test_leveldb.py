@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import signal
 import struct
@@ -1128,3 +1129,13 @@ async def test_selecting_everything_matches_the_memory_backend(store: Path) -> N
             )
     assert outcomes[0] == outcomes[1]
     check_store(store)
+
+
+async def test_a_missing_parent_directory_is_named(tmp_path: Path) -> None:
+    """LevelDB creates the store's own directory, not missing ones above it."""
+    url = f"leveldb:///{tmp_path}/missing/dir/jobs.ldb"
+    with pytest.raises(StorageError) as info:
+        async with PoolQueue(open_backend(url)):
+            pass
+    assert f"the directory {str(tmp_path / 'missing' / 'dir')!r} does not exist" in str(info.value)
+    assert os.listdir(tmp_path) == []

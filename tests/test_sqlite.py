@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -327,6 +328,18 @@ async def test_missing_directory_is_a_storage_error(tmp_path: Path) -> None:
     backend = SQLiteBackend(tmp_path / "no" / "such" / "dir" / "jobs.db")
     with pytest.raises(StorageError, match="no/such/dir"):
         await backend.open()
+
+
+@pytest.mark.parametrize("parent", ["missing/dir", "a-file"])
+async def test_open_backend_says_the_directory_is_missing(tmp_path: Path, parent: str) -> None:
+    """Not SQLite's "unable to open database file": the directory, and nothing created."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StorageError) as info:
+        async with PoolQueue(open_backend(f"sqlite:///{tmp_path}/{parent}/x.db")):
+            pass
+    why = "is not a directory" if parent == "a-file" else "does not exist"
+    assert f"the directory {str(tmp_path / parent)!r} {why}" in str(info.value)
+    assert os.listdir(tmp_path) == ["a-file"]
 
 
 async def test_store_reopens_and_schema_is_marked(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ from .._errors import (
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
 from .._transitions import ASSIGN, Transition, apply
 from . import _leveldb_codec as codec
+from ._files import check_parent
 from ._thread import WorkerThread
 from .base import (
     ApplyOutcome,
@@ -389,6 +390,8 @@ class LevelDBBackend(Backend):
         where = str(path)
         if path.exists() and not path.is_dir():
             raise StorageError(f"{where} is not a directory, so not a jobpool_async LevelDB store")
+        if not path.exists():
+            check_parent(path, "LevelDB store")
         fresh = not path.exists() or not any(path.iterdir())
         if not fresh and not (path / "CURRENT").is_file():
             raise StorageError(f"{where} is a non-empty directory but not a LevelDB store")

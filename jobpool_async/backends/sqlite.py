@@ -45,6 +45,7 @@ from .._errors import (
 )
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, check_seconds, has_history
 from .._transitions import ASSIGN, Transition
+from ._files import check_parent
 from ._sql import CLAIMED_COLUMNS, set_clause
 from .base import (
     ApplyOutcome,
@@ -849,6 +850,7 @@ class SQLiteBackend(Backend):
         if self._closed:
             raise StorageError(f"{self._path}: the SQLite backend was closed")
         path = str(self._path)
+        check_parent(self._path, "SQLite database file")
         try:
             # A path SQLite cannot open is found here, with plain sqlite3: aiosqlite's
             # own failure path leaves its thread posting to the loop after we return.
