@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -86,6 +88,14 @@ class PoolQueue:
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: The event loop the queue was opened in; every call must come from it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Warns (ResourceWarning) if the queue is dropped or the interpreter exits
+        #: while it is open; detached by ``close()``.
+        self._unclosed: weakref.finalize[Any, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"PoolQueue({self._backend!r})"
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -110,14 +120,41 @@ class PoolQueue:
         if self._closed:
             raise QueueClosedError("the queue is closed")
         if self._opened:
+            if asyncio.get_running_loop() is not self._loop:
+                self._wrong_loop()
             return
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop  # claimed before the first await: one loop opens it
+        elif loop is not self._loop:
+            self._wrong_loop()
         async with self._open_lock:
             if self._closed:
                 raise QueueClosedError("the queue is closed")
             if not self._opened:
-                await self._backend.open()
+                try:
+                    await self._backend.open()
+                except BaseException:
+                    self._loop = None  # nothing was opened: any loop may try again
+                    raise
                 self._backend.set_listener(self._on_backend_event)
                 self._opened = True
+                self._unclosed = weakref.finalize(self, _warn_unclosed, repr(self))
+
+    def _check_loop(self) -> None:
+        """Raise ``RuntimeError`` unless called from the loop the queue was opened in."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            self._wrong_loop()
+
+    def _wrong_loop(self) -> None:
+        here = asyncio.get_running_loop()
+        raise RuntimeError(
+            f"{self!r} belongs to the event loop {self._loop!r} (id {id(self._loop):#x}), "
+            f"where it was opened, and cannot be used from another one ({here!r}, id "
+            f"{id(here):#x}): its connections, threads' futures and wake-ups are bound to "
+            "that loop. Open one queue per event loop (e.g. in the app's lifespan or a "
+            "test fixture with the same loop scope as the test)."
+        )
 
     async def __aenter__(self) -> Self:
         await self._ready()
@@ -133,6 +170,9 @@ class PoolQueue:
 
     async def close(self) -> None:
         """End every stream (giving back jobs not yet handed over) and close the backend."""
+        self._check_loop()
+        if self._unclosed is not None:
+            self._unclosed.detach()
         if self._close_task is None:
             self._closed = True
             self._close_task = asyncio.ensure_future(self._close())
@@ -559,6 +599,16 @@ class PoolQueue:
         return Selection(job_ids=tuple(dict.fromkeys(ids)), tags=tuple(clean_tags))
 
 
+def _warn_unclosed(name: str) -> None:
+    """``weakref.finalize`` callback of an open queue: dropped, or still open at exit."""
+    warnings.warn(
+        f"{name} was not closed: call 'await queue.close()' or use 'async with queue' "
+        "(its store's connections and threads are released only then)",
+        ResourceWarning,
+        stacklevel=1,
+    )
+
+
 class JobStream:
     """Assigns jobs to one consumer, at most ``max_assigned_jobs`` at a time.
 
@@ -626,6 +676,7 @@ class JobStream:
         return self
 
     async def __anext__(self) -> list[Job]:
+        self._queue._check_loop()
         if self._queue._closed and not self._closed:
             await self.aclose()
         async with self._lock:
@@ -707,6 +758,7 @@ class JobStream:
 
         Jobs already handed to the caller stay RUNNING: the caller owns them.
         """
+        self._queue._check_loop()
         if not self._closed:
             self._closed = True
             self._queue._notifier.unsubscribe(self._sub)

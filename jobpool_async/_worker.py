@@ -205,6 +205,7 @@ class Worker:
     # --- main loop --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        await self._queue.open()  # fails at once from a wrong event loop or a closed queue
         if self._recover:
             moved = await self._queue.reset_running_jobs()
             logger.info("worker %s: recovered %d job(s) left running", self.assignee_id, moved)

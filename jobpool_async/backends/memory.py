@@ -54,6 +54,9 @@ class MemoryBackend(Backend):
         self._counts: Counter[JobStatus] = Counter()
         self._retries = 0
 
+    def __repr__(self) -> str:
+        return f"MemoryBackend(jobs={len(self._jobs)}, id={id(self):#x})"
+
     async def open(self) -> None:
         return None
 

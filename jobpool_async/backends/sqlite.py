@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -855,7 +856,14 @@ class SQLiteBackend(Backend):
             # A path SQLite cannot open is found here, with plain sqlite3: aiosqlite's
             # own failure path leaves its thread posting to the loop after we return.
             await asyncio.to_thread(_probe, path)
-            db = await aiosqlite.connect(path, isolation_level=None, cached_statements=256)
+            connection = aiosqlite.connect(path, isolation_level=None, cached_statements=256)
+            # aiosqlite's thread is not a daemon: a store never closed would keep the
+            # interpreter from exiting. Every write is one SQLite transaction, so a
+            # thread stopped at exit loses nothing committed (PoolQueue warns instead).
+            thread = getattr(connection, "_thread", None)
+            if isinstance(thread, threading.Thread):
+                thread.daemon = True
+            db = await connection
         except sqlite3.Error as exc:
             raise StorageError(f"{path}: cannot open SQLite store: {exc}") from exc
         if not callable(getattr(db, "_execute", None)):  # pragma: no cover - aiosqlite API
