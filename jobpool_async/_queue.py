@@ -316,10 +316,17 @@ class PoolQueue:
             self._notifier.publish_soon(subs=lost)
 
     async def _release(self, stream: JobStream, jobs: Sequence[Job]) -> None:
-        """Give back jobs assigned to ``stream`` but never handed to its caller."""
+        """Give back jobs assigned to ``stream`` but never handed to its caller.
+
+        A job that already has an error message (the real error of an earlier run)
+        keeps it: the give-back only explains a job that has none.
+        """
         if not jobs:
             return
-        changes = [Change(job.id, RELEASE, error_message=RELEASE_MESSAGE) for job in jobs]
+        changes = [
+            Change(job.id, RELEASE, error_message=None if job.error_message else RELEASE_MESSAGE)
+            for job in jobs
+        ]
         outcome = await self._backend.apply(changes, utcnow())
         await self._observe(outcome.moved)
         for job in jobs:  # moved elsewhere meanwhile: that assignment is over too

@@ -300,7 +300,14 @@ class Worker:
         except asyncio.CancelledError:
             outcome = self._cancel_outcome(entry)
         except Exception as exc:
-            logger.debug("job %r failed: %r", job.id, exc)
+            logger.warning(
+                "worker %s: job %r (%s) failed: %r",
+                self.assignee_id,
+                job.id,
+                job.job_type,
+                exc,
+                exc_info=True,
+            )
             outcome = _Outcome("fail", message=_clean_message(str(exc) or type(exc).__name__))
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then propagate
             self._record(key, _Outcome("fail", message=type(exc).__name__))

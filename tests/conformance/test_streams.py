@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -289,6 +290,70 @@ async def test_a_job_cancelled_before_hand_over_is_stopped_on_release(queue: Poo
     await stream.aclose()
     job = await queue.get_job("cx")
     assert job.status in (S.UNSCHEDULED, S.STOPPED), job
+
+
+async def _give_back_a_refill(
+    queue: PoolQueue, stream: JobStream, move: Callable[[], Awaitable[None]]
+) -> None:
+    """Wait in ``stream`` for a slot and let ``move`` free it; cancel the wait right
+    after the next job is claimed for the stream and before the stream hands it over,
+    as a Worker stopping then does: the job is given back.
+
+    The claim is the apply's refill where the backend can claim the job in the same
+    call, else the stream's own claim when it wakes (PostgreSQL, for the job the
+    apply itself made eligible): both are hooked.
+    """
+    waiting = asyncio.ensure_future(stream.__anext__())
+    async with asyncio.timeout(DEADLINE):
+        while not stream._waiting:  # noqa: ASYNC110 - polling with a deadline
+            await asyncio.sleep(0)
+    refilled, assign = queue._refilled, queue._assign
+
+    def refilled_then_cancel(s: JobStream, task: asyncio.Task[Any]) -> None:
+        refilled(s, task)
+        if not task.cancelled() and task.exception() is None and task.result().claimed:
+            waiting.cancel()
+
+    async def assign_then_cancel(s: JobStream, limit: int) -> list[Job]:
+        jobs = await assign(s, limit)
+        if jobs:
+            waiting.cancel()
+        return jobs
+
+    setattr(queue, "_refilled", refilled_then_cancel)  # noqa: B010 - on the instance only
+    setattr(queue, "_assign", assign_then_cancel)  # noqa: B010
+    try:
+        await move()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        delattr(queue, "_refilled")
+        delattr(queue, "_assign")
+    await stream.aclose()
+
+
+async def test_a_give_back_keeps_the_jobs_real_error(queue: PoolQueue) -> None:
+    """A failed job claimed again and then given back keeps its real error."""
+    await queue.enqueue_job(Job(id="f", job_type="t"))
+    stream = queue.stream_jobs("w", max_assigned_jobs=1)
+    assert [j.id for j in await next_batch(stream)] == ["f"]
+    await _give_back_a_refill(
+        queue, stream, lambda: queue.fail_job("f", "ZeroDivisionError: division by zero")
+    )
+    job = await queue.get_job("f")
+    assert job.retry_count == 2, "failed, then claimed again and given back"
+    assert job.status is S.FAILED_RETRY
+    assert job.error_message == "ZeroDivisionError: division by zero"
+
+
+async def test_a_give_back_explains_a_job_without_an_error(queue: PoolQueue) -> None:
+    await queue.enqueue_jobs([Job(id="a", job_type="t"), Job(id="b", job_type="t")])
+    stream = queue.stream_jobs("w", max_assigned_jobs=1)
+    assert [j.id for j in await next_batch(stream)] == ["a"]
+    await _give_back_a_refill(queue, stream, lambda: queue.complete_job("a", b"ok"))
+    job = await queue.get_job("b")
+    assert (job.status, job.retry_count) == (S.FAILED_RETRY, 1)
+    assert job.error_message == "stream closed before the job was handed to its consumer"
 
 
 async def test_many_streams_and_enqueuers_never_deliver_twice(queue: PoolQueue) -> None:
