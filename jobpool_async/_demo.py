@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -228,6 +229,9 @@ async def _run(opts: _Options, db: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
     opts = _parse(argv)
+    # Its failures are simulated and counted in the table: the Worker's WARNING (with
+    # traceback) for each would only bury the progress line.
+    logging.getLogger("jobpool_async.worker").setLevel(logging.ERROR)
     if opts.db is not None:
         return asyncio.run(_run(opts, opts.db))
     with tempfile.TemporaryDirectory(prefix="jobpool-demo-") as tmp:

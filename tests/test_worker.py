@@ -681,8 +681,14 @@ async def test_nothing_is_logged_per_job_at_info(
             async with asyncio.timeout(DEADLINE):
                 while (await queue.get_job_stats()).completed_jobs < n:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
-    infos = [r for r in caplog.records if r.levelno >= logging.INFO]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
     assert len(infos) <= 3, [r.getMessage() for r in infos]
+    # Above INFO: only the processor's failures (WARNING with traceback), one per run.
+    warnings = [r for r in caplog.records if r.levelno > logging.INFO]
+    assert sorted(r.getMessage().split("'")[1] for r in warnings) == sorted(
+        f"j{i}" for i in range(n) if str(i).endswith("7")
+    )
+    assert all(r.levelno == logging.WARNING and r.exc_info for r in warnings)
     assert all(r.name.startswith("jobpool_async") for r in caplog.records)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
