@@ -780,8 +780,9 @@ class JobStream:
         self._queue._forget(self)
 
     async def __aenter__(self) -> Self:
-        if self._queue._closed:
-            raise QueueClosedError("the queue is closed")
+        """Enter even if the queue closed since ``stream_jobs``: the stream then just
+        ends (its first ``__anext__`` stops the iteration), as one pending at the
+        close does; only ``stream_jobs`` on a closed queue raises."""
         return self
 
     async def __aexit__(

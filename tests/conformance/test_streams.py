@@ -12,6 +12,7 @@ import pytest
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue, QueueClosedError
 
+from ..backends import BackendFactory
 from ._helpers import DEADLINE, utc
 
 S = JobStatus
@@ -198,6 +199,29 @@ async def test_queue_close_ends_every_stream(queue: PoolQueue) -> None:
     for task in pending:
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(task, DEADLINE)
+    with pytest.raises(QueueClosedError):
+        queue.stream_jobs("late")
+
+
+@pytest.mark.parametrize("opened", [True, False], ids=["opened", "never-opened"])
+async def test_a_stream_used_first_after_the_queue_closed_just_ends(
+    make_backend: BackendFactory, opened: bool
+) -> None:
+    """One rule for streams made while the queue was open (issue #14, item 8): used
+    for the first time after the close, they end as a pending one does."""
+    queue = PoolQueue(make_backend())
+    if opened:  # else the queue is never opened: streams made before first use
+        await queue.enqueue_job(Job(id="left", job_type="t"))
+    first_anext, entered = queue.stream_jobs("a"), queue.stream_jobs("b")
+    await queue.close()
+    with pytest.raises(StopAsyncIteration):
+        await first_anext.__anext__()
+    seen = []
+    async with entered as stream:
+        async for batch in stream:
+            seen.append(batch)
+    assert seen == []
+    assert first_anext.closed and entered.closed
     with pytest.raises(QueueClosedError):
         queue.stream_jobs("late")
 
