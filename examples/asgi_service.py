@@ -11,7 +11,8 @@ The worker upper-cases the text; a text containing "flaky" fails on its first
 attempt and succeeds on the retry.
 
 Serve it with any ASGI server, e.g. ``uvicorn examples.asgi_service:app``
-(``JOBPOOL_URL`` picks the store, default ``sqlite:///jobpool-service.db``).
+(``JOBPOOL_URL`` picks the store, default ``sqlite:///jobpool-service.db``);
+``pip install 'jobpool_async[examples]'`` installs uvicorn.
 ``python examples/asgi_service.py`` runs a short in-process session against it
 (through httpx's ASGI transport, on a temporary SQLite file) and exits.
 """

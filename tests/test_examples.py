@@ -163,3 +163,47 @@ async def test_the_service_cancel_endpoint(client: httpx.AsyncClient) -> None:
     assert (await _final(client, job_id))["status"] == "completed"
     assert (await client.post(f"/jobs/{job_id}/cancel")).json() == {"cancelled": False}
     assert (await client.post("/jobs/unknown/cancel")).json() == {"cancelled": False}
+
+
+# --- the example project: an app whose lifespan builds its queue, and its tests ------------
+
+PROJECT = EXAMPLES / "service_project"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],  # the project's own setting: pytest-asyncio strict mode, memory backend
+        ["-o", "asyncio_mode=auto", "--jobpool-backend=sqlite"],
+    ],
+    ids=["strict", "auto-sqlite"],
+)
+def test_the_example_projects_tests_pass(options: list[str]) -> None:
+    """Run as its user would: pytest started in the project's directory, with its config."""
+    result = run("-m", "pytest", "-q", "-p", "no:cacheprovider", *options, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^4 passed", result.stdout, re.M), result.stdout
+    assert not list(PROJECT.glob("*.db*"))  # the tests never touched the app's own store
+
+
+# --- the README's quickstart -------------------------------------------------------------
+
+
+def _readme_block(after_heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(after_heading) :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, f"no python block after {after_heading!r}"
+    return match[1]
+
+
+def test_the_readme_quickstart_runs_twice_as_written(tmp_path: Path) -> None:
+    script = tmp_path / "quickstart.py"
+    script.write_text(_readme_block("## Quickstart"))
+    outputs = []
+    for _ in range(2):
+        result = run(str(script), cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        outputs.append(result.stdout)
+    assert "id='job-0'" in outputs[0] and "COMPLETED" in outputs[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["quickstart.py"]
