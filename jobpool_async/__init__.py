@@ -15,6 +15,7 @@ from ._errors import (
     QueueClosedError,
     StorageError,
 )
+from ._listing import JobPage
 from ._models import CancelResult, Job, JobStats, JobStatus
 from ._queue import JobStream, PoolQueue
 from ._worker import Worker
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidTransitionError",
     "Job",
     "JobNotFoundError",
+    "JobPage",
     "JobPoolError",
     "JobStats",
     "JobStatus",

@@ -19,9 +19,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from ._errors import BatchError, JobNotFoundError, QueueClosedError
+from ._listing import JobPage, ListQuery, encode_cursor
 from ._models import (
     ACTIVE,
     ELIGIBLE,
+    FINAL,
     CancelResult,
     Job,
     JobStats,
@@ -93,6 +95,8 @@ class PoolQueue:
         #: Warns (ResourceWarning) if the queue is dropped or the interpreter exits
         #: while it is open; detached by ``close()``.
         self._unclosed: weakref.finalize[Any, Any] | None = None
+        #: ``wait_for`` callers by job id: set when that job may have moved or gone.
+        self._waiters: dict[str, set[asyncio.Event]] = {}
 
     def __repr__(self) -> str:
         return f"PoolQueue({self._backend!r})"
@@ -175,6 +179,7 @@ class PoolQueue:
             self._unclosed.detach()
         if self._close_task is None:
             self._closed = True
+            self._wake_waiters(None)
             self._close_task = asyncio.ensure_future(self._close())
         await asyncio.shield(self._close_task)
 
@@ -190,11 +195,25 @@ class PoolQueue:
 
     # --- waking -------------------------------------------------------------------
 
+    def _wake_waiters(self, job_ids: Iterable[str] | None) -> None:
+        """Tell ``wait_for`` callers of these jobs (of every job: ``None``) to look again."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        if job_ids is None:
+            events: Iterable[set[asyncio.Event]] = list(waiters.values())
+        else:
+            events = [w for w in map(waiters.get, job_ids) if w is not None]
+        for group in events:
+            for event in group:
+                event.set()
+
     def _on_backend_event(self, moved: Sequence[Moved] | None) -> None:
         """Changes pushed by another process (e.g. PostgreSQL ``NOTIFY``)."""
         if self._closed:
             return
         if moved is None:
+            self._wake_waiters(None)
             for stream in list(self._streams):
                 stream._recheck = True
             self._notifier.publish_soon(everyone=True)
@@ -217,6 +236,9 @@ class PoolQueue:
         the job again is seen late, and must not touch the new holder."""
         tagsets: list[tuple[str, ...]] = []
         freed: list[Subscription] = []
+        if self._waiters:
+            moved = list(moved)
+            self._wake_waiters(m.job_id for m in moved)
         for m in moved:
             stream = self._holder(m.job_id, m.assigned_at)
             if stream is not None:
@@ -307,6 +329,8 @@ class PoolQueue:
         await self._ready()
         jobs = await self._backend.claim(stream.assignee_id, stream.tags, limit, utcnow())
         self._held_by(stream, jobs)
+        if self._waiters:
+            self._wake_waiters(job.id for job in jobs)
         return jobs
 
     def _held_by(self, stream: JobStream, jobs: Sequence[Job]) -> None:
@@ -405,6 +429,7 @@ class PoolQueue:
             if lost is not None:
                 freed.append(lost)
         if outcome.claimed:
+            self._wake_waiters(job.id for job in outcome.claimed)
             if stream._closed:
                 stream._track(asyncio.ensure_future(self._release(stream, outcome.claimed)))
             else:
@@ -585,7 +610,10 @@ class PoolQueue:
         check_ttl(ttl)
         await self._ready()
         cutoff: datetime = utcnow() - ttl
-        return await self._backend.delete_completed_before(cutoff)
+        deleted = await self._backend.delete_completed_before(cutoff)
+        if deleted:
+            self._wake_waiters(None)
+        return deleted
 
     async def delete_jobs(
         self, tags: Sequence[str] | None = None, job_ids: Sequence[str] | None = None
@@ -593,7 +621,97 @@ class PoolQueue:
         """Delete the selected jobs, all final, or nothing (``JobsNotFinalError``)."""
         selection = self._selection(tags, job_ids, "delete_jobs")
         await self._ready()
-        return await self._backend.delete(selection)
+        deleted = await self._backend.delete(selection)
+        if deleted:
+            self._wake_waiters(None if selection.tags else selection.job_ids)
+        return deleted
+
+    async def list_jobs(
+        self,
+        *,
+        statuses: Iterable[JobStatus] | None = None,
+        tags: Sequence[str] | None = None,
+        job_type: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> JobPage:
+        """A page of jobs, newest first (``created_at``, then id), with every filter
+        given: status among ``statuses``, all of ``tags``, ``job_type``.
+
+        ``after`` is the ``next_after`` of the previous page (an opaque cursor); a page
+        is read from an index, so it costs the same however many jobs are stored.
+        """
+        query = ListQuery.build(
+            statuses=statuses, tags=tags, job_type=job_type, limit=limit, after=after
+        )
+        await self._ready()
+        jobs = await self._backend.list_jobs(
+            ListQuery(query.limit + 1, query.statuses, query.tags, query.job_type, query.before)
+        )
+        if len(jobs) > query.limit:
+            del jobs[query.limit :]
+            return JobPage(jobs, encode_cursor(jobs[-1]))
+        return JobPage(jobs, None)
+
+    async def wait_for(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - part of the documented API
+        statuses: Iterable[JobStatus] = FINAL,
+    ) -> Job:
+        """The job, once it is in one of ``statuses`` (default: any final status).
+
+        Woken by this queue's own moves and by those the backend pushes (PostgreSQL
+        ``NOTIFY``); where storage is shared, it also looks every ``poll_interval``.
+        ``TimeoutError`` after ``timeout`` seconds; ``JobNotFoundError`` if the job does
+        not exist or is deleted meanwhile.
+        """
+        check_id(job_id)
+        if isinstance(statuses, str):
+            statuses = [statuses]
+        try:
+            wanted = frozenset(JobStatus(s) for s in statuses)
+        except ValueError as exc:
+            raise ValueError(f"statuses: {exc}") from None
+        if not wanted:
+            raise ValueError("statuses must name at least one JobStatus")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ValueError(f"timeout must be a non-negative number or None, got {timeout!r}")
+        await self._ready()
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        last: Job | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event.clear()  # before reading: a move during the read sets it again
+                    if self._closed:
+                        raise QueueClosedError("the queue is closed")
+                    jobs = await self._backend.get_jobs([job_id])
+                    if not jobs:
+                        raise JobNotFoundError(job_id)
+                    last = jobs[0]
+                    if last.status in wanted:
+                        return last
+                    try:
+                        await asyncio.wait_for(event.wait(), self._poll_interval)
+                    except TimeoutError:
+                        pass  # look again: another process may have moved it
+        except TimeoutError:
+            names = " or ".join(sorted(s.name for s in wanted))
+            now = f"; it is {last.status.name}" if last is not None else ""
+            raise TimeoutError(
+                f"job {job_id!r} was not {names} within {timeout:g} s{now}"
+            ) from None
+        finally:
+            group = self._waiters.get(job_id)
+            if group is not None:
+                group.discard(event)
+                if not group:
+                    del self._waiters[job_id]
 
     @staticmethod
     def _selection(

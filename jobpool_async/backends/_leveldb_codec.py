@@ -30,8 +30,9 @@ __all__ = [
 ]
 
 APPLICATION = "jobpool_async"
-#: Bumped whenever keys or records change incompatibly; newer stores are refused.
-FORMAT_VERSION = 1
+#: Bumped whenever keys or records change incompatibly; newer stores are refused,
+#: older ones upgraded on open. 2: the listing keys (``L``, ``S``, ``Y``, ``C``).
+FORMAT_VERSION = 2
 RECORD_VERSION = 1
 
 #: The stored code of each status. Fixed: never reorder, only append.
@@ -133,8 +134,9 @@ def encode_meta() -> bytes:
     return json.dumps({"application": APPLICATION, "format": FORMAT_VERSION}).encode()
 
 
-def check_meta(raw: bytes, where: str) -> None:
-    """Raise :class:`StorageError` unless ``raw`` is this library's meta at a known version."""
+def check_meta(raw: bytes, where: str) -> int:
+    """The store format of this library's meta ``raw``; :class:`StorageError` if it is not
+    ours or is newer than this code."""
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -151,6 +153,7 @@ def check_meta(raw: bytes, where: str) -> None:
         )
     if version < 1:
         raise StorageError(f"{where}: unknown jobpool_async store format {version}")
+    return version
 
 
 # --- counters -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import ClassVar, NamedTuple
 
 from .._errors import JobPoolError
+from .._listing import ListQuery
 from .._models import ACTIVE, Job, JobStatus
 from .._transitions import Transition
 
@@ -227,6 +228,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def delete_completed_before(self, cutoff: datetime) -> int:
         """Delete ``COMPLETED`` jobs whose ``finalized_at`` is at or before ``cutoff``."""
+
+    async def list_jobs(self, query: ListQuery) -> list[Job]:
+        """Up to ``query.limit`` jobs matching ``query``, newest first by ``created_at``
+        then id (both descending), starting after ``query.before``; read from an index in
+        that order, so the cost does not grow with the number of jobs stored.
+
+        Every backend of this package implements it; the default tells a third-party
+        backend's user what is missing.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_jobs")
 
     def set_listener(self, listener: Listener | None) -> None:  # noqa: B027 - optional hook
         """Receive changes made by other processes, for backends that can push them.

@@ -23,6 +23,14 @@ reopening)::
     K enc(tag)                          -> count per status and retry sum of the tag's jobs
     A enc(assignee) id                  -> ""  RUNNING/CANCELLING jobs per assignee
     D finalized_time seq id             -> ""  COMPLETED jobs by finalized_at (TTL cleanup)
+    L created_time id                   -> ""  every job, for list_jobs (format 2)
+    S status_code created_time id       -> ""  every job per status (u8 code), likewise
+    Y enc(job_type) created_time id     -> ""  every job per type, likewise
+    C enc(tag) created_time id          -> ""  every job per tag, likewise
+
+``list_jobs`` walks one of ``L``/``S``/``Y``/``C`` backwards from its cursor
+``(created_time, id)``: newest first, ties by id. A format 1 store (before these
+keys) is upgraded in place on open (:meth:`LevelDBBackend._upgrade`).
 
 ``sort_time`` is ``last_retry_at`` or else ``created_at``. A claim walks ``E`` (or
 the ``F`` index of the filter tag with the fewest eligible jobs, checking the other
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,6 +68,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
+from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
 from .._transitions import ASSIGN, Transition, apply
 from . import _leveldb_codec as codec
@@ -92,6 +102,12 @@ _TAG = b"T"
 _TAG_COUNTS = b"K"
 _ASSIGNEE = b"A"
 _DONE = b"D"
+_LIST = b"L"
+_LIST_STATUS = b"S"
+_LIST_TYPE = b"Y"
+_LIST_TAG = b"C"
+#: Jobs per write batch when a format 1 store gets its listing keys.
+_UPGRADE_BATCH = 10_000
 _ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
 _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: How many per-tag scan floors to remember (see ``_floors``).
@@ -106,7 +122,18 @@ _MAX_ELIGIBLE = 10_000
 #: Store directories a backend of this process has open (``repair`` refuses them).
 _OPEN_HERE: set[Path] = set()
 #: Keys derived from the job records, which a repair rebuilds.
-_DERIVED = (_ELIGIBLE, _ELIGIBLE_TAG, _TAG, _TAG_COUNTS, _ASSIGNEE, _DONE)
+_DERIVED = (
+    _ELIGIBLE,
+    _ELIGIBLE_TAG,
+    _TAG,
+    _TAG_COUNTS,
+    _ASSIGNEE,
+    _DONE,
+    _LIST,
+    _LIST_STATUS,
+    _LIST_TYPE,
+    _LIST_TAG,
+)
 #: Jobs per write batch while a repair rebuilds the indexes.
 _REPAIR_CHUNK = 10_000
 
@@ -128,20 +155,71 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 def _index_keys(job: Job, seq: int, idb: bytes) -> list[bytes]:
-    """The status-dependent index keys of ``job`` (``idb``: its id as key bytes)."""
+    """The status-dependent index keys of ``job`` (``idb``: its id as key bytes); the
+    last is always its ``S`` listing key."""
     status = job.status
+    listed = _LIST_STATUS + bytes((codec.CODE_OF[status],)) + _created(job) + idb
     if status in ELIGIBLE:
         order = codec.order_part(codec.to_micros(job.sort_key), seq) + idb
         keys = [_ELIGIBLE + order]
         for tag in job.tags:
             keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
+        keys.append(listed)
         return keys
     if status in ACTIVE:
-        return [_ASSIGNEE + codec.enc(job.assignee_id) + idb]
+        return [_ASSIGNEE + codec.enc(job.assignee_id) + idb, listed]
     if status is JobStatus.COMPLETED:
         assert job.finalized_at is not None
-        return [_DONE + codec.order_part(codec.to_micros(job.finalized_at), seq) + idb]
-    return []
+        return [_DONE + codec.order_part(codec.to_micros(job.finalized_at), seq) + idb, listed]
+    return [listed]
+
+
+def _created(job: Job) -> bytes:
+    return codec.u64(codec.to_micros(job.created_at))
+
+
+def _static_keys(job: Job, idb: bytes) -> list[bytes]:
+    """The keys of ``job`` that never change while it exists (tags, listing order)."""
+    created = _created(job)
+    keys = [_LIST + created + idb, _LIST_TYPE + codec.enc(job.job_type) + created + idb]
+    for tag in job.tags:
+        enc = codec.enc(tag)
+        keys.append(_TAG + enc + idb)
+        keys.append(_LIST_TAG + enc + created + idb)
+    return keys
+
+
+def _upgrade(db: Any) -> None:
+    """Bring a format 1 store to format 2: add the listing keys of every job.
+
+    Batches of :data:`_UPGRADE_BATCH` jobs; the format mark is written with the last.
+    An upgrade cut short leaves format 1 with some listing keys, which older code
+    does not keep up to date: so an upgrade first removes any it finds.
+    """
+    for prefix in (_LIST, _LIST_STATUS, _LIST_TYPE, _LIST_TAG):
+        with db.iterator(prefix=prefix, include_value=False) as it:
+            wb = db.write_batch()
+            for n, key in enumerate(it, 1):
+                wb.delete(key)
+                if n % _UPGRADE_BATCH == 0:
+                    wb.write()
+                    wb = db.write_batch()
+            wb.write()
+    wb = db.write_batch(sync=True)
+    with db.iterator(prefix=_JOB, include_key=False) as it:
+        for n, raw in enumerate(it, 1):
+            job, seq = codec.decode_job(raw)
+            idb = codec.id_bytes(job.id)
+            for key in _static_keys(job, idb):
+                if key[:1] != _TAG:  # T keys exist in format 1
+                    wb.put(key, b"")
+            wb.put(_index_keys(job, seq, idb)[-1], b"")
+            if n % _UPGRADE_BATCH == 0:
+                wb.write()
+                wb = db.write_batch(sync=True)
+    wb.put(_META, codec.encode_meta())
+    wb.write()
+    logger.info("upgraded LevelDB store to format %d", codec.FORMAT_VERSION)
 
 
 def _scan_prefix(key: bytes) -> bytes:
@@ -213,7 +291,7 @@ class _Write:
             deletes.discard(key)
         if job.status in ELIGIBLE:
             lowered = self.lowered
-            for key in keys:
+            for key in keys[:-1]:  # the eligible-index keys (the last is its S key)
                 prefix = _scan_prefix(key)
                 low = lowered.get(prefix)
                 if low is None or key < low:
@@ -430,7 +508,8 @@ class LevelDBBackend(Backend):
                 wb.write()
                 self._next_seq, self._counts = 0, codec.Counters()
             else:
-                codec.check_meta(meta, where)
+                if codec.check_meta(meta, where) < codec.FORMAT_VERSION:
+                    _upgrade(db)
                 raw = db.get(_COUNTERS)
                 if raw is None:
                     raise StorageError(f"{where}: jobpool_async store without its counters")
@@ -548,8 +627,8 @@ class LevelDBBackend(Backend):
     def _stage_remove(self, w: _Write, job: Job, seq: int) -> None:
         job_key = codec.id_bytes(job.id)
         w.unindex(job, seq, job_key)
-        for tag in job.tags:
-            w.delete(_TAG + codec.enc(tag) + job_key)
+        for key in _static_keys(job, job_key):
+            w.delete(key)
         w.delete(_JOB + job_key)
         w.touched[job.id] = None
 
@@ -635,8 +714,8 @@ class LevelDBBackend(Backend):
         for job in jobs:
             job_key = codec.id_bytes(job.id)
             w.put(_JOB + job_key, codec.encode_job(job, seq))
-            for tag in job.tags:
-                w.put(_TAG + codec.enc(tag) + job_key, b"")
+            for key in _static_keys(job, job_key):
+                w.put(key, b"")
             w.index(job, seq, job_key)
             if room:  # a private copy: the caller keeps its Job
                 w.touched[job.id] = (job.copy(), seq)
@@ -837,6 +916,51 @@ class LevelDBBackend(Backend):
     async def delete_completed_before(self, cutoff: datetime) -> int:
         return await self._run(self._delete_completed_before, cutoff)
 
+    async def list_jobs(self, query: ListQuery) -> list[Job]:
+        return await self._run(self._list_jobs, query)
+
+    def _list_jobs(self, query: ListQuery) -> list[Job]:
+        if query.tags:
+            tag, _ = self._smallest_tag(query.tags)
+            prefixes = [_LIST_TAG + codec.enc(tag)]
+        elif query.statuses:
+            prefixes = [_LIST_STATUS + bytes((codec.CODE_OF[s],)) for s in query.statuses]
+        elif query.job_type is not None:
+            prefixes = [_LIST_TYPE + codec.enc(query.job_type)]
+        else:
+            prefixes = [_LIST]
+        walks = [self._newest_first(p, query.before) for p in prefixes]
+        keys = walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=True)
+        out: list[Job] = []
+        try:
+            for _, raw_id in keys:
+                found = self._read_job(codec.id_text(raw_id))
+                if found is None:
+                    raise StorageError(f"listing index names job {raw_id!r}, which has no record")
+                if query.matches(found[0]):
+                    out.append(found[0])
+                    if len(out) >= query.limit:
+                        break
+        finally:
+            for walk in walks:
+                walk.close()  # releases its LevelDB iterator now
+        return out
+
+    def _newest_first(
+        self, prefix: bytes, before: tuple[datetime, str] | None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """``(created_time, id)`` key parts under ``prefix``, newest first, below ``before``."""
+        if before is None:
+            stop = _prefix_end(prefix)
+        else:
+            stop = prefix + codec.u64(codec.to_micros(before[0])) + codec.id_bytes(before[1])
+        n = len(prefix)
+        with self._db.iterator(
+            start=prefix, stop=stop, reverse=True, include_value=False
+        ) as it:
+            for key in it:
+                yield key[n : n + 8], key[n + 8 :]
+
     def _delete_completed_before(self, cutoff: datetime) -> int:
         stop = _DONE + codec.u64(codec.to_micros(cutoff) + 1)
         with self._db.iterator(start=_DONE, stop=stop, include_value=False) as it:
@@ -1009,8 +1133,9 @@ def _rebuild(db: Any, where: str) -> RepairReport:
                     next_seq = max(next_seq, seq + 1)
                     code, retries = codec.CODE_OF[job.status], job.retry_count
                     counts.add(code, retries, +1)
+                    for static_key in _static_keys(job, idb):
+                        wb.put(static_key, b"")
                     for tag in job.tags:
-                        wb.put(_TAG + codec.enc(tag) + idb, b"")
                         tag_counter = tag_counts.get(tag)
                         if tag_counter is None:
                             tag_counter = tag_counts[tag] = codec.Counters()
@@ -1021,8 +1146,7 @@ def _rebuild(db: Any, where: str) -> RepairReport:
         for tag, tag_counter in tag_counts.items():
             wb.put(_TAG_COUNTS + codec.enc(tag), tag_counter.encode())
         wb.put(_COUNTERS, codec.encode_global(next_seq, counts))
-        if meta is None:
-            wb.put(_META, codec.encode_meta())
+        wb.put(_META, codec.encode_meta())  # every key of this format is rebuilt
     return RepairReport(jobs=jobs, counted_before=before, dropped_records=dropped)
 
 

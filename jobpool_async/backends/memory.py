@@ -8,11 +8,15 @@ Indexes kept in step with the records:
 * all job ids per tag (stats, cancel and delete by tags);
 * active jobs per assignee (``mark_worker_unresponsive``);
 * completed jobs by ``finalized_at`` (TTL cleanup);
-* counts per status and the retry sum (stats without tags in O(1)).
+* counts per status and the retry sum (stats without tags in O(1));
+* every job by ``(created_at, id)``, globally, per status, per type and per tag,
+  for :meth:`list_jobs` pages.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -20,6 +24,7 @@ from datetime import datetime
 from sortedcontainers import SortedList
 
 from .._errors import DuplicateJobError, InvalidTransitionError, JobNotFoundError, JobsNotFinalError
+from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
 from .._transitions import ASSIGN, Transition, apply
 from .base import (
@@ -37,6 +42,7 @@ from .base import (
 __all__ = ["MemoryBackend"]
 
 _Key = tuple[datetime, int, str]
+_Listed = tuple[datetime, str]
 
 
 class MemoryBackend(Backend):
@@ -53,6 +59,12 @@ class MemoryBackend(Backend):
         self._completed: SortedList[_Key] = SortedList()
         self._counts: Counter[JobStatus] = Counter()
         self._retries = 0
+        self._listed: SortedList[_Listed] = SortedList()
+        self._listed_by_status: dict[JobStatus, SortedList[_Listed]] = {
+            s: SortedList() for s in JobStatus
+        }
+        self._listed_by_type: dict[str, SortedList[_Listed]] = {}
+        self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(jobs={len(self._jobs)}, id={id(self):#x})"
@@ -70,6 +82,7 @@ class MemoryBackend(Backend):
 
     def _unindex(self, job: Job) -> None:
         self._counts[job.status] -= 1
+        self._listed_by_status[job.status].remove((job.created_at, job.id))
         self._retries -= job.retry_count
         if job.status in ELIGIBLE:
             key = self._key(job)
@@ -84,6 +97,7 @@ class MemoryBackend(Backend):
 
     def _index(self, job: Job) -> None:
         self._counts[job.status] += 1
+        self._listed_by_status[job.status].add((job.created_at, job.id))
         self._retries += job.retry_count
         if job.status in ELIGIBLE:
             key = self._key(job)
@@ -157,8 +171,12 @@ class MemoryBackend(Backend):
             self._jobs[stored.id] = stored
             self._seq[stored.id] = self._next_seq
             self._next_seq += 1
+            listed = (stored.created_at, stored.id)
+            self._listed.add(listed)
+            self._listed_by_type.setdefault(stored.job_type, SortedList()).add(listed)
             for tag in stored.tags:
                 self._ids_by_tag.setdefault(tag, set()).add(stored.id)
+                self._listed_by_tag.setdefault(tag, SortedList()).add(listed)
             self._index(stored)
 
     async def claim(
@@ -253,11 +271,19 @@ class MemoryBackend(Backend):
 
     def _remove(self, job: Job) -> None:
         self._unindex(job)
+        listed = (job.created_at, job.id)
+        self._listed.remove(listed)
+        by_type = self._listed_by_type[job.job_type]
+        by_type.remove(listed)
+        if not by_type:
+            del self._listed_by_type[job.job_type]
         for tag in job.tags:
             ids = self._ids_by_tag[tag]
             ids.discard(job.id)
+            self._listed_by_tag[tag].remove(listed)
             if not ids:
                 del self._ids_by_tag[tag]
+                del self._listed_by_tag[tag]
                 self._eligible_by_tag.pop(tag, None)
         del self._jobs[job.id]
         del self._seq[job.id]
@@ -277,3 +303,23 @@ class MemoryBackend(Backend):
         for job in expired:
             self._remove(job)
         return len(expired)
+
+    async def list_jobs(self, query: ListQuery) -> list[Job]:
+        def newest_first(index: SortedList[_Listed]) -> Iterator[_Listed]:
+            end = len(index) if query.before is None else index.bisect_left(query.before)
+            return index.islice(0, end, reverse=True)  # type: ignore[no-any-return]
+
+        keys: Iterable[_Listed]
+        if query.tags:  # the tag with the fewest jobs
+            index = min((self._listed_by_tag.get(t) or SortedList() for t in query.tags), key=len)
+            keys = newest_first(index)
+        elif query.statuses:
+            keys = heapq.merge(
+                *(newest_first(self._listed_by_status[s]) for s in query.statuses), reverse=True
+            )
+        elif query.job_type is not None:
+            keys = newest_first(self._listed_by_type.get(query.job_type) or SortedList())
+        else:
+            keys = newest_first(self._listed)
+        jobs = (self._jobs[job_id] for _, job_id in keys)
+        return [job.copy() for job in itertools.islice(filter(query.matches, jobs), query.limit)]

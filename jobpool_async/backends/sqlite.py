@@ -19,6 +19,12 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
 * Partial indexes: eligible jobs in selection order (globally and per tag), active
   jobs per assignee, completed jobs by ``finalized_at``. Claiming reads only the
   eligible-jobs index, so its cost does not grow with the number of finished jobs.
+* Listing (:meth:`SQLiteBackend.list_jobs`): every job by ``(created_at, id)``,
+  per status and per type likewise, and per tag by ``job_tags.created_at``. Stores
+  made before listing existed get these on open (:data:`_LISTING`); the schema
+  version stays 1 because older code keeps every part up to date too (the indexes
+  by themselves; ``job_tags.created_at`` through a trigger that fills it when an
+  older insert leaves it NULL).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -44,6 +50,7 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
+from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, check_seconds, has_history
 from .._transitions import ASSIGN, Transition
 from ._files import check_parent
@@ -118,6 +125,7 @@ _SCHEMA: Final = (
         seq INTEGER NOT NULL,
         tag TEXT NOT NULL,
         sort_key INTEGER,
+        created_at INTEGER,
         PRIMARY KEY (seq, tag)
     ) WITHOUT ROWID""",
     "CREATE INDEX job_tags_tag ON job_tags (tag, seq)",
@@ -141,11 +149,30 @@ _SCHEMA: Final = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
+#: The indexes that serve ``list_jobs`` (newest first by ``created_at``, then id), and
+#: the trigger that keeps ``job_tags.created_at`` filled when code older than them
+#: inserts tag rows; created with the schema, and on open in stores made before.
+_LISTING: Final = (
+    "CREATE INDEX IF NOT EXISTS jobs_list ON jobs (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_list_status ON jobs (status, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_list_type ON jobs (job_type, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS job_tags_list ON job_tags (tag, created_at, seq)",
+    """CREATE TRIGGER IF NOT EXISTS job_tags_created AFTER INSERT ON job_tags
+        WHEN new.created_at IS NULL
+        BEGIN
+            UPDATE job_tags SET created_at = (SELECT created_at FROM jobs WHERE seq = new.seq)
+            WHERE seq = new.seq AND tag = new.tag;
+        END""",
+)
+_LISTING_NAMES: Final = frozenset(
+    {"jobs_list", "jobs_list_status", "jobs_list_type", "job_tags_list", "job_tags_created"}
+)
+
 _COLS: Final = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
     "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
 )
-_INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key) VALUES (?, ?, ?)"
+_INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key, created_at) VALUES (?, ?, ?, ?)"
 _IDS: Final = "SELECT value FROM json_each(?)"
 
 _ASSIGN_SET: Final = set_clause(ASSIGN, now="?1", assignee_id="?2")
@@ -367,6 +394,8 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
         raise StorageError(f"{path}: cannot use WAL journal mode (got {mode!r})")
     if not ours:
         _transaction(conn, _create_schema, path)
+    if not _has_listing(conn):
+        _transaction(conn, _add_listing)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -375,7 +404,31 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
 def _create_schema(conn: sqlite3.Connection, path: str) -> None:
     if _classify(conn, path):  # another process created it meanwhile
         return
-    for statement in _SCHEMA:
+    for statement in _SCHEMA + _LISTING:
+        conn.execute(statement)
+
+
+def _has_listing(conn: sqlite3.Connection) -> bool:
+    names = {
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+        )
+    }
+    return _LISTING_NAMES <= names
+
+
+def _add_listing(conn: sqlite3.Connection) -> None:
+    """Give a store made before ``list_jobs`` its listing indexes (in the caller's
+    transaction; another process may have done it meanwhile)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(job_tags)")}
+    if "created_at" not in columns:
+        conn.execute("ALTER TABLE job_tags ADD COLUMN created_at INTEGER")
+        conn.execute(
+            "UPDATE job_tags SET created_at = "
+            "(SELECT created_at FROM jobs WHERE jobs.seq = job_tags.seq)"
+        )
+    for statement in _LISTING:
         conn.execute(statement)
 
 
@@ -397,7 +450,7 @@ def _insert_sql(row: str, rows: int) -> str:
     return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([row] * rows)
 
 
-_Params = tuple[list[Any], list[tuple[int, str, int]]]
+_Params = tuple[list[Any], list[tuple[int, str, int, int]]]
 
 
 def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
@@ -413,7 +466,7 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
 def _new_params(jobs: Sequence[Job], first: int) -> _Params:
     """The columns of ``_ROW_NEW`` for jobs without history fields, and their tags."""
     params: list[Any] = []
-    tag_rows: list[tuple[int, str, int]] = []
+    tag_rows: list[tuple[int, str, int, int]] = []
     epoch, us = _EPOCH, _US
     for seq, job in enumerate(jobs, first):
         created = (job.created_at - epoch) // us
@@ -429,14 +482,14 @@ def _new_params(jobs: Sequence[Job], first: int) -> _Params:
             job.assignee_id,
         )
         if tags:
-            tag_rows.extend((seq, tag, created) for tag in tags)
+            tag_rows.extend((seq, tag, created, created) for tag in tags)
     return params, tag_rows
 
 
 def _full_params(jobs: Sequence[Job], first: int) -> _Params:
     """Every column of every job, for jobs enqueued with history fields set."""
     params: list[Any] = []
-    tag_rows: list[tuple[int, str, int]] = []
+    tag_rows: list[tuple[int, str, int, int]] = []
     pending = JobStatus.INITIAL_PENDING.value  # the only status insert receives
     for seq, job in enumerate(jobs, first):
         created = _us(job.created_at)
@@ -465,7 +518,7 @@ def _full_params(jobs: Sequence[Job], first: int) -> _Params:
         )
         if job.tags:
             sort_key = _us(retried) if retried is not None else created
-            tag_rows.extend((seq, tag, sort_key) for tag in job.tags)
+            tag_rows.extend((seq, tag, sort_key, created) for tag in job.tags)
     return params, tag_rows
 
 
@@ -755,12 +808,79 @@ def _delete_completed_before(conn: sqlite3.Connection, cutoff: int) -> int:
     return cur.rowcount
 
 
+def _list_sql(query: ListQuery) -> tuple[str, dict[str, Any]]:
+    """The ``list_jobs`` statement: walk one index newest first, from the cursor on,
+    checking the other filters on each row; several statuses walk one index range each
+    and merge their first ``limit`` rows.
+
+    Named parameters: ``:c``/``:i`` the cursor, ``:n`` the limit, ``:y`` the type,
+    ``:t0``… the tags. Which index serves the walk is fixed with ``INDEXED BY``: tags
+    first (``job_tags_list``), else statuses, else the type, else all jobs.
+    """
+    params: dict[str, Any] = {"n": query.limit}
+    conds: list[str] = []
+    if query.before is not None:
+        params["c"], params["i"] = _us(query.before[0]), query.before[1]
+    if query.job_type is not None:
+        params["y"] = query.job_type
+    for n, tag in enumerate(query.tags):
+        params[f"t{n}"] = tag
+    statuses = sorted(query.statuses)
+    cols = ", ".join(f"j.{c.strip()}" for c in _COLS.split(","))
+    order = "ORDER BY created_at DESC, id DESC"
+    if query.tags:
+        if query.before is not None:
+            conds.append("t.created_at <= :c AND (t.created_at < :c OR j.id < :i)")
+        conds += [
+            f"EXISTS (SELECT 1 FROM job_tags x WHERE x.seq = t.seq AND x.tag = :t{n})"
+            for n in range(1, len(query.tags))
+        ]
+        if statuses:
+            conds.append(_one_of(frozenset(statuses), "j.status"))
+        if query.job_type is not None:
+            conds.append("j.job_type = :y")
+        where = " AND ".join(["t.tag = :t0", *conds])
+        sql = (
+            f"SELECT {cols} FROM job_tags t INDEXED BY job_tags_list "
+            f"JOIN jobs j ON j.seq = t.seq WHERE {where} "
+            "ORDER BY t.created_at DESC, j.id DESC LIMIT :n"
+        )
+        return sql, params
+    if query.before is not None:
+        conds.append("j.created_at <= :c AND (j.created_at < :c OR j.id < :i)")
+    if statuses:
+        if query.job_type is not None:
+            conds.append("j.job_type = :y")
+        parts = [
+            f"SELECT * FROM (SELECT {cols} FROM jobs j INDEXED BY jobs_list_status "
+            "WHERE " + " AND ".join([f"j.status = '{s.value}'", *conds]) + " "
+            "ORDER BY j.created_at DESC, j.id DESC LIMIT :n)"
+            for s in statuses
+        ]
+        if len(parts) == 1:
+            return parts[0], params
+        return " UNION ALL ".join(parts) + f" {order} LIMIT :n", params
+    if query.job_type is not None:
+        index = "jobs_list_type"
+        conds.insert(0, "j.job_type = :y")
+    else:
+        index = "jobs_list"
+    where = f"WHERE {' AND '.join(conds)} " if conds else ""
+    sql = (
+        f"SELECT {cols} FROM jobs j INDEXED BY {index} {where}"
+        "ORDER BY j.created_at DESC, j.id DESC LIMIT :n"
+    )
+    return sql, params
+
+
 def _probe(path: str) -> None:
     """Open and close ``path`` (creating an empty file if missing), or raise."""
     sqlite3.connect(path).close()
 
 
-def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+def _fetch_all(
+    conn: sqlite3.Connection, sql: str, params: Sequence[Any] | Mapping[str, Any]
+) -> list[Any]:
     return conn.execute(sql, params).fetchall()
 
 
@@ -980,3 +1100,7 @@ class SQLiteBackend(Backend):
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
         return await self._transact(_delete_completed_before, _us(cutoff))
+
+    async def list_jobs(self, query: ListQuery) -> list[Job]:
+        sql, params = _list_sql(query)
+        return _jobs(await self._run(_fetch_all, sql, params))
