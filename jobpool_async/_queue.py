@@ -9,6 +9,7 @@ a move itself: that is the transition table's job, applied by the backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import warnings
@@ -668,18 +669,18 @@ class PoolQueue:
         not exist or is deleted meanwhile.
         """
         check_id(job_id)
-        if isinstance(statuses, str):
-            statuses = [statuses]
         try:
-            wanted = frozenset(JobStatus(s) for s in statuses)
+            wanted = (
+                frozenset({JobStatus(statuses)})
+                if isinstance(statuses, str)
+                else frozenset(JobStatus(s) for s in statuses)
+            )
         except ValueError as exc:
             raise ValueError(f"statuses: {exc}") from None
         if not wanted:
             raise ValueError("statuses must name at least one JobStatus")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
-        ):
-            raise ValueError(f"timeout must be a non-negative number or None, got {timeout!r}")
+        if timeout is not None:
+            timeout = check_seconds(timeout, "timeout", zero=True)
         await self._ready()
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
@@ -696,10 +697,9 @@ class PoolQueue:
                     last = jobs[0]
                     if last.status in wanted:
                         return last
-                    try:
+                    # on a poll timeout, look again: another process may have moved it
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(event.wait(), self._poll_interval)
-                    except TimeoutError:
-                        pass  # look again: another process may have moved it
         except TimeoutError:
             names = " or ".join(sorted(s.name for s in wanted))
             now = f"; it is {last.status.name}" if last is not None else ""

@@ -11,7 +11,8 @@ Installing jobpool_async makes these fixtures available in every test suite:
 * ``jobpool_queue`` — an open :class:`~jobpool_async.PoolQueue` on that backend,
   closed after the test.
 * ``jobpool_wait_for_status`` — ``await wait(queue, job_id, status, timeout=10.0)``
-  waits until the job is in ``status`` (or one of several) and returns it; on
+  waits until the job is in ``status`` (or one of several) and returns it (a thin
+  alias of :meth:`PoolQueue.wait_for`, which also waits for a job not enqueued yet); on
   timeout it raises :class:`JobStatusTimeout` (an ``AssertionError`` and a
   ``TimeoutError``) naming the status it last saw.
 
@@ -63,8 +64,9 @@ async def wait_for_status(
 ) -> Job:
     """Wait until job ``job_id`` is in ``status`` (one status or several) and return it.
 
-    Polls ``queue.get_job`` with a short, growing interval until ``timeout``
-    seconds have passed, then raises :class:`JobStatusTimeout`.
+    A thin alias of :meth:`PoolQueue.wait_for` for tests: a job that does not exist
+    (yet) is waited for too, and after ``timeout`` seconds :class:`JobStatusTimeout`
+    says what the job was last.
     """
     wanted = (
         frozenset({JobStatus(status)})
@@ -74,27 +76,26 @@ async def wait_for_status(
     if not wanted:
         raise ValueError("status must name at least one JobStatus")
     deadline = time.monotonic() + check_seconds(timeout, "timeout")
-    delay = 0.002
-    last: Job | None = None
     while True:
-        try:
-            last = await queue.get_job(job_id)
-        except JobNotFoundError:
-            last = None
-        if last is not None and last.status in wanted:
-            return last
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            seen = "it does not exist" if last is None else f"it is {last.status.name}"
-            names = " or ".join(sorted(s.name for s in wanted))
-            detail = (
-                f" (error_message: {last.error_message!r})" if last and last.error_message else ""
-            )
-            raise JobStatusTimeout(
-                f"job {job_id!r} did not reach {names} within {timeout:g} s; {seen}{detail}"
-            )
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.05)
+        try:
+            return await queue.wait_for(job_id, timeout=max(remaining, 0), statuses=wanted)
+        except JobNotFoundError:
+            if remaining > 0:  # not enqueued yet: look again shortly
+                await asyncio.sleep(min(0.01, remaining))
+                continue
+            last: Job | None = None
+        except TimeoutError:
+            try:
+                last = await queue.get_job(job_id)
+            except JobNotFoundError:
+                last = None
+        seen = "it does not exist" if last is None else f"it is {last.status.name}"
+        names = " or ".join(sorted(s.name for s in wanted))
+        detail = f" (error_message: {last.error_message!r})" if last and last.error_message else ""
+        raise JobStatusTimeout(
+            f"job {job_id!r} did not reach {names} within {timeout:g} s; {seen}{detail}"
+        )
 
 
 class WaitForStatus(Protocol):

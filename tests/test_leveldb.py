@@ -95,7 +95,7 @@ def check_store(path: Path) -> dict[str, Job]:
     finally:
         db.close()
     meta = json.loads(data.pop(b"M"))
-    assert meta == {"application": "jobpool_async", "format": 1}
+    assert meta == {"application": "jobpool_async", "format": 2}
     next_seq, *global_counts = struct.unpack(">Q10q", data.pop(b"N"))
     jobs: dict[str, Job] = {}
     expected: set[bytes] = set()
@@ -112,8 +112,13 @@ def check_store(path: Path) -> dict[str, Job]:
         code = codec.STATUS_CODES.index(job.status)
         counts[code] += 1
         counts[9] += job.retry_count
+        created = struct.pack(">Q", _micros(job.created_at))
+        expected.add(b"L" + created + idb)
+        expected.add(b"S" + bytes([code]) + created + idb)
+        expected.add(b"Y" + _enc(job.job_type) + created + idb)
         for tag in job.tags:
             expected.add(b"T" + _enc(tag) + idb)
+            expected.add(b"C" + _enc(tag) + created + idb)
             per_tag = tag_counts.setdefault(tag, [0] * 10)
             per_tag[code] += 1
             per_tag[9] += job.retry_count
@@ -134,7 +139,7 @@ def check_store(path: Path) -> dict[str, Job]:
         k[1:]: list(struct.unpack(">10q", data.pop(k))) for k in [k for k in data if k[:1] == b"K"]
     }
     assert stored_tag_counts == {_enc(t): c for t, c in tag_counts.items()}
-    index = {k: v for k, v in data.items() if k[:1] in (b"E", b"F", b"T", b"A", b"D")}
+    index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYC"}
     assert set(index.values()) <= {b""}
     missing, extra = expected - set(index), set(index) - expected
     assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])

@@ -54,7 +54,7 @@ import contextlib
 import heapq
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -948,16 +948,14 @@ class LevelDBBackend(Backend):
 
     def _newest_first(
         self, prefix: bytes, before: tuple[datetime, str] | None
-    ) -> Iterator[tuple[bytes, bytes]]:
+    ) -> Generator[tuple[bytes, bytes], None, None]:
         """``(created_time, id)`` key parts under ``prefix``, newest first, below ``before``."""
         if before is None:
             stop = _prefix_end(prefix)
         else:
             stop = prefix + codec.u64(codec.to_micros(before[0])) + codec.id_bytes(before[1])
         n = len(prefix)
-        with self._db.iterator(
-            start=prefix, stop=stop, reverse=True, include_value=False
-        ) as it:
+        with self._db.iterator(start=prefix, stop=stop, reverse=True, include_value=False) as it:
             for key in it:
                 yield key[n : n + 8], key[n + 8 :]
 

@@ -307,7 +307,7 @@ class MemoryBackend(Backend):
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         def newest_first(index: SortedList[_Listed]) -> Iterator[_Listed]:
             end = len(index) if query.before is None else index.bisect_left(query.before)
-            return index.islice(0, end, reverse=True)  # type: ignore[no-any-return]
+            return index.islice(0, end, reverse=True)
 
         keys: Iterable[_Listed]
         if query.tags:  # the tag with the fewest jobs

@@ -1192,7 +1192,7 @@ class PostgresBackend(Backend):
         if query.before is not None:
             args += [query.before[0], tag_key(query.before[1])]
             conds.append(
-                f"created_at <= $2 AND (created_at < $2 OR {_ID_ORDER} < $3::text COLLATE \"C\")"
+                f'created_at <= $2 AND (created_at < $2 OR {_ID_ORDER} < $3::text COLLATE "C")'
             )
         if query.job_type is not None:
             args.append(query.job_type)
@@ -1201,7 +1201,10 @@ class PostgresBackend(Backend):
         if query.tags:
             args.append(list(query.tags))
             conds.append(self._tag_match("tags", f"${len(args)}"))
-        cols = f"{CLAIMED_COLUMNS}, status, assignee_id, assigned_at, created_at AS c, {_ID_ORDER} AS k"
+        cols = (
+            f"{CLAIMED_COLUMNS}, status, assignee_id, assigned_at, "
+            f"created_at AS c, {_ID_ORDER} AS k"
+        )
         order = f"ORDER BY created_at DESC, {_ID_ORDER} DESC LIMIT $1"
         statuses = sorted(query.statuses)
         if len(statuses) > 1:

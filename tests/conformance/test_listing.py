@@ -178,9 +178,7 @@ async def test_wait_for_missing_or_deleted_job(queue: PoolQueue) -> None:
     with pytest.raises(JobNotFoundError):
         await queue.wait_for("never", timeout=DEADLINE)
     await queue.enqueue_job(Job(id="gone", job_type="t"))
-    waiter = asyncio.create_task(
-        queue.wait_for("gone", statuses=[S.COMPLETED], timeout=DEADLINE)
-    )
+    waiter = asyncio.create_task(queue.wait_for("gone", statuses=[S.COMPLETED], timeout=DEADLINE))
     await asyncio.sleep(0.01)
     await queue.cancel_jobs(job_ids=["gone"])  # UNSCHEDULED: not what it waits for
     await queue.delete_jobs(job_ids=["gone"])
@@ -201,3 +199,21 @@ async def test_many_waiters_on_many_jobs(queue: PoolQueue) -> None:
     assert {j.id for j in done} == set(ids)
     assert all(j.status is S.COMPLETED for j in done)
     assert not queue._waiters
+
+
+async def test_many_tags_and_extreme_times(queue: PoolQueue) -> None:
+    tags = [f"t{i}" for i in range(600)]
+    low = datetime.min.replace(tzinfo=UTC)
+    high = datetime.max.replace(tzinfo=UTC)
+    await queue.enqueue_jobs(
+        [
+            Job(id="low", job_type="t", tags=tags, created_at=low),
+            Job(id="high", job_type="t", tags=tags, created_at=high),
+            Job(id="mid", job_type="t", tags=tags[:1], created_at=T0),
+        ]
+    )
+    assert await _all_pages(queue, 1, tags=tags) == ["high", "low"]
+    assert await _all_pages(queue, 1) == ["high", "mid", "low"]
+    assert await _all_pages(queue, 2, statuses=[S.INITIAL_PENDING]) == ["high", "mid", "low"]
+    page = await queue.list_jobs(limit=1)
+    assert page.jobs[0].created_at == high
