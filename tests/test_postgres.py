@@ -590,6 +590,129 @@ async def test_lost_connections_are_reestablished_and_streams_recheck(
         await b.close()
 
 
+async def test_calls_after_every_connection_was_ended_do_not_fail(dsn: str, schema: str) -> None:
+    """Connections kept between calls (and idle in the pool) that the server ended
+    are dropped and replaced: the next calls succeed. (Before, each kept connection
+    failed its next call: ``InterfaceError: ... released back to the pool``.)"""
+    q = await open_queue(dsn, schema, pool_max_size=10)
+    b = q.backend
+    assert isinstance(b, PostgresBackend)
+    try:
+        await q.enqueue_jobs(jobs(40))
+        now = datetime.now(UTC)
+        await asyncio.gather(*(b.claim("w", ["no such tag"], 1, now) for _ in range(8)))
+        assert len(b._hot) == 4, "four connections kept between calls"
+        pids = await sql(
+            dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = $1", b.application_name
+        )
+        assert await terminate_connections(dsn, b) >= 5
+
+        async def ended() -> bool:  # (so no call below can be sent before the end)
+            rows = await sql(
+                dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = ANY($1)", [r[0] for r in pids]
+            )
+            return not rows
+
+        await wait_for(ended, "the server to end the connections")
+        for round_ in range(6):  # more calls than there were dead connections
+            async with q.stream_jobs(f"w{round_}", max_assigned_jobs=3) as stream:
+                batch = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+                await q.complete_jobs({j.id: b"ok" for j in batch})
+            assert (await q.get_job_stats()).completed_jobs == 3 * (round_ + 1)
+            await q.enqueue_job(Job(f"extra{round_}", "t"))
+            assert len(await q.get_jobs([batch[0].id, f"extra{round_}"])) == 2
+        assert (await q.cancel_jobs(job_ids=["extra0"])).cancelled == ["extra0"]
+        assert await q.delete_jobs(job_ids=["extra0"]) == 1
+    finally:
+        await q.close()
+
+
+async def test_a_call_refused_before_sending_is_run_on_another_connection(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg refuses a connection whose end it has half seen (the server's notice
+    read, the socket's end not yet: ``InternalClientError: cannot switch to state``)
+    before sending anything; the call then runs on another connection, even a write,
+    and the refused connection is closed, not kept."""
+    q = await open_queue(dsn, schema)
+    b = q.backend
+    assert isinstance(b, PostgresBackend)
+    real_fetch = asyncpg.pool.PoolConnectionProxy.fetch
+    refused: list[Any] = []
+
+    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(self)
+            raise asyncpg.InternalClientError("cannot switch to state 12; injected")
+        return await real_fetch(self, *args, **kwargs)
+
+    try:
+        await q.enqueue_jobs(jobs(3))
+        monkeypatch.setattr(asyncpg.pool.PoolConnectionProxy, "fetch", fetch)
+        async with q.stream_jobs("w", max_assigned_jobs=3) as stream:
+            batch = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        assert len(refused) == 1 and len(batch) == 3
+        assert refused[0] not in b._hot
+        with contextlib.suppress(asyncpg.InterfaceError):  # (raised: taken back, closed)
+            assert refused[0].is_closed(), "the refused connection was closed"
+    finally:
+        monkeypatch.undo()
+        await q.close()
+
+
+async def test_a_read_cut_off_mid_statement_is_retried_a_write_is_not(
+    dsn: str, schema: str
+) -> None:
+    """A connection ended while its statement runs (here: while it waits for a table
+    lock held by another session) may have done its work: a read is run again on a
+    fresh connection, a write raises ``StorageError`` (it may have committed)."""
+    q = await open_queue(dsn, schema)
+    b = q.backend
+    assert isinstance(b, PostgresBackend)
+    locker = await asyncpg.connect(dsn)
+
+    async def waiting_pids() -> list[int]:
+        rows = await sql(
+            dsn,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+            "AND wait_event_type = 'Lock'",
+            b.application_name,
+        )
+        return [r[0] for r in rows]
+
+    async def cut_off_while_waiting(call: Any) -> tuple[asyncio.Future[Any], int]:
+        """Start ``call``; once it waits for the lock, end its connection."""
+        task = asyncio.ensure_future(call)
+        await wait_for(waiting_pids, "the call to wait for the lock")
+        (pid,) = await waiting_pids()
+        await sql(dsn, "SELECT pg_terminate_backend($1)", pid)
+        return task, pid
+
+    try:
+        await q.enqueue_job(Job("a", "t"))
+        for call, retried in ((q.get_job_stats(), True), (q.enqueue_job(Job("b", "t")), False)):
+            transaction = locker.transaction()
+            await transaction.start()
+            await locker.execute(f'LOCK TABLE "{schema}".jobs IN ACCESS EXCLUSIVE MODE')
+            task, killed = await cut_off_while_waiting(call)
+            if retried:
+
+                async def run_again(killed: int = killed) -> bool:
+                    return any(pid != killed for pid in await waiting_pids())
+
+                await wait_for(run_again, "the read to be run again (and wait again)")
+            await transaction.rollback()
+            if retried:
+                assert (await asyncio.wait_for(task, DEADLINE)).total_jobs == 1
+            else:
+                with pytest.raises(StorageError):
+                    await asyncio.wait_for(task, DEADLINE)
+        assert [j.id for j in await q.get_jobs(["a", "b"])] == ["a"]
+    finally:
+        await locker.close()
+        await q.close()
+
+
 async def test_connection_loss_during_work_loses_and_duplicates_nothing(
     dsn: str, schema: str
 ) -> None:

@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .._errors import (
     DuplicateJobError,
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "VACUUM_COST_DELAY_MS", "VACUUM_MIN_CHANGES", "PostgresBackend"]
 
 logger = logging.getLogger("jobpool_async.postgres")
+_T = TypeVar("_T")
 
 #: The schema version this code writes; a store with a newer one is refused.
 SCHEMA_VERSION = 3
@@ -195,6 +196,25 @@ def _job(
     )
 
 
+def _alive(conn: PoolConnectionProxy[Record]) -> bool:
+    """Whether a connection kept between calls is still usable. When its socket
+    closes, asyncpg takes the connection back into the pool and detaches the proxy,
+    whose every method then raises ``InterfaceError``."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+async def _discard(pool: Pool, conn: PoolConnectionProxy[Record]) -> None:
+    """Give back a connection that failed at the connection level: closed first,
+    so the pool opens a fresh one in its place."""
+    with contextlib.suppress(Exception):
+        if _alive(conn):
+            conn.terminate()
+        await pool.release(conn)
+
+
 async def _no_reset(conn: Connection) -> None:
     """Pool release hook: this backend keeps no session state, so skip ``RESET ALL``.
 
@@ -207,6 +227,22 @@ async def _no_reset(conn: Connection) -> None:
 # input sorted by key; selections and deletes lock first with a
 # ``SELECT … ORDER BY id_key FOR UPDATE`` CTE that the UPDATE/DELETE waits for.
 # Claims use SKIP LOCKED and never wait at all.
+
+
+#: Errors that mean the connection itself is gone or unusable (see ``_call``).
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    (
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.AdminShutdownError,
+        asyncpg.CrashShutdownError,
+        asyncpg.CannotConnectNowError,
+        OSError,
+    )
+    if _HAVE_ASYNCPG
+    else ()
+)
 
 
 def _storage_error_types() -> tuple[type[BaseException], ...]:
@@ -544,28 +580,65 @@ class PostgresBackend(Backend):
                 pool.terminate()
                 raise
 
-    async def _fetch(self, sql: str, *args: Any) -> list[Record]:
-        """``pool.fetch`` on a connection kept between calls: the pool's acquire and
-        release measured about 60 µs of CPU per call here, a quarter of a whole
-        complete-and-refill call's client work. A failed call's connection goes back
-        to the pool (which replaces broken ones), as does one found closed."""
-        pool = self._pool
-        if pool is None:
-            raise StorageError(f"PostgreSQL store {self.schema!r} is not open")
-        conn = self._hot.pop() if self._hot else await pool.acquire()
-        if conn.is_closed():
-            await pool.release(conn)
-            conn = await pool.acquire()
-        try:
-            rows: list[Record] = await conn.fetch(sql, *args)
-        except BaseException:
-            await pool.release(conn)
-            raise
-        if self._pool is pool and len(self._hot) < self._keep:
-            self._hot.append(conn)
-        else:
-            await pool.release(conn)
+    async def _fetch(self, sql: str, *args: Any, idempotent: bool = False) -> list[Record]:
+        """``fetch`` through :meth:`_call`."""
+        rows: list[Record] = await self._call(lambda c: c.fetch(sql, *args), idempotent)
         return rows
+
+    async def _call(
+        self, run: Callable[[PoolConnectionProxy[Record]], Awaitable[_T]], idempotent: bool
+    ) -> _T:
+        """``run(connection)`` on a connection kept between calls (else one from the
+        pool), keeping it afterwards: the pool's acquire and release measured about
+        60 µs of CPU per call here, a quarter of a whole complete-and-refill call's
+        client work.
+
+        A kept or pooled connection may have died since its last use (the server
+        restarted, failed over, or ended it with ``pg_terminate_backend``). One found
+        dead is dropped unused; one that fails with an error raised before anything
+        was sent (asyncpg's ``InternalClientError``, or a plain ``InterfaceError``) is
+        dropped and the call run again on another (as many times as the pool has
+        connections, plus one: none of those attempts ran anything). A connection
+        lost after the statement was sent is dropped too, and the call run once more
+        only if ``idempotent`` (it may have committed). Other failures give the
+        connection back to the pool as it is.
+        """
+        attempts = 0
+        while True:
+            pool = self._pool
+            if pool is None:
+                raise StorageError(f"PostgreSQL store {self.schema!r} is not open")
+            conn = await self._take(pool)
+            try:
+                out = await run(conn)
+            except _CONNECTION_LOST as exc:
+                await _discard(pool, conn)
+                attempts += 1
+                unsent = isinstance(exc, asyncpg.InternalClientError) or (
+                    type(exc) is asyncpg.InterfaceError
+                )
+                if (unsent and attempts <= self._pool_max + 1) or (idempotent and attempts == 1):
+                    logger.info("retrying a call whose connection was lost: %r", exc)
+                    continue
+                raise
+            except BaseException:
+                await pool.release(conn)
+                raise
+            if self._pool is pool and len(self._hot) < self._keep:
+                self._hot.append(conn)
+            else:
+                await pool.release(conn)
+            return out
+
+    async def _take(self, pool: Pool) -> PoolConnectionProxy[Record]:
+        """A kept connection that is still open, else one from the pool (which
+        replaces the connections it finds closed)."""
+        while self._hot:
+            conn = self._hot.pop()
+            if _alive(conn):
+                return conn
+            await _discard(pool, conn)
+        return await pool.acquire()
 
     @staticmethod
     async def _close_conn(conn: Connection) -> None:
@@ -925,10 +998,12 @@ class PostgresBackend(Backend):
         with self._errors("insert"):
             assert self._pool is not None
             try:
-                await self._pool.execute(sql, *args)
+                await self._call(lambda c: c.execute(sql, *args), False)
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
-                existing = await self._pool.fetch(
-                    f"SELECT id FROM {self._t} WHERE {self._id_match('', '$1')}", args[0]
+                existing = await self._fetch(
+                    f"SELECT id FROM {self._t} WHERE {self._id_match('', '$1')}",
+                    args[0],
+                    idempotent=True,
                 )
                 found = {r[0] for r in existing}
                 dup = next((j.id for j in jobs if j.id in found), None)
@@ -982,7 +1057,9 @@ class PostgresBackend(Backend):
             SELECT count(*) FROM moved WHERE (SELECT count(*) FROM note) >= 0"""
         with self._errors("release"):
             assert self._pool is not None
-            released = await self._pool.fetchval(sql, nonces, now, LOST_CLAIM_MESSAGE)
+            released = await self._call(
+                lambda c: c.fetchval(sql, nonces, now, LOST_CLAIM_MESSAGE), True
+            )
         done = set(nonces)
         self._orphans = [n for n in self._orphans if n not in done]
         if released:
@@ -1048,9 +1125,10 @@ class PostgresBackend(Backend):
         """The errors of jobs an apply did not move: gone, or in a status the transition
         does not leave (read now, after the commit; the statement itself returns only
         what it moved, which keeps the common all-moved case cheaper)."""
-        assert self._pool is not None
-        rows = await self._pool.fetch(
-            f"SELECT id, status FROM {self._t} WHERE {self._id_match('', '$1')}", list(unmoved)
+        rows = await self._fetch(
+            f"SELECT id, status FROM {self._t} WHERE {self._id_match('', '$1')}",
+            list(unmoved),
+            idempotent=True,
         )
         current = {r[0]: _STATUS[r[1]] for r in rows}
         for job_id, transition in unmoved.items():
@@ -1068,21 +1146,25 @@ class PostgresBackend(Backend):
         nonce: str,
     ) -> list[tuple[Sequence[Change], Sequence[Any]]]:
         """Changes of several transitions in one transaction (then the refill's claim)."""
-        assert self._pool is not None
-        results: list[tuple[Sequence[Change], Sequence[Any]]] = []
-        async with self._pool.acquire() as conn, conn.transaction():
-            for group in groups:
-                results.append((group, await conn.fetch(*self._apply_args(group, now))))
-            if refill is not None:
-                moved = [Moved(r[1], _STATUS[r[2]], r[4]) for _, rows in results for r in rows]
-                limit = refill_limit(refill, moved)
-                if limit:
-                    claimed = await conn.fetch(
-                        *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
-                    )
-                    # as rows of kind 2 (see _apply_sql)
-                    results.append(((), [(2, None, None, None, None, *r) for r in claimed]))
-        return results
+        groups = list(groups)
+
+        async def run(conn: PoolConnectionProxy[Record]) -> list[Any]:
+            results: list[tuple[Sequence[Change], Sequence[Any]]] = []
+            async with conn.transaction():
+                for group in groups:
+                    results.append((group, await conn.fetch(*self._apply_args(group, now))))
+                if refill is not None:
+                    moved = [Moved(r[1], _STATUS[r[2]], r[4]) for _, rows in results for r in rows]
+                    limit = refill_limit(refill, moved)
+                    if limit:
+                        claimed = await conn.fetch(
+                            *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
+                        )
+                        # as rows of kind 2 (see _apply_sql)
+                        results.append(((), [(2, None, None, None, None, *r) for r in claimed]))
+            return results
+
+        return await self._call(run, False)
 
     def _refill_args(
         self, changes: Sequence[Change], now: datetime, refill: Refill, nonce: str
@@ -1147,8 +1229,7 @@ class PostgresBackend(Backend):
             WHERE NOT EXISTS (SELECT 1 FROM {t} e
                               WHERE e.id_key = {_key("x.id")} AND e.id = x.id)"""
         with self._errors("update"):
-            assert self._pool is not None
-            rows = await self._pool.fetch(sql, *args)
+            rows = await self._fetch(sql, *args)
         position = {job_id: i for i, job_id in enumerate(selection.job_ids)}
 
         def order(r: Record) -> tuple[int, int]:
@@ -1170,11 +1251,11 @@ class PostgresBackend(Backend):
         if not job_ids:
             return []
         with self._errors("read"):
-            assert self._pool is not None
-            rows = await self._pool.fetch(
+            rows = await self._fetch(
                 f"SELECT {CLAIMED_COLUMNS}, status, assignee_id, assigned_at FROM {self._t} "
                 f"WHERE {self._id_match('', '$1')}",
                 list(job_ids),
+                idempotent=True,
             )
         by_id = {r[0]: r for r in rows}
         return [
@@ -1229,10 +1310,10 @@ class PostgresBackend(Backend):
         if not job_ids:
             return {}
         with self._errors("read"):
-            assert self._pool is not None
-            rows = await self._pool.fetch(
+            rows = await self._fetch(
                 f"SELECT id, status, assigned_at FROM {self._t} WHERE {self._id_match('', '$1')}",
                 list(job_ids),
+                idempotent=True,
             )
         return {r[0]: JobState(_STATUS[r[1]], _utc(r[2])) for r in rows}
 
@@ -1244,8 +1325,7 @@ class PostgresBackend(Backend):
             args.append(list(tags))
         sql += " GROUP BY status"
         with self._errors("read"):
-            assert self._pool is not None
-            rows = await self._pool.fetch(sql, *args)
+            rows = await self._fetch(sql, *args, idempotent=True)
         return {_STATUS[r[0]]: int(r[1]) for r in rows}, sum(int(r[2]) for r in rows)
 
     async def delete(self, selection: Selection) -> int:
@@ -1260,8 +1340,7 @@ class PostgresBackend(Backend):
             SELECT false AS deleted, id, seq FROM bad
             UNION ALL SELECT true, id, 0 FROM del"""
         with self._errors("delete"):
-            assert self._pool is not None
-            rows = await self._pool.fetch(sql, *args)
+            rows = await self._fetch(sql, *args)
         bad = [r for r in rows if not r[0]]
         if bad:
             position = {job_id: i for i, job_id in enumerate(selection.job_ids)}
@@ -1278,7 +1357,7 @@ class PostgresBackend(Backend):
         )
         with self._errors("delete"):
             assert self._pool is not None
-            status = await self._pool.execute(sql, cutoff)
+            status = await self._call(lambda c: c.execute(sql, cutoff), False)
         deleted = int(status.rsplit(" ", 1)[-1])
         self._changed_rows(deleted)
         return deleted
