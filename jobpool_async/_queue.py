@@ -285,12 +285,22 @@ class PoolQueue:
 
     # --- submitting ---------------------------------------------------------------
 
-    async def enqueue_job(self, job: Job) -> str:
+    async def enqueue_job(self, job: Job, *, connection: object | None = None) -> str:
         """Store one new job; wake a stream that can take it. Returns its id."""
-        return (await self.enqueue_jobs([job]))[0]
+        return (await self.enqueue_jobs([job], connection=connection))[0]
 
-    async def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
-        """Store new jobs all or nothing, in one transaction. Returns ids in input order."""
+    async def enqueue_jobs(
+        self, jobs: Sequence[Job], *, connection: object | None = None
+    ) -> list[str]:
+        """Store new jobs all or nothing, in one transaction. Returns ids in input order.
+
+        ``connection`` (PostgreSQL only; ``TypeError`` elsewhere): the caller's own
+        asyncpg connection. The jobs are inserted inside the caller's transaction on
+        it, so they exist if and only if that transaction commits, and streams in
+        every process wake when it does (``NOTIFY`` is transactional).
+        """
+        if connection is not None:
+            self._backend.check_connection(connection)
         if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
         clean: list[Job] = []
@@ -301,6 +311,10 @@ class PoolQueue:
         await self._ready()
         if not clean:
             return []
+        if connection is not None:
+            # Nobody may wake before the commit: the notification it sends does that.
+            await self._backend.insert_in(clean, connection)
+            return [job.id for job in clean]
         await self._backend.insert(clean)
         await self._notifier.publish(tagsets={tuple(job.tags) for job in clean})
         return [job.id for job in clean]

@@ -207,3 +207,58 @@ def test_the_readme_quickstart_runs_twice_as_written(tmp_path: Path) -> None:
         outputs.append(result.stdout)
     assert "id='job-0'" in outputs[0] and "COMPLETED" in outputs[0]
     assert [p.name for p in tmp_path.iterdir()] == ["quickstart.py"]
+
+
+# --- the FastAPI service on PostgreSQL: an order and its job in one transaction -------------
+
+
+def test_the_fastapi_orders_example_runs_as_written() -> None:
+    from .backends import postgres_dsn
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBPOOL_")}
+    env["DATABASE_URL"] = postgres_dsn()
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fastapi_orders.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "order teapot: shipped, its job completed" in result.stdout
+    assert "rolled back -> HTTP 422" in result.stdout
+    assert result.stdout.strip().endswith("fastapi_orders: OK")
+
+
+async def test_an_order_and_its_job_commit_or_roll_back_together() -> None:
+    import asyncpg
+
+    from .backends import new_schema_name, postgres_dsn
+
+    dsn, schema = postgres_dsn(), new_schema_name()
+    example = _load("fastapi_orders")
+    shop = example.create_app(dsn, schema)
+    try:
+        async with (
+            shop.router.lifespan_context(shop),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=shop), base_url="http://t") as c,
+        ):
+            order_id = (await c.post("/orders", json={"item": "kettle"})).json()["id"]
+            body = await example.shipped(c, order_id)
+            assert body == {"item": "kettle", "status": "shipped", "job": "completed"}
+            declined = await c.post("/orders", json={"item": "rollback"})
+            assert declined.status_code == 422
+            queue = shop.state.queue
+            assert (await queue.get_job_stats()).total_jobs == 1
+            rows = await shop.state.pool.fetch(f'SELECT id FROM "{schema}".orders')
+            assert [r["id"] for r in rows] == [order_id]
+    finally:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                f'DROP SCHEMA IF EXISTS "{schema}" CASCADE; '
+                f'DROP SCHEMA IF EXISTS "{schema}_jobs" CASCADE'
+            )
+        finally:
+            await conn.close()

@@ -167,6 +167,22 @@ class Backend(abc.ABC):
         Raises :class:`DuplicateJobError` if an id exists or repeats in ``jobs``.
         """
 
+    def check_connection(self, connection: object) -> None:
+        """Raise ``TypeError`` unless :meth:`insert_in` takes ``connection``.
+
+        The default: this backend does not take the caller's connection at all.
+        """
+        raise TypeError(
+            f"{type(self).__name__} does not take connection=: enqueueing in the caller's "
+            "own transaction needs the PostgreSQL backend and an asyncpg connection"
+        )
+
+    async def insert_in(self, jobs: Sequence[Job], connection: object) -> None:
+        """Like :meth:`insert`, but with the caller's own database connection, inside
+        the caller's transaction: the jobs exist if and only if it commits."""
+        self.check_connection(connection)
+        raise NotImplementedError  # pragma: no cover - check_connection raised
+
     @abc.abstractmethod
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime

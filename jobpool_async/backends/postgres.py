@@ -26,7 +26,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from .._errors import (
     DuplicateJobError,
@@ -55,6 +55,7 @@ from .base import (
 
 try:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy as _PoolConnectionProxy
 
     _HAVE_ASYNCPG = True
 except ImportError:  # pragma: no cover - exercised in a subprocess test
@@ -89,6 +90,9 @@ _INSTALL_HINT = "PostgresBackend needs asyncpg: pip install 'jobpool_async[postg
 #: NOTIFY payloads above this many bytes are replaced by a bare "re-check" notice
 #: (PostgreSQL's limit is 8000 bytes).
 _MAX_PAYLOAD = 7000
+#: The token of notifications sent by an insert in the caller's transaction: no
+#: backend's own (tokens are hex), so every listener, this process's too, acts on it.
+_COMMITTED = "committed"
 
 _COLS = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
@@ -944,13 +948,56 @@ class PostgresBackend(Backend):
     # --- the contract -------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[Job]) -> None:
+        statement = self._insert_statement(jobs, self._token)
+        if statement is None:
+            return
+        with self._errors("insert"):
+            assert self._pool is not None
+            try:
+                await self._call(lambda c: c.execute(*statement), False)
+            except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
+                raise await self._duplicate(jobs, None) from None
+
+    def check_connection(self, connection: object) -> None:
+        if not isinstance(connection, asyncpg.Connection | _PoolConnectionProxy):
+            raise TypeError(
+                "connection must be an asyncpg connection (asyncpg.connect() or a pool's "
+                f"acquire()), got {type(connection).__name__}"
+            )
+
+    async def insert_in(self, jobs: Sequence[Job], connection: object) -> None:
+        """Insert with the caller's connection, in a savepoint of its transaction.
+
+        The rows exist only if the caller's transaction commits, and the enqueue
+        notification (``NOTIFY`` is transactional) is delivered then, to every
+        process, this one included: unlike :meth:`insert`'s, it does not carry this
+        backend's token, since the queue cannot wake its streams before the commit.
+        A duplicate id rolls back the savepoint only: the caller's transaction goes on.
+        """
+        self.check_connection(connection)
+        conn = cast("Connection", connection)
+        statement = self._insert_statement(jobs, _COMMITTED)
+        if statement is None:
+            return
+        with self._errors("insert"):
+            try:
+                async with conn.transaction():  # a savepoint inside the caller's transaction
+                    await conn.execute(*statement)
+            except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
+                raise await self._duplicate(jobs, conn) from None
+
+    def _insert_statement(self, jobs: Sequence[Job], token: str) -> tuple[Any, ...] | None:
+        """The insert of ``jobs`` (SQL and arguments), or ``None`` when there are none.
+
+        Its notification payload starts with ``token``: a listener ignores its own.
+        """
         seen: set[str] = set()
         for job in jobs:
             if job.id in seen:
                 raise DuplicateJobError(job.id)
             seen.add(job.id)
         if not jobs:
-            return
+            return None
         flat: list[str] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -961,7 +1008,7 @@ class PostgresBackend(Backend):
             ends.append(len(flat))
             tagsets[tuple(job.tags)] = None
         payload = (
-            self._token
+            token
             + " "
             + json.dumps(
                 [["", JobStatus.INITIAL_PENDING.value, list(ts), None] for ts in tagsets],
@@ -969,7 +1016,7 @@ class PostgresBackend(Backend):
             )
         )
         if len(payload.encode()) > _MAX_PAYLOAD:
-            payload = self._token
+            payload = token
         new = not any(has_history(j) for j in jobs)
         args: list[Any] = [
             [j.id for j in jobs],
@@ -994,20 +1041,19 @@ class PostgresBackend(Backend):
                 [j.assigned_at for j in jobs],
             ]
         args += [payload, [tag_key(tag) for tag in flat]]
-        sql = self._insert_sql if new else self._insert_full_sql
-        with self._errors("insert"):
-            assert self._pool is not None
-            try:
-                await self._call(lambda c: c.execute(sql, *args), False)
-            except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
-                existing = await self._fetch(
-                    f"SELECT id FROM {self._t} WHERE {self._id_match('', '$1')}",
-                    args[0],
-                    idempotent=True,
-                )
-                found = {r[0] for r in existing}
-                dup = next((j.id for j in jobs if j.id in found), None)
-                raise DuplicateJobError(dup if dup is not None else jobs[0].id) from None
+        return (self._insert_sql if new else self._insert_full_sql, *args)
+
+    async def _duplicate(self, jobs: Sequence[Job], conn: Connection | None) -> DuplicateJobError:
+        """The error for an insert refused by the unique id index: names the first id of
+        ``jobs`` now stored, as seen by ``conn`` (the caller's) or else the pool."""
+        sql = f"SELECT id FROM {self._t} WHERE {self._id_match('', '$1')}"
+        ids = [j.id for j in jobs]
+        existing = await (
+            conn.fetch(sql, ids) if conn is not None else self._fetch(sql, ids, idempotent=True)
+        )
+        found = {r[0] for r in existing}
+        dup = next((j.id for j in jobs if j.id in found), None)
+        return DuplicateJobError(dup if dup is not None else jobs[0].id)
 
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
