@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ._config import Config
+from ._errors import JobPoolError
 from ._models import Job, JobStats, JobStatus
 from ._queue import PoolQueue
 from ._worker import Worker
@@ -47,7 +48,7 @@ class _Options:
 
 def _parse(argv: Sequence[str] | None) -> _Options:
     parser = argparse.ArgumentParser(
-        prog="python -m jobpool_async",
+        prog="jobpool demo",
         description="Run a few thousand jobs through jobpool_async Workers on a SQLite file "
         "and print the resulting job stats.",
     )
@@ -232,7 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Its failures are simulated and counted in the table: the Worker's WARNING (with
     # traceback) for each would only bury the progress line.
     logging.getLogger("jobpool_async.worker").setLevel(logging.ERROR)
-    if opts.db is not None:
-        return asyncio.run(_run(opts, opts.db))
-    with tempfile.TemporaryDirectory(prefix="jobpool-demo-") as tmp:
-        return asyncio.run(_run(opts, Path(tmp) / "jobpool-demo.db"))
+    try:
+        if opts.db is not None:
+            return asyncio.run(_run(opts, opts.db))
+        with tempfile.TemporaryDirectory(prefix="jobpool-demo-") as tmp:
+            return asyncio.run(_run(opts, Path(tmp) / "jobpool-demo.db"))
+    except (JobPoolError, OSError) as exc:  # one clear line, no traceback
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1

@@ -63,7 +63,7 @@ def _table_counts(stdout: str) -> dict[str, int]:
 
 def test_the_demo(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
-    result = run("-m", "jobpool_async", "--jobs", "400", "--db", str(db))
+    result = run("-m", "jobpool_async", "demo", "--jobs", "400", "--db", str(db))
     assert result.returncode == 0, result.stdout + result.stderr
     counts = _table_counts(result.stdout)
     assert counts["total"] == 400
@@ -75,7 +75,7 @@ def test_the_demo(tmp_path: Path) -> None:
     assert "processed 400/400 (100.0%)" in result.stderr  # the progress line
     assert db.exists()
     # a second run on the same file counts only its own jobs
-    again = run("-m", "jobpool_async", "--jobs", "50", "--db", str(db), "--quiet")
+    again = run("-m", "jobpool_async", "demo", "--jobs", "50", "--db", str(db), "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert _table_counts(again.stdout)["total"] == 50
     assert again.stderr == ""
@@ -83,7 +83,16 @@ def test_the_demo(tmp_path: Path) -> None:
 
 def test_the_demo_defaults_to_a_temporary_file(tmp_path: Path) -> None:
     result = run(
-        "-m", "jobpool_async", "--jobs", "60", "--workers", "1", "--batch-size", "3", cwd=tmp_path
+        "-m",
+        "jobpool_async",
+        "demo",
+        "--jobs",
+        "60",
+        "--workers",
+        "1",
+        "--batch-size",
+        "3",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 worker(s) x 3 slots" in result.stdout
@@ -91,7 +100,7 @@ def test_the_demo_defaults_to_a_temporary_file(tmp_path: Path) -> None:
 
 
 def test_the_demo_rejects_bad_arguments() -> None:
-    result = run("-m", "jobpool_async", "--jobs", "3")
+    result = run("-m", "jobpool_async", "demo", "--jobs", "3")
     assert result.returncode == 2
     assert "--jobs must be at least" in result.stderr
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .base import Backend
 
@@ -44,6 +44,15 @@ def open_backend(url: str, **options: Any) -> Backend:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresBackend
 
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schemas = [v for k, v in query if k == "schema"]
+        if schemas:  # ours, not the server's: the store's schema (one URL names a store)
+            if "schema" in options or len(schemas) > 1:
+                raise ValueError(f"the schema is given twice in {url!r}")
+            options["schema"] = schemas[0]
+            rest = urlencode([(k, v) for k, v in query if k != "schema"])
+            url = urlunsplit(parts._replace(query=rest))
         return PostgresBackend(url, **options)
     raise ValueError(
         f"unknown backend URL scheme {scheme!r} in {url!r}; "

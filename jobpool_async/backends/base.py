@@ -255,6 +255,11 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement list_jobs")
 
+    async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        """The earliest ``created_at`` among jobs in ``statuses`` (``None``: no such job),
+        read from the listing index per status (the dashboard's oldest waiting job)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement oldest_created")
+
     def set_listener(self, listener: Listener | None) -> None:  # noqa: B027 - optional hook
         """Receive changes made by other processes, for backends that can push them.
 

@@ -916,6 +916,19 @@ class LevelDBBackend(Backend):
     async def delete_completed_before(self, cutoff: datetime) -> int:
         return await self._run(self._delete_completed_before, cutoff)
 
+    async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        return await self._run(self._oldest_created, statuses)
+
+    def _oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        firsts = []
+        for status in statuses:
+            prefix = _LIST_STATUS + bytes((codec.CODE_OF[status],))
+            with self._db.iterator(prefix=prefix, include_value=False) as it:
+                key = next(it, None)
+            if key is not None:
+                firsts.append(codec.from_micros(int.from_bytes(key[2:10], "big")))
+        return min(firsts, default=None)
+
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         return await self._run(self._list_jobs, query)
 

@@ -323,3 +323,7 @@ class MemoryBackend(Backend):
             keys = newest_first(self._listed)
         jobs = (self._jobs[job_id] for _, job_id in keys)
         return [job.copy() for job in itertools.islice(filter(query.matches, jobs), query.limit)]
+
+    async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        firsts = [self._listed_by_status[s][0][0] for s in statuses if self._listed_by_status[s]]
+        return min(firsts, default=None)

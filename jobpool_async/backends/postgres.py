@@ -1310,6 +1310,19 @@ class PostgresBackend(Backend):
             if (r := by_id.get(i)) is not None
         ]
 
+    async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        if not statuses:
+            return None
+        parts = " UNION ALL ".join(
+            f"(SELECT created_at FROM {self._t} WHERE status = '{s.value}' "
+            "ORDER BY created_at LIMIT 1)"
+            for s in sorted(statuses)
+        )
+        with self._errors("read"):
+            assert self._pool is not None
+            value = await self._pool.fetchval(f"SELECT min(created_at) FROM ({parts}) x")
+        return _utc(value)
+
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         """One statement walking one index newest first from the cursor (several
         statuses: one walk each, merged); the other filters are checked per row."""

@@ -1104,6 +1104,17 @@ class SQLiteBackend(Backend):
     async def delete_completed_before(self, cutoff: datetime) -> int:
         return await self._transact(_delete_completed_before, _us(cutoff))
 
+    async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
+        if not statuses:
+            return None
+        parts = " UNION ALL ".join(
+            f"SELECT min(created_at) AS m FROM jobs INDEXED BY jobs_list_status "
+            f"WHERE substr(status, 1) = '{s.value}'"
+            for s in sorted(statuses)
+        )
+        rows = await self._run(_fetch_all, f"SELECT min(m) FROM ({parts})", ())
+        return _dt(rows[0][0])
+
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         sql, params = _list_sql(query)
         return _jobs(await self._run(_fetch_all, sql, params))

@@ -217,3 +217,18 @@ async def test_many_tags_and_extreme_times(queue: PoolQueue) -> None:
     assert await _all_pages(queue, 2, statuses=[S.INITIAL_PENDING]) == ["high", "mid", "low"]
     page = await queue.list_jobs(limit=1)
     assert page.jobs[0].created_at == high
+
+
+async def test_oldest_created_per_status_set(queue: PoolQueue) -> None:
+    from jobpool_async._models import ELIGIBLE
+
+    backend = queue.backend
+    assert await backend.oldest_created(ELIGIBLE) is None
+    await queue.enqueue_jobs(
+        [Job(id=f"o{i}", job_type="t", created_at=T0 + timedelta(minutes=i)) for i in range(3)]
+    )
+    assert await backend.oldest_created(ELIGIBLE) == T0
+    await queue.cancel_jobs(job_ids=["o0"])
+    assert await backend.oldest_created(ELIGIBLE) == T0 + timedelta(minutes=1)
+    assert await backend.oldest_created(frozenset({S.UNSCHEDULED})) == T0
+    assert await backend.oldest_created(frozenset({S.COMPLETED})) is None
