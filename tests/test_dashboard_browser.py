@@ -79,8 +79,12 @@ def dashboard(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 async def _fill(queue: PoolQueue) -> None:
     """A store with some history, so the pages (and the screenshot) show something."""
     jobs = [
-        Job(id=f"report-{i:03d}", job_type="report", tags=["red" if i % 3 else "blue"],
-            job_definition=b'{"pages": %d}' % i)
+        Job(
+            id=f"report-{i:03d}",
+            job_type="report",
+            tags=["red" if i % 3 else "blue"],
+            job_definition=b'{"pages": %d}' % i,
+        )
         for i in range(24)
     ]
     await queue.enqueue_jobs(jobs)
@@ -90,9 +94,7 @@ async def _fill(queue: PoolQueue) -> None:
     await queue.fail_jobs({j.id: "upstream timed out" for j in batch[9:12]})
 
 
-async def test_the_dashboard_in_chromium(
-    dashboard: tuple[str, Path], tmp_path: Path
-) -> None:
+async def test_the_dashboard_in_chromium(dashboard: tuple[str, Path], tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
     base, db = dashboard
