@@ -46,9 +46,6 @@ class Subscription:
         self.flag = False
         self.closed = False
 
-    def matches(self, job_tags: Iterable[str]) -> bool:
-        return not self.tags or self.tags.issubset(job_tags)
-
 
 class Notifier:
     """Pushes wake-ups to waiting streams; no polling in-process."""

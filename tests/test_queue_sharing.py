@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from jobpool_async import Job, JobStatus, MemoryBackend, PoolQueue
-from jobpool_async.backends.base import Listener, Moved
+from jobpool_async.backends.base import JobState, Listener, Moved
 
 DEADLINE = 10.0
 
@@ -128,6 +128,34 @@ async def test_a_claim_ends_the_earlier_assignment_another_stream_still_records(
                 await a.enqueue_job(Job(id="next", job_type="t"))
                 (job,) = await asyncio.wait_for(first.__anext__(), DEADLINE)
                 assert job.id == "next"
+
+
+async def test_a_cancel_seen_by_polling_is_told_once_however_often_it_is_seen(
+    two_queues: tuple[PoolQueue, PoolQueue, SharedStore],
+) -> None:
+    """Each poll sees the job still CANCELLING; the listener hears it once."""
+    a, b, store = two_queues
+    looks = 0
+    job_states = store.job_states
+
+    async def counted(job_ids: Sequence[str]) -> dict[str, JobState]:
+        nonlocal looks
+        looks += 1
+        return await job_states(job_ids)
+
+    store.job_states = counted  # type: ignore[method-assign]
+    await a.enqueue_job(Job(id="c", job_type="t"))
+    heard: list[str] = []
+    async with a.stream_jobs("w", max_assigned_jobs=1) as stream:
+        stream.add_cancel_listener(heard.append)
+        await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await b.cancel_jobs(job_ids=["c"])
+        async with asyncio.timeout(DEADLINE):
+            while looks < 4:  # noqa: ASYNC110 - polling with a deadline
+                await asyncio.sleep(0.01)
+        assert heard == ["c"]
+        waiting.cancel()
 
 
 async def test_pushed_events_wake_streams_without_polling() -> None:

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from jobpool_async import Backend, Job, JobStatus, PoolQueue
-from jobpool_async.backends.base import ApplyOutcome, Change, Refill
+from jobpool_async import Backend, Job, JobStatus, JobStream, PoolQueue
+from jobpool_async._notifier import Subscription
+from jobpool_async.backends.base import Change, Refill
 
 S = JobStatus
 _counter = itertools.count()
@@ -107,31 +108,67 @@ async def until(predicate: Callable[[], bool], what: str) -> None:
         raise AssertionError(f"not within {DEADLINE} s: {what}") from None
 
 
-class PauseAfterApply:
-    """Fault injection: hold a backend's ``apply`` calls chosen by ``when`` after the
-    store made the moves and before the queue sees the outcome (the window in which
-    another task can claim a job again). ``paused`` is set when one is held; ``go()``
-    lets it return."""
+class PauseAfter:
+    """Fault injection: hold a backend's ``method`` calls chosen by ``when`` (given the
+    call's arguments) after the store made the change and before the queue sees the
+    outcome: the window in which other tasks act on stale knowledge. ``paused`` is
+    set when one is held; ``go()`` lets it (and any later one) return."""
 
     def __init__(
-        self,
-        backend: Backend,
-        when: Callable[[list[Change], Refill | None], bool],
+        self, backend: Backend, method: str, when: Callable[..., bool] = lambda *a: True
     ) -> None:
         self.paused = asyncio.Event()
         self._go = asyncio.Event()
         self._when = when
-        self._inner = backend.apply
-        backend.apply = self._apply  # type: ignore[method-assign]
+        self._inner = getattr(backend, method)
+        setattr(backend, method, self._call)
 
-    async def _apply(
-        self, changes: Any, now: datetime, refill: Refill | None = None
-    ) -> ApplyOutcome:
-        outcome = await self._inner(changes, now, refill)
-        if self._when(list(changes), refill):
+    async def _call(self, *args: Any) -> Any:
+        outcome = await self._inner(*args)
+        if self._when(*args):
             self.paused.set()
             await self._go.wait()
         return outcome
 
+    async def held(self) -> None:
+        """Wait (with a deadline) until a call is held."""
+        await asyncio.wait_for(self.paused.wait(), DEADLINE)
+
     def go(self) -> None:
         self._go.set()
+
+
+class PauseAfterApply(PauseAfter):
+    """:class:`PauseAfter` on ``apply``; ``when(changes, refill)``."""
+
+    def __init__(
+        self, backend: Backend, when: Callable[[list[Change], Refill | None], bool]
+    ) -> None:
+        super().__init__(
+            backend, "apply", lambda changes, now, refill=None: when(list(changes), refill)
+        )
+
+
+class HoldWakes:
+    """Fault injection: when ``stream`` is woken in ``__anext__``, it stays held right
+    there (as if its task had not been scheduled yet) until ``release()``. Counts
+    its waits (entered) and wakes (returned from the notifier)."""
+
+    def __init__(self, queue: PoolQueue, stream: JobStream) -> None:
+        self.waits = self.wakes = 0
+        self._gate = asyncio.Event()
+        self._sub = stream._sub
+        self._inner = queue._notifier.wait
+        queue._notifier.wait = self._wait  # type: ignore[method-assign]
+
+    async def _wait(self, sub: Subscription, poll_interval: float | None) -> bool:
+        mine = sub is self._sub
+        self.waits += mine
+        woke = await self._inner(sub, poll_interval)
+        if mine:
+            self.wakes += 1
+            await self._gate.wait()
+        return woke
+
+    def release(self) -> None:
+        self._gate.set()

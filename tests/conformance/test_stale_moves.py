@@ -18,7 +18,7 @@ from collections.abc import Callable
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
 from jobpool_async.backends.base import Change, Refill
 
-from ._helpers import DEADLINE, PauseAfterApply, job, new_id, until
+from ._helpers import DEADLINE, HoldWakes, PauseAfterApply, job, new_id, until
 
 S = JobStatus
 
@@ -44,7 +44,7 @@ async def handed_and_failed_late(
     assert first.id == x.id
     pause = PauseAfterApply(queue.backend, failing(x.id))
     fail = asyncio.ensure_future(queue.fail_job(x.id, "boom"))
-    await asyncio.wait_for(pause.paused.wait(), DEADLINE)
+    await pause.held()
     assert (await queue.get_job(x.id)).status is S.FAILED_RETRY
     return first, pause, fail
 
@@ -100,24 +100,11 @@ async def test_a_late_move_does_not_drop_a_refilled_job_before_hand_over(queue: 
         (first,) = await asyncio.wait_for(a.__anext__(), DEADLINE)
     assert first.id == x.id
 
-    # b waits for a slot; its wake-ups are held at a gate so the late move lands
-    # between the refill claiming x for b and b handing x over.
-    gate = asyncio.Event()
-    waits = wakes = 0
-    real_wait = queue._notifier.wait
-
-    async def gated_wait(sub: object, poll: float | None) -> bool:
-        nonlocal waits, wakes
-        if sub is b._sub:
-            waits += 1
-        woke = await real_wait(sub, poll)  # type: ignore[arg-type]
-        if sub is b._sub:
-            wakes += 1
-            await gate.wait()
-        return woke
-
-    queue._notifier.wait = gated_wait  # type: ignore[method-assign,assignment]
-    async with queue.stream_jobs("b", tags=[tag], max_assigned_jobs=1) as b:
+    # b waits for a slot; its wake-up is held so that the late move lands between
+    # the refill claiming x for b and b handing x over.
+    b = queue.stream_jobs("b", tags=[tag], max_assigned_jobs=1)
+    wakes = HoldWakes(queue, b)
+    async with b:
         (mine,) = await asyncio.wait_for(b.__anext__(), DEADLINE)
         assert mine.id == held.id
         nxt = asyncio.ensure_future(b.__anext__())
@@ -125,14 +112,14 @@ async def test_a_late_move_does_not_drop_a_refilled_job_before_hand_over(queue: 
             await until(lambda: b._waiting, "b waits for a slot")
             pause = PauseAfterApply(queue.backend, failing(x.id))
             fail = asyncio.ensure_future(queue.fail_job(x.id, "boom"))
-            await asyncio.wait_for(pause.paused.wait(), DEADLINE)
+            await pause.held()
             await queue.complete_job(held.id, b"")  # refills b with x, in the same call
-            await until(lambda: wakes == 1, "b woke with x ready")
+            await until(lambda: wakes.wakes == 1, "b woke with x ready")
             assert [j.id for j in b._ready] == [x.id]
             pause.go()
             await asyncio.wait_for(fail, DEADLINE)  # the late move of x's old assignment
-            gate.set()
-            await until(lambda: nxt.done() or waits > wakes, "b returns or waits again")
+            wakes.release()
+            await until(lambda: nxt.done() or wakes.waits > 1, "b returns or waits again")
             assert nxt.done(), "the refilled job was dropped before hand-over"
             assert [j.id for j in nxt.result()] == [x.id]
         finally:

@@ -13,7 +13,7 @@ import pytest
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue, QueueClosedError
 
 from ..backends import BackendFactory
-from ._helpers import DEADLINE, utc
+from ._helpers import DEADLINE, PauseAfter, until, utc
 
 S = JobStatus
 
@@ -112,12 +112,53 @@ async def test_cancelling_keeps_the_slot_until_acknowledged(queue: PoolQueue) ->
         result = await queue.cancel_jobs(job_ids=[job.id])
         assert result.cancelled == [job.id]
         assert cancelled == [job.id], "the stream's cancel listener hears it at once"
+        again = await queue.cancel_jobs(job_ids=[job.id])  # already CANCELLING
+        assert again.cancelled == [job.id]
+        assert cancelled == [job.id], "a listener hears each cancelled assignment once"
         waiting = asyncio.ensure_future(stream.__anext__())
         await assert_pending(waiting)
         await queue.acknowledge_cancellation({job.id: True})
         (nxt,) = await asyncio.wait_for(waiting, DEADLINE)
         assert nxt.id == "k2"
     assert (await queue.get_job(job.id)).status is S.STOPPED
+
+
+async def test_a_retry_wakes_another_waiting_stream(queue: PoolQueue) -> None:
+    """A fail by a stream's owner (the stream not waiting) wakes a *different* stream
+    that can take the job."""
+    await queue.enqueue_job(Job(id="r1", job_type="t", tags=["t"]))
+    async with (
+        queue.stream_jobs("a", tags=["t"]) as a,
+        queue.stream_jobs("b", tags=["t"]) as b,
+    ):
+        assert [j.id for j in await next_batch(a)] == ["r1"]
+        waiting = asyncio.ensure_future(b.__anext__())
+        await until(lambda: b._waiting, "b waits for a job")
+        await queue.fail_job("r1", "retry elsewhere")
+        (job,) = await asyncio.wait_for(waiting, DEADLINE)
+        assert (job.id, job.assignee_id, job.retry_count) == ("r1", "b", 1)
+
+
+async def test_a_retry_whose_call_refills_its_stream_wakes_another_stream(
+    queue: PoolQueue,
+) -> None:
+    """The fail frees a slot of its waiting stream, whose refill takes an older job; the
+    failed job is left for a *different* waiting stream, which is woken for it."""
+    await queue.enqueue_jobs(
+        [Job(id="x", job_type="t", tags=["t", "u"]), Job(id="z", job_type="t", tags=["t"])]
+    )
+    async with (
+        queue.stream_jobs("a", tags=["t"], max_assigned_jobs=1) as a,
+        queue.stream_jobs("b", tags=["u"]) as b,
+    ):
+        assert [j.id for j in await next_batch(a)] == ["x"]
+        a_waiting = asyncio.ensure_future(a.__anext__())
+        b_waiting = asyncio.ensure_future(b.__anext__())
+        await until(lambda: a._waiting and b._waiting, "both streams wait")
+        await queue.fail_job("x", "retry elsewhere")  # refills a with z
+        assert [j.id for j in await asyncio.wait_for(a_waiting, DEADLINE)] == ["z"]
+        (job,) = await asyncio.wait_for(b_waiting, DEADLINE)
+        assert (job.id, job.assignee_id) == ("x", "b")
 
 
 async def test_waking_is_pushed_on_enqueue_and_retry(queue: PoolQueue) -> None:
@@ -288,32 +329,42 @@ async def test_jobs_assigned_but_not_handed_over_are_given_back(queue: PoolQueue
 
 
 async def test_close_while_a_claim_is_in_flight_gives_the_jobs_back(queue: PoolQueue) -> None:
+    """The stream closes while its own claim is in flight (held after its write): the
+    pending ``__anext__`` ends and the claimed jobs go back before ``aclose()`` returns."""
     await queue.enqueue_jobs([Job(id=f"z{i}", job_type="t") for i in range(5)])
     stream = queue.stream_jobs("w", max_assigned_jobs=5)
+    pause = PauseAfter(queue.backend, "claim")
     task = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0)  # the claim has started
-    await stream.aclose()
-    try:
-        batch = await asyncio.wait_for(task, DEADLINE)
-    except StopAsyncIteration:
-        batch = []
-    assert batch == [], "an __anext__ pending at close ends with StopAsyncIteration"
+    await pause.held()
+    closing = asyncio.ensure_future(stream.aclose())
+    await until(lambda: stream.closed, "the close has begun")
+    pause.go()
+    await asyncio.wait_for(closing, DEADLINE)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(task, DEADLINE)
     for job in await queue.get_jobs([f"z{i}" for i in range(5)]):
-        assert job.status in (S.INITIAL_PENDING, S.FAILED_RETRY), job
+        assert job.status is S.FAILED_RETRY and "closed" in job.error_message, job
+    assert stream.assigned_job_ids == []
 
 
 async def test_a_job_cancelled_before_hand_over_is_stopped_on_release(queue: PoolQueue) -> None:
+    """The job is claimed, then cancelled (CANCELLING) while the claim's answer is on
+    its way, and the waiting task is cancelled: the give-back stops it."""
     await queue.enqueue_job(Job(id="cx", job_type="t"))
     stream = queue.stream_jobs("w")
+    pause = PauseAfter(queue.backend, "claim")
     task = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0)
+    await pause.held()
+    assert (await queue.cancel_jobs(job_ids=["cx"])).cancelled == ["cx"]
+    assert (await queue.get_job("cx")).status is S.CANCELLING
     task.cancel()
-    await queue.cancel_jobs(job_ids=["cx"])
     with pytest.raises(asyncio.CancelledError):
         await task
+    pause.go()
     await stream.aclose()
     job = await queue.get_job("cx")
-    assert job.status in (S.UNSCHEDULED, S.STOPPED), job
+    assert job.status is S.STOPPED, job
+    assert stream.assigned_job_ids == []
 
 
 async def _give_back_a_refill(
