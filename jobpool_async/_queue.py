@@ -40,6 +40,7 @@ from ._models import (
     utcnow,
 )
 from ._notifier import Notifier, Subscription
+from ._tracing import traced_enqueue
 from ._transitions import (
     ACK_EXECUTING,
     ACK_NOT_EXECUTING,
@@ -289,6 +290,7 @@ class PoolQueue:
         """Store one new job; wake a stream that can take it. Returns its id."""
         return (await self.enqueue_jobs([job], connection=connection))[0]
 
+    @traced_enqueue
     async def enqueue_jobs(
         self, jobs: Sequence[Job], *, connection: object | None = None
     ) -> list[str]:

@@ -32,6 +32,7 @@ from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
 from ._queue import JobStream, PoolQueue
+from ._tracing import traced_processor
 
 __all__ = ["Processor", "Worker"]
 
@@ -104,7 +105,7 @@ class Worker:
         elif not isinstance(config, Config):
             raise TypeError(f"config must be a Config, got {type(config).__name__}")
         self._queue = queue
-        self._processor = processor
+        self._processor = traced_processor(processor, assignee_id)  # as is without OTel
         self.assignee_id = assignee_id
         self.config = config
         self.tags: list[str] = check_tags(tags)

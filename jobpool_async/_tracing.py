@@ -1,0 +1,90 @@
+"""OpenTelemetry spans, when ``opentelemetry-api`` is importable; otherwise nothing.
+
+Two wrappers, each applied once (at import or when a Worker is built): without
+OpenTelemetry they return what they were given, so untraced code runs exactly as
+written, and nothing else is imported. With it, spans go to whatever tracer
+provider the application configured (none configured: OpenTelemetry's no-op).
+
+* ``jobpool.enqueue``: one span per ``enqueue_jobs``/``enqueue_job`` call
+  (attribute ``jobpool.jobs``: how many).
+* ``jobpool.job``: one span per job a Worker runs, around its processor, with
+  ``jobpool.job.id``, ``jobpool.job.type``, ``jobpool.job.attempt`` (1 for the
+  first run), ``jobpool.assignee`` and ``jobpool.outcome`` (``completed``,
+  ``failed``, ``cancelled``); a failure records the exception and an error status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ._models import Job
+
+__all__ = ["trace", "traced_enqueue", "traced_processor"]
+
+try:
+    from opentelemetry import trace
+except ImportError:  # not installed: every wrapper below is the identity
+    trace = None  # type: ignore[assignment]
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+_NAME = "jobpool_async"
+
+
+def traced_enqueue(method: _F) -> _F:
+    """Wrap ``PoolQueue.enqueue_jobs`` in a ``jobpool.enqueue`` span."""
+    if trace is None:
+        return method
+    otel = trace
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, jobs: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        tracer = otel.get_tracer(_NAME)
+        with tracer.start_as_current_span("jobpool.enqueue") as span:
+            ids = await method(self, jobs, *args, **kwargs)
+            span.set_attribute("jobpool.jobs", len(ids))
+            return ids
+
+    return wrapper  # type: ignore[return-value]
+
+
+def traced_processor(
+    processor: Callable[[Job], Awaitable[Any]], assignee_id: str
+) -> Callable[[Job], Awaitable[Any]]:
+    """Wrap a Worker's processor in one ``jobpool.job`` span per run."""
+    if trace is None:
+        return processor
+    otel = trace
+
+    async def run(job: Job) -> Any:
+        tracer = otel.get_tracer(_NAME)
+        attempts = getattr(job, "attempts", 0)  # the attempts field, where it exists
+        attributes = {
+            "jobpool.job.id": job.id,
+            "jobpool.job.type": job.job_type,
+            "jobpool.job.attempt": attempts or job.retry_count + 1,
+            "jobpool.assignee": assignee_id,
+        }
+        with tracer.start_as_current_span(
+            "jobpool.job",
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await processor(job)
+            except asyncio.CancelledError:
+                span.set_attribute("jobpool.outcome", "cancelled")
+                raise
+            except BaseException as exc:
+                span.set_attribute("jobpool.outcome", "failed")
+                span.record_exception(exc)
+                span.set_status(otel.Status(otel.StatusCode.ERROR, str(exc) or type(exc).__name__))
+                raise
+            span.set_attribute("jobpool.outcome", "completed")
+            return result
+
+    return run
