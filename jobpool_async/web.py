@@ -55,6 +55,8 @@ __all__ = ["create_app"]
 #: Jobs read for the charts and the metrics' counters: the newest, created within the
 #: last hour, at most this many per refresh.
 SAMPLE_LIMIT = 5000
+#: The most jobs one action takes from "all matching" a filter.
+MAX_SELECTED = 5000
 #: Tags shown on the overview when none are given: the most frequent in the sample.
 TOP_TAGS = 8
 #: Histogram buckets (seconds) of processing time and queue wait.
@@ -532,7 +534,49 @@ class _Pages:
                 f'<input type="hidden" name="csrf" value="{e(self.csrf)}">'
                 f'<input type="hidden" name="step" value="confirm">{buttons}</form>'
             )
+            if wanted or tags or job_type:  # the whole filtered selection, not only this page
+                kept = [("status", s.value) for s in wanted] + [("tag", t) for t in tags]
+                kept += [("type", job_type)] if job_type else []
+                hidden = "".join(
+                    f'<input type="hidden" name="{e(k)}" value="{e(v)}">' for k, v in kept
+                )
+                every = "".join(
+                    f'<button type="submit" name="action" value="{e(a)}">'
+                    f"{e(label)} all matching</button> "
+                    for a, label in self.actions()
+                )
+                bulk += (
+                    f'<form method="post" action="{e(base)}/actions/selected" id="matching">'
+                    f'<input type="hidden" name="csrf" value="{e(self.csrf)}">'
+                    '<input type="hidden" name="scope" value="filter">'
+                    f'<input type="hidden" name="step" value="confirm">{hidden}{every}</form>'
+                )
         return self.respond(request, "Jobs", "jobs", live, filters + bulk)
+
+    async def matching(self, form: _Form) -> list[str] | str:
+        """Ids of every job matching the form's filters (at most MAX_SELECTED), or why not."""
+        try:
+            statuses = [JobStatus(s) for s in form.getlist("status") if s]
+        except ValueError as exc:
+            return f"bad status filter: {exc}"
+        tags = [t for t in form.getlist("tag") if t]
+        job_type = form.get("type") or None
+        ids: list[str] = []
+        after: str | None = None
+        while True:
+            page = await self.queue.list_jobs(
+                statuses=statuses or None,
+                tags=tags or None,
+                job_type=job_type,
+                limit=MAX_LIMIT,
+                after=after,
+            )
+            ids += [j.id for j in page.jobs]
+            if len(ids) > MAX_SELECTED:
+                return f"more than {MAX_SELECTED:,} jobs match: narrow the filter"
+            if page.next_after is None:
+                return ids
+            after = page.next_after
 
     async def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -613,9 +657,15 @@ class _Pages:
             action = form.get("action", "")
         if action not in dict(self.actions()):
             return _bad(f"unknown action {action!r}")
-        ids = list(dict.fromkeys(i for i in form.getlist("id") if i))
+        if form.get("scope") == "filter":
+            found = await self.matching(form)
+            if isinstance(found, str):
+                return _bad(found)
+            ids = found
+        else:
+            ids = list(dict.fromkeys(i for i in form.getlist("id") if i))
         if not ids:
-            return _bad("no jobs selected")
+            return _bad("no jobs selected (or none match)")
         base = self.base(request)
         label = dict(self.actions())[action]
         if form.get("step") != "do":

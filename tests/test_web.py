@@ -224,3 +224,26 @@ async def test_twenty_watchers_share_one_read_per_second(queue: PoolQueue) -> No
         views = sum(await asyncio.gather(*(watcher() for _ in range(20))))
     assert views > 200, "the watchers did poll"
     assert 1 <= calls <= 3, f"{calls} store reads for {views} views in 2.5 s"
+
+
+async def test_an_action_on_everything_a_filter_matches(
+    queue: PoolQueue, web: httpx.AsyncClient
+) -> None:
+    await queue.enqueue_jobs(
+        [Job(id=f"f{i:03d}", job_type="t", tags=["sel" if i % 2 else "other"]) for i in range(130)]
+    )
+    page = await web.get("/jobs", params={"tag": "sel", "limit": "10"})
+    assert 'id="matching"' in page.text and "Cancel all matching" in page.text
+    token = csrf_of(page.text)
+    form = {"csrf": token, "scope": "filter", "tag": "sel", "action": "cancel", "step": "confirm"}
+    ask = await web.post("/actions/selected", data=form)
+    assert "Cancel these 65 job(s)?" in ask.text, "every matching job, not only the page's 10"
+    ids = re.findall(r'name="id" value="([^"]+)"', ask.text)
+    assert len(ids) == 65
+    did = await web.post("/actions/cancel", data={"csrf": token, "id": ids, "step": "do"})
+    assert "Cancelled 65:" in did.text
+    stats = await queue.get_job_stats(["sel"])
+    assert stats.by_status[S.UNSCHEDULED] == 65
+    assert (await queue.get_job_stats(["other"])).by_status[S.INITIAL_PENDING] == 65
+    nothing = await web.post("/actions/selected", data={**form, "tag": "none"})
+    assert nothing.status_code == 400 and "none match" in nothing.text
