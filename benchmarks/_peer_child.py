@@ -422,7 +422,43 @@ async def saq(n: int, c: int, url: str, time_limit: float) -> float:
     return seconds
 
 
+# --- a reference ---------------------------------------------------------------------------
+
+
+async def asyncio_queue(n: int, c: int, time_limit: float) -> float:
+    """Not a job queue: an ``asyncio.Queue`` in this process, ``c`` consumer tasks,
+    nothing stored or acknowledged. The cost of the workload's own loop, and an
+    adapter that always runs (CI's quick benchmark run goes through this child with
+    it)."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    seen: Seen = []
+
+    async def consume() -> None:
+        while True:
+            seen.append(await queue.get())
+            queue.task_done()
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        queue.put_nowait(i)
+    _enqueued(t0)
+    consumers = [asyncio.create_task(consume()) for _ in range(c)]
+    try:
+        await asyncio.wait_for(queue.join(), time_limit)
+        seconds = time.perf_counter() - t0
+    finally:
+        for task in consumers:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+    problem = _check(n, seen)
+    if problem:
+        raise AssertionError(problem)
+    return seconds
+
+
 def run(peer: str, n: int, c: int, workdir: Path, dsn: str, redis: str, time_limit: float) -> float:
+    if peer == "asyncio-queue":
+        return asyncio.run(asyncio_queue(n, c, time_limit))
     if peer == "huey-normal":
         return huey(n, c, workdir, "NORMAL", time_limit)
     if peer == "huey-default":

@@ -32,6 +32,9 @@ class Store:
     cleanup: Callable[[], Awaitable[None]]
     #: Where it lives (a path or ``dsn#schema``), for child processes.
     location: str
+    #: Makes a second backend on the same store, as another process would have its
+    #: own (where the backend pushes changes between processes: PostgreSQL).
+    twin: Callable[[], Backend] | None = None
 
 
 @dataclass(slots=True)
@@ -143,7 +146,12 @@ def find_targets(names: list[str], postgres_dsn: str | None) -> list[Target]:
                 async def cleanup() -> None:
                     await drop_schema(dsn, schema)
 
-                return Store(cls(dsn, schema=schema), cleanup, f"{dsn}#{schema}")
+                return Store(
+                    cls(dsn, schema=schema),
+                    cleanup,
+                    f"{dsn}#{schema}",
+                    lambda: cls(dsn, schema=schema),
+                )
 
             out.append(Target("postgres", True, _factory=postgres, postgres_dsn=postgres_dsn))
         else:

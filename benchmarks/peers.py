@@ -26,7 +26,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 class PeerSpec:
     label: str
     module: str
-    #: "sqlite", "postgres" or "redis": what it stores in (and which server it needs).
+    #: "sqlite", "postgres", "redis" or "memory": what it stores in (and which server
+    #: it needs).
     storage: str
     #: Our backend whose figure on the same workload it is compared with.
     compare_with: str
@@ -69,6 +70,10 @@ PEERS: dict[str, PeerSpec] = {
         in_flight=2,
     ),
     "arq": PeerSpec("arq (Redis)", "arq", "redis", "sqlite"),
+    # A reference, not a job queue: nothing stored or acknowledged (see _peer_child).
+    "asyncio-queue": PeerSpec(
+        "asyncio.Queue (reference: in memory, nothing stored)", "asyncio", "memory", "memory"
+    ),
     "saq": PeerSpec("saq (Redis)", "saq", "redis", "sqlite"),
 }
 

@@ -71,7 +71,7 @@ def _metrics(row: Row) -> str:
         "scale": ("stats_ms", "stats_tagged_ms"),
         "memory": ("rss_warm_mb", "rss_end_mb", "peak_mb"),
         "e2e": ("mean_batch",),
-        "peers": ("enqueue_s", "ours_paired", "worker_paired", "worker_ratio"),
+        "peers": ("enqueue_s", "ours_paired", "worker_paired", "worker_ratio", "pairs"),
     }.get(row.workload, ())
     parts = []
     for k in keys:

@@ -340,6 +340,7 @@ class _Run:
                 )
             except Exception as exc:
                 self.failed("wake", FLOOR_FOR[name], "floor", name, params, exc)
+            row = None
             try:
                 out = await self.with_store(
                     target, lambda st: wake_latency(st.backend, s.wake_samples, s.timeout)
@@ -364,6 +365,8 @@ class _Run:
                 self.add(row)
             except Exception as exc:
                 self.failed("wake", f"jobpool_async[{name}]", "ours", name, params, exc)
+            if name == "postgres":
+                await self.wake_from_another_queue(target, params, row)
 
         if "scale" in w:
             try:
@@ -425,6 +428,30 @@ class _Run:
 
     memory_series: dict[str, list[dict[str, float]]]
 
+    async def wake_from_another_queue(
+        self, target: Target, params: dict[str, Any], same_queue: Row | None
+    ) -> None:
+        """Wake latency across processes: enqueued through a second backend on the
+        same store (its own connections and listener), the consumer's queue polling
+        only every 30 s, so the wake-up is the pushed notification. Compared with
+        ``same_queue``, the wake within one queue measured just before."""
+        s = self.s
+        system = f"jobpool_async[{target.name}] from another queue (NOTIFY, polls every 30 s)"
+
+        async def body(st: Store) -> Outcome:
+            assert st.twin is not None
+            return await wake_latency(st.backend, s.wake_samples, s.timeout, st.twin())
+
+        try:
+            out = await self.with_store(target, body)
+        except Exception as exc:
+            self.failed("wake", system, "ours", target.name, params, exc)
+            return
+        row = self.ours("wake", target.name, params, out, None, system, throughput=False)
+        p50, base = out.metrics.get("p50_ms", 0.0), same_queue and same_queue.metrics.get("p50_ms")
+        if same_queue is not None and same_queue.ok and base and p50 > 0:
+            row.baseline, row.ratio = same_queue.system, base / p50
+
     # --- peers ----------------------------------------------------------------------------
 
     async def peers(self, targets: dict[str, Target]) -> None:
@@ -459,22 +486,28 @@ class _Run:
         for peer in self.o.peers:
             await self._peer(peer, targets.get(PEERS[peer].compare_with), params)
 
-    async def _paired_ours(self, target: Target | None, workload: Any, slots: int) -> float | None:
+    async def _paired_ours(
+        self, target: Target | None, workload: Any, slots: int, system: str, peer: str
+    ) -> float | None:
         """Our rate on the peer workload (``end_to_end_stream`` or ``end_to_end_worker``)
         with ``slots`` slots, run right before the peer; None if it could not run or
-        failed its check."""
+        failed its check, which then shows as a FAILED row of ``system``."""
         s = self.s
         if target is None or not target.available:
             return None
+        params = {"jobs": s.peer_jobs, "slots": slots, "paired_with": peer}
         try:
             out = await self.with_store(
                 target,
                 lambda st: workload(st.backend, s.peer_jobs, slots, s.enqueue_batch, s.timeout),
             )
-        except Exception:
-            logger.debug("paired run of ours failed", exc_info=True)
+        except Exception as exc:
+            self.failed("peers", system, "ours", target.name, params, exc)
             return None
-        return None if out.problem else rate(out.jobs, out.seconds)
+        if out.problem:
+            self.ours("peers", target.name, params, out, None, system)
+            return None
+        return rate(out.jobs, out.seconds)
 
     async def _peer(self, peer: str, target: Target | None, params: dict[str, Any]) -> None:
         """``peer_rounds`` runs of the peer, each right after one of ours on the same
@@ -490,10 +523,17 @@ class _Run:
         result: PeerResult | None = None
         with_worker = worker_available()[0] and "worker" in self.o.workloads
         slots = conc * spec.in_flight  # as many jobs in flight as the peer holds
+        ours = f"jobpool_async[{spec.compare_with}]"
         for _ in range(s.peer_rounds):
-            ours_rate = await self._paired_ours(target, end_to_end_stream, slots)
+            ours_rate = await self._paired_ours(
+                target, end_to_end_stream, slots, f"{ours} paired", spec.label
+            )
             worker_rate = (
-                await self._paired_ours(target, end_to_end_worker, slots) if with_worker else None
+                await self._paired_ours(
+                    target, end_to_end_worker, slots, f"{ours} Worker paired", spec.label
+                )
+                if with_worker
+                else None
             )
             result = await run_peer(
                 peer, n, conc, self.workdir, self.o.postgres_dsn, self.o.redis_url, s.timeout
@@ -514,6 +554,10 @@ class _Run:
         ok = result.ok
         median_s = statistics.median(seconds) if seconds else result.seconds
         metrics = dict(result.metrics)
+        # Pairs actually run (both sides passed their checks): the medians' sample size.
+        metrics["pairs"] = float(len(ratios))
+        if with_worker:
+            metrics["worker_pairs"] = float(len(worker_ratios))
         if mine:
             metrics["ours_paired"] = statistics.median(mine)
         if mine_worker:
@@ -533,7 +577,7 @@ class _Run:
             note=result.note,
         )
         if ok and ratios:
-            row.baseline = f"jobpool_async[{spec.compare_with}]"
+            row.baseline = ours
             row.ratio = statistics.median(ratios)
         if not ok and result.unavailable:
             self.unavailable[spec.label] = result.note

@@ -8,6 +8,7 @@ returns plain numbers; the runner turns them into rows beside their floors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import sys
@@ -248,19 +249,28 @@ async def fan_out(
 # --- 4. wake latency -------------------------------------------------------------------------
 
 
-async def wake_latency(backend: Backend, samples: int, time_limit: float) -> Outcome:
+async def wake_latency(
+    backend: Backend, samples: int, time_limit: float, producer: Backend | None = None
+) -> Outcome:
     """An idle one-slot stream; one job enqueued at a time once the stream waits again.
 
     Latency is from ``enqueue_job`` returning to the consumer holding the job; when
     the consumer already has it by then (the wake ran inside the enqueue call), the
     sample is 0. The producer waits for the consumer to complete the previous job
     and then a 2 ms gap, so the stream is idle when each job arrives.
+
+    With ``producer`` (a second backend on the same store, as another process would
+    have: its own connections and listener), the jobs are enqueued through a queue
+    on it, and the consumer's queue polls only every 30 s: the wake-up must come
+    pushed from the other queue (PostgreSQL: ``NOTIFY``).
     """
     jobs = _jobs(samples)
     received: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
     latencies: list[float] = []
     delivered: list[str] = []
-    async with PoolQueue(backend) as queue:
+    poll = 30.0 if producer is not None else None
+    async with PoolQueue(backend, poll_interval=poll) as queue, contextlib.AsyncExitStack() as x:
+        enqueuer = queue if producer is None else await x.enter_async_context(PoolQueue(producer))
         started = asyncio.Event()
 
         async def consume() -> None:
@@ -278,7 +288,7 @@ async def wake_latency(backend: Backend, samples: int, time_limit: float) -> Out
         try:
             for job in jobs:
                 await asyncio.sleep(0.002)
-                await queue.enqueue_job(job)
+                await enqueuer.enqueue_job(job)
                 t_ret = now()
                 job_id, t_recv = await asyncio.wait_for(received.get(), time_limit)
                 delivered.append(job_id)

@@ -12,15 +12,17 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks import Options, Report, Sizes, run
+from benchmarks import Options, Report, Sizes, run, runner
 from benchmarks._common import check_exactly_once, percentile
 from benchmarks._targets import find_targets
-from benchmarks.peers import run_peer
+from benchmarks.peers import PEERS, run_peer
 from benchmarks.report import markdown, write
 from benchmarks.runner import WORKLOADS
+from benchmarks.workloads import Outcome
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,8 +68,39 @@ async def test_pgqueuer_peer_runs_capped_and_uncapped(tmp_path: Path, peer: str)
     assert result.seconds > 0
 
 
+async def test_a_failed_paired_run_of_ours_shows_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our run paired with a peer's that fails its check is a FAILED row (it was once
+    dropped at debug level), and the peer's row counts only the pairs that ran."""
+
+    async def broken(*args: Any) -> Outcome:
+        return Outcome(10, 0.1, problem="3 jobs never delivered")
+
+    monkeypatch.setattr(runner, "end_to_end_stream", broken)
+    report = await run(
+        Options(
+            sizes=Sizes.quick(),
+            backends=["memory"],
+            workloads=("peers",),
+            peers=("asyncio-queue",),
+            workdir=tmp_path,
+        )
+    )
+    paired = [r for r in report.rows if r.system == "jobpool_async[memory] paired"]
+    assert len(paired) == Sizes.quick().peer_rounds
+    assert all(not r.ok and r.note == "3 jobs never delivered" for r in paired)
+    assert "**FAILED**: 3 jobs never delivered" in markdown(report)
+    (peer,) = [r for r in report.rows if r.kind == "peer"]
+    assert peer.ok and peer.metrics["pairs"] == 0 and peer.ratio is None
+
+
 async def test_quick_run_every_workload_correct(tmp_path: Path) -> None:
-    peers = ("litequeue",) if importlib.util.find_spec("litequeue") else ()
+    # asyncio-queue (a reference adapter, always installed) takes the path every peer
+    # takes: a child process running benchmarks/_peer_child.py.
+    peers: tuple[str, ...] = ("asyncio-queue",)
+    if importlib.util.find_spec("litequeue"):
+        peers += ("litequeue",)
     messages: list[str] = []
     report = await run(
         Options(
@@ -108,7 +141,10 @@ async def test_quick_run_every_workload_correct(tmp_path: Path) -> None:
         memory = next(r for r in report.rows if r.backend == backend and r.workload == "memory")
         assert memory.metrics["samples"] >= 2 and memory.metrics["rss_end_mb"] > 0
     for peer in peers:
-        assert any(r.kind == "peer" and r.ok and r.jobs_per_s for r in report.rows), peer
+        (row,) = [r for r in report.rows if r.kind == "peer" and r.system == PEERS[peer].label]
+        assert row.ok and row.jobs_per_s and row.metrics["enqueue_s"] > 0, peer
+        if PEERS[peer].compare_with in available:  # paired with ours, every round
+            assert row.metrics["pairs"] == Sizes.quick().peer_rounds and row.ratio, peer
 
     _check_written(report, tmp_path / "results")
 
@@ -147,3 +183,7 @@ async def test_quick_run_postgres(tmp_path: Path) -> None:
     assert [(r.system, r.note) for r in report.rows if not r.ok] == []
     assert any(r.system == "raw asyncpg" for r in report.rows)
     assert any(r.kind == "ours" and r.ratio for r in report.rows if r.workload == "e2e")
+    (across,) = [r for r in report.rows if "from another queue" in r.system]
+    assert across.metrics["samples"] == Sizes.quick().wake_samples
+    assert across.metrics["p99_ms"] >= across.metrics["p50_ms"] > 0
+    assert across.baseline == "jobpool_async[postgres]" and across.ratio  # same run, one queue

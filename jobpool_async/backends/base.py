@@ -219,7 +219,11 @@ class Backend(abc.ABC):
         *,
         report_unmatched: bool = False,
     ) -> SelectOutcome:
-        """Move every selected job whose status ``transition`` allows, in one transaction."""
+        """Move every selected job whose status ``transition`` allows, in one transaction.
+
+        ``report_unmatched`` (what ``cancel_jobs`` reports) applies to selections by
+        ids and tags; ``everything`` and ``assignee_id`` selections report nothing.
+        """
 
     @abc.abstractmethod
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:

@@ -78,8 +78,8 @@ VACUUM_MIN_CHANGES = 10_000
 
 #: Its VACUUM pauses as autovacuum's does (PostgreSQL's default for autovacuum; a
 #: plain VACUUM does not pause): on a big table it takes longer, but leaves the
-#: server to the claims. With 1,000,000 jobs stored, claims ran at 89-126% of the
-#: empty-store rate with the pauses and 68-75% without.
+#: server to the claims. With 1,000,000 jobs stored, claims ran at 90% of the
+#: empty-store rate with the pauses (benchmarks/results/full-scale.json).
 VACUUM_COST_DELAY_MS = 2
 
 #: ``error_message`` of jobs given back after a claim's answer was lost.

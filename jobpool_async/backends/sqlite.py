@@ -714,18 +714,13 @@ def _outcome(
 
 
 def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
-    """``(seq, id, status, tags, assigned_at)`` of the selected jobs: ids first (input order), then
-    jobs by tags (enqueue order), each once."""
-    if selection.everything:
-        return conn.execute(
-            "SELECT seq, id, status, tags, assigned_at FROM jobs ORDER BY seq"
-        ).fetchall()
-    if selection.assignee_id is not None:
-        return conn.execute(
-            f"SELECT seq, id, status, tags, assigned_at FROM jobs "
-            f"WHERE assignee_id = ? AND {_ACTIVE}",
-            (selection.assignee_id,),
-        ).fetchall()
+    """``(seq, id, status, tags, assigned_at)`` of the jobs selected by ids and tags:
+    ids first (input order), then jobs by tags (enqueue order), each once.
+
+    Only such selections are read row by row (cancel and delete); ``everything`` and
+    ``assignee_id`` ones are moved in bulk by :func:`_apply_selected`."""
+    if selection.everything or selection.assignee_id is not None:
+        raise ValueError("only selections by ids and tags are read row by row")
     rows: list[Any] = []
     if selection.job_ids:
         by_id = {
@@ -755,8 +750,9 @@ def _apply_selected(
     report_unmatched: bool,
 ) -> SelectOutcome:
     out = SelectOutcome()
-    if not report_unmatched and (selection.everything or selection.assignee_id is not None):
+    if selection.everything or selection.assignee_id is not None:
         # Bulk moves (reset_running_jobs, mark_worker_unresponsive): one statement.
+        # (``report_unmatched`` is for selections by ids and tags: see the contract.)
         sets = set_clause(transition, now="?1")
         where = _one_of(transition.sources)
         params: tuple[Any, ...] = (now,)
