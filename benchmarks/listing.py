@@ -106,8 +106,7 @@ async def measure(queue: PoolQueue, calls: int) -> dict[str, float]:
     return out
 
 
-async def run(backends: list[str], sizes: list[int], calls: int) -> dict[str, Any]:
-    workdir = Path(".bench-listing")
+async def run(backends: list[str], sizes: list[int], calls: int, workdir: Path) -> dict[str, Any]:
     await asyncio.to_thread(workdir.mkdir, exist_ok=True)
     results: dict[str, Any] = {}
     for target in find_targets(backends, os.environ.get("JOBPOOL_TEST_POSTGRES_DSN")):
@@ -163,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="", help="comma-separated store sizes")
     parser.add_argument("--calls", type=int, default=21)
     parser.add_argument("--out", type=Path, default=RESULTS / "listing.md")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".bench-listing"),
+        help="where SQLite stores are made (removed after)",
+    )
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",")]
     else:
         sizes = [10_000, 100_000] + ([1_000_000] if args.full else [])
-    results = asyncio.run(run(backends, sizes, args.calls))
+    results = asyncio.run(run(backends, sizes, args.calls, args.workdir))
     write(results, sizes, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -187,3 +187,16 @@ async def test_quick_run_postgres(tmp_path: Path) -> None:
     assert across.metrics["samples"] == Sizes.quick().wake_samples
     assert across.metrics["p99_ms"] >= across.metrics["p50_ms"] > 0
     assert across.baseline == "jobpool_async[postgres]" and across.ratio  # same run, one queue
+
+
+def test_listing_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    from benchmarks import listing
+
+    out = tmp_path / "listing.md"
+    args = ["--backends", "sqlite", "--sizes", "300,600", "--calls", "1", "--out", str(out)]
+    assert listing.main([*args, "--workdir", str(tmp_path / "w")]) == 0
+    text = out.read_text()
+    assert "| newest 100 |" in text and "| tag rare (0.1%) |" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["sqlite"]) == {"300", "600"}
+    assert set(data["sqlite"]["600"]) == set(listing.QUERIES)
