@@ -14,10 +14,10 @@ import functools
 import logging
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from ._errors import BatchError, JobNotFoundError, QueueClosedError
 from ._listing import JobPage, ListQuery, encode_cursor
@@ -55,7 +55,15 @@ from ._transitions import (
     WORKER_LOST,
     Transition,
 )
-from .backends.base import ApplyOutcome, Backend, Change, Moved, Refill, Selection
+from .backends.base import (
+    ApplyOutcome,
+    Backend,
+    Change,
+    Moved,
+    Refill,
+    Selection,
+    SelectOutcome,
+)
 
 __all__ = ["JobStream", "PoolQueue"]
 
@@ -65,6 +73,7 @@ RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
 
 CancelListener = Callable[[str], None]
 _NOT_HELD = object()
+_Outcome = TypeVar("_Outcome", ApplyOutcome, SelectOutcome)
 _VALIDATE_CHUNK = 2000
 
 
@@ -230,6 +239,22 @@ class PoolQueue:
         if tagsets or freed:
             await self._notifier.publish(tagsets=tagsets, subs=freed)
 
+    def _observed(self, call: Coroutine[Any, Any, _Outcome]) -> asyncio.Future[_Outcome]:
+        """Run a backend call that moves jobs; its moves are noted when it finishes,
+        before its caller resumes, and also if the caller was cancelled meanwhile
+        (else a completed job would keep its stream's slot for ever)."""
+        task = asyncio.ensure_future(call)
+        task.add_done_callback(self._moves_done)  # before shield's: runs first
+        return asyncio.shield(task)
+
+    def _moves_done(
+        self, task: asyncio.Future[ApplyOutcome] | asyncio.Future[SelectOutcome]
+    ) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        tagsets, freed = self._note(task.result().moved)
+        self._notifier.publish_soon(tagsets=tagsets, subs=freed)
+
     def _note(self, moved: Iterable[Moved]) -> tuple[list[tuple[str, ...]], list[Subscription]]:
         """Free slots and tell cancel listeners (no await); return whom to wake.
 
@@ -368,8 +393,7 @@ class PoolQueue:
             Change(job.id, RELEASE, error_message=None if job.error_message else RELEASE_MESSAGE)
             for job in jobs
         ]
-        outcome = await self._backend.apply(changes, utcnow())
-        await self._observe(outcome.moved)
+        await self._observed(self._backend.apply(changes, utcnow()))
         for job in jobs:  # moved elsewhere meanwhile: that assignment is over too
             self._drop(stream, job.id, job.assigned_at)
         logger.debug("stream %s released %d unhanded job(s)", stream.assignee_id, len(jobs))
@@ -424,9 +448,7 @@ class PoolQueue:
                 stream = holder
                 ids.append(change.job_id)
         if stream is None or stream._closed or stream._ready:
-            outcome = await self._backend.apply(changes, utcnow())
-            await self._observe(outcome.moved)
-            return outcome
+            return await self._observed(self._backend.apply(changes, utcnow()))
         refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
         task = asyncio.ensure_future(self._backend.apply(changes, utcnow(), refill))
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
@@ -571,10 +593,9 @@ class PoolQueue:
         """Cancel the union of the jobs with all ``tags`` and those in ``job_ids``."""
         selection = self._selection(tags, job_ids, "cancel_jobs")
         await self._ready()
-        outcome = await self._backend.apply_selected(
-            CANCEL, selection, utcnow(), report_unmatched=True
+        outcome = await self._observed(
+            self._backend.apply_selected(CANCEL, selection, utcnow(), report_unmatched=True)
         )
-        await self._observe(outcome.moved)
         return CancelResult(
             cancelled=[m.job_id for m in outcome.moved],
             unknown=list(outcome.unmatched),
@@ -592,8 +613,9 @@ class PoolQueue:
 
     async def _apply_selected(self, transition: Transition, selection: Selection) -> int:
         await self._ready()
-        outcome = await self._backend.apply_selected(transition, selection, utcnow())
-        await self._observe(outcome.moved)
+        outcome = await self._observed(
+            self._backend.apply_selected(transition, selection, utcnow())
+        )
         return len(outcome.moved)
 
     # --- reading and housekeeping -------------------------------------------------

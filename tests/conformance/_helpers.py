@@ -115,7 +115,7 @@ class PauseAfter:
     set when one is held; ``go()`` lets it (and any later one) return."""
 
     def __init__(
-        self, backend: Backend, method: str, when: Callable[..., bool] = lambda *a: True
+        self, backend: Backend, method: str, when: Callable[..., bool] = lambda *a, **k: True
     ) -> None:
         self.paused = asyncio.Event()
         self._go = asyncio.Event()
@@ -123,9 +123,9 @@ class PauseAfter:
         self._inner = getattr(backend, method)
         setattr(backend, method, self._call)
 
-    async def _call(self, *args: Any) -> Any:
-        outcome = await self._inner(*args)
-        if self._when(*args):
+    async def _call(self, *args: Any, **kwargs: Any) -> Any:
+        outcome = await self._inner(*args, **kwargs)
+        if self._when(*args, **kwargs):
             self.paused.set()
             await self._go.wait()
         return outcome

@@ -13,12 +13,13 @@ interleaving is forced, not left to timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
 from jobpool_async.backends.base import Change, Refill
 
-from ._helpers import DEADLINE, HoldWakes, PauseAfterApply, job, new_id, until
+from ._helpers import DEADLINE, HoldWakes, PauseAfter, PauseAfterApply, job, new_id, until
 
 S = JobStatus
 
@@ -127,3 +128,50 @@ async def test_a_late_move_does_not_drop_a_refilled_job_before_hand_over(queue: 
         assert b.assigned_job_ids == [x.id]
     assert (await queue.get_job(x.id)).status is S.RUNNING  # handed over: the caller owns it
     await queue.complete_job(x.id, b"")
+
+
+async def test_a_move_whose_caller_was_cancelled_still_frees_the_slot(queue: PoolQueue) -> None:
+    """The task completing a job is cancelled after the store moved the job and before
+    the queue saw it: the move is still seen, the stream's slot frees."""
+    tag = new_id("tag")
+    x, y = job(tags=[tag]), job(tags=[tag])
+    await queue.enqueue_job(x)
+    async with queue.stream_jobs("a", tags=[tag], max_assigned_jobs=1) as a:
+        (first,) = await asyncio.wait_for(a.__anext__(), DEADLINE)
+        assert first.id == x.id
+        pause = PauseAfterApply(queue.backend, lambda changes, refill: True)
+        completing = asyncio.ensure_future(queue.complete_job(x.id, b""))
+        await pause.held()
+        completing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await completing
+        pause.go()
+        await queue.enqueue_job(y)
+        nxt = asyncio.ensure_future(a.__anext__())
+        try:
+            await until(lambda: nxt.done() or a._waiting, "a takes y or waits")
+            assert nxt.done(), "the completed job still takes the stream's only slot"
+            assert [j.id for j in nxt.result()] == [y.id]
+        finally:
+            nxt.cancel()
+
+
+async def test_a_cancel_whose_caller_was_cancelled_still_reaches_the_listener(
+    queue: PoolQueue,
+) -> None:
+    tag = new_id("tag")
+    x = job(tags=[tag])
+    await queue.enqueue_job(x)
+    heard: list[str] = []
+    async with queue.stream_jobs("a", tags=[tag]) as a:
+        a.add_cancel_listener(heard.append)
+        await asyncio.wait_for(a.__anext__(), DEADLINE)
+        pause = PauseAfter(queue.backend, "apply_selected")
+        cancelling = asyncio.ensure_future(queue.cancel_jobs(job_ids=[x.id]))
+        await pause.held()
+        cancelling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelling
+        pause.go()
+        await until(lambda: bool(heard), "the listener hears the cancel")
+        assert heard == [x.id]
