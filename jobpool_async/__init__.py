@@ -18,6 +18,7 @@ from ._errors import (
 from ._listing import JobPage
 from ._models import CancelResult, Job, JobStats, JobStatus
 from ._queue import JobStream, PoolQueue
+from ._retry import Discard, Retry, RetryPolicy
 from ._worker import Worker
 from .backends import Backend, MemoryBackend, open_backend
 
@@ -31,6 +32,7 @@ __all__ = [
     "BatchError",
     "CancelResult",
     "Config",
+    "Discard",
     "DuplicateJobError",
     "InvalidTransitionError",
     "Job",
@@ -46,6 +48,8 @@ __all__ = [
     "PoolQueue",
     "PostgresBackend",
     "QueueClosedError",
+    "Retry",
+    "RetryPolicy",
     "SQLiteBackend",
     "StorageError",
     "Worker",

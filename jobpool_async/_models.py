@@ -36,6 +36,7 @@ class JobStatus(enum.StrEnum):
     STOPPED = "stopped"
     UNSCHEDULED = "unscheduled"
     UNKNOWN_STOPPED = "unknown_stopped"
+    DISCARDED = "discarded"
 
     @property
     def is_final(self) -> bool:
@@ -57,8 +58,19 @@ ELIGIBLE: frozenset[JobStatus] = frozenset(
 )
 ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
 FINAL: frozenset[JobStatus] = frozenset(
-    {JobStatus.COMPLETED, JobStatus.STOPPED, JobStatus.UNSCHEDULED, JobStatus.UNKNOWN_STOPPED}
+    {
+        JobStatus.COMPLETED,
+        JobStatus.STOPPED,
+        JobStatus.UNSCHEDULED,
+        JobStatus.UNKNOWN_STOPPED,
+        JobStatus.DISCARDED,
+    }
 )
+#: The range of ``Job.priority`` (a PostgreSQL ``smallint``).
+PRIORITY_MIN = -32_768
+PRIORITY_MAX = 32_767
+#: The largest ``max_attempts`` (a PostgreSQL ``integer``).
+MAX_ATTEMPTS_LIMIT = 2**31 - 1
 
 
 def utcnow() -> datetime:
@@ -87,29 +99,41 @@ class Job:
     last_retry_at: datetime | None = None
     assignee_id: str = ""
     assigned_at: datetime | None = None
+    scheduled_at: datetime | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    attempts: int = 0
 
     def copy(self) -> Job:
         """An independent snapshot (tags list copied)."""
         return Job(
-            self.id,
-            self.job_type,
-            self.job_definition,
-            list(self.tags),
-            self.status,
-            self.created_at,
-            self.started_at,
-            self.finalized_at,
-            self.error_message,
-            self.result,
-            self.retry_count,
-            self.last_retry_at,
-            self.assignee_id,
-            self.assigned_at,
+            id=self.id,
+            job_type=self.job_type,
+            job_definition=self.job_definition,
+            tags=list(self.tags),
+            status=self.status,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finalized_at=self.finalized_at,
+            error_message=self.error_message,
+            result=self.result,
+            retry_count=self.retry_count,
+            last_retry_at=self.last_retry_at,
+            assignee_id=self.assignee_id,
+            assigned_at=self.assigned_at,
+            scheduled_at=self.scheduled_at,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            attempts=self.attempts,
         )
 
     @property
     def sort_key(self) -> datetime:
-        """Selection order: oldest first by ``last_retry_at``, else ``created_at``."""
+        """The due key (SPEC §8.2): ``scheduled_at``, else ``last_retry_at``, else
+        ``created_at``. Selection order is priority descending, then this, then
+        enqueue order."""
+        if self.scheduled_at is not None:
+            return self.scheduled_at
         return self.last_retry_at if self.last_retry_at is not None else self.created_at
 
 
@@ -126,6 +150,8 @@ class JobStats:
     failed_jobs: int
     total_retries: int
     by_status: dict[JobStatus, int]
+    #: ``DISCARDED`` jobs (not counted in ``failed_jobs`` or ``stopped_jobs``).
+    discarded_jobs: int = 0
 
     @classmethod
     def from_counts(
@@ -144,6 +170,7 @@ class JobStats:
             failed_jobs=by[JobStatus.FAILED_RETRY] + by[JobStatus.UNKNOWN_RETRY],
             total_retries=total_retries,
             by_status=by,
+            discarded_jobs=by[JobStatus.DISCARDED],
         )
 
 
@@ -285,12 +312,16 @@ def _plain_tags(tags: object) -> bool:
 
 
 def has_history(job: Job) -> bool:
-    """Whether a job to enqueue carries any history field (a re-imported job, say).
+    """Whether a job to enqueue carries any history field (a re-imported job, say) or
+    any of the time fields of SPEC §8 (a schedule, a priority, an attempt limit).
 
     Most do not; storage backends insert those with the history columns as
     constants, which is cheaper than binding a parameter for each."""
     return (
-        job.started_at is not None
+        job.scheduled_at is not None
+        or job.priority != 0
+        or job.max_attempts is not None
+        or job.started_at is not None
         or job.finalized_at is not None
         or job.result is not None
         or job.retry_count != 0
@@ -323,6 +354,12 @@ def check_new_job(job: object) -> Job:
         and job.assigned_at is None
         and job.result is None
         and job.retry_count == 0
+        and job.scheduled_at is None
+        and job.priority == 0
+        and type(job.priority) is int
+        and job.max_attempts is None
+        and job.attempts == 0
+        and type(job.attempts) is int
         and type(job.error_message) is str
         and is_storable_text(job.error_message)
         and type(job.assignee_id) is str
@@ -330,20 +367,13 @@ def check_new_job(job: object) -> Job:
         and _plain_tags(job.tags)
     ):
         return Job(
-            job.id,
-            job.job_type,
-            job.job_definition,
-            list(job.tags),
-            JobStatus.INITIAL_PENDING,
-            job.created_at,
-            None,
-            None,
-            job.error_message,
-            None,
-            0,
-            None,
-            job.assignee_id,
-            None,
+            id=job.id,
+            job_type=job.job_type,
+            job_definition=job.job_definition,
+            tags=list(job.tags),
+            created_at=job.created_at,
+            error_message=job.error_message,
+            assignee_id=job.assignee_id,
         )
     return _check_new_job_slow(job)
 
@@ -376,6 +406,12 @@ def _check_new_job_slow(job: object) -> Job:
     if not isinstance(job.assignee_id, str):
         raise TypeError(f"job {job.id!r}: assignee_id must be str")
     _check_text(job.assignee_id, f"job {job.id!r}: assignee_id")
+    check_priority(job.priority, f"job {job.id!r}: priority")
+    check_max_attempts(job.max_attempts, f"job {job.id!r}: max_attempts")
+    if not isinstance(job.attempts, int) or isinstance(job.attempts, bool):
+        raise TypeError(f"job {job.id!r}: attempts must be int, got {type(job.attempts).__name__}")
+    if job.attempts != 0:
+        raise ValueError(f"job {job.id!r}: enqueue accepts only attempts=0, got {job.attempts}")
     return Job(
         id=job.id,
         job_type=job.job_type,
@@ -391,4 +427,38 @@ def _check_new_job_slow(job: object) -> Job:
         last_retry_at=check_aware(job.last_retry_at, "last_retry_at"),
         assignee_id=job.assignee_id,
         assigned_at=check_aware(job.assigned_at, "assigned_at"),
+        scheduled_at=check_aware(job.scheduled_at, f"job {job.id!r}: scheduled_at"),
+        priority=job.priority,
+        max_attempts=job.max_attempts,
     )
+
+
+def check_priority(value: object, what: str = "priority") -> int:
+    """A priority: an ``int`` in -32,768 … 32,767 (higher is assigned first)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be int, got {type(value).__name__}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise ValueError(f"{what} must be in {PRIORITY_MIN}..{PRIORITY_MAX}, got {value}")
+    return value
+
+
+def check_max_attempts(value: object, what: str = "max_attempts") -> int | None:
+    """An attempt limit: ``None`` (unlimited) or an ``int`` ≥ 1."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be int or None, got {type(value).__name__}")
+    if not 1 <= value <= MAX_ATTEMPTS_LIMIT:
+        raise ValueError(
+            f"{what} must be in 1..{MAX_ATTEMPTS_LIMIT} (or None for unlimited), got {value}"
+        )
+    return value
+
+
+def check_delay(value: object, what: str = "retry_in") -> timedelta:
+    """A delay: a ``timedelta`` ≥ 0."""
+    if not isinstance(value, timedelta):
+        raise TypeError(f"{what} must be a timedelta, got {type(value).__name__}")
+    if value < timedelta(0):
+        raise ValueError(f"{what} must not be negative, got {value!r}")
+    return value

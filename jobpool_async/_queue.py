@@ -17,8 +17,9 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
+from ._clock import Clock, SystemClock, TimerHandle
 from ._errors import BatchError, JobNotFoundError, QueueClosedError
 from ._listing import JobPage, ListQuery, encode_cursor
 from ._models import (
@@ -29,7 +30,9 @@ from ._models import (
     Job,
     JobStats,
     JobStatus,
+    check_aware,
     check_bytes,
+    check_delay,
     check_id,
     check_ids,
     check_message,
@@ -37,18 +40,20 @@ from ._models import (
     check_seconds,
     check_tags,
     check_ttl,
-    utcnow,
 )
 from ._notifier import Notifier, Subscription
+from ._retry import RetryPolicy
 from ._tracing import traced_enqueue
 from ._transitions import (
     ACK_EXECUTING,
     ACK_NOT_EXECUTING,
     CANCEL,
     COMPLETE,
+    DISCARD,
     FAIL,
     MARK_UNKNOWN_STOPPED,
     RELEASE,
+    REQUEUE,
     STOP,
     STOP_WITH_RETRY,
     UPDATE_TO,
@@ -84,7 +89,20 @@ class PoolQueue:
     concurrently from many tasks.
     """
 
-    def __init__(self, backend: Backend, *, poll_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        poll_interval: float | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        if clock is not None and not (
+            callable(getattr(clock, "now", None)) and callable(getattr(clock, "call_at", None))
+        ):
+            raise TypeError(f"clock must have now() and call_at(), got {type(clock).__name__}")
         if not isinstance(backend, Backend):
             raise TypeError(f"backend must be a Backend, got {type(backend).__name__}")
         self._backend = backend
@@ -101,6 +119,12 @@ class PoolQueue:
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._retry = retry
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._now = self._clock.now
+        #: The one timer: set for the earliest time a waiting job comes due.
+        self._timer: TimerHandle | None = None
+        self._timer_at: datetime | None = None
         #: The event loop the queue was opened in; every call must come from it.
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Warns (ResourceWarning) if the queue is dropped or the interpreter exits
@@ -126,6 +150,15 @@ class PoolQueue:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The policy deciding a failed job's delay when ``fail_job`` gets none."""
+        return self._retry
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     async def open(self) -> None:
         """Open the backend. Called for you on first use or by ``async with``."""
@@ -201,6 +234,7 @@ class PoolQueue:
                     *(s.aclose() for s in list(self._streams)), return_exceptions=True
                 )
         finally:
+            self._cancel_timer()
             self._backend.set_listener(None)
             await self._backend.close()
 
@@ -219,10 +253,34 @@ class PoolQueue:
             for event in group:
                 event.set()
 
+    def _arm(self) -> None:
+        """Set the queue's one timer for the earliest time a waiting job comes due.
+
+        When it fires, every stream looks (its claim promotes the due jobs); then the
+        next claim re-arms it for the next due time. No per-job timers, no polling."""
+        due = self._backend.next_due()
+        if due == self._timer_at or self._closed:
+            return
+        self._cancel_timer()
+        if due is not None:
+            self._timer_at = due
+            self._timer = self._clock.call_at(due, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if not self._closed:
+            self._notifier.publish_soon(everyone=True)
+
     def _on_backend_event(self, moved: Sequence[Moved] | None) -> None:
         """Changes pushed by another process (e.g. PostgreSQL ``NOTIFY``)."""
         if self._closed:
             return
+        self._arm()
         if moved is None:
             self._wake_waiters(None)
             for stream in list(self._streams):
@@ -266,6 +324,7 @@ class PoolQueue:
         if self._waiters:
             moved = list(moved)
             self._wake_waiters(m.job_id for m in moved)
+        later = False
         for m in moved:
             stream = self._holder(m.job_id, m.assigned_at)
             if stream is not None:
@@ -276,7 +335,12 @@ class PoolQueue:
                 elif m.status is JobStatus.CANCELLING:
                     stream._cancel_requested(m.job_id, m.assigned_at)
             if m.status in ELIGIBLE:
-                tagsets.append(m.tags)
+                if m.due_at is None:
+                    tagsets.append(m.tags)
+                else:  # wakes nobody now: the timer does when it comes due
+                    later = True
+        if later:
+            self._arm()
         return tagsets, freed
 
     # --- who holds which assignment ------------------------------------------------
@@ -317,7 +381,11 @@ class PoolQueue:
 
     @traced_enqueue
     async def enqueue_jobs(
-        self, jobs: Sequence[Job], *, connection: object | None = None
+        self,
+        jobs: Sequence[Job],
+        *,
+        connection: object | None = None,
+        if_exists: Literal["error", "ignore"] = "error",
     ) -> list[str]:
         """Store new jobs all or nothing, in one transaction. Returns ids in input order.
 
@@ -325,7 +393,12 @@ class PoolQueue:
         asyncpg connection. The jobs are inserted inside the caller's transaction on
         it, so they exist if and only if that transaction commits, and streams in
         every process wake when it does (``NOTIFY`` is transactional).
+
+        ``if_exists="ignore"`` skips jobs whose id exists (stored, or earlier in the
+        batch) and returns only the ids it inserted.
         """
+        if if_exists not in ("error", "ignore"):
+            raise ValueError(f"if_exists must be 'error' or 'ignore', got {if_exists!r}")
         if connection is not None:
             self._backend.check_connection(connection)
         if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
@@ -338,12 +411,29 @@ class PoolQueue:
         await self._ready()
         if not clean:
             return []
+        ignore = if_exists == "ignore"
+        if ignore:  # the first of each id; the backend skips those stored
+            clean = list({job.id: job for job in reversed(clean)}.values())[::-1]
         if connection is not None:
             # Nobody may wake before the commit: the notification it sends does that.
-            await self._backend.insert_in(clean, connection)
-            return [job.id for job in clean]
-        await self._backend.insert(clean)
-        await self._notifier.publish(tagsets={tuple(job.tags) for job in clean})
+            ids = set(await self._backend.insert_in(clean, connection, ignore=ignore))
+            return [job.id for job in clean if job.id in ids]
+        if ignore:
+            ids = set(await self._backend.insert_new(clean))
+            clean = [job for job in clean if job.id in ids]
+        else:
+            await self._backend.insert(clean)
+        now = self._now()
+        scheduled = False
+        tagsets: set[tuple[str, ...]] = set()
+        for job in clean:
+            if job.scheduled_at is None or job.scheduled_at <= now:
+                tagsets.add(tuple(job.tags))
+            if job.scheduled_at is not None:
+                scheduled = True
+        if scheduled:
+            self._arm()
+        await self._notifier.publish(tagsets=tagsets)
         return [job.id for job in clean]
 
     # --- streaming ----------------------------------------------------------------
@@ -369,10 +459,12 @@ class PoolQueue:
 
     async def _assign(self, stream: JobStream, limit: int) -> list[Job]:
         await self._ready()
-        jobs = await self._backend.claim(stream.assignee_id, stream.tags, limit, utcnow())
+        jobs = await self._backend.claim(stream.assignee_id, stream.tags, limit, self._now())
         self._held_by(stream, jobs)
         if self._waiters:
             self._wake_waiters(job.id for job in jobs)
+        if self._backend.next_due() != self._timer_at:
+            self._arm()
         return jobs
 
     def _held_by(self, stream: JobStream, jobs: Sequence[Job]) -> None:
@@ -393,7 +485,7 @@ class PoolQueue:
             Change(job.id, RELEASE, error_message=None if job.error_message else RELEASE_MESSAGE)
             for job in jobs
         ]
-        await self._observed(self._backend.apply(changes, utcnow()))
+        await self._observed(self._backend.apply(changes, self._now()))
         for job in jobs:  # moved elsewhere meanwhile: that assignment is over too
             self._drop(stream, job.id, job.assigned_at)
         logger.debug("stream %s released %d unhanded job(s)", stream.assignee_id, len(jobs))
@@ -448,9 +540,9 @@ class PoolQueue:
                 stream = holder
                 ids.append(change.job_id)
         if stream is None or stream._closed or stream._ready:
-            return await self._observed(self._backend.apply(changes, utcnow()))
+            return await self._observed(self._backend.apply(changes, self._now()))
         refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
-        task = asyncio.ensure_future(self._backend.apply(changes, utcnow(), refill))
+        task = asyncio.ensure_future(self._backend.apply(changes, self._now(), refill))
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
         task.add_done_callback(functools.partial(self._refilled, stream))
         return await asyncio.shield(task)
@@ -467,6 +559,8 @@ class PoolQueue:
             lost = self._hold(stream, job)
             if lost is not None:
                 freed.append(lost)
+        if self._backend.next_due() != self._timer_at:
+            self._arm()
         if outcome.claimed:
             self._wake_waiters(job.id for job in outcome.claimed)
             if stream._closed:
@@ -519,14 +613,88 @@ class PoolQueue:
             changes.append(Change(key, COMPLETE, result=res))
         await self._apply_many(changes)
 
-    async def fail_job(self, job_id: str, error_message: str) -> None:
-        """RUNNING/UNKNOWN_RETRY → FAILED_RETRY (a retry); the message must not be empty."""
+    async def fail_job(
+        self, job_id: str, error_message: str, *, retry_in: timedelta | None = None
+    ) -> None:
+        """RUNNING/UNKNOWN_RETRY → FAILED_RETRY (a retry, due after ``retry_in``, else
+        after the queue's ``RetryPolicy`` delay), or DISCARDED when the job has no
+        attempts left; the message must not be empty."""
         check_id(job_id)
         msg = check_message(error_message, required=True)
-        await self._apply_one(Change(job_id, FAIL, error_message=msg))
+        delay = None if retry_in is None else check_delay(retry_in)
+        await self._ready()
+        changes = await self._fail_changes([(job_id, msg, delay)])
+        await self._apply_one(changes[0])
 
-    async def fail_jobs(self, errors: Mapping[str, str]) -> None:
-        await self._apply_many(self._changes(errors, FAIL, "errors", message_required=True))
+    async def fail_jobs(self, errors: Mapping[str, str | tuple[str, timedelta | None]]) -> None:
+        """Fail many jobs in one transaction: ``{id: message}`` or
+        ``{id: (message, retry_in)}``."""
+        items: list[tuple[str, str, timedelta | None]] = []
+        for job_id, value in self._mapping(errors, "errors").items():
+            key = check_id(job_id)
+            what = f"error_message for job {job_id!r}"
+            if isinstance(value, tuple):
+                if len(value) != 2:
+                    raise TypeError(f"errors[{job_id!r}] must be (message, retry_in)")
+                message, retry_in = value
+                delay = None if retry_in is None else check_delay(retry_in, f"retry_in of {key!r}")
+            else:
+                message, delay = value, None
+            items.append((key, check_message(message, what, required=True), delay))
+        await self._ready()
+        await self._apply_many(await self._fail_changes(items))
+
+    async def _fail_changes(
+        self,
+        items: Sequence[tuple[str, str, timedelta | None]],
+        policy: RetryPolicy | None = None,
+        attempts: Mapping[str, int] | None = None,
+    ) -> list[Change]:
+        """The FAIL changes: each job's next due time from its own delay or ``policy``
+        (the queue's by default; it needs the job's attempts: read here if not given)."""
+        policy = policy or self._retry
+        if policy is not None and attempts is None and any(d is None for _, _, d in items):
+            ids = [job_id for job_id, _, d in items if d is None]
+            attempts = {job.id: job.attempts for job in await self._backend.get_jobs(ids)}
+        now = self._now()
+        limit = policy.max_attempts if policy is not None else None
+        out = []
+        for job_id, message, delay in items:
+            if delay is None and policy is not None:
+                delay = policy.delay((attempts or {}).get(job_id, 1))
+            due = now + delay if delay else None
+            out.append(
+                Change(job_id, FAIL, error_message=message, scheduled_at=due, max_attempts=limit)
+            )
+        return out
+
+    async def discard_job(self, job_id: str, error_message: str = "") -> None:
+        """RUNNING/CANCELLING/UNKNOWN_RETRY → DISCARDED: give up on the job now."""
+        check_id(job_id)
+        msg = check_message(error_message)
+        await self._apply_one(Change(job_id, DISCARD, error_message=msg))
+
+    async def discard_jobs(self, errors: Mapping[str, str]) -> None:
+        await self._apply_many(self._changes(errors, DISCARD, "errors"))
+
+    async def requeue_jobs(
+        self,
+        tags: Sequence[str] | None = None,
+        job_ids: Sequence[str] | None = None,
+        *,
+        scheduled_at: datetime | None = None,
+    ) -> list[str]:
+        """DISCARDED/STOPPED/UNKNOWN_STOPPED → FAILED_RETRY for the union of the jobs
+        with all ``tags`` and those in ``job_ids`` (due at ``scheduled_at``, or at
+        once); counters are kept, ``result`` and ``finalized_at`` cleared. Returns the
+        ids moved; jobs in other statuses and missing ids are skipped."""
+        selection = self._selection(tags, job_ids, "requeue_jobs")
+        when = check_aware(scheduled_at, "scheduled_at")
+        await self._ready()
+        outcome = await self._observed(
+            self._backend.apply_selected(REQUEUE, selection, self._now(), scheduled_at=when)
+        )
+        return [m.job_id for m in outcome.moved]
 
     async def stop_job(self, job_id: str, error_message: str = "") -> None:
         """RUNNING/CANCELLING/UNKNOWN_RETRY → STOPPED."""
@@ -594,7 +762,7 @@ class PoolQueue:
         selection = self._selection(tags, job_ids, "cancel_jobs")
         await self._ready()
         outcome = await self._observed(
-            self._backend.apply_selected(CANCEL, selection, utcnow(), report_unmatched=True)
+            self._backend.apply_selected(CANCEL, selection, self._now(), report_unmatched=True)
         )
         return CancelResult(
             cancelled=[m.job_id for m in outcome.moved],
@@ -614,7 +782,7 @@ class PoolQueue:
     async def _apply_selected(self, transition: Transition, selection: Selection) -> int:
         await self._ready()
         outcome = await self._observed(
-            self._backend.apply_selected(transition, selection, utcnow())
+            self._backend.apply_selected(transition, selection, self._now())
         )
         return len(outcome.moved)
 
@@ -648,7 +816,7 @@ class PoolQueue:
         """Delete COMPLETED jobs finalized at or before now - ``ttl``."""
         check_ttl(ttl)
         await self._ready()
-        cutoff: datetime = utcnow() - ttl
+        cutoff: datetime = self._now() - ttl
         deleted = await self._backend.delete_completed_before(cutoff)
         if deleted:
             self._wake_waiters(None)

@@ -7,7 +7,14 @@ else in the library decides which move is legal.
 
 Side effects are derived from the move, uniformly:
 
-* ``assign`` transitions set ``assignee_id``/``assigned_at`` (and ``started_at`` once);
+* ``assign`` transitions set ``assignee_id``/``assigned_at`` (and ``started_at`` once)
+  and count an attempt (``attempts += 1``);
+* a transition with ``exhausted`` moves a job that has no attempts left (its
+  ``attempts`` ≥ its ``max_attempts``, else the caller's default limit) to the
+  ``exhausted`` target instead (``fail`` → ``DISCARDED``, SPEC §8.3);
+* a ``schedules`` transition writes the change's ``scheduled_at`` (``None`` clears
+  it) on moves to an eligible status; a ``reopens`` one clears ``finalized_at`` and
+  ``result`` (requeue);
 * entering a status in ``retry_targets`` from another status counts a retry
   (``retry_count += 1``, ``last_retry_at = now``);
 * entering a final status from another status sets ``finalized_at = now``;
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 
-from ._models import FINAL, Job, JobStatus
+from ._models import ELIGIBLE, FINAL, Job, JobStatus
 
 __all__ = [
     "ACK_EXECUTING",
@@ -31,9 +38,11 @@ __all__ = [
     "ASSIGN",
     "CANCEL",
     "COMPLETE",
+    "DISCARD",
     "FAIL",
     "MARK_UNKNOWN_STOPPED",
     "RELEASE",
+    "REQUEUE",
     "STOP",
     "STOP_WITH_RETRY",
     "UPDATE_TO",
@@ -55,12 +64,19 @@ class Transition:
     target: JobStatus | None = None
     retry_targets: frozenset[JobStatus] = frozenset()
     assign: bool = False
+    #: Where a job with no attempts left goes instead (by source status).
+    exhausted: Mapping[JobStatus, JobStatus] = field(default_factory=dict)
+    #: Writes the change's ``scheduled_at`` on moves to an eligible status.
+    schedules: bool = False
+    #: Clears ``finalized_at`` and ``result`` (a final job made eligible again).
+    reopens: bool = False
     #: Moves in ``moves`` that count a retry / set ``finalized_at`` (derived).
     retry_sources: frozenset[JobStatus] = field(init=False)
     finalize_sources: frozenset[JobStatus] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "moves", MappingProxyType(dict(self.moves)))
+        object.__setattr__(self, "exhausted", MappingProxyType(dict(self.exhausted)))
         object.__setattr__(
             self,
             "retry_sources",
@@ -79,6 +95,20 @@ class Transition:
     def target_of(self, current: JobStatus) -> JobStatus | None:
         """Where a job in ``current`` goes, or ``None`` if this move is not allowed."""
         return self.moves.get(current)
+
+    @property
+    def schedule_sources(self) -> frozenset[JobStatus]:
+        """Sources whose (normal) target is eligible: where ``scheduled_at`` is written."""
+        if not self.schedules:
+            return frozenset()
+        return frozenset(s for s, t in self.moves.items() if t in ELIGIBLE)
+
+
+def attempts_left(job: Job, default_max_attempts: int | None) -> bool:
+    """SPEC §8.3: the job's own ``max_attempts`` wins, else the caller's default;
+    ``None`` for both means unlimited."""
+    limit = job.max_attempts if job.max_attempts is not None else default_max_attempts
+    return limit is None or job.attempts < limit
 
 
 def _to(target: JobStatus, *sources: JobStatus) -> dict[JobStatus, JobStatus]:
@@ -100,7 +130,20 @@ FAIL = Transition(
     "fail",
     _to(S.FAILED_RETRY, S.RUNNING, S.UNKNOWN_RETRY),
     target=S.FAILED_RETRY,
-    retry_targets=frozenset({S.FAILED_RETRY}),
+    retry_targets=frozenset({S.FAILED_RETRY, S.DISCARDED}),
+    exhausted=_to(S.DISCARDED, S.RUNNING, S.UNKNOWN_RETRY),
+    schedules=True,
+)
+DISCARD = Transition(
+    "discard", _to(S.DISCARDED, S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY), target=S.DISCARDED
+)
+#: ``requeue_jobs``: a final job back to FAILED_RETRY, counters kept (SPEC §8.3).
+REQUEUE = Transition(
+    "requeue",
+    _to(S.FAILED_RETRY, S.DISCARDED, S.STOPPED, S.UNKNOWN_STOPPED),
+    target=S.FAILED_RETRY,
+    schedules=True,
+    reopens=True,
 )
 STOP = Transition(
     "stop", _to(S.STOPPED, S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY), target=S.STOPPED
@@ -151,14 +194,16 @@ _UPDATE_ALLOWED: dict[JobStatus, tuple[JobStatus, ...]] = {
         S.CANCELLING,
         S.UNKNOWN_RETRY,
         S.UNKNOWN_STOPPED,
+        S.DISCARDED,
     ),
     S.CANCELLING: (S.COMPLETED, S.STOPPED, S.UNKNOWN_STOPPED),
     S.FAILED_RETRY: (S.STOPPED, S.UNKNOWN_STOPPED),
-    S.UNKNOWN_RETRY: (S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED),
+    S.UNKNOWN_RETRY: (S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED, S.DISCARDED),
     S.UNKNOWN_STOPPED: (S.COMPLETED, S.STOPPED),
     S.COMPLETED: (),
     S.STOPPED: (),
     S.UNSCHEDULED: (),
+    S.DISCARDED: (),
 }
 
 
@@ -182,23 +227,36 @@ def apply(
     result: bytes | None = None,
     error_message: str | None = None,
     assignee_id: str | None = None,
+    scheduled_at: datetime | None = None,
+    max_attempts: int | None = None,
 ) -> JobStatus | None:
-    """Move ``job`` in place; return the new status, or ``None`` if not allowed."""
+    """Move ``job`` in place; return the new status, or ``None`` if not allowed.
+
+    ``scheduled_at`` is written by ``schedules`` transitions; ``max_attempts`` is the
+    caller's default attempt limit for ``exhausted`` ones."""
     current = job.status
     target = transition.moves.get(current)
     if target is None:
         return None
+    if current in transition.exhausted and not attempts_left(job, max_attempts):
+        target = transition.exhausted[current]
     if transition.assign:
         assert assignee_id is not None
         job.assignee_id = assignee_id
         job.assigned_at = now
+        job.attempts += 1
         if job.started_at is None:
             job.started_at = now
     if current in transition.retry_sources:
         job.retry_count += 1
         job.last_retry_at = now
-    if current in transition.finalize_sources:
+    if transition.reopens:
+        job.finalized_at = None
+        job.result = None
+    elif target in FINAL and target != current:
         job.finalized_at = now
+    if transition.schedules and target in ELIGIBLE:
+        job.scheduled_at = scheduled_at
     if result is not None:
         job.result = result
     if error_message is not None:

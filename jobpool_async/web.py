@@ -711,7 +711,7 @@ class _Pages:
                     + "."
                 )
             return f"Deleted {n} of {len(ids)} (the others no longer existed)."
-        requeue = self.queue.requeue_jobs  # type: ignore[attr-defined]
+        requeue = self.queue.requeue_jobs
         moved = list(await requeue(job_ids=ids))
         rest = [i for i in ids if i not in set(moved)]
         text = f"Requeued {len(moved)}: {e(', '.join(moved)) or '-'}."

@@ -95,12 +95,12 @@ def check_store(path: Path) -> dict[str, Job]:
     finally:
         db.close()
     meta = json.loads(data.pop(b"M"))
-    assert meta == {"application": "jobpool_async", "format": 2}
-    next_seq, *global_counts = struct.unpack(">Q10q", data.pop(b"N"))
+    assert meta == {"application": "jobpool_async", "format": 3}
+    next_seq, promoted, *global_counts = struct.unpack(">QQ11q", data.pop(b"N"))
     jobs: dict[str, Job] = {}
     expected: set[bytes] = set()
     tag_counts: dict[str, list[int]] = {}
-    counts = [0] * 10
+    counts = [0] * 11
     seqs: set[int] = set()
     for key in [k for k in data if k[:1] == b"J"]:
         job, seq = codec.decode_job(data.pop(key))
@@ -111,7 +111,7 @@ def check_store(path: Path) -> dict[str, Job]:
         jobs[job.id] = job
         code = codec.STATUS_CODES.index(job.status)
         counts[code] += 1
-        counts[9] += job.retry_count
+        counts[10] += job.retry_count
         created = struct.pack(">Q", _micros(job.created_at))
         expected.add(b"L" + created + idb)
         expected.add(b"S" + bytes([code]) + created + idb)
@@ -119,12 +119,17 @@ def check_store(path: Path) -> dict[str, Job]:
         for tag in job.tags:
             expected.add(b"T" + _enc(tag) + idb)
             expected.add(b"C" + _enc(tag) + created + idb)
-            per_tag = tag_counts.setdefault(tag, [0] * 10)
+            per_tag = tag_counts.setdefault(tag, [0] * 11)
             per_tag[code] += 1
-            per_tag[9] += job.retry_count
-        if job.status in ELIGIBLE:
-            sort_key = job.last_retry_at or job.created_at
-            order = struct.pack(">QQ", _micros(sort_key), seq) + idb
+            per_tag[10] += job.retry_count
+        waiting = job.scheduled_at is not None and _micros(job.scheduled_at) > promoted
+        if job.status in ELIGIBLE and waiting:
+            assert job.scheduled_at is not None
+            expected.add(b"W" + struct.pack(">QQ", _micros(job.scheduled_at), seq) + idb)
+        elif job.status in ELIGIBLE:
+            sort_key = job.scheduled_at or job.last_retry_at or job.created_at
+            prio = struct.pack(">H", 32767 - job.priority)
+            order = prio + struct.pack(">QQ", _micros(sort_key), seq) + idb
             expected.add(b"E" + order)
             expected.update(b"F" + _enc(tag) + order for tag in job.tags)
         elif job.status in ACTIVE:
@@ -136,10 +141,10 @@ def check_store(path: Path) -> dict[str, Job]:
             assert job.finalized_at is not None
     assert global_counts == counts
     stored_tag_counts = {
-        k[1:]: list(struct.unpack(">10q", data.pop(k))) for k in [k for k in data if k[:1] == b"K"]
+        k[1:]: list(struct.unpack(">11q", data.pop(k))) for k in [k for k in data if k[:1] == b"K"]
     }
     assert stored_tag_counts == {_enc(t): c for t, c in tag_counts.items()}
-    index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYC"}
+    index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYCW"}
     assert set(index.values()) <= {b""}
     missing, extra = expected - set(index), set(index) - expected
     assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])

@@ -227,8 +227,13 @@ async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
     }
     assert tables == {"jobs", "jobpool_version"}
     indexes = await index_defs(dsn, schema)
-    assert "COALESCE(last_retry_at, created_at), seq" in indexes["jobs_eligible"]
-    assert "WHERE (status = ANY" in indexes["jobs_eligible"]
+    assert (
+        "(priority DESC, COALESCE(scheduled_at, last_retry_at, created_at), seq)"
+        in indexes["jobs_eligible"]
+    )
+    assert "WHERE ((status = ANY" in indexes["jobs_eligible"]
+    assert "(wait_until IS NULL)" in indexes["jobs_eligible"]
+    assert "(wait_until)" in indexes["jobs_waiting"]
     assert "gin (tag_keys)" in indexes["jobs_tags"]
     assert "id_key" in indexes["jobs_pkey"]
     assert "assignee_id" in indexes["jobs_active_assignee"]
@@ -1040,8 +1045,10 @@ async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
 @pytest.mark.parametrize("version", [1, 2])
 async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, version: int) -> None:
     """Version 1 indexed every job's (possibly empty) tag keys, versions 1 and 2 had a
-    hash index of active jobs by assignee; opening such a store upgrades the indexes
-    and the version, and keeps every job, running ones included."""
+    hash index of active jobs by assignee, versions 1-3 had no time columns; opening
+    such a store upgrades the indexes and the version, and keeps every job, running
+    ones included. (Version 3 stores written by that version's code are tested in
+    tests/test_store_upgrades.py.)"""
     async with await open_queue(dsn, schema) as q:
         await q.enqueue_jobs([Job("run", "t"), Job("tagged", "t", tags=["x"]), Job("plain", "t")])
         async with q.stream_jobs("old-worker") as stream:
@@ -1055,7 +1062,16 @@ async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, versio
                 f"DROP INDEX {s}.jobs_active_assignee; "
                 f"CREATE INDEX jobs_active_assignee ON {s}.jobs USING hash (assignee_id) "
                 "WHERE status IN ('cancelling', 'running'); "
-                f"UPDATE {s}.jobpool_version SET version = {version}"
+                f"UPDATE {s}.jobpool_version SET version = {version}; "
+                f"DROP INDEX {s}.jobs_eligible_tags; DROP INDEX {s}.jobs_eligible; "
+                f"DROP INDEX {s}.jobs_waiting; "
+                f"ALTER TABLE {s}.jobs DROP COLUMN scheduled_at, DROP COLUMN priority, "
+                "DROP COLUMN max_attempts, DROP COLUMN attempts, DROP COLUMN wait_until; "
+                f"CREATE INDEX jobs_eligible ON {s}.jobs (COALESCE(last_retry_at, created_at), seq)"
+                " WHERE status IN ('failed_retry', 'initial_pending', 'unknown_retry'); "
+                f"CREATE INDEX jobs_eligible_tags ON {s}.jobs USING gin (tag_keys) "
+                "WHERE status IN ('failed_retry', 'initial_pending', 'unknown_retry') "
+                "AND tag_keys <> '{}'"
             )
             if version == 1:
                 await conn.execute(
@@ -1077,7 +1093,7 @@ async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, versio
         assert await q.mark_worker_unresponsive("old-worker") == 1
         assert (await q.get_job(running.id)).status is JobStatus.UNKNOWN_RETRY
     rows = await sql(dsn, f"SELECT version FROM {s}.jobpool_version")
-    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [3]
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [4]
     defs = await index_defs(dsn, schema)
     assert "tag_keys <> '{}'::text[]" in defs["jobs_tags"]
     assert 'btree ("left"(assignee_id, 200))' in defs["jobs_active_assignee"]

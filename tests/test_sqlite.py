@@ -471,9 +471,13 @@ async def test_claim_query_plans_read_only_the_eligible_indexes(tmp_path: Path) 
     assert "TEMP B-TREE" not in untagged  # already in selection order
     for several in (False, True):
         tagged = plan(conn, sq.claim_tags_sql(several), 5 if several else 4)
-        assert "USING COVERING INDEX job_tags_eligible (tag=? AND sort_key>?)" in tagged
+        assert "USING COVERING INDEX job_tags_eligible (tag=?)" in tagged
         assert "TEMP B-TREE" not in tagged
         assert "SCAN jobs" not in tagged and "SCAN job_tags" not in tagged
+    # Jobs scheduled for later are found (and promoted) through their own index only.
+    next_due = plan(conn, sq._NEXT_DUE, 0)
+    assert "USING INDEX jobs_waiting" in next_due and "TEMP B-TREE" not in next_due
+    assert "USING INDEX jobs_waiting (wait_until>? AND wait_until<?)" in plan(conn, sq._PROMOTE, 1)
     conn.close()
 
 

@@ -32,8 +32,12 @@ __all__ = [
 APPLICATION = "jobpool_async"
 #: Bumped whenever keys or records change incompatibly; newer stores are refused,
 #: older ones upgraded on open. 2: the listing keys (``L``, ``S``, ``Y``, ``C``).
-FORMAT_VERSION = 2
-RECORD_VERSION = 1
+#: 3: schedules, priorities, attempts, DISCARDED (records of version 2, the ``W``
+#: index, the priority in ``E``/``F`` keys, a DISCARDED counter slot).
+FORMAT_VERSION = 3
+RECORD_VERSION = 2
+#: Store formats :mod:`jobpool_async.backends.leveldb` upgrades in place on open.
+UPGRADABLE_FORMATS = (1, 2)
 
 #: The stored code of each status. Fixed: never reorder, only append.
 STATUS_CODES: tuple[JobStatus, ...] = (
@@ -46,7 +50,10 @@ STATUS_CODES: tuple[JobStatus, ...] = (
     JobStatus.STOPPED,
     JobStatus.UNSCHEDULED,
     JobStatus.UNKNOWN_STOPPED,
+    JobStatus.DISCARDED,
 )
+#: Statuses of format 1 (before DISCARDED): its counter records have one slot fewer.
+N_STATUS_V1 = 9
 CODE_OF: dict[JobStatus, int] = {s: i for i, s in enumerate(STATUS_CODES)}
 N_STATUS = len(STATUS_CODES)
 
@@ -127,16 +134,28 @@ def u64(value: int) -> bytes:
     return _U64.pack(value)
 
 
+def read_u64(key: bytes, at: int) -> int:
+    return int(_U64.unpack_from(key, at)[0])
+
+
+_PRIO = struct.Struct(">H")
+
+
+def prio_part(priority: int) -> bytes:
+    """2 bytes that sort higher priorities first (priority is -32,768 … 32,767)."""
+    return _PRIO.pack(32767 - priority)
+
+
 # --- the meta marker ----------------------------------------------------------------
 
 
-def encode_meta() -> bytes:
-    return json.dumps({"application": APPLICATION, "format": FORMAT_VERSION}).encode()
+def encode_meta(version: int = FORMAT_VERSION) -> bytes:
+    return json.dumps({"application": APPLICATION, "format": version}).encode()
 
 
 def check_meta(raw: bytes, where: str) -> int:
-    """The store format of this library's meta ``raw``; :class:`StorageError` if it is not
-    ours or is newer than this code."""
+    """The format version of this library's meta ``raw``; :class:`StorageError` unless
+    it is one this code reads or upgrades."""
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -159,7 +178,7 @@ def check_meta(raw: bytes, where: str) -> int:
 # --- counters -----------------------------------------------------------------------
 
 _COUNTS = struct.Struct(f">{N_STATUS + 1}q")
-_GLOBAL = struct.Struct(f">Q{N_STATUS + 1}q")
+_GLOBAL = struct.Struct(f">QQ{N_STATUS + 1}q")
 
 
 class Counters:
@@ -195,36 +214,64 @@ class Counters:
         except struct.error as exc:
             raise StorageError(f"corrupt counter record: {exc}") from exc
 
+    @classmethod
+    def decode_v1(cls, raw: bytes) -> Counters:
+        """A format 1 counter record (no DISCARDED slot)."""
+        try:
+            *counts, retries = _COUNTS_V1.unpack(raw)
+        except struct.error as exc:
+            raise StorageError(f"corrupt counter record: {exc}") from exc
+        return cls([*counts, 0, retries])
 
-def encode_global(next_seq: int, counters: Counters) -> bytes:
-    return _GLOBAL.pack(next_seq, *counters.values)
+
+_COUNTS_V1 = struct.Struct(f">{N_STATUS_V1 + 1}q")
+_GLOBAL_V1 = struct.Struct(f">Q{N_STATUS_V1 + 1}q")
 
 
-def decode_global(raw: bytes) -> tuple[int, Counters]:
+def encode_global(next_seq: int, promoted: int, counters: Counters) -> bytes:
+    """The ``N`` record: next seq, the promotion watermark (micros), the counters."""
+    return _GLOBAL.pack(next_seq, promoted, *counters.values)
+
+
+def decode_global(raw: bytes) -> tuple[int, int, Counters]:
     try:
-        next_seq, *values = _GLOBAL.unpack(raw)
+        next_seq, promoted, *values = _GLOBAL.unpack(raw)
     except struct.error as exc:
         raise StorageError(f"corrupt store counters: {exc}") from exc
-    return next_seq, Counters(values)
+    return next_seq, promoted, Counters(values)
+
+
+def decode_global_v1(raw: bytes) -> tuple[int, Counters]:
+    try:
+        next_seq, *values = _GLOBAL_V1.unpack(raw)
+    except struct.error as exc:
+        raise StorageError(f"corrupt store counters: {exc}") from exc
+    *counts, retries = values
+    return next_seq, Counters([*counts, 0, retries])
 
 
 # --- job records --------------------------------------------------------------------
 #
-# One fixed header, then the variable fields back to back:
+# One fixed header, then the variable fields back to back (record version 2):
 #
 #   version u8 | status code u8 | presence flags u8 | seq u64 | retry_count u64
 #   | created_at, started_at, finalized_at, last_retry_at, assigned_at: u64 micros
+#   | scheduled_at u64 micros | priority i16 | max_attempts i64 (-1: None)
+#   | attempts i64
 #   | byte lengths (u32) of: id, job_type, job_definition, error_message,
 #     assignee_id, result, tags
 #   | id | job_type | job_definition | error_message | assignee_id | result | tags
 #
+# Version 1 (format 1 stores) lacks the four time fields; it is read only to upgrade.
 # Text is UTF-8 (surrogatepass). Tags are joined by NUL, which no tag may contain.
 
-_HEAD = struct.Struct(">BBBQQQQQQQIIIIIII")
+_HEAD = struct.Struct(">BBBQQQQQQQQhqqIIIIIII")
 _HEAD_SIZE = _HEAD.size
-_F_STARTED, _F_FINALIZED, _F_RETRY, _F_ASSIGNED, _F_RESULT = 1, 2, 4, 8, 16
-_KNOWN_FLAGS = 31
+_HEAD_V1 = struct.Struct(">BBBQQQQQQQIIIIIII")
+_F_STARTED, _F_FINALIZED, _F_RETRY, _F_ASSIGNED, _F_RESULT, _F_SCHEDULED = 1, 2, 4, 8, 16, 32
+_KNOWN_FLAGS = 63
 _VERSION_BYTE = bytes([RECORD_VERSION])
+_LENGTHS = 14  # index of the first length in a version 2 header
 
 
 def _opt(dt: datetime | None) -> int:
@@ -234,7 +281,7 @@ def _opt(dt: datetime | None) -> int:
 def encode_job(job: Job, seq: int) -> bytes:
     """The stored form of ``job`` (with its enqueue sequence number)."""
     flags = 0
-    started = finalized = retried = assigned = 0
+    started = finalized = retried = assigned = scheduled = 0
     if job.started_at is not None:
         flags |= _F_STARTED
         started = to_micros(job.started_at)
@@ -247,6 +294,9 @@ def encode_job(job: Job, seq: int) -> bytes:
     if job.assigned_at is not None:
         flags |= _F_ASSIGNED
         assigned = to_micros(job.assigned_at)
+    if job.scheduled_at is not None:
+        flags |= _F_SCHEDULED
+        scheduled = to_micros(job.scheduled_at)
     result = job.result
     if result is not None:
         flags |= _F_RESULT
@@ -276,6 +326,10 @@ def encode_job(job: Job, seq: int) -> bytes:
         finalized,
         retried,
         assigned,
+        scheduled,
+        job.priority,
+        -1 if job.max_attempts is None else job.max_attempts,
+        job.attempts,
         len(id_),
         len(type_),
         len(definition),
@@ -292,23 +346,34 @@ def _corrupt(detail: str) -> StorageError:
 
 
 def _head(raw: bytes) -> tuple[int, ...]:
-    """The checked fixed header of a record."""
+    """The checked fixed header of a record, as a version 2 header (a version 1
+    header gets the defaults of the fields it lacks)."""
     if raw[:1] != _VERSION_BYTE:
         if not raw:
             raise _corrupt("empty record")
-        raise StorageError(
-            f"job record format {raw[0]} is unknown to this jobpool_async "
-            f"(reads format {RECORD_VERSION})"
-        )
+        if raw[0] != 1:
+            raise StorageError(
+                f"job record format {raw[0]} is unknown to this jobpool_async "
+                f"(reads format {RECORD_VERSION})"
+            )
+        try:
+            old = _HEAD_V1.unpack_from(raw)
+        except struct.error as exc:
+            raise _corrupt(str(exc)) from exc
+        if old[1] >= N_STATUS_V1 or old[2] & ~31:
+            raise _corrupt("bad status code or flags")
+        if _HEAD_V1.size + sum(old[10:]) != len(raw):
+            raise _corrupt("field lengths do not match the record size")
+        return (*old[:10], 0, 0, -1, 0, *old[10:], _HEAD_V1.size)
     try:
         head = _HEAD.unpack_from(raw)
     except struct.error as exc:
         raise _corrupt(str(exc)) from exc
     if head[1] >= N_STATUS or head[2] & ~_KNOWN_FLAGS:
         raise _corrupt("bad status code or flags")
-    if _HEAD_SIZE + sum(head[10:]) != len(raw):
+    if _HEAD_SIZE + sum(head[_LENGTHS:]) != len(raw):
         raise _corrupt("field lengths do not match the record size")
-    return head
+    return (*head, _HEAD_SIZE)
 
 
 def decode_job(raw: bytes) -> tuple[Job, int]:
@@ -324,6 +389,10 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
         finalized,
         retried,
         assigned,
+        scheduled,
+        priority,
+        max_attempts,
+        attempts,
         n_id,
         n_type,
         n_def,
@@ -331,8 +400,9 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
         n_assignee,
         n_result,
         n_tags,
+        size,
     ) = _head(raw)
-    e_id = _HEAD_SIZE + n_id
+    e_id = size + n_id
     e_type = e_id + n_type
     e_def = e_type + n_def
     e_err = e_def + n_err
@@ -340,20 +410,26 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
     e_result = e_assignee + n_result
     try:
         job = Job(
-            raw[_HEAD_SIZE:e_id].decode("utf-8", "surrogatepass"),
-            raw[e_id:e_type].decode("utf-8", "surrogatepass"),
-            raw[e_type:e_def],
-            raw[e_result:].decode("utf-8", "surrogatepass").split("\x00") if n_tags else [],
-            STATUS_CODES[code],
-            from_micros(created),
-            from_micros(started) if flags & _F_STARTED else None,
-            from_micros(finalized) if flags & _F_FINALIZED else None,
-            raw[e_def:e_err].decode("utf-8", "surrogatepass") if n_err else "",
-            raw[e_assignee:e_result] if flags & _F_RESULT else None,
-            retries,
-            from_micros(retried) if flags & _F_RETRY else None,
-            raw[e_err:e_assignee].decode("utf-8", "surrogatepass") if n_assignee else "",
-            from_micros(assigned) if flags & _F_ASSIGNED else None,
+            id=raw[size:e_id].decode("utf-8", "surrogatepass"),
+            job_type=raw[e_id:e_type].decode("utf-8", "surrogatepass"),
+            job_definition=raw[e_type:e_def],
+            tags=raw[e_result:].decode("utf-8", "surrogatepass").split("\x00") if n_tags else [],
+            status=STATUS_CODES[code],
+            created_at=from_micros(created),
+            started_at=from_micros(started) if flags & _F_STARTED else None,
+            finalized_at=from_micros(finalized) if flags & _F_FINALIZED else None,
+            error_message=raw[e_def:e_err].decode("utf-8", "surrogatepass") if n_err else "",
+            result=raw[e_assignee:e_result] if flags & _F_RESULT else None,
+            retry_count=retries,
+            last_retry_at=from_micros(retried) if flags & _F_RETRY else None,
+            assignee_id=(
+                raw[e_err:e_assignee].decode("utf-8", "surrogatepass") if n_assignee else ""
+            ),
+            assigned_at=from_micros(assigned) if flags & _F_ASSIGNED else None,
+            scheduled_at=from_micros(scheduled) if flags & _F_SCHEDULED else None,
+            priority=priority,
+            max_attempts=None if max_attempts < 0 else max_attempts,
+            attempts=attempts,
         )
     except (UnicodeDecodeError, OverflowError) as exc:
         raise _corrupt(str(exc)) from exc

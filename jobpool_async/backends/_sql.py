@@ -17,13 +17,14 @@ from collections.abc import Iterable
 from .._models import JobStatus
 from .._transitions import Transition
 
-__all__ = ["CLAIMED_COLUMNS", "in_list", "set_clause", "status_case"]
+__all__ = ["CLAIMED_COLUMNS", "exhausted_sql", "in_list", "set_clause", "status_case"]
 
 #: The columns a claim returns: those it did not set itself (status, assignee and
 #: assignment time are the claim's own values, so reading them back is wasted work).
 CLAIMED_COLUMNS = (
     "id, job_type, job_definition, tags, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at"
+    "error_message, result, retry_count, last_retry_at, scheduled_at, priority, "
+    "max_attempts, attempts"
 )
 
 
@@ -35,13 +36,28 @@ def in_list(statuses: Iterable[JobStatus]) -> str:
     return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
-def status_case(transition: Transition, column: str = "status") -> str:
-    """``CASE status WHEN 'running' THEN 'completed' … END`` for the transition's moves."""
+def status_case(
+    transition: Transition, column: str = "status", exhausted: str | None = None
+) -> str:
+    """``CASE status WHEN 'running' THEN 'completed' … END`` for the transition's moves;
+    with ``exhausted`` (a SQL condition: no attempts left), its exhausted targets first."""
     whens = " ".join(
         f"WHEN '{src.value}' THEN '{dst.value}'"
         for src, dst in sorted(transition.moves.items(), key=lambda kv: kv[0].value)
     )
-    return f"CASE {column} {whens} END"
+    case = f"CASE {column} {whens} END"
+    if not transition.exhausted or exhausted is None:
+        return case
+    first = " ".join(
+        f"WHEN {column} = '{src.value}' AND ({exhausted}) IS TRUE THEN '{dst.value}'"
+        for src, dst in sorted(transition.exhausted.items(), key=lambda kv: kv[0].value)
+    )
+    return f"CASE {first} ELSE {case} END"
+
+
+def exhausted_sql(default_max_attempts: str) -> str:
+    """SQL: the job has no attempts left (``max_attempts``, else the given default)."""
+    return f"attempts >= COALESCE(max_attempts, {default_max_attempts})"
 
 
 def set_clause(
@@ -52,14 +68,20 @@ def set_clause(
     error_message: str | None = None,
     assignee_id: str | None = None,
     retry_increment: str = "1",
+    scheduled_at: str = "NULL",
+    max_attempts: str = "NULL",
 ) -> str:
     """The ``SET`` list of an ``UPDATE`` applying ``transition`` with its side effects.
 
-    ``now``/``result``/``error_message``/``assignee_id`` are SQL expressions
-    (placeholders); ``result`` and ``error_message`` keep the stored value when the
-    bound parameter is NULL. The caller adds ``WHERE status IN in_list(sources)``.
+    ``now``/``result``/``error_message``/``assignee_id``/``scheduled_at``/
+    ``max_attempts`` (the default attempt limit) are SQL expressions (placeholders);
+    ``result`` and ``error_message`` keep the stored value when the bound parameter
+    is NULL. A ``schedules`` transition writes ``scheduled_at`` and ``wait_until``
+    (the backends' "not yet due" marker, cleared when the job comes due). The caller
+    adds ``WHERE status IN in_list(sources)``.
     """
-    parts = [f"status = {status_case(transition)}"]
+    exhausted = exhausted_sql(max_attempts) if transition.exhausted else None
+    parts = [f"status = {status_case(transition, exhausted=exhausted)}"]
     if transition.assign:
         if assignee_id is None:
             raise ValueError(f"{transition.name} needs an assignee_id expression")
@@ -67,6 +89,7 @@ def set_clause(
             f"assignee_id = {assignee_id}",
             f"assigned_at = {now}",
             f"started_at = COALESCE(started_at, {now})",
+            "attempts = attempts + 1",
         ]
     if transition.retry_sources:
         cond = f"status IN {in_list(transition.retry_sources)}"
@@ -74,9 +97,24 @@ def set_clause(
             f"retry_count = retry_count + CASE WHEN {cond} THEN {retry_increment} ELSE 0 END",
             f"last_retry_at = CASE WHEN {cond} THEN {now} ELSE last_retry_at END",
         ]
-    if transition.finalize_sources:
-        cond = f"status IN {in_list(transition.finalize_sources)}"
-        parts.append(f"finalized_at = CASE WHEN {cond} THEN {now} ELSE finalized_at END")
+    if transition.reopens:
+        parts += ["finalized_at = NULL", "result = NULL"]
+    elif transition.finalize_sources or exhausted is not None:
+        whens = ""
+        if transition.finalize_sources:
+            whens += f" WHEN status IN {in_list(transition.finalize_sources)} THEN {now}"
+        if exhausted is not None:
+            whens += (
+                f" WHEN status IN {in_list(transition.exhausted)} AND ({exhausted}) IS TRUE"
+                f" THEN {now}"
+            )
+        parts.append(f"finalized_at = CASE{whens} ELSE finalized_at END")
+    if transition.schedules:
+        cond = f"status IN {in_list(transition.schedule_sources)}"
+        if exhausted is not None:
+            cond += f" AND NOT (({exhausted}) IS TRUE)"
+        for column in ("scheduled_at", "wait_until"):
+            parts.append(f"{column} = CASE WHEN {cond} THEN {scheduled_at} ELSE {column} END")
     if result is not None:
         parts.append(f"result = COALESCE({result}, result)")
     if error_message is not None:

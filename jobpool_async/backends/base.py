@@ -15,9 +15,15 @@ checks them):
   (or the documented ``JobPoolError``) and leaves the store as it was.
 * Arguments arrive validated; backends do not re-check user input.
 * Returned jobs are fresh snapshots with timezone-aware UTC datetimes.
-* Claiming reads an index of eligible jobs in selection order
-  (``last_retry_at`` or else ``created_at``, then enqueue order); its cost does
-  not grow with the number of final jobs kept.
+* Claiming reads an index of eligible jobs in selection order (``priority``
+  descending, then the due key ``scheduled_at`` or ``last_retry_at`` or else
+  ``created_at``, then enqueue order); its cost does not grow with the number of
+  final jobs kept, nor with the number of jobs scheduled for later: a job that
+  becomes eligible with a ``scheduled_at`` (enqueue, a ``schedules`` transition)
+  waits in a separate index ordered by that time and is moved into the eligible
+  index ("promoted") by the first claim at or after it.
+* :meth:`Backend.next_due` tells the queue the earliest time a waiting job
+  comes due, as far as this process knows, so it sets one timer for it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class Change(NamedTuple):
     transition: Transition
     result: bytes | None = None
     error_message: str | None = None
+    #: For ``schedules`` transitions: the job's new ``scheduled_at`` (``None`` clears it).
+    scheduled_at: datetime | None = None
+    #: For ``exhausted`` transitions: the attempt limit of jobs without their own.
+    max_attempts: int | None = None
 
 
 class Moved(NamedTuple):
@@ -73,6 +83,8 @@ class Moved(NamedTuple):
     status: JobStatus
     assigned_at: datetime | None
     tags: tuple[str, ...] = ()
+    #: An eligible job that is not due yet: when it comes due (``None``: due now).
+    due_at: datetime | None = None
 
 
 class Refill(NamedTuple):
@@ -177,11 +189,19 @@ class Backend(abc.ABC):
             "own transaction needs the PostgreSQL backend and an asyncpg connection"
         )
 
-    async def insert_in(self, jobs: Sequence[Job], connection: object) -> None:
-        """Like :meth:`insert`, but with the caller's own database connection, inside
-        the caller's transaction: the jobs exist if and only if it commits."""
+    async def insert_in(
+        self, jobs: Sequence[Job], connection: object, *, ignore: bool = False
+    ) -> list[str]:
+        """Like :meth:`insert` (or with ``ignore``, :meth:`insert_new`), but with the
+        caller's own database connection, inside the caller's transaction: the jobs
+        exist if and only if it commits. Returns the ids inserted."""
         self.check_connection(connection)
         raise NotImplementedError  # pragma: no cover - check_connection raised
+
+    @abc.abstractmethod
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        """Store the jobs of ``jobs`` whose id is not stored (nor earlier in ``jobs``),
+        in one transaction; return their ids in input order (``if_exists="ignore"``)."""
 
     @abc.abstractmethod
     async def claim(
@@ -218,11 +238,13 @@ class Backend(abc.ABC):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
         """Move every selected job whose status ``transition`` allows, in one transaction.
 
         ``report_unmatched`` (what ``cancel_jobs`` reports) applies to selections by
         ids and tags; ``everything`` and ``assignee_id`` selections report nothing.
+        ``scheduled_at`` is written by a ``schedules`` transition (requeue).
         """
 
     @abc.abstractmethod
@@ -263,6 +285,12 @@ class Backend(abc.ABC):
         """The earliest ``created_at`` among jobs in ``statuses`` (``None``: no such job),
         read from the listing index per status (the dashboard's oldest waiting job)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement oldest_created")
+
+    def next_due(self) -> datetime | None:
+        """The earliest ``scheduled_at`` of a job waiting to come due, as far as this
+        process knows (it may have been claimed or cancelled since: then the queue's
+        timer fires for nothing), or ``None``. A claim at or after it promotes it."""
+        return None
 
     def set_listener(self, listener: Listener | None) -> None:  # noqa: B027 - optional hook
         """Receive changes made by other processes, for backends that can push them.

@@ -14,11 +14,13 @@ microseconds since 0001-01-01 UTC as big-endian u64; ``seq`` is the job's enqueu
 sequence number, a big-endian u64 allocated from the meta counters, so it survives
 reopening)::
 
-    M                                   -> JSON {"application": "jobpool_async", "format": 1}
-    N                                   -> next seq u64, count per status, retry sum
+    M                                   -> JSON {"application": "jobpool_async", "format": 2}
+    N                                   -> next seq u64, promoted-until u64, count per
+                                           status, retry sum
     J id                                -> the job record (_leveldb_codec.encode_job)
-    E sort_time seq id                  -> ""  eligible jobs, in selection order
-    F enc(tag) sort_time seq id         -> ""  eligible jobs per tag, in selection order
+    E prio sort_time seq id             -> ""  due eligible jobs, in selection order
+    F enc(tag) prio sort_time seq id    -> ""  due eligible jobs per tag, likewise
+    W scheduled_time seq id             -> ""  eligible jobs waiting for their schedule
     T enc(tag) id                       -> ""  every job per tag
     K enc(tag)                          -> count per status and retry sum of the tag's jobs
     A enc(assignee) id                  -> ""  RUNNING/CANCELLING jobs per assignee
@@ -32,7 +34,13 @@ reopening)::
 ``(created_time, id)``: newest first, ties by id. A format 1 store (before these
 keys) is upgraded in place on open (:meth:`LevelDBBackend._upgrade`).
 
-``sort_time`` is ``last_retry_at`` or else ``created_at``. A claim walks ``E`` (or
+``prio`` is 32767 - priority as big-endian u16 (higher priorities first);
+``sort_time`` is the due key: ``scheduled_at``, else ``last_retry_at``, else
+``created_at``. An eligible job is in ``W`` instead of ``E``/``F`` while its
+``scheduled_at`` is after the *promotion watermark* kept in ``N``: a claim at
+``now`` first moves the ``W`` entries up to ``now`` into ``E``/``F`` and raises
+the watermark to ``now`` (one batch), so jobs scheduled for later are never
+scanned by a claim. A claim walks ``E`` (or
 the ``F`` index of the filter tag with the fewest eligible jobs, checking the other
 tags in the record), so its cost does not depend on how many final jobs are kept.
 Stats without tags read ``N``; with one tag, ``K``; with several, the ``T`` index of
@@ -108,6 +116,8 @@ _LIST_TYPE = b"Y"
 _LIST_TAG = b"C"
 #: Jobs per write batch when a format 1 store gets its listing keys.
 _UPGRADE_BATCH = 10_000
+#: Eligible jobs waiting for their schedule (format 3).
+_WAITING = b"W"
 _ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
 _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: How many per-tag scan floors to remember (see ``_floors``).
@@ -125,6 +135,7 @@ _OPEN_HERE: set[Path] = set()
 _DERIVED = (
     _ELIGIBLE,
     _ELIGIBLE_TAG,
+    _WAITING,
     _TAG,
     _TAG_COUNTS,
     _ASSIGNEE,
@@ -154,13 +165,23 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
-def _index_keys(job: Job, seq: int, idb: bytes) -> list[bytes]:
-    """The status-dependent index keys of ``job`` (``idb``: its id as key bytes); the
-    last is always its ``S`` listing key."""
+def _index_keys(job: Job, seq: int, idb: bytes, promoted: int) -> list[bytes]:
+    """The status-dependent index keys of ``job`` (``idb``: its id as key bytes;
+    ``promoted``: the promotion watermark, micros); the last is always its ``S``
+    listing key."""
     status = job.status
     listed = _LIST_STATUS + bytes((codec.CODE_OF[status],)) + _created(job) + idb
     if status in ELIGIBLE:
-        order = codec.order_part(codec.to_micros(job.sort_key), seq) + idb
+        scheduled = job.scheduled_at
+        if scheduled is not None:
+            at = codec.to_micros(scheduled)
+            if at > promoted:
+                return [_WAITING + codec.order_part(at, seq) + idb, listed]
+        order = (
+            codec.prio_part(job.priority)
+            + codec.order_part(codec.to_micros(job.sort_key), seq)
+            + idb
+        )
         keys = [_ELIGIBLE + order]
         for tag in job.tags:
             keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
@@ -213,13 +234,13 @@ def _upgrade(db: Any) -> None:
             for key in _static_keys(job, idb):
                 if key[:1] != _TAG:  # T keys exist in format 1
                     wb.put(key, b"")
-            wb.put(_index_keys(job, seq, idb)[-1], b"")
+            wb.put(_index_keys(job, seq, idb, 0)[-1], b"")
             if n % _UPGRADE_BATCH == 0:
                 wb.write()
                 wb = db.write_batch(sync=True)
-    wb.put(_META, codec.encode_meta())
+    wb.put(_META, codec.encode_meta(2))
     wb.write()
-    logger.info("upgraded LevelDB store to format %d", codec.FORMAT_VERSION)
+    logger.info("upgraded LevelDB store to format %d", 2)
 
 
 def _scan_prefix(key: bytes) -> bytes:
@@ -242,9 +263,23 @@ class RepairReport:
 class _Write:
     """The changes of one operation, staged until one ``WriteBatch`` writes them."""
 
-    __slots__ = ("counts", "deletes", "lowered", "next_seq", "puts", "tag_counts", "touched")
+    __slots__ = (
+        "counts",
+        "deletes",
+        "lowered",
+        "next_seq",
+        "promoted",
+        "puts",
+        "tag_counts",
+        "touched",
+        "waiting",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, promoted: int) -> None:
+        #: The promotion watermark the index keys are computed with.
+        self.promoted = promoted
+        #: The earliest ``W`` time this write adds (micros), if any.
+        self.waiting: int | None = None
         self.puts: dict[bytes, bytes] = {}
         self.deletes: set[bytes] = set()
         self.counts = codec.Counters()
@@ -276,13 +311,13 @@ class _Write:
     def unindex(self, job: Job, seq: int, idb: bytes) -> None:
         self._count(job, -1)
         puts, deletes = self.puts, self.deletes
-        for key in _index_keys(job, seq, idb):
+        for key in _index_keys(job, seq, idb, self.promoted):
             deletes.add(key)
             puts.pop(key, None)
 
     def index(self, job: Job, seq: int, idb: bytes) -> None:
         self._count(job, +1)
-        self._add_keys(job, _index_keys(job, seq, idb))
+        self._add_keys(job, _index_keys(job, seq, idb, self.promoted))
 
     def _add_keys(self, job: Job, keys: list[bytes]) -> None:
         puts, deletes = self.puts, self.deletes
@@ -292,6 +327,11 @@ class _Write:
         if job.status in ELIGIBLE:
             lowered = self.lowered
             for key in keys[:-1]:  # the eligible-index keys (the last is its S key)
+                if key[:1] == _WAITING:
+                    at = codec.read_u64(key, 1)
+                    if self.waiting is None or at < self.waiting:
+                        self.waiting = at
+                    continue
                 prefix = _scan_prefix(key)
                 low = lowered.get(prefix)
                 if low is None or key < low:
@@ -324,7 +364,7 @@ class _Write:
                 values[-1] += retries - old_retries
         if code == old_code and code not in _ELIGIBLE_CODES:
             return  # same status, same assignee / finalized_at: same keys
-        new_keys = _index_keys(job, seq, idb)
+        new_keys = _index_keys(job, seq, idb, self.promoted)
         if new_keys == old_keys:
             return
         puts, deletes = self.puts, self.deletes
@@ -361,6 +401,10 @@ class LevelDBBackend(Backend):
         self._closed = False
         self._next_seq = 0
         self._counts = codec.Counters()
+        #: The promotion watermark (micros): see the module docs.
+        self._promoted = 0
+        #: The earliest ``W`` entry's time (may be stale-early after a cancel).
+        self._next_due: datetime | None = None
         #: Index prefix -> a key no live key of that index sorts below. Claims start
         #: there, skipping the deletion markers LevelDB keeps for claimed entries.
         self._floors: dict[bytes, bytes] = {}
@@ -504,17 +548,21 @@ class LevelDBBackend(Backend):
                         )
                 wb = db.write_batch(sync=True)
                 wb.put(_META, codec.encode_meta())
-                wb.put(_COUNTERS, codec.encode_global(0, codec.Counters()))
+                wb.put(_COUNTERS, codec.encode_global(0, 0, codec.Counters()))
                 wb.write()
-                self._next_seq, self._counts = 0, codec.Counters()
+                self._next_seq, self._promoted, self._counts = 0, 0, codec.Counters()
             else:
-                if codec.check_meta(meta, where) < codec.FORMAT_VERSION:
+                version = codec.check_meta(meta, where)
+                if version < 2:
                     _upgrade(db)
+                if version < codec.FORMAT_VERSION:
+                    _upgrade_to_3(db, where)
                 raw = db.get(_COUNTERS)
                 if raw is None:
                     raise StorageError(f"{where}: jobpool_async store without its counters")
-                self._next_seq, self._counts = codec.decode_global(raw)
+                self._next_seq, self._promoted, self._counts = codec.decode_global(raw)
                 _check_counters(db, self._counts, where)
+            self._next_due = _first_waiting(db)
         except BaseException as exc:
             db.close()
             if isinstance(exc, plyvel.Error):
@@ -558,6 +606,7 @@ class LevelDBBackend(Backend):
         """Write everything staged in ``w`` as one batch; then update the caches."""
         counts = self._counts.merged(w.counts)
         next_seq = self._next_seq if w.next_seq is None else w.next_seq
+        promoted = max(self._promoted, w.promoted)
         wb = self._db.write_batch(sync=self.sync)
         for key in w.deletes:
             wb.delete(key)
@@ -572,10 +621,14 @@ class LevelDBBackend(Backend):
                 wb.put(key, merged.encode())
             else:
                 wb.delete(key)
-        wb.put(_COUNTERS, codec.encode_global(next_seq, counts))
+        wb.put(_COUNTERS, codec.encode_global(next_seq, promoted, counts))
         wb.write()
         # Only now that the write succeeded do the in-memory copies change.
-        self._counts, self._next_seq = counts, next_seq
+        self._counts, self._next_seq, self._promoted = counts, next_seq, promoted
+        if w.waiting is not None:
+            due = codec.from_micros(w.waiting)
+            if self._next_due is None or due < self._next_due:
+                self._next_due = due
         for prefix, key in w.lowered.items():
             floor = self._floors.get(prefix)
             if floor is not None and key < floor:
@@ -603,6 +656,8 @@ class LevelDBBackend(Backend):
         result: bytes | None = None,
         error_message: str | None = None,
         assignee_id: str | None = None,
+        scheduled_at: datetime | None = None,
+        max_attempts: int | None = None,
     ) -> JobStatus | None:
         """Move ``job`` (a private copy) by ``transition`` and stage what changes."""
         if transition.target_of(job.status) is None:
@@ -610,7 +665,7 @@ class LevelDBBackend(Backend):
         old_code = codec.CODE_OF[job.status]
         old_retries = job.retry_count
         idb = job.id.encode("utf-8", "surrogatepass")
-        old_keys = _index_keys(job, seq, idb)
+        old_keys = _index_keys(job, seq, idb, w.promoted)
         new = apply(
             job,
             transition,
@@ -618,6 +673,8 @@ class LevelDBBackend(Backend):
             result=result,
             error_message=error_message,
             assignee_id=assignee_id,
+            scheduled_at=scheduled_at,
+            max_attempts=max_attempts,
         )
         w.moved(job, seq, idb, old_code, old_retries, old_keys)
         w.puts[_JOB + idb] = codec.encode_job(job, seq)
@@ -708,7 +765,7 @@ class LevelDBBackend(Backend):
             if job.id in seen or get(_JOB + codec.id_bytes(job.id)) is not None:
                 raise DuplicateJobError(job.id)
             seen.add(job.id)
-        w = _Write()
+        w = _Write(self._promoted)
         seq = self._next_seq
         room = len(self._eligible) < _MAX_ELIGIBLE
         for job in jobs:
@@ -723,6 +780,46 @@ class LevelDBBackend(Backend):
         w.next_seq = seq
         self._commit(w)
 
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        return await self._run(self._insert_new, list(jobs))
+
+    def _insert_new(self, jobs: list[Job]) -> list[str]:
+        get = self._db.get
+        fresh = [job for job in jobs if get(_JOB + codec.id_bytes(job.id)) is None]
+        if fresh:
+            self._insert(fresh)
+        return [job.id for job in fresh]
+
+    def next_due(self) -> datetime | None:
+        return self._next_due
+
+    def _moved(self, job: Job, new: JobStatus) -> Moved:
+        due = job.scheduled_at
+        if due is not None and new in ELIGIBLE and codec.to_micros(due) > self._promoted:
+            return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
+        return Moved(job.id, new, job.assigned_at, tuple(job.tags))
+
+    def _promote(self, now: datetime) -> None:
+        """Move the ``W`` entries due at ``now`` into ``E``/``F`` and raise the
+        watermark to ``now``, in one batch; then find the next due time."""
+        now_us = codec.to_micros(now)
+        if now_us <= self._promoted:
+            return
+        stop = _WAITING + codec.u64(now_us + 1)
+        with self._db.iterator(start=_WAITING, stop=stop, include_value=False) as it:
+            keys = list(it)
+        w = _Write(now_us)
+        for key in keys:
+            idb = key[17:]
+            found = self._read_job(codec.id_text(idb))
+            if found is None or found[0].status not in ELIGIBLE:
+                raise StorageError(f"waiting index names job {codec.id_text(idb)!r} out of step")
+            job, seq = found
+            w.delete(key)
+            w._add_keys(job, _index_keys(job, seq, idb, now_us))
+        self._commit(w)
+        self._next_due = _first_waiting(self._db)
+
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
@@ -731,6 +828,8 @@ class LevelDBBackend(Backend):
     def _claim(self, assignee_id: str, tags: list[str], limit: int, now: datetime) -> list[Job]:
         if limit < 1:
             return []
+        if self._next_due is not None and self._next_due <= now:
+            self._promote(now)
         if tags:
             eligible = [
                 (sum(self._tag_counters(t).values[c] for c in _ELIGIBLE_CODES), t) for t in tags
@@ -742,7 +841,7 @@ class LevelDBBackend(Backend):
             wanted: set[str] = set(tags)
         else:
             prefix, wanted = _ELIGIBLE, set()
-        skip = len(prefix) + 16
+        skip = len(prefix) + 18
         picked: list[tuple[Job, int]] = []
         first_left: bytes | None = None
         last: bytes | None = None
@@ -772,7 +871,7 @@ class LevelDBBackend(Backend):
                 picked.append(found)
         if not picked:
             return []
-        w = _Write()
+        w = _Write(self._promoted)
         for job, seq in picked:
             self._stage_move(w, job, seq, ASSIGN, now, assignee_id=assignee_id)
         self._commit(w)
@@ -790,7 +889,7 @@ class LevelDBBackend(Backend):
 
     def _apply(self, changes: list[Change], now: datetime, refill: Refill | None) -> ApplyOutcome:
         out = ApplyOutcome()
-        w = _Write()
+        w = _Write(self._promoted)
         for change in changes:
             found = self._read_job(change.job_id)
             if found is None:
@@ -806,13 +905,15 @@ class LevelDBBackend(Backend):
                 now,
                 result=change.result,
                 error_message=change.error_message,
+                scheduled_at=change.scheduled_at,
+                max_attempts=change.max_attempts,
             )
             if new is None:
                 out.errors[change.job_id] = InvalidTransitionError(
                     change.job_id, current, change.transition.target
                 )
             else:
-                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
+                out.moved.append(self._moved(job, new))
         if out.moved:
             self._commit(w)
         if refill is not None:
@@ -837,11 +938,19 @@ class LevelDBBackend(Backend):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
-        return await self._run(self._apply_selected, transition, selection, now, report_unmatched)
+        return await self._run(
+            self._apply_selected, transition, selection, now, report_unmatched, scheduled_at
+        )
 
     def _apply_selected(
-        self, transition: Transition, selection: Selection, now: datetime, report_unmatched: bool
+        self,
+        transition: Transition,
+        selection: Selection,
+        now: datetime,
+        report_unmatched: bool,
+        scheduled_at: datetime | None,
     ) -> SelectOutcome:
         out = SelectOutcome()
         selected = self._select(selection, transition)
@@ -849,14 +958,14 @@ class LevelDBBackend(Backend):
             present = {job.id for job, _ in selected}
             out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in present]
             out.unmatched.extend(out.missing)
-        w = _Write()
+        w = _Write(self._promoted)
         for job, seq in selected:
-            new = self._stage_move(w, job, seq, transition, now)
+            new = self._stage_move(w, job, seq, transition, now, scheduled_at=scheduled_at)
             if new is None:
                 if report_unmatched:
                     out.unmatched.append(job.id)
             else:
-                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
+                out.moved.append(self._moved(job, new))
         if out.moved:
             self._commit(w)
         return out
@@ -907,7 +1016,7 @@ class LevelDBBackend(Backend):
             raise JobsNotFinalError(not_final)
         if not selected:
             return 0
-        w = _Write()
+        w = _Write(self._promoted)
         for job, seq in selected:
             self._stage_remove(w, job, seq)
         self._commit(w)
@@ -978,13 +1087,56 @@ class LevelDBBackend(Backend):
             ids = [codec.id_text(key[17:]) for key in it]
         if not ids:
             return 0
-        w = _Write()
+        w = _Write(self._promoted)
         for job, seq in self._read_existing(ids):
             if job.status is not JobStatus.COMPLETED:
                 raise StorageError(f"completed index names job {job.id!r} out of step")
             self._stage_remove(w, job, seq)
         self._commit(w)
         return len(ids)
+
+
+def _first_waiting(db: Any) -> datetime | None:
+    """The time of the first ``W`` entry, if any."""
+    with db.iterator(prefix=_WAITING, include_value=False) as it:
+        key = next(it, None)
+    return None if key is None else codec.from_micros(codec.read_u64(key, 1))
+
+
+#: Called in the middle of building an upgrade batch (tests: a crash at that point).
+_UPGRADE_HOOK: Callable[[], None] | None = None
+
+
+def _upgrade_to_3(db: Any, where: str) -> None:
+    """Format 2 -> 3 (schedules, priorities, attempts, DISCARDED) in one synced batch,
+    so a crash leaves the old store or the new one: every record re-encoded, the
+    eligible indexes rebuilt in the new key order, the counters given their
+    DISCARDED slot. ``attempts`` of upgraded jobs start at 0."""
+    wb = db.write_batch(sync=True)
+    for prefix in (_ELIGIBLE, _ELIGIBLE_TAG):
+        with db.iterator(prefix=prefix, include_value=False) as it:
+            for key in it:
+                wb.delete(key)
+    with db.iterator(prefix=_JOB) as it:
+        for key, raw in it:
+            job, seq = codec.decode_job(raw)
+            wb.put(key, codec.encode_job(job, seq))
+            for index_key in _index_keys(job, seq, key[1:], 0):
+                if index_key[:1] in (_ELIGIBLE, _ELIGIBLE_TAG):
+                    wb.put(index_key, b"")
+            if _UPGRADE_HOOK is not None:
+                _UPGRADE_HOOK()
+    with db.iterator(prefix=_TAG_COUNTS) as it:
+        for key, raw in it:
+            wb.put(key, codec.Counters.decode_v1(raw).encode())
+    raw = db.get(_COUNTERS)
+    if raw is None:
+        raise StorageError(f"{where}: jobpool_async store without its counters")
+    next_seq, counts = codec.decode_global_v1(raw)
+    wb.put(_COUNTERS, codec.encode_global(next_seq, 0, counts))
+    wb.put(_META, codec.encode_meta())
+    wb.write()
+    logger.info("upgraded LevelDB store %s to format %d", where, codec.FORMAT_VERSION)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -1023,13 +1175,15 @@ def _check_counters(db: Any, counts: codec.Counters, where: str) -> None:
     values = counts.values
     expected = (
         ("job records", _JOB, counts.total),
-        ("eligible-index entries", _ELIGIBLE, sum(values[c] for c in _ELIGIBLE_CODES)),
+        ("eligible-index entries", (_ELIGIBLE, _WAITING), sum(values[c] for c in _ELIGIBLE_CODES)),
         ("running/cancelling-index entries", _ASSIGNEE, sum(values[c] for c in _ACTIVE_CODES)),
         ("completed-index entries", _DONE, values[codec.CODE_OF[JobStatus.COMPLETED]]),
     )
     wrong = []
-    for name, prefix, want in expected:
-        found = _count_keys(db, prefix)
+    for name, prefixes, want in expected:
+        found = sum(
+            _count_keys(db, p) for p in (prefixes if isinstance(prefixes, tuple) else (prefixes,))
+        )
         if found != want:
             wrong.append(f"{found} {name} where the counters say {want}")
     if any(v < 0 for v in values):
@@ -1109,11 +1263,11 @@ def _rebuild(db: Any, where: str) -> RepairReport:
     elif _count_keys(db, _JOB) == 0:
         raise StorageError(f"{where} holds no jobpool_async store: nothing to repair")
     before: int | None = None
-    next_seq = 0
+    next_seq = promoted = 0
     raw = db.get(_COUNTERS)
     if raw is not None:
         try:
-            next_seq, old = codec.decode_global(raw)
+            next_seq, promoted, old = codec.decode_global(raw)
             before = old.total
         except StorageError:
             pass
@@ -1151,12 +1305,12 @@ def _rebuild(db: Any, where: str) -> RepairReport:
                         if tag_counter is None:
                             tag_counter = tag_counts[tag] = codec.Counters()
                         tag_counter.add(code, retries, +1)
-                    for index_key in _index_keys(job, seq, idb):
+                    for index_key in _index_keys(job, seq, idb, promoted):
                         wb.put(index_key, b"")
     with db.write_batch(sync=True) as wb:
         for tag, tag_counter in tag_counts.items():
             wb.put(_TAG_COUNTS + codec.enc(tag), tag_counter.encode())
-        wb.put(_COUNTERS, codec.encode_global(next_seq, counts))
+        wb.put(_COUNTERS, codec.encode_global(next_seq, promoted, counts))
         wb.put(_META, codec.encode_meta())  # every key of this format is rebuilt
     return RepairReport(jobs=jobs, counted_before=before, dropped_records=dropped)
 

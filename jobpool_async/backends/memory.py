@@ -3,8 +3,11 @@
 Every method runs without awaiting, so each call is atomic on the event loop.
 Indexes kept in step with the records:
 
-* eligible jobs in selection order ``(sort_key, seq)``, globally and per tag,
-  so a claim reads only eligible jobs (never finished ones);
+* due eligible jobs in selection order ``(-priority, sort_key, seq)``, globally
+  and per tag, so a claim reads only eligible jobs (never finished ones, never
+  ones scheduled for later);
+* eligible jobs waiting for their ``scheduled_at``, by that time: a claim first
+  promotes those that have come due into the index above;
 * all job ids per tag (stats, cancel and delete by tags);
 * active jobs per assignee (``mark_worker_unresponsive``);
 * completed jobs by ``finalized_at`` (TTL cleanup);
@@ -41,7 +44,8 @@ from .base import (
 
 __all__ = ["MemoryBackend"]
 
-_Key = tuple[datetime, int, str]
+_Key = tuple[int, datetime, int, str]
+_WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
 
 
@@ -56,7 +60,10 @@ class MemoryBackend(Backend):
         self._eligible_by_tag: dict[str, SortedList[_Key]] = {}
         self._ids_by_tag: dict[str, set[str]] = {}
         self._active_by_assignee: dict[str, set[str]] = {}
-        self._completed: SortedList[_Key] = SortedList()
+        self._completed: SortedList[_WaitKey] = SortedList()
+        #: Eligible jobs not yet due: by due time, and each one's due time.
+        self._waiting: SortedList[_WaitKey] = SortedList()
+        self._wait_until: dict[str, datetime] = {}
         self._counts: Counter[JobStatus] = Counter()
         self._retries = 0
         self._listed: SortedList[_Listed] = SortedList()
@@ -78,13 +85,30 @@ class MemoryBackend(Backend):
     # --- index maintenance --------------------------------------------------------
 
     def _key(self, job: Job) -> _Key:
-        return (job.sort_key, self._seq[job.id], job.id)
+        return (-job.priority, job.sort_key, self._seq[job.id], job.id)
+
+    def next_due(self) -> datetime | None:
+        return self._waiting[0][0] if self._waiting else None
+
+    def _promote(self, now: datetime) -> None:
+        """Move the waiting jobs due at ``now`` into the eligible indexes."""
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= now:
+            _, _, job_id = waiting[0]
+            job = self._jobs[job_id]
+            self._unindex(job)
+            del self._wait_until[job_id]
+            self._index(job)
 
     def _unindex(self, job: Job) -> None:
         self._counts[job.status] -= 1
         self._listed_by_status[job.status].remove((job.created_at, job.id))
         self._retries -= job.retry_count
         if job.status in ELIGIBLE:
+            wait = self._wait_until.get(job.id)
+            if wait is not None:
+                self._waiting.remove((wait, self._seq[job.id], job.id))
+                return
             key = self._key(job)
             self._eligible.remove(key)
             for tag in job.tags:
@@ -100,6 +124,10 @@ class MemoryBackend(Backend):
         self._listed_by_status[job.status].add((job.created_at, job.id))
         self._retries += job.retry_count
         if job.status in ELIGIBLE:
+            wait = self._wait_until.get(job.id)
+            if wait is not None:
+                self._waiting.add((wait, self._seq[job.id], job.id))
+                return
             key = self._key(job)
             self._eligible.add(key)
             for tag in job.tags:
@@ -119,6 +147,8 @@ class MemoryBackend(Backend):
         result: bytes | None = None,
         error_message: str | None = None,
         assignee_id: str | None = None,
+        scheduled_at: datetime | None = None,
+        max_attempts: int | None = None,
     ) -> JobStatus | None:
         if transition.target_of(job.status) is None:
             return None
@@ -130,9 +160,21 @@ class MemoryBackend(Backend):
             result=result,
             error_message=error_message,
             assignee_id=assignee_id,
+            scheduled_at=scheduled_at,
+            max_attempts=max_attempts,
         )
+        if new not in ELIGIBLE:
+            self._wait_until.pop(job.id, None)
+        elif transition.schedules:
+            if job.scheduled_at is None:
+                self._wait_until.pop(job.id, None)
+            else:
+                self._wait_until[job.id] = job.scheduled_at
         self._index(job)
         return new
+
+    def _moved(self, job: Job, new: JobStatus) -> Moved:
+        return Moved(job.id, new, job.assigned_at, tuple(job.tags), self._wait_until.get(job.id))
 
     def _with_all_tags(self, tags: Sequence[str]) -> Iterator[Job]:
         sets = [self._ids_by_tag.get(t, set()) for t in tags]
@@ -174,21 +216,33 @@ class MemoryBackend(Backend):
             listed = (stored.created_at, stored.id)
             self._listed.add(listed)
             self._listed_by_type.setdefault(stored.job_type, SortedList()).add(listed)
+            if stored.scheduled_at is not None:
+                self._wait_until[stored.id] = stored.scheduled_at
             for tag in stored.tags:
                 self._ids_by_tag.setdefault(tag, set()).add(stored.id)
                 self._listed_by_tag.setdefault(tag, SortedList()).add(listed)
             self._index(stored)
 
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        fresh: dict[str, Job] = {}
+        for job in jobs:
+            if job.id not in self._jobs and job.id not in fresh:
+                fresh[job.id] = job
+        await self.insert(list(fresh.values()))
+        return list(fresh)
+
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
+        if self._waiting and self._waiting[0][0] <= now:
+            self._promote(now)
         if tags:
             index = min((self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len)
             wanted = set(tags)
         else:
             index, wanted = self._eligible, set()
         picked: list[Job] = []
-        for _, _, job_id in index:
+        for _, _, _, job_id in index:
             job = self._jobs[job_id]
             if wanted.issubset(job.tags):
                 picked.append(job)
@@ -214,13 +268,15 @@ class MemoryBackend(Backend):
                 now,
                 result=change.result,
                 error_message=change.error_message,
+                scheduled_at=change.scheduled_at,
+                max_attempts=change.max_attempts,
             )
             if new is None:
                 out.errors[change.job_id] = InvalidTransitionError(
                     change.job_id, current, change.transition.target
                 )
             else:
-                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
+                out.moved.append(self._moved(job, new))
         if refill is not None:
             limit = refill_limit(refill, out.moved)
             if limit:  # no await in between: one atomic step on the event loop
@@ -234,18 +290,19 @@ class MemoryBackend(Backend):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
         out = SelectOutcome()
         if report_unmatched:
             out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in self._jobs]
             out.unmatched.extend(out.missing)
         for job in self._select(selection):
-            new = self._move(job, transition, now)
+            new = self._move(job, transition, now, scheduled_at=scheduled_at)
             if new is None:
                 if report_unmatched:
                     out.unmatched.append(job.id)
             else:
-                out.moved.append(Moved(job.id, new, job.assigned_at, tuple(job.tags)))
+                out.moved.append(self._moved(job, new))
         return out
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:

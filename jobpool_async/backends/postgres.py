@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
@@ -71,7 +72,12 @@ logger = logging.getLogger("jobpool_async.postgres")
 _T = TypeVar("_T")
 
 #: The schema version this code writes; a store with a newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+#: Seconds between a claim's looks for waiting jobs that came due when this process
+#: knows of none (notifications tell it of other processes' schedules; this covers
+#: notifications lost with the listener connection).
+PROBE_INTERVAL = 1.0
 
 #: Rows changed between the VACUUMs a self-vacuuming backend runs (at least).
 VACUUM_MIN_CHANGES = 10_000
@@ -96,7 +102,8 @@ _COMMITTED = "committed"
 
 _COLS = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
+    "scheduled_at, priority, max_attempts, attempts"
 )
 _STATUS = {s.value: s for s in JobStatus}
 _UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -116,6 +123,11 @@ def tag_key(tag: str) -> str:
 
 
 _ELIGIBLE = in_list(ELIGIBLE)
+#: Eligible and due (not waiting for its schedule): what a claim may take.
+_DUE = f"status IN {_ELIGIBLE} AND wait_until IS NULL"
+_WAITING = f"status IN {_ELIGIBLE} AND wait_until IS NOT NULL"
+#: Selection order (SPEC §8.2): the eligible index's columns.
+_ORDER = "priority DESC, COALESCE(scheduled_at, last_retry_at, created_at), seq"
 _ACTIVE = in_list(ACTIVE)
 _FINAL = in_list(FINAL)
 _RUNNING = JobStatus.RUNNING.value
@@ -150,7 +162,7 @@ def _quote_ident(name: str) -> str:
 #: SQL types of :data:`CLAIMED_COLUMNS`, for the NULL padding of rows that carry no job.
 _CLAIMED_TYPES = (
     "text", "text", "bytea", "text[]", "timestamptz", "timestamptz", "timestamptz",
-    "text", "bytea", "bigint", "timestamptz",
+    "text", "bytea", "bigint", "timestamptz", "timestamptz", "smallint", "integer", "integer",
 )  # fmt: skip
 
 
@@ -168,6 +180,11 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def _us(value: datetime) -> int:
+    """Microseconds since the epoch (the inverse of :func:`_from_us`)."""
+    return (value - _UTC_EPOCH) // timedelta(microseconds=1)
+
+
 def _from_us(value: int | None) -> datetime | None:
     """A datetime from :data:`_EPOCH_US` microseconds (``None`` stays ``None``)."""
     return None if value is None else _UTC_EPOCH + timedelta(microseconds=value)
@@ -183,20 +200,24 @@ def _job(
     """A job from the :data:`CLAIMED_COLUMNS` of a row, starting at column ``at``, and
     the three columns a claim sets (given: a claim knows them, a read selects them)."""
     return Job(
-        r[at],
-        r[at + 1],
-        r[at + 2],
-        list(r[at + 3]),
-        status,
-        _utc(r[at + 4]),  # type: ignore[arg-type]
-        _utc(r[at + 5]),
-        _utc(r[at + 6]),
-        r[at + 7],
-        r[at + 8],
-        r[at + 9],
-        _utc(r[at + 10]),
-        assignee_id,
-        _utc(assigned_at),
+        id=r[at],
+        job_type=r[at + 1],
+        job_definition=r[at + 2],
+        tags=list(r[at + 3]),
+        status=status,
+        created_at=_utc(r[at + 4]),  # type: ignore[arg-type]
+        started_at=_utc(r[at + 5]),
+        finalized_at=_utc(r[at + 6]),
+        error_message=r[at + 7],
+        result=r[at + 8],
+        retry_count=r[at + 9],
+        last_retry_at=_utc(r[at + 10]),
+        assignee_id=assignee_id,
+        assigned_at=_utc(assigned_at),
+        scheduled_at=_utc(r[at + 11]),
+        priority=r[at + 12],
+        max_attempts=r[at + 13],
+        attempts=r[at + 14],
     )
 
 
@@ -351,8 +372,17 @@ class PostgresBackend(Backend):
         self._claims = 0
         #: Nonces of claims that failed and may have committed (see :meth:`claim`).
         self._orphans: list[str] = []
-        self._insert_sql = self._build_insert_sql(full=False)
-        self._insert_full_sql = self._build_insert_sql(full=True)
+        #: The earliest time a waiting job comes due, as far as this process knows
+        #: (from its own writes and from notifications), and when it last looked.
+        self._next_due: datetime | None = None
+        self._probed_at = float("-inf")
+        self._probe_now = True
+        #: By (new jobs only, ignore existing ids).
+        self._insert_sqls = {
+            (new, ignore): self._build_insert_sql(full=not new, ignore=ignore)
+            for new in (False, True)
+            for ignore in (False, True)
+        }
         self._claim_sql = self._build_claim_sql(False)
         self._claim_tags_sql = self._build_claim_sql(True)
 
@@ -487,10 +517,14 @@ class PostgresBackend(Backend):
                     last_retry_at timestamptz,
                     assignee_id text NOT NULL,
                     assigned_at timestamptz,
-                    claimed_by text
+                    claimed_by text,
+                    scheduled_at timestamptz,
+                    priority smallint NOT NULL DEFAULT 0,
+                    max_attempts integer,
+                    attempts integer NOT NULL DEFAULT 0,
+                    wait_until timestamptz
                 );
-                CREATE INDEX jobs_eligible ON {t} (COALESCE(last_retry_at, created_at), seq)
-                    WHERE status IN {_ELIGIBLE};
+                {self._eligible_indexes_sql()}
                 {self._tag_indexes_sql()}
                 {self._assignee_index_sql()}
                 CREATE INDEX jobs_completed ON {t} (finalized_at)
@@ -516,7 +550,16 @@ class PostgresBackend(Backend):
         return f"""
                 CREATE INDEX jobs_tags ON {t} USING gin (tag_keys) WHERE tag_keys <> '{{}}';
                 CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
-                    WHERE status IN {_ELIGIBLE} AND tag_keys <> '{{}}';"""
+                    WHERE {_DUE} AND tag_keys <> '{{}}';"""
+
+    def _eligible_indexes_sql(self) -> str:
+        """Due eligible jobs in selection order (priority descending, due key, seq), and
+        eligible jobs waiting for their schedule by ``wait_until``: a claim reads only
+        the first; jobs scheduled for later are never in its way."""
+        t = self._t
+        return f"""
+                CREATE INDEX jobs_eligible ON {t} ({_ORDER}) WHERE {_DUE};
+                CREATE INDEX jobs_waiting ON {t} (wait_until) WHERE {_WAITING};"""
 
     def _listing_indexes_sql(self) -> str:
         """The B-tree indexes ``list_jobs`` walks newest first: all jobs, per status, per
@@ -546,7 +589,15 @@ class PostgresBackend(Backend):
     async def _upgrade(self, conn: PoolConnectionProxy[Record], version: int) -> None:
         """Bring a store of an older version up to :data:`SCHEMA_VERSION` (inside
         :meth:`_migrate`'s locked transaction, so all or nothing)."""
-        s = self._s
+        s, t = self._s, self._t
+        if version < 4:  # 4: schedules, priorities, attempts (SPEC §8): columns first
+            await conn.execute(
+                f"""ALTER TABLE {t} ADD COLUMN scheduled_at timestamptz,
+                        ADD COLUMN priority smallint NOT NULL DEFAULT 0,
+                        ADD COLUMN max_attempts integer,
+                        ADD COLUMN attempts integer NOT NULL DEFAULT 0,
+                        ADD COLUMN wait_until timestamptz"""
+            )
         if version < 2:  # 2: the GIN indexes leave out jobs without tags
             await conn.execute(
                 f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags;"
@@ -554,6 +605,13 @@ class PostgresBackend(Backend):
             )
         if version < 3:  # 3: the assignee index is a B-tree, not a hash index
             await conn.execute(f"DROP INDEX {s}.jobs_active_assignee;" + self._assignee_index_sql())
+        if version < 4:  # 4: the eligible indexes in the new order, and the waiting one
+            await conn.execute(
+                f"""DROP INDEX {s}.jobs_eligible; DROP INDEX {s}.jobs_eligible_tags;
+                    CREATE INDEX jobs_eligible_tags ON {t} USING gin (tag_keys)
+                        WHERE {_DUE} AND tag_keys <> '{{}}';"""
+                + self._eligible_indexes_sql()
+            )
         await conn.execute(f"UPDATE {s}.jobpool_version SET version = {SCHEMA_VERSION}")
         logger.info("upgraded store %r from version %d to %d", self.schema, version, SCHEMA_VERSION)
 
@@ -721,13 +779,18 @@ class PostgresBackend(Backend):
         moved: list[Moved] | None = None
         if sep:
             try:
-                moved = [
-                    Moved(str(job_id), _STATUS[status], _from_us(at), tuple(tags or ()))
-                    for job_id, status, tags, at in json.loads(body)
-                ]
+                moved = []
+                for job_id, status, tags, at, *rest in json.loads(body):
+                    due = _from_us(rest[0]) if rest else None
+                    moved.append(
+                        Moved(str(job_id), _STATUS[status], _from_us(at), tuple(tags or ()), due)
+                    )
+                    self._learn(due)
             except (ValueError, TypeError, KeyError):
                 logger.warning("unreadable notification on %s; re-checking", channel)
                 moved = None
+        else:
+            self._probe_now = True
         try:
             listener(moved)
         except Exception:  # the queue's bug must not kill the listener connection
@@ -759,6 +822,7 @@ class PostgresBackend(Backend):
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
+            self._probe_now = True  # schedules may have been missed too
             listener = self._listener
             if listener is not None:  # notifications may have been missed meanwhile
                 try:
@@ -783,7 +847,9 @@ class PostgresBackend(Backend):
             SELECT pg_notify('{self.channel}',
                              CASE WHEN octet_length(p) <= {_MAX_PAYLOAD} THEN p ELSE '{tok}' END)
             FROM (SELECT '{tok} ' || json_agg(json_build_array(
-                                  id, status, tags, {_EPOCH_US.format("assigned_at")}
+                                  id, status, tags, {_EPOCH_US.format("assigned_at")},
+                                  CASE WHEN status IN {_ELIGIBLE}
+                                       THEN {_EPOCH_US.format("wait_until")} END
                               ))::text AS p
                   FROM {source}
                   WHERE status IN {_ELIGIBLE}
@@ -800,8 +866,8 @@ class PostgresBackend(Backend):
         return f"""
             WITH picked AS (
                 SELECT id_key AS pid FROM {t}
-                WHERE status IN {_ELIGIBLE} {tag_cond}
-                ORDER BY COALESCE(last_retry_at, created_at), seq
+                WHERE {_DUE} {tag_cond}
+                ORDER BY {_ORDER}
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED)
             UPDATE {t} SET {sets}, claimed_by = $4::text
@@ -811,28 +877,37 @@ class PostgresBackend(Backend):
               AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
             RETURNING {_claimed_returning(t)}"""
 
-    def _build_insert_sql(self, full: bool) -> str:
+    def _build_insert_sql(self, full: bool, ignore: bool = False) -> str:
         """Insert a batch from parallel arrays (tags as slices of one flat array), in input
         order (so ``seq`` follows it), and send the enqueue notification, in one statement.
 
         ``full`` binds every column; otherwise (new jobs whose history fields are unset,
         the usual case) those columns are literals: six fewer arrays to encode and unnest.
+        ``ignore`` skips ids that exist (``ON CONFLICT DO NOTHING``) and returns the
+        inserted ids.
         """
         if full:
-            history = "u.started_at, u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat"
+            history = (
+                "u.started_at, u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat, "
+                "u.sched, u.prio, u.maxa, 0, u.sched"
+            )
             arrays = """$7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
                         $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
-                        $14::text[], $15::timestamptz[]"""
-            names = "created_at, started_at, finalized_at, err, res, rc, lra, aid, aat"
-            payload, keys = "$16", "$17"
+                        $14::text[], $15::timestamptz[], $16::timestamptz[], $17::smallint[],
+                        $18::integer[]"""
+            names = (
+                "created_at, started_at, finalized_at, err, res, rc, lra, aid, aat, sched, prio, "
+                "maxa"
+            )
+            payload, keys = "$19", "$20"
         else:
-            history = "NULL, NULL, u.err, NULL, 0, NULL, u.aid, NULL"
+            history = "NULL, NULL, u.err, NULL, 0, NULL, u.aid, NULL, NULL, 0, NULL, 0, NULL"
             arrays = "$7::timestamptz[], $8::text[], $9::text[]"
             names = "created_at, err, aid"
             payload, keys = "$10", "$11"
         return f"""
             WITH ins AS (
-                INSERT INTO {self._t} ({_COLS}, tag_keys, id_key)
+                INSERT INTO {self._t} ({_COLS}, wait_until, tag_keys, id_key)
                 SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
                        '{JobStatus.INITIAL_PENDING.value}', u.created_at, {history},
                        ({keys}::text[])[u.ts:u.te], {_key("u.id")}
@@ -840,8 +915,9 @@ class PostgresBackend(Backend):
                             {arrays})
                      WITH ORDINALITY AS u(id, job_type, def, ts, te, {names}, ord)
                 ORDER BY u.ord
-                RETURNING 1)
-            SELECT count(*), pg_notify('{self.channel}', {payload}::text) FROM ins"""
+                {"ON CONFLICT (id_key) DO NOTHING RETURNING id" if ignore else "RETURNING 1"})
+            SELECT {"array_agg(id)" if ignore else "count(*)"},
+                   pg_notify('{self.channel}', {payload}::text) FROM ins"""
 
     def _apply_sql(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
         """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
@@ -861,7 +937,21 @@ class PostgresBackend(Backend):
         if cached is not None and cached[0] is transition:
             return cached[1]
         t = self._t
-        sets = set_clause(transition, now="c.cnow", result="c.cres", error_message="c.cerr")
+        timed = transition.schedules or bool(transition.exhausted)
+        first = 5 if not refill else (9 if tags else 8)  # the timed arrays' placeholders
+        sets = set_clause(
+            transition,
+            now="c.cnow",
+            result="c.cres",
+            error_message="c.cerr",
+            scheduled_at="c.csched" if timed else "NULL",
+            max_attempts="c.cmax" if timed else "NULL",
+        )
+        unnest, names = "$1::text[], $2::bytea[], $3::text[]", "cid, cres, cerr"
+        if timed:
+            unnest += f", ${first}::timestamptz[], ${first + 1}::integer[]"
+            names += ", csched, cmax"
+        wait_out = "wait_until" if transition.schedules else "NULL::timestamptz"
         claim = rest = claimed = ""
         # Tags matter only for a job that became eligible (streams to wake); not
         # reading them back otherwise saves decoding an array per job.
@@ -873,8 +963,8 @@ class PostgresBackend(Backend):
             claim = f""",
             picked AS (
                 SELECT id_key AS pid FROM {t}
-                WHERE status IN {_ELIGIBLE} {tag_cond}
-                ORDER BY COALESCE(last_retry_at, created_at), seq
+                WHERE {_DUE} {tag_cond}
+                ORDER BY {_ORDER}
                 LIMIT (SELECT count(*) FROM moved
                        WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
                          AND moved.status NOT IN {_ACTIVE})
@@ -886,18 +976,20 @@ class PostgresBackend(Backend):
                 RETURNING {_claimed_returning(t)})"""
             claimed = f"""
             UNION ALL
-            SELECT 2, NULL, NULL, NULL, NULL::timestamptz, {CLAIMED_COLUMNS} FROM claimed"""
+            SELECT 2, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz, {CLAIMED_COLUMNS}
+            FROM claimed"""
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
-                       FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(cid, cres, cerr)
+                       FROM unnest({unnest}) AS u({names})
                        ORDER BY {_key("u.cid")}),
             moved AS (
                 UPDATE {t} SET {sets}
                 FROM c WHERE {t}.id_key = {_key("c.cid")} AND {t}.id = c.cid
                   AND {t}.status IN {in_list(transition.sources)}
-                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at),
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at,
+                          {t}.wait_until),
             {self._note("moved")}{claim}
-            SELECT 1 AS kind, id, status, {tags_out}, assigned_at{rest} FROM moved
+            SELECT 1 AS kind, id, status, {tags_out}, assigned_at, {wait_out}{rest} FROM moved
             WHERE (SELECT count(*) FROM note) >= 0{claimed}"""
         self._sql_cache[key] = (transition, sql)
         return sql
@@ -965,7 +1057,9 @@ class PostgresBackend(Backend):
                 f"acquire()), got {type(connection).__name__}"
             )
 
-    async def insert_in(self, jobs: Sequence[Job], connection: object) -> None:
+    async def insert_in(
+        self, jobs: Sequence[Job], connection: object, *, ignore: bool = False
+    ) -> list[str]:
         """Insert with the caller's connection, in a savepoint of its transaction.
 
         The rows exist only if the caller's transaction commits, and the enqueue
@@ -973,23 +1067,32 @@ class PostgresBackend(Backend):
         process, this one included: unlike :meth:`insert`'s, it does not carry this
         backend's token, since the queue cannot wake its streams before the commit.
         A duplicate id rolls back the savepoint only: the caller's transaction goes on.
+        With ``ignore``, ids that exist are skipped. Returns the ids inserted.
         """
         self.check_connection(connection)
         conn = cast("Connection", connection)
-        statement = self._insert_statement(jobs, _COMMITTED)
+        statement = self._insert_statement(jobs, _COMMITTED, ignore=ignore)
         if statement is None:
-            return
+            return []
         with self._errors("insert"):
             try:
                 async with conn.transaction():  # a savepoint inside the caller's transaction
-                    await conn.execute(*statement)
+                    rows = await conn.fetch(*statement)
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 raise await self._duplicate(jobs, conn) from None
+        if ignore:
+            inserted = set(rows[0][0] or ())
+            return [job.id for job in jobs if job.id in inserted]
+        return [job.id for job in jobs]
 
-    def _insert_statement(self, jobs: Sequence[Job], token: str) -> tuple[Any, ...] | None:
+    def _insert_statement(
+        self, jobs: Sequence[Job], token: str, *, ignore: bool = False
+    ) -> tuple[Any, ...] | None:
         """The insert of ``jobs`` (SQL and arguments), or ``None`` when there are none.
 
         Its notification payload starts with ``token``: a listener ignores its own.
+        With ``ignore``, ids that exist are skipped and the statement returns the ids
+        it inserted.
         """
         seen: set[str] = set()
         for job in jobs:
@@ -1007,14 +1110,22 @@ class PostgresBackend(Backend):
             flat.extend(job.tags)
             ends.append(len(flat))
             tagsets[tuple(job.tags)] = None
-        payload = (
-            token
-            + " "
-            + json.dumps(
-                [["", JobStatus.INITIAL_PENDING.value, list(ts), None] for ts in tagsets],
-                separators=(",", ":"),
-            )
+        # One entry per tag set of jobs due now, and per tag set of scheduled jobs with
+        # the earliest time (listeners wake then, not now: SPEC §8.2).
+        later: dict[tuple[str, ...], datetime] = {}
+        for job in jobs:
+            if job.scheduled_at is not None:
+                key = tuple(job.tags)
+                if key not in later or job.scheduled_at < later[key]:
+                    later[key] = job.scheduled_at
+                self._learn(job.scheduled_at)
+        pending = JobStatus.INITIAL_PENDING.value
+        now_due = (
+            tagsets if not later else {tuple(j.tags): None for j in jobs if j.scheduled_at is None}
         )
+        entries: list[list[Any]] = [["", pending, list(ts), None] for ts in now_due]
+        entries += [["", pending, list(ts), None, _us(at)] for ts, at in later.items()]
+        payload = token + " " + json.dumps(entries, separators=(",", ":"))
         if len(payload.encode()) > _MAX_PAYLOAD:
             payload = token
         new = not any(has_history(j) for j in jobs)
@@ -1039,9 +1150,12 @@ class PostgresBackend(Backend):
                 [j.last_retry_at for j in jobs],
                 [j.assignee_id for j in jobs],
                 [j.assigned_at for j in jobs],
+                [j.scheduled_at for j in jobs],
+                [j.priority for j in jobs],
+                [j.max_attempts for j in jobs],
             ]
         args += [payload, [tag_key(tag) for tag in flat]]
-        return (self._insert_sql if new else self._insert_full_sql, *args)
+        return (self._insert_sqls[new, ignore], *args)
 
     async def _duplicate(self, jobs: Sequence[Job], conn: Connection | None) -> DuplicateJobError:
         """The error for an insert refused by the unique id index: names the first id of
@@ -1055,9 +1169,52 @@ class PostgresBackend(Backend):
         dup = next((j.id for j in jobs if j.id in found), None)
         return DuplicateJobError(dup if dup is not None else jobs[0].id)
 
+    def next_due(self) -> datetime | None:
+        return self._next_due
+
+    def _learn(self, due: datetime | None) -> None:
+        if due is not None and (self._next_due is None or due < self._next_due):
+            self._next_due = due
+
+    def _should_promote(self, now: datetime) -> bool:
+        due = self._next_due
+        return (
+            (due is not None and due <= now)
+            or self._probe_now
+            or time.monotonic() - self._probed_at >= PROBE_INTERVAL
+        )
+
+    async def _promote(self, now: datetime) -> None:
+        """Promote the waiting jobs due at ``now`` (one statement, through the waiting
+        index) and read the next due time."""
+        t = self._t
+        sql = f"""
+            WITH p AS (UPDATE {t} SET wait_until = NULL
+                       WHERE {_WAITING} AND wait_until <= $1::timestamptz RETURNING 1)
+            SELECT (SELECT count(*) FROM p),
+                   (SELECT wait_until FROM {t} WHERE {_WAITING} AND wait_until > $1::timestamptz
+                    ORDER BY wait_until LIMIT 1)"""
+        self._probe_now = False
+        self._probed_at = time.monotonic()
+        with self._errors("promote"):
+            rows = await self._fetch(sql, now, idempotent=True)
+        self._next_due = _utc(rows[0][1])
+        self._changed_rows(int(rows[0][0]))
+
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        statement = self._insert_statement(jobs, self._token, ignore=True)
+        if statement is None:
+            return []
+        with self._errors("insert"):
+            rows = await self._fetch(*statement)
+        inserted = set(rows[0][0] or ())
+        return [job.id for job in jobs if job.id in inserted]
+
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
+        if self._should_promote(now):
+            await self._promote(now)
         if self._orphans:
             await self._release_orphans(now)
         assert self._pool is not None
@@ -1098,7 +1255,7 @@ class PostgresBackend(Backend):
             WITH moved AS (
                 UPDATE {self._t} SET {sets}
                 WHERE claimed_by = ANY($1::text[]) AND status IN {in_list(RELEASE.sources)}
-                RETURNING id, status, tags, claimed_by, assigned_at),
+                RETURNING id, status, tags, claimed_by, assigned_at, wait_until),
             {self._note("moved")}
             SELECT count(*) FROM moved WHERE (SELECT count(*) FROM note) >= 0"""
         with self._errors("release"):
@@ -1133,6 +1290,8 @@ class PostgresBackend(Backend):
                 else:
                     results = await self._apply_groups(groups.values(), now, None, "")
             else:
+                if self._should_promote(now):
+                    await self._promote(now)
                 if self._orphans:
                     await self._release_orphans(now)
                 nonce = self._nonce()
@@ -1151,12 +1310,14 @@ class PostgresBackend(Backend):
                 moved_ids: set[str] = set()
                 for r in rows:
                     if r[0] == 2:
-                        out.claimed.append(_job(r, 5, _ASSIGNED, assignee, now))
+                        out.claimed.append(_job(r, 6, _ASSIGNED, assignee, now))
                     else:
-                        tags = r[3]
+                        tags, status = r[3], _STATUS[r[2]]
+                        due = r[5] if status in ELIGIBLE else None
                         out.moved.append(
-                            Moved(r[1], _STATUS[r[2]], _utc(r[4]), tuple(tags) if tags else ())
+                            Moved(r[1], status, _utc(r[4]), tuple(tags) if tags else (), due)
                         )
+                        self._learn(due)
                         moved_ids.add(r[1])
                 if len(moved_ids) < len(group):
                     for c in group:
@@ -1207,7 +1368,9 @@ class PostgresBackend(Backend):
                             *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                         )
                         # as rows of kind 2 (see _apply_sql)
-                        results.append(((), [(2, None, None, None, None, *r) for r in claimed]))
+                        results.append(
+                            ((), [(2, None, None, None, None, None, *r) for r in claimed])
+                        )
             return results
 
         return await self._call(run, False)
@@ -1219,7 +1382,9 @@ class PostgresBackend(Backend):
         ids = refill.job_ids
         # NULL when every change is the stream's own job (the Worker's case)
         args = (*base, refill.assignee_id, None if ids.issuperset(base[1]) else list(ids), nonce)
-        return (*args, list(refill.tags)) if refill.tags else args
+        if refill.tags:
+            args = (*args, list(refill.tags))
+        return (*args, *self._timed_args(changes))
 
     def _apply_args(
         self, changes: Sequence[Change], now: datetime, refill: bool = False, tags: bool = False
@@ -1228,13 +1393,23 @@ class PostgresBackend(Backend):
         pads it): asyncpg checks every array element's type, a noticeable cost."""
         results = [c.result for c in changes]
         messages = [c.error_message for c in changes]
+        transition = changes[0].transition
         return (
-            self._apply_sql(changes[0].transition, refill, tags),
+            self._apply_sql(transition, refill, tags),
             [c.job_id for c in changes],
             None if results.count(None) == len(results) else results,
             None if messages.count(None) == len(messages) else messages,
             now,
+            *(() if refill else self._timed_args(changes)),
         )
+
+    @staticmethod
+    def _timed_args(changes: Sequence[Change]) -> tuple[Any, ...]:
+        """The arrays of ``scheduled_at`` and default attempt limits of timed moves."""
+        transition = changes[0].transition
+        if not (transition.schedules or transition.exhausted):
+            return ()
+        return ([c.scheduled_at for c in changes], [c.max_attempts for c in changes])
 
     async def apply_selected(
         self,
@@ -1243,12 +1418,17 @@ class PostgresBackend(Backend):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
         t = self._t
         cond, sel_args, ids_at = self._selection_sql(selection, t, 2)
         cond_j = self._selection_sql(selection, "j", 2)[0]
         args: list[Any] = [now, *sel_args]
-        sets = set_clause(transition, now="$1::timestamptz")
+        sched = "NULL"
+        if transition.schedules:
+            args.append(scheduled_at)
+            sched = f"${len(args)}::timestamptz"
+        sets = set_clause(transition, now="$1::timestamptz", scheduled_at=sched)
         sql = f"""
             WITH lk AS (SELECT {t}.id_key FROM {t} WHERE {cond}
                         AND {t}.status IN {in_list(transition.sources)}
@@ -1257,9 +1437,9 @@ class PostgresBackend(Backend):
                 UPDATE {t} SET {sets}
                 WHERE {cond} AND {t}.status IN {in_list(transition.sources)}
                   AND $1::timestamptz IS NOT NULL AND (SELECT count(*) FROM lk) >= 0
-                RETURNING id, status, tags, seq, claimed_by, assigned_at),
+                RETURNING id, status, tags, seq, claimed_by, assigned_at, wait_until),
             {self._note("moved")}
-            SELECT 1 AS kind, id, status, tags, seq, assigned_at FROM moved
+            SELECT 1 AS kind, id, status, tags, seq, assigned_at, wait_until FROM moved
             WHERE (SELECT count(*) FROM note) >= 0"""
         if report_unmatched:
             sql += f"""
@@ -1284,7 +1464,11 @@ class PostgresBackend(Backend):
 
         out = SelectOutcome()
         moved = sorted((r for r in rows if r[0] == 1), key=order)
-        out.moved = [Moved(r[1], _STATUS[r[2]], _utc(r[5]), tuple(r[3])) for r in moved]
+        for r in moved:
+            status = _STATUS[r[2]]
+            due = r[6] if status in ELIGIBLE else None
+            out.moved.append(Moved(r[1], status, _utc(r[5]), tuple(r[3]), due))
+            self._learn(due)
         if report_unmatched:
             missing = sorted((r for r in rows if r[0] == 0), key=lambda r: int(r[4]))
             others = sorted((r for r in rows if r[0] == 2), key=order)
@@ -1305,7 +1489,7 @@ class PostgresBackend(Backend):
             )
         by_id = {r[0]: r for r in rows}
         return [
-            _job(r, 0, _STATUS[r[11]], r[12], r[13])
+            _job(r, 0, _STATUS[r[15]], r[16], r[17])
             for i in job_ids
             if (r := by_id.get(i)) is not None
         ]
@@ -1363,7 +1547,7 @@ class PostgresBackend(Backend):
         with self._errors("read"):
             assert self._pool is not None
             rows = await self._pool.fetch(sql, *args)
-        return [_job(r, 0, _STATUS[r[11]], r[12], r[13]) for r in rows]
+        return [_job(r, 0, _STATUS[r[15]], r[16], r[17]) for r in rows]
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         if not job_ids:

@@ -13,18 +13,26 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
 * ``jobs``: one row per job; ``seq`` (the rowid) is the enqueue order; datetimes
   are INTEGER microseconds since the Unix epoch (exact round trip, UTC); tags are
   a JSON array in the order given.
-* ``job_tags(seq, tag, sort_key)``: one row per (job, tag); ``sort_key`` is the
-  job's selection key while the job is eligible and NULL otherwise, kept in step
-  by triggers on ``jobs`` within the same statement.
-* Partial indexes: eligible jobs in selection order (globally and per tag), active
-  jobs per assignee, completed jobs by ``finalized_at``. Claiming reads only the
-  eligible-jobs index, so its cost does not grow with the number of finished jobs.
+* ``job_tags(seq, tag, sort_key, created_at, prio)``: one row per (job, tag);
+  ``sort_key`` is the job's due key while the job is eligible and due and NULL
+  otherwise, kept in step by triggers on ``jobs`` within the same statement;
+  ``prio`` its priority.
+* ``wait_until``: set (to ``scheduled_at``) while an eligible job waits for its
+  schedule; a claim at or after that time first clears it ("promotes" the job).
+* Partial indexes: due eligible jobs in selection order (priority descending, due
+  key, seq; globally and per tag), waiting jobs by ``wait_until``, active jobs per
+  assignee, completed jobs by ``finalized_at``. Claiming reads only the
+  eligible-jobs index, so its cost does not grow with the number of finished jobs,
+  nor with the number of jobs scheduled for later.
 * Listing (:meth:`SQLiteBackend.list_jobs`): every job by ``(created_at, id)``,
   per status and per type likewise, and per tag by ``job_tags.created_at``. Stores
-  made before listing existed get these on open (:data:`_LISTING`); the schema
-  version stays 1 because older code keeps every part up to date too (the indexes
+  made before listing existed get these on open (:data:`_LISTING`), without a
+  version change, because older code keeps every part up to date too (the indexes
   by themselves; ``job_tags.created_at`` through a trigger that fills it when an
   older insert leaves it NULL).
+
+Version 1 stores (before schedules and priorities) are upgraded to version 2 in
+place on open, in one transaction.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,7 +83,7 @@ T = TypeVar("T")
 #: ``PRAGMA application_id`` of a jobpool store ("JPOL"): tells our files from others.
 APPLICATION_ID: Final = 0x4A504F4C
 #: ``PRAGMA user_version`` of the schema this module creates and reads.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: Pages the WAL may grow to before a commit checkpoints it (SQLite's default: 1000).
 #: Each checkpoint syncs the WAL and the database file; every job is written three
@@ -98,7 +107,41 @@ def _one_of(statuses: frozenset[JobStatus], column: str = "status") -> str:
 
 _ELIG = _one_of(ELIGIBLE)
 _ACTIVE = _one_of(ACTIVE)
-_SORT = "COALESCE(last_retry_at, created_at)"
+_SORT = "COALESCE(scheduled_at, last_retry_at, created_at)"
+#: Eligible and due (not waiting for a schedule): what a claim may take.
+_DUE = f"{_ELIG} AND wait_until IS NULL"
+#: Eligible and waiting for its schedule.
+_WAITING = f"wait_until IS NOT NULL AND {_ELIG}"
+#: Seconds between a claim's looks for jobs that came due, when this process knows of
+#: none (another process sharing the file may have scheduled some).
+PROBE_INTERVAL: Final = 0.1
+
+
+def _due(prefix: str) -> str:
+    return f"({_one_of(ELIGIBLE, prefix + '.status')} AND {prefix}.wait_until IS NULL)"
+
+
+def _due_key(prefix: str) -> str:
+    return f"COALESCE({prefix}.scheduled_at, {prefix}.last_retry_at, {prefix}.created_at)"
+
+
+#: The version 2 parts of the schema (also what an upgrade from version 1 creates).
+_SCHEMA_2: Final = (
+    f"CREATE INDEX jobs_eligible ON jobs (priority DESC, {_SORT}, seq) WHERE {_DUE}",
+    f"CREATE INDEX jobs_waiting ON jobs (wait_until) WHERE {_WAITING}",
+    "CREATE INDEX job_tags_eligible ON job_tags (tag, prio DESC, sort_key, seq) "
+    "WHERE sort_key IS NOT NULL",
+    f"""CREATE TRIGGER jobs_tag_eligibility
+        AFTER UPDATE OF status, last_retry_at, scheduled_at, wait_until ON jobs
+        WHEN new.tags <> '[]' AND (
+            {_due("old")} <> {_due("new")}
+            OR ({_due("new")} AND {_due_key("old")} IS NOT {_due_key("new")}))
+        BEGIN
+            UPDATE job_tags
+            SET sort_key = CASE WHEN {_due("new")} THEN {_due_key("new")} END
+            WHERE seq = new.seq;
+        END""",
+)
 
 _SCHEMA: Final = (
     """CREATE TABLE jobs (
@@ -116,9 +159,13 @@ _SCHEMA: Final = (
         retry_count INTEGER NOT NULL,
         last_retry_at INTEGER,
         assignee_id TEXT NOT NULL,
-        assigned_at INTEGER
+        assigned_at INTEGER,
+        scheduled_at INTEGER,
+        priority INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        wait_until INTEGER
     )""",
-    f"CREATE INDEX jobs_eligible ON jobs ({_SORT}, seq) WHERE {_ELIG}",
     f"CREATE INDEX jobs_active ON jobs (assignee_id) WHERE {_ACTIVE}",
     "CREATE INDEX jobs_completed ON jobs (finalized_at) WHERE status = 'completed'",
     """CREATE TABLE job_tags (
@@ -126,21 +173,11 @@ _SCHEMA: Final = (
         tag TEXT NOT NULL,
         sort_key INTEGER,
         created_at INTEGER,
+        prio INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (seq, tag)
     ) WITHOUT ROWID""",
     "CREATE INDEX job_tags_tag ON job_tags (tag, seq)",
-    "CREATE INDEX job_tags_eligible ON job_tags (tag, sort_key, seq) WHERE sort_key IS NOT NULL",
-    f"""CREATE TRIGGER jobs_tag_eligibility AFTER UPDATE OF status, last_retry_at ON jobs
-        WHEN new.tags <> '[]' AND (
-            {_one_of(ELIGIBLE, "old.status")} <> {_one_of(ELIGIBLE, "new.status")}
-            OR ({_one_of(ELIGIBLE, "new.status")}
-                AND old.last_retry_at IS NOT new.last_retry_at))
-        BEGIN
-            UPDATE job_tags
-            SET sort_key = CASE WHEN {_one_of(ELIGIBLE, "new.status")}
-                                THEN COALESCE(new.last_retry_at, new.created_at) END
-            WHERE seq = new.seq;
-        END""",
+    *_SCHEMA_2,
     """CREATE TRIGGER jobs_tag_delete AFTER DELETE ON jobs WHEN old.tags <> '[]'
         BEGIN
             DELETE FROM job_tags WHERE seq = old.seq;
@@ -172,17 +209,22 @@ _LISTING_NAMES: Final = frozenset(
 
 _COLS: Final = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at"
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
+    "scheduled_at, priority, max_attempts, attempts"
 )
-_INSERT_TAG: Final = "INSERT INTO job_tags (seq, tag, sort_key, created_at) VALUES (?, ?, ?, ?)"
+_INSERT_TAG: Final = (
+    "INSERT INTO job_tags (seq, tag, sort_key, created_at, prio) VALUES (?, ?, ?, ?, ?)"
+)
 _IDS: Final = "SELECT value FROM json_each(?)"
 
 _ASSIGN_SET: Final = set_clause(ASSIGN, now="?1", assignee_id="?2")
-_HAS_ELIGIBLE: Final = f"SELECT 1 FROM jobs WHERE {_ELIG} LIMIT 1"
+_HAS_ELIGIBLE: Final = f"SELECT 1 FROM jobs WHERE {_DUE} LIMIT 1"
+_PROMOTE: Final = f"UPDATE jobs SET wait_until = NULL WHERE {_WAITING} AND wait_until <= ?"
+_NEXT_DUE: Final = f"SELECT wait_until FROM jobs WHERE {_WAITING} ORDER BY wait_until LIMIT 1"
 #: The claim without tags: one self-committing statement (the ``?3`` oldest eligible).
 CLAIM_SQL: Final = (
     f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
-    f"SELECT seq FROM jobs WHERE {_ELIG} ORDER BY {_SORT}, seq LIMIT ?3"
+    f"SELECT seq FROM jobs WHERE {_DUE} ORDER BY priority DESC, {_SORT}, seq LIMIT ?3"
     f") RETURNING {CLAIMED_COLUMNS}"
 )
 
@@ -225,7 +267,7 @@ def claim_tags_sql(several: bool) -> str:
     return (
         f"UPDATE jobs SET {_ASSIGN_SET} WHERE {_ELIG} AND seq IN ("
         f"{with_}SELECT t0.seq FROM job_tags t0 WHERE {cond} AND t0.sort_key IS NOT NULL "
-        f"ORDER BY t0.sort_key, t0.seq LIMIT ?3"
+        f"ORDER BY t0.prio DESC, t0.sort_key, t0.seq LIMIT ?3"
         f") RETURNING {CLAIMED_COLUMNS}"
     )
 
@@ -279,20 +321,24 @@ def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
 
     return [
         Job(
-            row[0],
-            row[1],
-            row[2],
-            _tags(row[3]),
-            _STATUS[row[4]],
-            dt(row[5]),  # type: ignore[arg-type]
-            dt(row[6]),
-            dt(row[7]),
-            row[8],
-            row[9],
-            row[10],
-            dt(row[11]),
-            row[12],
-            dt(row[13]),
+            id=row[0],
+            job_type=row[1],
+            job_definition=row[2],
+            tags=_tags(row[3]),
+            status=_STATUS[row[4]],
+            created_at=dt(row[5]),  # type: ignore[arg-type]
+            started_at=dt(row[6]),
+            finalized_at=dt(row[7]),
+            error_message=row[8],
+            result=row[9],
+            retry_count=row[10],
+            last_retry_at=dt(row[11]),
+            assignee_id=row[12],
+            assigned_at=dt(row[13]),
+            scheduled_at=dt(row[14]),
+            priority=row[15],
+            max_attempts=row[16],
+            attempts=row[17],
         )
         for row in rows
     ]
@@ -306,20 +352,24 @@ def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> 
     epoch = _EPOCH
     return [
         Job(
-            job_id,
-            job_type,
-            definition,
-            [] if tags == "[]" else json.loads(tags),
-            running,
-            epoch + timedelta(0, 0, created),
-            now if started == now_us else epoch + timedelta(0, 0, started),
-            None if finalized is None else epoch + timedelta(0, 0, finalized),
-            message,
-            result,
-            retries,
-            None if retried is None else epoch + timedelta(0, 0, retried),
-            assignee_id,
-            now,
+            id=job_id,
+            job_type=job_type,
+            job_definition=definition,
+            tags=[] if tags == "[]" else json.loads(tags),
+            status=running,
+            created_at=epoch + timedelta(0, 0, created),
+            started_at=now if started == now_us else epoch + timedelta(0, 0, started),
+            finalized_at=None if finalized is None else epoch + timedelta(0, 0, finalized),
+            error_message=message,
+            result=result,
+            retry_count=retries,
+            last_retry_at=None if retried is None else epoch + timedelta(0, 0, retried),
+            assignee_id=assignee_id,
+            assigned_at=now,
+            scheduled_at=None if scheduled is None else epoch + timedelta(0, 0, scheduled),
+            priority=priority,
+            max_attempts=max_attempts,
+            attempts=attempts,
         )
         for (
             job_id,
@@ -333,6 +383,10 @@ def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> 
             result,
             retries,
             retried,
+            scheduled,
+            priority,
+            max_attempts,
+            attempts,
         ) in rows
     ]
 
@@ -361,7 +415,7 @@ def _classify(conn: sqlite3.Connection, path: str) -> bool:
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if app_id == APPLICATION_ID:
-        if version != SCHEMA_VERSION:
+        if version not in _UPGRADABLE and version != SCHEMA_VERSION:
             raise StorageError(
                 f"{path}: jobpool SQLite store has schema version {version}, "
                 f"this version of jobpool_async reads version {SCHEMA_VERSION}"
@@ -396,11 +450,49 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
         raise StorageError(f"{path}: cannot use WAL journal mode (got {mode!r})")
     if not ours:
         _transaction(conn, _create_schema, path)
+    elif conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        _transaction(conn, _upgrade, path)
     if not _has_listing(conn):
         _transaction(conn, _add_listing)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+
+
+#: Store versions this code upgrades in place on open.
+_UPGRADABLE: Final = (1,)
+
+
+def _upgrade(conn: sqlite3.Connection, path: str) -> None:
+    """Version 1 → 2 (schedules, priorities, attempts), inside the caller's write
+    transaction: all of it or nothing. Every job and counter is kept; ``attempts``
+    of jobs from a version 1 store start at 0 (runs before the upgrade were not
+    counted)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:  # another process upgraded it meanwhile
+        return
+    if version != 1:
+        raise StorageError(f"{path}: cannot upgrade SQLite store version {version}")
+    for column in (
+        "scheduled_at INTEGER",
+        "priority INTEGER NOT NULL DEFAULT 0",
+        "max_attempts INTEGER",
+        "attempts INTEGER NOT NULL DEFAULT 0",
+        "wait_until INTEGER",
+    ):
+        conn.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+    conn.execute("ALTER TABLE job_tags ADD COLUMN prio INTEGER NOT NULL DEFAULT 0")
+    for old in ("INDEX jobs_eligible", "INDEX job_tags_eligible", "TRIGGER jobs_tag_eligibility"):
+        conn.execute(f"DROP {old}")
+    if _UPGRADE_HOOK is not None:
+        _UPGRADE_HOOK()
+    for statement in _SCHEMA_2:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+#: Called in the middle of an upgrade (tests: a crash at that point).
+_UPGRADE_HOOK: Callable[[], None] | None = None
 
 
 def _create_schema(conn: sqlite3.Connection, path: str) -> None:
@@ -438,19 +530,19 @@ _INSERT_SIZES: Final = (256, 64, 16, 4, 1)
 #: Per inserted row: every column bound (a job enqueued with history fields set), or
 #: only those a new job may carry, the rest literals (the common case: half the
 #: parameters, about 2 µs per job less work in the connection's thread).
-_ROW_FULL: Final = "(" + ", ".join(["?"] * 15) + ")"
+_ROW_FULL: Final = "(" + ", ".join(["?"] * 18) + ", 0, ?)"  # attempts 0, then wait_until
 _ROW_NEW: Final = (
     f"(?, ?, ?, ?, ?, '{JobStatus.INITIAL_PENDING.value}', ?, "  # status, created_at
-    "NULL, NULL, ?, NULL, 0, NULL, ?, NULL)"
+    "NULL, NULL, ?, NULL, 0, NULL, ?, NULL, NULL, 0, NULL, 0, NULL)"
 )
 
 
 @functools.lru_cache(maxsize=2 * len(_INSERT_SIZES))
 def _insert_sql(row: str, rows: int) -> str:
-    return f"INSERT INTO jobs (seq, {_COLS}) VALUES " + ", ".join([row] * rows)
+    return f"INSERT INTO jobs (seq, {_COLS}, wait_until) VALUES " + ", ".join([row] * rows)
 
 
-_Params = tuple[list[Any], list[tuple[int, str, int, int]]]
+_Params = tuple[list[Any], list[tuple[int, str, int | None, int, int]]]
 
 
 def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
@@ -466,7 +558,7 @@ def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
 def _new_params(jobs: Sequence[Job], first: int) -> _Params:
     """The columns of ``_ROW_NEW`` for jobs without history fields, and their tags."""
     params: list[Any] = []
-    tag_rows: list[tuple[int, str, int, int]] = []
+    tag_rows: list[tuple[int, str, int | None, int, int]] = []
     epoch, us = _EPOCH, _US
     for seq, job in enumerate(jobs, first):
         created = (job.created_at - epoch) // us
@@ -482,14 +574,14 @@ def _new_params(jobs: Sequence[Job], first: int) -> _Params:
             job.assignee_id,
         )
         if tags:
-            tag_rows.extend((seq, tag, created, created) for tag in tags)
+            tag_rows.extend((seq, tag, created, created, 0) for tag in tags)
     return params, tag_rows
 
 
 def _full_params(jobs: Sequence[Job], first: int) -> _Params:
     """Every column of every job, for jobs enqueued with history fields set."""
     params: list[Any] = []
-    tag_rows: list[tuple[int, str, int, int]] = []
+    tag_rows: list[tuple[int, str, int | None, int, int]] = []
     pending = JobStatus.INITIAL_PENDING.value  # the only status insert receives
     for seq, job in enumerate(jobs, first):
         created = _us(job.created_at)
@@ -499,6 +591,7 @@ def _full_params(jobs: Sequence[Job], first: int) -> _Params:
             job.last_retry_at,
             job.assigned_at,
         )
+        scheduled = None if job.scheduled_at is None else _us(job.scheduled_at)
         params += (
             seq,
             job.id,
@@ -515,10 +608,18 @@ def _full_params(jobs: Sequence[Job], first: int) -> _Params:
             None if retried is None else _us(retried),
             job.assignee_id,
             None if assigned is None else _us(assigned),
+            scheduled,
+            job.priority,
+            job.max_attempts,
+            scheduled,  # wait_until: it waits (a claim promotes it once due)
         )
         if job.tags:
-            sort_key = _us(retried) if retried is not None else created
-            tag_rows.extend((seq, tag, sort_key, created) for tag in job.tags)
+            sort_key = (
+                None
+                if scheduled is not None
+                else (_us(retried) if retried is not None else created)
+            )
+            tag_rows.extend((seq, tag, sort_key, created, job.priority) for tag in job.tags)
     return params, tag_rows
 
 
@@ -551,6 +652,49 @@ def _insert_rows(
         raise
     if tag_rows:
         conn.executemany(_INSERT_TAG, tag_rows)
+
+
+#: "Did not look": the ``next_due`` of a call that did not probe for waiting jobs.
+_NOT_PROBED: Final = -1
+
+
+def _promote(conn: sqlite3.Connection, now: int) -> int | None:
+    """Promote the waiting jobs due at ``now`` (a read first, so nothing to promote
+    takes no write lock); return the earliest ``wait_until`` still waiting."""
+    row = conn.execute(_NEXT_DUE).fetchone()
+    if row is not None and row[0] <= now:
+        conn.execute(_PROMOTE, (now,))
+        row = conn.execute(_NEXT_DUE).fetchone()
+    return None if row is None else cast(int, row[0])
+
+
+def _insert_new(conn: sqlite3.Connection, jobs: Sequence[Job]) -> list[Job]:
+    """Insert the jobs whose id is not stored (ids in ``jobs`` are distinct), in the
+    caller's transaction; return them."""
+    existing = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM jobs WHERE id IN ({_IDS})", (json.dumps([j.id for j in jobs]),)
+        )
+    }
+    fresh = [job for job in jobs if job.id not in existing]
+    if fresh:
+        _insert(conn, fresh)
+    return fresh
+
+
+def _claim_promoting(
+    conn: sqlite3.Connection,
+    assignee_id: str,
+    tags: Sequence[str],
+    limit: int,
+    now: int,
+    look_first: bool,
+    promote: bool,
+) -> tuple[list[Any], int | None]:
+    """:func:`_claim`, after promoting the jobs that came due (with ``promote``)."""
+    next_due = _promote(conn, now) if promote else _NOT_PROBED
+    return _claim(conn, assignee_id, tags, limit, now, look_first), next_due
 
 
 def _claim(
@@ -594,7 +738,7 @@ def _rarest_first(conn: sqlite3.Connection, tags: Sequence[str]) -> list[str]:
     return sorted(tags, key=counts.__getitem__)
 
 
-_ApplyPlan = tuple[list[Moved], dict[str, JobPoolError], list[Any]]
+_ApplyPlan = tuple[list[Moved], dict[str, JobPoolError], list[Any], int | None]
 
 #: Rows per ``UPDATE … FROM (VALUES …)`` statement (3 parameters each; SQLite allows 32766).
 _APPLY_CHUNK: Final = 5000
@@ -621,23 +765,34 @@ def _apply_sql(transition: Transition, rows: int, with_result: bool, with_error:
 
 
 def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_error: bool) -> str:
-    values = ", ".join(f"(?{3 * i + 2}, ?{3 * i + 3}, ?{3 * i + 4})" for i in range(rows))
+    timed = transition.schedules or bool(transition.exhausted)
+    width = 5 if timed else 3
+    values = ", ".join(
+        "(" + ", ".join(f"?{width * i + k + 2}" for k in range(width)) + ")" for i in range(rows)
+    )
     sets = set_clause(
         transition,
         now="?1",
         result="c_result" if with_result else None,
         error_message="c_error" if with_error else None,
+        scheduled_at="c_sched" if timed else "NULL",
+        max_attempts="c_max" if timed else "NULL",
     )
+    columns = "c_id, c_result, c_error, c_sched, c_max" if timed else "c_id, c_result, c_error"
     return (
-        f"WITH c(c_id, c_result, c_error) AS (VALUES {values}) "
+        f"WITH c({columns}) AS (VALUES {values}) "
         f"UPDATE jobs SET {sets} FROM c WHERE jobs.id = c.c_id "
         f"AND {_one_of(transition.sources)} "
-        "RETURNING jobs.id, jobs.status, jobs.tags, jobs.assigned_at"
+        "RETURNING jobs.id, jobs.status, jobs.tags, jobs.assigned_at, jobs.wait_until"
     )
 
 
 def _apply(
-    conn: sqlite3.Connection, changes: Sequence[Change], now: int, refill: Refill | None
+    conn: sqlite3.Connection,
+    changes: Sequence[Change],
+    now: int,
+    refill: Refill | None,
+    promote: bool = False,
 ) -> _ApplyPlan:
     """Move every job its transition allows (one statement per transition and chunk),
     look up why the others did not move, and claim the ``refill`` (rows) — all in the
@@ -654,11 +809,14 @@ def _apply(
             done.update(_move_chunk(conn, transition, members[k : k + _APPLY_CHUNK], now))
     moved, errors = _outcome(conn, changes, done)
     rows: list[Any] = []
+    next_due: int | None = _NOT_PROBED
     if refill is not None:
         limit = refill_limit(refill, moved)
         if limit:
+            if promote:
+                next_due = _promote(conn, now)
             rows = _claim(conn, refill.assignee_id, refill.tags, limit, now, False)
-    return moved, errors, rows
+    return moved, errors, rows, next_due
 
 
 def _move_chunk(
@@ -667,14 +825,23 @@ def _move_chunk(
     """One statement moving the jobs of ``chunk`` (all of ``transition``) it allows."""
     params: list[Any] = [now]
     with_result = with_error = False
+    timed = transition.schedules or bool(transition.exhausted)
     for c in chunk:
         params += (c.job_id, c.result, c.error_message)
+        if timed:
+            params += (None if c.scheduled_at is None else _us(c.scheduled_at), c.max_attempts)
         with_result = with_result or c.result is not None
         with_error = with_error or c.error_message is not None
     sql = _apply_sql(transition, len(chunk), with_result, with_error)
     return {
-        job_id: Moved(job_id, _STATUS[status], _dt(assigned_at), _tag_tuple(tags))
-        for job_id, status, tags, assigned_at in conn.execute(sql, params).fetchall()
+        job_id: Moved(
+            job_id,
+            _STATUS[status],
+            _dt(assigned_at),
+            _tag_tuple(tags),
+            None if wait is None or _STATUS[status] not in ELIGIBLE else _dt(wait),
+        )
+        for job_id, status, tags, assigned_at, wait in conn.execute(sql, params).fetchall()
     }
 
 
@@ -686,7 +853,7 @@ def _apply_fast(conn: sqlite3.Connection, changes: Sequence[Change], now: int) -
     reports it."""
     done = _move_chunk(conn, changes[0].transition, changes, now)
     moved, errors = _outcome(conn, changes, done)
-    return moved, errors, []
+    return moved, errors, [], _NOT_PROBED
 
 
 def _outcome(
@@ -748,6 +915,7 @@ def _apply_selected(
     selection: Selection,
     now: int,
     report_unmatched: bool,
+    scheduled_at: datetime | None = None,
 ) -> SelectOutcome:
     out = SelectOutcome()
     if selection.everything or selection.assignee_id is not None:
@@ -778,12 +946,14 @@ def _apply_selected(
                 out.unmatched.append(job_id)
             continue
         seqs.append(seq)
-        out.moved.append(Moved(job_id, target, _dt(assigned_at), _tag_tuple(tags)))
+        due = scheduled_at if transition.schedules and target in ELIGIBLE else None
+        out.moved.append(Moved(job_id, target, _dt(assigned_at), _tag_tuple(tags), due))
     if seqs:  # under the write lock, so exactly the rows decided above move
+        sched = None if scheduled_at is None else _us(scheduled_at)
         conn.execute(
-            f"UPDATE jobs SET {set_clause(transition, now='?1')} "
+            f"UPDATE jobs SET {set_clause(transition, now='?1', scheduled_at='?3')} "
             f"WHERE seq IN (SELECT value FROM json_each(?2)) AND {_one_of(transition.sources)}",
-            (now, json.dumps(seqs)),
+            (now, json.dumps(seqs), sched) if transition.schedules else (now, json.dumps(seqs)),
         )
     return out
 
@@ -924,6 +1094,10 @@ class SQLiteBackend(Backend):
         self._closed = False
         #: Per tag filter: did the last claim come back full? (Then skip the look first.)
         self._claims_full: dict[tuple[str, ...], bool] = {}
+        #: The earliest time a waiting job comes due, as far as this process knows
+        #: (exact after each probe; other processes may add earlier ones in between).
+        self._next_due: datetime | None = None
+        self._probed_at = float("-inf")
 
     @property
     def path(self) -> Path:
@@ -1015,13 +1189,47 @@ class SQLiteBackend(Backend):
             seen.add(job.id)
         if jobs:
             await self._transact(_insert, jobs)
+            for job in jobs:
+                self._learn(job.scheduled_at)
+
+    def next_due(self) -> datetime | None:
+        return self._next_due
+
+    def _should_promote(self, now: datetime) -> bool:
+        """Whether a claim looks for waiting jobs that came due: when one this process
+        knows of has, and every :data:`PROBE_INTERVAL` for those of other processes."""
+        due = self._next_due
+        return (due is not None and due <= now) or (
+            time.monotonic() - self._probed_at >= PROBE_INTERVAL
+        )
+
+    def _probed(self, next_due: int | None) -> None:
+        if next_due != _NOT_PROBED:
+            self._probed_at = time.monotonic()
+            self._next_due = _dt(next_due)
+
+    def _learn(self, due: datetime | None) -> None:
+        if due is not None and (self._next_due is None or due < self._next_due):
+            self._next_due = due
+
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        if not jobs:
+            return []
+        fresh: list[Job] = await self._transact(_insert_new, jobs)
+        for job in fresh:
+            self._learn(job.scheduled_at)
+        return [job.id for job in fresh]
 
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
         key = tuple(tags)
         full = self._claims_full
-        rows = await self._run(_claim, assignee_id, key, limit, _us(now), not full.get(key))
+        promote = self._should_promote(now)
+        rows, next_due = await self._run(
+            _claim_promoting, assignee_id, key, limit, _us(now), not full.get(key), promote
+        )
+        self._probed(next_due)
         if len(full) > 256:
             full.clear()
         full[key] = len(rows) == limit
@@ -1038,9 +1246,15 @@ class SQLiteBackend(Backend):
             and len(changes) <= _APPLY_CHUNK
             and all(c.transition is transition for c in changes)
         ):
-            moved, errors, rows = await self._run(_apply_fast, changes, _us(now))
+            moved, errors, rows, next_due = await self._run(_apply_fast, changes, _us(now))
         else:
-            moved, errors, rows = await self._transact(_apply, changes, _us(now), refill)
+            promote = refill is not None and self._should_promote(now)
+            moved, errors, rows, next_due = await self._transact(
+                _apply, changes, _us(now), refill, promote
+            )
+        self._probed(next_due)
+        for m in moved:
+            self._learn(m.due_at)
         claimed = _claimed(rows, refill.assignee_id, now) if refill and rows else []
         return ApplyOutcome(moved=moved, errors=errors, claimed=claimed)
 
@@ -1051,10 +1265,14 @@ class SQLiteBackend(Backend):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
-        return await self._transact(
-            _apply_selected, transition, selection, _us(now), report_unmatched
+        out: SelectOutcome = await self._transact(
+            _apply_selected, transition, selection, _us(now), report_unmatched, scheduled_at
         )
+        for m in out.moved:
+            self._learn(m.due_at)
+        return out
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
         if not job_ids:

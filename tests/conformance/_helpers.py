@@ -22,6 +22,7 @@ LIFECYCLE = {
     "stop": ({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}, S.STOPPED),
     "stop_with_retry": ({S.CANCELLING}, S.STOPPED),
     "mark_unknown_stopped": ({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}, S.UNKNOWN_STOPPED),
+    "discard": ({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}, S.DISCARDED),
 }
 UPDATE_ALLOWED = {
     S.INITIAL_PENDING: {S.UNSCHEDULED},
@@ -32,16 +33,18 @@ UPDATE_ALLOWED = {
         S.CANCELLING,
         S.UNKNOWN_RETRY,
         S.UNKNOWN_STOPPED,
+        S.DISCARDED,
     },
     S.CANCELLING: {S.COMPLETED, S.STOPPED, S.UNKNOWN_STOPPED},
     S.FAILED_RETRY: {S.STOPPED, S.UNKNOWN_STOPPED},
-    S.UNKNOWN_RETRY: {S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED},
+    S.UNKNOWN_RETRY: {S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED, S.DISCARDED},
     S.UNKNOWN_STOPPED: {S.COMPLETED, S.STOPPED},
     S.COMPLETED: set(),
     S.STOPPED: set(),
     S.UNSCHEDULED: set(),
+    S.DISCARDED: set(),
 }
-FINAL = {S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.UNKNOWN_STOPPED}
+FINAL = {S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.UNKNOWN_STOPPED, S.DISCARDED}
 DEADLINE = 10.0
 
 
@@ -89,6 +92,8 @@ async def job_in(queue: PoolQueue, status: JobStatus, job_id: str | None = None)
         await queue.stop_job(job_id, "stopped")
     elif status is S.UNKNOWN_STOPPED:
         await queue.mark_job_unknown_stopped(job_id, "lost")
+    elif status is S.DISCARDED:
+        await queue.discard_job(job_id, "given up")
     got = await queue.get_job(job_id)
     assert got.status is status, (job_id, got.status, status)
     return job_id

@@ -188,8 +188,9 @@ async def test_stats_count_every_status_with_tag_and_filter(queue: PoolQueue) ->
         ]
     )
     stats = await queue.get_job_stats()
-    assert stats.total_jobs == 12
+    assert stats.total_jobs == 13
     assert set(stats.by_status) == set(S)
+    assert stats.discarded_jobs == stats.by_status[S.DISCARDED] == 1
     assert stats.by_status[S.INITIAL_PENDING] == 4
     assert stats.pending_jobs == 4
     assert stats.running_jobs == 2
@@ -203,7 +204,7 @@ async def test_stats_count_every_status_with_tag_and_filter(queue: PoolQueue) ->
     assert (await queue.get_job_stats(["red"])).total_jobs == 2
     assert (await queue.get_job_stats(["nothing-has-this"])).total_jobs == 0
     assert (await queue.get_job_stats(["Red"])).total_jobs == 0, "tags are case-sensitive"
-    assert (await queue.get_job_stats([])).total_jobs == 12
+    assert (await queue.get_job_stats([])).total_jobs == 13
 
 
 #: Tags in one filter: SQLite once nested one term per tag and failed from about 500.

@@ -26,6 +26,7 @@ def single_call(queue: PoolQueue, op: str, job_id: str) -> Awaitable[None]:
         "stop": lambda: queue.stop_job(job_id, "stop message"),
         "stop_with_retry": lambda: queue.stop_job_with_retry(job_id, "stop retry"),
         "mark_unknown_stopped": lambda: queue.mark_job_unknown_stopped(job_id, "unknown"),
+        "discard": lambda: queue.discard_job(job_id, "discarded"),
     }
     return calls[op]()
 
@@ -38,8 +39,10 @@ def batch_call(queue: PoolQueue, op: str, job_ids: list[str]) -> Awaitable[None]
         "stop": "stop message",
         "stop_with_retry": "stop retry",
         "mark_unknown_stopped": "unknown",
+        "discard": "discarded",
     }[op]
     method = {
+        "discard": queue.discard_jobs,
         "fail": queue.fail_jobs,
         "stop": queue.stop_jobs,
         "stop_with_retry": queue.stop_jobs_with_retry,
@@ -95,6 +98,7 @@ def check_side_effects(op: str, before: object, after: object) -> None:
         "stop": "stop message",
         "stop_with_retry": "stop retry",
         "mark_unknown_stopped": "unknown",
+        "discard": "discarded",
     }.get(op)
     if expected_msg is not None:
         assert after.error_message == expected_msg

@@ -402,6 +402,13 @@ class FlakyBackend(Backend):
         self._check("insert")
         await self.inner.insert(jobs)
 
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        self._check("insert")
+        return await self.inner.insert_new(jobs)
+
+    def next_due(self) -> datetime | None:
+        return self.inner.next_due()
+
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
@@ -421,10 +428,11 @@ class FlakyBackend(Backend):
         now: datetime,
         *,
         report_unmatched: bool = False,
+        scheduled_at: datetime | None = None,
     ) -> SelectOutcome:
         self._check("apply_selected")
         return await self.inner.apply_selected(
-            transition, selection, now, report_unmatched=report_unmatched
+            transition, selection, now, report_unmatched=report_unmatched, scheduled_at=scheduled_at
         )
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:

@@ -48,7 +48,7 @@ S = JobStatus
 
 # --- the reference model (SPEC §1-§2, written independently) --------------------------
 
-FINAL = frozenset({S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.UNKNOWN_STOPPED})
+FINAL = frozenset({S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.UNKNOWN_STOPPED, S.DISCARDED})
 ELIGIBLE = frozenset({S.INITIAL_PENDING, S.FAILED_RETRY, S.UNKNOWN_RETRY})
 ACTIVE = frozenset({S.RUNNING, S.CANCELLING})
 
@@ -85,15 +85,26 @@ OPS: dict[str, LifecycleOp] = {
 UPDATE_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     S.INITIAL_PENDING: frozenset({S.UNSCHEDULED}),
     S.RUNNING: frozenset(
-        {S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.CANCELLING, S.UNKNOWN_RETRY, S.UNKNOWN_STOPPED}
+        {
+            S.COMPLETED,
+            S.FAILED_RETRY,
+            S.STOPPED,
+            S.CANCELLING,
+            S.UNKNOWN_RETRY,
+            S.UNKNOWN_STOPPED,
+            S.DISCARDED,
+        }
     ),
     S.CANCELLING: frozenset({S.COMPLETED, S.STOPPED, S.UNKNOWN_STOPPED}),
     S.FAILED_RETRY: frozenset({S.STOPPED, S.UNKNOWN_STOPPED}),
-    S.UNKNOWN_RETRY: frozenset({S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED}),
+    S.UNKNOWN_RETRY: frozenset(
+        {S.COMPLETED, S.FAILED_RETRY, S.STOPPED, S.UNKNOWN_STOPPED, S.DISCARDED}
+    ),
     S.UNKNOWN_STOPPED: frozenset({S.COMPLETED, S.STOPPED}),
     S.COMPLETED: frozenset(),
     S.STOPPED: frozenset(),
     S.UNSCHEDULED: frozenset(),
+    S.DISCARDED: frozenset(),
 }
 
 CANCEL_MOVES: dict[JobStatus, JobStatus] = {
