@@ -1,11 +1,10 @@
 """Stores written by the code before ``list_jobs`` are upgraded in place on open.
 
 The previous code is the package as of :data:`PREVIOUS` (taken from git), run in a
-subprocess to write a store; this code then opens it and lists it. On SQLite and
-PostgreSQL the store's version does not change (only indexes, a column filled by a
-trigger), so the previous code must keep working on the upgraded store, and what it
-writes must list correctly; LevelDB moves to format 2, which the previous code
-refuses.
+subprocess to write a store; this code then opens it and lists it. Listing alone
+changed no store version on SQLite and PostgreSQL, but schedules and priorities
+(SPEC §8) did, on every backend: so the previous code now refuses the upgraded store
+(naming both versions), as it refuses a LevelDB store of format 2 or later.
 """
 
 from __future__ import annotations
@@ -117,15 +116,17 @@ async def _check_listing(queue: PoolQueue, prefixes: str) -> None:
 
 
 async def _both_ways(previous: Path, url: str, schema: str, ours: Callable[[], Backend]) -> None:
-    """Previous code writes, we list; previous code writes again, we list both."""
+    """Previous code writes, we list; then the previous code refuses the upgraded store
+    and leaves it alone."""
     first = run_previous(previous, url, "a", schema)
     assert first.returncode == 0, first.stderr
     async with PoolQueue(ours()) as queue:
         await _check_listing(queue, "a")
-    again = run_previous(previous, url, "b", schema)  # the previous code still writes it
-    assert again.returncode == 0, again.stderr
+    refused = run_previous(previous, url, "b", schema)
+    assert refused.returncode != 0
+    assert "StorageError" in refused.stderr and "version" in refused.stderr
     async with PoolQueue(ours()) as queue:
-        await _check_listing(queue, "ab")
+        await _check_listing(queue, "a")
 
 
 async def test_sqlite_store_of_the_previous_code(previous: Path, tmp_path: Path) -> None:
@@ -159,7 +160,7 @@ async def test_leveldb_upgrade_cut_short_is_redone(
     calls = 0
     real = _leveldb_codec.encode_meta
 
-    def crash_before_mark() -> bytes:
+    def crash_before_mark(*args: object) -> bytes:
         nonlocal calls
         calls += 1
         raise OSError("power cut")

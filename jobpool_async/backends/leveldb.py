@@ -1103,7 +1103,7 @@ def _first_waiting(db: Any) -> datetime | None:
     return None if key is None else codec.from_micros(codec.read_u64(key, 1))
 
 
-#: Called in the middle of building an upgrade batch (tests: a crash at that point).
+#: Called for each record of an upgrade batch, and after its write (tests: a crash).
 _UPGRADE_HOOK: Callable[[], None] | None = None
 
 
@@ -1136,6 +1136,8 @@ def _upgrade_to_3(db: Any, where: str) -> None:
     wb.put(_COUNTERS, codec.encode_global(next_seq, 0, counts))
     wb.put(_META, codec.encode_meta())
     wb.write()
+    if _UPGRADE_HOOK is not None:
+        _UPGRADE_HOOK()
     logger.info("upgraded LevelDB store %s to format %d", where, codec.FORMAT_VERSION)
 
 

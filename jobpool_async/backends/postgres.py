@@ -240,6 +240,15 @@ async def _discard(pool: Pool, conn: PoolConnectionProxy[Record]) -> None:
         await pool.release(conn)
 
 
+#: Called (awaited) at steps 1-3 of an upgrade, inside its transaction (tests: a crash).
+_UPGRADE_HOOK: Callable[[int], Awaitable[None]] | None = None
+
+
+async def _upgrade_step(step: int) -> None:
+    if _UPGRADE_HOOK is not None:
+        await _UPGRADE_HOOK(step)
+
+
 async def _no_reset(conn: Connection) -> None:
     """Pool release hook: this backend keeps no session state, so skip ``RESET ALL``.
 
@@ -598,6 +607,7 @@ class PostgresBackend(Backend):
                         ADD COLUMN attempts integer NOT NULL DEFAULT 0,
                         ADD COLUMN wait_until timestamptz"""
             )
+            await _upgrade_step(1)
         if version < 2:  # 2: the GIN indexes leave out jobs without tags
             await conn.execute(
                 f"DROP INDEX {s}.jobs_tags; DROP INDEX {s}.jobs_eligible_tags;"
@@ -612,7 +622,9 @@ class PostgresBackend(Backend):
                         WHERE {_DUE} AND tag_keys <> '{{}}';"""
                 + self._eligible_indexes_sql()
             )
+            await _upgrade_step(2)
         await conn.execute(f"UPDATE {s}.jobpool_version SET version = {SCHEMA_VERSION}")
+        await _upgrade_step(3)
         logger.info("upgraded store %r from version %d to %d", self.schema, version, SCHEMA_VERSION)
 
     async def close(self) -> None:
@@ -1444,12 +1456,13 @@ class PostgresBackend(Backend):
         if report_unmatched:
             sql += f"""
             UNION ALL
-            SELECT 2, j.id, j.status, NULL::text[], j.seq, NULL::timestamptz FROM {t} j
+            SELECT 2, j.id, j.status, NULL::text[], j.seq, NULL::timestamptz, NULL::timestamptz
+            FROM {t} j
             WHERE {cond_j} AND j.id NOT IN (SELECT id FROM moved)"""
             if ids_at is not None:
                 sql += f"""
             UNION ALL
-            SELECT 0, x.id, NULL, NULL::text[], x.ord, NULL::timestamptz
+            SELECT 0, x.id, NULL, NULL::text[], x.ord, NULL::timestamptz, NULL::timestamptz
             FROM unnest(${ids_at}::text[])
                 WITH ORDINALITY AS x(id, ord)
             WHERE NOT EXISTS (SELECT 1 FROM {t} e

@@ -473,6 +473,8 @@ def _upgrade(conn: sqlite3.Connection, path: str) -> None:
         return
     if version != 1:
         raise StorageError(f"{path}: cannot upgrade SQLite store version {version}")
+    if _UPGRADE_HOOK is not None:
+        _UPGRADE_HOOK(conn)
     for column in (
         "scheduled_at INTEGER",
         "priority INTEGER NOT NULL DEFAULT 0",
@@ -484,15 +486,13 @@ def _upgrade(conn: sqlite3.Connection, path: str) -> None:
     conn.execute("ALTER TABLE job_tags ADD COLUMN prio INTEGER NOT NULL DEFAULT 0")
     for old in ("INDEX jobs_eligible", "INDEX job_tags_eligible", "TRIGGER jobs_tag_eligibility"):
         conn.execute(f"DROP {old}")
-    if _UPGRADE_HOOK is not None:
-        _UPGRADE_HOOK()
     for statement in _SCHEMA_2:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-#: Called in the middle of an upgrade (tests: a crash at that point).
-_UPGRADE_HOOK: Callable[[], None] | None = None
+#: Called with the connection when an upgrade begins (tests: a crash inside it).
+_UPGRADE_HOOK: Callable[[sqlite3.Connection], None] | None = None
 
 
 def _create_schema(conn: sqlite3.Connection, path: str) -> None:

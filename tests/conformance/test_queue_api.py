@@ -15,7 +15,7 @@ from jobpool_async import (
     PoolQueue,
     QueueClosedError,
 )
-from jobpool_async import _queue as queue_module
+from jobpool_async.testing import FakeClock
 
 from ..backends import BackendFactory
 from ._helpers import DEADLINE, job_in, take
@@ -296,22 +296,21 @@ async def test_cleanup_expired_deletes_only_old_completed(queue: PoolQueue) -> N
     assert len(await queue.get_jobs([stopped])) == 1
 
 
-async def test_cleanup_cutoff_is_inclusive(
-    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cleanup_cutoff_is_inclusive(make_backend: BackendFactory) -> None:
     """A job finalized exactly ``ttl`` ago is expired; one finalized a microsecond
     later is not (a controlled clock, no sleeping)."""
-    done = await job_in(queue, S.COMPLETED)
-    finalized = (await queue.get_job(done)).finalized_at
-    assert finalized is not None
-    ttl = timedelta(minutes=5)
-    clock = [finalized + ttl - timedelta(microseconds=1)]
-    monkeypatch.setattr(queue_module, "utcnow", lambda: clock[0])
-    assert await queue.cleanup_expired_jobs(ttl) == 0
-    assert len(await queue.get_jobs([done])) == 1
-    clock[0] = finalized + ttl
-    assert await queue.cleanup_expired_jobs(ttl) == 1
-    assert await queue.get_jobs([done]) == []
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
+    async with PoolQueue(make_backend(), clock=clock) as queue:
+        done = await job_in(queue, S.COMPLETED)
+        finalized = (await queue.get_job(done)).finalized_at
+        assert finalized == clock.now()
+        ttl = timedelta(minutes=5)
+        clock.advance(ttl - timedelta(microseconds=1))
+        assert await queue.cleanup_expired_jobs(ttl) == 0
+        assert len(await queue.get_jobs([done])) == 1
+        clock.advance(timedelta(microseconds=1))
+        assert await queue.cleanup_expired_jobs(ttl) == 1
+        assert await queue.get_jobs([done]) == []
 
 
 async def test_store_survives_reopen(make_backend: BackendFactory, backend_name: str) -> None:

@@ -1,0 +1,296 @@
+"""Stores written by the previous version are upgraded in place on open (SPEC §8).
+
+The stores under ``tests/fixtures/stores/<version>`` were written by that version's
+code with ``tests/fixtures/stores/generate.py`` (its docstring says how to regenerate
+them); ``expected.json`` holds every job and the stats as that code read them back.
+This code must open each store, keep every job and counter exactly, give the new
+fields their defaults, and keep working on it. A crash (SIGKILL) at a random point
+of an upgrade leaves the old store or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobpool_async import Backend, Job, JobStatus, PoolQueue, StorageError
+from jobpool_async.backends.leveldb import LevelDBBackend
+from jobpool_async.backends.sqlite import SQLiteBackend
+from jobpool_async.testing import FakeClock
+
+from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stores"
+#: The stores of the version before schedules and priorities (main at 64c066e).
+PREVIOUS = FIXTURES / "v0.1-64c066e"
+ROOT = Path(__file__).resolve().parents[1]
+#: Crash points tried per backend (raise it to search harder).
+CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
+NAMES = ["sqlite", "leveldb", "postgres"]
+
+
+def expected(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((PREVIOUS / "expected.json").read_text())[name]
+    return data
+
+
+def _value(field: str, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if field in ("job_definition", "result"):
+        return base64.b64decode(raw)
+    if field == "status":
+        return JobStatus(raw)
+    if field.endswith("_at"):
+        return datetime.fromisoformat(raw)
+    return raw
+
+
+def check_jobs(jobs: list[Job], want: dict[str, Any]) -> None:
+    assert [j.id for j in jobs] == [w["id"] for w in want["jobs"]]
+    for job, old in zip(jobs, want["jobs"], strict=True):
+        for field, raw in old.items():
+            assert getattr(job, field) == _value(field, raw), (job.id, field)
+        assert (job.scheduled_at, job.priority, job.max_attempts, job.attempts) == (
+            None,
+            0,
+            None,
+            0,
+        ), job.id
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    postgres_dsn()
+    schema = new_schema_name()
+    yield schema
+    await drop_postgres_schema(schema)
+
+
+def _pg_script(schema: str) -> str:
+    """The previous version's dump, into ``schema`` (psql meta-commands dropped)."""
+    text = (PREVIOUS / "postgres.sql").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("\\")]
+    return "\n".join(lines).replace("jobpool_fixture", schema)
+
+
+async def _load_pg(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn())
+    try:
+        await conn.execute(_pg_script(schema))
+    finally:
+        await conn.close()
+
+
+async def copy_store(name: str, tmp_path: Path, schema: str) -> Callable[[], Backend]:
+    """A copy of the previous version's store, and a factory of backends on it."""
+    if name == "sqlite":
+        path = tmp_path / "old.db"
+        shutil.copy(PREVIOUS / "sqlite.db", path)
+        return lambda: SQLiteBackend(path)
+    if name == "leveldb":
+        path = tmp_path / "old.ldb"
+        shutil.copytree(PREVIOUS / "leveldb", path)
+        return lambda: LevelDBBackend(path)
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    await _load_pg(schema)
+    dsn = postgres_dsn()
+    return lambda: PostgresBackend(dsn, schema=schema)
+
+
+@pytest.fixture(params=NAMES)
+async def old_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, Callable[[], Backend]]]:
+    name = str(request.param)
+    if name == "postgres":
+        postgres_dsn()
+        schema = new_schema_name()
+        try:
+            yield name, await copy_store(name, tmp_path, schema)
+        finally:
+            await drop_postgres_schema(schema)
+    else:
+        yield name, await copy_store(name, tmp_path, "")
+
+
+async def test_a_store_of_the_previous_version_is_upgraded_in_place(
+    old_store: tuple[str, Callable[[], Backend]],
+) -> None:
+    name, factory = old_store
+    want = expected(name)
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    async with PoolQueue(factory(), clock=clock) as q:
+        check_jobs(await q.get_jobs(ids), want)
+        stats = await q.get_job_stats()
+        assert stats.total_jobs == want["stats"]["total_jobs"]
+        assert stats.total_retries == want["stats"]["total_retries"]
+        assert {s.value: n for s, n in stats.by_status.items() if n} == {
+            s: n for s, n in want["stats"]["by_status"].items() if n
+        }
+        assert stats.discarded_jobs == 0
+    async with PoolQueue(factory(), clock=clock) as q:  # reopened: upgraded once, kept
+        check_jobs(await q.get_jobs(ids), want)
+        # The eligible jobs come out in the old order (no priorities, no schedules) ...
+        old = [
+            w
+            for w in want["jobs"]
+            if JobStatus(w["status"])
+            in (JobStatus.INITIAL_PENDING, JobStatus.FAILED_RETRY, JobStatus.UNKNOWN_RETRY)
+        ]
+        old.sort(key=lambda w: w["last_retry_at"] or w["created_at"])
+        await q.enqueue_jobs(
+            [
+                Job(id="new-top", job_type="t", priority=5),
+                Job(id="new-later", job_type="t", scheduled_at=clock.now() + timedelta(hours=1)),
+            ]
+        )
+        async with q.stream_jobs("after", max_assigned_jobs=len(old) + 2) as stream:
+            batch = await stream.__anext__()
+        got = {j.id for j in batch}
+        assert got == {w["id"] for w in old} | {"new-top"}
+        assert all(j.attempts == 1 for j in batch)
+        # ... and every new call works on the upgraded store.
+        await q.fail_jobs({"new-top": ("boom", timedelta(minutes=5))})
+        await q.discard_job(old[0]["id"], "gave up")
+        assert await q.requeue_jobs(job_ids=[old[0]["id"]]) == [old[0]["id"]]
+        assert (await q.get_job("new-top")).scheduled_at == clock.now() + timedelta(minutes=5)
+
+
+async def test_sqlite_refuses_a_newer_store_naming_both_versions(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    shutil.copy(PREVIOUS / "sqlite.db", path)
+    async with PoolQueue(SQLiteBackend(path)):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with pytest.raises(StorageError, match=r"version 3.*version 2"):
+        async with PoolQueue(SQLiteBackend(path)):
+            pass
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3, "left as it was"
+    conn.close()
+
+
+# --- a crash during the upgrade -------------------------------------------------------------
+
+CRASH_CHILD = """
+import asyncio, os, random, signal, sys
+from jobpool_async import PoolQueue
+name, where, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+
+def die(*_args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if name == "sqlite":
+    from jobpool_async.backends import sqlite as mod
+    from jobpool_async.backends.sqlite import SQLiteBackend as B
+    left = [rng.randint(1, 3000)]  # the upgrade and the rest of the open: ~3,200 steps
+    def step():
+        left[0] -= 1
+        if left[0] == 0:
+            die()
+        return 0
+    # SIGKILL after a random number of SQLite VM steps from the start of the upgrade
+    mod._UPGRADE_HOOK = lambda conn: conn.set_progress_handler(step, 1)
+    backend = B(where)
+elif name == "leveldb":
+    from jobpool_async.backends import leveldb as mod
+    from jobpool_async.backends.leveldb import LevelDBBackend as B
+    calls = [rng.randint(1, 41)]  # one of the 40 records of the rewrite, or after it
+    def hook(*_args):
+        calls[0] -= 1
+        if calls[0] == 0:
+            die()
+    mod._UPGRADE_HOOK = hook
+    backend = B(where)
+else:
+    from jobpool_async.backends import postgres as mod
+    from jobpool_async.backends.postgres import PostgresBackend as B
+    steps = rng.randint(1, 3)
+    async def hook(step):
+        if step == steps:
+            die()
+    mod._UPGRADE_HOOK = hook
+    backend = B(os.environ["JOBPOOL_TEST_POSTGRES_DSN"], schema=where)
+
+async def main():
+    async with PoolQueue(backend):
+        pass
+
+asyncio.run(main())
+print("not killed")
+"""
+
+
+def _crash(name: str, where: str, seed: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH_CHILD), name, where, str(seed)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def _sqlite_schema(path: Path) -> tuple[int, list[Any]]:
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        objects = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+    finally:
+        conn.close()
+    return version, objects
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
+    name: str, tmp_path: Path
+) -> None:
+    schemas: list[str] = []
+    old_sqlite = _sqlite_schema(PREVIOUS / "sqlite.db")
+    try:
+        for attempt in range(CRASHES):
+            seed = random.randrange(2**32)
+            where_dir = tmp_path / f"{attempt}"
+            where_dir.mkdir()
+            schema = new_schema_name() if name == "postgres" else ""
+            if schema:
+                schemas.append(schema)
+            factory = await copy_store(name, where_dir, schema)
+            where = schema or str(where_dir / ("old.db" if name == "sqlite" else "old.ldb"))
+            result = _crash(name, where, seed)
+            assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
+            if name == "sqlite":
+                state = _sqlite_schema(Path(where))
+                assert state == old_sqlite or state[0] == 2, f"a mix (seed {seed})"
+            # Whatever the crash left opens, upgraded, with every job intact.
+            want = expected(name)
+            async with PoolQueue(factory()) as q:
+                check_jobs(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
+                assert (await q.get_job_stats()).total_jobs == want["stats"]["total_jobs"]
+    finally:
+        for schema in schemas:
+            await drop_postgres_schema(schema)
