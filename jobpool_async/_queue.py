@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
-from ._errors import BatchError, JobNotFoundError, QueueClosedError
+from ._errors import BatchError, JobNotFoundError, QueueClosedError, StorageError
 from ._listing import JobPage, ListQuery, encode_cursor
 from ._models import (
     ACTIVE,
@@ -889,10 +889,13 @@ class PoolQueue:
             timeout = check_seconds(timeout, "timeout", zero=True)
         await self._ready()
         event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
+        group = self._waiters.setdefault(job_id, set())
+        group.add(event)
         last: Job | None = None
         try:
             async with asyncio.timeout(timeout):
+                if len(group) == 1:  # the first here: ask other processes to push its moves
+                    await self._watch(job_id, True)
                 while True:
                     event.clear()  # before reading: a move during the read sets it again
                     if self._closed:
@@ -913,11 +916,20 @@ class PoolQueue:
                 f"job {job_id!r} was not {names} within {timeout:g} s{now}"
             ) from None
         finally:
-            group = self._waiters.get(job_id)
-            if group is not None:
-                group.discard(event)
-                if not group:
-                    del self._waiters[job_id]
+            group.discard(event)
+            if not group and self._waiters.get(job_id) is group:
+                del self._waiters[job_id]
+                if not self._closed:
+                    task = asyncio.ensure_future(self._watch(job_id, False))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    async def _watch(self, job_id: str, waiting: bool) -> None:
+        """Best effort (a waiter polls anyway): a failure is logged, not raised."""
+        try:
+            await self._backend.watch(job_id, waiting)
+        except StorageError as exc:
+            logger.debug("could not announce the wait for job %r: %s", job_id, exc)
 
     @staticmethod
     def _selection(

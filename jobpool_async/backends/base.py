@@ -292,6 +292,12 @@ class Backend(abc.ABC):
         timer fires for nothing), or ``None``. A claim at or after it promotes it."""
         return None
 
+    async def watch(self, job_id: str, waiting: bool) -> None:  # noqa: B027 - optional hook
+        """A ``wait_for`` starts (``waiting``) or stops waiting for ``job_id``: a backend
+        shared with other processes that can push their moves may ask them to push this
+        job's. The default does nothing (the waiter is woken by this queue's own moves
+        and polls at ``poll_interval``)."""
+
     def set_listener(self, listener: Listener | None) -> None:  # noqa: B027 - optional hook
         """Receive changes made by other processes, for backends that can push them.
 

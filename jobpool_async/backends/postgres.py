@@ -96,6 +96,8 @@ _INSTALL_HINT = "PostgresBackend needs asyncpg: pip install 'jobpool_async[postg
 #: NOTIFY payloads above this many bytes are replaced by a bare "re-check" notice
 #: (PostgreSQL's limit is 8000 bytes).
 _MAX_PAYLOAD = 7000
+#: How many job ids other processes' ``wait_for`` calls may have us watch for.
+_MAX_WATCHED = 100_000
 #: The token of notifications sent by an insert in the caller's transaction: no
 #: backend's own (tokens are hex), so every listener, this process's too, acts on it.
 _COMMITTED = "committed"
@@ -183,6 +185,11 @@ def _utc(value: datetime | None) -> datetime | None:
 def _us(value: datetime) -> int:
     """Microseconds since the epoch (the inverse of :func:`_from_us`)."""
     return (value - _UTC_EPOCH) // timedelta(microseconds=1)
+
+
+def _to_us(value: datetime | None) -> int | None:
+    """:func:`_us`, with ``None`` kept."""
+    return None if value is None else _us(value)
 
 
 def _from_us(value: int | None) -> datetime | None:
@@ -366,6 +373,12 @@ class PostgresBackend(Backend):
         self._lock_key = int.from_bytes(bytes.fromhex(digest[24:40]), "big", signed=True)
         #: Tags this instance's notifications so its own listener ignores them.
         self._token = secrets.token_hex(8)
+        #: ``wait_for`` across processes: NOTIFY channel where queues say which jobs they
+        #: wait for, the jobs other processes wait for (with counts), and the notices
+        #: this instance is sending about moves of those jobs.
+        self._watch_channel = f"{self.channel}_w"
+        self._watched: dict[str, int] = {}
+        self._telling: set[asyncio.Task[None]] = set()
         self._pool: Pool | None = None
         #: Pool connections kept between single-statement calls (see :meth:`_fetch`).
         self._hot: list[PoolConnectionProxy[Record]] = []
@@ -630,6 +643,9 @@ class PostgresBackend(Backend):
     async def close(self) -> None:
         self._closed = True
         self._listener = None
+        for task in list(self._telling):  # notices for waiters elsewhere: moot now
+            task.cancel()
+        await asyncio.gather(*self._telling, return_exceptions=True)
         await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -771,6 +787,7 @@ class PostgresBackend(Backend):
         )
         try:
             await conn.add_listener(self.channel, self._on_notify)
+            await conn.add_listener(self._watch_channel, self._on_watch)
         except BaseException:
             conn.terminate()
             raise
@@ -782,6 +799,67 @@ class PostgresBackend(Backend):
         current = self._listen_conn
         if current is None or current is conn:  # not a late call about a replaced one
             self._listen_lost.set()
+
+    # --- wait_for across processes ---------------------------------------------------
+
+    async def watch(self, job_id: str, waiting: bool) -> None:
+        """Tell the other processes on this store that a ``wait_for`` here starts
+        (``waiting``) or stops waiting for ``job_id``: while it waits, they notify
+        every move of that job they make (normally a process moving a job it claimed
+        itself notifies nobody). Best effort: until they have heard, the waiter polls."""
+        payload = f"{self._token} {'+' if waiting else '-'}{job_id}"
+        if len(payload.encode("utf-8", "surrogatepass")) > _MAX_PAYLOAD:
+            return  # an id this long is only polled for
+        with self._errors("notify"):
+            await self._call(
+                lambda c: c.execute("SELECT pg_notify($1, $2)", self._watch_channel, payload),
+                True,
+            )
+
+    def _on_watch(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        if not isinstance(payload, str) or payload.startswith(self._token):
+            return
+        _, _, body = payload.partition(" ")
+        if not body:
+            return
+        job_id, watched = body[1:], self._watched
+        if body[0] == "+":
+            if len(watched) >= _MAX_WATCHED:  # waiters that died without saying so
+                watched.clear()
+            watched[job_id] = watched.get(job_id, 0) + 1
+        elif body[0] == "-":
+            left = watched.pop(job_id, 0) - 1
+            if left > 0:
+                watched[job_id] = left
+
+    def _tell(self, moved: Sequence[Moved] | None) -> None:
+        """Notify the moves of jobs other processes wait for (``None``: some watched
+        job was deleted, a bare re-check notice), from a task: the call that moved
+        them does not wait, and a failure here only leaves the waiters to their poll."""
+        tok = self._token
+        if moved is None:
+            payload = tok
+        else:
+            hits = [
+                [m.job_id, m.status.value, list(m.tags), _to_us(m.assigned_at)]
+                for m in moved
+                if m.job_id in self._watched
+            ]
+            if not hits:
+                return
+            payload = f"{tok} {json.dumps(hits)}"
+            if len(payload.encode("utf-8", "surrogatepass")) > _MAX_PAYLOAD:
+                payload = tok
+
+        async def send() -> None:
+            with contextlib.suppress(StorageError, *_storage_error_types()):
+                await self._call(
+                    lambda c: c.execute("SELECT pg_notify($1, $2)", self.channel, payload), True
+                )
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         listener = self._listener
@@ -1238,7 +1316,10 @@ class PostgresBackend(Backend):
             await self._lost_claim(nonce, now)
             raise
         self._changed_rows(len(rows))
-        return [_job(r, 0, _ASSIGNED, assignee_id, now) for r in rows]
+        jobs = [_job(r, 0, _ASSIGNED, assignee_id, now) for r in rows]
+        if self._watched:
+            self._tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
+        return jobs
 
     def _nonce(self) -> str:
         self._claims += 1
@@ -1338,6 +1419,9 @@ class PostgresBackend(Backend):
             if unmoved:
                 await self._explain_unmoved(unmoved, out)
         self._changed_rows(len(out.moved) + len(out.claimed))
+        if self._watched:
+            claimed = [Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in out.claimed]
+            self._tell([*out.moved, *claimed])
         return out
 
     async def _explain_unmoved(self, unmoved: dict[str, Transition], out: ApplyOutcome) -> None:
@@ -1488,6 +1572,8 @@ class PostgresBackend(Backend):
             out.missing = list(dict.fromkeys(r[1] for r in missing))
             out.unmatched = list(dict.fromkeys([*out.missing, *(r[1] for r in others)]))
         self._changed_rows(len(out.moved))
+        if self._watched:
+            self._tell(out.moved)
         return out
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
@@ -1603,6 +1689,8 @@ class PostgresBackend(Backend):
             bad.sort(key=lambda r: (0, position[r[1]]) if r[1] in position else (1, r[2]))
             raise JobsNotFinalError([r[1] for r in bad])
         self._changed_rows(len(rows))
+        if self._watched and any(r[1] in self._watched for r in rows):
+            self._tell(None)
         return len(rows)
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
@@ -1616,4 +1704,6 @@ class PostgresBackend(Backend):
             status = await self._call(lambda c: c.execute(sql, cutoff), False)
         deleted = int(status.rsplit(" ", 1)[-1])
         self._changed_rows(deleted)
+        if self._watched and deleted:
+            self._tell(None)  # which ones is not known: a re-check notice
         return deleted
