@@ -451,6 +451,48 @@ def cancel(ids: tuple[str, ...], tags: tuple[str, ...], url: str | None, as_json
 @cli.command()
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--tag", "tags", multiple=True, help="jobs with all these tags (repeat)")
+@click.option(
+    "--in",
+    "delay",
+    default=None,
+    metavar="DURATION",
+    help="due after this long (e.g. 10m, 2h) instead of at once",
+)
+@_url_option
+def requeue(
+    ids: tuple[str, ...],
+    tags: tuple[str, ...],
+    delay: str | None,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Run DISCARDED, STOPPED or UNKNOWN_STOPPED jobs again (they go to FAILED_RETRY).
+
+    Example: jobpool requeue 7f3c2a --in 10m   or   jobpool requeue --tag batch:42
+    """
+    by_tags, by_ids = _selection(ids, tags)
+    try:
+        wait = parse_duration(delay) if delay is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--in") from None
+
+    async def work(queue: PoolQueue) -> None:
+        when = utcnow() + wait if wait is not None else None
+        moved = await queue.requeue_jobs(tags=by_tags, job_ids=by_ids, scheduled_at=when)
+        rest = [i for i in by_ids or [] if i not in set(moved)]
+        if as_json:
+            _emit_json({"requeued": moved, "not_requeued": rest})
+            return
+        click.echo(f"requeued {len(moved)}")
+        for job_id in rest:
+            click.echo(f"not requeued (missing, or not discarded/stopped): {job_id}", err=True)
+
+    _with_queue(url, work)
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--tag", "tags", multiple=True, help="jobs with all these tags (repeat)")
 @_url_option
 def delete(ids: tuple[str, ...], tags: tuple[str, ...], url: str | None, as_json: bool) -> None:
     """Delete final jobs by id and/or tags (all or nothing: none if one is not final).

@@ -135,6 +135,7 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
 
 def test_help_shows_an_example_per_command() -> None:
     commands = [
+        "requeue",
         "worker",
         "stats",
         "jobs",
@@ -245,3 +246,23 @@ def test_worker_second_signal_stops_at_once(tmp_path: Path) -> None:
     assert "stopping now" in err
     job = json.loads(ok(run("show", "h", "--url", url, "--json")))
     assert job["status"] == "failed_retry", "stopped at once: the job goes back to be retried"
+
+
+def test_requeue(url: str) -> None:
+    import asyncio
+
+    from jobpool_async import JobStatus, PoolQueue, open_backend
+
+    from .conformance._helpers import job_in
+
+    async def prepare() -> str:
+        async with PoolQueue(open_backend(url)) as queue:
+            return await job_in(queue, JobStatus.STOPPED, "rq")
+
+    asyncio.run(prepare())
+    ok(run("enqueue", "--url", url, "--type", "t", "--id", "pending"))
+    out = json.loads(ok(run("requeue", "rq", "pending", "--url", url, "--json", "--in", "1h")))
+    assert out == {"requeued": ["rq"], "not_requeued": ["pending"]}
+    job = json.loads(ok(run("show", "rq", "--url", url, "--json")))
+    assert job["status"] == "failed_retry" and job["scheduled_at"] is not None
+    assert run("requeue", "rq", "--url", url, "--in", "soon").returncode == 2

@@ -247,3 +247,15 @@ async def test_an_action_on_everything_a_filter_matches(
     assert (await queue.get_job_stats(["other"])).by_status[S.INITIAL_PENDING] == 65
     nothing = await web.post("/actions/selected", data={**form, "tag": "none"})
     assert nothing.status_code == 400 and "none match" in nothing.text
+
+
+async def test_requeue_action(queue: PoolQueue, web: httpx.AsyncClient) -> None:
+    stopped = await job_in(queue, S.STOPPED)
+    page = await web.get(f"/jobs/{stopped}")
+    assert "Requeue" in page.text
+    token = csrf_of(page.text)
+    did = await web.post(
+        "/actions/requeue", data={"csrf": token, "id": [stopped, "nope"], "step": "do"}
+    )
+    assert f"Requeued 1: {stopped}." in did.text and "nope (no such job)" in did.text
+    assert (await queue.get_job(stopped)).status is S.FAILED_RETRY
