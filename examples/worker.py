@@ -9,9 +9,10 @@ import asyncio
 import logging
 import random
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
-from jobpool_async import Config, Job, JobStatus, PoolQueue, SQLiteBackend, Worker
+from jobpool_async import Config, Job, JobStatus, PoolQueue, RetryPolicy, SQLiteBackend, Worker
 
 random.seed(7)
 started_long_job = asyncio.Event()
@@ -42,7 +43,9 @@ async def main(path: Path) -> None:
         )
         await queue.enqueue_job(Job(id="nightly-export", job_type="long"))
 
-        async with Worker(queue, process, assignee_id="example", config=Config(batch_size=4)):
+        # A failed job runs again after 50 ms, 100 ms, 200 ms ... (the default starts at 1 s).
+        config = Config(batch_size=4, retry=RetryPolicy(base=timedelta(milliseconds=50)))
+        async with Worker(queue, process, assignee_id="example", config=config):
             await started_long_job.wait()
             result = await queue.cancel_jobs(job_ids=["nightly-export"])
             print(f"cancel requested for {result.cancelled}")

@@ -9,11 +9,17 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Self
 
+from ._retry import RetryPolicy
+
 __all__ = ["Config", "parse_duration"]
 
 _ENV_TTL = "JOBPOOL_TTL"
 _ENV_CLEANUP = "JOBPOOL_CLEANUP_INTERVAL"
 _ENV_BATCH = "JOBPOOL_BATCH_SIZE"
+_ENV_RETRY_BASE = "JOBPOOL_RETRY_BASE"
+_ENV_RETRY_MAX = "JOBPOOL_RETRY_MAX"
+_ENV_MAX_ATTEMPTS = "JOBPOOL_MAX_ATTEMPTS"
+_ENV_JOB_TIMEOUT = "JOBPOOL_JOB_TIMEOUT"
 
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
@@ -62,14 +68,25 @@ class Config:
 
     * ``ttl`` — how long COMPLETED jobs are kept before the periodic cleanup deletes them;
     * ``cleanup_interval`` — how often the worker runs that cleanup;
-    * ``batch_size`` — how many jobs the worker runs at once (its stream's slots).
+    * ``batch_size`` — how many jobs the worker runs at once (its stream's slots);
+    * ``retry`` — when a failed job runs again (exponential back-off: 1 s, doubling,
+      at most 1 h, 10% jitter) and how many runs it gets (``max_attempts``; ``None``:
+      unlimited), for jobs without their own ``max_attempts``;
+    * ``job_timeout`` — a processor running longer is cancelled and its job failed
+      (``None``: no limit).
     """
 
     ttl: timedelta = field(default=timedelta(days=30))
     cleanup_interval: timedelta = field(default=timedelta(days=1))
     batch_size: int = 10
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    job_timeout: timedelta | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.retry, RetryPolicy):
+            raise TypeError(f"Config.retry must be a RetryPolicy, got {type(self.retry).__name__}")
+        if self.job_timeout is not None:
+            _positive_timedelta("job_timeout", self.job_timeout)
         _positive_timedelta("ttl", self.ttl)
         _positive_timedelta("cleanup_interval", self.cleanup_interval)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
@@ -79,7 +96,9 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """Read ``JOBPOOL_TTL``, ``JOBPOOL_CLEANUP_INTERVAL`` and ``JOBPOOL_BATCH_SIZE``.
+        """Read ``JOBPOOL_TTL``, ``JOBPOOL_CLEANUP_INTERVAL``, ``JOBPOOL_BATCH_SIZE``,
+        ``JOBPOOL_RETRY_BASE``, ``JOBPOOL_RETRY_MAX`` (durations), ``JOBPOOL_MAX_ATTEMPTS``
+        (a whole number) and ``JOBPOOL_JOB_TIMEOUT`` (a duration).
 
         Unset or empty variables keep their defaults. A value that cannot be read
         raises ``ValueError`` naming the variable and the value. ``environ``
@@ -89,14 +108,44 @@ class Config:
         defaults = cls()
         ttl = _env_duration(env, _ENV_TTL, defaults.ttl)
         cleanup_interval = _env_duration(env, _ENV_CLEANUP, defaults.cleanup_interval)
-        batch_size = defaults.batch_size
-        raw = env.get(_ENV_BATCH, "")
-        if raw.strip():
-            text = raw.strip()
-            if not _WHOLE.fullmatch(text) or int(text) < 1:
-                raise ValueError(f"{_ENV_BATCH}={raw!r}: must be a whole number of at least 1")
-            batch_size = int(text)
-        return cls(ttl=ttl, cleanup_interval=cleanup_interval, batch_size=batch_size)
+        batch_size = _env_count(env, _ENV_BATCH) or defaults.batch_size
+        retry = defaults.retry
+        base = _env_duration(env, _ENV_RETRY_BASE, retry.base)
+        max_delay = _env_duration(env, _ENV_RETRY_MAX, retry.max_delay)
+        max_attempts = _env_count(env, _ENV_MAX_ATTEMPTS) or retry.max_attempts
+        try:
+            policy = RetryPolicy(
+                base=base,
+                factor=retry.factor,
+                max_delay=max_delay,
+                jitter=retry.jitter,
+                max_attempts=max_attempts,
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"{_ENV_RETRY_BASE}/{_ENV_RETRY_MAX}/{_ENV_MAX_ATTEMPTS}: {exc}"
+            ) from None
+        timeout = env.get(_ENV_JOB_TIMEOUT, "")
+        return cls(
+            ttl=ttl,
+            cleanup_interval=cleanup_interval,
+            batch_size=batch_size,
+            retry=policy,
+            job_timeout=_env_duration(env, _ENV_JOB_TIMEOUT, timedelta(1))
+            if timeout.strip()
+            else None,
+        )
+
+
+def _env_count(env: Mapping[str, str], var: str) -> int | None:
+    """A whole number of at least 1 from ``var``, or ``None`` when unset or empty."""
+    raw = env.get(var, "")
+    if not raw.strip():
+        return None
+    text = raw.strip()
+    if not _WHOLE.fullmatch(text) or int(text) < 1:
+        raise ValueError(f"{var}={raw!r}: must be a whole number of at least 1")
+    return int(text)
 
 
 def _env_duration(env: Mapping[str, str], var: str, default: timedelta) -> timedelta:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -178,10 +181,12 @@ async def _run(opts: _Options, db: Path) -> int:
     from .backends.sqlite import SQLiteBackend
 
     config = Config.from_env()
-    if opts.batch_size is not None:
-        config = Config(
-            ttl=config.ttl, cleanup_interval=config.cleanup_interval, batch_size=opts.batch_size
+    if "JOBPOOL_RETRY_BASE" not in os.environ:  # a demo: retries after 20 ms, 40 ms, ...
+        config = dataclasses.replace(
+            config, retry=dataclasses.replace(config.retry, base=timedelta(milliseconds=20))
         )
+    if opts.batch_size is not None:
+        config = dataclasses.replace(config, batch_size=opts.batch_size)
     run = uuid.uuid4().hex[:8]
     tag = f"run:{run}"
     jobs = _jobs(run, opts.jobs)

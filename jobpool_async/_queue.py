@@ -644,6 +644,15 @@ class PoolQueue:
         await self._ready()
         await self._apply_many(await self._fail_changes(items))
 
+    async def _fail_with(
+        self, errors: Mapping[str, tuple[str, timedelta | None]], policy: RetryPolicy
+    ) -> None:
+        """``fail_jobs`` (already validated) with ``policy`` instead of the queue's:
+        the Worker's, whose ``Config.retry`` decides."""
+        await self._ready()
+        items = [(job_id, message, delay) for job_id, (message, delay) in errors.items()]
+        await self._apply_many(await self._fail_changes(items, policy))
+
     async def _fail_changes(
         self,
         items: Sequence[tuple[str, str, timedelta | None]],

@@ -32,6 +32,7 @@ from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
 from ._queue import JobStream, PoolQueue
+from ._retry import Discard, Retry
 from ._tracing import traced_processor
 
 __all__ = ["Processor", "Worker"]
@@ -59,9 +60,11 @@ class _Running:
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    kind: Literal["complete", "fail", "ack"]
+    kind: Literal["complete", "fail", "discard", "ack"]
     result: bytes | None = None
     message: str = ""
+    #: For "fail": when the job runs again (from ``Config.retry`` or a ``Retry``).
+    retry_in: timedelta | None = None
 
 
 def _clean_message(text: str) -> str:
@@ -296,20 +299,42 @@ class Worker:
         """Run the processor for one job and record what happened; never raises."""
         job = entry.job
         outcome: _Outcome
+        limit = self.config.job_timeout
+        timeout = asyncio.timeout(None if limit is None else limit.total_seconds())
         try:
-            result = await self._processor(job)
+            async with timeout:
+                result = await self._processor(job)
         except asyncio.CancelledError:
             outcome = self._cancel_outcome(entry)
-        except Exception as exc:
-            logger.warning(
-                "worker %s: job %r (%s) failed: %r",
+        except Retry as exc:
+            logger.info(
+                "worker %s: job %r (%s) asked to run again in %s",
                 self.assignee_id,
                 job.id,
                 job.job_type,
-                exc,
-                exc_info=True,
+                exc.in_,
             )
-            outcome = _Outcome("fail", message=_clean_message(str(exc) or type(exc).__name__))
+            outcome = _Outcome("fail", message=_clean_message(exc.message), retry_in=exc.in_)
+        except Discard as exc:
+            logger.error(
+                "worker %s: job %r (%s) discarded by its processor: %s",
+                self.assignee_id,
+                job.id,
+                job.job_type,
+                exc.message,
+            )
+            outcome = _Outcome("discard", message=_clean_message(exc.message))
+        except TimeoutError as exc:
+            if not timeout.expired():
+                outcome = self._failed(job, exc)
+            else:
+                message = f"the job ran longer than Config.job_timeout ({limit}) and was cancelled"
+                logger.warning(
+                    "worker %s: job %r (%s): %s", self.assignee_id, job.id, job.job_type, message
+                )
+                outcome = self._fail_outcome(job, message)
+        except Exception as exc:
+            outcome = self._failed(job, exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then propagate
             self._record(key, _Outcome("fail", message=type(exc).__name__))
             raise
@@ -319,11 +344,37 @@ class Worker:
             elif isinstance(result, bytearray | memoryview):
                 outcome = _Outcome("complete", result=bytes(result))
             else:
-                outcome = _Outcome(
-                    "fail",
-                    message=f"the processor returned {type(result).__name__}, expected bytes",
+                outcome = self._fail_outcome(
+                    job, f"the processor returned {type(result).__name__}, expected bytes"
                 )
         self._record(key, outcome)
+
+    def _failed(self, job: Job, exc: Exception) -> _Outcome:
+        logger.warning(
+            "worker %s: job %r (%s) failed: %r",
+            self.assignee_id,
+            job.id,
+            job.job_type,
+            exc,
+            exc_info=True,
+        )
+        return self._fail_outcome(job, _clean_message(str(exc) or type(exc).__name__))
+
+    def _fail_outcome(self, job: Job, message: str) -> _Outcome:
+        """A failure, due again after ``Config.retry``'s delay for the job's attempt;
+        one that used the job's last attempt is discarded (said at ERROR)."""
+        policy = self.config.retry
+        limit = job.max_attempts if job.max_attempts is not None else policy.max_attempts
+        if limit is not None and job.attempts >= limit:
+            logger.error(
+                "worker %s: job %r (%s) failed on its last attempt (%d of %d): discarded",
+                self.assignee_id,
+                job.id,
+                job.job_type,
+                job.attempts,
+                limit,
+            )
+        return _Outcome("fail", message=message, retry_in=policy.delay(job.attempts))
 
     def _cancel_outcome(self, entry: _Running) -> _Outcome:
         if entry.reason == "cancelled":
@@ -333,11 +384,13 @@ class Worker:
                 "fail",
                 message=f"worker {self.assignee_id!r} shut down before the job finished "
                 "(grace period over); it will run again",
+                retry_in=timedelta(0),  # not its fault: at once, for another worker
             )
         return _Outcome(
             "fail",
             message="the job's task was cancelled (not by a cancellation of the job "
             "or a worker shutdown)",
+            retry_in=timedelta(0),
         )
 
     def _record(self, key: _Key, outcome: _Outcome) -> None:
@@ -448,6 +501,7 @@ class Worker:
         by_kind: dict[str, dict[str, tuple[_Key, _Outcome]]] = {
             "complete": {},
             "fail": {},
+            "discard": {},
             "ack": {},
         }
         for key, outcome in batch.items():
@@ -465,7 +519,7 @@ class Worker:
             fails = by_kind["fail"]
             if fails:
                 errors = await self._write(
-                    self._queue.fail_jobs, {i: o.message for i, (_, o) in fails.items()}
+                    self._fail_jobs, {i: (o.message, o.retry_in) for i, (_, o) in fails.items()}
                 )
                 for job_id, err in list(errors.items()):
                     if (
@@ -478,6 +532,13 @@ class Worker:
                         del errors[job_id]
                 written.update(k for k, _ in fails.values())
                 self._report("fail", errors)
+            discards = by_kind["discard"]
+            if discards:
+                errors = await self._write(
+                    self._queue.discard_jobs, {i: o.message for i, (_, o) in discards.items()}
+                )
+                written.update(k for k, _ in discards.values())
+                self._report("discard", errors)
             if acks:
                 errors = await self._write(
                     self._queue.acknowledge_cancellation, dict.fromkeys(acks, True)
@@ -510,6 +571,11 @@ class Worker:
                     outcome.kind,
                 )
         return kept
+
+    async def _fail_jobs(self, errors: dict[str, tuple[str, timedelta | None]]) -> None:
+        """``fail_jobs`` with this worker's retry policy (its attempt limit applies to
+        jobs without their own)."""
+        await self._queue._fail_with(errors, self.config.retry)
 
     @staticmethod
     async def _write(

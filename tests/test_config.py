@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from jobpool_async import Config
+from jobpool_async import Config, RetryPolicy
 from jobpool_async._config import parse_duration
 
 
@@ -117,3 +117,68 @@ def test_from_env_names_the_variable_and_the_value(var: str, value: str) -> None
         Config.from_env({var: value})
     assert var in str(info.value)
     assert repr(value) in str(info.value)
+
+
+def test_retry_and_timeout_defaults() -> None:
+    config = Config()
+    assert config.retry == RetryPolicy(
+        base=timedelta(seconds=1),
+        factor=2.0,
+        max_delay=timedelta(hours=1),
+        jitter=0.1,
+        max_attempts=None,
+    )
+    assert config.job_timeout is None
+    with pytest.raises(ValueError, match="job_timeout"):
+        Config(job_timeout=timedelta(0))
+    with pytest.raises(TypeError, match="retry"):
+        Config(retry=None)  # type: ignore[arg-type]
+
+
+def test_from_env_reads_the_retry_variables() -> None:
+    config = Config.from_env(
+        {
+            "JOBPOOL_RETRY_BASE": "5s",
+            "JOBPOOL_RETRY_MAX": "10m",
+            "JOBPOOL_MAX_ATTEMPTS": "7",
+            "JOBPOOL_JOB_TIMEOUT": "90s",
+        }
+    )
+    assert config.retry.base == timedelta(seconds=5)
+    assert config.retry.max_delay == timedelta(minutes=10)
+    assert config.retry.max_attempts == 7
+    assert (config.retry.factor, config.retry.jitter) == (2.0, 0.1)
+    assert config.job_timeout == timedelta(seconds=90)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("JOBPOOL_RETRY_BASE", "soon"),
+        ("JOBPOOL_RETRY_MAX", "-1h"),
+        ("JOBPOOL_MAX_ATTEMPTS", "0"),
+        ("JOBPOOL_MAX_ATTEMPTS", "three"),
+        ("JOBPOOL_JOB_TIMEOUT", "1.5s"),
+    ],
+)
+def test_bad_retry_variables_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ValueError, match=var):
+        Config.from_env({var: value})
+
+
+def test_retry_policy_delays_and_validation() -> None:
+    policy = RetryPolicy(
+        base=timedelta(seconds=1), factor=2, max_delay=timedelta(seconds=5), jitter=0
+    )
+    assert [policy.delay(n).total_seconds() for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 5, 5]
+    assert policy.delay(10_000) == timedelta(seconds=5), "no overflow for huge attempts"
+    jittered = RetryPolicy(jitter=0.1)
+    assert all(0.9 <= jittered.delay(1).total_seconds() <= 1.1 for _ in range(200))
+    for kwargs, match in (
+        ({"base": timedelta(seconds=-1)}, "base"),
+        ({"factor": 0.5}, "factor"),
+        ({"jitter": 2}, "jitter"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RetryPolicy(**kwargs)  # type: ignore[arg-type]
