@@ -181,4 +181,4 @@ def test_retry_policy_delays_and_validation() -> None:
         ({"max_attempts": 0}, "max_attempts"),
     ):
         with pytest.raises(ValueError, match=match):
-            RetryPolicy(**kwargs)  # type: ignore[arg-type]
+            RetryPolicy(**kwargs)
