@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from ._common import check_exactly_once, median, now, percentile
 from ._targets import Target
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
+#: The library's default lease (``benchmarks.leases`` also runs with ``None``: off).
+DEFAULT_LEASE = timedelta(seconds=30)
 
 __all__ = [
     "Outcome",
@@ -105,7 +107,13 @@ async def bulk_enqueue(backend: Backend, n: int, batch: int) -> Outcome:
 
 
 async def end_to_end_stream(
-    backend: Backend, n: int, slots: int, enqueue_batch: int, time_limit: float
+    backend: Backend,
+    n: int,
+    slots: int,
+    enqueue_batch: int,
+    time_limit: float,
+    *,
+    lease: timedelta | None = DEFAULT_LEASE,
 ) -> Outcome:
     """One stream of ``slots`` slots; each batch completed with one ``complete_jobs`` call.
 
@@ -116,7 +124,7 @@ async def end_to_end_stream(
     delivered: list[str] = []
     done = asyncio.Event()
     calls = 0
-    async with PoolQueue(backend) as queue:
+    async with PoolQueue(backend, lease=lease) as queue:
         started = asyncio.Event()
 
         async def consume() -> None:
@@ -157,7 +165,13 @@ def worker_available() -> tuple[bool, str]:
 
 
 async def end_to_end_worker(
-    backend: Backend, n: int, slots: int, enqueue_batch: int, time_limit: float
+    backend: Backend,
+    n: int,
+    slots: int,
+    enqueue_batch: int,
+    time_limit: float,
+    *,
+    lease: timedelta | None = DEFAULT_LEASE,
 ) -> Outcome:
     """The same workload through ``Worker(batch_size=slots)`` with a no-op processor."""
     mod: Any = importlib.import_module("jobpool_async")
@@ -171,7 +185,7 @@ async def end_to_end_worker(
             all_seen.set()
         return b""
 
-    async with PoolQueue(backend) as queue:
+    async with PoolQueue(backend, lease=lease) as queue:
         worker = mod.Worker(
             queue, processor, assignee_id="bench", config=mod.Config(batch_size=slots)
         )
@@ -201,13 +215,15 @@ async def fan_out(
     tags: int,
     enqueue_batch: int,
     time_limit: float,
+    *,
+    lease: timedelta | None = DEFAULT_LEASE,
 ) -> Outcome:
     """``streams`` streams of ``slots`` slots, stream ``k`` filtering on tag ``t{k % tags}``."""
     jobs = _jobs(n, tag_cycle=tags)
     delivered: list[str] = []
     wrong_tag = 0
     done = asyncio.Event()
-    async with PoolQueue(backend) as queue:
+    async with PoolQueue(backend, lease=lease) as queue:
         ready = 0
         all_ready = asyncio.Event()
 

@@ -15,6 +15,7 @@ from ._errors import (
     QueueClosedError,
     StorageError,
 )
+from ._leases import Lease
 from ._listing import JobPage
 from ._models import CancelResult, Job, JobStats, JobStatus
 from ._queue import JobStream, PoolQueue
@@ -43,6 +44,7 @@ __all__ = [
     "JobStatus",
     "JobStream",
     "JobsNotFinalError",
+    "Lease",
     "LevelDBBackend",
     "MemoryBackend",
     "PoolQueue",

@@ -21,6 +21,7 @@ from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
 from ._errors import BatchError, JobNotFoundError, QueueClosedError, StorageError
+from ._leases import DEFAULT_LEASE, Lease, LeaseKeeper, check_lease
 from ._listing import JobPage, ListQuery, encode_cursor
 from ._models import (
     ACTIVE,
@@ -96,6 +97,7 @@ class PoolQueue:
         poll_interval: float | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
+        lease: timedelta | float | None = DEFAULT_LEASE,
     ) -> None:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
@@ -132,6 +134,13 @@ class PoolQueue:
         self._unclosed: weakref.finalize[Any, Any] | None = None
         #: ``wait_for`` callers by job id: set when that job may have moved or gone.
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        clean_lease = check_lease(lease)
+        #: Keeps this queue's leases and rescues expired ones (None: leases off).
+        self._leases = (
+            LeaseKeeper(self, clean_lease)
+            if clean_lease is not None and backend.supports_leases
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"PoolQueue({self._backend!r})"
@@ -159,6 +168,11 @@ class PoolQueue:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def lease(self) -> timedelta | None:
+        """The lease this queue keeps on the assignees it streams for; ``None``: off."""
+        return self._leases.lease if self._leases is not None else None
 
     async def open(self) -> None:
         """Open the backend. Called for you on first use or by ``async with``."""
@@ -235,8 +249,12 @@ class PoolQueue:
                 )
         finally:
             self._cancel_timer()
-            self._backend.set_listener(None)
-            await self._backend.close()
+            try:
+                if self._leases is not None:
+                    await self._leases.close()
+            finally:
+                self._backend.set_listener(None)
+                await self._backend.close()
 
     # --- waking -------------------------------------------------------------------
 
@@ -455,6 +473,8 @@ class PoolQueue:
             raise QueueClosedError("the queue is closed")
         stream = JobStream(self, assignee_id, clean_tags, max_assigned_jobs)
         self._streams.add(stream)
+        if self._leases is not None:
+            self._leases.add_stream(stream)
         return stream
 
     async def _assign(self, stream: JobStream, limit: int) -> list[Job]:
@@ -795,6 +815,30 @@ class PoolQueue:
         )
         return len(outcome.moved)
 
+    # --- leases (SPEC §8.4) ---------------------------------------------------------
+
+    async def list_workers(self) -> list[Lease]:
+        """Every lease in the store, live or expired (until forgotten), by assignee."""
+        await self._ready()
+        if not self._backend.supports_leases:
+            return []
+        return await self._backend.list_leases()
+
+    async def rescue_expired(self) -> int:
+        """Rescue the jobs of assignees whose lease expired, now; returns how many moved.
+
+        Queues with streams do this by themselves every ``lease / 2`` or less; this
+        is for a process that only manages (or a test). Works with leases off too
+        (it then forgets records after ten default leases).
+        """
+        await self._ready()
+        if not self._backend.supports_leases:
+            return 0
+        keeper = self._leases
+        if keeper is None:
+            keeper = LeaseKeeper(self, DEFAULT_LEASE)
+        return await keeper.rescue()
+
     # --- reading and housekeeping -------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job:
@@ -989,6 +1033,8 @@ class JobStream:
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
         self._recheck = False
+        #: Whether this stream's assignee has its lease record (or leases are off).
+        self._leased = queue._leases is None
 
     @property
     def closed(self) -> bool:
@@ -1033,6 +1079,12 @@ class JobStream:
             await self.aclose()
         async with self._lock:
             poll = self._queue._poll_interval
+            if not self._leased and not self._closed:
+                # Once per stream: no job is assigned to an assignee without a lease.
+                assert self._queue._leases is not None
+                await self._queue._ready()
+                await self._queue._leases.ensure(self.assignee_id)
+                self._leased = True
             while True:
                 if self._closed:
                     raise StopAsyncIteration

@@ -40,6 +40,7 @@ __all__ = [
     "COMPLETE",
     "DISCARD",
     "FAIL",
+    "LEASE_EXPIRED",
     "MARK_UNKNOWN_STOPPED",
     "RELEASE",
     "REQUEUE",
@@ -177,6 +178,13 @@ ACK_NOT_EXECUTING = Transition(
 #: ``mark_worker_unresponsive`` and ``reset_running_jobs``.
 WORKER_LOST = Transition(
     "worker_lost", {S.RUNNING: S.UNKNOWN_RETRY, S.CANCELLING: S.UNKNOWN_STOPPED}
+)
+#: A lease rescue (SPEC §8.4): as ``WORKER_LOST``, but a RUNNING job with no
+#: attempts left ends UNKNOWN_STOPPED (it is not run again).
+LEASE_EXPIRED = Transition(
+    "lease_expired",
+    {S.RUNNING: S.UNKNOWN_RETRY, S.CANCELLING: S.UNKNOWN_STOPPED},
+    exhausted={S.RUNNING: S.UNKNOWN_STOPPED},
 )
 #: A stream gives back jobs it assigned but never handed to its caller.
 RELEASE = Transition(

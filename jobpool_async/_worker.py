@@ -30,6 +30,7 @@ from typing import Any, Literal, Self
 
 from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
+from ._leases import unique_id
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
 from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry
@@ -79,10 +80,18 @@ class Worker:
     ``await worker.run()`` runs it in the foreground until :meth:`stop` is called
     (or the queue closes). See ``docs/worker.md`` for the exact semantics.
 
+    ``assignee_id`` names this worker in the jobs it runs and in its lease; when not
+    given it is ``host:pid:random``, unique to this Worker. Give one only if it is
+    unique among live processes: two processes sharing an assignee share one lease,
+    so the jobs of one that dies are not rescued while the other lives.
+
     ``recover_on_start`` calls :meth:`PoolQueue.reset_running_jobs` before taking
-    jobs. It is off by default because it moves *every* RUNNING job in the store,
-    including those of other live workers sharing it; enable it only when this
-    worker is the only one using the store (e.g. a single-process service).
+    jobs. With leases on (the default) it is not needed: a dead worker's jobs come
+    back by themselves within 1.5 leases. It is for queues with ``lease=None``, or
+    to take back at once the jobs of a crashed predecessor whose lease has not yet
+    expired. It moves *every* RUNNING job in the store, including those of other
+    live workers sharing it; enable it only when this worker is the only one using
+    the store (e.g. a single-process service).
     ``grace`` is the default grace period (seconds) used by :meth:`stop` and by
     leaving ``async with``.
     """
@@ -92,7 +101,7 @@ class Worker:
         queue: PoolQueue,
         processor: Processor,
         *,
-        assignee_id: str,
+        assignee_id: str | None = None,
         config: Config | None = None,
         tags: Sequence[str] | None = None,
         recover_on_start: bool = False,
@@ -102,6 +111,8 @@ class Worker:
             raise TypeError(f"queue must be a PoolQueue, got {type(queue).__name__}")
         if not callable(processor):
             raise TypeError(f"processor must be an async callable, got {processor!r}")
+        if assignee_id is None:
+            assignee_id = unique_id()
         check_id(assignee_id, "assignee_id")
         if config is None:
             config = Config()

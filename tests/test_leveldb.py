@@ -144,6 +144,9 @@ def check_store(path: Path) -> dict[str, Job]:
         k[1:]: list(struct.unpack(">11q", data.pop(k))) for k in [k for k in data if k[:1] == b"K"]
     }
     assert stored_tag_counts == {_enc(t): c for t, c in tag_counts.items()}
+    for key in [k for k in data if k[:1] == b"G"]:  # leases: enc(assignee) holder, 3 u64
+        _, end = codec.split_enc(key, 1)
+        assert key[end:] and len(data.pop(key)) == 24
     index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYCW"}
     assert set(index.values()) <= {b""}
     missing, extra = expected - set(index), set(index) - expected
@@ -964,11 +967,13 @@ async def _claim_reads(queue: PoolQueue, n: int, tags: list[str] | None = None) 
 
 
 async def test_assignment_cost_does_not_grow_with_completed_jobs(tmp_path: Path) -> None:
+    # Leases off: a stream's first lease write reads its record once, and here it
+    # would fall inside the counted claims of one store and not the other.
     pending = [Job(id=f"p{i}", job_type="t", tags=["x"]) for i in range(50)]
-    async with PoolQueue(LevelDBBackend(tmp_path / "empty.ldb")) as q:
+    async with PoolQueue(LevelDBBackend(tmp_path / "empty.ldb"), lease=None) as q:
         await q.enqueue_jobs(pending)
         empty = await _claim_reads(q, 50)
-    async with PoolQueue(LevelDBBackend(tmp_path / "full.ldb")) as q:
+    async with PoolQueue(LevelDBBackend(tmp_path / "full.ldb"), lease=None) as q:
         old = [Job(id=f"c{i}", job_type="t", tags=["x"]) for i in range(3000)]
         await q.enqueue_jobs(old)
         left = len(old)

@@ -225,8 +225,9 @@ async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
             dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema=$1", schema
         )
     }
-    assert tables == {"jobs", "jobpool_version"}
+    assert tables == {"jobs", "jobpool_version", "leases"}
     indexes = await index_defs(dsn, schema)
+    assert "(assignee_key, holder)" in indexes["leases_pkey"]
     assert (
         "(priority DESC, COALESCE(scheduled_at, last_retry_at, created_at), seq)"
         in indexes["jobs_eligible"]

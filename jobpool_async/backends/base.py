@@ -29,12 +29,13 @@ checks them):
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import ClassVar, NamedTuple
 
 from .._errors import JobPoolError
+from .._leases import Lease
 from .._listing import ListQuery
 from .._models import ACTIVE, Job, JobStatus
 from .._transitions import Transition
@@ -44,6 +45,7 @@ __all__ = [
     "Backend",
     "Change",
     "JobState",
+    "Lease",
     "Listener",
     "Moved",
     "Refill",
@@ -163,6 +165,11 @@ class Backend(abc.ABC):
     #: Seconds between a stream's looks at storage shared with other processes;
     #: ``None`` when every change passes through this process (never poll).
     default_poll_interval: ClassVar[float | None] = None
+
+    #: Fault injection for tests: awaited by :meth:`rescue_expired` between its read
+    #: of the jobs to rescue and its compare-and-set write (so a test can commit a
+    #: completion exactly there). ``None`` in normal use.
+    rescue_hook: Callable[[], Awaitable[None]] | None = None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -303,3 +310,52 @@ class Backend(abc.ABC):
 
         The default does nothing: such backends are polled at ``poll_interval``.
         """
+
+    # --- leases (SPEC §8.4) -----------------------------------------------------------
+    #
+    # Optional: a backend that does not override these has no leases (a queue on it
+    # then behaves as with ``lease=None``). All four shipped backends implement them.
+
+    @property
+    def supports_leases(self) -> bool:
+        return type(self).renew_leases is not Backend.renew_leases
+
+    async def renew_leases(
+        self,
+        holder: str,
+        renew: Sequence[str],
+        release: Sequence[str],
+        lease: timedelta,
+        now: datetime,
+    ) -> None:
+        """In one write: the records (assignee, ``holder``) of ``renew`` now expire at
+        ``now + lease`` (created with ``first_seen_at = now`` if missing); those of
+        ``release`` are deleted. Both are sorted. A backend with a clock of its own
+        (PostgreSQL) uses it instead of ``now``."""
+        raise NotImplementedError
+
+    async def list_leases(self) -> list[Lease]:
+        """Every lease, live or expired, one per assignee (see :func:`aggregate`)."""
+        raise NotImplementedError
+
+    async def rescue_expired(
+        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
+    ) -> list[Moved]:
+        """Rescue the jobs of assignees whose every lease record expired at ``now``.
+
+        In one write: each RUNNING/CANCELLING job of such an assignee moves by
+        :data:`~jobpool_async._transitions.LEASE_EXPIRED` (``max_attempts``: the limit
+        for jobs without their own), as a compare-and-set on the
+        status, ``assignee_id`` and ``assigned_at`` read before (and on the lease
+        being still expired), so a job that moved or was assigned again meanwhile is
+        left alone. Records expired before ``now - forget_after`` are deleted as
+        :func:`~jobpool_async._leases.plan_rescue` says (an expired assignee's only
+        once it has no job left). Returns the moves. Awaits :attr:`rescue_hook`, if
+        set, between the read and the write.
+        """
+        raise NotImplementedError
+
+    async def _after_rescue_read(self) -> None:
+        hook = self.rescue_hook
+        if hook is not None:
+            await hook()

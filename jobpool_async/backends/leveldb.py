@@ -34,6 +34,13 @@ reopening)::
 ``(created_time, id)``: newest first, ties by id. A format 1 store (before these
 keys) is upgraded in place on open (:meth:`LevelDBBackend._upgrade`).
 
+Leases (SPEC §8.4)::
+
+    G enc(assignee) holder              -> first_seen, renewed, expires (u64 each)
+
+The ``G`` records need no format change: code from before leases never reads
+them, and a store without any simply has no leases yet.
+
 ``prio`` is 32767 - priority as big-endian u16 (higher priorities first);
 ``sort_time`` is the due key: ``scheduled_at``, else ``last_retry_at``, else
 ``created_at``. An eligible job is in ``W`` instead of ``E``/``F`` while its
@@ -62,9 +69,10 @@ import contextlib
 import heapq
 import logging
 import os
+import struct
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,9 +84,10 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
+from .._leases import Lease, LeaseRow, aggregate, plan_rescue
 from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
-from .._transitions import ASSIGN, Transition, apply
+from .._transitions import ASSIGN, LEASE_EXPIRED, Transition, apply
 from . import _leveldb_codec as codec
 from ._files import check_parent
 from ._thread import WorkerThread
@@ -118,6 +127,8 @@ _LIST_TAG = b"C"
 _UPGRADE_BATCH = 10_000
 #: Eligible jobs waiting for their schedule (format 3).
 _WAITING = b"W"
+_LEASE = b"G"
+_LEASE_TIMES = struct.Struct(">QQQ")
 _ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
 _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: How many per-tag scan floors to remember (see ``_floors``).
@@ -1094,6 +1105,129 @@ class LevelDBBackend(Backend):
             self._stage_remove(w, job, seq)
         self._commit(w)
         return len(ids)
+
+    # --- leases -------------------------------------------------------------------
+
+    async def renew_leases(
+        self,
+        holder: str,
+        renew: Sequence[str],
+        release: Sequence[str],
+        lease: timedelta,
+        now: datetime,
+    ) -> None:
+        await self._run(self._renew_leases, holder, list(renew), list(release), lease, now)
+
+    def _renew_leases(
+        self, holder: str, renew: list[str], release: list[str], lease: timedelta, now: datetime
+    ) -> None:
+        hb = holder.encode("utf-8", "surrogatepass")
+        now_us = codec.to_micros(now)
+        expires = codec.to_micros(now + lease)
+        wb = self._db.write_batch(sync=self.sync)
+        for assignee in renew:
+            key = _LEASE + codec.enc(assignee) + hb
+            old = self._db.get(key)
+            first = now_us if old is None else _LEASE_TIMES.unpack(old)[0]
+            wb.put(key, _LEASE_TIMES.pack(first, now_us, expires))
+        for assignee in release:
+            wb.delete(_LEASE + codec.enc(assignee) + hb)
+        wb.write()
+
+    def _lease_rows(self, prefix: bytes = _LEASE) -> list[LeaseRow]:
+        rows: list[LeaseRow] = []
+        with self._db.iterator(prefix=prefix) as it:
+            for key, value in it:
+                assignee, end = codec.split_enc(key, 1)
+                first, renewed, expires = _LEASE_TIMES.unpack(value)
+                rows.append(
+                    (
+                        assignee,
+                        key[end:].decode("utf-8", "surrogatepass"),
+                        codec.from_micros(first),
+                        codec.from_micros(renewed),
+                        codec.from_micros(expires),
+                    )
+                )
+        return rows
+
+    async def list_leases(self) -> list[Lease]:
+        return aggregate(await self._run(self._lease_rows))
+
+    def _expired(self, assignee: str, now: datetime) -> bool:
+        return all(row[4] <= now for row in self._lease_rows(_LEASE + codec.enc(assignee)))
+
+    async def rescue_expired(
+        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
+    ) -> list[Moved]:
+        seen, forget = await self._run(self._rescue_read, now, forget_after)
+        if not seen and not forget:
+            return []
+        await self._after_rescue_read()
+        return await self._run(
+            self._rescue_write, seen, forget, now, now - forget_after, max_attempts
+        )
+
+    def _rescue_read(
+        self, now: datetime, forget_after: timedelta
+    ) -> tuple[_RescueSeen, tuple[tuple[str, str], ...]]:
+        plan = plan_rescue(self._lease_rows(), now, forget_after)
+        seen: _RescueSeen = []
+        for assignee in sorted(plan.expired):
+            ids = self._scan_ids(_ASSIGNEE + codec.enc(assignee))
+            for job, _ in self._read_existing(list(ids)):
+                seen.append((job.id, job.status, job.assignee_id, job.assigned_at))
+        return seen, plan.forget
+
+    def _rescue_write(
+        self,
+        seen: _RescueSeen,
+        forget: tuple[tuple[str, str], ...],
+        now: datetime,
+        cutoff: datetime,
+        max_attempts: int | None,
+    ) -> list[Moved]:
+        """The compare-and-set: only jobs exactly as read, of assignees still expired."""
+        w = _Write(self._promoted)
+        moved: list[Moved] = []
+        expired: dict[str, bool] = {}
+        for job_id, status, assignee, assigned_at in seen:
+            if assignee not in expired:
+                expired[assignee] = self._expired(assignee, now)
+            found = self._read_job(job_id) if expired[assignee] else None
+            if found is None:
+                continue
+            job, seq = found
+            if (
+                job.status is status
+                and job.assignee_id == assignee
+                and job.assigned_at == assigned_at
+            ):
+                new = self._stage_move(w, job, seq, LEASE_EXPIRED, now, max_attempts=max_attempts)
+                assert new is not None
+                moved.append(self._moved(job, new))
+        for assignee, holder in forget:
+            key = _LEASE + codec.enc(assignee) + holder.encode("utf-8", "surrogatepass")
+            raw = self._db.get(key)
+            if raw is None or codec.from_micros(_LEASE_TIMES.unpack(raw)[2]) >= cutoff:
+                continue
+            if self._expired(assignee, now) and self._has_active(assignee, w):
+                continue  # an expired assignee is forgotten only once it has no job
+            w.delete(key)
+        if moved or w.deletes:
+            self._commit(w)
+        return moved
+
+    def _has_active(self, assignee: str, w: _Write) -> bool:
+        """Whether ``assignee`` has a RUNNING/CANCELLING job once ``w`` is written."""
+        for job_id in self._scan_ids(_ASSIGNEE + codec.enc(assignee)):
+            entry = w.touched.get(job_id)
+            if job_id not in w.touched or (entry is not None and entry[0].status in ACTIVE):
+                return True
+        return False
+
+
+_RescueSeen = list[tuple[str, JobStatus, str, datetime | None]]
 
 
 def _first_waiting(db: Any) -> datetime | None:

@@ -22,14 +22,15 @@ import heapq
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sortedcontainers import SortedList
 
 from .._errors import DuplicateJobError, InvalidTransitionError, JobNotFoundError, JobsNotFinalError
+from .._leases import Lease, LeaseRow, aggregate, plan_rescue
 from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
-from .._transitions import ASSIGN, Transition, apply
+from .._transitions import ASSIGN, LEASE_EXPIRED, Transition, apply
 from .base import (
     ApplyOutcome,
     Backend,
@@ -72,6 +73,8 @@ class MemoryBackend(Backend):
         }
         self._listed_by_type: dict[str, SortedList[_Listed]] = {}
         self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
+        #: Lease records: (assignee, holder) -> (first_seen_at, renewed_at, expires_at).
+        self._leases: dict[tuple[str, str], tuple[datetime, datetime, datetime]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(jobs={len(self._jobs)}, id={id(self):#x})"
@@ -384,3 +387,63 @@ class MemoryBackend(Backend):
     async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
         firsts = [self._listed_by_status[s][0][0] for s in statuses if self._listed_by_status[s]]
         return min(firsts, default=None)
+
+    # --- leases ---------------------------------------------------------------------
+
+    def _lease_rows(self) -> list[LeaseRow]:
+        return [(a, h, *times) for (a, h), times in self._leases.items()]
+
+    async def renew_leases(
+        self,
+        holder: str,
+        renew: Sequence[str],
+        release: Sequence[str],
+        lease: timedelta,
+        now: datetime,
+    ) -> None:
+        for assignee in renew:
+            old = self._leases.get((assignee, holder))
+            self._leases[(assignee, holder)] = (old[0] if old else now, now, now + lease)
+        for assignee in release:
+            self._leases.pop((assignee, holder), None)
+
+    async def list_leases(self) -> list[Lease]:
+        return aggregate(self._lease_rows())
+
+    def _expired(self, assignee: str, at: datetime) -> bool:
+        return all(t[2] <= at for (a, _), t in self._leases.items() if a == assignee)
+
+    async def rescue_expired(
+        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
+    ) -> list[Moved]:
+        plan = plan_rescue(self._lease_rows(), now, forget_after)
+        seen = [
+            (job, job.status, job.assignee_id, job.assigned_at)
+            for assignee in plan.expired
+            for job in (self._jobs[i] for i in self._active_by_assignee.get(assignee, ()))
+        ]
+        if not seen and not plan.forget:
+            return []
+        await self._after_rescue_read()  # no await at all unless a test set the hook
+        moved: list[Moved] = []
+        for job, status, assignee, assigned_at in seen:
+            if (
+                self._jobs.get(job.id) is job
+                and job.status is status
+                and job.assignee_id == assignee
+                and job.assigned_at == assigned_at
+                and self._expired(assignee, now)
+            ):
+                new = self._move(job, LEASE_EXPIRED, now, max_attempts=max_attempts)
+                assert new is not None
+                moved.append(self._moved(job, new))
+        cutoff = now - forget_after
+        for key in plan.forget:
+            times = self._leases.get(key)
+            if times is None or times[2] >= cutoff:
+                continue
+            assignee = key[0]
+            if self._expired(assignee, now) and self._active_by_assignee.get(assignee):
+                continue  # an expired assignee is forgotten only once it has no job
+            del self._leases[key]
+        return moved

@@ -12,6 +12,11 @@
   the notification is delivered exactly when the change commits. A dedicated
   listener connection hands the moves to the queue; it reconnects by itself and
   then asks the queue to re-check.
+* Leases (SPEC §8.4) live in the ``leases`` table, one row per assignee and holder;
+  their times come from the server's ``now()``, so hosts with skewed clocks agree
+  on expiry. The table is created in place (``CREATE TABLE IF NOT EXISTS``) when
+  a store written before leases existed is opened; older code ignores it, so the
+  store version is unchanged.
 
 asyncpg is the optional ``postgres`` extra: ``pip install 'jobpool_async[postgres]'``.
 """
@@ -37,9 +42,10 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
+from .._leases import Lease, aggregate
 from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, check_seconds, has_history
-from .._transitions import ASSIGN, RELEASE, Transition
+from .._transitions import ASSIGN, LEASE_EXPIRED, RELEASE, Transition
 from ._sql import CLAIMED_COLUMNS, in_list, set_clause
 from .base import (
     ApplyOutcome,
@@ -498,6 +504,7 @@ class PostgresBackend(Backend):
                 if version < SCHEMA_VERSION:
                     await self._upgrade(conn, version)
                 await conn.execute(self._listing_indexes_sql())
+                await conn.execute(self._leases_table_sql())
                 return
             if tables:
                 raise StorageError(
@@ -561,8 +568,21 @@ class PostgresBackend(Backend):
                     autovacuum_analyze_scale_factor = 0.02);
                 CREATE TABLE {s}.jobpool_version (version integer NOT NULL);
                 INSERT INTO {s}.jobpool_version (version) VALUES ({SCHEMA_VERSION});
+                {self._leases_table_sql()}
                 """
             )
+
+    def _leases_table_sql(self) -> str:
+        """The lease records: one row per assignee and holder (a queue), keyed by the
+        assignee's short key (an id may be longer than a B-tree entry allows)."""
+        return f"""CREATE TABLE IF NOT EXISTS {self._s}.leases (
+                    assignee_key text NOT NULL,
+                    holder text NOT NULL,
+                    assignee_id text NOT NULL,
+                    first_seen_at timestamptz NOT NULL,
+                    renewed_at timestamptz NOT NULL,
+                    expires_at timestamptz NOT NULL,
+                    PRIMARY KEY (assignee_key, holder));"""
 
     def _tag_indexes_sql(self) -> str:
         """The GIN indexes over tag keys. Only jobs with tags are in them (``tag_keys <>
@@ -1707,3 +1727,114 @@ class PostgresBackend(Backend):
         if self._watched and deleted:
             self._tell(None)  # which ones is not known: a re-check notice
         return deleted
+
+    # --- leases -------------------------------------------------------------------
+
+    async def renew_leases(
+        self,
+        holder: str,
+        renew: Sequence[str],
+        release: Sequence[str],
+        lease: timedelta,
+        now: datetime,
+    ) -> None:
+        """One statement, timed by the server's clock (``now`` is not used)."""
+        l_ = f"{self._s}.leases"
+        sql = f"""
+            WITH up AS (
+                INSERT INTO {l_} (assignee_key, holder, assignee_id, first_seen_at,
+                                  renewed_at, expires_at)
+                SELECT {_key("a")}, $1::text, a, now(), now(), now() + $3::interval
+                FROM unnest($2::text[]) AS a
+                ON CONFLICT (assignee_key, holder) DO UPDATE
+                SET renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at
+                RETURNING 1),
+            gone AS (
+                DELETE FROM {l_} WHERE holder = $1::text
+                  AND assignee_key = ANY(ARRAY(SELECT {_key("r")} FROM unnest($4::text[]) r))
+                  AND assignee_id = ANY($4::text[])
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM gone)"""
+        with self._errors("lease renewal"):
+            await self._fetch(sql, holder, list(renew), lease, list(release))
+
+    async def list_leases(self) -> list[Lease]:
+        sql = (
+            "SELECT assignee_id, holder, first_seen_at, renewed_at, expires_at "
+            f"FROM {self._s}.leases"
+        )
+        with self._errors("read"):
+            rows = await self._fetch(sql)
+        return aggregate((r[0], r[1], r[2], r[3], r[4]) for r in rows)
+
+    async def rescue_expired(
+        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
+    ) -> list[Moved]:
+        """One transaction: read the jobs of expired assignees (by the server's clock),
+        then move exactly those still as read (a compare-and-set, locking in key order
+        like every batch here), notifying other processes in the same statement; then
+        forget long-expired records."""
+        s, t = self._s, self._t
+        prefix = _ASSIGNEE_PREFIX.format
+        read = f"""
+            WITH l AS (SELECT min(assignee_id) AS aid FROM {s}.leases
+                       GROUP BY assignee_key HAVING max(expires_at) <= now())
+            SELECT 1 AS kind, j.id, j.status, j.assignee_id, j.assigned_at
+            FROM l JOIN {t} j ON {prefix("j.assignee_id")} = {prefix("l.aid")}
+                 AND j.assignee_id = l.aid AND j.status IN {_ACTIVE}
+            UNION ALL
+            SELECT 2, NULL, NULL, NULL, NULL
+            WHERE EXISTS (SELECT 1 FROM {s}.leases WHERE expires_at < now() - $1::interval)"""
+        sets = set_clause(LEASE_EXPIRED, now="$5::timestamptz", max_attempts="$6::integer")
+        write = f"""
+            WITH c AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[],
+                                            $4::timestamptz[]) AS c(cid, cst, caid, cat)),
+            lk AS (SELECT j.id_key FROM {t} j JOIN c ON j.id_key = {_key("c.cid")}
+                   AND j.id = c.cid ORDER BY j.id_key FOR UPDATE OF j),
+            moved AS (
+                UPDATE {t} SET {sets} FROM c
+                WHERE {t}.id_key = {_key("c.cid")} AND {t}.id = c.cid
+                  AND {t}.status = c.cst AND {t}.assignee_id = c.caid
+                  AND {t}.assigned_at IS NOT DISTINCT FROM c.cat
+                  AND {t}.status IN {in_list(LEASE_EXPIRED.sources)}
+                  AND NOT EXISTS (SELECT 1 FROM {s}.leases x
+                                  WHERE x.assignee_key = {_key(f"{t}.assignee_id")}
+                                    AND x.expires_at > now())
+                  AND (SELECT count(*) FROM lk) >= 0
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at,
+                          {t}.wait_until),
+            {self._note("moved")}
+            SELECT id, status, tags, assigned_at FROM moved
+            WHERE (SELECT count(*) FROM note) >= 0"""
+        forget = f"""
+            DELETE FROM {s}.leases r WHERE r.expires_at < now() - $1::interval
+              AND (EXISTS (SELECT 1 FROM {s}.leases o
+                           WHERE o.assignee_key = r.assignee_key AND o.expires_at > now())
+                   OR NOT EXISTS (SELECT 1 FROM {t} j
+                                  WHERE {prefix("j.assignee_id")} = {prefix("r.assignee_id")}
+                                    AND j.assignee_id = r.assignee_id
+                                    AND j.status IN {_ACTIVE}))"""
+        moved: list[Moved] = []
+        with self._errors("rescue"):
+            assert self._pool is not None
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(read, forget_after)
+                jobs = [r for r in rows if r[0] == 1]
+                if not rows:
+                    return []
+                await self._after_rescue_read()
+                if jobs:
+                    done = await conn.fetch(
+                        write,
+                        [r[1] for r in jobs],
+                        [r[2] for r in jobs],
+                        [r[3] for r in jobs],
+                        [r[4] for r in jobs],
+                        now,
+                        max_attempts,
+                    )
+                    moved = [Moved(r[0], _STATUS[r[1]], r[3], tuple(r[2] or ())) for r in done]
+                if len(jobs) < len(rows):
+                    await conn.execute(forget, forget_after)
+        self._changed_rows(len(moved))
+        return moved

@@ -31,6 +31,11 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
   by themselves; ``job_tags.created_at`` through a trigger that fills it when an
   older insert leaves it NULL).
 
+* ``leases(assignee_id, holder, first_seen_at, renewed_at, expires_at)``: one row per
+  assignee and queue holding its lease (SPEC §8.4). Added in place, when missing, to
+  a store written before leases existed (older code ignores it, so the schema
+  version is unchanged).
+
 Version 1 stores (before schedules and priorities) are upgraded to version 2 in
 place on open, in one transaction.
 """
@@ -59,9 +64,10 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
+from .._leases import Lease, LeaseRow, aggregate, plan_rescue
 from .._listing import ListQuery
 from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, check_seconds, has_history
-from .._transitions import ASSIGN, Transition
+from .._transitions import ASSIGN, LEASE_EXPIRED, Transition
 from ._files import check_parent
 from ._sql import CLAIMED_COLUMNS, set_clause
 from .base import (
@@ -207,6 +213,16 @@ _LISTING: Final = (
 _LISTING_NAMES: Final = frozenset(
     {"jobs_list", "jobs_list_status", "jobs_list_type", "job_tags_list", "job_tags_created"}
 )
+#: The lease records (SPEC §8.4); created with the schema, or on the first open of a
+#: store written before leases existed.
+_LEASES_TABLE: Final = """CREATE TABLE IF NOT EXISTS leases (
+        assignee_id TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        first_seen_at INTEGER NOT NULL,
+        renewed_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (assignee_id, holder)
+    ) WITHOUT ROWID"""
 
 _COLS: Final = (
     "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
@@ -455,6 +471,10 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
         _transaction(conn, _upgrade, path)
     if not _has_listing(conn):
         _transaction(conn, _add_listing)
+    if not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leases'"
+    ).fetchone():
+        _transaction(conn, _add_leases_table)
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -501,6 +521,7 @@ def _create_schema(conn: sqlite3.Connection, path: str) -> None:
         return
     for statement in _SCHEMA + _LISTING:
         conn.execute(statement)
+    _add_leases_table(conn)
 
 
 def _has_listing(conn: sqlite3.Connection) -> bool:
@@ -523,6 +544,10 @@ def _add_listing(conn: sqlite3.Connection) -> None:
         )
     for statement in _LISTING:
         conn.execute(statement)
+
+
+def _add_leases_table(conn: sqlite3.Connection) -> None:
+    conn.execute(_LEASES_TABLE)
 
 
 #: Rows per multi-row ``INSERT``; the remainder goes in smaller fixed sizes, so
@@ -1054,6 +1079,103 @@ def _fetch_all(
     return conn.execute(sql, params).fetchall()
 
 
+# --- leases ---------------------------------------------------------------------------------
+
+_LEASE_COLS: Final = "assignee_id, holder, first_seen_at, renewed_at, expires_at"
+
+
+def _renew_leases(
+    conn: sqlite3.Connection,
+    holder: str,
+    renew: Sequence[str],
+    release: Sequence[str],
+    now: int,
+    expires: int,
+) -> None:
+    """Upsert ``renew``'s records and delete ``release``'s (the caller's transaction)."""
+    if renew:
+        conn.execute(
+            f"INSERT INTO leases ({_LEASE_COLS}) SELECT value, ?1, ?2, ?2, ?3 "
+            "FROM json_each(?4) WHERE true ON CONFLICT (assignee_id, holder) DO UPDATE "
+            "SET renewed_at = excluded.renewed_at, expires_at = excluded.expires_at",
+            (holder, now, expires, json.dumps(list(renew))),
+        )
+    if release:
+        conn.execute(
+            f"DELETE FROM leases WHERE holder = ? AND assignee_id IN ({_IDS})",
+            (holder, json.dumps(list(release))),
+        )
+
+
+def _lease_rows(conn: sqlite3.Connection) -> list[LeaseRow]:
+    return [
+        (
+            a,
+            h,
+            _EPOCH + timedelta(0, 0, f),
+            _EPOCH + timedelta(0, 0, r),
+            _EPOCH + timedelta(0, 0, e),
+        )
+        for a, h, f, r, e in conn.execute(f"SELECT {_LEASE_COLS} FROM leases").fetchall()
+    ]
+
+
+_RescueRead = tuple[list[Any], list[tuple[str, str]]]
+
+
+def _rescue_read(conn: sqlite3.Connection, now: datetime, forget_after: timedelta) -> _RescueRead:
+    """The jobs of expired assignees as ``[id, status, assignee, assigned_at]``, and the
+    lease records to forget. Reads only: the write re-checks all of it."""
+    plan = plan_rescue(_lease_rows(conn), now, forget_after)
+    jobs: list[Any] = []
+    if plan.expired:
+        jobs = conn.execute(
+            f"SELECT id, status, assignee_id, assigned_at FROM jobs "
+            f"WHERE assignee_id IN ({_IDS}) AND {_ACTIVE}",
+            (json.dumps(sorted(plan.expired)),),
+        ).fetchall()
+    return jobs, list(plan.forget)
+
+
+_RESCUE_SQL: Final = (
+    "WITH c(c_id, c_status, c_assignee, c_at) AS ("
+    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?2)) "
+    f"UPDATE jobs SET {set_clause(LEASE_EXPIRED, now='?1', max_attempts='?3')} FROM c "
+    "WHERE jobs.id = c.c_id AND jobs.status = c.c_status AND jobs.assignee_id = c.c_assignee "
+    f"AND jobs.assigned_at IS c.c_at AND {_one_of(LEASE_EXPIRED.sources, 'jobs.status')} "
+    "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.assignee_id = jobs.assignee_id "
+    "AND l.expires_at > ?1) "
+    "RETURNING jobs.id, jobs.status, jobs.tags, jobs.assigned_at"
+)
+_FORGET_SQL: Final = (
+    "DELETE FROM leases WHERE expires_at < ?2 AND (assignee_id, holder) IN ("
+    "SELECT value ->> 0, value ->> 1 FROM json_each(?3)) AND ("
+    "EXISTS (SELECT 1 FROM leases l WHERE l.assignee_id = leases.assignee_id "
+    "AND l.expires_at > ?1) OR NOT EXISTS (SELECT 1 FROM jobs "
+    f"WHERE jobs.assignee_id = leases.assignee_id AND {_one_of(ACTIVE, 'jobs.status')}))"
+)
+
+
+def _rescue_write(
+    conn: sqlite3.Connection,
+    jobs: list[Any],
+    forget: list[Any],
+    now: int,
+    cutoff: int,
+    max_attempts: int | None,
+) -> list[Moved]:
+    """The compare-and-set moves of a rescue, then the forgetting (caller's transaction)."""
+    moved = []
+    if jobs:
+        for job_id, status, tags, at in conn.execute(
+            _RESCUE_SQL, (now, json.dumps(jobs), max_attempts)
+        ):
+            moved.append(Moved(job_id, _STATUS[status], _dt(at), _tag_tuple(tags)))
+    if forget:
+        conn.execute(_FORGET_SQL, (now, cutoff, json.dumps(forget)))
+    return moved
+
+
 # --- the backend ----------------------------------------------------------------------------
 
 
@@ -1333,3 +1455,29 @@ class SQLiteBackend(Backend):
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         sql, params = _list_sql(query)
         return _jobs(await self._run(_fetch_all, sql, params))
+
+    # --- leases -----------------------------------------------------------------------
+
+    async def renew_leases(
+        self,
+        holder: str,
+        renew: Sequence[str],
+        release: Sequence[str],
+        lease: timedelta,
+        now: datetime,
+    ) -> None:
+        await self._transact(_renew_leases, holder, renew, release, _us(now), _us(now + lease))
+
+    async def list_leases(self) -> list[Lease]:
+        return aggregate(await self._run(_lease_rows))
+
+    async def rescue_expired(
+        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
+    ) -> list[Moved]:
+        jobs, forget = await self._run(_rescue_read, now, forget_after)
+        if not jobs and not forget:
+            return []
+        await self._after_rescue_read()
+        return await self._transact(
+            _rescue_write, jobs, forget, _us(now), _us(now - forget_after), max_attempts
+        )
