@@ -114,6 +114,7 @@ def _one_of(statuses: frozenset[JobStatus], column: str = "status") -> str:
 
 _ELIG = _one_of(ELIGIBLE)
 _ACTIVE = _one_of(ACTIVE)
+_IDLE = f"NOT {_ACTIVE}"
 _SORT = "COALESCE(scheduled_at, last_retry_at, created_at)"
 #: Eligible and due (not waiting for a schedule): what a claim may take.
 _DUE = f"{_ELIG} AND wait_until IS NULL"
@@ -199,8 +200,13 @@ _SCHEMA: Final = (
 _LISTING: Final = (
     "CREATE INDEX IF NOT EXISTS jobs_list ON jobs (created_at, id)",
     # On substr(status, 1), not status: an index on plain status would tempt the
-    # planner into claiming through it (then sorting every eligible job).
-    "CREATE INDEX IF NOT EXISTS jobs_list_status ON jobs (substr(status, 1), created_at, id)",
+    # planner into claiming through it (then sorting every eligible job). Without
+    # RUNNING/CANCELLING jobs (listed through jobs_active): a claim and a completion
+    # then each change one entry of it, not two (measured: the full index cost 15%
+    # of the end-to-end rate, this one 3-4%, within noise of none).
+    "DROP INDEX IF EXISTS jobs_list_status",  # the full one, briefly on main
+    "CREATE INDEX IF NOT EXISTS jobs_list_idle ON jobs (substr(status, 1), created_at, id) "
+    f"WHERE {_IDLE}",
     "CREATE INDEX IF NOT EXISTS jobs_list_type ON jobs (job_type, created_at, id)",
     "CREATE INDEX IF NOT EXISTS job_tags_list ON job_tags (tag, created_at, seq)",
     """CREATE TRIGGER IF NOT EXISTS job_tags_created AFTER INSERT ON job_tags
@@ -211,7 +217,7 @@ _LISTING: Final = (
         END""",
 )
 _LISTING_NAMES: Final = frozenset(
-    {"jobs_list", "jobs_list_status", "jobs_list_type", "job_tags_list", "job_tags_created"}
+    {"jobs_list", "jobs_list_idle", "jobs_list_type", "job_tags_list", "job_tags_created"}
 )
 #: The lease records (SPEC §8.4); created with the schema, or on the first open of a
 #: store written before leases existed.
@@ -529,7 +535,7 @@ def _has_listing(conn: sqlite3.Connection) -> bool:
         row[0]
         for row in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")
     }
-    return names >= _LISTING_NAMES
+    return names >= _LISTING_NAMES and "jobs_list_status" not in names
 
 
 def _add_listing(conn: sqlite3.Connection) -> None:
@@ -1047,9 +1053,17 @@ def _list_sql(query: ListQuery) -> tuple[str, dict[str, Any]]:
         if query.job_type is not None:
             conds.append("j.job_type = :y")
         parts = [
-            f"SELECT * FROM (SELECT {cols} FROM jobs j INDEXED BY jobs_list_status "
-            "WHERE " + " AND ".join([f"substr(j.status, 1) = '{s.value}'", *conds]) + " "
-            "ORDER BY j.created_at DESC, j.id DESC LIMIT :n)"
+            # An idle status walks its part of jobs_list_idle; RUNNING/CANCELLING
+            # read jobs_active (every busy slot's job: few) and sort. Each WHERE
+            # repeats its index's condition word for word, so SQLite may use it.
+            f"SELECT * FROM (SELECT {cols} FROM jobs j INDEXED BY "
+            + (
+                f"jobs_active WHERE {_ACTIVE} AND j.status = '{s.value}'"
+                if s in ACTIVE
+                else f"jobs_list_idle WHERE {_IDLE} AND substr(j.status, 1) = '{s.value}'"
+            )
+            + "".join(f" AND {c}" for c in conds)
+            + " ORDER BY j.created_at DESC, j.id DESC LIMIT :n)"
             for s in statuses
         ]
         if len(parts) == 1:
@@ -1445,8 +1459,12 @@ class SQLiteBackend(Backend):
         if not statuses:
             return None
         parts = " UNION ALL ".join(
-            f"SELECT min(created_at) AS m FROM jobs INDEXED BY jobs_list_status "
-            f"WHERE substr(status, 1) = '{s.value}'"
+            "SELECT min(created_at) AS m FROM jobs INDEXED BY "
+            + (
+                f"jobs_active WHERE {_ACTIVE} AND status = '{s.value}'"
+                if s in ACTIVE
+                else f"jobs_list_idle WHERE {_IDLE} AND substr(status, 1) = '{s.value}'"
+            )
             for s in sorted(statuses)
         )
         rows = await self._run(_fetch_all, f"SELECT min(m) FROM ({parts})", ())

@@ -232,3 +232,15 @@ async def test_oldest_created_per_status_set(queue: PoolQueue) -> None:
     assert await backend.oldest_created(ELIGIBLE) == T0 + timedelta(minutes=1)
     assert await backend.oldest_created(frozenset({S.UNSCHEDULED})) == T0
     assert await backend.oldest_created(frozenset({S.COMPLETED})) is None
+
+
+async def test_running_cancelling_and_idle_statuses_page_together(queue: PoolQueue) -> None:
+    ids = {s: [await job_in(queue, s) for _ in range(3)] for s in (S.RUNNING, S.CANCELLING)}
+    ids[S.COMPLETED] = [await job_in(queue, S.COMPLETED) for _ in range(3)]
+    await queue.enqueue_job(Job(id="idle", job_type="t"))
+    everything = [j.id for j in (await queue.list_jobs(limit=100)).jobs]
+    for wanted in ([S.RUNNING], [S.CANCELLING, S.RUNNING], [S.RUNNING, S.COMPLETED]):
+        got = await _all_pages(queue, 2, statuses=wanted)
+        expected = [i for i in everything if any(i in ids[s] for s in wanted)]
+        assert got == expected, wanted
+    assert await queue.backend.oldest_created(frozenset({S.RUNNING})) is not None
