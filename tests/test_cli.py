@@ -266,3 +266,16 @@ def test_requeue(url: str) -> None:
     job = json.loads(ok(run("show", "rq", "--url", url, "--json")))
     assert job["status"] == "failed_retry" and job["scheduled_at"] is not None
     assert run("requeue", "rq", "--url", url, "--in", "soon").returncode == 2
+
+
+def test_a_postgres_url_names_its_schema() -> None:
+    pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg")
+    from jobpool_async import open_backend
+
+    backend = open_backend("postgresql://u@h/db?application_name=x&schema=app_jobs")
+    assert backend.schema == "app_jobs"  # type: ignore[attr-defined]
+    assert "schema" not in backend._dsn and "application_name=x" in backend._dsn  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="twice"):
+        open_backend("postgresql://u@h/db?schema=a", schema="b")
+    with pytest.raises(ValueError, match="twice"):
+        open_backend("postgresql://u@h/db?schema=a&schema=b")
