@@ -18,6 +18,7 @@ from ._errors import (
 from ._leases import Lease
 from ._listing import JobPage
 from ._models import CancelResult, Job, JobStats, JobStatus
+from ._periodic import Periodic, run_periodic
 from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry, RetryPolicy
 from ._worker import Worker
@@ -47,6 +48,7 @@ __all__ = [
     "Lease",
     "LevelDBBackend",
     "MemoryBackend",
+    "Periodic",
     "PoolQueue",
     "PostgresBackend",
     "QueueClosedError",
@@ -56,6 +58,7 @@ __all__ = [
     "StorageError",
     "Worker",
     "open_backend",
+    "run_periodic",
 ]
 __version__ = "0.1.0"
 

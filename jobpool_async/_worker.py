@@ -32,6 +32,7 @@ from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
 from ._leases import unique_id
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
+from ._periodic import Periodic, run_periodic
 from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry
 from ._tracing import traced_processor
@@ -106,6 +107,7 @@ class Worker:
         tags: Sequence[str] | None = None,
         recover_on_start: bool = False,
         grace: float | timedelta = 10.0,
+        periodics: Sequence[Periodic] = (),
     ) -> None:
         if not isinstance(queue, PoolQueue):
             raise TypeError(f"queue must be a PoolQueue, got {type(queue).__name__}")
@@ -130,6 +132,11 @@ class Worker:
         self._consumer: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._cleaner: asyncio.Task[None] | None = None
+        self.periodics: list[Periodic] = list(periodics)
+        for p in self.periodics:
+            if not isinstance(p, Periodic):
+                raise TypeError(f"periodics must be Periodic objects, got {type(p).__name__}")
+        self._periodic: asyncio.Task[None] | None = None
         self._bg: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
         self._running: dict[_Key, _Running] = {}
@@ -232,6 +239,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._flusher = loop.create_task(self._flush_loop())
         self._cleaner = loop.create_task(self._cleanup_loop())
+        if self.periodics:
+            self._periodic = loop.create_task(run_periodic(self._queue, self.periodics))
         self._consumer = loop.create_task(self._consume(stream))
         if self._state == "stopping":  # stop() came before the consumer existed
             self._consumer.cancel()
@@ -667,10 +676,11 @@ class Worker:
         self._wake.set()
         if self._flusher is not None:
             await asyncio.wait({self._flusher})
-        if self._cleaner is not None:
-            self._cleaner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleaner
+        for task in (self._cleaner, self._periodic):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._stream is not None:
             await self._stream.aclose()
         while self._helpers:  # cancel listeners that fired during the final flush

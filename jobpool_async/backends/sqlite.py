@@ -463,7 +463,14 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
     """Check (or create) the schema, then switch to WAL and set durability."""
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     try:
-        ours = _classify(conn, path)
+        # One read transaction: the header and the schema from the same moment, even
+        # while another process creates the store (else its commit could fall between
+        # the reads and make a fresh store look like another application's).
+        conn.execute("BEGIN")
+        try:
+            ours = _classify(conn, path)
+        finally:
+            conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         if exc.sqlite_errorcode != sqlite3.SQLITE_NOTADB:  # random bytes
             raise
