@@ -200,3 +200,18 @@ def test_listing_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data["sqlite"]) == {"300", "600"}
     assert set(data["sqlite"]["600"]) == set(listing.QUERIES)
+
+
+async def test_schedules_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    from benchmarks import schedules
+
+    out = tmp_path / "schedules"
+    args = ["--backends", "memory,sqlite", "--jobs", "200", "--pairs", "1"]
+    await schedules.main([*args, "--future", "300", "--samples", "5", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["backend"] for r in data["mixed"]] == ["memory", "sqlite"]
+    assert all(r["ratio"] > 0 for r in data["mixed"])
+    assert [r["backend"] for r in data["latency"]] == ["memory", "sqlite"]
+    assert all(0 <= r["p50_ms"] <= r["p99_ms"] for r in data["latency"])
+    assert [(r["backend"], r["future_jobs"]) for r in data["future"]] == [("sqlite", 300)]
+    assert "| memory | 200 | 1 |" in out.with_suffix(".md").read_text()

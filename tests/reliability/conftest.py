@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from hypothesis import HealthCheck, settings
 
 from jobpool_async import Backend, PoolQueue
+from jobpool_async._clock import Clock
 
 from ..backends import backend_factory, drop_postgres_schema, new_schema_name
 
@@ -81,9 +82,9 @@ class LoopRunner:
     def new_backend(self) -> Backend:
         return self._factory()
 
-    def new_queue(self) -> PoolQueue:
+    def new_queue(self, clock: Clock | None = None) -> PoolQueue:
         assert self.queue is None, "close the current queue first"
-        queue = PoolQueue(self._factory())
+        queue = PoolQueue(self._factory(), clock=clock)
         self.run(queue.open())
         self.queue = queue
         return queue

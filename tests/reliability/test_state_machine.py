@@ -7,6 +7,10 @@ table, the side effects, the errors, the stats and the stream slots of each back
 After every step the whole store is read back and compared with the model: status,
 retry count, messages, results, assignee, and every timestamp, which must be unset,
 unchanged, or set within the window of the call that set it.
+
+Time (SPEC §8): the queue runs on a :class:`~jobpool_async.testing.FakeClock` that
+the machine advances by rules of its own, so schedules, priorities, attempt limits,
+retry delays, discards and requeues are checked at exact instants, without sleeping.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from jobpool_async import (
     JobStream,
     PoolQueue,
 )
+from jobpool_async.testing import FakeClock
 
 from ..backends import BACKENDS
 from .conftest import LoopRunner, hypothesis_settings, profile_name, scaled
@@ -75,6 +80,7 @@ OPS: dict[str, LifecycleOp] = {
     "mark_unknown_stopped": LifecycleOp(
         frozenset({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}), S.UNKNOWN_STOPPED
     ),
+    "discard": LifecycleOp(frozenset({S.RUNNING, S.CANCELLING, S.UNKNOWN_RETRY}), S.DISCARDED),
     "ack_executing": LifecycleOp(frozenset({S.CANCELLING}), S.STOPPED, stores_message=False),
     "ack_not_executing": LifecycleOp(
         frozenset({S.CANCELLING}), S.UNKNOWN_STOPPED, stores_message=False
@@ -114,6 +120,7 @@ CANCEL_MOVES: dict[JobStatus, JobStatus] = {
     S.FAILED_RETRY: S.STOPPED,
     S.UNKNOWN_RETRY: S.STOPPED,
 }
+REQUEUE_FROM = frozenset({S.DISCARDED, S.STOPPED, S.UNKNOWN_STOPPED})
 WORKER_LOST_MOVES: dict[JobStatus, JobStatus] = {
     S.RUNNING: S.UNKNOWN_RETRY,
     S.CANCELLING: S.UNKNOWN_STOPPED,
@@ -159,6 +166,10 @@ class MJob:
     assignee_id: str = ""
     stamps: dict[str, Stamp] = field(default_factory=lambda: dict.fromkeys(STAMPS))
     holder: MStream | None = None
+    scheduled_at: datetime | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    attempts: int = 0
 
     def move(self, target: JobStatus, now: Window, *, retry: bool = False) -> None:
         """Enter ``target`` with the side effects every move shares (SPEC §2)."""
@@ -171,10 +182,15 @@ class MJob:
         if target not in ACTIVE:
             self.holder = None
 
-    def sort_key(self) -> tuple[datetime, int]:
+    def sort_key(self) -> tuple[int, datetime, int]:
+        """SPEC §8.2: priority descending, then the due key, then enqueue order."""
         retry = self.stamps["last_retry_at"]
         assert not isinstance(retry, Window), "stamps are resolved after every step"
-        return (retry if retry is not None else self.created_at, self.seq)
+        due = self.scheduled_at or (retry if retry is not None else self.created_at)
+        return (-self.priority, due, self.seq)
+
+    def due(self, now: datetime) -> bool:
+        return self.status in ELIGIBLE and (self.scheduled_at is None or self.scheduled_at <= now)
 
 
 def describe(exc: BaseException | None) -> object:
@@ -209,9 +225,12 @@ ASSIGNEES = ["w1", "w2", "w3"]
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
 MAX_JOBS = 20
 MAX_STREAMS = 3
-LIFECYCLE_ONE = frozenset({"complete", "fail", "stop", "stop_with_retry", "mark_unknown_stopped"})
+LIFECYCLE_ONE = frozenset(
+    {"complete", "fail", "stop", "stop_with_retry", "mark_unknown_stopped", "discard"}
+)
+RETRY_IN = [None, None, timedelta(0), timedelta(seconds=5), timedelta(seconds=40)]
 LIFECYCLE_BATCH = [*sorted(LIFECYCLE_ONE), "ack"]
-ACTS = ["one", "one", "batch", "update", "cancel", "lost"]
+ACTS = ["one", "one", "batch", "update", "cancel", "lost", "requeue"]
 
 T = TypeVar("T")
 Chooser = Callable[[random.Random], T]
@@ -270,10 +289,6 @@ def _op_key(name: str) -> str:
     return "ack_executing" if name == "ack" else name
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class QueueMachine(RuleBasedStateMachine):
     """Drives one queue on a fresh store; subclassed per backend by the test below."""
 
@@ -283,7 +298,8 @@ class QueueMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.runner = LoopRunner(self.backend_name, self.base_dir)
-        self.queue: PoolQueue = self.runner.new_queue()
+        self.clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
+        self.queue: PoolQueue = self.runner.new_queue(clock=self.clock)
         self.jobs: dict[str, MJob] = {}
         self.gone: set[str] = set()  # ids deleted (may be enqueued again)
         self.streams: list[MStream] = []
@@ -297,13 +313,14 @@ class QueueMachine(RuleBasedStateMachine):
     # -- helpers ---------------------------------------------------------------------
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> tuple[Any, BaseException | None, Window]:
-        """Run one queue call; return its value or error and its time window."""
-        lo = _utcnow()
+        """Run one queue call; return its value or error and its time window (one
+        instant: the fake clock moves only between steps)."""
+        lo = self.clock.now()
         try:
             value, error = self.runner.run(coro), None
         except (JobPoolError, ValueError, TypeError, TimeoutError) as exc:
             value, error = None, exc
-        return value, error, Window(lo, _utcnow())
+        return value, error, Window(lo, self.clock.now())
 
     def candidates(self) -> list[str]:
         return sorted(self.jobs) + sorted(self.gone - set(self.jobs)) + ["ghost"]
@@ -349,6 +366,11 @@ class QueueMachine(RuleBasedStateMachine):
             self.next_id += 1
         when = data.draw(created)
         kwargs: dict[str, Any] = {} if when is None else {"created_at": when}
+        later = data.draw(sampled_from([None, None, None, -5, 0, 10, 30]))
+        if later is not None:
+            kwargs["scheduled_at"] = self.clock.now() + timedelta(seconds=later)
+        kwargs["priority"] = data.draw(sampled_from([0, 0, 0, -1, 1, 7]))
+        kwargs["max_attempts"] = data.draw(sampled_from([None, None, 1, 2, 3]))
         return Job(
             id=job_id,
             job_type=data.draw(sampled_from(["t", "other"])),
@@ -365,6 +387,9 @@ class QueueMachine(RuleBasedStateMachine):
             tags=list(dict.fromkeys(job.tags)),
             created_at=job.created_at,
             seq=self.next_seq,
+            scheduled_at=job.scheduled_at,
+            priority=job.priority,
+            max_attempts=job.max_attempts,
         )
         self.next_seq += 1
         self.gone.discard(job.id)
@@ -421,7 +446,7 @@ class QueueMachine(RuleBasedStateMachine):
         ms = self.streams[data.draw(integers(0, len(self.streams) - 1))]
         free = ms.max_assigned - len(self.held(ms))
         eligible = sorted(
-            (j for j in self.matching(ms.tags) if j.status in ELIGIBLE), key=MJob.sort_key
+            (j for j in self.matching(ms.tags) if j.due(self.clock.now())), key=MJob.sort_key
         )
         expected = eligible[: max(free, 0)]
         if not expected:
@@ -439,6 +464,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert all(j.status is S.RUNNING for j in batch)
         for job in expected:
             job.move(S.RUNNING, now)
+            job.attempts += 1
             job.assignee_id = ms.assignee_id
             job.stamps["assigned_at"] = now
             if job.stamps["started_at"] is None:
@@ -451,7 +477,8 @@ class QueueMachine(RuleBasedStateMachine):
         Reaches deep paths (RUNNING → CANCELLING → STOPPED with retry, UNKNOWN_* and
         back) far more often than independent steps would.
         """
-        if len(self.jobs) < MAX_JOBS and not any(j.status in ELIGIBLE for j in self.jobs.values()):
+        now = self.clock.now()
+        if len(self.jobs) < MAX_JOBS and not any(j.due(now) for j in self.jobs.values()):
             self.enqueue_batch(data, data.draw(integers(1, 3)), None)
         self.claim(data, probe=False)
         busy = sorted(i for i, j in self.jobs.items() if j.assignee_id)
@@ -487,20 +514,34 @@ class QueueMachine(RuleBasedStateMachine):
             self.cancel(data, tags, not tags or data.draw(booleans()))
         elif kind == "lost":
             self.mark_worker_unresponsive(data.draw(sampled_from([*ASSIGNEES, "nobody"])))
+        elif kind == "requeue":
+            self.requeue(data)
         else:
             self.reset_running()
 
     # -- lifecycle calls ----------------------------------------------------------------
 
     def model_lifecycle(
-        self, name: str, job_id: str, now: Window, *, message: str = "", result: bytes | None
+        self,
+        name: str,
+        job_id: str,
+        now: Window,
+        *,
+        message: str = "",
+        result: bytes | None,
+        retry_in: timedelta | None = None,
     ) -> object:
         op = OPS[name]
         job = self.jobs.get(job_id)
         err = _lifecycle_error(job, job_id, op)
         if err is None:
             assert job is not None
-            job.move(op.target, now, retry=op.retry)
+            if name == "fail" and job.max_attempts is not None and job.attempts >= job.max_attempts:
+                job.move(S.DISCARDED, now, retry=True)  # SPEC §8.3: no attempts left
+            else:
+                job.move(op.target, now, retry=op.retry)
+                if name == "fail":
+                    job.scheduled_at = now.lo + retry_in if retry_in else None
             if op.stores_message:
                 job.error_message = message
             if result is not None:
@@ -512,16 +553,23 @@ class QueueMachine(RuleBasedStateMachine):
         q = self.queue
         if name == "fail":
             message = message or "failed"
+        retry_in = data.draw(sampled_from(RETRY_IN))
         calls: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "complete": lambda: q.complete_job(job_id, result),
-            "fail": lambda: q.fail_job(job_id, message),
+            "fail": lambda: q.fail_job(job_id, message, retry_in=retry_in),
+            "discard": lambda: q.discard_job(job_id, message),
             "stop": lambda: q.stop_job(job_id, message),
             "stop_with_retry": lambda: q.stop_job_with_retry(job_id, message),
             "mark_unknown_stopped": lambda: q.mark_job_unknown_stopped(job_id, message),
         }
         _, error, now = self.call(calls[name]())
         expected = self.model_lifecycle(
-            name, job_id, now, message=message, result=result if name == "complete" else None
+            name,
+            job_id,
+            now,
+            message=message,
+            result=result if name == "complete" else None,
+            retry_in=retry_in,
         )
         self.expect_error(error, expected)
 
@@ -541,10 +589,20 @@ class QueueMachine(RuleBasedStateMachine):
             res = {i: data.draw(results) for i in ids}
             _, error, now = self.call(q.complete_jobs(res))
             errors = {i: self.model_lifecycle(name, i, now, result=res[i]) for i in ids}
+        elif name == "fail":
+            delays = {i: data.draw(sampled_from(RETRY_IN)) for i in ids}
+            msgs = {i: data.draw(messages) or "failed" for i in ids}
+            _, error, now = self.call(q.fail_jobs({i: (msgs[i], delays[i]) for i in ids}))
+            errors = {
+                i: self.model_lifecycle(
+                    name, i, now, message=msgs[i], result=None, retry_in=delays[i]
+                )
+                for i in ids
+            }
         else:
-            msgs = {i: data.draw(messages) or ("failed" if name == "fail" else "") for i in ids}
+            msgs = {i: data.draw(messages) for i in ids}
             call = {
-                "fail": q.fail_jobs,
+                "discard": q.discard_jobs,
                 "stop": q.stop_jobs,
                 "stop_with_retry": q.stop_jobs_with_retry,
                 "mark_unknown_stopped": q.mark_jobs_unknown_stopped,
@@ -702,7 +760,34 @@ class QueueMachine(RuleBasedStateMachine):
         """Close the queue (ending every stream) and open the same store again."""
         self.runner.close_queue()
         self.streams.clear()
-        self.queue = self.runner.new_queue()
+        self.queue = self.runner.new_queue(clock=self.clock)
+
+    def requeue(self, data: Draw) -> None:
+        """``requeue_jobs`` by ids and/or tags, due at once or later (SPEC §8.3)."""
+        ids = self.pick_ids(data, prefer=(S.DISCARDED, S.STOPPED, S.UNKNOWN_STOPPED))
+        tags = data.draw(filters) if data.draw(integers(0, 3)) == 0 else []
+        later = data.draw(sampled_from([None, 0, 20]))
+        when = None if later is None else self.clock.now() + timedelta(seconds=later)
+        value, error, _ = self.call(
+            self.queue.requeue_jobs(tags=tags or None, job_ids=ids, scheduled_at=when)
+        )
+        self.expect_error(error, None)
+        selected = {i: self.jobs[i] for i in ids if i in self.jobs}
+        if tags:
+            selected.update({j.id: j for j in self.matching(tags)})
+        moved = [i for i, j in selected.items() if j.status in REQUEUE_FROM]
+        assert sorted(value) == sorted(moved), (value, moved)
+        for i in moved:
+            job = self.jobs[i]
+            job.status = S.FAILED_RETRY
+            job.stamps["finalized_at"] = None
+            job.result = None
+            job.scheduled_at = when
+            job.holder = None
+
+    def advance(self, data: Draw) -> None:
+        """Move the fake clock (fires the queue's timer for jobs that came due)."""
+        self.clock.advance(timedelta(seconds=data.draw(sampled_from([1, 5, 10, 30]))))
 
     def bad_call(self, data: Draw, which: int) -> None:
         """Bad arguments raise ValueError/TypeError and write nothing (checked by invariants)."""
@@ -723,6 +808,11 @@ class QueueMachine(RuleBasedStateMachine):
             lambda: q.cleanup_expired_jobs(timedelta(0)),
             lambda: q.update_job_status(job_id, "no-such-status"),  # type: ignore[arg-type]
             lambda: q.acknowledge_cancellation({job_id: "yes"}),  # type: ignore[dict-item]
+            lambda: q.fail_job(job_id, "x", retry_in=timedelta(seconds=-1)),
+            lambda: q.enqueue_job(Job(id="p", job_type="t", priority=40_000)),
+            lambda: q.enqueue_job(Job(id="s", job_type="t", scheduled_at=datetime(2030, 1, 1))),
+            lambda: q.enqueue_job(Job(id="m", job_type="t", max_attempts=0)),
+            lambda: q.enqueue_jobs([Job(id="i", job_type="t")], if_exists="maybe"),  # type: ignore[arg-type]
         ]
         _, error, _ = self.call(bad[which]())
         assert isinstance(error, ValueError | TypeError), f"call {which}: {error!r}"
@@ -774,15 +864,17 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(seed=seeds)
     def r_housekeeping(self, seed: int) -> None:
         data = Draw(seed)
-        kind = data.draw(sampled_from(["delete", "cleanup", "reopen", "bad"]))
+        kind = data.draw(sampled_from(["delete", "cleanup", "reopen", "bad", "advance"]))
         if kind == "delete":
             self.delete(data, data.draw(filters), data.draw(booleans()))
         elif kind == "cleanup":
             self.cleanup(data.draw(booleans()))
         elif kind == "reopen":
             self.reopen()
+        elif kind == "advance":
+            self.advance(data)
         else:
-            self.bad_call(data, data.draw(integers(0, 11)))
+            self.bad_call(data, data.draw(integers(0, 16)))
 
     @rule(seed=seeds)
     def r_read(self, seed: int) -> None:
@@ -810,6 +902,10 @@ class QueueMachine(RuleBasedStateMachine):
             job.result,
             job.assignee_id,
             job.created_at,
+            job.scheduled_at,
+            job.priority,
+            job.max_attempts,
+            job.attempts,
         )
         want = (
             model.id,
@@ -822,6 +918,10 @@ class QueueMachine(RuleBasedStateMachine):
             model.result,
             model.assignee_id,
             model.created_at,
+            model.scheduled_at,
+            model.priority,
+            model.max_attempts,
+            model.attempts,
         )
         assert got == want, f"job {model.id}: stored {got!r}, model {want!r}"
         for name in STAMPS:
@@ -849,6 +949,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert stats.stopped_jobs == by[S.STOPPED] + by[S.UNSCHEDULED] + by[S.UNKNOWN_STOPPED]
         assert stats.failed_jobs == by[S.FAILED_RETRY] + by[S.UNKNOWN_RETRY]
         assert stats.total_retries == sum(j.retry_count for j in jobs)
+        assert stats.discarded_jobs == by[S.DISCARDED]
         assert sorted(stats.tags) == sorted(tags)
 
     @invariant()
