@@ -505,6 +505,10 @@ class _Pages:
             params = [(k, v) for k, v in q.multi_items() if k not in ("after", "fragment")]
             href = f"{base}/jobs?{urlencode([*params, ('after', page.next_after)])}"
             nxt = f'<p><a href="{e(href)}" rel="next">next page →</a></p>'
+        if after:
+            params = [(k, v) for k, v in q.multi_items() if k not in ("after", "fragment")]
+            first = f"{base}/jobs?{urlencode(params)}"
+            nxt = f'<p><a href="{e(first)}" rel="first">← newest</a></p>' + nxt
         live = (
             f"<table id=jobs><tr>{sel}<th>id</th><th>type</th><th>status</th><th>tags</th>"
             f"<th>created (UTC)</th><th>retries</th><th>assignee</th></tr>{rows}</table>"

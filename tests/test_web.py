@@ -73,6 +73,7 @@ async def test_jobs_filters_paging_and_bad_filters(
     assert nxt
     r2 = await web.get(nxt.group(1).replace("&amp;", "&"))
     more = re.findall(r'/jobs/(j\d\d)"', r2.text)
+    assert 'rel="first"' in r2.text and 'rel="first"' not in r.text
     assert len(more) == 2 and not set(more) & set(ids)
     r = await web.get("/jobs", params=[("status", "initial_pending"), ("tag", "g1")])
     assert set(re.findall(r'/jobs/(j\d\d)"', r.text)) == {"j01", "j04", "j07", "j10"}
