@@ -800,9 +800,10 @@ class _Auth(BaseHTTPMiddleware):
         self.token = token
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path.endswith("/healthz") or self._allowed(
-            request.headers.get("authorization", "")
-        ):
+        path, root = request.url.path, str(request.scope.get("root_path", ""))
+        if path.startswith(root):
+            path = path[len(root) :]
+        if path == "/healthz" or self._allowed(request.headers.get("authorization", "")):
             return await call_next(request)
         headers = {"WWW-Authenticate": 'Basic realm="jobpool"'} if self.basic else {}
         return PlainTextResponse("authentication required", status_code=401, headers=headers)

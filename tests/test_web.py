@@ -169,6 +169,8 @@ async def test_basic_auth_and_bearer_token(queue: PoolQueue) -> None:
         assert (await c.get("/", headers={"Authorization": "Bearer tok"})).status_code == 200
         assert (await c.get("/metrics", headers={"Authorization": "Bearer no"})).status_code == 401
         assert (await c.get("/healthz")).status_code == 200
+        await queue.enqueue_job(Job(id="x/healthz", job_type="t"))
+        assert (await c.get("/jobs/x/healthz")).status_code == 401, "only /healthz is open"
 
 
 async def test_healthz_and_metrics(queue: PoolQueue, web: httpx.AsyncClient) -> None:
@@ -260,3 +262,18 @@ async def test_requeue_action(queue: PoolQueue, web: httpx.AsyncClient) -> None:
     )
     assert f"Requeued 1: {stopped}." in did.text and "nope (no such job)" in did.text
     assert (await queue.get_job(stopped)).status is S.FAILED_RETRY
+
+
+async def test_mounted_in_another_app(queue: PoolQueue) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    await queue.enqueue_job(Job(id="m", job_type="t"))
+    outer = Starlette(routes=[Mount("/ops", app=create_app(queue, token="t"))])
+    async with client(outer) as c:
+        assert (await c.get("/ops/healthz")).status_code == 200
+        assert (await c.get("/ops/jobs")).status_code == 401
+        page = await c.get("/ops/jobs", headers={"Authorization": "Bearer t"})
+        assert page.status_code == 200 and 'href="/ops/jobs/m"' in page.text
+        detail = await c.get("/ops/jobs/m", headers={"Authorization": "Bearer t"})
+        assert detail.status_code == 200 and 'action="/ops/actions/cancel"' in detail.text
