@@ -252,8 +252,8 @@ def _load_processor(spec: str) -> Callable[[Job], Awaitable[bytes | None]]:
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise Failed(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # ImportError, or the module failing as it loads
+        raise Failed(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

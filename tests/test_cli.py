@@ -118,6 +118,15 @@ def test_failures_are_one_line_and_exit_1(tmp_path: Path) -> None:
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_broken_processor_module_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("def process(job:\n")
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    for spec in ("broken:process", "nosuchmodule:f", "json:nosuchattr"):
+        r = run("worker", spec, "--url", db, cwd=tmp_path)
+        assert r.returncode == 1, (spec, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_bad_usage_exits_2(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'b.db'}"
     for args in (
