@@ -215,3 +215,19 @@ async def test_schedules_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(0 <= r["p50_ms"] <= r["p99_ms"] for r in data["latency"])
     assert [(r["backend"], r["future_jobs"]) for r in data["future"]] == [("sqlite", 300)]
     assert "| memory | 200 | 1 |" in out.with_suffix(".md").read_text()
+
+
+async def test_leases_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    from benchmarks import leases
+
+    out = tmp_path / "leases"
+    await leases.main(
+        ["--backends", "memory,sqlite", "--jobs", "60", "--pairs", "1", "--out", str(out)]
+    )
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["backend"], r["workload"]) for r in data["throughput"]} == {
+        (b, w) for b in ("memory", "sqlite") for w in leases._workloads(60)
+    }
+    assert all(r["ratio"] > 0 for r in data["throughput"])
+    assert [r["backend"] for r in data["rescue"]] == ["memory", "sqlite"]
+    assert "one statement per queue" in out.with_suffix(".md").read_text()
