@@ -285,6 +285,26 @@ async def test_rescue_wakes_a_waiting_stream(
     await stream.aclose()
 
 
+@pytest.mark.parametrize("backend_name", ["postgres"])
+async def test_postgres_rescue_wakes_another_process_by_notify(
+    make_backend: BackendFactory, clock: FakeClock, backend_name: str
+) -> None:
+    """The waiting stream polls only every 60 s: it is woken by the rescue's NOTIFY."""
+    async with (
+        PoolQueue(make_backend(), clock=clock) as rescuer,
+        PoolQueue(make_backend(), poll_interval=60) as other,
+    ):
+        await dead_worker(rescuer, "dead", ["j"], dead_lease("postgres"), clock.now())
+        stream = other.stream_jobs("alive", tags=["for:dead"])
+        waiting = asyncio.ensure_future(stream.__anext__())
+        await until(lambda: _true(keeper(other).holds("alive")), "the stream's lease")
+        await expire(rescuer, "dead", clock, "postgres")
+        assert await rescuer.rescue_expired() == 1
+        batch = await asyncio.wait_for(waiting, DEADLINE)
+        assert [(j.id, j.assignee_id) for j in batch] == [("j", "alive")]
+        await stream.aclose()
+
+
 async def _true(value: bool) -> bool:
     return value
 
