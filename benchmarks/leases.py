@@ -3,9 +3,10 @@
 ``python -m benchmarks.leases [--backends memory,sqlite,leveldb,postgres] [--pairs 9]``
 
 * **Throughput.** The end-to-end workload (one stream, and the ``Worker``) and the
-  fan-out workload (many streams, one assignee each), run in pairs: leases on,
-  then off, on a fresh store each, alternating which goes first, after one
-  uncounted warm-up run. The ratio is the median rate on / the median rate off.
+  fan-out workload (many streams, one assignee each), run in rounds: leases on,
+  off, and off again (an A/A control), on a fresh store each, the order rotating,
+  after one uncounted warm-up run. The ratio is the median rate on / the median
+  rate off; the control's off/off ratio shows the noise of the machine.
   A renewal costs one statement per queue every ``lease / 3`` whatever the number
   of streams, and claims and completions never wait for it, so the ratio should
   be 1 within noise (target: ≥ 0.97).
@@ -76,36 +77,39 @@ async def _rate(
 
 
 async def throughput(target: Target, workdir: Path, jobs: int, pairs: int) -> list[dict[str, Any]]:
+    """Rounds of three runs: leases on, off, and off again (an A/A control: the
+    off/off ratio shows what this machine's noise alone does to a ratio), the
+    order rotating each round."""
     rows = []
     for name, body in _workloads(jobs).items():
-        on: list[tuple[float, float]] = []
-        off: list[tuple[float, float]] = []
+        arms: dict[str, list[tuple[float, float]]] = {"on": [], "off": [], "off2": []}
+        leases = {"on": ON, "off": None, "off2": None}
         await _rate(target, workdir, body, ON)  # warm-up (imports, caches), not counted
         for i in range(pairs):
-            order = (ON, None) if i % 2 == 0 else (None, ON)
-            for lease in order:
-                (on if lease else off).append(await _rate(target, workdir, body, lease))
-        rate_on = statistics.median(r for r, _ in on)
-        rate_off = statistics.median(r for r, _ in off)
-        cpu_on = statistics.median(c for _, c in on)
-        cpu_off = statistics.median(c for _, c in off)
-        rows.append(
-            {
-                "backend": target.name,
-                "workload": name,
-                "jobs": jobs,
-                "pairs": pairs,
-                "on_jobs_per_s": rate_on,
-                "off_jobs_per_s": rate_off,
-                "ratio": rate_on / rate_off,
-                "on_cpu_ms_per_1000": cpu_on * 1000,
-                "off_cpu_ms_per_1000": cpu_off * 1000,
-                "cpu_ratio": cpu_on / cpu_off,
-            }
-        )
+            order = list(arms)[i % 3 :] + list(arms)[: i % 3]
+            for arm in order:
+                arms[arm].append(await _rate(target, workdir, body, leases[arm]))
+        rate = {a: statistics.median(r for r, _ in runs) for a, runs in arms.items()}
+        cpu = {a: statistics.median(c for _, c in runs) for a, runs in arms.items()}
+        row = {
+            "backend": target.name,
+            "workload": name,
+            "jobs": jobs,
+            "pairs": pairs,
+            "on_jobs_per_s": rate["on"],
+            "off_jobs_per_s": rate["off"],
+            "ratio": rate["on"] / rate["off"],
+            "control_ratio": rate["off2"] / rate["off"],
+            "on_cpu_ms_per_1000": cpu["on"] * 1000,
+            "off_cpu_ms_per_1000": cpu["off"] * 1000,
+            "cpu_ratio": cpu["on"] / cpu["off"],
+            "control_cpu_ratio": cpu["off2"] / cpu["off"],
+        }
+        rows.append(row)
         print(
-            f"  {target.name:<9} {name:<24} rate on/off = {rate_on / rate_off:.3f}, "
-            f"CPU per job on/off = {cpu_on / cpu_off:.3f}",
+            f"  {target.name:<9} {name:<24} rate on/off = {row['ratio']:.3f} "
+            f"(off/off {row['control_ratio']:.3f}), CPU per job on/off = "
+            f"{row['cpu_ratio']:.3f} (off/off {row['control_cpu_ratio']:.3f})",
             flush=True,
         )
     return rows
@@ -157,7 +161,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "# Leases: on (default, 30 s) against off, same run",
         "",
         f"Run {result['started']} UTC, `{result['command']}`. Ratio = median rate with",
-        "leases on / median rate with leases off, over alternating pairs of fresh stores",
+        "leases on / median rate with leases off, over rounds on fresh stores",
         "(after one uncounted warm-up run). Single runs on this shared 2-core machine vary",
         "by ±30%; the medians of many pairs are what the ratio compares.",
         "A renewal costs one statement per queue (one short transaction on SQLite, one",
@@ -167,15 +171,18 @@ def _markdown(result: dict[str, Any]) -> str:
         "The CPU column is this process's CPU time per job (all its threads; not the",
         "PostgreSQL server's), on/off: steadier than wall-clock rates on a shared machine.",
         "",
-        "| backend | workload | jobs | pairs | on (jobs/s) | off (jobs/s) | rate on/off "
-        "| CPU/job on/off |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "Each round runs leases on, off, and off again; the off/off columns are an A/A",
+        "control (the same code twice): how far noise alone moves a ratio here.",
+        "",
+        "| backend | workload | jobs | rounds | on (jobs/s) | off (jobs/s) | rate on/off "
+        "| rate off/off | CPU/job on/off | CPU/job off/off |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["throughput"]:
         lines.append(
             f"| {r['backend']} | {r['workload']} | {r['jobs']:,} | {r['pairs']} | "
             f"{r['on_jobs_per_s']:,.0f} | {r['off_jobs_per_s']:,.0f} | {r['ratio']:.3f} | "
-            f"{r['cpu_ratio']:.3f} |"
+            f"{r['control_ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['control_cpu_ratio']:.3f} |"
         )
     lines += [
         "",
@@ -195,7 +202,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.leases")
     parser.add_argument("--backends", default=",".join(BACKEND_NAMES))
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--pairs", type=int, default=9, help="rounds")
     parser.add_argument("--postgres-dsn", default=os.environ.get("JOBPOOL_BENCH_POSTGRES_DSN"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "leases"))
     args = parser.parse_args(argv)
