@@ -233,6 +233,13 @@ def _hurry(w: Any) -> None:
             entry.task.cancel()
 
 
+def _worker_json(row: dict[str, Any]) -> dict[str, Any]:
+    lease = row["lease"]
+    if lease is not None:
+        lease = {k: _iso(v) if isinstance(v, datetime) else v for k, v in lease.items()}
+    return {**row, "since": _iso(row["since"]), "lease": lease}
+
+
 def _redact(url: str) -> str:
     """The URL without a password."""
     if "@" in url and "://" in url:
@@ -536,7 +543,7 @@ def cleanup(ttl: str | None, url: str | None, as_json: bool) -> None:
 @cli.command()
 @_url_option
 def workers(url: str | None, as_json: bool) -> None:
-    """Assignees holding RUNNING or CANCELLING jobs now.
+    """Workers: assignees holding RUNNING/CANCELLING jobs now, and their leases.
 
     Example: jobpool workers --json
     """
@@ -544,17 +551,25 @@ def workers(url: str | None, as_json: bool) -> None:
     async def work(queue: PoolQueue) -> None:
         rows = await active_assignees(queue)
         if as_json:
-            _emit_json([{**r, "since": _iso(r["since"])} for r in rows])
+            _emit_json([_worker_json(r) for r in rows])
             return
-        click.echo(
-            _table(
-                ["assignee", "running", "cancelling", "held since"],
+        table = []
+        for r in rows:
+            lease = r["lease"]
+            state = "-" if lease is None else "live" if lease["live"] else "expired"
+            table.append(
                 [
-                    [r["assignee_id"], str(r["running"]), str(r["cancelling"]), _short(r["since"])]
-                    for r in rows
-                ],
+                    r["assignee_id"],
+                    str(r["running"]),
+                    str(r["cancelling"]),
+                    _short(r["since"]),
+                    state,
+                    "-" if lease is None else _short(lease["expires_at"]),
+                    "-" if lease is None else str(len(lease["holders"])),
+                ]
             )
-        )
+        headers = ["assignee", "running", "cancelling", "held since", "lease", "expires", "holders"]
+        click.echo(_table(headers, table))
 
     _with_queue(url, work)
 

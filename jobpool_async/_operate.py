@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from ._listing import MAX_LIMIT
-from ._models import ACTIVE, Job, JobStats, JobStatus
+from ._models import ACTIVE, Job, JobStats, JobStatus, utcnow
 from ._queue import PoolQueue
 
 __all__ = ["active_assignees", "job_json", "preview", "stats_json"]
@@ -58,20 +58,41 @@ def preview(data: bytes, limit: int = 2000) -> tuple[str, str]:
 
 
 async def active_assignees(queue: PoolQueue, page_size: int = MAX_LIMIT) -> list[dict[str, Any]]:
-    """Each assignee holding RUNNING/CANCELLING jobs now: job count and oldest assignment."""
+    """Every worker the store knows of: each assignee holding RUNNING/CANCELLING jobs
+    now (how many, held since when) and each with a lease record (its holders, when
+    first seen, last renewed, when it expires, and whether it is live), by name."""
     seen: dict[str, dict[str, Any]] = {}
+
+    def entry(assignee_id: str) -> dict[str, Any]:
+        return seen.setdefault(
+            assignee_id,
+            {
+                "assignee_id": assignee_id,
+                "running": 0,
+                "cancelling": 0,
+                "since": None,
+                "lease": None,
+            },
+        )
+
     after: str | None = None
     while True:
         page = await queue.list_jobs(statuses=ACTIVE, limit=page_size, after=after)
         for job in page.jobs:
-            entry = seen.setdefault(
-                job.assignee_id,
-                {"assignee_id": job.assignee_id, "running": 0, "cancelling": 0, "since": None},
-            )
-            entry[job.status.value] += 1
-            if job.assigned_at and (entry["since"] is None or job.assigned_at < entry["since"]):
-                entry["since"] = job.assigned_at
+            e = entry(job.assignee_id)
+            e[job.status.value] += 1
+            if job.assigned_at and (e["since"] is None or job.assigned_at < e["since"]):
+                e["since"] = job.assigned_at
         if page.next_after is None:
             break
         after = page.next_after
+    now = utcnow()
+    for lease in await queue.list_workers():
+        entry(lease.assignee_id)["lease"] = {
+            "holders": list(lease.holders),
+            "first_seen_at": lease.first_seen_at,
+            "renewed_at": lease.renewed_at,
+            "expires_at": lease.expires_at,
+            "live": lease.expires_at > now,
+        }
     return sorted(seen.values(), key=lambda e: e["assignee_id"])

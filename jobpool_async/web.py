@@ -627,18 +627,35 @@ class _Pages:
 
     async def workers(self, request: Request) -> Response:
         rows = await self.dash.cache.get("workers", lambda: active_assignees(self.queue))
-        body = "".join(
-            f"<tr><td>{e(r['assignee_id'])}</td><td class=num>{r['running']}</td>"
-            f"<td class=num>{r['cancelling']}</td>"
-            f"<td>{e(r['since'].strftime('%Y-%m-%d %H:%M:%S') if r['since'] else '-')}</td>"
-            f'<td><a href="{e(self.base(request))}/jobs?status=running&amp;'
-            'status=cancelling">jobs</a></td></tr>'
-            for r in rows
-        )
+        base = self.base(request)
+
+        def when(value: datetime | None) -> str:
+            return e(value.strftime("%Y-%m-%d %H:%M:%S")) if value else "-"
+
+        body = ""
+        for r in rows:
+            lease = r["lease"]
+            if lease is None:
+                state, lease_cells = "no lease", "<td>-</td><td>-</td><td>-</td>"
+            else:
+                state = "live" if lease["live"] else "expired"
+                lease_cells = (
+                    f"<td>{when(lease['renewed_at'])}</td><td>{when(lease['expires_at'])}</td>"
+                    f"<td>{e(', '.join(lease['holders']))}</td>"
+                )
+            body += (
+                f"<tr><td>{e(r['assignee_id'])}</td><td class=num>{r['running']}</td>"
+                f"<td class=num>{r['cancelling']}</td><td>{when(r['since'])}</td>"
+                f'<td data-lease="{e(state)}">{e(state)}</td>{lease_cells}'
+                f'<td><a href="{e(base)}/jobs?status=running&amp;'
+                'status=cancelling">jobs</a></td></tr>'
+            )
         live = (
             "<table><tr><th>assignee</th><th>running</th><th>cancelling</th>"
-            f"<th>holding since (UTC)</th><th></th></tr>{body}</table>"
-            "<p class=muted>Assignees holding RUNNING or CANCELLING jobs now.</p>"
+            "<th>holding since (UTC)</th><th>lease</th><th>renewed</th><th>expires</th>"
+            f"<th>holders</th><th></th></tr>{body}</table>"
+            "<p class=muted>Assignees holding RUNNING or CANCELLING jobs now, and every "
+            "lease the store keeps (an expired lease's jobs are rescued).</p>"
         )
         return self.respond(request, "Workers", "workers", live)
 

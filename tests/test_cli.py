@@ -224,6 +224,9 @@ def test_worker_runs_jobs_and_stops_gracefully_on_sigterm(url: str, tmp_path: Pa
         assert stats["completed_jobs"] == 5
         ok(run("enqueue", "--url", url, "--type", "slow", "--id", "s1"))
         wait_running(url, "s1")
+        workers = json.loads(ok(run("workers", "--url", url, "--json")))
+        (me,) = [w for w in workers if w["assignee_id"] == "cli-w"]
+        assert me["running"] == 1 and me["lease"]["live"] is True, me
         proc.send_signal(signal.SIGTERM)  # graceful: the running job may finish
         _, err = proc.communicate(timeout=30)
     finally:

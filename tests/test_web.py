@@ -197,6 +197,10 @@ async def test_workers_page(queue: PoolQueue, web: httpx.AsyncClient) -> None:
     await job_in(queue, S.CANCELLING, "w2")
     r = await web.get("/workers")
     assert "worker-of-w1" in r.text and "worker-of-w2" in r.text
+    leases = await queue.list_workers()
+    if leases:  # the backend keeps leases: each shows, live while renewed
+        assert {lease.assignee_id for lease in leases} >= {"worker-of-w1", "worker-of-w2"}
+        assert r.text.count('data-lease="live"') >= 2
 
 
 async def test_twenty_watchers_share_one_read_per_second(queue: PoolQueue) -> None:
