@@ -14,6 +14,7 @@ import functools
 import logging
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -562,14 +563,25 @@ class PoolQueue:
         if stream is None or stream._closed or stream._ready:
             return await self._observed(self._backend.apply(changes, self._now()))
         refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
+        # The slots of these assignments are the refill's until it is seen, even if
+        # the stream learns sooner that they ended: else it could fill them twice.
+        reserved = [(i, stream._held[i]) for i in ids]
+        stream._reserve(reserved)
         task = asyncio.ensure_future(self._backend.apply(changes, self._now(), refill))
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
-        task.add_done_callback(functools.partial(self._refilled, stream))
+        task.add_done_callback(functools.partial(self._refilled, stream, reserved))
         return await asyncio.shield(task)
 
-    def _refilled(self, stream: JobStream, task: asyncio.Task[ApplyOutcome]) -> None:
+    def _refilled(
+        self,
+        stream: JobStream,
+        reserved: list[tuple[str, datetime | None]],
+        task: asyncio.Task[ApplyOutcome],
+    ) -> None:
         """Done callback of a refilling apply (runs even if its caller was cancelled):
         observe its moves and hand its claimed jobs to the stream, or give them back."""
+        if stream._unreserve(reserved):  # slots that ended meanwhile are free now
+            self._notifier.publish_soon(subs=[stream._sub])
         if task.cancelled() or task.exception() is not None:
             return
         outcome = task.result()
@@ -1032,6 +1044,8 @@ class JobStream:
         self._waiting = False
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
+        #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``).
+        self._reserved: Counter[tuple[str, datetime | None]] = Counter()
         self._recheck = False
         #: Whether this stream's assignee has its lease record (or leases are off).
         self._leased = queue._leases is None
@@ -1053,6 +1067,24 @@ class JobStream:
         backend supports it).
         """
         self._cancel_listeners.append(listener)
+
+    def _used(self) -> int:
+        """Slots in use: held jobs, and reserved slots of assignments that ended."""
+        held = self._held
+        return len(held) + sum(1 for i, t in self._reserved if held.get(i, _NOT_HELD) != t)
+
+    def _reserve(self, keys: list[tuple[str, datetime | None]]) -> None:
+        self._reserved.update(keys)
+
+    def _unreserve(self, keys: list[tuple[str, datetime | None]]) -> bool:
+        """Release a refill's reservations; True if one of them held a slot."""
+        freed = False
+        for key in keys:
+            self._reserved[key] -= 1
+            if not self._reserved[key]:
+                del self._reserved[key]
+                freed = freed or self._held.get(key[0], _NOT_HELD) != key[1]
+        return freed
 
     def _cancel_requested(self, job_id: str, assigned_at: datetime | None) -> None:
         # Keyed by assignment, not id: a later job reusing the id is a new job.
@@ -1101,7 +1133,7 @@ class JobStream:
                     self._recheck = False
                     await self._queue._refresh(self)
                     continue
-                free = self.max_assigned_jobs - len(self._held)
+                free = self.max_assigned_jobs - self._used()
                 self._sub.flag = False
                 if free > 0:
                     jobs = await self._claim(free)

@@ -283,6 +283,78 @@ async def test_a_storage_error_while_writing_is_retried(
     assert not failures
 
 
+async def test_a_storage_error_while_taking_jobs_is_retried_with_growing_delays(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/worker.md: the worker logs a failing stream and takes jobs again after a
+    back-off that grows (0.05 s, then 0.1 s, ...)."""
+    real = queue.backend.claim
+    failures = [StorageError("claim failed again"), StorageError("claim failed")]
+
+    async def flaky(*args: Any) -> list[Job]:
+        if failures:
+            raise failures.pop()
+        return await real(*args)
+
+    monkeypatch.setattr(queue.backend, "claim", flaky)
+
+    async def proc(job: Job) -> bytes:
+        return b"ok"
+
+    await queue.enqueue_job(job("a"))
+    with caplog.at_level(logging.ERROR, logger="jobpool_async"):
+        async with Worker(queue, proc, assignee_id="w"):
+            await wait_for_status(queue, "a", S.COMPLETED)
+    assert not failures
+    retries = [r.getMessage() for r in caplog.records if "taking jobs failed" in r.getMessage()]
+    assert retries == [
+        "worker w: taking jobs failed; retrying in 0.05 s",
+        "worker w: taking jobs failed; retrying in 0.10 s",
+    ]
+
+
+async def test_outcomes_that_cannot_be_written_at_shutdown_are_given_up_and_named(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage keeps failing while the worker stops: after a bounded number of tries
+    the outcomes are dropped with an error naming the jobs (they stay RUNNING until
+    mark_worker_unresponsive/reset_running_jobs), and stop() returns."""
+
+    async def broken(mapping: dict[str, bytes | None]) -> None:
+        raise StorageError("disk gone")
+
+    monkeypatch.setattr(queue, "complete_jobs", broken)
+
+    async def proc(job: Job) -> bytes:
+        return b"ok"
+
+    await queue.enqueue_job(job("lost"))
+    with caplog.at_level(logging.ERROR, logger="jobpool_async"):
+        async with Worker(queue, proc, assignee_id="w"):
+            await until(lambda: "writing job outcomes failed" in caplog.text, "a failed write")
+    assert "giving up writing job outcomes at shutdown" in caplog.text
+    assert "storage kept failing; outcomes of 1 job(s) not written" in caplog.text
+    assert "['lost']" in caplog.text
+    assert (await queue.get_job("lost")).status is S.RUNNING
+    assert await queue.mark_worker_unresponsive("w") == 1
+
+
+async def test_outcomes_left_when_the_queue_closes_are_dropped_and_named(
+    queue: PoolQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate()
+    await queue.enqueue_job(job("late"))
+    worker = Worker(queue, gate, assignee_id="w", grace=DEADLINE)
+    with caplog.at_level(logging.ERROR, logger="jobpool_async"):
+        runner = asyncio.ensure_future(worker.run())
+        await until(lambda: gate.running == 1, "the job runs")
+        await queue.close()
+        gate.release.set()  # finishes after the close: its outcome cannot be written
+        await asyncio.wait_for(runner, DEADLINE)
+    assert "the queue is closed; outcomes of 1 job(s) not written" in caplog.text
+    assert "['late']" in caplog.text
+
+
 async def test_a_job_moved_meanwhile_is_logged_and_the_worker_goes_on(
     queue: PoolQueue, caplog: pytest.LogCaptureFixture
 ) -> None:

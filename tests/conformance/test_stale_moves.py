@@ -175,3 +175,47 @@ async def test_a_cancel_whose_caller_was_cancelled_still_reaches_the_listener(
         pause.go()
         await until(lambda: bool(heard), "the listener hears the cancel")
         assert heard == [x.id]
+
+
+async def test_a_slot_an_in_flight_refill_will_fill_is_not_filled_twice(queue: PoolQueue) -> None:
+    """A fail frees the waiting stream's only slot and its refill claims the stream's
+    next job; before that call is seen, another stream claims the failed job again,
+    which tells the first stream its old assignment ended. The stream must not fill
+    that slot itself too: the refill's job is already on its way."""
+    tag = new_id("tag")
+    y, z = job(tags=[tag]), job(tags=[tag])
+    await queue.enqueue_job(y)
+    s = queue.stream_jobs("s", tags=[tag], max_assigned_jobs=1)
+    wakes = HoldWakes(queue, s)
+    wakes.release()  # count only
+    async with s:
+        (first,) = await asyncio.wait_for(s.__anext__(), DEADLINE)
+        assert first.id == y.id
+        await queue.enqueue_job(z)
+        nxt = asyncio.ensure_future(s.__anext__())
+        pause = PauseAfterApply(queue.backend, lambda changes, refill: refill is not None)
+        try:
+            await until(lambda: s._waiting, "s waits for a slot")
+            failing = asyncio.ensure_future(queue.fail_job(y.id, "again"))
+            await pause.held()  # y FAILED_RETRY; z claimed for s by the refill
+            w = job(tags=[tag])  # created after the fail: y is older
+            await queue.enqueue_job(w)
+            async with queue.stream_jobs("b", tags=[tag]) as b:
+                (again,) = await asyncio.wait_for(b.__anext__(), DEADLINE)
+                assert again.id == y.id
+                await until(lambda: nxt.done() or wakes.waits >= 2, "s takes a job or waits")
+                assert not nxt.done(), f"s filled the refill's slot itself: {nxt.result()}"
+                pause.go()
+                await asyncio.wait_for(failing, DEADLINE)
+                (got,) = await asyncio.wait_for(nxt, DEADLINE)
+                assert got.id == z.id
+                mine = [
+                    j.id
+                    for j in await queue.get_jobs([y.id, z.id, w.id])
+                    if j.assignee_id == "s" and j.status in (S.RUNNING, S.CANCELLING)
+                ]
+                assert mine == [z.id]
+                await queue.complete_job(y.id, b"")
+        finally:
+            pause.go()
+            nxt.cancel()
