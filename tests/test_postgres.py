@@ -30,6 +30,7 @@ from jobpool_async import (
     InvalidTransitionError,
     Job,
     JobStatus,
+    JobStream,
     PoolQueue,
     StorageError,
     open_backend,
@@ -108,6 +109,13 @@ async def wait_for(predicate: Any, what: str, deadline: float = DEADLINE) -> Non
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def waiting(stream: JobStream) -> None:
+    """Until ``stream``'s pending ``__anext__`` waits to be woken (deadline)."""
+    async with asyncio.timeout(DEADLINE):
+        while not stream._waiting:  # noqa: ASYNC110 - polling with a deadline
+            await asyncio.sleep(0.001)
 
 
 async def terminate_connections(dsn: str, b: PostgresBackend) -> int:
@@ -384,7 +392,7 @@ async def test_enqueue_in_one_process_wakes_a_stream_in_another(
     a, b = queues
     async with a.stream_jobs("w", tags=["gpu"]) as s:
         got = asyncio.ensure_future(s.__anext__())
-        await asyncio.sleep(0)
+        await waiting(s)
         await b.enqueue_job(Job("cpu-job", "t", tags=["cpu"]))
         start = time.monotonic()
         await b.enqueue_job(Job("gpu-job", "t", tags=["gpu", "big"]))
@@ -420,7 +428,7 @@ async def test_slot_freed_by_another_process_is_freed_here(
     async with a.stream_jobs("w", max_assigned_jobs=1) as s:
         (first,) = await s.__anext__()
         got = asyncio.ensure_future(s.__anext__())
-        await asyncio.sleep(0.05)
+        await waiting(s)
         assert not got.done()  # its only slot is taken
         await b.complete_job(first.id, b"done elsewhere")
         (second,) = await asyncio.wait_for(got, DEADLINE)

@@ -84,6 +84,26 @@ async def sql(backend: SQLiteBackend, statement: str, params: Sequence[Any] = ()
 # --- several processes --------------------------------------------------------------------
 
 
+def count_calls(backend: object, method: str) -> list[int]:
+    """Count ``backend.method`` calls (in a one-item list) from now on."""
+    calls = [0]
+    inner = getattr(backend, method)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return await inner(*args, **kwargs)
+
+    setattr(backend, method, counted)
+    return calls
+
+
+async def polled(calls: list[int], at_least: int) -> None:
+    """Wait, with a deadline, until ``calls`` counted ``at_least`` calls."""
+    async with asyncio.timeout(DEADLINE):
+        while calls[0] < at_least:  # noqa: ASYNC110 - polling with a deadline
+            await asyncio.sleep(POLL / 5)
+
+
 async def test_several_processes_stream_one_file_without_duplicates(
     queue: PoolQueue, tmp_path: Path
 ) -> None:
@@ -104,7 +124,9 @@ async def test_several_processes_stream_one_file_without_duplicates(
                 for i in range(k, k + 100)
             ]
         )
-        await asyncio.sleep(0.01)
+        async with asyncio.timeout(DEADLINE):  # the next batch once they are taking these
+            while (await queue.get_job_stats()).pending_jobs > 50:  # noqa: ASYNC110
+                await asyncio.sleep(POLL / 5)
     delivered = {
         w: json.loads(await finish(p)) for w, p in zip(("w0", "w1", "w2"), workers, strict=True)
     }
@@ -181,9 +203,10 @@ async def test_worker_killed_mid_work_then_reset(tmp_path: Path, moment: str) ->
 async def test_stream_sees_jobs_enqueued_by_another_process(
     queue: PoolQueue, tmp_path: Path
 ) -> None:
+    looks = count_calls(queue.backend, "claim")
     async with queue.stream_jobs("here", tags=["x"]) as s:
         pending = asyncio.ensure_future(s.__anext__())
-        await asyncio.sleep(POLL * 2)
+        await polled(looks, 3)  # it has looked at the file again after a poll interval
         assert not pending.done()
         await finish(
             await run_worker("enqueue", str(tmp_path / "jobs.db"), "from-afar", "--tags", "x")
@@ -199,8 +222,9 @@ async def test_slot_freed_by_another_process_is_freed_here(
     await queue.enqueue_jobs(jobs(2))
     async with queue.stream_jobs("here", max_assigned_jobs=1) as s:
         (first,) = await asyncio.wait_for(s.__anext__(), DEADLINE)
+        looks = count_calls(queue.backend, "job_states")
         pending = asyncio.ensure_future(s.__anext__())
-        await asyncio.sleep(POLL * 2)
+        await polled(looks, 2)  # it has re-read its held job after poll intervals
         assert not pending.done()  # the one slot is taken
         await finish(await run_worker("complete", str(tmp_path / "jobs.db"), first.id, "far"))
         (second,) = await asyncio.wait_for(pending, DEADLINE)

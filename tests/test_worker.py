@@ -412,11 +412,12 @@ async def test_a_result_that_finished_first_wins_over_a_cancel(
         return b"finished"
 
     await queue.enqueue_job(job("a"))
-    async with Worker(queue, proc, assignee_id="w"):
+    async with Worker(queue, proc, assignee_id="w") as worker:
         await asyncio.wait_for(writing.wait(), DEADLINE)
         assert (await queue.cancel_jobs(job_ids=["a"])).cancelled == ["a"]
         assert await status_of(queue, "a") is S.CANCELLING
-        await asyncio.sleep(0.01)  # give the cancel handler every chance to act (wrongly)
+        assert worker._helpers, "the cancel handler was started"
+        await until(lambda: not worker._helpers, "the cancel handler has acted (wrongly?)")
         go_on.set()
         done = await wait_for_status(queue, "a", S.COMPLETED)
     assert done.result == b"finished"
@@ -533,7 +534,7 @@ async def test_stop_lets_running_jobs_finish_and_takes_no_new_ones(queue: PoolQu
     await worker.__aenter__()
     await until(lambda: gate.running == 1, "a running")
     stopping = asyncio.ensure_future(worker.stop(grace=DEADLINE))
-    await asyncio.sleep(0.01)
+    await until(lambda: worker._consumer is not None and worker._consumer.done(), "no new jobs")
     await queue.enqueue_job(job("late"))
     assert not stopping.done()
     gate.release.set()
@@ -648,7 +649,7 @@ async def test_a_cancel_during_shutdown_still_ends_stopped(queue: PoolQueue) -> 
     await worker.__aenter__()
     await asyncio.wait_for(started.wait(), DEADLINE)
     stopping = asyncio.ensure_future(worker.stop(grace=DEADLINE))
-    await asyncio.sleep(0.01)
+    await until(lambda: worker._consumer is not None and worker._consumer.done(), "stopping")
     await queue.cancel_jobs(job_ids=["a"])
     await asyncio.wait_for(stopping, DEADLINE)
     assert await status_of(queue, "a") is S.STOPPED
@@ -677,7 +678,7 @@ async def test_stop_before_start(queue: PoolQueue) -> None:
 async def test_the_worker_ends_when_the_queue_closes(queue: PoolQueue) -> None:
     worker = Worker(queue, Gate(), assignee_id="w")
     runner = asyncio.ensure_future(worker.run())
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(worker._started.wait(), DEADLINE)
     await queue.close()
     await asyncio.wait_for(runner, DEADLINE)
     assert worker.stopped

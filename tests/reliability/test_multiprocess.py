@@ -68,7 +68,9 @@ async def test_each_job_handed_out_once_across_processes(backend_name: str, tmp_
             ids = [f"job-{n}" for n in range(total)]
             for start in range(0, total, 8):
                 await queue.enqueue_jobs([Job(i, "t") for i in ids[start : start + 8]])
-                await asyncio.sleep(0.005)
+                async with asyncio.timeout(30):  # the next 8 once the consumers take these
+                    while (await queue.get_job_stats()).pending_jobs > 16:  # noqa: ASYNC110
+                        await asyncio.sleep(0.005)
             async with asyncio.timeout(120):
                 for proc in procs:
                     await proc.wait()
