@@ -354,10 +354,16 @@ def check_new_job(job: object) -> Job:
         and job.assigned_at is None
         and job.result is None
         and job.retry_count == 0
-        and job.scheduled_at is None
-        and job.priority == 0
+        and (
+            job.scheduled_at is None
+            or (type(job.scheduled_at) is datetime and job.scheduled_at.tzinfo is UTC)
+        )
         and type(job.priority) is int
-        and job.max_attempts is None
+        and PRIORITY_MIN <= job.priority <= PRIORITY_MAX
+        and (
+            job.max_attempts is None
+            or (type(job.max_attempts) is int and 1 <= job.max_attempts <= MAX_ATTEMPTS_LIMIT)
+        )
         and job.attempts == 0
         and type(job.attempts) is int
         and type(job.error_message) is str
@@ -374,6 +380,9 @@ def check_new_job(job: object) -> Job:
             created_at=job.created_at,
             error_message=job.error_message,
             assignee_id=job.assignee_id,
+            scheduled_at=job.scheduled_at,
+            priority=job.priority,
+            max_attempts=job.max_attempts,
         )
     return _check_new_job_slow(job)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -78,6 +78,10 @@ async def test_new_fields_round_trip_and_default(tq: PoolQueue) -> None:
     assert timed.scheduled_at == at and timed.scheduled_at.tzinfo is not None
     assert (timed.priority, timed.max_attempts, timed.attempts) == (-32768, 3, 0)
     assert (top.priority, top.max_attempts) == (32767, 1)
+    plus5 = timezone(timedelta(hours=5, minutes=30))
+    await tq.enqueue_job(Job(id="zoned", job_type="t", scheduled_at=at.astimezone(plus5)))
+    zoned = await tq.get_job("zoned")
+    assert zoned.scheduled_at == at and zoned.scheduled_at.utcoffset() == timedelta(0)
 
 
 @pytest.mark.parametrize(
