@@ -154,3 +154,18 @@ async def test_other_backends_refuse_connection(name: str, tmp_path: Path) -> No
             await q.enqueue_jobs([Job("j", "t")], connection=object())
         assert (await q.get_job_stats()).total_jobs == 0
         assert await q.enqueue_jobs([Job("j", "t")], connection=None) == ["j"]
+
+
+async def test_if_exists_ignore_inside_the_callers_transaction(
+    queue: PoolQueue, app_pool: asyncpg.Pool
+) -> None:
+    await queue.enqueue_job(Job(id="old", job_type="t"))
+    async with app_pool.acquire() as conn, conn.transaction():
+        ids = await queue.enqueue_jobs(
+            [Job(id="old", job_type="x"), Job(id="new", job_type="t"), Job(id="new", job_type="y")],
+            connection=conn,
+            if_exists="ignore",
+        )
+        assert ids == ["new"]
+    old, new = await queue.get_jobs(["old", "new"])
+    assert (old.job_type, new.job_type) == ("t", "t")
