@@ -239,23 +239,28 @@ class LeaseKeeper:
                         await self._rescue_logged()
                 next_rescue = loop.time() + self._rescue_delay()
 
+    def discard(self, stream: JobStream) -> None:
+        """A stream closed: forget it unless a job it handed over is still running."""
+        streams = self._streams.get(stream.assignee_id)
+        if streams is not None and not stream._held:
+            streams.discard(stream)
+
     async def _collect(self) -> list[str]:
-        """The assignees to renew; drops those whose streams are all closed and whose
-        handed-over jobs have all left RUNNING/CANCELLING (read from storage, since
-        another process may have moved them)."""
+        """The assignees to renew: those with an open stream, or with a closed one whose
+        handed-over jobs have not all left RUNNING/CANCELLING (read from storage when
+        no stream of it is open, since another process may have moved them)."""
         renew = []
         for assignee, streams in list(self._streams.items()):
             if not any(not s.closed for s in streams):
                 for stream in [s for s in streams if s._held]:
                     with contextlib.suppress(Exception):  # kept; checked next time
                         await self._queue._refresh(stream)
-                streams = {s for s in streams if s._held}
-                if streams:
-                    self._streams[assignee] = streams
-                else:
-                    del self._streams[assignee]
-                    continue
-            renew.append(assignee)
+            streams = {s for s in streams if not s.closed or s._held}
+            if streams:
+                self._streams[assignee] = streams
+                renew.append(assignee)
+            else:
+                del self._streams[assignee]
         return renew
 
     async def _renew(self) -> bool:

@@ -528,6 +528,8 @@ class PoolQueue:
 
     def _forget(self, stream: JobStream) -> None:
         self._streams.discard(stream)
+        if self._leases is not None:
+            self._leases.discard(stream)
 
     # --- lifecycle calls ----------------------------------------------------------
 

@@ -531,6 +531,19 @@ async def test_lease_kept_until_handed_jobs_finish(
         await until(released, "the lease to be released")
 
 
+async def test_closed_streams_are_not_kept_beside_an_open_one() -> None:
+    """Short-lived streams of an assignee whose long-lived stream stays open are
+    forgotten when they close (nothing of theirs still runs): no growth."""
+    async with PoolQueue(MemoryBackend()) as queue:
+        long_lived = queue.stream_jobs("w", tags=["never"])
+        for _ in range(100):
+            async with queue.stream_jobs("w", tags=["never-either"]):
+                pass
+        assert keeper(queue)._streams == {"w": {long_lived}}
+        await long_lived.aclose()
+        assert keeper(queue)._streams == {"w": set()}
+
+
 async def test_close_releases_idle_leases_and_leaves_busy_ones(
     make_backend: BackendFactory, backend_name: str
 ) -> None:
