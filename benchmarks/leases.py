@@ -163,7 +163,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"Run {result['started']} UTC, `{result['command']}`. Ratio = median rate with",
         "leases on / median rate with leases off, over rounds on fresh stores",
         "(after one uncounted warm-up run). Single runs on this shared 2-core machine vary",
-        "by ±30%; the medians of many pairs are what the ratio compares.",
+        "by ±30%; the medians of many rounds are what the ratio compares.",
         "A renewal costs one statement per queue (one short transaction on SQLite, one",
         "write batch on LevelDB) every lease / 3, whatever the number of streams;",
         "claims and completions never wait for it.",
