@@ -500,6 +500,11 @@ class PoolQueue:
         A job that already has an error message (the real error of an earlier run)
         keeps it: the give-back only explains a job that has none.
         """
+        # Only assignments the stream still holds: one that ended meanwhile (moved by
+        # another call, maybe claimed again by another stream) is no longer its to
+        # give back. (The store checks the status only: a re-claim by another
+        # process that this one has not seen yet is not caught here.)
+        jobs = [job for job in jobs if self._holder(job.id, job.assigned_at) is stream]
         if not jobs:
             return
         changes = [

@@ -219,3 +219,36 @@ async def test_a_slot_an_in_flight_refill_will_fill_is_not_filled_twice(queue: P
         finally:
             pause.go()
             nxt.cancel()
+
+
+async def test_a_job_that_left_the_stream_before_its_give_back_is_not_given_back(
+    queue: PoolQueue,
+) -> None:
+    """A refilled job not yet handed over leaves the stream (its worker is declared
+    lost) and another stream claims it; when the first stream then closes, its
+    give-back must not fail the other stream's run."""
+    tag = new_id("tag")
+    y, z = job(tags=[tag]), job(tags=[tag])
+    await queue.enqueue_jobs([y, z])
+    s = queue.stream_jobs("s", tags=[tag], max_assigned_jobs=1)
+    wakes = HoldWakes(queue, s)
+    (first,) = await asyncio.wait_for(s.__anext__(), DEADLINE)
+    assert first.id == y.id
+    nxt = asyncio.ensure_future(s.__anext__())
+    await until(lambda: s._waiting, "s waits for a slot")
+    await queue.complete_job(y.id, b"")  # refills s with z
+    await until(lambda: wakes.wakes == 1, "s woke with z ready")
+    assert [j.id for j in s._ready] == [z.id]
+    assert await queue.mark_worker_unresponsive("s") == 1  # z: UNKNOWN_RETRY
+    async with queue.stream_jobs("b", tags=[tag]) as b:
+        (again,) = await asyncio.wait_for(b.__anext__(), DEADLINE)
+        assert again.id == z.id
+        closing = asyncio.ensure_future(s.aclose())
+        await until(lambda: s.closed, "s closes")
+        wakes.release()
+        await asyncio.wait_for(closing, DEADLINE)
+        nxt.cancel()
+        now = await queue.get_job(z.id)
+        assert (now.status, now.assignee_id) == (S.RUNNING, "b"), now
+        assert b.assigned_job_ids == [z.id]
+        await queue.complete_job(z.id, b"by b")
