@@ -12,6 +12,7 @@ from pathlib import Path
 from jobpool_async import Job, PoolQueue, SQLiteBackend
 
 from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
+from .conformance._helpers import until
 
 DEADLINE = 10.0
 
@@ -21,7 +22,7 @@ async def _handed_over_after(waiter: PoolQueue, other: PoolQueue, ahead: float) 
     stream handing it over."""
     async with waiter.stream_jobs("w") as stream:
         waiting = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.05)  # the stream found nothing and waits
+        await until(lambda: stream._waiting, "the stream finds nothing and waits")
         due = datetime.now(UTC) + timedelta(seconds=ahead)
         await other.enqueue_job(Job(id="later", job_type="t", scheduled_at=due))
         await asyncio.sleep(ahead / 2)

@@ -28,6 +28,8 @@ from jobpool_async import (
 )
 from jobpool_async.pytest_plugin import wait_for_status
 
+from .conformance._helpers import until
+
 S = JobStatus
 DEADLINE = 10.0
 
@@ -44,13 +46,6 @@ async def queue() -> AsyncIterator[PoolQueue]:
 
 def job(job_id: str, **kwargs: Any) -> Job:
     return Job(id=job_id, job_type="test", **kwargs)
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll a cheap in-process predicate with a deadline."""
-    async with asyncio.timeout(DEADLINE):
-        while not predicate():  # noqa: ASYNC110 - polling with a deadline
-            await asyncio.sleep(0.001)
 
 
 async def status_of(queue: PoolQueue, job_id: str) -> JobStatus:

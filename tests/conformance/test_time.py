@@ -19,7 +19,7 @@ from jobpool_async import (
 from jobpool_async.testing import FakeClock
 
 from ..backends import BackendFactory
-from ._helpers import DEADLINE
+from ._helpers import DEADLINE, until
 
 S = JobStatus
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -149,7 +149,7 @@ async def test_a_scheduled_job_waits_and_its_stream_wakes_when_it_comes_due(
     await tq.enqueue_job(Job(id="later", job_type="t", scheduled_at=T0 + timedelta(minutes=5)))
     async with tq.stream_jobs("w", tags=None) as stream:
         waiting = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.05)  # let the stream claim nothing and wait
+        await until(lambda: stream._waiting, "the stream claims nothing and waits")
         assert not waiting.done(), "a scheduled job is never assigned early"
         clock.advance(timedelta(minutes=4, seconds=59))
         await asyncio.sleep(0.05)
