@@ -34,24 +34,77 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ClassVar, NamedTuple
 
-from .._errors import JobPoolError
+from .._errors import (
+    DuplicateJobError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
+    StorageError,
+)
 from .._leases import Lease
 from .._listing import ListQuery
-from .._models import ACTIVE, Job, JobStatus
-from .._transitions import Transition
+from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, utcnow
+from .._transitions import (
+    ACK_EXECUTING,
+    ACK_NOT_EXECUTING,
+    ASSIGN,
+    CANCEL,
+    COMPLETE,
+    DISCARD,
+    FAIL,
+    LEASE_EXPIRED,
+    MARK_UNKNOWN_STOPPED,
+    RELEASE,
+    REQUEUE,
+    STOP,
+    STOP_WITH_RETRY,
+    UPDATE_TO,
+    WORKER_LOST,
+    Transition,
+)
 
 __all__ = [
+    "ACK_EXECUTING",
+    "ACK_NOT_EXECUTING",
+    "ACTIVE",
+    "ASSIGN",
+    "CANCEL",
+    "COMPLETE",
+    "DISCARD",
+    "ELIGIBLE",
+    "FAIL",
+    "FINAL",
+    "LEASE_EXPIRED",
+    "MARK_UNKNOWN_STOPPED",
+    "RELEASE",
+    "REQUEUE",
+    "STOP",
+    "STOP_WITH_RETRY",
+    "UPDATE_TO",
+    "WORKER_LOST",
     "ApplyOutcome",
     "Backend",
     "Change",
+    "DuplicateJobError",
+    "InvalidTransitionError",
+    "Job",
+    "JobNotFoundError",
+    "JobPoolError",
     "JobState",
+    "JobStatus",
+    "JobsNotFinalError",
     "Lease",
+    "ListQuery",
     "Listener",
     "Moved",
     "Refill",
     "SelectOutcome",
     "Selection",
+    "StorageError",
+    "Transition",
     "refill_limit",
+    "utcnow",
 ]
 
 
