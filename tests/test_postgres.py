@@ -968,8 +968,8 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
         await sql(dsn, f"ANALYZE {t}")
         now = datetime.now(UTC)
         for statement, args in (
-            (b._claim_sql, (now, "w", 10, "n")),
-            (b._claim_tags_sql, (now, "w", 10, "n", ["a"])),
+            (b._sql.claim, (now, "w", 10, "n")),
+            (b._sql.claim_tags, (now, "w", 10, "n", ["a"])),
         ):
             plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + statement, *args))
             assert "Seq Scan" not in plan, plan
@@ -993,7 +993,7 @@ async def test_a_workers_jobs_are_found_by_index_whatever_the_length_of_its_id(
             assert len(await b.claim(assignee, [], 2, now)) == 2
         t = f'"{schema}".jobs'
         await sql(dsn, f"ANALYZE {t}")
-        cond, args, _ = b._selection_sql(Selection(assignee_id="short"), t, 1)
+        cond, args, _ = b._sql.selection(Selection(assignee_id="short"), t, 1)
         plan = "\n".join(
             r[0] for r in await sql(dsn, f"EXPLAIN SELECT id FROM {t} WHERE {cond}", *args)
         )
@@ -1032,7 +1032,7 @@ async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
         plan = "\n".join(
             r[0]
             for r in await sql(
-                dsn, "EXPLAIN " + b._claim_tags_sql, now, "w", 10, "n", ["rare", "common"]
+                dsn, "EXPLAIN " + b._sql.claim_tags, now, "w", 10, "n", ["rare", "common"]
             )
         )
         assert "jobs_eligible_tags" in plan, plan
@@ -1040,7 +1040,7 @@ async def test_tag_indexes_hold_only_tagged_jobs_and_serve_tag_filters(
             r[0]
             for r in await sql(
                 dsn,
-                f"EXPLAIN SELECT count(*) FROM {t} WHERE {b._tag_match('tags', '$1')}",
+                f"EXPLAIN SELECT count(*) FROM {t} WHERE {b._sql.tag_match('tags', '$1')}",
                 ["rare"],
             )
         )
@@ -1203,9 +1203,9 @@ async def test_self_vacuum_cleans_the_table_in_the_background(
 ) -> None:
     """After enough claimed and completed rows, the backend VACUUMs its own table
     (PostgreSQL records a manual vacuum in ``last_vacuum``); no job is disturbed."""
-    from jobpool_async.backends import postgres
+    from jobpool_async.backends.postgres import _maintenance
 
-    monkeypatch.setattr(postgres, "VACUUM_MIN_CHANGES", 200)
+    monkeypatch.setattr(_maintenance, "VACUUM_MIN_CHANGES", 200)
     q = await open_queue(dsn, schema, self_vacuum=True)
     try:
         b = q.backend
@@ -1234,10 +1234,10 @@ async def test_self_vacuum_pauses_as_autovacuum_does(
     """The backend's VACUUM runs with a cost delay (autovacuum's throttling), so on a
     big table it leaves the server to the claims: while it runs, PostgreSQL shows it
     sleeping in ``VacuumDelay``. (A long delay here makes the pause easy to catch.)"""
-    from jobpool_async.backends import postgres
+    from jobpool_async.backends.postgres import _maintenance
 
-    monkeypatch.setattr(postgres, "VACUUM_MIN_CHANGES", 4000)
-    monkeypatch.setattr(postgres, "VACUUM_COST_DELAY_MS", 50)
+    monkeypatch.setattr(_maintenance, "VACUUM_MIN_CHANGES", 4000)
+    monkeypatch.setattr(_maintenance, "VACUUM_COST_DELAY_MS", 50)
     q = await open_queue(dsn, schema, self_vacuum=True)
     try:
         b = q.backend

@@ -225,7 +225,7 @@ elif name == "leveldb":
     mod._UPGRADE_HOOK = hook
     backend = B(where)
 else:
-    from jobpool_async.backends import postgres as mod
+    from jobpool_async.backends.postgres import _schema as mod
     from jobpool_async.backends.postgres import PostgresBackend as B
     steps = rng.randint(1, 3)
     async def hook(step):

@@ -41,7 +41,7 @@ async def pair() -> AsyncIterator[tuple[PoolQueue, PoolQueue]]:
 
 async def _heard(queue: PoolQueue, job_id: str, present: bool = True) -> None:
     """Wait (with a deadline) until ``queue``'s backend has heard of the wait."""
-    watched = queue.backend._watched  # type: ignore[attr-defined]
+    watched = queue.backend._notes.watched  # type: ignore[attr-defined]
     deadline = time.monotonic() + DEADLINE
     while (job_id in watched) is not present:
         assert time.monotonic() < deadline, "the wait was never announced"

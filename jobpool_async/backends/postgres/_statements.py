@@ -1,0 +1,318 @@
+"""The SQL text of the PostgreSQL backend: its conditions, keys and statements.
+
+Everything here is text built from names and the transition table (``.._sql``);
+nothing runs a statement. :class:`Statements` holds the statements of one store
+(its schema, its NOTIFY channel, its instance's token), built once where they do
+not depend on a call's input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ..._models import ACTIVE, ELIGIBLE, FINAL, JobStatus
+from ..._transitions import ASSIGN, Transition
+from .._sql import CLAIMED_COLUMNS, in_list, set_clause
+from ..base import Selection
+from ._notifications import MAX_PAYLOAD
+
+#: The columns of a job, in the order of :class:`~jobpool_async.Job`'s fields.
+COLS = (
+    "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
+    "scheduled_at, priority, max_attempts, attempts"
+)
+#: SQL of a ``timestamptz`` as exact integer microseconds since the epoch (for NOTIFY
+#: payloads: JSON has no timestamp type, and a float would lose the microseconds).
+EPOCH_US = "CASE WHEN isfinite({0}) THEN (extract(epoch FROM {0}) * 1000000)::bigint END"
+TAG_KEY_MAX = 256
+
+
+def tag_key(tag: str) -> str:
+    """The indexed form of a tag: itself when short, else its SHA-256 (B-tree and GIN
+    entries are limited to about 2.7 kB). Must equal the schema's ``tag_keys()``."""
+    raw = tag.encode("utf-8")
+    if len(raw) <= TAG_KEY_MAX:
+        return tag
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+ELIGIBLE_IN = in_list(ELIGIBLE)
+#: Eligible and due (not waiting for its schedule): what a claim may take.
+DUE = f"status IN {ELIGIBLE_IN} AND wait_until IS NULL"
+WAITING = f"status IN {ELIGIBLE_IN} AND wait_until IS NOT NULL"
+#: Selection order (SPEC §8.2): the eligible index's columns.
+ORDER = "priority DESC, COALESCE(scheduled_at, last_retry_at, created_at), seq"
+ACTIVE_IN = in_list(ACTIVE)
+FINAL_IN = in_list(FINAL)
+_RUNNING = JobStatus.RUNNING.value
+
+
+def key(text: str) -> str:
+    """SQL for the indexed key of the text expression ``text``: the schema's
+    ``id_key()``/``tag_keys()`` rule written inline. A call of that SQL function
+    is not inlined by the planner (it is ``STRICT``, its ``CASE`` is not), and each
+    call costs microseconds; a batch statement makes several per job."""
+    return (
+        f"(CASE WHEN octet_length({text}) <= {TAG_KEY_MAX} THEN {text} "
+        f"ELSE 'sha256:' || encode(sha256(convert_to({text}, 'UTF8')), 'hex') END)"
+    )
+
+
+#: The indexed prefix of an assignee id (at most 800 bytes in UTF-8).
+ASSIGNEE_PREFIX = "left({}, 200)"
+#: ``list_jobs`` order among jobs created at the same instant: by id key, byte order
+#: (which is code point order, as on the other backends, for ids of up to 256 bytes).
+ID_ORDER = 'id_key COLLATE "C"'
+#: The indexed prefix of a job type (at most 800 bytes in UTF-8).
+TYPE_PREFIX = "left(job_type, 200)"
+
+
+def quote_ident(name: str) -> str:
+    """A double-quoted SQL identifier (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+#: SQL types of :data:`CLAIMED_COLUMNS`, for the NULL padding of rows that carry no job.
+_CLAIMED_TYPES = (
+    "text", "text", "bytea", "text[]", "timestamptz", "timestamptz", "timestamptz",
+    "text", "bytea", "bigint", "timestamptz", "timestamptz", "smallint", "integer", "integer",
+)  # fmt: skip
+
+
+def _claimed_returning(table: str) -> str:
+    """:data:`CLAIMED_COLUMNS`, each qualified by ``table`` (for ``RETURNING``)."""
+    return ", ".join(f"{table}.{c.strip()}" for c in CLAIMED_COLUMNS.split(","))
+
+
+def busy_or_idle(status: JobStatus) -> str:
+    """The index condition a query for ``status`` repeats so the planner may use the
+    partial index that holds it (``jobs_active_assignee`` or a ``jobs_idle_*``)."""
+    return f"status IN {ACTIVE_IN}" if status in ACTIVE else f"status NOT IN {ACTIVE_IN}"
+
+
+class Statements:
+    """The statements of the store in PostgreSQL schema ``schema``: its NOTIFY
+    ``channel``, and the ``token`` of the backend instance that sends them."""
+
+    def __init__(self, schema: str, channel: str, token: str) -> None:
+        self._s = quote_ident(schema)
+        self._t = f"{self._s}.jobs"
+        self.channel = channel
+        self._token = token
+        self._sql_cache: dict[tuple[int, bool, bool], tuple[Transition, str]] = {}
+        #: By (new jobs only, ignore existing ids).
+        self.insert = {
+            (new, ignore): self._insert(full=not new, ignore=ignore)
+            for new in (False, True)
+            for ignore in (False, True)
+        }
+        #: The claim without tags and with them (``$5``).
+        self.claim = self._claim(False)
+        self.claim_tags = self._claim(True)
+
+    def note(self, source: str) -> str:
+        """A CTE sending one NOTIFY for the moved rows of ``source`` that others care about.
+
+        Others care about jobs becoming eligible (they may claim them), and about
+        jobs claimed by another instance leaving RUNNING or being cancelled (that
+        instance's stream frees a slot or tells its cancel listeners). A move of a
+        job this instance claimed itself is already seen by its own queue, so a
+        worker completing its own jobs sends no notification at all (and its
+        commits are not serialized by PostgreSQL's notification queue lock).
+        """
+        tok = self._token
+        return f"""note AS (
+            SELECT pg_notify('{self.channel}',
+                             CASE WHEN octet_length(p) <= {MAX_PAYLOAD} THEN p ELSE '{tok}' END)
+            FROM (SELECT '{tok} ' || json_agg(json_build_array(
+                                  id, status, tags, {EPOCH_US.format("assigned_at")},
+                                  CASE WHEN status IN {ELIGIBLE_IN}
+                                       THEN {EPOCH_US.format("wait_until")} END
+                              ))::text AS p
+                  FROM {source}
+                  WHERE status IN {ELIGIBLE_IN}
+                     OR (status <> '{_RUNNING}'
+                         AND (claimed_by IS NULL OR claimed_by NOT LIKE '{tok}:%'))) s
+            WHERE p IS NOT NULL)"""
+
+    def _claim(self, with_tags: bool) -> str:
+        """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
+        move them to RUNNING (compare-and-set on the status again, in the same statement)."""
+        t = self._t
+        tag_cond = f"AND {self.tag_match('tags', '$5')}" if with_tags else ""
+        sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
+        return f"""
+            WITH picked AS (
+                SELECT id_key AS pid FROM {t}
+                WHERE {DUE} {tag_cond}
+                ORDER BY {ORDER}
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED)
+            UPDATE {t} SET {sets}, claimed_by = $4::text
+            WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
+              -- the compare-and-set, written so the planner looks the rows up by key
+              -- rather than walking the eligible index
+              AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
+            RETURNING {_claimed_returning(t)}"""
+
+    def _insert(self, full: bool, ignore: bool = False) -> str:
+        """Insert a batch from parallel arrays (tags as slices of one flat array), in input
+        order (so ``seq`` follows it), and send the enqueue notification, in one statement.
+
+        ``full`` binds every column; otherwise (new jobs whose history fields are unset,
+        the usual case) those columns are literals: six fewer arrays to encode and unnest.
+        ``ignore`` skips ids that exist (``ON CONFLICT DO NOTHING``) and returns the
+        inserted ids.
+        """
+        if full:
+            history = (
+                "u.started_at, u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat, "
+                "u.sched, u.prio, u.maxa, 0, u.sched"
+            )
+            arrays = """$7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                        $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
+                        $14::text[], $15::timestamptz[], $16::timestamptz[], $17::smallint[],
+                        $18::integer[]"""
+            names = (
+                "created_at, started_at, finalized_at, err, res, rc, lra, aid, aat, sched, prio, "
+                "maxa"
+            )
+            payload, keys = "$19", "$20"
+        else:
+            history = "NULL, NULL, u.err, NULL, 0, NULL, u.aid, NULL, NULL, 0, NULL, 0, NULL"
+            arrays = "$7::timestamptz[], $8::text[], $9::text[]"
+            names = "created_at, err, aid"
+            payload, keys = "$10", "$11"
+        return f"""
+            WITH ins AS (
+                INSERT INTO {self._t} ({COLS}, wait_until, tag_keys, id_key)
+                SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
+                       '{JobStatus.INITIAL_PENDING.value}', u.created_at, {history},
+                       ({keys}::text[])[u.ts:u.te], {key("u.id")}
+                FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
+                            {arrays})
+                     WITH ORDINALITY AS u(id, job_type, def, ts, te, {names}, ord)
+                ORDER BY u.ord
+                {"ON CONFLICT (id_key) DO NOTHING RETURNING id" if ignore else "RETURNING 1"})
+            SELECT {"array_agg(id)" if ignore else "count(*)"},
+                   pg_notify('{self.channel}', {payload}::text) FROM ins"""
+
+    def apply(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
+        """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
+        messages, ``$4`` now. Rows: ``kind`` 1, id, new status, tags (NULL when the
+        transition makes nothing eligible) for each job it moved; a job it did not move
+        has no row (:meth:`apply` then reads why).
+
+        With ``refill``, the :class:`Refill` claim too, in the same statement (one round
+        trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids (NULL: all of
+        ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``). It takes one
+        job per freed slot and sees the statement's snapshot, so it never picks a row
+        this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
+        from column 5 on.
+        """
+        cache_key = (id(transition), refill, tags)
+        cached = self._sql_cache.get(cache_key)
+        if cached is not None and cached[0] is transition:
+            return cached[1]
+        t = self._t
+        timed = transition.schedules or bool(transition.exhausted)
+        first = 5 if not refill else (9 if tags else 8)  # the timed arrays' placeholders
+        sets = set_clause(
+            transition,
+            now="c.cnow",
+            result="c.cres",
+            error_message="c.cerr",
+            scheduled_at="c.csched" if timed else "NULL",
+            max_attempts="c.cmax" if timed else "NULL",
+        )
+        unnest, names = "$1::text[], $2::bytea[], $3::text[]", "cid, cres, cerr"
+        if timed:
+            unnest += f", ${first}::timestamptz[], ${first + 1}::integer[]"
+            names += ", csched, cmax"
+        wait_out = "wait_until" if transition.schedules else "NULL::timestamptz"
+        claim = rest = claimed = ""
+        # Tags matter only for a job that became eligible (streams to wake); not
+        # reading them back otherwise saves decoding an array per job.
+        tags_out = "tags" if set(transition.moves.values()) & ELIGIBLE else "NULL::text[]"
+        if refill:
+            assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
+            tag_cond = f"AND {self.tag_match('tags', '$8')}" if tags else ""
+            rest = ", " + ", ".join(f"NULL::{kind}" for kind in _CLAIMED_TYPES)
+            claim = f""",
+            picked AS (
+                SELECT id_key AS pid FROM {t}
+                WHERE {DUE} {tag_cond}
+                ORDER BY {ORDER}
+                LIMIT (SELECT count(*) FROM moved
+                       WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
+                         AND moved.status NOT IN {ACTIVE_IN})
+                FOR UPDATE SKIP LOCKED),
+            claimed AS (
+                UPDATE {t} SET {assign}, claimed_by = $7::text
+                WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
+                  AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
+                RETURNING {_claimed_returning(t)})"""
+            claimed = f"""
+            UNION ALL
+            SELECT 2, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz, {CLAIMED_COLUMNS}
+            FROM claimed"""
+        sql = f"""
+            WITH c AS (SELECT u.*, $4::timestamptz AS cnow
+                       FROM unnest({unnest}) AS u({names})
+                       ORDER BY {key("u.cid")}),
+            moved AS (
+                UPDATE {t} SET {sets}
+                FROM c WHERE {t}.id_key = {key("c.cid")} AND {t}.id = c.cid
+                  AND {t}.status IN {in_list(transition.sources)}
+                RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at,
+                          {t}.wait_until),
+            {self.note("moved")}{claim}
+            SELECT 1 AS kind, id, status, {tags_out}, assigned_at, {wait_out}{rest} FROM moved
+            WHERE (SELECT count(*) FROM note) >= 0{claimed}"""
+        self._sql_cache[cache_key] = (transition, sql)
+        return sql
+
+    def id_match(self, prefix: str, param: str) -> str:
+        """Jobs whose id is in the text array ``param``, found by their short keys."""
+        keys = f"ARRAY(SELECT {key('x')} FROM unnest({param}::text[]) AS x)"
+        return f"({prefix}id_key = ANY({keys}) AND {prefix}id = ANY({param}::text[]))"
+
+    def tag_match(self, column: str, param: str) -> str:
+        """Jobs carrying every tag in ``param``: the GIN index on short tag keys finds
+        candidates, the comparison of the real tags decides (a hash never does)."""
+        keys_column = column[: -len("tags")] + "tag_keys"
+        wanted = f"{self._s}.tag_keys({param}::text[])"
+        return (
+            f"({keys_column} <> '{{}}' AND {keys_column} @> {wanted} "
+            f"AND {column} @> {param}::text[])"
+        )
+
+    def selection(
+        self, selection: Selection, alias: str, first: int
+    ) -> tuple[str, list[Any], int | None]:
+        """A WHERE condition for ``selection`` on ``alias``, with placeholders from ``$first``.
+
+        Returns the condition, its arguments, and the placeholder number of the id list.
+        """
+        if selection.everything:
+            return "TRUE", [], None
+        if selection.assignee_id is not None:
+            prefix = ASSIGNEE_PREFIX.format
+            cond = (
+                f"({prefix(f'{alias}.assignee_id')} = {prefix(f'${first}::text')} "
+                f"AND {alias}.assignee_id = ${first}::text AND {alias}.status IN {ACTIVE_IN})"
+            )
+            return cond, [selection.assignee_id], None
+        parts: list[str] = []
+        args: list[Any] = []
+        ids_at: int | None = None
+        if selection.job_ids:
+            ids_at = first + len(args)
+            args.append(list(selection.job_ids))
+            parts.append(self.id_match(f"{alias}.", f"${ids_at}"))
+        if selection.tags:
+            args.append(list(selection.tags))
+            parts.append(self.tag_match(f"{alias}.tags", f"${first + len(args) - 1}"))
+        return ("(" + " OR ".join(parts) + ")" if parts else "FALSE"), args, ids_at
