@@ -22,7 +22,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from jobpool_async import Backend, Job, MemoryBackend, PoolQueue
+from jobpool_async import Job, PoolQueue, open_backend
 
 from ._common import now
 
@@ -40,25 +40,6 @@ def _rss_mb() -> float:
     except (OSError, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 1024 if sys.platform != "darwin" else peak / 2**20
-
-
-def _backend(name: str, location: str) -> Backend:
-    if name == "memory":
-        return MemoryBackend()
-    if name == "sqlite":
-        from jobpool_async.backends.sqlite import SQLiteBackend
-
-        return SQLiteBackend(location)
-    if name == "leveldb":
-        from jobpool_async.backends.leveldb import LevelDBBackend
-
-        return LevelDBBackend(location)
-    if name == "postgres":
-        from jobpool_async.backends.postgres import PostgresBackend
-
-        dsn, _, schema = location.rpartition("#")
-        return PostgresBackend(dsn, schema=schema)
-    raise ValueError(f"unknown backend {name!r}")
 
 
 class _PeakSampler:
@@ -89,7 +70,7 @@ async def _run(name: str, location: str, n: int, batch: int, slots: int) -> dict
     dups = 0
     seen_round: set[str] = set()
     with _PeakSampler() as sampler:
-        async with PoolQueue(_backend(name, location)) as queue:
+        async with PoolQueue(open_backend(location)) as queue:
             samples.append({"processed": 0.0, "rss_mb": _rss_mb()})
             t0 = now()
             async with queue.stream_jobs("bench", max_assigned_jobs=slots) as stream:

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from jobpool_async import Job, PoolQueue
+from jobpool_async import Job, PoolQueue, open_backend
 from jobpool_async.backends.base import Backend
 
 from ._common import percentile
@@ -145,7 +145,7 @@ def _reopened(target: Target, store: Any) -> Any:
     """The same store through a new backend (the first was closed with its queue)."""
     if store.twin is not None:
         return type(store)(store.twin(), store.cleanup, store.location, store.twin)
-    backend = type(store.backend)(store.location)
+    backend = open_backend(store.location)
     return type(store)(backend, store.cleanup, store.location, None)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from ._errors import JobNotFoundError
 from ._models import Job, JobStatus, check_seconds
 from ._queue import PoolQueue
 from .backends.base import Backend
+from .backends.registry import BACKEND_NAMES, backend_info, temporary_store
 
 __all__ = [
     "BACKEND_NAMES",
@@ -45,7 +45,6 @@ __all__ = [
     "wait_for_status",
 ]
 
-BACKEND_NAMES = ("memory", "sqlite", "leveldb", "postgres")
 POSTGRES_DSN_ENV = "JOBPOOL_TEST_POSTGRES_DSN"
 _OPTION = "--jobpool-backend"
 _MARKER = "jobpool_backend"
@@ -154,52 +153,23 @@ def _backend_name(request: pytest.FixtureRequest) -> str:
     return name
 
 
-async def _drop_schema(dsn: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 async def _backend_fixture(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Backend]:
-    name = _backend_name(request)
-    schema: str | None = None
-    dsn = ""
-    backend: Backend
-    if name == "memory":
-        from .backends.memory import MemoryBackend
-
-        backend = MemoryBackend()
-    elif name == "sqlite":
-        from .backends.sqlite import SQLiteBackend
-
-        backend = SQLiteBackend(tmp_path / "jobpool.db")
-    elif name == "leveldb":
-        from .backends.leveldb import LevelDBBackend
-
-        backend = LevelDBBackend(tmp_path / "jobpool.ldb")
-    else:
-        dsn = os.environ.get(POSTGRES_DSN_ENV, "")
-        if not dsn:
-            pytest.skip(
-                f"jobpool_backend 'postgres' needs a server: set {POSTGRES_DSN_ENV} "
-                "(e.g. postgresql://postgres@127.0.0.1:5432/test)"
-            )
-        from .backends.postgres import PostgresBackend
-
-        schema = f"jobpool_test_{uuid.uuid4().hex[:12]}"
-        backend = PostgresBackend(dsn, schema=schema)
+    info = backend_info(_backend_name(request))
+    dsn = os.environ.get(POSTGRES_DSN_ENV, "")
+    if info.needs_server and not dsn:
+        pytest.skip(
+            f"jobpool_backend {info.name!r} needs a server: set {POSTGRES_DSN_ENV} "
+            "(e.g. postgresql://postgres@127.0.0.1:5432/test)"
+        )
+    store = temporary_store(info.name, tmp_path, postgres_dsn=dsn, stem="jobpool")
+    backend = store.new_backend()
     try:
         yield backend
     finally:
         await backend.close()
-        if schema is not None:
-            await _drop_schema(dsn, schema)
+        await store.remove()
 
 
 async def _queue_fixture(jobpool_backend: Backend) -> AsyncIterator[PoolQueue]:

@@ -1,4 +1,4 @@
-"""Backend factories for the test suites: one place that knows how to build each backend.
+"""Backend factories for the test suites, on top of :mod:`jobpool_async.backends.registry`.
 
 The conformance suite runs once per name in :data:`BACKENDS`. PostgreSQL runs when
 ``JOBPOOL_TEST_POSTGRES_DSN`` is set (``.ci/run`` sets it) and is skipped with that
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from jobpool_async import Backend, MemoryBackend
+from jobpool_async import Backend
+from jobpool_async.backends import registry
 
-BACKENDS = ["memory", "sqlite", "leveldb", "postgres"]
+BACKENDS = list(registry.BACKEND_NAMES)
 POSTGRES_DSN_ENV = "JOBPOOL_TEST_POSTGRES_DSN"
 
 BackendFactory = Callable[[], Backend]
@@ -38,34 +39,11 @@ def new_schema_name() -> str:
 
 def backend_factory(name: str, tmp_path: Path, schema: str | None = None) -> BackendFactory:
     """A factory making backends that all open the same store (for reopen tests)."""
-    if name == "memory":
-        shared = MemoryBackend()
-        return lambda: shared
-    if name == "sqlite":
-        from jobpool_async.backends.sqlite import SQLiteBackend
-
-        path = tmp_path / "jobs.db"
-        return lambda: SQLiteBackend(path)
-    if name == "leveldb":
-        from jobpool_async.backends.leveldb import LevelDBBackend
-
-        path = tmp_path / "jobs.ldb"
-        return lambda: LevelDBBackend(path)
-    if name == "postgres":
-        from jobpool_async.backends.postgres import PostgresBackend
-
-        dsn = postgres_dsn()
-        schema_name = schema or new_schema_name()
-        return lambda: PostgresBackend(dsn, schema=schema_name)
-    raise ValueError(f"unknown backend {name!r}")
+    info = registry.backend_info(name)
+    dsn = postgres_dsn() if info.needs_server else None
+    store = registry.temporary_store(name, tmp_path, postgres_dsn=dsn, schema=schema)
+    return store.new_backend
 
 
 async def drop_postgres_schema(schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(postgres_dsn())
-    try:
-        quoted = '"' + schema.replace('"', '""') + '"'
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quoted} CASCADE")
-    finally:
-        await conn.close()
+    await registry.drop_postgres_schema(postgres_dsn(), schema)

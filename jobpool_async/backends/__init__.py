@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._url import open_backend
 from .base import Backend
 from .memory import MemoryBackend
+from .registry import open_backend
 
 if TYPE_CHECKING:
     from .leveldb import LevelDBBackend
