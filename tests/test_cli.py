@@ -192,10 +192,14 @@ def test_worker_runs_jobs_and_stops_gracefully_on_sigterm(url: str, tmp_path: Pa
     (tmp_path / "tasks.py").write_text(
         textwrap.dedent("""
         import asyncio
+        import pathlib
+        import time
 
         async def process(job):
-            if job.job_type == "slow":
-                await asyncio.sleep(1.0)
+            if job.job_type == "slow":  # runs until the test releases it (at most 60 s)
+                deadline = time.monotonic() + 60
+                while not pathlib.Path("release").exists() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
             return b"done " + job.job_definition
     """)
     )
@@ -228,7 +232,15 @@ def test_worker_runs_jobs_and_stops_gracefully_on_sigterm(url: str, tmp_path: Pa
         (me,) = [w for w in workers if w["assignee_id"] == "cli-w"]
         assert me["running"] == 1 and me["lease"]["live"] is True, me
         proc.send_signal(signal.SIGTERM)  # graceful: the running job may finish
-        _, err = proc.communicate(timeout=30)
+        assert proc.stderr is not None
+        said: list[str] = []
+        for line in proc.stderr:  # the worker says it is stopping while s1 still runs
+            said.append(line)
+            if "SIGTERM: stopping" in line:
+                break
+        (tmp_path / "release").touch()
+        _, rest = proc.communicate(timeout=30)
+        err = "".join(said) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
