@@ -231,3 +231,79 @@ async def test_leases_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(r["ratio"] > 0 for r in data["throughput"])
     assert [r["backend"] for r in data["rescue"]] == ["memory", "sqlite"]
     assert "one statement per queue" in out.with_suffix(".md").read_text()
+
+
+def _row(workload: str, rate: float | None, share: float | None, **metrics: float) -> Any:
+    from benchmarks._common import Row
+
+    return Row(
+        workload,
+        "jobpool_async[memory]",
+        "ours",
+        "memory",
+        {"jobs": 10, "slots": 2},
+        jobs_per_s=rate,
+        metrics=dict(metrics),
+        baseline=None if share is None else "raw dict",
+        ratio=share,
+    )
+
+
+def test_ab_table_compares_medians_and_marks_slowdowns(tmp_path: Path) -> None:
+    from benchmarks import ab
+
+    before = ab.Side("before", "old", tmp_path, "aaa")
+    after = ab.Side("after", "new", tmp_path, "bbb")
+    before.runs = [
+        [_row("e2e", r, r / 1000), _row("wake", None, 0.5, p50_ms=p)]
+        for r, p in [(100.0, 1.0), (110.0, 1.0), (90.0, 1.2)]
+    ]
+    after.runs = [
+        [_row("e2e", r, r / 1000), _row("wake", None, 0.5, p50_ms=p)]
+        for r, p in [(80.0, 0.5), (85.0, 0.5), (500.0, 0.5)]
+    ]
+    meta = {
+        "command": "c",
+        "harness_args": ["--quick"],
+        "rounds": 3,
+        "started": "s",
+        "finished": "f",
+        "load_start": 1.0,
+        "load_end": 2.0,
+    }
+    text = ab.markdown(before, after, meta)
+    e2e = next(line for line in text.splitlines() if line.startswith("| e2e"))
+    wake = next(line for line in text.splitlines() if line.startswith("| wake"))
+    # medians 100 before, 85 after: 0.85, and the shares of floor alike: slower
+    assert "| 3/3 | 100 | 85 | 0.850 | 0.850 | slower |" in e2e
+    # latency: p50 1.0 ms before, 0.5 ms after, so twice as fast
+    assert "| 2.000 | 1.000 |  |" in wake
+    assert "1 row(s) slower by more than 5%" in text
+
+
+def test_ab_refuses_arguments_it_sets_itself() -> None:
+    from benchmarks import ab
+
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--before", "HEAD", "--", "--out", "x"])
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--before", "HEAD", "--", "--workloads", "nosuch"])
+    ns, rest = ab.parse_args(["--before", "HEAD", "--rounds", "2", "--", "--quick"])
+    assert (ns.before, ns.rounds, rest) == ("HEAD", 2, ["--quick"])
+
+
+def test_ab_runs_the_harness_on_two_trees(tmp_path: Path) -> None:
+    from benchmarks import ab
+
+    here = str(ab.REPO)
+    out = tmp_path / "ab.md"
+    harness = ["--quick", "--workloads", "e2e", "--backends", "memory"]
+    assert (
+        ab.main(
+            ["--before", here, "--after", here, "--rounds", "2", "--out", str(out), "--", *harness]
+        )
+        == 0
+    )
+    text = out.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| e2e |")]
+    assert len(rows) == 2 and all("| 2/2 |" in line for line in rows), text
