@@ -383,6 +383,28 @@ async def test_every_field_round_trips_exactly(dsn: str, schema: str) -> None:
         assert again.last_retry_at is not None and again.last_retry_at.tzinfo is UTC
 
 
+async def test_columns_sent_as_null_when_all_default_keep_each_jobs_own_values(
+    dsn: str, schema: str
+) -> None:
+    """An insert sends the tag slices, messages and assignees as NULL when every job
+    of the batch has the default; batches mixing defaults with values keep each."""
+    batches = [
+        [Job("plain-0", "t"), Job("plain-1", "t")],
+        [
+            Job("mixed-0", "t"),
+            Job("mixed-1", "t", tags=["a", "b"], error_message="note", assignee_id="someone"),
+            Job("mixed-2", "t", tags=["c"]),
+            Job("mixed-3", "t", error_message="only a note"),
+        ],
+    ]
+    async with await open_queue(dsn, schema) as q:
+        for batch in batches:
+            await q.enqueue_jobs(batch)
+            assert await q.get_jobs([j.id for j in batch]) == batch
+        page = await q.list_jobs(tags=["c"])
+        assert [j.id for j in page.jobs] == ["mixed-2"]
+
+
 # --- waking across processes (two queues stand for two processes) -----------------------
 
 

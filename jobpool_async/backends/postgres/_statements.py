@@ -145,15 +145,15 @@ class Statements:
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
         return f"""
             WITH picked AS (
-                SELECT id_key AS pid FROM {t}
+                SELECT ctid AS pid FROM {t}
                 WHERE {DUE} {tag_cond}
                 ORDER BY {ORDER}
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED)
             UPDATE {t} SET {sets}, claimed_by = $4::text
-            WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
-              -- the compare-and-set, written so the planner looks the rows up by key
-              -- rather than walking the eligible index
+            WHERE {t}.ctid = ANY(ARRAY(SELECT pid FROM picked))
+              -- the compare-and-set, written so the planner fetches the rows by their
+              -- tuple ids rather than walking the eligible index
               AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
             RETURNING {_claimed_returning(t)}"""
 
@@ -163,6 +163,8 @@ class Statements:
 
         ``full`` binds every column; otherwise (new jobs whose history fields are unset,
         the usual case) those columns are literals: six fewer arrays to encode and unnest.
+        The tag slices (``$5``, ``$6``: NULL when no job has tags) and, for new jobs, the
+        messages and assignees (NULL when all are empty) may be NULL arrays.
         ``ignore`` skips ids that exist (``ON CONFLICT DO NOTHING``) and returns the
         inserted ids.
         """
@@ -181,16 +183,19 @@ class Statements:
             )
             payload, keys = "$19", "$20"
         else:
-            history = "NULL, NULL, u.err, NULL, 0, NULL, u.aid, NULL, NULL, 0, NULL, 0, NULL"
+            history = (
+                "NULL, NULL, COALESCE(u.err, ''), NULL, 0, NULL, COALESCE(u.aid, ''), NULL, "
+                "NULL, 0, NULL, 0, NULL"
+            )
             arrays = "$7::timestamptz[], $8::text[], $9::text[]"
             names = "created_at, err, aid"
             payload, keys = "$10", "$11"
         return f"""
             WITH ins AS (
                 INSERT INTO {self._t} ({COLS}, wait_until, tag_keys, id_key)
-                SELECT u.id, u.job_type, u.def, ($4::text[])[u.ts:u.te],
+                SELECT u.id, u.job_type, u.def, COALESCE(($4::text[])[u.ts:u.te], '{{}}'),
                        '{JobStatus.INITIAL_PENDING.value}', u.created_at, {history},
-                       ({keys}::text[])[u.ts:u.te], {key("u.id")}
+                       COALESCE(({keys}::text[])[u.ts:u.te], '{{}}'), {key("u.id")}
                 FROM unnest($1::text[], $2::text[], $3::bytea[], $5::int[], $6::int[],
                             {arrays})
                      WITH ORDINALITY AS u(id, job_type, def, ts, te, {names}, ord)
@@ -242,7 +247,7 @@ class Statements:
             rest = ", " + ", ".join(f"NULL::{kind}" for kind in _CLAIMED_TYPES)
             claim = f""",
             picked AS (
-                SELECT id_key AS pid FROM {t}
+                SELECT ctid AS pid FROM {t}
                 WHERE {DUE} {tag_cond}
                 ORDER BY {ORDER}
                 LIMIT (SELECT count(*) FROM moved
@@ -251,7 +256,7 @@ class Statements:
                 FOR UPDATE SKIP LOCKED),
             claimed AS (
                 UPDATE {t} SET {assign}, claimed_by = $7::text
-                WHERE {t}.id_key = ANY(ARRAY(SELECT pid FROM picked))
+                WHERE {t}.ctid = ANY(ARRAY(SELECT pid FROM picked))
                   AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
                 RETURNING {_claimed_returning(t)})"""
             claimed = f"""
