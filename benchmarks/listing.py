@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jobpool_async import Job, JobPage, JobStatus, PoolQueue
-from jobpool_async._transitions import COMPLETE
-from jobpool_async.backends.base import Change
+from jobpool_async.backends.base import COMPLETE, Change
 
 from ._targets import BACKEND_NAMES, find_targets
 

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jobpool_async import Job, PoolQueue
-from jobpool_async._models import utcnow
-from jobpool_async._transitions import COMPLETE
-from jobpool_async.backends.base import Backend, Change
+from jobpool_async.backends.base import COMPLETE, Backend, Change, utcnow
 
 from ._common import check_exactly_once, median, now, percentile
 from ._targets import Target

@@ -46,10 +46,12 @@ __all__ = [
     "REQUEUE",
     "STOP",
     "STOP_WITH_RETRY",
+    "TRANSITIONS",
     "UPDATE_TO",
     "WORKER_LOST",
     "Transition",
     "apply",
+    "attempts_left",
 ]
 
 S = JobStatus
@@ -224,6 +226,24 @@ def _update_to(target: JobStatus) -> Transition:
 #: ``update_job_status(job_id, status)``: one transition per target status.
 UPDATE_TO: Mapping[JobStatus, Transition] = MappingProxyType(
     {status: _update_to(status) for status in JobStatus}
+)
+
+#: The table: every named transition (``update_job_status``'s are in :data:`UPDATE_TO`).
+TRANSITIONS: tuple[Transition, ...] = (
+    ASSIGN,
+    COMPLETE,
+    FAIL,
+    DISCARD,
+    REQUEUE,
+    STOP,
+    STOP_WITH_RETRY,
+    MARK_UNKNOWN_STOPPED,
+    CANCEL,
+    ACK_EXECUTING,
+    ACK_NOT_EXECUTING,
+    WORKER_LOST,
+    LEASE_EXPIRED,
+    RELEASE,
 )
 
 

@@ -31,10 +31,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from ._errors import JobNotFoundError
-from ._models import Job, JobStatus, check_seconds
-from ._queue import PoolQueue
-from .backends.base import Backend
+from . import Job, JobNotFoundError, JobStatus, PoolQueue
+from .backends.base import Backend, check_seconds
 from .backends.registry import BACKEND_NAMES, backend_info, temporary_store
 
 __all__ = [

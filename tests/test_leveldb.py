@@ -1045,7 +1045,7 @@ async def _ticks_during(work: Awaitable[object]) -> tuple[int, float, float]:
 
 
 async def test_the_event_loop_keeps_running_during_a_50000_job_insert(store: Path) -> None:
-    from jobpool_async._models import check_new_job
+    from jobpool_async.backends.base import check_new_job
 
     jobs = [check_new_job(Job(id=f"j{i}", job_type="t", tags=["a"])) for i in range(50000)]
     backend = LevelDBBackend(store)
@@ -1104,9 +1104,7 @@ async def test_a_filtered_claim_does_not_hide_the_jobs_it_skipped(queue: PoolQue
 
 
 async def test_an_operation_whose_caller_is_cancelled_still_completes(store: Path) -> None:
-    from jobpool_async._models import check_new_job
-    from jobpool_async._transitions import COMPLETE
-    from jobpool_async.backends.base import Change
+    from jobpool_async.backends.base import COMPLETE, Change, check_new_job
 
     backend = LevelDBBackend(store)
     await backend.open()
@@ -1128,8 +1126,7 @@ async def test_an_operation_whose_caller_is_cancelled_still_completes(store: Pat
 
 
 async def test_selecting_everything_matches_the_memory_backend(store: Path) -> None:
-    from jobpool_async._transitions import CANCEL, WORKER_LOST
-    from jobpool_async.backends.base import Selection
+    from jobpool_async.backends.base import CANCEL, WORKER_LOST, Selection
 
     outcomes = []
     for backend in (MemoryBackend(), LevelDBBackend(store)):

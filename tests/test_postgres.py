@@ -35,8 +35,7 @@ from jobpool_async import (
     StorageError,
     open_backend,
 )
-from jobpool_async._transitions import WORKER_LOST
-from jobpool_async.backends.base import Moved, Selection
+from jobpool_async.backends.base import WORKER_LOST, Moved, Selection
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
 from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
@@ -551,8 +550,7 @@ async def test_a_large_change_is_announced_as_recheck(dsn: str, schema: str) -> 
         await b.insert(many)
         events = await heard.next()  # tag sets deduplicated: fits
         assert events[0] is not None and {m.tags for m in events[0]} == {("t" * 100,)}
-        from jobpool_async._transitions import CANCEL
-        from jobpool_async.backends.base import Selection
+        from jobpool_async.backends.base import CANCEL, Selection
 
         out = await b.apply_selected(CANCEL, Selection(tags=("t" * 100,)), datetime.now(UTC))
         assert len(out.moved) == 100
@@ -562,8 +560,7 @@ async def test_a_large_change_is_announced_as_recheck(dsn: str, schema: str) -> 
 async def test_pushed_moves_name_the_assignment_they_ended(dsn: str, schema: str) -> None:
     """A NOTIFY carries each move's ``assigned_at`` exactly, so the listening queue
     frees or tells only the stream holding that assignment (issue #14)."""
-    from jobpool_async._transitions import CANCEL, FAIL
-    from jobpool_async.backends.base import Change
+    from jobpool_async.backends.base import CANCEL, FAIL, Change
 
     async with two_backends(dsn, schema) as (a, b):
         heard = Heard()

@@ -109,7 +109,7 @@ def test_without_opentelemetry_nothing_is_imported_or_wrapped() -> None:
         sys.meta_path.insert(0, Block())
         import jobpool_async
         from jobpool_async import _tracing, Job, MemoryBackend, PoolQueue, Worker
-        from jobpool_async._queue import PoolQueue as Q
+        from jobpool_async import PoolQueue as Q
 
         assert _tracing.trace is None
         assert not [m for m in sys.modules if m.startswith("opentelemetry")]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._errors import StorageError
+from .base import (
+    StorageError,
+)
 
 __all__ = ["check_parent"]
 

@@ -12,8 +12,11 @@ import json
 import struct
 from datetime import UTC, datetime, timedelta
 
-from .._errors import StorageError
-from .._models import Job, JobStatus
+from .base import (
+    Job,
+    JobStatus,
+    StorageError,
+)
 
 __all__ = [
     "APPLICATION",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .._models import JobStatus
-from .._transitions import Transition
+from .base import (
+    JobStatus,
+    Transition,
+)
 
 __all__ = ["CLAIMED_COLUMNS", "exhausted_sql", "in_list", "set_clause", "status_case"]
 

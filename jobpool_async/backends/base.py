@@ -1,4 +1,20 @@
-"""The storage contract every backend implements.
+"""The storage contract every backend implements, and everything a backend needs.
+
+This is the one module a backend author reads and imports from: the contract
+(:class:`Backend` and the records it takes and returns: :class:`Change`,
+:class:`Moved`, :class:`Refill`, :class:`Selection`, :class:`ApplyOutcome`,
+:class:`SelectOutcome`, :class:`JobState`, :class:`ListQuery`, :class:`Lease`), the
+job model (:class:`Job`, :class:`JobStatus`, the status sets :data:`ELIGIBLE`,
+:data:`ACTIVE`, :data:`FINAL`), the state machine (:class:`Transition`, each named
+transition such as :data:`ASSIGN` or :data:`COMPLETE`, the table
+:data:`TRANSITIONS` and :data:`UPDATE_TO`, :func:`apply_transition` for backends
+that move job records in Python), the errors a backend raises, the lease helpers
+(:func:`aggregate`, :func:`plan_rescue`), the clock (:class:`Clock`, :func:`utcnow`)
+and three checks: of a duration argument (:func:`check_seconds`), of a stored
+job (:func:`has_history`: did it ever run) and the validated form of a new job as
+the queue passes it to :meth:`Backend.insert` (:func:`check_new_job`, for tests
+that call a backend directly). Register a new backend in
+:mod:`jobpool_async.backends.registry`.
 
 A backend owns storage and atomicity; :class:`~jobpool_async.PoolQueue` owns
 streams, capacity and waking. The contract is shaped for a networked,
@@ -6,10 +22,9 @@ multi-process store: every operation is one call (one transaction), and each cal
 returns what the queue needs to free the right stream slots and wake the right
 streams (:class:`Moved` records), so no second round trip is needed.
 
-Rules every implementation follows (the conformance suite in ``tests/conformance``
-checks them):
+Rules every implementation follows (the conformance suite checks them):
 
-* Moves are decided only by the :mod:`jobpool_async._transitions` table, as a
+* Moves are decided only by the :class:`Transition` table above, as a
   compare-and-set on the current status inside the same transaction.
 * Every method is one storage transaction; a failure raises :class:`StorageError`
   (or the documented ``JobPoolError``) and leaves the store as it was.
@@ -34,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ClassVar, NamedTuple
 
+from .._clock import Clock, SystemClock
 from .._errors import (
     DuplicateJobError,
     InvalidTransitionError,
@@ -42,9 +58,19 @@ from .._errors import (
     JobsNotFinalError,
     StorageError,
 )
-from .._leases import Lease
+from .._leases import Lease, LeaseRow, RescuePlan, aggregate, plan_rescue
 from .._listing import ListQuery
-from .._models import ACTIVE, ELIGIBLE, FINAL, Job, JobStatus, utcnow
+from .._models import (
+    ACTIVE,
+    ELIGIBLE,
+    FINAL,
+    Job,
+    JobStatus,
+    check_new_job,
+    check_seconds,
+    has_history,
+    utcnow,
+)
 from .._transitions import (
     ACK_EXECUTING,
     ACK_NOT_EXECUTING,
@@ -59,10 +85,13 @@ from .._transitions import (
     REQUEUE,
     STOP,
     STOP_WITH_RETRY,
+    TRANSITIONS,
     UPDATE_TO,
     WORKER_LOST,
     Transition,
+    attempts_left,
 )
+from .._transitions import apply as apply_transition
 
 __all__ = [
     "ACK_EXECUTING",
@@ -81,11 +110,13 @@ __all__ = [
     "REQUEUE",
     "STOP",
     "STOP_WITH_RETRY",
+    "TRANSITIONS",
     "UPDATE_TO",
     "WORKER_LOST",
     "ApplyOutcome",
     "Backend",
     "Change",
+    "Clock",
     "DuplicateJobError",
     "InvalidTransitionError",
     "Job",
@@ -95,14 +126,24 @@ __all__ = [
     "JobStatus",
     "JobsNotFinalError",
     "Lease",
+    "LeaseRow",
     "ListQuery",
     "Listener",
     "Moved",
     "Refill",
+    "RescuePlan",
     "SelectOutcome",
     "Selection",
     "StorageError",
+    "SystemClock",
     "Transition",
+    "aggregate",
+    "apply_transition",
+    "attempts_left",
+    "check_new_job",
+    "check_seconds",
+    "has_history",
+    "plan_rescue",
     "refill_limit",
     "utcnow",
 ]
@@ -178,8 +219,11 @@ class Selection:
     """Which jobs a selection-based call acts on.
 
     ``job_ids`` and ``tags`` select their union (tags match with AND; an empty
-    tuple selects nothing by that criterion). ``assignee_id`` selects the jobs
-    last assigned to that assignee. ``everything`` selects every job.
+    tuple selects nothing by that criterion). ``assignee_id`` selects the jobs that
+    assignee holds now: RUNNING or CANCELLING and assigned to it (a job keeps its
+    ``assignee_id`` once it leaves those statuses, but is no longer selected by it;
+    backends read an index of active jobs per assignee). ``everything`` selects
+    every job.
     """
 
     job_ids: tuple[str, ...] = ()
@@ -269,7 +313,7 @@ class Backend(abc.ABC):
     ) -> list[Job]:
         """Assign up to ``limit`` eligible jobs carrying every tag in ``tags``.
 
-        Oldest first (see module docs), by :data:`~jobpool_async._transitions.ASSIGN`,
+        Oldest first (see module docs), by :data:`ASSIGN`,
         in one transaction; returns the assigned jobs (now ``RUNNING``).
         """
 
@@ -397,12 +441,12 @@ class Backend(abc.ABC):
         """Rescue the jobs of assignees whose every lease record expired at ``now``.
 
         In one write: each RUNNING/CANCELLING job of such an assignee moves by
-        :data:`~jobpool_async._transitions.LEASE_EXPIRED` (``max_attempts``: the limit
+        :data:`LEASE_EXPIRED` (``max_attempts``: the limit
         for jobs without their own), as a compare-and-set on the
         status, ``assignee_id`` and ``assigned_at`` read before (and on the lease
         being still expired), so a job that moved or was assigned again meanwhile is
         left alone. Records expired before ``now - forget_after`` are deleted as
-        :func:`~jobpool_async._leases.plan_rescue` says (an expired assignee's only
+        :func:`plan_rescue` says (an expired assignee's only
         once it has no job left). Returns the moves. Awaits :attr:`rescue_hook`, if
         set, between the read and the write.
         """

@@ -76,31 +76,40 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._errors import (
-    DuplicateJobError,
-    InvalidTransitionError,
-    JobNotFoundError,
-    JobPoolError,
-    JobsNotFinalError,
-    StorageError,
-)
-from .._leases import Lease, LeaseRow, aggregate, plan_rescue
-from .._listing import ListQuery
-from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
-from .._transitions import ASSIGN, LEASE_EXPIRED, Transition, apply
 from . import _leveldb_codec as codec
 from ._files import check_parent
 from ._thread import WorkerThread
 from .base import (
+    ACTIVE,
+    ASSIGN,
+    ELIGIBLE,
+    LEASE_EXPIRED,
     ApplyOutcome,
     Backend,
     Change,
+    DuplicateJobError,
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
     JobState,
+    JobStatus,
+    Lease,
+    LeaseRow,
+    ListQuery,
     Moved,
     Refill,
     Selection,
     SelectOutcome,
+    StorageError,
+    Transition,
+    aggregate,
+    plan_rescue,
     refill_limit,
+)
+from .base import (
+    apply_transition as apply,
 )
 
 __all__ = ["LevelDBBackend", "RepairReport"]

@@ -26,21 +26,35 @@ from datetime import datetime, timedelta
 
 from sortedcontainers import SortedList
 
-from .._errors import DuplicateJobError, InvalidTransitionError, JobNotFoundError, JobsNotFinalError
-from .._leases import Lease, LeaseRow, aggregate, plan_rescue
-from .._listing import ListQuery
-from .._models import ACTIVE, ELIGIBLE, Job, JobStatus
-from .._transitions import ASSIGN, LEASE_EXPIRED, Transition, apply
 from .base import (
+    ACTIVE,
+    ASSIGN,
+    ELIGIBLE,
+    LEASE_EXPIRED,
     ApplyOutcome,
     Backend,
     Change,
+    DuplicateJobError,
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobsNotFinalError,
     JobState,
+    JobStatus,
+    Lease,
+    LeaseRow,
+    ListQuery,
     Moved,
     Refill,
     Selection,
     SelectOutcome,
+    Transition,
+    aggregate,
+    plan_rescue,
     refill_limit,
+)
+from .base import (
+    apply_transition as apply,
 )
 
 __all__ = ["MemoryBackend"]

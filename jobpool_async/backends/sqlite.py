@@ -56,29 +56,37 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 import aiosqlite
 
-from .._errors import (
-    DuplicateJobError,
-    InvalidTransitionError,
-    JobNotFoundError,
-    JobPoolError,
-    JobsNotFinalError,
-    StorageError,
-)
-from .._leases import Lease, LeaseRow, aggregate, plan_rescue
-from .._listing import ListQuery
-from .._models import ACTIVE, ELIGIBLE, Job, JobStatus, check_seconds, has_history
-from .._transitions import ASSIGN, LEASE_EXPIRED, Transition
 from ._files import check_parent
 from ._sql import CLAIMED_COLUMNS, set_clause
 from .base import (
+    ACTIVE,
+    ASSIGN,
+    ELIGIBLE,
+    LEASE_EXPIRED,
     ApplyOutcome,
     Backend,
     Change,
+    DuplicateJobError,
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
     JobState,
+    JobStatus,
+    Lease,
+    LeaseRow,
+    ListQuery,
     Moved,
     Refill,
     Selection,
     SelectOutcome,
+    StorageError,
+    Transition,
+    aggregate,
+    check_seconds,
+    has_history,
+    plan_rescue,
     refill_limit,
 )
 

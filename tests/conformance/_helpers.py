@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobpool_async import Backend, Job, JobStatus, JobStream, PoolQueue
-from jobpool_async._notifier import Subscription
 from jobpool_async.backends.base import Change, Refill
 
 S = JobStatus
@@ -166,7 +165,7 @@ class HoldWakes:
         self._inner = queue._notifier.wait
         queue._notifier.wait = self._wait  # type: ignore[method-assign]
 
-    async def _wait(self, sub: Subscription, poll_interval: float | None) -> bool:
+    async def _wait(self, sub: Any, poll_interval: float | None) -> bool:
         mine = sub is self._sub
         self.waits += mine
         woke = await self._inner(sub, poll_interval)

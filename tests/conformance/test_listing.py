@@ -220,7 +220,7 @@ async def test_many_tags_and_extreme_times(queue: PoolQueue) -> None:
 
 
 async def test_oldest_created_per_status_set(queue: PoolQueue) -> None:
-    from jobpool_async._models import ELIGIBLE
+    from jobpool_async.backends.base import ELIGIBLE
 
     backend = queue.backend
     assert await backend.oldest_created(ELIGIBLE) is None

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from hypothesis import HealthCheck, settings
 
 from jobpool_async import Backend, PoolQueue
-from jobpool_async._clock import Clock
+from jobpool_async.backends.base import Clock
 
 from ..backends import backend_factory, drop_postgres_schema, new_schema_name
 

@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 
 from jobpool_async import Backend, Job, JobStatus, PoolQueue, StorageError
-from jobpool_async._transitions import Transition
 from jobpool_async.backends.base import (
     ApplyOutcome,
     Change,
@@ -37,6 +36,7 @@ from jobpool_async.backends.base import (
     Refill,
     Selection,
     SelectOutcome,
+    Transition,
 )
 
 from ..backends import BackendFactory, backend_factory, postgres_dsn

@@ -16,29 +16,34 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
-from ..._errors import (
-    DuplicateJobError,
-    InvalidTransitionError,
-    JobNotFoundError,
-    JobPoolError,
-    JobsNotFinalError,
-    StorageError,
-)
-from ..._leases import Lease, aggregate
-from ..._listing import ListQuery
-from ..._models import ELIGIBLE, Job, JobStatus, check_seconds, has_history
-from ..._transitions import LEASE_EXPIRED, RELEASE, Transition
 from .._sql import CLAIMED_COLUMNS, in_list, set_clause
 from ..base import (
+    ELIGIBLE,
+    LEASE_EXPIRED,
+    RELEASE,
     ApplyOutcome,
     Backend,
     Change,
+    DuplicateJobError,
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobPoolError,
+    JobsNotFinalError,
     JobState,
+    JobStatus,
+    Lease,
     Listener,
+    ListQuery,
     Moved,
     Refill,
     Selection,
     SelectOutcome,
+    StorageError,
+    Transition,
+    aggregate,
+    check_seconds,
+    has_history,
     refill_limit,
 )
 from ._connections import (

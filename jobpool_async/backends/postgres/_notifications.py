@@ -18,9 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import StorageError
-from ..._models import JobStatus
-from ..base import Listener, Moved
+from ..base import (
+    JobStatus,
+    Listener,
+    Moved,
+    StorageError,
+)
 from ._connections import close_conn, connect, storage_error_types
 
 if TYPE_CHECKING:

@@ -11,8 +11,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from ..._errors import StorageError
-from ..._models import JobStatus
+from ..base import (
+    JobStatus,
+    StorageError,
+)
 from ._statements import (
     ACTIVE_IN,
     ASSIGNEE_PREFIX,

@@ -11,10 +11,16 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..._models import ACTIVE, ELIGIBLE, FINAL, JobStatus
-from ..._transitions import ASSIGN, Transition
 from .._sql import CLAIMED_COLUMNS, in_list, set_clause
-from ..base import Selection
+from ..base import (
+    ACTIVE,
+    ASSIGN,
+    ELIGIBLE,
+    FINAL,
+    JobStatus,
+    Selection,
+    Transition,
+)
 from ._notifications import MAX_PAYLOAD
 
 #: The columns of a job, in the order of :class:`~jobpool_async.Job`'s fields.
