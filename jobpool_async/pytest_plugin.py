@@ -35,6 +35,9 @@ from . import Job, JobNotFoundError, JobStatus, PoolQueue
 from .backends.base import Backend, check_seconds
 from .backends.registry import BACKEND_NAMES, backend_info, temporary_store
 
+# The shipped conformance kit asserts in jobpool_async.testing: show the values on failure.
+pytest.register_assert_rewrite("jobpool_async.testing")
+
 __all__ = [
     "BACKEND_NAMES",
     "POSTGRES_DSN_ENV",

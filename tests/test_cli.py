@@ -276,8 +276,7 @@ def test_requeue(url: str) -> None:
     import asyncio
 
     from jobpool_async import JobStatus, PoolQueue, open_backend
-
-    from .conformance._helpers import job_in
+    from jobpool_async.testing import job_in
 
     async def prepare() -> str:
         async with PoolQueue(open_backend(url)) as queue:

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from jobpool_async import Job, PoolQueue, SQLiteBackend
+from jobpool_async.testing import until
 
 from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
-from .conformance._helpers import until
 
 DEADLINE = 10.0
 

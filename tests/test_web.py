@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from jobpool_async import Job, JobStatus, PoolQueue
+from jobpool_async.testing import job_in
 from jobpool_async.web import create_app
-
-from .conformance._helpers import job_in
 
 S = JobStatus
 BASE = "http://dash.test"

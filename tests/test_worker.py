@@ -27,8 +27,7 @@ from jobpool_async import (
     Worker,
 )
 from jobpool_async.pytest_plugin import wait_for_status
-
-from .conformance._helpers import until
+from jobpool_async.testing import until
 
 S = JobStatus
 DEADLINE = 10.0

@@ -99,8 +99,8 @@ def set_clause(
             f"retry_count = retry_count + CASE WHEN {cond} THEN {retry_increment} ELSE 0 END",
             f"last_retry_at = CASE WHEN {cond} THEN {now} ELSE last_retry_at END",
         ]
-    if transition.reopens:
-        parts += ["finalized_at = NULL", "result = NULL"]
+    if transition.reopens:  # clears result, unless the change gives one (set below)
+        parts += ["finalized_at = NULL"] + (["result = NULL"] if result is None else [])
     elif transition.finalize_sources or exhausted is not None:
         whens = ""
         if transition.finalize_sources:
@@ -118,7 +118,8 @@ def set_clause(
         for column in ("scheduled_at", "wait_until"):
             parts.append(f"{column} = CASE WHEN {cond} THEN {scheduled_at} ELSE {column} END")
     if result is not None:
-        parts.append(f"result = COALESCE({result}, result)")
+        kept = "NULL" if transition.reopens else "result"
+        parts.append(f"result = COALESCE({result}, {kept})")
     if error_message is not None:
         parts.append(f"error_message = COALESCE({error_message}, error_message)")
     return ", ".join(parts)

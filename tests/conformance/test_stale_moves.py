@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
 from jobpool_async.backends.base import Change, Refill
+from jobpool_async.testing import DEADLINE, PauseAfter, PauseAfterApply, until
 
-from ._helpers import DEADLINE, HoldWakes, PauseAfter, PauseAfterApply, job, new_id, until
+from ._helpers import HoldWakes, job, new_id
 
 S = JobStatus
 

@@ -1,4 +1,4 @@
-"""Test helpers: a clock that moves only when told to.
+"""A clock that moves only when told to.
 
 ``PoolQueue(backend, clock=FakeClock())`` makes every timestamp the queue writes
 come from the fake clock, and the queue's timer (for scheduled jobs) fire when
@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from ._models import check_aware
+from .._models import check_aware
 
 __all__ = ["FakeClock"]
 

@@ -13,6 +13,8 @@ from jobpool_async import Job, JobStatus, PoolQueue
 from ._helpers import job_in
 
 S = JobStatus
+
+
 Call = Callable[[PoolQueue], Awaitable[Any]]
 
 
@@ -42,28 +44,6 @@ BAD_ENQUEUES: list[tuple[str, Call, type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "words"),
-    [pytest.param(c, e, w, id=name) for name, c, e, w in BAD_ENQUEUES],
-)
-async def test_bad_jobs_are_rejected_before_anything_is_written(
-    queue: PoolQueue, call: Call, error: type[Exception], words: str
-) -> None:
-    with pytest.raises(error, match=words):
-        await call(queue)
-    assert (await queue.get_job_stats()).total_jobs == 0
-
-
-async def test_one_bad_job_in_a_batch_writes_nothing(queue: PoolQueue) -> None:
-    with pytest.raises(ValueError, match="tag"):
-        await queue.enqueue_jobs(
-            [Job(id="good", job_type="t"), Job(id="bad", job_type="t", tags=[""])]
-        )
-    assert (await queue.get_job_stats()).total_jobs == 0
-    with pytest.raises(TypeError):
-        await queue.enqueue_jobs(Job(id="single", job_type="t"))  # type: ignore[arg-type]
-
-
 BAD_CALLS: list[tuple[str, Call, type[Exception], str]] = [
     ("fail empty message", lambda q: q.fail_job("r", ""), ValueError, "error_message"),
     ("fail_jobs empty message", lambda q: q.fail_jobs({"r": ""}), ValueError, "error_message"),
@@ -89,34 +69,54 @@ BAD_CALLS: list[tuple[str, Call, type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "words"), [pytest.param(c, e, w, id=name) for name, c, e, w in BAD_CALLS]
-)
-async def test_bad_arguments_leave_the_store_as_it_was(
-    queue: PoolQueue, call: Call, error: type[Exception], words: str
-) -> None:
-    await job_in(queue, S.RUNNING, "r")
-    before = await queue.get_job("r")
-    with pytest.raises(error, match=words):
-        await call(queue)
-    assert await queue.get_job("r") == before
-    assert (await queue.get_job_stats()).total_jobs == 1
+class BadInputTests:
+    @pytest.mark.parametrize(
+        ("call", "error", "words"),
+        [pytest.param(c, e, w, id=name) for name, c, e, w in BAD_ENQUEUES],
+    )
+    async def test_bad_jobs_are_rejected_before_anything_is_written(
+        self, queue: PoolQueue, call: Call, error: type[Exception], words: str
+    ) -> None:
+        with pytest.raises(error, match=words):
+            await call(queue)
+        assert (await queue.get_job_stats()).total_jobs == 0
 
+    async def test_one_bad_job_in_a_batch_writes_nothing(self, queue: PoolQueue) -> None:
+        with pytest.raises(ValueError, match="tag"):
+            await queue.enqueue_jobs(
+                [Job(id="good", job_type="t"), Job(id="bad", job_type="t", tags=[""])]
+            )
+        assert (await queue.get_job_stats()).total_jobs == 0
+        with pytest.raises(TypeError):
+            await queue.enqueue_jobs(Job(id="single", job_type="t"))  # type: ignore[arg-type]
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "words"),
-    [
-        ({"assignee_id": ""}, ValueError, "assignee_id"),
-        ({"assignee_id": 5}, TypeError, "assignee_id"),
-        ({"assignee_id": "w", "max_assigned_jobs": 0}, ValueError, "max_assigned_jobs"),
-        ({"assignee_id": "w", "max_assigned_jobs": -3}, ValueError, "max_assigned_jobs"),
-        ({"assignee_id": "w", "max_assigned_jobs": 1.5}, TypeError, "max_assigned_jobs"),
-        ({"assignee_id": "w", "tags": [""]}, ValueError, "tag"),
-        ({"assignee_id": "w", "tags": "gpu"}, TypeError, "tags"),
-    ],
-)
-async def test_bad_stream_arguments_raise_when_stream_jobs_is_called(
-    queue: PoolQueue, kwargs: dict[str, Any], error: type[Exception], words: str
-) -> None:
-    with pytest.raises(error, match=words):
-        queue.stream_jobs(**kwargs)
+    @pytest.mark.parametrize(
+        ("call", "error", "words"), [pytest.param(c, e, w, id=name) for name, c, e, w in BAD_CALLS]
+    )
+    async def test_bad_arguments_leave_the_store_as_it_was(
+        self, queue: PoolQueue, call: Call, error: type[Exception], words: str
+    ) -> None:
+        await job_in(queue, S.RUNNING, "r")
+        before = await queue.get_job("r")
+        with pytest.raises(error, match=words):
+            await call(queue)
+        assert await queue.get_job("r") == before
+        assert (await queue.get_job_stats()).total_jobs == 1
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "words"),
+        [
+            ({"assignee_id": ""}, ValueError, "assignee_id"),
+            ({"assignee_id": 5}, TypeError, "assignee_id"),
+            ({"assignee_id": "w", "max_assigned_jobs": 0}, ValueError, "max_assigned_jobs"),
+            ({"assignee_id": "w", "max_assigned_jobs": -3}, ValueError, "max_assigned_jobs"),
+            ({"assignee_id": "w", "max_assigned_jobs": 1.5}, TypeError, "max_assigned_jobs"),
+            ({"assignee_id": "w", "tags": [""]}, ValueError, "tag"),
+            ({"assignee_id": "w", "tags": "gpu"}, TypeError, "tags"),
+        ],
+    )
+    async def test_bad_stream_arguments_raise_when_stream_jobs_is_called(
+        self, queue: PoolQueue, kwargs: dict[str, Any], error: type[Exception], words: str
+    ) -> None:
+        with pytest.raises(error, match=words):
+            queue.stream_jobs(**kwargs)
