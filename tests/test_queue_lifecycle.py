@@ -188,3 +188,20 @@ def test_a_queue_that_failed_to_open_may_open_in_another_loop(tmp_path: Path) ->
     assert asyncio.run(use()) == 1
     with pytest.raises(QueueClosedError):
         asyncio.run(queue.get_job("j"))  # closed wins over the loop check
+
+
+async def test_waiters_are_forgotten_when_they_end() -> None:
+    """``wait_for`` keeps no waiter after it returns or times out (the kit checks what
+    a user sees; this checks the queue's own bookkeeping)."""
+    from jobpool_async import MemoryBackend
+
+    async with PoolQueue(MemoryBackend()) as queue:
+        await queue.enqueue_jobs([Job(id=i, job_type="t") for i in ("slow", "done")])
+        with pytest.raises(TimeoutError):
+            await queue.wait_for("slow", timeout=0.01)
+        assert not queue._waiters, "a timed-out waiter is forgotten"
+        waiters = [asyncio.create_task(queue.wait_for("done", timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0)
+        await queue.cancel_jobs(job_ids=["done"])
+        await asyncio.gather(*waiters)
+        assert not queue._waiters, "an answered waiter is forgotten"
