@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from jobpool_async import Backend
 from jobpool_async.backends import registry
+from jobpool_async.testing import BackendFactory as BackendFactory
 
 BACKENDS = list(registry.BACKEND_NAMES)
 POSTGRES_DSN_ENV = "JOBPOOL_TEST_POSTGRES_DSN"
-
-BackendFactory = Callable[[], Backend]
 
 
 def postgres_dsn() -> str:

@@ -29,9 +29,10 @@ from ._helpers import (
     take,
     until,
 )
+from ._types import BackendFactory
 
 if TYPE_CHECKING:
-    from ._kit import BackendConformance, BackendFactory
+    from ._kit import BackendConformance
 
 __all__ = [
     "DEADLINE",
@@ -50,8 +51,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The kit imports pytest: it loads only when asked for."""
-    if name in ("BackendConformance", "BackendFactory"):
-        from . import _kit
+    if name == "BackendConformance":
+        from ._kit import BackendConformance
 
-        return getattr(_kit, name)
+        return BackendConformance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
