@@ -15,22 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jobpool_async
-from jobpool_async import Job, PoolQueue
+from jobpool_async import Job
 from jobpool_async.backends import base
 from jobpool_async.backends.base import (
-    ACTIVE,
     COMPLETE,
-    REQUEUE,
-    STOP,
     TRANSITIONS,
     UPDATE_TO,
-    Backend,
     JobStatus,
-    Selection,
     Transition,
 )
-
-from .backends import BackendFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,41 +133,3 @@ def test_the_transition_table_is_complete() -> None:
         JobStatus.COMPLETED
     )
     assert job.result == b"r" and job.finalized_at is not None
-
-
-# --- Selection.assignee_id: the jobs the assignee holds now --------------------------------
-
-
-async def _held_and_left(backend: Backend) -> None:
-    """w holds 'run' (RUNNING) and 'cxl' (CANCELLING); 'done' was w's, now STOPPED."""
-    now = datetime.now(UTC)
-    await backend.insert(
-        [base.check_new_job(Job(id=i, job_type="t")) for i in ("run", "cxl", "done")]
-    )
-    assert len(await backend.claim("w", (), 3, now)) == 3
-    await backend.apply([base.Change("done", STOP)], now)
-    await backend.apply_selected(base.CANCEL, Selection(job_ids=("cxl",)), now)
-
-
-async def test_an_assignee_selection_selects_only_the_jobs_it_holds_now(
-    make_backend: BackendFactory,
-) -> None:
-    backend = make_backend()
-    async with PoolQueue(backend):  # opens and closes the backend
-        await _held_and_left(backend)
-        now = datetime.now(UTC)
-        mine = Selection(assignee_id="w")
-        # REQUEUE moves STOPPED jobs: 'done' still names w, but is not selected by it
-        out = await backend.apply_selected(REQUEUE, mine, now)
-        assert out.moved == []
-        assert (await backend.get_jobs(["done"]))[0].status is JobStatus.STOPPED
-        # WORKER_LOST moves the two it holds (and would not move a STOPPED one anyway)
-        lost = await backend.apply_selected(base.WORKER_LOST, mine, now)
-        assert sorted((m.job_id, m.status) for m in lost.moved) == [
-            ("cxl", JobStatus.UNKNOWN_STOPPED),
-            ("run", JobStatus.UNKNOWN_RETRY),
-        ]
-        # and once they are no longer held, the assignee selects nothing
-        assert (await backend.apply_selected(REQUEUE, mine, now)).moved == []
-        states = await backend.job_states(["run", "cxl", "done"])
-        assert not {s.status for s in states.values()} & ACTIVE

@@ -15,20 +15,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobpool_async.backends.base import (
-    ACK_EXECUTING,
-    ACK_NOT_EXECUTING,
     CANCEL,
     COMPLETE,
     DISCARD,
     ELIGIBLE,
     FAIL,
     FINAL,
-    LEASE_EXPIRED,
     MARK_UNKNOWN_STOPPED,
-    RELEASE,
     REQUEUE,
     STOP,
-    STOP_WITH_RETRY,
+    TRANSITIONS,
     UPDATE_TO,
     WORKER_LOST,
     Backend,
@@ -55,22 +51,7 @@ T = datetime(2030, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
 
 #: Every transition a queue applies with :meth:`Backend.apply` (assignment is a claim).
-TABLE: list[Transition] = [
-    COMPLETE,
-    FAIL,
-    DISCARD,
-    REQUEUE,
-    STOP,
-    STOP_WITH_RETRY,
-    MARK_UNKNOWN_STOPPED,
-    CANCEL,
-    ACK_EXECUTING,
-    ACK_NOT_EXECUTING,
-    WORKER_LOST,
-    LEASE_EXPIRED,
-    RELEASE,
-    *UPDATE_TO.values(),
-]
+TABLE: list[Transition] = [t for t in TRANSITIONS if not t.assign] + list(UPDATE_TO.values())
 
 #: How :func:`jobs_in` drives a RUNNING job to each status (one apply for all).
 _FROM_RUNNING: dict[JobStatus, Change | None] = {
@@ -357,10 +338,12 @@ class BackendTests:
     async def test_an_assignee_selection_takes_only_its_active_jobs(self, backend: Backend) -> None:
         await jobs_in(
             backend,
-            {"r": S.RUNNING, "c": S.CANCELLING, "f": S.FAILED_RETRY, "done": S.COMPLETED},
+            {"r": S.RUNNING, "c": S.CANCELLING, "f": S.FAILED_RETRY, "s": S.STOPPED},
             assignee="dead",
         )
         await jobs_in(backend, {"alive": S.RUNNING}, assignee="alive")
+        requeue = await backend.apply_selected(REQUEUE, Selection(assignee_id="dead"), at(8))
+        assert requeue.moved == [], "'s' still names its last assignee, but it holds it no more"
         out = await backend.apply_selected(WORKER_LOST, Selection(assignee_id="dead"), at(9))
         assert sorted((m.job_id, m.status) for m in out.moved) == [
             ("c", S.UNKNOWN_STOPPED),
