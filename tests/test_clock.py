@@ -1,0 +1,37 @@
+"""SystemClock: the queue's real timer fires at its time, never before it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from jobpool_async._clock import TIMER_LEAD, SystemClock
+from jobpool_async._models import utcnow
+
+from .conformance._helpers import DEADLINE
+
+
+async def test_a_timer_never_fires_before_its_time() -> None:
+    """It is set :data:`TIMER_LEAD` early (the loop rounds its waits up to whole
+    milliseconds) and sleeps the rest: the callback still never runs early."""
+    clock = SystemClock()
+    for delay_ms in (0.2, 1, 3, 7):
+        fired: asyncio.Future[datetime] = asyncio.get_running_loop().create_future()
+        when = utcnow() + timedelta(milliseconds=delay_ms)
+        clock.call_at(when, lambda f=fired: f.set_result(utcnow()))
+        assert await asyncio.wait_for(fired, DEADLINE) >= when
+    assert TIMER_LEAD <= 0.002  # the most a timer blocks the loop
+
+
+async def test_a_past_time_fires_at_once_and_a_cancelled_timer_never() -> None:
+    clock = SystemClock()
+    calls: list[str] = []
+    done = asyncio.Event()
+    clock.call_at(utcnow() - timedelta(seconds=5), lambda: (calls.append("past"), done.set()))
+    handle = clock.call_at(utcnow() + timedelta(milliseconds=2), lambda: calls.append("cancelled"))
+    handle.cancel()
+    await asyncio.wait_for(done.wait(), DEADLINE)
+    later = asyncio.Event()
+    clock.call_at(utcnow() + timedelta(milliseconds=5), later.set)
+    await asyncio.wait_for(later.wait(), DEADLINE)
+    assert calls == ["past"]
