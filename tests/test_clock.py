@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import datetime, timedelta
 
 from jobpool_async._clock import TIMER_LEAD, SystemClock
@@ -18,7 +19,11 @@ async def test_a_timer_never_fires_before_its_time() -> None:
     for delay_ms in (0.2, 1, 3, 7):
         fired: asyncio.Future[datetime] = asyncio.get_running_loop().create_future()
         when = utcnow() + timedelta(milliseconds=delay_ms)
-        clock.call_at(when, lambda f=fired: f.set_result(utcnow()))
+
+        def note(f: asyncio.Future[datetime] = fired) -> None:
+            f.set_result(utcnow())
+
+        clock.call_at(when, note)
         assert await asyncio.wait_for(fired, DEADLINE) >= when
     assert TIMER_LEAD <= 0.002  # the most a timer blocks the loop
 
@@ -27,8 +32,15 @@ async def test_a_past_time_fires_at_once_and_a_cancelled_timer_never() -> None:
     clock = SystemClock()
     calls: list[str] = []
     done = asyncio.Event()
-    clock.call_at(utcnow() - timedelta(seconds=5), lambda: (calls.append("past"), done.set()))
-    handle = clock.call_at(utcnow() + timedelta(milliseconds=2), lambda: calls.append("cancelled"))
+
+    def past() -> None:
+        calls.append("past")
+        done.set()
+
+    clock.call_at(utcnow() - timedelta(seconds=5), past)
+    handle = clock.call_at(
+        utcnow() + timedelta(milliseconds=2), functools.partial(calls.append, "cancelled")
+    )
     handle.cancel()
     await asyncio.wait_for(done.wait(), DEADLINE)
     later = asyncio.Event()
