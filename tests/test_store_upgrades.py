@@ -29,6 +29,7 @@ import pytest
 
 from jobpool_async import Backend, Job, JobStatus, PoolQueue, StorageError
 from jobpool_async.backends.leveldb import LevelDBBackend
+from jobpool_async.backends.sqlite import SCHEMA_VERSION as SQLITE_VERSION
 from jobpool_async.backends.sqlite import SQLiteBackend
 from jobpool_async.testing import FakeClock
 
@@ -37,6 +38,8 @@ from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
 FIXTURES = Path(__file__).parent / "fixtures" / "stores"
 #: The stores of the version before schedules and priorities (main at 64c066e).
 PREVIOUS = FIXTURES / "v0.1-64c066e"
+#: The stores of schema version 2 of SQLite (main at 647893d), with timed jobs.
+VERSION_2 = FIXTURES / "v0.2-647893d"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -180,15 +183,74 @@ async def test_sqlite_refuses_a_newer_store_naming_both_versions(tmp_path: Path)
     shutil.copy(PREVIOUS / "sqlite.db", path)
     async with PoolQueue(SQLiteBackend(path)):
         pass
+    newer = SQLITE_VERSION + 1
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute(f"PRAGMA user_version = {newer}")
     conn.close()
-    with pytest.raises(StorageError, match=r"version 3.*version 2"):
+    with pytest.raises(StorageError, match=rf"version {newer}.*version {SQLITE_VERSION}"):
         async with PoolQueue(SQLiteBackend(path)):
             pass
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3, "left as it was"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == newer, "left as it was"
     conn.close()
+
+
+# --- SQLite store version 2 (schedules, before jobs_list_state) --------------------------------
+
+
+def _indexes(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        conn.close()
+
+
+async def test_sqlite_store_of_version_2_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 2 → 3: the status listing index is rebuilt COMPLETED-last; every job (with
+    its schedule, priority and attempt limit), counter and listing page is kept."""
+    want = json.loads((VERSION_2 / "expected.json").read_text())["sqlite"]
+    path = tmp_path / "v2.db"
+    shutil.copy(VERSION_2 / "sqlite.db", path)
+    assert "jobs_list_idle" in _indexes(path)
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # upgraded once, then opened as it is
+        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+            jobs = await q.get_jobs(ids)
+            assert [j.id for j in jobs] == ids
+            for job, old in zip(jobs, want["jobs"], strict=True):
+                for field, raw in old.items():
+                    assert getattr(job, field) == _value(field, raw), (job.id, field)
+            stats = await q.get_job_stats()
+            assert stats.total_jobs == want["stats"]["total_jobs"]
+            assert stats.total_retries == want["stats"]["total_retries"]
+            # Every status lists the same jobs as a scan, newest first.
+            for status in JobStatus:
+                page = await q.list_jobs(statuses=[status], limit=1000)
+                listed = [(j.created_at, j.id) for j in page.jobs]
+                scanned = sorted((j.created_at, j.id) for j in jobs if j.status is status)
+                assert listed == scanned[::-1], status
+    names = _indexes(path)
+    assert "jobs_list_state" in names and "jobs_list_idle" not in names
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SQLITE_VERSION
+    conn.close()
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        # Claims keep the order: priority, then due key (the due scheduled job is
+        # promoted), and the one scheduled for 2035 waits.
+        eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
+        eligible.sort(key=lambda j: (-j.priority, j.sort_key, ids.index(j.id)))
+        taken: list[str] = []
+        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
+            while len(taken) < len(eligible):
+                (job,) = await stream.__anext__()
+                taken.append(job.id)
+                await q.complete_job(job.id, b"ok")
+        assert taken == [j.id for j in eligible]
+        assert taken[0] == "prio-high" and taken[-1] == "sched-due"
+        done = await q.list_jobs(statuses=[JobStatus.COMPLETED], limit=1000)
+        assert set(taken) <= {j.id for j in done.jobs}
 
 
 # --- a crash during the upgrade -------------------------------------------------------------
@@ -285,7 +347,7 @@ async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
             assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
             if name == "sqlite":
                 state = _sqlite_schema(Path(where))
-                assert state == old_sqlite or state[0] == 2, f"a mix (seed {seed})"
+                assert state == old_sqlite or state[0] == SQLITE_VERSION, f"a mix (seed {seed})"
             # Whatever the crash left opens, upgraded, with every job intact.
             want = expected(name)
             async with PoolQueue(factory()) as q:
