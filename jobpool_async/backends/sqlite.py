@@ -881,12 +881,21 @@ def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_
         max_attempts="c_max" if timed else "NULL",
     )
     columns = "c_id, c_result, c_error, c_sched, c_max" if timed else "c_id, c_result, c_error"
+    returning = "jobs.id, jobs.status, jobs.assigned_at"
+    if _may_make_eligible(transition):  # tags wake streams; wait_until arms the timer
+        returning += ", jobs.tags, jobs.wait_until"
     return (
         f"WITH c({columns}) AS (VALUES {values}) "
         f"UPDATE jobs SET {sets} FROM c WHERE jobs.id = c.c_id "
-        f"AND {_one_of(transition.sources)} "
-        "RETURNING jobs.id, jobs.status, jobs.tags, jobs.assigned_at, jobs.wait_until"
+        f"AND {_one_of(transition.sources)} RETURNING {returning}"
     )
+
+
+def _may_make_eligible(transition: Transition) -> bool:
+    """Whether a move by ``transition`` can leave a job eligible (then its :class:`Moved`
+    needs the tags and the due time; otherwise neither is read back: a completion
+    returns three columns, not five)."""
+    return any(t in ELIGIBLE for t in (*transition.moves.values(), *transition.exhausted.values()))
 
 
 def _apply(
@@ -935,6 +944,12 @@ def _move_chunk(
         with_result = with_result or c.result is not None
         with_error = with_error or c.error_message is not None
     sql = _apply_sql(transition, len(chunk), with_result, with_error)
+    rows = conn.execute(sql, params).fetchall()
+    if not _may_make_eligible(transition):
+        return {
+            job_id: Moved(job_id, _STATUS[status], _dt(assigned_at))
+            for job_id, status, assigned_at in rows
+        }
     return {
         job_id: Moved(
             job_id,
@@ -943,7 +958,7 @@ def _move_chunk(
             _tag_tuple(tags),
             None if wait is None or _STATUS[status] not in ELIGIBLE else _dt(wait),
         )
-        for job_id, status, tags, assigned_at, wait in conn.execute(sql, params).fetchall()
+        for job_id, status, assigned_at, tags, wait in rows
     }
 
 
