@@ -3,8 +3,9 @@
 * Tables live in their own PostgreSQL schema (``schema=``), created and versioned
   on :meth:`PostgresBackend.open` under an advisory lock, so several processes may
   open the same store at once.
-* Claiming is one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
-  RETURNING …`` statement over a partial index of eligible jobs in selection order.
+* Claiming is one ``UPDATE … WHERE ctid IN (SELECT ctid … FOR UPDATE SKIP LOCKED
+  LIMIT n) RETURNING …`` statement over a partial index of eligible jobs in
+  selection order (the locked rows are fetched again by tuple id, not by key).
 * Every move is a compare-and-set on the current status inside its statement; the
   ``SET`` clauses are compiled from the transition table (``_sql.py``).
 * Waking across processes is pushed with ``LISTEN/NOTIFY``: every statement that
