@@ -35,7 +35,7 @@ from jobpool_async import (
     StorageError,
     open_backend,
 )
-from jobpool_async.backends.base import WORKER_LOST, Moved, Selection
+from jobpool_async.backends.base import COMPLETE, WORKER_LOST, Moved, Selection
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
 from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
@@ -978,6 +978,8 @@ async def test_killed_worker_process_is_recovered_with_mark_worker_unresponsive(
 
 
 async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> None:
+    """A claim walks the eligible index and fetches the rows it locked again by tuple
+    id (no second lookup in the primary key); so does a refill's claim."""
     b = backend(dsn, schema)
     await b.open()
     try:
@@ -993,6 +995,12 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
             plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + statement, *args))
             assert "Seq Scan" not in plan, plan
             assert "jobs_eligible" in plan, plan
+            assert "Tid Scan" in plan and "jobs_pkey" not in plan, plan
+        refill = b._sql.apply(COMPLETE, True, False)
+        args = (["job-0"], None, None, now, "w", None, "n")
+        plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + refill, *args))
+        assert "Seq Scan" not in plan and "jobs_eligible" in plan, plan
+        assert "Tid Scan" in plan, plan
     finally:
         await b.close()
 
