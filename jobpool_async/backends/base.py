@@ -22,7 +22,9 @@ multi-process store: every operation is one call (one transaction), and each cal
 returns what the queue needs to free the right stream slots and wake the right
 streams (:class:`Moved` records), so no second round trip is needed.
 
-Rules every implementation follows (the conformance suite checks them):
+Rules every implementation follows (``docs/backends.md`` says them in full, and the
+conformance kit :class:`jobpool_async.testing.BackendConformance` checks them on any
+backend):
 
 * Moves are decided only by the :class:`Transition` table above, as a
   compare-and-set on the current status inside the same transaction.

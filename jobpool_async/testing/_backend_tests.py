@@ -40,6 +40,7 @@ from jobpool_async.backends.base import (
     Refill,
     Selection,
     Transition,
+    check_new_job,
     refill_limit,
     utcnow,
 )
@@ -71,7 +72,8 @@ def at(seconds: float) -> datetime:
 
 
 def new(job_id: str, *tags: str, **fields: object) -> Job:
-    return Job(id=job_id, job_type="kit", tags=list(tags), **fields)  # type: ignore[arg-type]
+    """A new job as the queue hands it to :meth:`Backend.insert` (validated)."""
+    return check_new_job(Job(id=job_id, job_type="kit", tags=list(tags), **fields))  # type: ignore[arg-type]
 
 
 async def jobs_in(
