@@ -35,8 +35,8 @@ class JobNotFoundError(JobPoolError, LookupError):
 class DuplicateJobError(JobPoolError):
     """A job with this id already exists (or appears twice in one batch)."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id!r} already exists")
+    def __init__(self, job_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"job {job_id!r} already exists")
         self.job_id = job_id
 
 

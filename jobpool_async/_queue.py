@@ -21,7 +21,13 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
-from ._errors import BatchError, JobNotFoundError, QueueClosedError, StorageError
+from ._errors import (
+    BatchError,
+    DuplicateJobError,
+    JobNotFoundError,
+    QueueClosedError,
+    StorageError,
+)
 from ._leases import DEFAULT_LEASE, Lease, LeaseKeeper, check_lease
 from ._listing import JobPage, ListQuery, encode_cursor
 from ._models import (
@@ -427,6 +433,8 @@ class PoolQueue:
             clean.append(check_new_job(job))
             if len(clean) % _VALIDATE_CHUNK == 0:
                 await asyncio.sleep(0)  # keep the event loop responsive for huge batches
+        if if_exists == "error":  # backends take distinct ids: input arrives validated
+            _check_distinct(clean)
         await self._ready()
         if not clean:
             return []
@@ -1012,6 +1020,17 @@ class PoolQueue:
         if not clean_tags and not ids:
             raise ValueError(f"{what} needs tags or job_ids (both were empty)")
         return Selection(job_ids=tuple(dict.fromkeys(ids)), tags=tuple(clean_tags))
+
+
+def _check_distinct(jobs: list[Job]) -> None:
+    """Raise :class:`DuplicateJobError` for an id that stands twice in one batch."""
+    if len({job.id for job in jobs}) == len(jobs):
+        return
+    seen: set[str] = set()
+    for job in jobs:
+        if job.id in seen:
+            raise DuplicateJobError(job.id, f"job id {job.id!r} appears twice in one batch")
+        seen.add(job.id)
 
 
 def _warn_unclosed(name: str) -> None:

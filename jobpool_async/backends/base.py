@@ -282,7 +282,8 @@ class Backend(abc.ABC):
     async def insert(self, jobs: Sequence[Job]) -> None:
         """Store new ``INITIAL_PENDING`` jobs, all or nothing.
 
-        Raises :class:`DuplicateJobError` if an id exists or repeats in ``jobs``.
+        Raises :class:`DuplicateJobError` if an id exists. The ids in ``jobs`` are
+        distinct (the queue checks).
         """
 
     def check_connection(self, connection: object) -> None:
@@ -306,8 +307,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
-        """Store the jobs of ``jobs`` whose id is not stored (nor earlier in ``jobs``),
-        in one transaction; return their ids in input order (``if_exists="ignore"``)."""
+        """Store the jobs of ``jobs`` (distinct ids) whose id is not stored, in one
+        transaction; return their ids in input order (``if_exists="ignore"``)."""
 
     @abc.abstractmethod
     async def claim(

@@ -72,44 +72,28 @@ import os
 import struct
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import _leveldb_codec as codec
 from ._files import check_parent
+from ._records import LeaseTimes, RecordStore
 from ._thread import WorkerThread
 from .base import (
     ACTIVE,
     ASSIGN,
     ELIGIBLE,
-    LEASE_EXPIRED,
-    ApplyOutcome,
-    Backend,
-    Change,
-    DuplicateJobError,
-    InvalidTransitionError,
     Job,
-    JobNotFoundError,
     JobPoolError,
-    JobsNotFinalError,
     JobState,
     JobStatus,
-    Lease,
     LeaseRow,
     ListQuery,
     Moved,
     Refill,
-    Selection,
-    SelectOutcome,
     StorageError,
     Transition,
-    aggregate,
-    plan_rescue,
-    refill_limit,
-)
-from .base import (
-    apply_transition as apply,
 )
 
 __all__ = ["LevelDBBackend", "RepairReport"]
@@ -395,7 +379,13 @@ class _Write:
         self._add_keys(job, new_keys)
 
 
-class LevelDBBackend(Backend):
+#: A job as read (a private copy) and its enqueue sequence number.
+_Record = tuple[Job, int]
+#: A job's id bytes, status code, retry count and index keys before it moves.
+_Prior = tuple[bytes, int, int, list[bytes]]
+
+
+class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
     """Jobs in a LevelDB directory (created if missing), used by one process at a time.
 
     ``sync=True`` makes every write wait for the disk (survives an OS crash, not
@@ -610,7 +600,7 @@ class LevelDBBackend(Backend):
 
     # --- staging and writing ------------------------------------------------------
 
-    def _read_job(self, job_id: str) -> tuple[Job, int] | None:
+    def _read(self, job_id: str) -> _Record | None:
         """A private copy of the job (and its seq), from the active cache or the store."""
         cached = self._active.get(job_id)
         if cached is not None:
@@ -665,43 +655,53 @@ class LevelDBBackend(Backend):
             elif eligible:
                 eligible.pop(codec.id_bytes(job_id), None)
 
-    def _stage_move(
-        self,
-        w: _Write,
-        job: Job,
-        seq: int,
-        transition: Transition,
-        now: datetime,
-        *,
-        result: bytes | None = None,
-        error_message: str | None = None,
-        assignee_id: str | None = None,
-        scheduled_at: datetime | None = None,
-        max_attempts: int | None = None,
-    ) -> JobStatus | None:
-        """Move ``job`` (a private copy) by ``transition`` and stage what changes."""
-        if transition.target_of(job.status) is None:
-            return None
-        old_code = codec.CODE_OF[job.status]
-        old_retries = job.retry_count
+    def _job(self, record: _Record) -> Job:
+        return record[0]
+
+    def _snapshot(self, record: _Record) -> Job:
+        return record[0]  # already a private copy
+
+    def _exists(self, job_id: str) -> bool:
+        return self._db.get(_JOB + codec.id_bytes(job_id)) is not None
+
+    def _stage(self) -> _Write:
+        return _Write(self._promoted)
+
+    def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
+        seq = self._next_seq
+        room = len(self._eligible) < _MAX_ELIGIBLE
+        for job in jobs:
+            job_key = codec.id_bytes(job.id)
+            w.put(_JOB + job_key, codec.encode_job(job, seq))
+            for key in _static_keys(job, job_key):
+                w.put(key, b"")
+            w.index(job, seq, job_key)
+            if room:  # a private copy: the caller keeps its Job
+                w.touched[job.id] = (job.copy(), seq)
+            seq += 1
+        w.next_seq = seq
+
+    def _before_move(self, w: _Write, record: _Record) -> _Prior:
+        job, seq = record
         idb = job.id.encode("utf-8", "surrogatepass")
-        old_keys = _index_keys(job, seq, idb, w.promoted)
-        new = apply(
-            job,
-            transition,
-            now,
-            result=result,
-            error_message=error_message,
-            assignee_id=assignee_id,
-            scheduled_at=scheduled_at,
-            max_attempts=max_attempts,
+        return (
+            idb,
+            codec.CODE_OF[job.status],
+            job.retry_count,
+            _index_keys(job, seq, idb, w.promoted),
         )
+
+    def _after_move(
+        self, w: _Write, record: _Record, prior: _Prior, transition: Transition
+    ) -> None:
+        job, seq = record
+        idb, old_code, old_retries, old_keys = prior
         w.moved(job, seq, idb, old_code, old_retries, old_keys)
         w.puts[_JOB + idb] = codec.encode_job(job, seq)
-        w.touched[job.id] = (job, seq)
-        return new
+        w.touched[job.id] = record
 
-    def _stage_remove(self, w: _Write, job: Job, seq: int) -> None:
+    def _stage_remove(self, w: _Write, record: _Record) -> None:
+        job, seq = record
         job_key = codec.id_bytes(job.id)
         w.unindex(job, seq, job_key)
         for key in _static_keys(job, job_key):
@@ -723,37 +723,18 @@ class LevelDBBackend(Backend):
         total, tag = min(sizes)
         return tag, total
 
-    def _with_all_tags(self, tags: Sequence[str]) -> Iterator[tuple[Job, int]]:
+    def _smallest_tag_ids(self, tags: Sequence[str]) -> Iterator[str]:
         tag, total = self._smallest_tag(tags)
-        if not total:
-            return
-        wanted = set(tags)
-        for job_id in self._scan_ids(_TAG + codec.enc(tag)):
-            found = self._read_job(job_id)
-            if found is None:
-                raise StorageError(f"tag index names job {job_id!r}, which has no record")
-            if wanted.issubset(found[0].tags):
-                yield found
+        return self._scan_ids(_TAG + codec.enc(tag)) if total else iter(())
 
-    def _select(self, selection: Selection, transition: Transition | None) -> list[tuple[Job, int]]:
-        if selection.everything:
-            if transition is not None and transition.sources <= ACTIVE:
-                return self._read_existing(list(self._active_ids()))
-            with self._db.iterator(prefix=_JOB, include_key=False) as it:
-                return [codec.decode_job(raw) for raw in it]
-        if selection.assignee_id is not None:
-            prefix = _ASSIGNEE + codec.enc(selection.assignee_id)
-            return self._read_existing(list(self._scan_ids(prefix)))
-        chosen: dict[str, tuple[Job, int]] = {}
-        for job_id in selection.job_ids:
-            if job_id not in chosen:
-                found = self._read_job(job_id)
-                if found is not None:
-                    chosen[job_id] = found
-        if selection.tags:
-            for found in self._with_all_tags(selection.tags):
-                chosen.setdefault(found[0].id, found)
-        return list(chosen.values())
+    def _everything(self, transition: Transition | None) -> list[_Record]:
+        if transition is not None and transition.sources <= ACTIVE:
+            return self._read_existing(self._active_ids())
+        with self._db.iterator(prefix=_JOB, include_key=False) as it:
+            return [codec.decode_job(raw) for raw in it]
+
+    def _assignee_ids(self, assignee_id: str) -> Iterator[str]:
+        return self._scan_ids(_ASSIGNEE + codec.enc(assignee_id))
 
     def _keys(self, prefix: bytes) -> list[bytes]:
         with self._db.iterator(prefix=prefix, include_value=False) as it:
@@ -764,56 +745,13 @@ class LevelDBBackend(Backend):
             _, end = codec.split_enc(key, 1)
             yield codec.id_text(key[end:])
 
-    def _read_existing(self, ids: Iterable[str]) -> list[tuple[Job, int]]:
-        out = []
-        for job_id in ids:
-            found = self._read_job(job_id)
-            if found is None:
-                raise StorageError(f"an index names job {job_id!r}, which has no record")
-            out.append(found)
-        return out
-
     # --- the contract -------------------------------------------------------------
-
-    async def insert(self, jobs: Sequence[Job]) -> None:
-        await self._run(self._insert, list(jobs))
-
-    def _insert(self, jobs: list[Job]) -> None:
-        seen: set[str] = set()
-        get = self._db.get
-        for job in jobs:
-            if job.id in seen or get(_JOB + codec.id_bytes(job.id)) is not None:
-                raise DuplicateJobError(job.id)
-            seen.add(job.id)
-        w = _Write(self._promoted)
-        seq = self._next_seq
-        room = len(self._eligible) < _MAX_ELIGIBLE
-        for job in jobs:
-            job_key = codec.id_bytes(job.id)
-            w.put(_JOB + job_key, codec.encode_job(job, seq))
-            for key in _static_keys(job, job_key):
-                w.put(key, b"")
-            w.index(job, seq, job_key)
-            if room:  # a private copy: the caller keeps its Job
-                w.touched[job.id] = (job.copy(), seq)
-            seq += 1
-        w.next_seq = seq
-        self._commit(w)
-
-    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
-        return await self._run(self._insert_new, list(jobs))
-
-    def _insert_new(self, jobs: list[Job]) -> list[str]:
-        get = self._db.get
-        fresh = [job for job in jobs if get(_JOB + codec.id_bytes(job.id)) is None]
-        if fresh:
-            self._insert(fresh)
-        return [job.id for job in fresh]
 
     def next_due(self) -> datetime | None:
         return self._next_due
 
-    def _moved(self, job: Job, new: JobStatus) -> Moved:
+    def _moved(self, record: _Record, new: JobStatus) -> Moved:
+        job = record[0]
         due = job.scheduled_at
         if due is not None and new in ELIGIBLE and codec.to_micros(due) > self._promoted:
             return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
@@ -831,7 +769,7 @@ class LevelDBBackend(Backend):
         w = _Write(now_us)
         for key in keys:
             idb = key[17:]
-            found = self._read_job(codec.id_text(idb))
+            found = self._read(codec.id_text(idb))
             if found is None or found[0].status not in ELIGIBLE:
                 raise StorageError(f"waiting index names job {codec.id_text(idb)!r} out of step")
             job, seq = found
@@ -840,12 +778,7 @@ class LevelDBBackend(Backend):
         self._commit(w)
         self._next_due = _first_waiting(self._db)
 
-    async def claim(
-        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
-    ) -> list[Job]:
-        return await self._run(self._claim, assignee_id, list(tags), limit, now)
-
-    def _claim(self, assignee_id: str, tags: list[str], limit: int, now: datetime) -> list[Job]:
+    def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
         if limit < 1:
             return []
         if self._next_due is not None and self._next_due <= now:
@@ -892,8 +825,8 @@ class LevelDBBackend(Backend):
         if not picked:
             return []
         w = _Write(self._promoted)
-        for job, seq in picked:
-            self._stage_move(w, job, seq, ASSIGN, now, assignee_id=assignee_id)
+        for found in picked:
+            self._stage_move(w, found, ASSIGN, now, assignee_id=assignee_id)
         self._commit(w)
         if first_left is None:
             assert last is not None
@@ -902,104 +835,14 @@ class LevelDBBackend(Backend):
             self._floors[prefix] = first_left
         return [job.copy() for job, _ in picked]  # the staged objects stay in the cache
 
-    async def apply(
-        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
-    ) -> ApplyOutcome:
-        return await self._run(self._apply, list(changes), now, refill)
-
-    def _apply(self, changes: list[Change], now: datetime, refill: Refill | None) -> ApplyOutcome:
-        out = ApplyOutcome()
-        w = _Write(self._promoted)
-        for change in changes:
-            found = self._read_job(change.job_id)
-            if found is None:
-                out.errors[change.job_id] = JobNotFoundError(change.job_id)
-                continue
-            job, seq = found
-            current = job.status
-            new = self._stage_move(
-                w,
-                job,
-                seq,
-                change.transition,
-                now,
-                result=change.result,
-                error_message=change.error_message,
-                scheduled_at=change.scheduled_at,
-                max_attempts=change.max_attempts,
-            )
-            if new is None:
-                out.errors[change.job_id] = InvalidTransitionError(
-                    change.job_id, current, change.transition.target
-                )
-            else:
-                out.moved.append(self._moved(job, new))
-        if out.moved:
-            self._commit(w)
-        if refill is not None:
-            # A second atomic batch, in the same hop. (Claiming inside the first one
-            # would have to see its staged, unwritten moves.)
-            limit = refill_limit(refill, out.moved)
-            if limit:
-                try:
-                    out.claimed = self._claim(refill.assignee_id, list(refill.tags), limit, now)
-                except (JobPoolError, self._plyvel.Error) as exc:
-                    if isinstance(exc, self._plyvel.IOError):
-                        self._suspect = True
-                    logger.warning(
-                        "claim after an apply failed; the stream claims later", exc_info=True
-                    )
-        return out
-
-    async def apply_selected(
-        self,
-        transition: Transition,
-        selection: Selection,
-        now: datetime,
-        *,
-        report_unmatched: bool = False,
-        scheduled_at: datetime | None = None,
-    ) -> SelectOutcome:
-        return await self._run(
-            self._apply_selected, transition, selection, now, report_unmatched, scheduled_at
-        )
-
-    def _apply_selected(
-        self,
-        transition: Transition,
-        selection: Selection,
-        now: datetime,
-        report_unmatched: bool,
-        scheduled_at: datetime | None,
-    ) -> SelectOutcome:
-        out = SelectOutcome()
-        selected = self._select(selection, transition)
-        if report_unmatched:
-            present = {job.id for job, _ in selected}
-            out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in present]
-            out.unmatched.extend(out.missing)
-        w = _Write(self._promoted)
-        for job, seq in selected:
-            new = self._stage_move(w, job, seq, transition, now, scheduled_at=scheduled_at)
-            if new is None:
-                if report_unmatched:
-                    out.unmatched.append(job.id)
-            else:
-                out.moved.append(self._moved(job, new))
-        if out.moved:
-            self._commit(w)
-        return out
-
-    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
-        return await self._run(self._get_jobs, list(job_ids))
-
-    def _get_jobs(self, job_ids: list[str]) -> list[Job]:
-        out = []
-        for job_id in job_ids:
-            found = self._read_job(job_id)
-            if found is not None:
-                out.append(found[0])
-        return out
+    def _claim_for_refill(self, refill: Refill, limit: int, now: datetime) -> list[Job]:
+        try:
+            return self._claim(refill.assignee_id, refill.tags, limit, now)
+        except (JobPoolError, self._plyvel.Error) as exc:
+            if isinstance(exc, self._plyvel.IOError):
+                self._suspect = True
+            logger.warning("claim after an apply failed; the stream claims later", exc_info=True)
+            return []
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         return await self._run(self._job_states, list(job_ids))
@@ -1013,37 +856,12 @@ class LevelDBBackend(Backend):
                 out[job_id] = JobState(status, assigned_at)
         return out
 
-    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
-        return await self._run(self._count_by_status, list(tags))
-
-    def _count_by_status(self, tags: list[str]) -> tuple[dict[JobStatus, int], int]:
+    def _kept_counts(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int] | None:
         if not tags:
             return self._counts.as_counts()
         if len(tags) == 1:
             return self._tag_counters(tags[0]).as_counts()
-        counters = codec.Counters()
-        for job, _ in self._with_all_tags(tags):
-            counters.add(codec.CODE_OF[job.status], job.retry_count, +1)
-        return counters.as_counts()
-
-    async def delete(self, selection: Selection) -> int:
-        return await self._run(self._delete, selection)
-
-    def _delete(self, selection: Selection) -> int:
-        selected = self._select(selection, None)
-        not_final = [job.id for job, _ in selected if not job.status.is_final]
-        if not_final:
-            raise JobsNotFinalError(not_final)
-        if not selected:
-            return 0
-        w = _Write(self._promoted)
-        for job, seq in selected:
-            self._stage_remove(w, job, seq)
-        self._commit(w)
-        return len(selected)
-
-    async def delete_completed_before(self, cutoff: datetime) -> int:
-        return await self._run(self._delete_completed_before, cutoff)
+        return None
 
     async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
         return await self._run(self._oldest_created, statuses)
@@ -1076,7 +894,7 @@ class LevelDBBackend(Backend):
         out: list[Job] = []
         try:
             for _, raw_id in keys:
-                found = self._read_job(codec.id_text(raw_id))
+                found = self._read(codec.id_text(raw_id))
                 if found is None:
                     raise StorageError(f"listing index names job {raw_id!r}, which has no record")
                 if query.matches(found[0]):
@@ -1101,142 +919,50 @@ class LevelDBBackend(Backend):
             for key in it:
                 yield key[n : n + 8], key[n + 8 :]
 
-    def _delete_completed_before(self, cutoff: datetime) -> int:
+    def _completed_ids(self, cutoff: datetime) -> list[str]:
         stop = _DONE + codec.u64(codec.to_micros(cutoff) + 1)
         with self._db.iterator(start=_DONE, stop=stop, include_value=False) as it:
-            ids = [codec.id_text(key[17:]) for key in it]
-        if not ids:
-            return 0
-        w = _Write(self._promoted)
-        for job, seq in self._read_existing(ids):
-            if job.status is not JobStatus.COMPLETED:
-                raise StorageError(f"completed index names job {job.id!r} out of step")
-            self._stage_remove(w, job, seq)
-        self._commit(w)
-        return len(ids)
+            return [codec.id_text(key[17:]) for key in it]
 
-    # --- leases -------------------------------------------------------------------
+    # --- leases ---------------------------------------------------------------------
 
-    async def renew_leases(
-        self,
-        holder: str,
-        renew: Sequence[str],
-        release: Sequence[str],
-        lease: timedelta,
-        now: datetime,
-    ) -> None:
-        await self._run(self._renew_leases, holder, list(renew), list(release), lease, now)
+    def _lease_key(self, assignee_id: str, holder: str) -> bytes:
+        return _LEASE + codec.enc(assignee_id) + holder.encode("utf-8", "surrogatepass")
 
-    def _renew_leases(
-        self, holder: str, renew: list[str], release: list[str], lease: timedelta, now: datetime
-    ) -> None:
-        hb = holder.encode("utf-8", "surrogatepass")
-        now_us = codec.to_micros(now)
-        expires = codec.to_micros(now + lease)
-        wb = self._db.write_batch(sync=self.sync)
-        for assignee in renew:
-            key = _LEASE + codec.enc(assignee) + hb
-            old = self._db.get(key)
-            first = now_us if old is None else _LEASE_TIMES.unpack(old)[0]
-            wb.put(key, _LEASE_TIMES.pack(first, now_us, expires))
-        for assignee in release:
-            wb.delete(_LEASE + codec.enc(assignee) + hb)
-        wb.write()
-
-    def _lease_rows(self, prefix: bytes = _LEASE) -> list[LeaseRow]:
+    def _lease_rows(self, assignee_id: str | None = None) -> list[LeaseRow]:
+        prefix = _LEASE if assignee_id is None else _LEASE + codec.enc(assignee_id)
         rows: list[LeaseRow] = []
         with self._db.iterator(prefix=prefix) as it:
             for key, value in it:
                 assignee, end = codec.split_enc(key, 1)
-                first, renewed, expires = _LEASE_TIMES.unpack(value)
-                rows.append(
-                    (
-                        assignee,
-                        key[end:].decode("utf-8", "surrogatepass"),
-                        codec.from_micros(first),
-                        codec.from_micros(renewed),
-                        codec.from_micros(expires),
-                    )
-                )
+                holder = key[end:].decode("utf-8", "surrogatepass")
+                rows.append((assignee, holder, *_lease_times(value)))
         return rows
 
-    async def list_leases(self) -> list[Lease]:
-        return aggregate(await self._run(self._lease_rows))
+    def _lease(self, assignee_id: str, holder: str) -> LeaseTimes | None:
+        raw = self._db.get(self._lease_key(assignee_id, holder))
+        return None if raw is None else _lease_times(raw)
 
-    def _expired(self, assignee: str, now: datetime) -> bool:
-        return all(row[4] <= now for row in self._lease_rows(_LEASE + codec.enc(assignee)))
-
-    async def rescue_expired(
-        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
-    ) -> list[Moved]:
-        seen, forget = await self._run(self._rescue_read, now, forget_after)
-        if not seen and not forget:
-            return []
-        await self._after_rescue_read()
-        return await self._run(
-            self._rescue_write, seen, forget, now, now - forget_after, max_attempts
-        )
-
-    def _rescue_read(
-        self, now: datetime, forget_after: timedelta
-    ) -> tuple[_RescueSeen, tuple[tuple[str, str], ...]]:
-        plan = plan_rescue(self._lease_rows(), now, forget_after)
-        seen: _RescueSeen = []
-        for assignee in sorted(plan.expired):
-            ids = self._scan_ids(_ASSIGNEE + codec.enc(assignee))
-            for job, _ in self._read_existing(list(ids)):
-                seen.append((job.id, job.status, job.assignee_id, job.assigned_at))
-        return seen, plan.forget
-
-    def _rescue_write(
-        self,
-        seen: _RescueSeen,
-        forget: tuple[tuple[str, str], ...],
-        now: datetime,
-        cutoff: datetime,
-        max_attempts: int | None,
-    ) -> list[Moved]:
-        """The compare-and-set: only jobs exactly as read, of assignees still expired."""
-        w = _Write(self._promoted)
-        moved: list[Moved] = []
-        expired: dict[str, bool] = {}
-        for job_id, status, assignee, assigned_at in seen:
-            if assignee not in expired:
-                expired[assignee] = self._expired(assignee, now)
-            found = self._read_job(job_id) if expired[assignee] else None
-            if found is None:
-                continue
-            job, seq = found
-            if (
-                job.status is status
-                and job.assignee_id == assignee
-                and job.assigned_at == assigned_at
-            ):
-                new = self._stage_move(w, job, seq, LEASE_EXPIRED, now, max_attempts=max_attempts)
-                assert new is not None
-                moved.append(self._moved(job, new))
-        for assignee, holder in forget:
-            key = _LEASE + codec.enc(assignee) + holder.encode("utf-8", "surrogatepass")
-            raw = self._db.get(key)
-            if raw is None or codec.from_micros(_LEASE_TIMES.unpack(raw)[2]) >= cutoff:
-                continue
-            if self._expired(assignee, now) and self._has_active(assignee, w):
-                continue  # an expired assignee is forgotten only once it has no job
+    def _stage_lease(
+        self, w: _Write, assignee_id: str, holder: str, times: LeaseTimes | None
+    ) -> None:
+        key = self._lease_key(assignee_id, holder)
+        if times is None:
             w.delete(key)
-        if moved or w.deletes:
-            self._commit(w)
-        return moved
+        else:
+            w.put(key, _LEASE_TIMES.pack(*map(codec.to_micros, times)))
 
-    def _has_active(self, assignee: str, w: _Write) -> bool:
-        """Whether ``assignee`` has a RUNNING/CANCELLING job once ``w`` is written."""
-        for job_id in self._scan_ids(_ASSIGNEE + codec.enc(assignee)):
+    def _has_active(self, assignee_id: str, w: _Write) -> bool:
+        for job_id in self._assignee_ids(assignee_id):
             entry = w.touched.get(job_id)
             if job_id not in w.touched or (entry is not None and entry[0].status in ACTIVE):
                 return True
         return False
 
 
-_RescueSeen = list[tuple[str, JobStatus, str, datetime | None]]
+def _lease_times(raw: bytes) -> LeaseTimes:
+    first, renewed, expires = _LEASE_TIMES.unpack(raw)
+    return codec.from_micros(first), codec.from_micros(renewed), codec.from_micros(expires)
 
 
 def _first_waiting(db: Any) -> datetime | None:

@@ -21,51 +21,40 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
 from sortedcontainers import SortedList
 
+from ._records import LeaseTimes, RecordStore
 from .base import (
     ACTIVE,
     ASSIGN,
     ELIGIBLE,
-    LEASE_EXPIRED,
-    ApplyOutcome,
-    Backend,
-    Change,
-    DuplicateJobError,
-    InvalidTransitionError,
     Job,
-    JobNotFoundError,
-    JobsNotFinalError,
     JobState,
     JobStatus,
-    Lease,
     LeaseRow,
     ListQuery,
     Moved,
-    Refill,
-    Selection,
-    SelectOutcome,
     Transition,
-    aggregate,
-    plan_rescue,
-    refill_limit,
-)
-from .base import (
-    apply_transition as apply,
 )
 
 __all__ = ["MemoryBackend"]
 
+_T = TypeVar("_T")
 _Key = tuple[int, datetime, int, str]
 _WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
 
 
-class MemoryBackend(Backend):
-    """Jobs kept in this process's memory; gone when the process ends."""
+class MemoryBackend(RecordStore[Job, None, None]):
+    """Jobs kept in this process's memory; gone when the process ends.
+
+    The records are the stored jobs themselves; staging changes them and their
+    indexes at once (no ``await`` until the call returns), so commit has nothing left
+    to do."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
@@ -88,7 +77,7 @@ class MemoryBackend(Backend):
         self._listed_by_type: dict[str, SortedList[_Listed]] = {}
         self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
         #: Lease records: (assignee, holder) -> (first_seen_at, renewed_at, expires_at).
-        self._leases: dict[tuple[str, str], tuple[datetime, datetime, datetime]] = {}
+        self._leases: dict[tuple[str, str], LeaseTimes] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(jobs={len(self._jobs)}, id={id(self):#x})"
@@ -155,76 +144,30 @@ class MemoryBackend(Backend):
             assert job.finalized_at is not None
             self._completed.add((job.finalized_at, self._seq[job.id], job.id))
 
-    def _move(
-        self,
-        job: Job,
-        transition: Transition,
-        now: datetime,
-        *,
-        result: bytes | None = None,
-        error_message: str | None = None,
-        assignee_id: str | None = None,
-        scheduled_at: datetime | None = None,
-        max_attempts: int | None = None,
-    ) -> JobStatus | None:
-        if transition.target_of(job.status) is None:
-            return None
-        self._unindex(job)
-        new = apply(
-            job,
-            transition,
-            now,
-            result=result,
-            error_message=error_message,
-            assignee_id=assignee_id,
-            scheduled_at=scheduled_at,
-            max_attempts=max_attempts,
-        )
-        if new not in ELIGIBLE:
-            self._wait_until.pop(job.id, None)
-        elif transition.schedules:
-            if job.scheduled_at is None:
-                self._wait_until.pop(job.id, None)
-            else:
-                self._wait_until[job.id] = job.scheduled_at
-        self._index(job)
-        return new
+    # --- the record store (see _records) --------------------------------------------
 
-    def _moved(self, job: Job, new: JobStatus) -> Moved:
-        return Moved(job.id, new, job.assigned_at, tuple(job.tags), self._wait_until.get(job.id))
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return fn(*args)  # never awaits: one atomic step on the event loop
 
-    def _with_all_tags(self, tags: Sequence[str]) -> Iterator[Job]:
-        sets = [self._ids_by_tag.get(t, set()) for t in tags]
-        smallest = min(sets, key=len)
-        wanted = set(tags)
-        for job_id in smallest:
-            job = self._jobs[job_id]
-            if wanted.issubset(job.tags):
-                yield job
+    def _read(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
 
-    def _select(self, selection: Selection) -> Iterable[Job]:
-        if selection.everything:
-            return list(self._jobs.values())
-        if selection.assignee_id is not None:
-            ids = self._active_by_assignee.get(selection.assignee_id, set())
-            return [self._jobs[i] for i in ids]
-        chosen: dict[str, Job] = {}
-        for job_id in selection.job_ids:
-            if job_id in self._jobs:
-                chosen[job_id] = self._jobs[job_id]
-        if selection.tags:
-            for job in self._with_all_tags(selection.tags):
-                chosen.setdefault(job.id, job)
-        return list(chosen.values())
+    def _job(self, record: Job) -> Job:
+        return record
 
-    # --- the contract -------------------------------------------------------------
+    def _snapshot(self, record: Job) -> Job:
+        return record.copy()
 
-    async def insert(self, jobs: Sequence[Job]) -> None:
-        seen: set[str] = set()
-        for job in jobs:
-            if job.id in self._jobs or job.id in seen:
-                raise DuplicateJobError(job.id)
-            seen.add(job.id)
+    def _exists(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def _stage(self) -> None:
+        return None
+
+    def _commit(self, w: None) -> None:
+        return None
+
+    def _stage_insert(self, w: None, jobs: Sequence[Job]) -> None:
         for job in jobs:
             stored = job.copy()
             self._jobs[stored.id] = stored
@@ -240,110 +183,22 @@ class MemoryBackend(Backend):
                 self._listed_by_tag.setdefault(tag, SortedList()).add(listed)
             self._index(stored)
 
-    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
-        fresh: dict[str, Job] = {}
-        for job in jobs:
-            if job.id not in self._jobs and job.id not in fresh:
-                fresh[job.id] = job
-        await self.insert(list(fresh.values()))
-        return list(fresh)
+    def _before_move(self, w: None, record: Job) -> None:
+        self._unindex(record)
 
-    async def claim(
-        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
-    ) -> list[Job]:
-        if self._waiting and self._waiting[0][0] <= now:
-            self._promote(now)
-        if tags:
-            index = min((self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len)
-            wanted = set(tags)
-        else:
-            index, wanted = self._eligible, set()
-        picked: list[Job] = []
-        for _, _, _, job_id in index:
-            job = self._jobs[job_id]
-            if wanted.issubset(job.tags):
-                picked.append(job)
-                if len(picked) >= limit:
-                    break
-        for job in picked:
-            self._move(job, ASSIGN, now, assignee_id=assignee_id)
-        return [job.copy() for job in picked]
-
-    async def apply(
-        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
-    ) -> ApplyOutcome:
-        out = ApplyOutcome()
-        for change in changes:
-            job = self._jobs.get(change.job_id)
-            if job is None:
-                out.errors[change.job_id] = JobNotFoundError(change.job_id)
-                continue
-            current = job.status
-            new = self._move(
-                job,
-                change.transition,
-                now,
-                result=change.result,
-                error_message=change.error_message,
-                scheduled_at=change.scheduled_at,
-                max_attempts=change.max_attempts,
-            )
-            if new is None:
-                out.errors[change.job_id] = InvalidTransitionError(
-                    change.job_id, current, change.transition.target
-                )
+    def _after_move(self, w: None, record: Job, prior: None, transition: Transition) -> None:
+        job = record
+        if job.status not in ELIGIBLE:
+            self._wait_until.pop(job.id, None)
+        elif transition.schedules:
+            if job.scheduled_at is None:
+                self._wait_until.pop(job.id, None)
             else:
-                out.moved.append(self._moved(job, new))
-        if refill is not None:
-            limit = refill_limit(refill, out.moved)
-            if limit:  # no await in between: one atomic step on the event loop
-                out.claimed = await self.claim(refill.assignee_id, refill.tags, limit, now)
-        return out
+                self._wait_until[job.id] = job.scheduled_at
+        self._index(job)
 
-    async def apply_selected(
-        self,
-        transition: Transition,
-        selection: Selection,
-        now: datetime,
-        *,
-        report_unmatched: bool = False,
-        scheduled_at: datetime | None = None,
-    ) -> SelectOutcome:
-        out = SelectOutcome()
-        if report_unmatched:
-            out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in self._jobs]
-            out.unmatched.extend(out.missing)
-        for job in self._select(selection):
-            new = self._move(job, transition, now, scheduled_at=scheduled_at)
-            if new is None:
-                if report_unmatched:
-                    out.unmatched.append(job.id)
-            else:
-                out.moved.append(self._moved(job, new))
-        return out
-
-    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
-        return [self._jobs[i].copy() for i in job_ids if i in self._jobs]
-
-    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        out: dict[str, JobState] = {}
-        for job_id in job_ids:
-            job = self._jobs.get(job_id)
-            if job is not None:
-                out[job_id] = JobState(job.status, job.assigned_at)
-        return out
-
-    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
-        if not tags:
-            return {s: n for s, n in self._counts.items() if n}, self._retries
-        counts: Counter[JobStatus] = Counter()
-        retries = 0
-        for job in self._with_all_tags(tags):
-            counts[job.status] += 1
-            retries += job.retry_count
-        return dict(counts), retries
-
-    def _remove(self, job: Job) -> None:
+    def _stage_remove(self, w: None, record: Job) -> None:
+        job = record
         self._unindex(job)
         listed = (job.created_at, job.id)
         self._listed.remove(listed)
@@ -362,21 +217,56 @@ class MemoryBackend(Backend):
         del self._jobs[job.id]
         del self._seq[job.id]
 
-    async def delete(self, selection: Selection) -> int:
-        selected = list(self._select(selection))
-        not_final = [job.id for job in selected if not job.status.is_final]
-        if not_final:
-            raise JobsNotFinalError(not_final)
-        for job in selected:
-            self._remove(job)
-        return len(selected)
+    def _moved(self, record: Job, new: JobStatus) -> Moved:
+        job = record
+        return Moved(job.id, new, job.assigned_at, tuple(job.tags), self._wait_until.get(job.id))
 
-    async def delete_completed_before(self, cutoff: datetime) -> int:
+    def _everything(self, transition: Transition | None) -> list[Job]:
+        if transition is not None and transition.sources <= ACTIVE:
+            return [self._jobs[i] for ids in self._active_by_assignee.values() for i in ids]
+        return list(self._jobs.values())
+
+    def _assignee_ids(self, assignee_id: str) -> Iterable[str]:
+        return self._active_by_assignee.get(assignee_id, ())
+
+    def _smallest_tag_ids(self, tags: Sequence[str]) -> Iterable[str]:
+        return min((self._ids_by_tag.get(t, set()) for t in tags), key=len)
+
+    def _completed_ids(self, cutoff: datetime) -> list[str]:
         end = self._completed.bisect_right((cutoff, float("inf"), ""))  # type: ignore[arg-type]
-        expired = [self._jobs[job_id] for _, _, job_id in self._completed[:end]]
-        for job in expired:
-            self._remove(job)
-        return len(expired)
+        return [job_id for _, _, job_id in self._completed[:end]]
+
+    def _kept_counts(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int] | None:
+        if tags:
+            return None
+        return {s: n for s, n in self._counts.items() if n}, self._retries
+
+    def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
+        if self._waiting and self._waiting[0][0] <= now:
+            self._promote(now)
+        if tags:
+            index = min((self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len)
+            wanted = set(tags)
+        else:
+            index, wanted = self._eligible, set()
+        picked: list[Job] = []
+        for _, _, _, job_id in index:
+            job = self._jobs[job_id]
+            if wanted.issubset(job.tags):
+                picked.append(job)
+                if len(picked) >= limit:
+                    break
+        for job in picked:
+            self._stage_move(None, job, ASSIGN, now, assignee_id=assignee_id)
+        return [job.copy() for job in picked]
+
+    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        out: dict[str, JobState] = {}
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                out[job_id] = JobState(job.status, job.assigned_at)
+        return out
 
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         def newest_first(index: SortedList[_Listed]) -> Iterator[_Listed]:
@@ -404,60 +294,23 @@ class MemoryBackend(Backend):
 
     # --- leases ---------------------------------------------------------------------
 
-    def _lease_rows(self) -> list[LeaseRow]:
-        return [(a, h, *times) for (a, h), times in self._leases.items()]
-
-    async def renew_leases(
-        self,
-        holder: str,
-        renew: Sequence[str],
-        release: Sequence[str],
-        lease: timedelta,
-        now: datetime,
-    ) -> None:
-        for assignee in renew:
-            old = self._leases.get((assignee, holder))
-            self._leases[(assignee, holder)] = (old[0] if old else now, now, now + lease)
-        for assignee in release:
-            self._leases.pop((assignee, holder), None)
-
-    async def list_leases(self) -> list[Lease]:
-        return aggregate(self._lease_rows())
-
-    def _expired(self, assignee: str, at: datetime) -> bool:
-        return all(t[2] <= at for (a, _), t in self._leases.items() if a == assignee)
-
-    async def rescue_expired(
-        self, now: datetime, forget_after: timedelta, max_attempts: int | None = None
-    ) -> list[Moved]:
-        plan = plan_rescue(self._lease_rows(), now, forget_after)
-        seen = [
-            (job, job.status, job.assignee_id, job.assigned_at)
-            for assignee in plan.expired
-            for job in (self._jobs[i] for i in self._active_by_assignee.get(assignee, ()))
+    def _lease_rows(self, assignee_id: str | None = None) -> list[LeaseRow]:
+        return [
+            (a, h, *times)
+            for (a, h), times in self._leases.items()
+            if assignee_id is None or a == assignee_id
         ]
-        if not seen and not plan.forget:
-            return []
-        await self._after_rescue_read()  # no await at all unless a test set the hook
-        moved: list[Moved] = []
-        for job, status, assignee, assigned_at in seen:
-            if (
-                self._jobs.get(job.id) is job
-                and job.status is status
-                and job.assignee_id == assignee
-                and job.assigned_at == assigned_at
-                and self._expired(assignee, now)
-            ):
-                new = self._move(job, LEASE_EXPIRED, now, max_attempts=max_attempts)
-                assert new is not None
-                moved.append(self._moved(job, new))
-        cutoff = now - forget_after
-        for key in plan.forget:
-            times = self._leases.get(key)
-            if times is None or times[2] >= cutoff:
-                continue
-            assignee = key[0]
-            if self._expired(assignee, now) and self._active_by_assignee.get(assignee):
-                continue  # an expired assignee is forgotten only once it has no job
-            del self._leases[key]
-        return moved
+
+    def _lease(self, assignee_id: str, holder: str) -> LeaseTimes | None:
+        return self._leases.get((assignee_id, holder))
+
+    def _stage_lease(
+        self, w: None, assignee_id: str, holder: str, times: LeaseTimes | None
+    ) -> None:
+        if times is None:
+            self._leases.pop((assignee_id, holder), None)
+        else:
+            self._leases[(assignee_id, holder)] = times
+
+    def _has_active(self, assignee_id: str, w: None) -> bool:
+        return bool(self._active_by_assignee.get(assignee_id))

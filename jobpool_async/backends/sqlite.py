@@ -1404,11 +1404,6 @@ class SQLiteBackend(Backend):
     # --- the contract -----------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[Job]) -> None:
-        seen: set[str] = set()
-        for job in jobs:
-            if job.id in seen:
-                raise DuplicateJobError(job.id)
-            seen.add(job.id)
         if jobs:
             await self._transact(_insert, jobs)
             for job in jobs:

@@ -472,11 +472,6 @@ class PostgresBackend(Backend):
         With ``ignore``, ids that exist are skipped and the statement returns the ids
         it inserted.
         """
-        seen: set[str] = set()
-        for job in jobs:
-            if job.id in seen:
-                raise DuplicateJobError(job.id)
-            seen.add(job.id)
         if not jobs:
             return None
         flat: list[str] = []
