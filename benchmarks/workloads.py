@@ -171,7 +171,7 @@ async def end_to_end_worker(
     *,
     lease: timedelta | None = DEFAULT_LEASE,
 ) -> Outcome:
-    """The same workload through ``Worker(batch_size=slots)`` with a no-op processor."""
+    """The same workload through a ``Worker`` (``concurrency=slots``), no-op processor."""
     mod: Any = importlib.import_module("jobpool_async")
     jobs = _jobs(n)
     delivered: list[str] = []
@@ -185,7 +185,7 @@ async def end_to_end_worker(
 
     async with PoolQueue(backend, lease=lease) as queue:
         worker = mod.Worker(
-            queue, processor, assignee_id="bench", config=mod.Config(batch_size=slots)
+            queue, processor, assignee_id="bench", config=mod.Config(concurrency=slots)
         )
         async with worker:
             await asyncio.sleep(0.01)

@@ -107,7 +107,7 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse({status.value: count for status, count in s.by_status.items()})
 
 
-def create_app(url: str | None = None, *, batch_size: int = 8) -> Starlette:
+def create_app(url: str | None = None, *, concurrency: int = 8) -> Starlette:
     """The service on the store at ``url`` (default: env ``JOBPOOL_URL`` or a SQLite file)."""
     store = url or os.environ.get("JOBPOOL_URL", "sqlite:///jobpool-service.db")
 
@@ -118,7 +118,7 @@ def create_app(url: str | None = None, *, batch_size: int = 8) -> Starlette:
                 queue,
                 process,
                 assignee_id=f"service-{os.getpid()}",
-                config=Config(batch_size=batch_size),
+                config=Config(concurrency=concurrency),
             )
             async with worker:
                 app.state.queue = queue

@@ -44,7 +44,7 @@ async def main(path: Path) -> None:
         await queue.enqueue_job(Job(id="nightly-export", job_type="long"))
 
         # A failed job runs again after 50 ms, 100 ms, 200 ms ... (the default starts at 1 s).
-        config = Config(batch_size=4, retry=RetryPolicy(base=timedelta(milliseconds=50)))
+        config = Config(concurrency=4, retry=RetryPolicy(base=timedelta(milliseconds=50)))
         async with Worker(queue, process, assignee_id="example", config=config):
             await started_long_job.wait()
             result = await queue.cancel_jobs(job_ids=["nightly-export"])

@@ -178,7 +178,7 @@ def worker(
     name = assignee or f"{os.uname().nodename}-{os.getpid()}"
     config = Config.from_env()
     if concurrency is not None:
-        config = dataclasses.replace(config, batch_size=concurrency)
+        config = dataclasses.replace(config, concurrency=concurrency)
 
     async def body() -> None:
         from ._worker import Worker
@@ -206,7 +206,7 @@ def worker(
                     name,
                     _redact(target),
                     processor,
-                    config.batch_size,
+                    config.concurrency,
                     list(tags) or "any",
                 )
                 try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Self
 
@@ -15,7 +16,8 @@ __all__ = ["Config", "parse_duration"]
 
 _ENV_TTL = "JOBPOOL_TTL"
 _ENV_CLEANUP = "JOBPOOL_CLEANUP_INTERVAL"
-_ENV_BATCH = "JOBPOOL_BATCH_SIZE"
+_ENV_CONCURRENCY = "JOBPOOL_CONCURRENCY"
+_ENV_BATCH = "JOBPOOL_BATCH_SIZE"  # the old name of JOBPOOL_CONCURRENCY (deprecated)
 _ENV_RETRY_BASE = "JOBPOOL_RETRY_BASE"
 _ENV_RETRY_MAX = "JOBPOOL_RETRY_MAX"
 _ENV_MAX_ATTEMPTS = "JOBPOOL_MAX_ATTEMPTS"
@@ -62,43 +64,91 @@ def _positive_timedelta(name: str, value: object) -> None:
         raise ValueError(f"Config.{name} must be positive, got {value!r}")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """How a :class:`~jobpool_async.Worker` runs.
+_DEFAULT_RETRY = RetryPolicy()
 
-    * ``ttl`` — how long COMPLETED jobs are kept before the periodic cleanup deletes them;
-    * ``cleanup_interval`` — how often the worker runs that cleanup;
-    * ``batch_size`` — how many jobs the worker runs at once (its stream's slots);
+
+@dataclass(frozen=True, slots=True, init=False)
+class Config:
+    """How a :class:`~jobpool_async.Worker` runs (keyword arguments only).
+
+    * ``ttl`` — how long COMPLETED jobs are kept before the periodic cleanup deletes them
+      (default 30 days);
+    * ``cleanup_interval`` — how often the worker runs that cleanup (default 1 day);
+    * ``concurrency`` — how many jobs the worker runs at once, its stream's slots
+      (default 10); ``batch_size``, its old name, is still taken and read with a
+      ``DeprecationWarning`` (given, it sets ``concurrency``);
     * ``retry`` — when a failed job runs again (exponential back-off: 1 s, doubling,
       at most 1 h, 10% jitter) and how many runs it gets (``max_attempts``; ``None``:
       unlimited), for jobs without their own ``max_attempts``;
     * ``job_timeout`` — a processor running longer is cancelled and its job failed
-      (``None``: no limit).
+      (``None``, the default: no limit).
     """
 
-    ttl: timedelta = field(default=timedelta(days=30))
-    cleanup_interval: timedelta = field(default=timedelta(days=1))
-    batch_size: int = 10
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    job_timeout: timedelta | None = None
+    ttl: timedelta
+    cleanup_interval: timedelta
+    concurrency: int
+    retry: RetryPolicy
+    job_timeout: timedelta | None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        ttl: timedelta = timedelta(days=30),
+        cleanup_interval: timedelta = timedelta(days=1),
+        concurrency: int = 10,
+        retry: RetryPolicy = _DEFAULT_RETRY,
+        job_timeout: timedelta | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        # Written by hand (not the dataclass's) for the deprecated ``batch_size``:
+        # ``dataclasses.replace(config, batch_size=n)`` still works, as it did.
+        if batch_size is not None:
+            warnings.warn(
+                "Config(batch_size=...) is deprecated: use Config(concurrency=...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            concurrency = batch_size
+        for name, value in (
+            ("ttl", ttl),
+            ("cleanup_interval", cleanup_interval),
+            ("concurrency", concurrency),
+            ("retry", retry),
+            ("job_timeout", job_timeout),
+        ):
+            object.__setattr__(self, name, value)
+        self._check()
+
+    @property
+    def batch_size(self) -> int:
+        """Deprecated: the old name of :attr:`concurrency`."""
+        warnings.warn(
+            "Config.batch_size is deprecated: use Config.concurrency",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.concurrency
+
+    def _check(self) -> None:
         if not isinstance(self.retry, RetryPolicy):
             raise TypeError(f"Config.retry must be a RetryPolicy, got {type(self.retry).__name__}")
         if self.job_timeout is not None:
             _positive_timedelta("job_timeout", self.job_timeout)
         _positive_timedelta("ttl", self.ttl)
         _positive_timedelta("cleanup_interval", self.cleanup_interval)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise TypeError(f"Config.batch_size must be int, got {type(self.batch_size).__name__}")
-        if self.batch_size < 1:
-            raise ValueError(f"Config.batch_size must be at least 1, got {self.batch_size}")
+        slots = self.concurrency
+        if isinstance(slots, bool) or not isinstance(slots, int):
+            raise TypeError(f"Config.concurrency must be int, got {type(slots).__name__}")
+        if slots < 1:
+            raise ValueError(f"Config.concurrency must be at least 1, got {slots}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """Read ``JOBPOOL_TTL``, ``JOBPOOL_CLEANUP_INTERVAL``, ``JOBPOOL_BATCH_SIZE``,
+        """Read ``JOBPOOL_TTL``, ``JOBPOOL_CLEANUP_INTERVAL``, ``JOBPOOL_CONCURRENCY``,
         ``JOBPOOL_RETRY_BASE``, ``JOBPOOL_RETRY_MAX`` (durations), ``JOBPOOL_MAX_ATTEMPTS``
-        (a whole number) and ``JOBPOOL_JOB_TIMEOUT`` (a duration).
+        (a whole number) and ``JOBPOOL_JOB_TIMEOUT`` (a duration). ``JOBPOOL_BATCH_SIZE``,
+        the old name of ``JOBPOOL_CONCURRENCY``, is read with a ``DeprecationWarning``
+        (both set to different values is a ``ValueError``).
 
         Unset or empty variables keep their defaults. A value that cannot be read
         raises ``ValueError`` naming the variable and the value. ``environ``
@@ -108,7 +158,7 @@ class Config:
         defaults = cls()
         ttl = _env_duration(env, _ENV_TTL, defaults.ttl)
         cleanup_interval = _env_duration(env, _ENV_CLEANUP, defaults.cleanup_interval)
-        batch_size = _env_count(env, _ENV_BATCH) or defaults.batch_size
+        concurrency = _env_concurrency(env) or defaults.concurrency
         retry = defaults.retry
         base = _env_duration(env, _ENV_RETRY_BASE, retry.base)
         max_delay = _env_duration(env, _ENV_RETRY_MAX, retry.max_delay)
@@ -129,12 +179,26 @@ class Config:
         return cls(
             ttl=ttl,
             cleanup_interval=cleanup_interval,
-            batch_size=batch_size,
+            concurrency=concurrency,
             retry=policy,
             job_timeout=_env_duration(env, _ENV_JOB_TIMEOUT, timedelta(1))
             if timeout.strip()
             else None,
         )
+
+
+def _env_concurrency(env: Mapping[str, str]) -> int | None:
+    new, old = _env_count(env, _ENV_CONCURRENCY), _env_count(env, _ENV_BATCH)
+    if old is not None:
+        warnings.warn(
+            f"{_ENV_BATCH} is deprecated: set {_ENV_CONCURRENCY}", DeprecationWarning, stacklevel=3
+        )
+        if new is not None and new != old:
+            raise ValueError(
+                f"{_ENV_CONCURRENCY}={new} and {_ENV_BATCH}={old} disagree; "
+                f"set only {_ENV_CONCURRENCY} ({_ENV_BATCH} is its deprecated old name)"
+            )
+    return new if new is not None else old
 
 
 def _env_count(env: Mapping[str, str], var: str) -> int | None:

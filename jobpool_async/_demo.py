@@ -2,7 +2,7 @@
 
 It enqueues ``--jobs`` jobs into an embedded SQLite file, runs them through
 ``--workers`` :class:`~jobpool_async.Worker` instances (each with
-``--batch-size`` slots), shows a progress line while they work, and ends with a
+``--concurrency`` slots), shows a progress line while they work, and ends with a
 stats table. Some jobs fail on their first attempts and are retried; a few are
 cancelled before they start and a few while they run, so every common final
 status shows up. The exit code is 0 when every job ended where it should.
@@ -45,7 +45,7 @@ class _Options:
     jobs: int
     db: Path | None
     workers: int
-    batch_size: int | None
+    concurrency: int | None
     quiet: bool
 
 
@@ -64,10 +64,12 @@ def _parse(argv: Sequence[str] | None) -> _Options:
     )
     parser.add_argument("--workers", type=int, default=2, help="Workers to run (default 2)")
     parser.add_argument(
-        "--batch-size",
+        "--concurrency",
+        "--batch-size",  # its old name
+        dest="concurrency",
         type=int,
         default=None,
-        help="jobs each Worker runs at once (default: JOBPOOL_BATCH_SIZE or 10)",
+        help="jobs each Worker runs at once (default: JOBPOOL_CONCURRENCY or 10)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     ns = parser.parse_args(argv)
@@ -75,9 +77,9 @@ def _parse(argv: Sequence[str] | None) -> _Options:
         parser.error(f"--jobs must be at least {_SLOW + _UNSCHEDULED + 1}")
     if ns.workers < 1:
         parser.error("--workers must be at least 1")
-    if ns.batch_size is not None and ns.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    return _Options(ns.jobs, ns.db, ns.workers, ns.batch_size, ns.quiet)
+    if ns.concurrency is not None and ns.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return _Options(ns.jobs, ns.db, ns.workers, ns.concurrency, ns.quiet)
 
 
 class _Processor:
@@ -153,12 +155,12 @@ class _Progress:
         self._out.flush()
 
 
-def _table(stats: JobStats, elapsed: float, workers: int, batch_size: int, db: str) -> str:
+def _table(stats: JobStats, elapsed: float, workers: int, concurrency: int, db: str) -> str:
     rows = [(status.name, stats.by_status[status]) for status in JobStatus]
     width = max(len(name) for name, _ in rows)
     lines = [
         "",
-        f"jobpool_async demo: {stats.total_jobs} jobs, {workers} worker(s) x {batch_size} slots, "
+        f"jobpool_async demo: {stats.total_jobs} jobs, {workers} worker(s) x {concurrency} slots, "
         f"SQLite file {db}",
         "",
         f"{'status':<{width}}  {'jobs':>7}",
@@ -185,8 +187,8 @@ async def _run(opts: _Options, db: Path) -> int:
         config = dataclasses.replace(
             config, retry=dataclasses.replace(config.retry, base=timedelta(milliseconds=20))
         )
-    if opts.batch_size is not None:
-        config = dataclasses.replace(config, batch_size=opts.batch_size)
+    if opts.concurrency is not None:
+        config = dataclasses.replace(config, concurrency=opts.concurrency)
     run = uuid.uuid4().hex[:8]
     tag = f"run:{run}"
     jobs = _jobs(run, opts.jobs)
@@ -220,7 +222,7 @@ async def _run(opts: _Options, db: Path) -> int:
         elapsed = time.monotonic() - started
         stats = await queue.get_job_stats([tag])
         progress.show(stats, elapsed, final=True)
-    print(_table(stats, elapsed, opts.workers, config.batch_size, str(db)))
+    print(_table(stats, elapsed, opts.workers, config.concurrency, str(db)))
     expected_stopped = _SLOW + len(unscheduled.cancelled)
     ok = (
         stats.completed_jobs == opts.jobs - expected_stopped

@@ -1,4 +1,10 @@
-"""The one exception hierarchy: every library error derives from :class:`JobPoolError`."""
+"""The one exception hierarchy: every error about jobs, the queue or storage derives
+from :class:`JobPoolError`.
+
+Bad arguments are not in it: a value of the wrong type raises ``TypeError`` and a
+wrong value raises ``ValueError``, as Python's own functions do, before anything
+is written and naming what was wrong (a caller's bug, not a state of the queue).
+"""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Design, in short:
 
-* one :class:`~jobpool_async.JobStream` with ``config.batch_size`` slots feeds a
-  consumer task, which starts one task per job (so up to ``batch_size`` run at once);
+* one :class:`~jobpool_async.JobStream` with ``config.concurrency`` slots feeds a
+  consumer task, which starts one task per job (so up to ``concurrency`` run at once);
 * a finished job task only *records* its outcome; a flusher task writes the
   outcomes that finished close together in one ``complete_jobs`` / ``fail_jobs`` /
   ``acknowledge_cancellation`` call each, a couple of milliseconds after the first;
@@ -232,7 +232,7 @@ class Worker:
             moved = await self._queue.reset_running_jobs()
             logger.info("worker %s: recovered %d job(s) left running", self.assignee_id, moved)
         stream = self._queue.stream_jobs(
-            self.assignee_id, self.tags or None, max_assigned_jobs=self.config.batch_size
+            self.assignee_id, self.tags or None, max_assigned_jobs=self.config.concurrency
         )
         stream.add_cancel_listener(self._on_cancel)
         self._stream = stream
@@ -246,9 +246,9 @@ class Worker:
             self._consumer.cancel()
         self._started.set()
         logger.info(
-            "worker %s started (batch_size=%d, tags=%s)",
+            "worker %s started (concurrency=%d, tags=%s)",
             self.assignee_id,
-            self.config.batch_size,
+            self.config.concurrency,
             self.tags,
         )
         interrupted = False

@@ -68,7 +68,7 @@ async def worker(dsn: str, schema: str, assignee: str) -> None:
             raise
         return b""
 
-    config = Config(batch_size=4)
+    config = Config(concurrency=4)
     async with (
         make_queue(dsn, schema) as queue,
         Worker(queue, processor, assignee_id=assignee, config=config),

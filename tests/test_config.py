@@ -15,12 +15,12 @@ def test_defaults() -> None:
     config = Config()
     assert config.ttl == timedelta(days=30)
     assert config.cleanup_interval == timedelta(days=1)
-    assert config.batch_size == 10
+    assert config.concurrency == 10
 
 
 def test_keywords_only_and_frozen() -> None:
-    config = Config(ttl=timedelta(hours=2), cleanup_interval=timedelta(minutes=5), batch_size=3)
-    assert (config.ttl, config.cleanup_interval, config.batch_size) == (
+    config = Config(ttl=timedelta(hours=2), cleanup_interval=timedelta(minutes=5), concurrency=3)
+    assert (config.ttl, config.cleanup_interval, config.concurrency) == (
         timedelta(hours=2),
         timedelta(minutes=5),
         3,
@@ -28,7 +28,7 @@ def test_keywords_only_and_frozen() -> None:
     with pytest.raises(TypeError):
         Config(timedelta(days=1))  # type: ignore[call-arg]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.batch_size = 5  # type: ignore[misc]
+        config.concurrency = 5  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -39,9 +39,9 @@ def test_keywords_only_and_frozen() -> None:
         ({"ttl": 30}, TypeError, "ttl must be a timedelta"),
         ({"cleanup_interval": timedelta(0)}, ValueError, "cleanup_interval must be positive"),
         ({"cleanup_interval": "1d"}, TypeError, "cleanup_interval must be a timedelta"),
-        ({"batch_size": 0}, ValueError, "batch_size must be at least 1"),
-        ({"batch_size": True}, TypeError, "batch_size must be int"),
-        ({"batch_size": 2.0}, TypeError, "batch_size must be int"),
+        ({"concurrency": 0}, ValueError, "concurrency must be at least 1"),
+        ({"concurrency": True}, TypeError, "concurrency must be int"),
+        ({"concurrency": 2.0}, TypeError, "concurrency must be int"),
     ],
 )
 def test_bad_values_are_rejected(kwargs: dict[str, object], error: type, match: str) -> None:
@@ -77,26 +77,53 @@ def test_bad_durations(text: str) -> None:
         parse_duration(text)
 
 
+def test_batch_size_is_the_deprecated_name_of_concurrency() -> None:
+    with pytest.warns(DeprecationWarning, match=r"Config\(batch_size=\.\.\.\) is deprecated"):
+        config = Config(batch_size=4)
+    assert config.concurrency == 4 and config == Config(concurrency=4)
+    with pytest.warns(DeprecationWarning, match="Config.batch_size is deprecated"):
+        assert config.batch_size == 4
+    with pytest.warns(DeprecationWarning):  # the old way to change one field still works
+        assert dataclasses.replace(Config(concurrency=8), batch_size=2).concurrency == 2  # type: ignore[call-arg]
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="concurrency must be"):
+        Config(batch_size=0)
+    assert "batch_size" not in repr(Config()) and "concurrency=10" in repr(Config())
+    assert [f.name for f in dataclasses.fields(Config)].count("concurrency") == 1
+
+
+def test_the_old_environment_variable_still_works_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="JOBPOOL_BATCH_SIZE is deprecated"):
+        assert Config.from_env({"JOBPOOL_BATCH_SIZE": "6"}).concurrency == 6
+    with pytest.warns(DeprecationWarning):
+        same = {"JOBPOOL_BATCH_SIZE": "6", "JOBPOOL_CONCURRENCY": "6"}
+        assert Config.from_env(same).concurrency == 6
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        Config.from_env({"JOBPOOL_BATCH_SIZE": "6", "JOBPOOL_CONCURRENCY": "7"})
+    with pytest.raises(ValueError, match="JOBPOOL_BATCH_SIZE='ten'"):
+        Config.from_env({"JOBPOOL_BATCH_SIZE": "ten"})
+
+
 def test_from_env_defaults_when_unset_or_empty() -> None:
     assert Config.from_env({}) == Config()
-    assert Config.from_env({"JOBPOOL_TTL": "", "JOBPOOL_BATCH_SIZE": " "}) == Config()
+    assert Config.from_env({"JOBPOOL_TTL": "", "JOBPOOL_CONCURRENCY": " "}) == Config()
 
 
 def test_from_env_reads_every_variable() -> None:
     config = Config.from_env(
-        {"JOBPOOL_TTL": "7d", "JOBPOOL_CLEANUP_INTERVAL": "1h30m", "JOBPOOL_BATCH_SIZE": "25"}
+        {"JOBPOOL_TTL": "7d", "JOBPOOL_CLEANUP_INTERVAL": "1h30m", "JOBPOOL_CONCURRENCY": "25"}
     )
     assert config == Config(
-        ttl=timedelta(days=7), cleanup_interval=timedelta(minutes=90), batch_size=25
+        ttl=timedelta(days=7), cleanup_interval=timedelta(minutes=90), concurrency=25
     )
     assert Config.from_env({"JOBPOOL_TTL": "30"}).ttl == timedelta(days=30)
 
 
 def test_from_env_uses_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JOBPOOL_TTL", "24h")
-    monkeypatch.setenv("JOBPOOL_BATCH_SIZE", "4")
+    monkeypatch.setenv("JOBPOOL_CONCURRENCY", "4")
     monkeypatch.delenv("JOBPOOL_CLEANUP_INTERVAL", raising=False)
-    assert Config.from_env() == Config(ttl=timedelta(hours=24), batch_size=4)
+    monkeypatch.delenv("JOBPOOL_BATCH_SIZE", raising=False)
+    assert Config.from_env() == Config(ttl=timedelta(hours=24), concurrency=4)
 
 
 @pytest.mark.parametrize(
@@ -106,10 +133,10 @@ def test_from_env_uses_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         ("JOBPOOL_TTL", "0"),
         ("JOBPOOL_CLEANUP_INTERVAL", "1.5h"),
         ("JOBPOOL_CLEANUP_INTERVAL", "-1"),
-        ("JOBPOOL_BATCH_SIZE", "ten"),
-        ("JOBPOOL_BATCH_SIZE", "0"),
-        ("JOBPOOL_BATCH_SIZE", "-4"),
-        ("JOBPOOL_BATCH_SIZE", "2.5"),
+        ("JOBPOOL_CONCURRENCY", "ten"),
+        ("JOBPOOL_CONCURRENCY", "0"),
+        ("JOBPOOL_CONCURRENCY", "-4"),
+        ("JOBPOOL_CONCURRENCY", "2.5"),
     ],
 )
 def test_from_env_names_the_variable_and_the_value(var: str, value: str) -> None:

@@ -90,7 +90,7 @@ def test_the_demo_defaults_to_a_temporary_file(tmp_path: Path) -> None:
         "60",
         "--workers",
         "1",
-        "--batch-size",
+        "--concurrency",
         "3",
         cwd=tmp_path,
     )
@@ -122,7 +122,7 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     service = _load("asgi_service")
     url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/service.db"
-    app = service.create_app(url, batch_size=2)
+    app = service.create_app(url, concurrency=2)
     # httpx's ASGITransport does not run the lifespan: drive it here.
     async with (
         app.router.lifespan_context(app),

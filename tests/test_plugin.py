@@ -204,7 +204,8 @@ def test_a_worker_in_a_users_test(auto: pytest.Pytester) -> None:
             await jobpool_queue.enqueue_jobs(
                 [Job(id="a", job_type="t", job_definition=b"abc"), Job(id="flaky", job_type="t")]
             )
-            async with Worker(jobpool_queue, process, assignee_id="w", config=Config(batch_size=2)):
+            config = Config(concurrency=2)
+            async with Worker(jobpool_queue, process, assignee_id="w", config=config):
                 done = await jobpool_wait_for_status(jobpool_queue, "a", JobStatus.COMPLETED)
                 flaky = await jobpool_wait_for_status(jobpool_queue, "flaky", JobStatus.COMPLETED)
             assert done.result == b"ABC"

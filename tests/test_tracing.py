@@ -46,7 +46,7 @@ async def test_one_span_per_enqueue_call_and_per_job_run(spans: InMemorySpanExpo
     async with PoolQueue(MemoryBackend()) as queue:
         await queue.enqueue_jobs([Job(id="a", job_type="t1"), Job(id="flaky", job_type="t2")])
         await queue.enqueue_job(Job(id="b", job_type="t1"))
-        async with Worker(queue, process, assignee_id="w", config=Config(batch_size=2)):
+        async with Worker(queue, process, assignee_id="w", config=Config(concurrency=2)):
             for job_id in ("a", "b", "flaky"):
                 await wait_for_status(queue, job_id, JobStatus.COMPLETED)
     finished = spans.get_finished_spans()

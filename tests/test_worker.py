@@ -90,7 +90,7 @@ async def test_bad_arguments_are_rejected(queue: PoolQueue) -> None:
     with pytest.raises(ValueError, match="assignee_id"):
         Worker(queue, proc, assignee_id="")
     with pytest.raises(TypeError, match="Config"):
-        Worker(queue, proc, assignee_id="w", config={"batch_size": 2})  # type: ignore[arg-type]
+        Worker(queue, proc, assignee_id="w", config={"concurrency": 2})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tag"):
         Worker(queue, proc, assignee_id="w", tags=[""])
     with pytest.raises(ValueError, match="grace"):
@@ -113,10 +113,10 @@ async def test_a_worker_runs_once(queue: PoolQueue) -> None:
 # --- running jobs -----------------------------------------------------------------------
 
 
-async def test_runs_up_to_batch_size_jobs_at_once(queue: PoolQueue) -> None:
+async def test_runs_up_to_concurrency_jobs_at_once(queue: PoolQueue) -> None:
     gate = Gate()
     await queue.enqueue_jobs([job(f"j{i}") for i in range(7)])
-    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=3)):
+    async with Worker(queue, gate, assignee_id="w", config=Config(concurrency=3)):
         await until(lambda: gate.running == 3, "three jobs running")
         stats = await queue.get_job_stats()
         assert stats.running_jobs == 3 and stats.pending_jobs == 4
@@ -151,7 +151,7 @@ async def test_outcomes(queue: PoolQueue) -> None:
 
     kinds = ["ok", "none", "bytearray", "boom", "silent", "nul", "int"]
     await queue.enqueue_jobs([job(k, job_definition=k.encode()) for k in kinds])
-    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=4)):
+    async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=4)):
         for k in ["ok", "none", "bytearray"]:
             await wait_for_status(queue, k, S.COMPLETED)
         for k in ["boom", "silent", "nul", "int"]:
@@ -225,7 +225,7 @@ async def test_outcomes_finishing_together_are_written_in_one_call(
         return b"ok"
 
     await queue.enqueue_jobs([job(f"good{i}") for i in range(6)] + [job("bad0"), job("bad1")])
-    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=8)):
+    async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=8)):
         await until(lambda: len(started) == 8, "all running")
         release.set()
         for i in range(6):
@@ -244,7 +244,7 @@ async def test_a_finished_job_is_written_while_others_still_run(queue: PoolQueue
         return b"quick"
 
     await queue.enqueue_job(job("slow"))
-    async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=2)):
+    async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=2)):
         await until(lambda: gate.running == 1, "slow job running")
         await queue.enqueue_job(job("quick"))
         await wait_for_status(queue, "quick", S.COMPLETED, timeout=DEADLINE)
@@ -369,14 +369,14 @@ async def test_a_job_moved_meanwhile_is_logged_and_the_worker_goes_on(
 # --- cancellation -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("concurrency", [1, 3])
 async def test_cancelling_a_running_job_cancels_its_processor(
-    queue: PoolQueue, batch_size: int
+    queue: PoolQueue, concurrency: int
 ) -> None:
-    """With batch_size=1 the only slot is busy: the acknowledgement must not need it."""
+    """With concurrency=1 the only slot is busy: the acknowledgement must not need it."""
     gate = Gate()
     await queue.enqueue_jobs([job("a"), job("b")])
-    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=batch_size)):
+    async with Worker(queue, gate, assignee_id="w", config=Config(concurrency=concurrency)):
         await until(lambda: "a" in gate.started, "a running")
         result = await queue.cancel_jobs(job_ids=["a"])
         assert result.cancelled == ["a"]
@@ -500,7 +500,7 @@ async def test_a_cancel_never_hits_an_older_run_with_the_same_id(
         return b""
 
     with caplog.at_level(logging.WARNING, logger="jobpool_async"):
-        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=2)):
+        async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=2)):
             await queue.enqueue_job(job("x", job_definition=b"old"))
             await until(lambda: started == [b"old"], "old running")
             await queue.stop_job("x", "an operator stopped it")
@@ -544,7 +544,7 @@ async def test_stop_after_the_grace_period_fails_the_jobs_so_they_run_again(
 ) -> None:
     gate = Gate()
     await queue.enqueue_jobs([job("a"), job("b")])
-    async with Worker(queue, gate, assignee_id="w", config=Config(batch_size=2), grace=0.05):
+    async with Worker(queue, gate, assignee_id="w", config=Config(concurrency=2), grace=0.05):
         await until(lambda: gate.running == 2, "both running")
     assert sorted(gate.cancelled) == ["a", "b"]
     for job_id in "ab":
@@ -618,7 +618,7 @@ async def test_cancelling_the_run_task_records_every_running_job(queue: PoolQueu
     """CancelledError is a BaseException: the job must not stay RUNNING with no owner."""
     gate = Gate()
     await queue.enqueue_jobs([job("a"), job("b")])
-    worker = Worker(queue, gate, assignee_id="w", config=Config(batch_size=2), grace=60)
+    worker = Worker(queue, gate, assignee_id="w", config=Config(concurrency=2), grace=60)
     task = asyncio.ensure_future(worker.run())
     await until(lambda: gate.running == 2, "both running")
     task.cancel()
@@ -747,7 +747,7 @@ async def test_nothing_is_logged_per_job_at_info(
     n = 60
     await queue.enqueue_jobs([job(f"j{i}") for i in range(n)])
     with caplog.at_level(logging.INFO, logger="jobpool_async"):
-        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=5)):
+        async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=5)):
             async with asyncio.timeout(DEADLINE):
                 while (await queue.get_job_stats()).completed_jobs < n:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
@@ -800,7 +800,7 @@ async def test_on_every_backend(make_backend: Callable[[], Any]) -> None:
     async with PoolQueue(make_backend(), poll_interval=0.05) as queue:
         ids = await queue.enqueue_jobs([job(f"j{i}") for i in range(40)])
         await queue.enqueue_job(job("long"))
-        async with Worker(queue, proc, assignee_id="w", config=Config(batch_size=4)):
+        async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=4)):
             await asyncio.wait_for(started.wait(), DEADLINE)
             await queue.cancel_jobs(job_ids=["long"])
             for job_id in ids:
@@ -840,7 +840,7 @@ async def test_under_concurrent_cancels_and_failures_every_job_ends_recorded(
     async with PoolQueue(make_backend(), poll_interval=0.05) as queue:
         ids = await queue.enqueue_jobs([job(f"j{i}") for i in range(n)])
         workers = [
-            Worker(queue, proc, assignee_id=f"w{k}", config=Config(batch_size=5), grace=0.01)
+            Worker(queue, proc, assignee_id=f"w{k}", config=Config(concurrency=5), grace=0.01)
             for k in range(2)
         ]
         for w in workers:

@@ -27,7 +27,7 @@ async def test_a_failing_processor_is_logged_and_its_error_kept(
 
     await queue.enqueue_job(Job(id="f", job_type="divide"))
     with caplog.at_level(logging.WARNING, logger="jobpool_async"):
-        async with Worker(queue, divide, assignee_id="w", config=Config(batch_size=1)):
+        async with Worker(queue, divide, assignee_id="w", config=Config(concurrency=1)):
             await wait_for_retries(queue, "f", 3)
     job = await queue.get_job("f")
     assert job.status is JobStatus.FAILED_RETRY

@@ -28,7 +28,7 @@ async def main(url: str, schema: str, ledger: str, lease: str) -> None:
 
     options: dict[str, Any] = {} if schema == "-" else {"schema": schema}
     queue = PoolQueue(open_backend(url, **options), lease=float(lease), poll_interval=0.2)
-    async with queue, Worker(queue, processor, config=Config(batch_size=4)) as worker:
+    async with queue, Worker(queue, processor, config=Config(concurrency=4)) as worker:
         os.write(fd, f"A {worker.assignee_id}\n".encode())
         await asyncio.Event().wait()  # until SIGKILL
 

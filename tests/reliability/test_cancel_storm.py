@@ -181,7 +181,7 @@ async def monitor(storm: Storm, workers: list[Worker]) -> None:
     while True:
         for w in workers:
             stream = w._stream
-            if stream is not None and len(stream._held) > w.config.batch_size:
+            if stream is not None and len(stream._held) > w.config.concurrency:
                 storm.violations.append(f"{w.assignee_id} stream counts {len(stream._held)}")
         if storm.ids:
             held: Counter[str] = Counter()
@@ -222,13 +222,13 @@ async def storm_once(queue: PoolQueue, rng: random.Random, total: int) -> Storm:
             queue,
             lambda job: process(storm, job),
             assignee_id=f"worker-{k}",
-            config=Config(batch_size=slots),
+            config=Config(concurrency=slots),
             grace=5.0,
         )
         for k, slots in enumerate(WORKER_SLOTS)
     ]
     for w in workers:
-        storm.limits[w.assignee_id] = w.config.batch_size
+        storm.limits[w.assignee_id] = w.config.concurrency
     consumers: dict[int, tuple[str, asyncio.Task[None]]] = {}
 
     def start(k: int) -> None:
