@@ -20,6 +20,8 @@ from jobpool_async.backends.registry import (
     temporary_store,
 )
 
+from .floors import FLOOR_FOR
+
 __all__ = ["BACKEND_NAMES", "Store", "Target", "find_targets"]
 
 
@@ -57,6 +59,8 @@ def new_schema() -> str:
 
 
 def _target(info: BackendInfo, postgres_dsn: str | None) -> Target:
+    if info.name not in FLOOR_FOR:  # a registered backend this harness cannot compare yet
+        return Target(info.name, False, "no raw storage floor for it in benchmarks/floors.py")
     if info.needs_server and not postgres_dsn:
         reason = "no DSN: set JOBPOOL_BENCH_POSTGRES_DSN or pass --postgres-dsn"
         return Target(info.name, False, reason)

@@ -241,7 +241,7 @@ def test_the_fastapi_orders_example_runs_as_written() -> None:
 
 
 async def test_an_order_and_its_job_commit_or_roll_back_together() -> None:
-    import asyncpg
+    from jobpool_async.backends.registry import drop_postgres_schema
 
     from .backends import new_schema_name, postgres_dsn
 
@@ -263,11 +263,5 @@ async def test_an_order_and_its_job_commit_or_roll_back_together() -> None:
             rows = await shop.state.pool.fetch(f'SELECT id FROM "{schema}".orders')
             assert [r["id"] for r in rows] == [order_id]
     finally:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                f'DROP SCHEMA IF EXISTS "{schema}" CASCADE; '
-                f'DROP SCHEMA IF EXISTS "{schema}_jobs" CASCADE'
-            )
-        finally:
-            await conn.close()
+        for name in (schema, f"{schema}_jobs"):
+            await drop_postgres_schema(dsn, name)

@@ -179,6 +179,12 @@ def test_a_new_backend_needs_only_its_registry_entry(
     assert (backend.path, backend.level, backend.fast) == ("x.fk", 3, False)
     with pytest.raises(ValueError, match=r"unknown option 'slow'.*accepts: fast, level"):
         open_backend("fake:///x.fk?slow=1")
+    with pytest.raises(ValueError, match=r"memory://, sqlite:///path, .* or fake:///path"):
+        open_backend("nope://x")
+    from benchmarks._targets import find_targets
+
+    (target,) = find_targets(["fake"], None)
+    assert not target.available and "no raw storage floor" in target.reason
     store = registry.temporary_store("fake", tmp_path)
     assert store.url == f"fake:///{tmp_path}/jobs.fk"
     made = store.new_backend()

@@ -193,10 +193,14 @@ def _info_for_url(url: str) -> BackendInfo:
     for info in BACKENDS:
         if scheme in info.schemes:
             return info
+    forms = [f"{i.schemes[0]}://{_URL_TAIL[i.location]}" for i in BACKENDS]
     raise ValueError(
         f"unknown backend URL scheme {scheme!r} in {url!r}; "
-        "use memory://, sqlite:///path, leveldb:///path or postgresql://..."
+        f"use {', '.join(forms[:-1])} or {forms[-1]}"
     )
+
+
+_URL_TAIL = {"none": "", "path": "/path", "dsn": "..."}
 
 
 def open_backend(url: str, **options: Any) -> Backend:
