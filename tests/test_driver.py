@@ -36,6 +36,7 @@ WHITE_BOX = {
     "tests/test_leveldb.py": {"jobpool_async.backends._leveldb_codec"},
     "tests/test_listing_upgrade.py": {"jobpool_async.backends._leveldb_codec"},
     "tests/test_postgres.py": {"jobpool_async.backends.postgres._maintenance"},
+    "tests/test_sql_rows.py": {"jobpool_async.backends._sql"},
 }
 
 

@@ -1,4 +1,12 @@
-"""Compile the transition table into SQL, for the SQLite and PostgreSQL backends.
+"""What the SQLite and PostgreSQL backends share: the columns of a job and where each
+stands in a row, the status names, why a job was not moved, and the transition
+table compiled into SQL.
+
+Rows are read by column *name*: :class:`JobColumns` gives each :class:`Job` field's
+position in a select list, computed once at import from the same tuple of names the
+list's text is made of, so reordering a select list (or ``Job``'s fields) cannot
+silently swap two values of the same type.
+
 
 The SQL backends never hand-write which status goes where: they build their
 ``UPDATE`` statements from :class:`~jobpool_async._transitions.Transition` objects,
@@ -12,22 +20,166 @@ Placeholders differ per driver (``?``, ``:name``, ``$1``) and are passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol
 
 from .base import (
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobPoolError,
     JobStatus,
     Transition,
 )
 
-__all__ = ["CLAIMED_COLUMNS", "exhausted_sql", "in_list", "set_clause", "status_case"]
+__all__ = [
+    "ABSENT",
+    "CLAIMED",
+    "CLAIMED_COLUMNS",
+    "CLAIMED_FIELDS",
+    "JOB",
+    "JOB_COLUMNS",
+    "JOB_FIELDS",
+    "STATUS",
+    "JobColumns",
+    "exhausted_sql",
+    "in_list",
+    "not_moved",
+    "read_job",
+    "set_clause",
+    "status_case",
+]
 
+#: The stored columns of a job, named as :class:`Job`'s fields, in the order the
+#: statements that read whole jobs select them (:data:`JOB_COLUMNS`).
+JOB_FIELDS: tuple[str, ...] = (
+    "id", "job_type", "job_definition", "tags", "status", "created_at", "started_at",
+    "finalized_at", "error_message", "result", "retry_count", "last_retry_at",
+    "assignee_id", "assigned_at", "scheduled_at", "priority", "max_attempts", "attempts",
+)  # fmt: skip
+JOB_COLUMNS = ", ".join(JOB_FIELDS)
 #: The columns a claim returns: those it did not set itself (status, assignee and
 #: assignment time are the claim's own values, so reading them back is wasted work).
-CLAIMED_COLUMNS = (
-    "id, job_type, job_definition, tags, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at, scheduled_at, priority, "
-    "max_attempts, attempts"
-)
+CLAIMED_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("status", "assignee_id", "assigned_at"))
+CLAIMED_COLUMNS = ", ".join(CLAIMED_FIELDS)
+#: A stored status value's :class:`JobStatus`.
+STATUS = {s.value: s for s in JobStatus}
+
+
+#: The position of a field a row does not hold: past the end of any row, so reading
+#: it fails (``IndexError``) instead of reading some other column.
+ABSENT = 1 << 30
+
+
+class JobColumns(NamedTuple):
+    """Where each :class:`Job` field stands in a row (:data:`ABSENT`: not in it).
+
+    Build one with :meth:`of` from a select list's names, once, at import; a reader
+    then takes ``row[c.created_at]``: by name, as cheap as a literal index once
+    bound to a local.
+    """
+
+    id: int
+    job_type: int
+    job_definition: int
+    tags: int
+    status: int
+    created_at: int
+    started_at: int
+    finalized_at: int
+    error_message: int
+    result: int
+    retry_count: int
+    last_retry_at: int
+    assignee_id: int
+    assigned_at: int
+    scheduled_at: int
+    priority: int
+    max_attempts: int
+    attempts: int
+
+    @classmethod
+    def of(cls, fields: Sequence[str], start: int = 0) -> JobColumns:
+        """The positions of ``fields`` in a row whose column ``start`` is the first."""
+        unknown = set(fields) - set(cls._fields)
+        if unknown or len(set(fields)) != len(fields):
+            raise ValueError(f"not a list of distinct Job fields: {fields!r}")
+        at = {name: start + i for i, name in enumerate(fields)}
+        return cls(**{name: at.get(name, ABSENT) for name in cls._fields})
+
+
+def _check_fields() -> None:
+    """:class:`JobColumns` and :data:`JOB_FIELDS` name every field of :class:`Job` (a
+    field added to ``Job`` and not stored fails here, at import)."""
+    names = {f.name for f in dataclasses.fields(Job)}
+    if set(JobColumns._fields) != names or set(JOB_FIELDS) != names:
+        raise RuntimeError("the SQL column lists do not match Job's fields")
+
+
+_check_fields()
+
+#: Positions in a row of :data:`JOB_COLUMNS` and of :data:`CLAIMED_COLUMNS`.
+JOB = JobColumns.of(JOB_FIELDS)
+CLAIMED = JobColumns.of(CLAIMED_FIELDS)
+
+
+class Row(Protocol):
+    """A row of a driver's result: columns by position (a tuple, an asyncpg Record)."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def read_job(
+    row: Row,
+    c: JobColumns,
+    status: JobStatus,
+    assignee_id: str,
+    assigned_at: datetime | None,
+    when: Callable[[Any], datetime | None],
+    tags: Callable[[Any], list[str]],
+) -> Job:
+    """The job in ``row``, its columns at ``c``: ``when`` decodes a stored timestamp,
+    ``tags`` the stored tags. Status, assignee and assignment time are given (a
+    claim knows them; a read decodes them from the row)."""
+    return Job(
+        id=row[c.id],
+        job_type=row[c.job_type],
+        job_definition=row[c.job_definition],
+        tags=tags(row[c.tags]),
+        status=status,
+        created_at=when(row[c.created_at]),  # type: ignore[arg-type]
+        started_at=when(row[c.started_at]),
+        finalized_at=when(row[c.finalized_at]),
+        error_message=row[c.error_message],
+        result=row[c.result],
+        retry_count=row[c.retry_count],
+        last_retry_at=when(row[c.last_retry_at]),
+        assignee_id=assignee_id,
+        assigned_at=assigned_at,
+        scheduled_at=when(row[c.scheduled_at]),
+        priority=row[c.priority],
+        max_attempts=row[c.max_attempts],
+        attempts=row[c.attempts],
+    )
+
+
+def not_moved(
+    unmoved: Mapping[str, Transition], current: Mapping[str, str]
+) -> dict[str, JobPoolError]:
+    """Why each job a move did not move was not: ``current`` holds the stored status
+    of those still stored (read after the move), so the others are gone and these
+    are in a status their transition does not leave."""
+    errors: dict[str, JobPoolError] = {}
+    for job_id, transition in unmoved.items():
+        status = current.get(job_id)
+        errors[job_id] = (
+            JobNotFoundError(job_id)
+            if status is None
+            else InvalidTransitionError(job_id, STATUS[status], transition.target)
+        )
+    return errors
 
 
 def in_list(statuses: Iterable[JobStatus]) -> str:

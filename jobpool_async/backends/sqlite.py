@@ -57,7 +57,17 @@ from typing import Any, Final, Literal, TypeVar, cast
 import aiosqlite
 
 from ._files import check_parent
-from ._sql import CLAIMED_COLUMNS, set_clause
+from ._sql import (
+    CLAIMED,
+    CLAIMED_COLUMNS,
+    JOB,
+    JOB_COLUMNS,
+    JOB_FIELDS,
+    STATUS,
+    not_moved,
+    read_job,
+    set_clause,
+)
 from .base import (
     ACTIVE,
     ASSIGN,
@@ -67,9 +77,7 @@ from .base import (
     Backend,
     Change,
     DuplicateJobError,
-    InvalidTransitionError,
     Job,
-    JobNotFoundError,
     JobPoolError,
     JobsNotFinalError,
     JobState,
@@ -111,7 +119,6 @@ CACHE_KIB: Final = 16_384
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
-_STATUS: Final = {s.value: s for s in JobStatus}
 
 
 def _one_of(statuses: frozenset[JobStatus], column: str = "status") -> str:
@@ -279,11 +286,6 @@ _LEASES_TABLE: Final = """CREATE TABLE IF NOT EXISTS leases (
         PRIMARY KEY (assignee_id, holder)
     ) WITHOUT ROWID"""
 
-_COLS: Final = (
-    "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
-    "scheduled_at, priority, max_attempts, attempts"
-)
 _INSERT_TAG: Final = (
     "INSERT INTO job_tags (seq, tag, sort_key, created_at, prio) VALUES (?, ?, ?, ?, ?)"
 )
@@ -375,7 +377,7 @@ def _tags(text: str) -> list[str]:
 
 
 def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
-    """:class:`Job` objects from rows in ``_COLS`` order.
+    """:class:`Job` objects from rows of ``JOB_COLUMNS``.
 
     Jobs of one batch share timestamps (``assigned_at`` of a claim, ``created_at``
     of a batch enqueue), so each distinct value is converted once (immutable).
@@ -391,76 +393,50 @@ def _jobs(rows: Sequence[Sequence[Any]]) -> list[Job]:
             seen[value] = out
             return out
 
+    c = JOB
     return [
-        Job(
-            id=row[0],
-            job_type=row[1],
-            job_definition=row[2],
-            tags=_tags(row[3]),
-            status=_STATUS[row[4]],
-            created_at=dt(row[5]),  # type: ignore[arg-type]
-            started_at=dt(row[6]),
-            finalized_at=dt(row[7]),
-            error_message=row[8],
-            result=row[9],
-            retry_count=row[10],
-            last_retry_at=dt(row[11]),
-            assignee_id=row[12],
-            assigned_at=dt(row[13]),
-            scheduled_at=dt(row[14]),
-            priority=row[15],
-            max_attempts=row[16],
-            attempts=row[17],
+        read_job(
+            row, c, STATUS[row[c.status]], row[c.assignee_id], dt(row[c.assigned_at]), dt, _tags
         )
         for row in rows
     ]
 
 
 def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> list[Job]:
-    """The :class:`Job` objects of a claim's rows (``CLAIMED_COLUMNS`` order), assigned
+    """The :class:`Job` objects of a claim's rows (``CLAIMED_COLUMNS``), assigned
     to ``assignee_id`` at ``now``; a first run's ``started_at`` is ``now`` too."""
     now_us = _us(now)
     running = JobStatus.RUNNING
     epoch = _EPOCH
-    return [
-        Job(
-            id=job_id,
-            job_type=job_type,
-            job_definition=definition,
-            tags=[] if tags == "[]" else json.loads(tags),
-            status=running,
-            created_at=epoch + timedelta(0, 0, created),
-            started_at=now if started == now_us else epoch + timedelta(0, 0, started),
-            finalized_at=None if finalized is None else epoch + timedelta(0, 0, finalized),
-            error_message=message,
-            result=result,
-            retry_count=retries,
-            last_retry_at=None if retried is None else epoch + timedelta(0, 0, retried),
-            assignee_id=assignee_id,
-            assigned_at=now,
-            scheduled_at=None if scheduled is None else epoch + timedelta(0, 0, scheduled),
-            priority=priority,
-            max_attempts=max_attempts,
-            attempts=attempts,
+    c = CLAIMED
+    jobs: list[Job] = []
+    add = jobs.append
+    for row in rows:
+        tags, started, finalized = row[c.tags], row[c.started_at], row[c.finalized_at]
+        retried, scheduled = row[c.last_retry_at], row[c.scheduled_at]
+        add(
+            Job(
+                id=row[c.id],
+                job_type=row[c.job_type],
+                job_definition=row[c.job_definition],
+                tags=[] if tags == "[]" else json.loads(tags),
+                status=running,
+                created_at=epoch + timedelta(0, 0, row[c.created_at]),
+                started_at=now if started == now_us else epoch + timedelta(0, 0, started),
+                finalized_at=None if finalized is None else epoch + timedelta(0, 0, finalized),
+                error_message=row[c.error_message],
+                result=row[c.result],
+                retry_count=row[c.retry_count],
+                last_retry_at=None if retried is None else epoch + timedelta(0, 0, retried),
+                assignee_id=assignee_id,
+                assigned_at=now,
+                scheduled_at=None if scheduled is None else epoch + timedelta(0, 0, scheduled),
+                priority=row[c.priority],
+                max_attempts=row[c.max_attempts],
+                attempts=row[c.attempts],
+            )
         )
-        for (
-            job_id,
-            job_type,
-            definition,
-            tags,
-            created,
-            started,
-            finalized,
-            message,
-            result,
-            retries,
-            retried,
-            scheduled,
-            priority,
-            max_attempts,
-            attempts,
-        ) in rows
-    ]
+    return jobs
 
 
 # --- functions run in the connection's thread -------------------------------------------
@@ -632,6 +608,13 @@ _INSERT_SIZES: Final = (256, 64, 16, 4, 1)
 #: Per inserted row: every column bound (a job enqueued with history fields set), or
 #: only those a new job may carry, the rest literals (the common case: half the
 #: parameters, about 2 µs per job less work in the connection's thread).
+#: The columns of both, in their order (that of the parameters ``_new_params`` and
+#: ``_full_params`` make).
+_INSERT_COLUMNS: Final = (
+    "seq, id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
+    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
+    "scheduled_at, priority, max_attempts, attempts, wait_until"
+)
 _ROW_FULL: Final = "(" + ", ".join(["?"] * 18) + ", 0, ?)"  # attempts 0, then wait_until
 _ROW_NEW: Final = (
     f"(?, ?, ?, ?, ?, '{JobStatus.INITIAL_PENDING.value}', ?, "  # status, created_at
@@ -641,7 +624,7 @@ _ROW_NEW: Final = (
 
 @functools.lru_cache(maxsize=2 * len(_INSERT_SIZES))
 def _insert_sql(row: str, rows: int) -> str:
-    return f"INSERT INTO jobs (seq, {_COLS}, wait_until) VALUES " + ", ".join([row] * rows)
+    return f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES " + ", ".join([row] * rows)
 
 
 _Params = tuple[list[Any], list[tuple[int, str, int | None, int, int]]]
@@ -953,10 +936,10 @@ def _move_chunk(
     return {
         job_id: Moved(
             job_id,
-            _STATUS[status],
+            STATUS[status],
             _dt(assigned_at),
             _tag_tuple(tags),
-            None if wait is None or _STATUS[status] not in ELIGIBLE else _dt(wait),
+            None if wait is None or STATUS[status] not in ELIGIBLE else _dt(wait),
         )
         for job_id, status, assigned_at, tags, wait in rows
     }
@@ -980,20 +963,13 @@ def _outcome(
     moved = [done[c.job_id] for c in changes if c.job_id in done]
     errors: dict[str, JobPoolError] = {}
     if len(moved) < len(changes):
-        missed = [c for c in changes if c.job_id not in done]
+        missed = {c.job_id: c.transition for c in changes if c.job_id not in done}
         current = dict(
             conn.execute(
-                f"SELECT id, status FROM jobs WHERE id IN ({_IDS})",
-                (json.dumps([c.job_id for c in missed]),),
+                f"SELECT id, status FROM jobs WHERE id IN ({_IDS})", (json.dumps(list(missed)),)
             ).fetchall()
         )
-        for c in missed:
-            status = current.get(c.job_id)
-            errors[c.job_id] = (
-                JobNotFoundError(c.job_id)
-                if status is None
-                else InvalidTransitionError(c.job_id, _STATUS[status], c.transition.target)
-            )
+        errors = not_moved(missed, current)
     return moved, errors
 
 
@@ -1048,7 +1024,7 @@ def _apply_selected(
             f"UPDATE jobs SET {sets} WHERE {where} RETURNING id, status, tags, assigned_at",
             params,
         ).fetchall():
-            out.moved.append(Moved(job_id, _STATUS[status], _dt(assigned_at), _tag_tuple(tags)))
+            out.moved.append(Moved(job_id, STATUS[status], _dt(assigned_at), _tag_tuple(tags)))
         return out
     rows = _selected_rows(conn, selection)
     if report_unmatched and selection.job_ids:
@@ -1057,7 +1033,7 @@ def _apply_selected(
         out.unmatched.extend(out.missing)
     seqs = []
     for seq, job_id, status, tags, assigned_at in rows:
-        target = transition.target_of(_STATUS[status])
+        target = transition.target_of(STATUS[status])
         if target is None:
             if report_unmatched:
                 out.unmatched.append(job_id)
@@ -1077,7 +1053,7 @@ def _apply_selected(
 
 def _delete(conn: sqlite3.Connection, selection: Selection) -> int:
     rows = _selected_rows(conn, selection)
-    not_final = [row[1] for row in rows if not _STATUS[row[2]].is_final]
+    not_final = [row[1] for row in rows if not STATUS[row[2]].is_final]
     if not_final:
         raise JobsNotFinalError(not_final)
     conn.execute(f"DELETE FROM jobs WHERE seq IN ({_IDS})", (json.dumps([row[0] for row in rows]),))
@@ -1107,7 +1083,7 @@ def _list_sql(query: ListQuery) -> tuple[str, dict[str, Any]]:
     if query.job_type is not None:
         params["y"] = query.job_type
     statuses = sorted(query.statuses)
-    cols = ", ".join(f"j.{c.strip()}" for c in _COLS.split(","))
+    cols = ", ".join(f"j.{c}" for c in JOB_FIELDS)
     order = "ORDER BY created_at DESC, id DESC"
     if query.tags:
         with_ = ""
@@ -1269,7 +1245,7 @@ def _rescue_write(
         for job_id, status, tags, at in conn.execute(
             _RESCUE_SQL, (now, json.dumps(jobs), max_attempts)
         ):
-            moved.append(Moved(job_id, _STATUS[status], _dt(at), _tag_tuple(tags)))
+            moved.append(Moved(job_id, STATUS[status], _dt(at), _tag_tuple(tags)))
     if forget:
         conn.execute(_FORGET_SQL, (now, cutoff, json.dumps(forget)))
     return moved
@@ -1496,7 +1472,7 @@ class SQLiteBackend(Backend):
             return []
         rows = await self._run(
             _fetch_all,
-            f"SELECT {_COLS} FROM jobs WHERE id IN ({_IDS})",
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({_IDS})",
             (json.dumps(list(job_ids)),),
         )
         by_id = {job.id: job for job in _jobs(rows)}
@@ -1516,7 +1492,7 @@ class SQLiteBackend(Backend):
             f"SELECT id, status, assigned_at FROM jobs WHERE id IN ({_IDS})",
             (json.dumps(list(job_ids)),),
         )
-        return {row[0]: JobState(_STATUS[row[1]], _dt(row[2])) for row in rows}
+        return {row[0]: JobState(STATUS[row[1]], _dt(row[2])) for row in rows}
 
     async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
         if tags:
@@ -1527,7 +1503,7 @@ class SQLiteBackend(Backend):
         else:
             sql = "SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM jobs GROUP BY status"
         rows = await self._run(_fetch_all, sql, _tag_params(tags) if tags else ())
-        return {_STATUS[s]: n for s, n, _ in rows}, sum(r for _, _, r in rows)
+        return {STATUS[s]: n for s, n, _ in rows}, sum(r for _, _, r in rows)
 
     async def delete(self, selection: Selection) -> int:
         return await self._transact(_delete, selection)

@@ -16,7 +16,18 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
-from .._sql import CLAIMED_COLUMNS, in_list, set_clause
+from .._sql import (
+    CLAIMED,
+    CLAIMED_FIELDS,
+    JOB,
+    JOB_COLUMNS,
+    STATUS,
+    JobColumns,
+    in_list,
+    not_moved,
+    read_job,
+    set_clause,
+)
 from ..base import (
     ELIGIBLE,
     LEASE_EXPIRED,
@@ -25,9 +36,7 @@ from ..base import (
     Backend,
     Change,
     DuplicateJobError,
-    InvalidTransitionError,
     Job,
-    JobNotFoundError,
     JobPoolError,
     JobsNotFinalError,
     JobState,
@@ -64,6 +73,7 @@ from ._statements import (
     ASSIGNEE_PREFIX,
     FINAL_IN,
     ID_ORDER,
+    REFILL_START,
     TYPE_PREFIX,
     WAITING,
     Statements,
@@ -94,39 +104,29 @@ PROBE_INTERVAL = 1.0
 #: ``error_message`` of jobs given back after a claim's answer was lost.
 LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connection"
 
-_STATUS = {s.value: s for s in JobStatus}
 _ASSIGNED = JobStatus.RUNNING  # every claim's status (ASSIGN moves all sources there)
 
 
 def _job(
     r: Record | Sequence[Any],
-    at: int,
+    c: JobColumns,
     status: JobStatus,
     assignee_id: str,
     assigned_at: datetime | None,
 ) -> Job:
-    """A job from the :data:`CLAIMED_COLUMNS` of a row, starting at column ``at``, and
+    """A job from a row holding its columns at ``c`` (built once per select list), and
     the three columns a claim sets (given: a claim knows them, a read selects them)."""
-    return Job(
-        id=r[at],
-        job_type=r[at + 1],
-        job_definition=r[at + 2],
-        tags=list(r[at + 3]),
-        status=status,
-        created_at=utc(r[at + 4]),  # type: ignore[arg-type]
-        started_at=utc(r[at + 5]),
-        finalized_at=utc(r[at + 6]),
-        error_message=r[at + 7],
-        result=r[at + 8],
-        retry_count=r[at + 9],
-        last_retry_at=utc(r[at + 10]),
-        assignee_id=assignee_id,
-        assigned_at=utc(assigned_at),
-        scheduled_at=utc(r[at + 11]),
-        priority=r[at + 12],
-        max_attempts=r[at + 13],
-        attempts=r[at + 14],
-    )
+    return read_job(r, c, status, assignee_id, utc(assigned_at), utc, list)
+
+
+def _read_job(r: Record) -> Job:
+    """A job from a row of :data:`JOB_COLUMNS`."""
+    c = JOB
+    return _job(r, c, STATUS[r[c.status]], r[c.assignee_id], r[c.assigned_at])
+
+
+#: The claimed job's columns in an apply's rows of kind 2 (see ``Statements.apply``).
+_REFILLED = JobColumns.of(CLAIMED_FIELDS, REFILL_START)
 
 
 # Lock ordering: every statement that may wait for row locks on several jobs takes
@@ -607,7 +607,7 @@ class PostgresBackend(Backend):
             await self._lost_claim(nonce, now)
             raise
         self._changed_rows(len(rows))
-        jobs = [_job(r, 0, _ASSIGNED, assignee_id, now) for r in rows]
+        jobs = [_job(r, CLAIMED, _ASSIGNED, assignee_id, now) for r in rows]
         if self._notes.watched:
             self._notes.tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
         return jobs
@@ -694,9 +694,9 @@ class PostgresBackend(Backend):
                 moved_ids: set[str] = set()
                 for r in rows:
                     if r[0] == 2:
-                        out.claimed.append(_job(r, 6, _ASSIGNED, assignee, now))
+                        out.claimed.append(_job(r, _REFILLED, _ASSIGNED, assignee, now))
                     else:
-                        tags, status = r[3], _STATUS[r[2]]
+                        tags, status = r[3], STATUS[r[2]]
                         due = r[5] if status in ELIGIBLE else None
                         out.moved.append(
                             Moved(r[1], status, utc(r[4]), tuple(tags) if tags else (), due)
@@ -724,13 +724,7 @@ class PostgresBackend(Backend):
             list(unmoved),
             idempotent=True,
         )
-        current = {r[0]: _STATUS[r[1]] for r in rows}
-        for job_id, transition in unmoved.items():
-            status = current.get(job_id)
-            if status is None:
-                out.errors[job_id] = JobNotFoundError(job_id)
-            else:
-                out.errors[job_id] = InvalidTransitionError(job_id, status, transition.target)
+        out.errors.update(not_moved(unmoved, {r[0]: r[1] for r in rows}))
 
     async def _apply_groups(
         self,
@@ -748,16 +742,15 @@ class PostgresBackend(Backend):
                 for group in groups:
                     results.append((group, await conn.fetch(*self._apply_args(group, now))))
                 if refill is not None:
-                    moved = [Moved(r[1], _STATUS[r[2]], r[4]) for _, rows in results for r in rows]
+                    moved = [Moved(r[1], STATUS[r[2]], r[4]) for _, rows in results for r in rows]
                     limit = refill_limit(refill, moved)
                     if limit:
                         claimed = await conn.fetch(
                             *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                         )
-                        # as rows of kind 2 (see _apply_sql)
-                        results.append(
-                            ((), [(2, None, None, None, None, None, *r) for r in claimed])
-                        )
+                        # as rows of kind 2 (see Statements.apply)
+                        pad = (2,) + (None,) * (REFILL_START - 1)
+                        results.append(((), [(*pad, *r) for r in claimed]))
             return results
 
         return await self._call(run, False)
@@ -853,7 +846,7 @@ class PostgresBackend(Backend):
         out = SelectOutcome()
         moved = sorted((r for r in rows if r[0] == 1), key=order)
         for r in moved:
-            status = _STATUS[r[2]]
+            status = STATUS[r[2]]
             due = r[6] if status in ELIGIBLE else None
             out.moved.append(Moved(r[1], status, utc(r[5]), tuple(r[3]), due))
             self._learn(due)
@@ -872,17 +865,12 @@ class PostgresBackend(Backend):
             return []
         with self._errors("read"):
             rows = await self._fetch(
-                f"SELECT {CLAIMED_COLUMNS}, status, assignee_id, assigned_at FROM {self._t} "
-                f"WHERE {self._sql.id_match('', '$1')}",
+                f"SELECT {JOB_COLUMNS} FROM {self._t} WHERE {self._sql.id_match('', '$1')}",
                 list(job_ids),
                 idempotent=True,
             )
-        by_id = {r[0]: r for r in rows}
-        return [
-            _job(r, 0, _STATUS[r[15]], r[16], r[17])
-            for i in job_ids
-            if (r := by_id.get(i)) is not None
-        ]
+        by_id = {r[JOB.id]: r for r in rows}
+        return [_read_job(r) for i in job_ids if (r := by_id.get(i)) is not None]
 
     async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
         if not statuses:
@@ -916,9 +904,7 @@ class PostgresBackend(Backend):
         if query.tags:
             args.append(list(query.tags))
             conds.append(self._sql.tag_match("tags", f"${len(args)}"))
-        cols = (
-            f"{CLAIMED_COLUMNS}, status, assignee_id, assigned_at, created_at AS c, {ID_ORDER} AS k"
-        )
+        cols = f"{JOB_COLUMNS}, created_at AS c, {ID_ORDER} AS k"
         order = f"ORDER BY created_at DESC, {ID_ORDER} DESC LIMIT $1"
         # Each part reads one index newest first: idle statuses (or all idle jobs) a
         # jobs_idle_* index, RUNNING/CANCELLING the active-assignee index (sorted).
@@ -937,7 +923,7 @@ class PostgresBackend(Backend):
         with self._errors("read"):
             assert self._pool is not None
             rows = await self._pool.fetch(sql, *args)
-        return [_job(r, 0, _STATUS[r[15]], r[16], r[17]) for r in rows]
+        return [_read_job(r) for r in rows]
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         if not job_ids:
@@ -949,7 +935,7 @@ class PostgresBackend(Backend):
                 list(job_ids),
                 idempotent=True,
             )
-        return {r[0]: JobState(_STATUS[r[1]], utc(r[2])) for r in rows}
+        return {r[0]: JobState(STATUS[r[1]], utc(r[2])) for r in rows}
 
     async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
         sql = f"SELECT status, count(*), COALESCE(sum(retry_count), 0) FROM {self._t}"
@@ -960,7 +946,7 @@ class PostgresBackend(Backend):
         sql += " GROUP BY status"
         with self._errors("read"):
             rows = await self._fetch(sql, *args, idempotent=True)
-        return {_STATUS[r[0]]: int(r[1]) for r in rows}, sum(int(r[2]) for r in rows)
+        return {STATUS[r[0]]: int(r[1]) for r in rows}, sum(int(r[2]) for r in rows)
 
     async def delete(self, selection: Selection) -> int:
         t = self._t
@@ -1105,7 +1091,7 @@ class PostgresBackend(Backend):
                         now,
                         max_attempts,
                     )
-                    moved = [Moved(r[0], _STATUS[r[1]], r[3], tuple(r[2] or ())) for r in done]
+                    moved = [Moved(r[0], STATUS[r[1]], r[3], tuple(r[2] or ())) for r in done]
                 if len(jobs) < len(rows):
                     await conn.execute(forget, forget_after)
         self._changed_rows(len(moved))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .._sql import CLAIMED_COLUMNS, in_list, set_clause
+from .._sql import CLAIMED_COLUMNS, CLAIMED_FIELDS, in_list, set_clause
 from ..base import (
     ACTIVE,
     ASSIGN,
@@ -23,12 +23,6 @@ from ..base import (
 )
 from ._notifications import MAX_PAYLOAD
 
-#: The columns of a job, in the order of :class:`~jobpool_async.Job`'s fields.
-COLS = (
-    "id, job_type, job_definition, tags, status, created_at, started_at, finalized_at, "
-    "error_message, result, retry_count, last_retry_at, assignee_id, assigned_at, "
-    "scheduled_at, priority, max_attempts, attempts"
-)
 #: SQL of a ``timestamptz`` as exact integer microseconds since the epoch (for NOTIFY
 #: payloads: JSON has no timestamp type, and a float would lose the microseconds).
 EPOCH_US = "CASE WHEN isfinite({0}) THEN (extract(epoch FROM {0}) * 1000000)::bigint END"
@@ -80,11 +74,20 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-#: SQL types of :data:`CLAIMED_COLUMNS`, for the NULL padding of rows that carry no job.
-_CLAIMED_TYPES = (
-    "text", "text", "bytea", "text[]", "timestamptz", "timestamptz", "timestamptz",
-    "text", "bytea", "bigint", "timestamptz", "timestamptz", "smallint", "integer", "integer",
-)  # fmt: skip
+#: SQL types of the claimed columns, for the NULL padding of rows that carry no job.
+_CLAIMED_TYPES = {
+    "id": "text", "job_type": "text", "job_definition": "bytea", "tags": "text[]",
+    "created_at": "timestamptz", "started_at": "timestamptz", "finalized_at": "timestamptz",
+    "error_message": "text", "result": "bytea", "retry_count": "bigint",
+    "last_retry_at": "timestamptz", "scheduled_at": "timestamptz", "priority": "smallint",
+    "max_attempts": "integer", "attempts": "integer",
+}  # fmt: skip
+
+
+#: The column where the claimed job's :data:`CLAIMED_COLUMNS` start in the rows of
+#: kind 2 of :meth:`Statements.apply` (after kind, id, status, tags, assigned_at and
+#: wait_until of the moved rows).
+REFILL_START = 6
 
 
 def _claimed_returning(table: str) -> str:
@@ -198,7 +201,11 @@ class Statements:
             payload, keys = "$10", "$11"
         return f"""
             WITH ins AS (
-                INSERT INTO {self._t} ({COLS}, wait_until, tag_keys, id_key)
+                INSERT INTO {self._t} (
+                    id, job_type, job_definition, tags, status, created_at, started_at,
+                    finalized_at, error_message, result, retry_count, last_retry_at,
+                    assignee_id, assigned_at, scheduled_at, priority, max_attempts, attempts,
+                    wait_until, tag_keys, id_key)
                 SELECT u.id, u.job_type, u.def, COALESCE(($4::text[])[u.ts:u.te], '{{}}'),
                        '{JobStatus.INITIAL_PENDING.value}', u.created_at, {history},
                        COALESCE(({keys}::text[])[u.ts:u.te], '{{}}'), {key("u.id")}
@@ -250,7 +257,7 @@ class Statements:
         if refill:
             assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
             tag_cond = f"AND {self.tag_match('tags', '$8')}" if tags else ""
-            rest = ", " + ", ".join(f"NULL::{kind}" for kind in _CLAIMED_TYPES)
+            rest = ", " + ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
             claim = f""",
             picked AS (
                 SELECT ctid AS pid FROM {t}
