@@ -930,7 +930,7 @@ def _move_chunk(
     rows = conn.execute(sql, params).fetchall()
     if not _may_make_eligible(transition):
         return {
-            job_id: Moved(job_id, _STATUS[status], _dt(assigned_at))
+            job_id: Moved(job_id, STATUS[status], _dt(assigned_at))
             for job_id, status, assigned_at in rows
         }
     return {
