@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .._sql import STATUS
 from ..base import (
-    JobStatus,
     Listener,
     Moved,
     StorageError,
@@ -40,7 +40,6 @@ MAX_WATCHED = 100_000
 #: backend's own (tokens are hex), so every listener, this process's too, acts on it.
 COMMITTED = "committed"
 
-_STATUS = {s.value: s for s in JobStatus}
 UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -209,7 +208,7 @@ class Notifications:
                 for job_id, status, tags, at, *rest in json.loads(body):
                     due = from_us(rest[0]) if rest else None
                     moved.append(
-                        Moved(str(job_id), _STATUS[status], from_us(at), tuple(tags or ()), due)
+                        Moved(str(job_id), STATUS[status], from_us(at), tuple(tags or ()), due)
                     )
                     self._learn(due)
             except (ValueError, TypeError, KeyError):
