@@ -13,6 +13,7 @@ from .backends import (
     backend_factory,
     drop_postgres_schema,
     new_schema_name,
+    postgres_dsn,
 )
 
 
@@ -39,3 +40,17 @@ async def queue(make_backend: BackendFactory) -> AsyncIterator[PoolQueue]:
         yield q
     finally:
         await q.close()
+
+
+@pytest.fixture
+def dsn() -> str:
+    """The PostgreSQL test server (the test is skipped, saying why, without one)."""
+    return postgres_dsn()
+
+
+@pytest.fixture
+async def schema(dsn: str) -> AsyncIterator[str]:
+    """A schema of the test's own on that server, dropped afterwards."""
+    name = new_schema_name()
+    yield name
+    await drop_postgres_schema(name)

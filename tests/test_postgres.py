@@ -38,25 +38,13 @@ from jobpool_async import (
 from jobpool_async.backends.base import COMPLETE, WORKER_LOST, Moved, Selection
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
-from .backends import drop_postgres_schema, new_schema_name, postgres_dsn
+from .backends import drop_postgres_schema, new_schema_name
 
 WORKER = str(Path(__file__).with_name("postgres_worker.py"))
 DEADLINE = 20.0  # seconds; generous for a busy machine, far below anything that hangs
 NO_POLL = 30.0  # poll_interval: any wake-up sooner than this came from NOTIFY
 
 # --- fixtures and helpers -------------------------------------------------------------
-
-
-@pytest.fixture
-def dsn() -> str:
-    return postgres_dsn()
-
-
-@pytest.fixture
-async def schema(dsn: str) -> AsyncIterator[str]:
-    name = new_schema_name()
-    yield name
-    await drop_postgres_schema(name)
 
 
 def backend(dsn: str, schema: str, **options: Any) -> PostgresBackend:

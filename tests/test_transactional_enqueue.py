@@ -19,20 +19,8 @@ import pytest
 
 from jobpool_async import DuplicateJobError, Job, JobNotFoundError, JobStream, PoolQueue
 
-from .backends import backend_factory, drop_postgres_schema, new_schema_name, postgres_dsn
+from .backends import backend_factory
 from .test_postgres import DEADLINE, expect, kill, open_queue, run_child
-
-
-@pytest.fixture
-def dsn() -> str:
-    return postgres_dsn()
-
-
-@pytest.fixture
-async def schema(dsn: str) -> AsyncIterator[str]:
-    name = new_schema_name()
-    yield name
-    await drop_postgres_schema(name)
 
 
 @pytest.fixture
