@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -19,6 +20,8 @@ __all__ = [
     "Row",
     "Sizes",
     "check_exactly_once",
+    "drain_payload",
+    "drain_work",
     "machine_info",
     "percentile",
     "rate",
@@ -252,3 +255,23 @@ def _cpu_model() -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+# --- the drain workload (issue #20): the same per-job work for ours, floors and peers ---
+
+
+def drain_payload(i: int) -> bytes:
+    """Job ``i``'s payload: a JSON object of exactly 100 bytes."""
+    head = json.dumps({"n": i, "kind": "resize", "pad": ""}, separators=(",", ":"))
+    return head.replace('"pad":""', '"pad":"' + "x" * (100 - len(head)) + '"').encode()
+
+
+async def _trivial() -> None:
+    """The coroutine each job awaits (a real call would do I/O here)."""
+
+
+async def drain_work(payload: bytes) -> bytes:
+    """One job's work in the drain workload: decode, await, encode a small result."""
+    data = json.loads(payload)
+    await _trivial()
+    return json.dumps({"n": data["n"], "ok": True}).encode()

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._common import drain_payload, drain_work
+
 Seen = list[int]
 
 #: Extra figures of this run (seconds spent enqueueing), sent back with the result.
@@ -69,8 +71,19 @@ async def _await_for(cond: Callable[[], bool], time_limit: float, what: str) -> 
 # --- embedded (SQLite) -------------------------------------------------------------------
 
 
-def huey(n: int, c: int, workdir: Path, synchronous: str | None, time_limit: float) -> float:
-    """SqliteHuey, thread consumer with ``c`` workers. ``synchronous=None``: huey's default."""
+def huey(
+    n: int,
+    c: int,
+    workdir: Path,
+    synchronous: str | None,
+    time_limit: float,
+    drain: bool = False,
+) -> float:
+    """SqliteHuey, thread consumer with ``c`` workers. ``synchronous=None``: huey's default.
+
+    ``drain``: the drain workload (issue #20): each job carries a 100-byte JSON payload
+    that its handler decodes before encoding a small JSON result; every job is
+    enqueued before the consumer starts."""
     huey_mod: Any = importlib.import_module("huey")
     storage_mod: Any = importlib.import_module("huey.storage")
     base: Any = storage_mod.SqliteStorage
@@ -89,7 +102,11 @@ def huey(n: int, c: int, workdir: Path, synchronous: str | None, time_limit: flo
     lock = threading.Lock()
 
     @q.task()  # type: ignore[untyped-decorator]
-    def noop(i: int) -> None:
+    def noop(i: int | bytes) -> None:
+        if isinstance(i, bytes):  # drain: decode, work, encode (huey handlers are sync)
+            data = json.loads(i)
+            json.dumps({"n": data["n"], "ok": True}).encode()
+            i = int(data["n"])
         with lock:
             seen.append(i)
 
@@ -102,11 +119,19 @@ def huey(n: int, c: int, workdir: Path, synchronous: str | None, time_limit: flo
         max_delay=0.05,
         check_worker_health=False,
     )
-    consumer.start()
-    try:
+    if drain:
+        payloads = [drain_payload(i) for i in range(n)]
         t0 = time.perf_counter()
-        noop.map(range(n))  # huey's batch call: one enqueue per item
+        noop.map(payloads)  # huey's batch call: one enqueue per item
         _enqueued(t0)
+        consumer.start()
+    else:
+        consumer.start()
+    try:
+        if not drain:
+            t0 = time.perf_counter()
+            noop.map(range(n))  # huey's batch call: one enqueue per item
+            _enqueued(t0)
         _wait_for(lambda: len(seen) >= n, time_limit, "huey jobs")
         seconds = time.perf_counter() - t0
     finally:
@@ -267,7 +292,9 @@ async def procrastinate(n: int, c: int, dsn: str, time_limit: float) -> float:
         await _pg_schema(dsn, schema, False)
 
 
-async def pgqueuer(n: int, c: int, dsn: str, time_limit: float, capped: bool) -> float:
+async def pgqueuer(
+    n: int, c: int, dsn: str, time_limit: float, capped: bool, drain: bool = False
+) -> float:
     """pgqueuer in its own schema: one batch ``enqueue`` per 1,000, ``QueueManager.run``
     in drain mode (stops when the queue is empty). ``capped``: at most ``c`` jobs in
     flight (``max_concurrent_tasks=c``, ``batch_size=c // 2``, the largest it allows);
@@ -289,14 +316,24 @@ async def pgqueuer(n: int, c: int, dsn: str, time_limit: float, capped: bool) ->
 
         @qm.entrypoint("noop")  # type: ignore[untyped-decorator]
         async def noop(job: Any) -> None:
-            seen.append(int(job.payload))
+            if drain:  # decode, await, encode (issue #20's drain workload)
+                result = await drain_work(job.payload)
+                seen.append(int(result[5 : result.index(b",")]))  # b'{"n": 12, ...'
 
-        t0 = time.perf_counter()
-        for start in range(0, n, 1000):
-            ids = range(start, min(n, start + 1000))
-            await queries.enqueue(
-                ["noop"] * len(ids), [str(i).encode() for i in ids], [0] * len(ids)
-            )
+            else:
+                seen.append(int(job.payload))
+
+        if drain:  # every job in one enqueue call, as ours
+            payloads = [drain_payload(i) for i in range(n)]
+            t0 = time.perf_counter()
+            await queries.enqueue(["noop"] * n, payloads, [0] * n)
+        else:
+            t0 = time.perf_counter()
+            for start in range(0, n, 1000):
+                ids = range(start, min(n, start + 1000))
+                await queries.enqueue(
+                    ["noop"] * len(ids), [str(i).encode() for i in ids], [0] * len(ids)
+                )
         _enqueued(t0)
         limits = {"batch_size": max(1, c // 2), "max_concurrent_tasks": c} if capped else {}
         await asyncio.wait_for(
@@ -456,13 +493,24 @@ async def asyncio_queue(n: int, c: int, time_limit: float) -> float:
     return seconds
 
 
-def run(peer: str, n: int, c: int, workdir: Path, dsn: str, redis: str, time_limit: float) -> float:
+def run(
+    peer: str,
+    n: int,
+    c: int,
+    workdir: Path,
+    dsn: str,
+    redis: str,
+    time_limit: float,
+    drain: bool = False,
+) -> float:
+    if drain and peer not in ("huey-normal", "huey-default", "pgqueuer", "pgqueuer-batch"):
+        raise ValueError(f"{peer} has no drain mode (huey and pgqueuer have)")
     if peer == "asyncio-queue":
         return asyncio.run(asyncio_queue(n, c, time_limit))
     if peer == "huey-normal":
-        return huey(n, c, workdir, "NORMAL", time_limit)
+        return huey(n, c, workdir, "NORMAL", time_limit, drain)
     if peer == "huey-default":
-        return huey(n, c, workdir, None, time_limit)
+        return huey(n, c, workdir, None, time_limit, drain)
     if peer == "persist-queue":
         return persist_queue(n, c, workdir, time_limit)
     if peer == "litequeue":
@@ -470,7 +518,7 @@ def run(peer: str, n: int, c: int, workdir: Path, dsn: str, redis: str, time_lim
     if peer == "procrastinate":
         return asyncio.run(procrastinate(n, c, dsn, time_limit))
     if peer in ("pgqueuer", "pgqueuer-batch"):
-        return asyncio.run(pgqueuer(n, c, dsn, time_limit, capped=peer == "pgqueuer"))
+        return asyncio.run(pgqueuer(n, c, dsn, time_limit, peer == "pgqueuer", drain))
     if peer == "arq":
         return asyncio.run(arq(n, c, redis, time_limit))
     if peer == "saq":
@@ -487,10 +535,18 @@ def main() -> None:
     parser.add_argument("--postgres-dsn", default="")
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--drain", action="store_true", help="the drain workload (issue #20)")
     a = parser.parse_args()
     try:
         seconds = run(
-            a.peer, a.jobs, a.concurrency, a.workdir, a.postgres_dsn, a.redis_url, a.timeout
+            a.peer,
+            a.jobs,
+            a.concurrency,
+            a.workdir,
+            a.postgres_dsn,
+            a.redis_url,
+            a.timeout,
+            a.drain,
         )
         out: dict[str, Any] = {"ok": True, "seconds": seconds, "note": "", "metrics": METRICS}
     except Exception as exc:

@@ -108,8 +108,11 @@ async def run_peer(
     postgres_dsn: str | None,
     redis_url: str | None,
     time_limit: float,
+    *,
+    drain: bool = False,
 ) -> PeerResult:
-    """Run one peer in a child process and read its one-line JSON answer."""
+    """Run one peer in a child process and read its one-line JSON answer
+    (``drain``: on the drain workload of ``benchmarks.drain``)."""
     why = availability(peer, postgres_dsn, redis_url)
     if why:
         return PeerResult(False, note=why, unavailable=True)
@@ -133,6 +136,7 @@ async def run_peer(
             redis_url or "",
             "--timeout",
             str(time_limit),
+            *(["--drain"] if drain else []),
         ]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=_ROOT

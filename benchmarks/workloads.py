@@ -22,7 +22,7 @@ from typing import Any
 from jobpool_async import Job, PoolQueue
 from jobpool_async.backends.base import COMPLETE, Backend, Change, utcnow
 
-from ._common import check_exactly_once, median, now, percentile
+from ._common import check_exactly_once, drain_payload, drain_work, median, now, percentile
 from ._targets import Target
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -32,6 +32,8 @@ DEFAULT_LEASE = timedelta(seconds=30)
 __all__ = [
     "Outcome",
     "bulk_enqueue",
+    "drain_stream",
+    "drain_worker",
     "end_to_end_stream",
     "end_to_end_worker",
     "fan_out",
@@ -200,6 +202,93 @@ async def end_to_end_worker(
             check_exactly_once((j.id for j in jobs), delivered), await _check_store(queue, n)
         )
     return Outcome(n, seconds, problem=problem)
+
+
+# --- 2b. drain: the pattern users write most (issue #20) -------------------------------------
+
+
+def _drain_jobs(n: int) -> list[Job]:
+    prefix = f"{uuid.uuid4().hex[:6]}-"
+    return [
+        Job(id=f"{prefix}{i:08d}", job_type="bench", job_definition=drain_payload(i))
+        for i in range(n)
+    ]
+
+
+async def drain_stream(
+    backend: Backend,
+    n: int,
+    slots: int,
+    time_limit: float,
+    *,
+    lease: timedelta | None = DEFAULT_LEASE,
+) -> Outcome:
+    """``n`` jobs with 100-byte JSON payloads enqueued in one ``enqueue_jobs`` call, then
+    drained by one stream of ``slots`` slots whose loop decodes each payload, awaits a
+    trivial coroutine, encodes a small JSON result and completes the batch with one
+    ``complete_jobs``. The clock covers the enqueue and the drain."""
+    jobs = _drain_jobs(n)
+    delivered: list[str] = []
+    calls = 0
+    async with PoolQueue(backend, lease=lease) as queue:
+        t0 = now()
+        await queue.enqueue_jobs(jobs)
+        enqueued = now() - t0
+        async with asyncio.timeout(time_limit):
+            async with queue.stream_jobs("bench", max_assigned_jobs=slots) as stream:
+                async for batch in stream:
+                    calls += 1
+                    results = {}
+                    for job in batch:
+                        results[job.id] = await drain_work(job.job_definition)
+                    delivered.extend(results)
+                    await queue.complete_jobs(results)
+                    if len(delivered) >= n:
+                        break
+        seconds = now() - t0
+        problem = _join(
+            check_exactly_once((j.id for j in jobs), delivered), await _check_store(queue, n)
+        )
+    metrics = {"batches": calls, "enqueue_s": enqueued, "drain_s": seconds - enqueued}
+    return Outcome(n, seconds, metrics, problem)
+
+
+async def drain_worker(
+    backend: Backend,
+    n: int,
+    slots: int,
+    time_limit: float,
+    *,
+    lease: timedelta | None = DEFAULT_LEASE,
+) -> Outcome:
+    """The same jobs, enqueued the same way, run by a ``Worker`` with ``slots`` at once
+    whose processor does the same work; the clock ends when the last is completed."""
+    mod: Any = importlib.import_module("jobpool_async")
+    jobs = _drain_jobs(n)
+    delivered: list[str] = []
+    all_seen = asyncio.Event()
+
+    async def processor(job: Job) -> bytes:
+        delivered.append(job.id)
+        if len(delivered) >= n:
+            all_seen.set()
+        return await drain_work(job.job_definition)
+
+    async with PoolQueue(backend, lease=lease) as queue:
+        t0 = now()
+        await queue.enqueue_jobs(jobs)
+        enqueued = now() - t0
+        worker = mod.Worker(
+            queue, processor, assignee_id="bench", config=mod.Config(batch_size=slots)
+        )
+        async with worker:
+            await asyncio.wait_for(all_seen.wait(), time_limit)
+            await asyncio.wait_for(worker.stop(), time_limit)  # every outcome written
+            seconds = now() - t0
+        problem = _join(
+            check_exactly_once((j.id for j in jobs), delivered), await _check_store(queue, n)
+        )
+    return Outcome(n, seconds, {"enqueue_s": enqueued, "drain_s": seconds - enqueued}, problem)
 
 
 # --- 3. fan-out ----------------------------------------------------------------------------

@@ -123,6 +123,8 @@ class PoolQueue:
         self._notifier = Notifier()
         self._holders: dict[str, JobStream] = {}
         self._streams: set[JobStream] = set()
+        #: Streams waiting in ``__anext__`` with a free slot (their last claim found none).
+        self._hungry = 0
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._closed = False
@@ -563,19 +565,28 @@ class PoolQueue:
     async def _apply(self, changes: list[Change]) -> ApplyOutcome:
         """Apply ``changes`` and observe the moves.
 
-        Where they free slots of a stream that is waiting for a slot, the backend
-        claims that stream's next jobs in the same call (a :class:`Refill`): the
-        stream wakes with its batch ready instead of making its own round trip.
+        Where they free slots of an open stream, the backend claims that stream's next
+        jobs in the same call (a :class:`Refill`), whether or not the stream is waiting
+        in ``__anext__`` yet: the jobs wait in the stream (in the slots just freed) for
+        its next ``__anext__``, which then needs no round trip of its own. So a loop
+        that completes each batch before asking for the next costs one storage call
+        per batch, as a ``Worker`` does. Of several streams, one waiting wins.
         """
         stream: JobStream | None = None
         ids: list[str] = []
         holders = self._holders
         for change in changes:
             holder = holders.get(change.job_id)
-            if holder is not None and (holder is stream or (stream is None and holder._waiting)):
-                stream = holder
+            if holder is None or not holder._refills or holder._closed:
+                continue
+            if holder is stream:
                 ids.append(change.job_id)
-        if stream is None or stream._closed or stream._ready:
+            elif stream is None or (holder._waiting and not stream._waiting):
+                stream = holder
+                ids = [change.job_id]
+        if stream is None or (self._hungry and not stream._waiting):
+            # (A stream waiting with a free slot gets the jobs freed or made eligible
+            # first: it wakes and claims them, rather than a stream not yet asking.)
             return await self._observed(self._backend.apply(changes, self._now()))
         refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
         # The slots of these assignments are the refill's until it is seen, even if
@@ -1066,8 +1077,11 @@ class JobStream:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Jobs claimed for this stream by a refilling apply, not yet handed over.
         self._ready: list[Job] = []
-        #: In ``__anext__``, waiting to be woken (a refill may claim for it).
+        #: In ``__anext__``, waiting to be woken (a refill for it is preferred).
         self._waiting = False
+        #: Whether calls freeing its slots claim its next jobs (off: its consumer
+        #: takes no more, e.g. a stopping ``Worker``; they would only be given back).
+        self._refills = True
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
         #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``).
@@ -1136,49 +1150,60 @@ class JobStream:
         if self._queue._closed and not self._closed:
             await self.aclose()
         async with self._lock:
-            poll = self._queue._poll_interval
-            if not self._leased and not self._closed:
-                # Once per stream: no job is assigned to an assignee without a lease.
-                assert self._queue._leases is not None
-                await self._queue._ready()
-                await self._queue._leases.ensure(self.assignee_id)
-                self._leased = True
-            while True:
+            try:
+                return await self._next()
+            except asyncio.CancelledError:
+                self._give_back_ready()  # the awaiting task was cancelled: not handed over
+                raise
+
+    async def _next(self) -> list[Job]:
+        poll = self._queue._poll_interval
+        if not self._leased and not self._closed:
+            # Once per stream: no job is assigned to an assignee without a lease.
+            assert self._queue._leases is not None
+            await self._queue._ready()
+            await self._queue._leases.ensure(self.assignee_id)
+            self._leased = True
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._ready:
+                jobs = self._take_ready()
+                if jobs:
+                    return jobs
+                continue
+            if self._recheck and self._held:
+                self._recheck = False
+                await self._queue._refresh(self)
+                continue
+            free = self.max_assigned_jobs - self._used()
+            self._sub.flag = False
+            if free > 0:
+                jobs = await self._claim(free)
+                if jobs:
+                    # A refill may have filled other freed slots during the claim.
+                    return jobs + self._take_ready() if self._ready else jobs
                 if self._closed:
                     raise StopAsyncIteration
-                if self._ready:
-                    held = self._held  # drop any that left this stream meanwhile
-                    jobs = [
-                        job for job in self._ready if held.get(job.id, _NOT_HELD) == job.assigned_at
-                    ]
-                    self._ready = []
-                    if jobs:
-                        return jobs
+                if self._sub.flag:
                     continue
-                if self._recheck and self._held:
-                    self._recheck = False
-                    await self._queue._refresh(self)
-                    continue
-                free = self.max_assigned_jobs - self._used()
-                self._sub.flag = False
-                if free > 0:
-                    jobs = await self._claim(free)
-                    if jobs:
-                        return jobs
-                    if self._closed:
-                        raise StopAsyncIteration
-                    if self._sub.flag:
-                        continue
-                self._waiting = True
-                try:
-                    woke = await self._queue._notifier.wait(self._sub, poll)
-                except asyncio.CancelledError:
-                    self._give_back_ready()
-                    raise
-                finally:
-                    self._waiting = False
-                if not woke and self._held:
-                    await self._queue._refresh(self)
+            hungry = free > 0  # it found no job for a free slot
+            self._waiting = True
+            self._queue._hungry += hungry
+            try:
+                woke = await self._queue._notifier.wait(self._sub, poll)
+            finally:
+                self._waiting = False
+                self._queue._hungry -= hungry
+            if not woke and self._held:
+                await self._queue._refresh(self)
+
+    def _take_ready(self) -> list[Job]:
+        """The refilled jobs this stream still holds (any that left it meanwhile dropped)."""
+        held = self._held
+        jobs = [job for job in self._ready if held.get(job.id, _NOT_HELD) == job.assigned_at]
+        self._ready = []
+        return jobs
 
     async def _claim(self, limit: int) -> list[Job]:
         task = asyncio.ensure_future(self._queue._assign(self, limit))
@@ -1188,6 +1213,8 @@ class JobStream:
         except asyncio.CancelledError:
             task.add_done_callback(self._release_abandoned)
             raise
+        except QueueClosedError:
+            raise StopAsyncIteration from None  # the queue closed before the claim began
         if self._closed and jobs:
             await self._release_tracked(jobs)
             raise StopAsyncIteration

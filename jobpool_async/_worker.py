@@ -276,6 +276,14 @@ class Worker:
 
     async def _consume(self, stream: JobStream) -> None:
         """Hand each assigned job to its own task; back off on storage errors."""
+        try:
+            await self._take(stream)
+        finally:
+            # No more jobs are taken: the last outcomes' writes must not claim jobs
+            # for the stream (the close would give them back, a retry counted).
+            stream._refills = False
+
+    async def _take(self, stream: JobStream) -> None:
         failures = 0
         while True:
             try:

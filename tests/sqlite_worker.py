@@ -54,8 +54,10 @@ async def hold(path: str, assignee: str, count: int) -> None:
     queue = PoolQueue(SQLiteBackend(path), poll_interval=POLL)
     await queue.open()
     s = queue.stream_jobs(assignee, max_assigned_jobs=1)
-    for _ in range(count):
+    for k in range(count):
         (job,) = await s.__anext__()
+        if k == count - 1:  # it takes no more: its last completion must claim nothing
+            await s.aclose()
         await queue.complete_job(job.id, f"result of {job.id}".encode())
         say(f"done {job.id}")
     big = queue.stream_jobs(assignee, max_assigned_jobs=5)

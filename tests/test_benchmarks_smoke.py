@@ -233,6 +233,35 @@ async def test_leases_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert "one statement per queue" in out.with_suffix(".md").read_text()
 
 
+async def test_drain_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """Every arm runs and is checked (each job once); huey joins where it is installed."""
+    from benchmarks import drain
+
+    out = tmp_path / "drain"
+    args = ["--backends", "memory,sqlite,leveldb", "--jobs", "50", "--rounds", "1"]
+    await drain.main([*args, "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert set(rows) == {"memory", "sqlite", "leveldb"}
+    for name, row in rows.items():
+        assert {"hand loop", "Worker", row["floor"]} <= set(row["median"]), (name, row)
+    if importlib.util.find_spec("huey"):
+        assert rows["sqlite"]["peer"] in rows["sqlite"]["median"], rows["sqlite"]["notes"]
+    text = out.with_suffix(".md").read_text()
+    assert "| memory |" in text and "raw plyvel" in text
+
+
+def test_drain_payload_is_100_bytes_of_json() -> None:
+    import asyncio
+
+    from benchmarks._common import drain_payload, drain_work
+
+    for i in (0, 7, 9_999, 1_000_000):
+        payload = drain_payload(i)
+        assert len(payload) == 100 and json.loads(payload)["n"] == i
+        assert json.loads(asyncio.run(drain_work(payload))) == {"n": i, "ok": True}
+
+
 def _row(workload: str, rate: float | None, share: float | None, **metrics: float) -> Any:
     from benchmarks._common import Row
 

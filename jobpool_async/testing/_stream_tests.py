@@ -240,7 +240,7 @@ class StreamTests:
     async def test_jobs_assigned_but_not_handed_over_are_given_back(self, queue: PoolQueue) -> None:
         """Cancel the consumer at many points around claiming; nothing is stranded."""
         rng = random.Random(7)
-        total = 60
+        total = 150  # more than 40 batches of 3 take: the stream never runs dry
         await queue.enqueue_jobs([Job(id=f"x{i}", job_type="t") for i in range(total)])
         handed: set[str] = set()
         stream = queue.stream_jobs("w", max_assigned_jobs=3)

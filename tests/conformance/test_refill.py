@@ -1,22 +1,32 @@
-"""Refill: a call that frees slots of a stream waiting for one claims its next jobs.
+"""Refill: a call that frees slots of a stream claims that stream's next jobs.
 
 When ``complete_jobs`` (or any call moving jobs out of RUNNING/CANCELLING) frees
-slots of a stream that is waiting in ``__anext__``, the backend claims that
-stream's next jobs in the same call. The stream then wakes with its batch ready.
-These tests pin what a user can observe: the jobs are RUNNING for the stream when
-the freeing call returns, capacity holds, and jobs never handed over are given back.
-The tests here reach into the queue (to hold a wake-up); the rest are in the shipped kit.
+slots of an open stream, the backend claims that stream's next jobs in the same
+call, whether the stream is waiting in ``__anext__`` (it wakes with its batch ready)
+or its loop is still busy completing (the jobs wait in the stream for its next
+``__anext__``). These tests pin what a user can observe: the jobs are RUNNING for
+the stream when the freeing call returns, capacity holds, jobs never handed over
+are given back, and a batch costs one storage call in the usual consumer patterns
+(counted on a wrapper backend). The tests here reach into the queue (to hold a
+wake-up, or to see what waits in a stream) or use the Worker; the rest are in the
+shipped kit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
 
 import pytest
 
-from jobpool_async import Job, JobStatus, PoolQueue
-from jobpool_async.testing import DEADLINE, PauseAfterApply, next_batch, until
+from jobpool_async import Backend, Config, Job, JobStatus, PoolQueue, Worker
+from jobpool_async.backends.base import ApplyOutcome, Change, Refill
+from jobpool_async.testing import DEADLINE, PauseAfter, PauseAfterApply, next_batch, until
 
+from ..backends import BackendFactory, DelegatingBackend
 from ._helpers import HoldWakes
 
 S = JobStatus
@@ -108,3 +118,307 @@ async def test_cancelling_the_waiting_task_gives_refilled_jobs_back(queue: PoolQ
     job = await queue.get_job("x001")  # aclose() returned after every give-back
     assert job.status is S.FAILED_RETRY and "closed" in job.error_message
     assert stream.assigned_job_ids == []
+
+
+# --- a stream not waiting: the loop completes its batch, then asks for the next ---------
+
+
+class CountingBackend(DelegatingBackend):
+    """Counts the storage calls (by method) and the jobs its applies completed."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.calls: Counter[str] = Counter()
+        self.completed = 0
+
+    def _call(self, name: str) -> None:
+        self.calls[name] += 1
+
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
+        outcome = await super().apply(changes, now, refill)
+        self.completed += sum(1 for m in outcome.moved if m.status is S.COMPLETED)
+        return outcome
+
+
+async def test_a_loop_completing_its_batch_finds_the_next_one_already_claimed(
+    queue: PoolQueue,
+) -> None:
+    """The stream is not in ``__anext__`` while its loop completes the batch: the
+    completing call claims its next jobs anyway, and they wait in the stream."""
+    await queue.enqueue_jobs(jobs("l", 5))
+    async with queue.stream_jobs("w", max_assigned_jobs=2) as stream:
+        first = await next_batch(stream)
+        await queue.complete_jobs({j.id: b"ok" for j in first})
+        l2, l3, l4 = await queue.get_jobs(["l002", "l003", "l004"])
+        assert (l2.status, l2.assignee_id) == (S.RUNNING, "w")
+        assert (l3.status, l3.assignee_id) == (S.RUNNING, "w")
+        assert l4.status is S.INITIAL_PENDING  # only the two slots the call freed
+        assert sorted(stream.assigned_job_ids) == ["l002", "l003"]
+        assert sorted(j.id for j in await next_batch(stream)) == ["l002", "l003"]
+        await queue.fail_job("l002", "once more")  # frees one slot: l004 is older
+        assert sorted(stream.assigned_job_ids) == ["l003", "l004"]
+        assert [j.id for j in await next_batch(stream)] == ["l004"]
+
+
+async def test_jobs_waiting_in_a_stream_are_given_back_when_it_closes(queue: PoolQueue) -> None:
+    """A loop that stops after completing a batch: the jobs its completion claimed were
+    never handed over, so ``aclose()`` gives them back before it returns."""
+    await queue.enqueue_jobs(jobs("b", 7))
+    async with queue.stream_jobs("w", max_assigned_jobs=3) as stream:
+        async for batch in stream:
+            await queue.complete_jobs({j.id: b"" for j in batch})
+            break
+    b0, b3, b6 = await queue.get_jobs(["b000", "b003", "b006"])
+    assert b0.status is S.COMPLETED
+    assert (b3.status, b3.retry_count) == (S.FAILED_RETRY, 1)
+    assert "closed" in b3.error_message
+    assert b6.status is S.INITIAL_PENDING
+    stats = await queue.get_job_stats()
+    counts = (stats.completed_jobs, stats.running_jobs, stats.failed_jobs, stats.pending_jobs)
+    assert counts == (3, 0, 3, 1)
+
+
+async def test_cancelling_a_completion_while_it_refills_strands_nothing(
+    queue: PoolQueue,
+) -> None:
+    """The task completing a batch is cancelled while its refilling call is held after
+    the write; the claimed jobs still reach the stream (the next ``__anext__`` gets them
+    with no claim of its own), and a close gives back those it never got."""
+    await queue.enqueue_jobs(jobs("c", 8))
+    stream = queue.stream_jobs("w", max_assigned_jobs=2)
+    first = await next_batch(stream)
+    pause = PauseAfterApply(queue.backend, lambda changes, refill: refill is not None)
+    completing = asyncio.ensure_future(queue.complete_jobs({j.id: b"" for j in first}))
+    await pause.held()
+    completing.cancel()
+    pause.go()
+    with pytest.raises(asyncio.CancelledError):
+        await completing
+    await until(lambda: len(stream._ready) == 2, "the refilled jobs reach the stream")
+    assert sorted(j.id for j in await next_batch(stream)) == ["c002", "c003"]
+    # Once more, and this time the stream closes before its next __anext__.
+    pause = PauseAfterApply(queue.backend, lambda changes, refill: refill is not None)
+    completing = asyncio.ensure_future(queue.complete_jobs({"c002": b"", "c003": b""}))
+    await pause.held()
+    completing.cancel()
+    closing = asyncio.ensure_future(stream.aclose())
+    await until(lambda: stream.closed, "the close has begun")
+    assert not closing.done(), "aclose() waits for the refilling call"
+    pause.go()
+    await asyncio.wait_for(closing, DEADLINE)
+    with pytest.raises(asyncio.CancelledError):
+        await completing
+    c4, c5, c6 = await queue.get_jobs(["c004", "c005", "c006"])
+    assert (c4.status, c5.status, c6.status) == (S.FAILED_RETRY, S.FAILED_RETRY, S.INITIAL_PENDING)
+    assert stream.assigned_job_ids == []
+    assert (await queue.get_job_stats()).running_jobs == 0
+
+
+async def test_a_refill_and_a_claim_in_flight_together_keep_the_slots(queue: PoolQueue) -> None:
+    """``__anext__``'s own claim for two free slots is held after its write while
+    another task completes one of the stream's jobs, whose call refills that slot:
+    the stream ends with exactly ``max_assigned_jobs`` jobs, and that ``__anext__``
+    hands over both the claimed and the refilled ones."""
+    await queue.enqueue_jobs(jobs("a", 4))
+    async with queue.stream_jobs("w", max_assigned_jobs=4) as stream:
+        assert len(await next_batch(stream)) == 4
+        await queue.complete_jobs({"a000": b"", "a001": b""})  # the refill finds nothing
+        assert sorted(stream.assigned_job_ids) == ["a002", "a003"]
+        await queue.enqueue_jobs(jobs("b", 6))
+        calls = 0
+
+        def first_call(*args: object, **kwargs: object) -> bool:
+            nonlocal calls
+            calls += 1
+            return calls == 1
+
+        claim = PauseAfter(queue.backend, "claim", first_call)
+        taking = asyncio.ensure_future(stream.__anext__())
+        try:
+            await claim.held()  # b000, b001 are RUNNING for the stream
+            await queue.complete_job("a002", None)  # refills one slot: b002
+        finally:
+            claim.go()
+        batch = await asyncio.wait_for(taking, DEADLINE)
+        assert sorted(j.id for j in batch) == ["b000", "b001", "b002"]
+        assert sorted(stream.assigned_job_ids) == ["a003", "b000", "b001", "b002"]
+        stats = await queue.get_job_stats()
+        assert (stats.running_jobs, stats.pending_jobs) == (4, 3)
+
+
+async def test_many_hand_loops_cancelled_at_random_deliver_each_job_to_one_holder(
+    queue: PoolQueue,
+) -> None:
+    """Streams whose loops complete each batch (some in one call, some job by job, some
+    leaving a job to another task) before asking for the next; consumer tasks are
+    cancelled at random moments (mid-completion, mid-refill) and restarted. No job is
+    held by two consumers at once, no stream holds more than its slots, and at the end
+    every job is COMPLETED with nothing left RUNNING."""
+    total = 300
+    await queue.enqueue_jobs(jobs("m", total))
+    rng = random.Random(11)
+    holder: dict[str, str] = {}  # job id -> consumer that was handed it and has not finished
+    problems: list[str] = []
+    leftovers: set[str] = set()  # handed over, then the consumer was cancelled
+    helpers: set[asyncio.Task[None]] = set()
+
+    async def finish_later(job_id: str) -> None:
+        await asyncio.sleep(rng.random() * 0.002)
+        holder.pop(job_id, None)
+        await queue.complete_job(job_id, b"late")
+
+    async def consume(name: str, slots: int, style: int) -> None:
+        mine: set[str] = set()
+        try:
+            async with queue.stream_jobs(name, max_assigned_jobs=slots) as stream:
+                async for batch in stream:
+                    for job in batch:
+                        if job.id in holder:
+                            problems.append(f"{job.id} handed to {name}, held by {holder[job.id]}")
+                        holder[job.id] = name
+                        mine.add(job.id)
+                    held = [i for i in mine if holder.get(i) == name]
+                    if len(held) > slots:
+                        problems.append(f"{name} holds {len(held)} > {slots}")
+                    if style == 0:
+                        for job in batch:
+                            holder.pop(job.id, None)
+                        await queue.complete_jobs({j.id: b"" for j in batch})
+                    elif style == 1:
+                        for job in batch:
+                            holder.pop(job.id, None)
+                            await queue.complete_job(job.id, b"")
+                    else:
+                        *now, last = batch
+                        for job in now:
+                            holder.pop(job.id, None)
+                        if now:
+                            await queue.complete_jobs({j.id: b"" for j in now})
+                        task = asyncio.ensure_future(finish_later(last.id))
+                        helpers.add(task)
+                        task.add_done_callback(helpers.discard)
+                    mine = {i for i in mine if holder.get(i) == name}
+        except asyncio.CancelledError:
+            leftovers.update(i for i in mine if holder.get(i) == name)
+            raise
+
+    specs = [(f"c{k}", 1 + k % 4, k % 3) for k in range(6)]
+    tasks = {name: asyncio.ensure_future(consume(name, s, st)) for name, s, st in specs}
+    async with asyncio.timeout(60):
+        while (await queue.get_job_stats()).completed_jobs + len(leftovers) < total:
+            await asyncio.sleep(rng.random() * 0.003)
+            name, slots, style = rng.choice(specs)
+            task = tasks[name]
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for job_id in list(leftovers):  # handed to a cancelled loop: it is ours now
+                if holder.pop(job_id, None) is not None:
+                    await queue.complete_job(job_id, b"leftover")
+                leftovers.discard(job_id)
+            tasks[name] = asyncio.ensure_future(consume(name, slots, style))
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        while helpers:
+            await asyncio.wait(list(helpers))
+        for job_id in list(leftovers):
+            if holder.pop(job_id, None) is not None:
+                await queue.complete_job(job_id, b"leftover")
+    assert problems == []
+    stats = await queue.get_job_stats()
+    assert stats.running_jobs == 0
+    assert stats.completed_jobs == total, stats
+
+
+async def test_a_hand_loop_costs_one_storage_call_per_batch(make_backend: BackendFactory) -> None:
+    """10 slots, 200 jobs enqueued first, each batch completed in one call: 20 calls
+    that complete and claim, plus the first claim; nothing else reaches storage."""
+    counting = CountingBackend(make_backend())
+    async with PoolQueue(counting, lease=None) as queue:
+        await queue.enqueue_jobs(jobs("h", 200))
+        counting.calls.clear()
+        batches = 0
+        async with queue.stream_jobs("w", max_assigned_jobs=10) as stream:
+            async for batch in stream:
+                batches += 1
+                await queue.complete_jobs({j.id: b'{"ok": true}' for j in batch})
+                if counting.completed == 200:
+                    break
+        assert (batches, dict(counting.calls)) == (20, {"claim": 1, "apply": 20})
+
+
+async def test_a_worker_costs_one_storage_call_per_batch(make_backend: BackendFactory) -> None:
+    counting = CountingBackend(make_backend())
+
+    async def processor(job: Job) -> bytes:
+        await asyncio.sleep(0)
+        return b'{"ok": true}'
+
+    async with PoolQueue(counting, lease=None) as queue:
+        await queue.enqueue_jobs(jobs("k", 200))
+        counting.calls.clear()
+        async with Worker(queue, processor, config=Config(batch_size=10)):
+            await until(lambda: counting.completed == 200, "the worker completes every job")
+        calls = dict(counting.calls)
+    # the TTL cleanup at start; the first claim, maybe one finding the queue empty
+    assert calls.pop("claim") in (1, 2)
+    assert calls == {"delete_completed_before": 1, "apply": 20}
+
+
+async def test_hand_loops_on_many_streams_cost_one_storage_call_per_batch(
+    make_backend: BackendFactory,
+) -> None:
+    """Three loops at once on one queue: each batch costs its completing call; the
+    only other calls are each stream's first claim and those of streams that find
+    the queue empty near the end."""
+    counting = CountingBackend(make_backend())
+    async with PoolQueue(counting, lease=None) as queue:
+        await queue.enqueue_jobs(jobs("n", 300))
+        counting.calls.clear()
+        batches = 0
+
+        async def loop(name: str) -> None:
+            nonlocal batches
+            async with queue.stream_jobs(name, max_assigned_jobs=10) as stream:
+                async for batch in stream:
+                    batches += 1
+                    await queue.complete_jobs({j.id: b"" for j in batch})
+                    if counting.completed == 300:
+                        return
+
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+            loops = [tg.create_task(loop(f"w{k}")) for k in range(3)]
+            await until(lambda: counting.completed == 300, "every job is completed")
+            for task in loops:
+                task.cancel()
+        calls = dict(counting.calls)
+    assert calls.pop("apply") == batches
+    assert calls.pop("claim") <= 3 * 2, counting.calls
+    assert calls == {}
+
+
+async def test_a_stopping_worker_claims_no_jobs_it_would_give_back(queue: PoolQueue) -> None:
+    """The outcomes a ``Worker`` writes after it stopped taking jobs refill nothing:
+    the jobs it will never run stay as they were, not given back with a retry."""
+    await queue.enqueue_jobs(jobs("z", 15))
+    gate = asyncio.Event()
+    started = 0
+
+    async def processor(job: Job) -> bytes:
+        nonlocal started
+        started += 1
+        await gate.wait()
+        return b""
+
+    worker = Worker(queue, processor, config=Config(batch_size=10))
+    async with worker:
+        await until(lambda: started == 10, "ten jobs run")
+        stopping = asyncio.ensure_future(worker.stop())
+        await until(lambda: worker._consumer is not None and worker._consumer.done(), "it stops")
+        gate.set()
+        await asyncio.wait_for(stopping, DEADLINE)
+    stats = await queue.get_job_stats()
+    assert (stats.completed_jobs, stats.pending_jobs, stats.failed_jobs) == (10, 5, 0)
+    assert stats.total_retries == 0

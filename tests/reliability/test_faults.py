@@ -28,18 +28,8 @@ from typing import Any
 import pytest
 
 from jobpool_async import Backend, Job, JobStatus, PoolQueue, StorageError
-from jobpool_async.backends.base import (
-    ApplyOutcome,
-    Change,
-    JobState,
-    Listener,
-    Refill,
-    Selection,
-    SelectOutcome,
-    Transition,
-)
 
-from ..backends import BackendFactory, backend_factory, postgres_dsn
+from ..backends import BackendFactory, DelegatingBackend, backend_factory, postgres_dsn
 
 VICTIM = "victim"
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
@@ -380,85 +370,19 @@ async def test_failure_mid_batch_changes_nothing(
 # --- any backend: the queue survives a failing backend call --------------------------------
 
 
-class FlakyBackend(Backend):
+class FlakyBackend(DelegatingBackend):
     """Delegates to a real backend; ``fail_next`` makes the next call raise StorageError
     before it reaches storage (so the store is unchanged by construction)."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.fail_next: set[str] = set()
-        self.default_poll_interval = inner.default_poll_interval  # type: ignore[misc]
 
-    def _check(self, name: str) -> None:
+    def _call(self, name: str) -> None:
+        name = "insert" if name == "insert_new" else name
         if name in self.fail_next:
             self.fail_next.discard(name)
             raise StorageError(f"injected failure in {name}")
-
-    async def open(self) -> None:
-        await self.inner.open()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def set_listener(self, listener: Listener | None) -> None:
-        self.inner.set_listener(listener)
-
-    async def insert(self, jobs: Sequence[Job]) -> None:
-        self._check("insert")
-        await self.inner.insert(jobs)
-
-    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
-        self._check("insert")
-        return await self.inner.insert_new(jobs)
-
-    def next_due(self) -> datetime | None:
-        return self.inner.next_due()
-
-    async def claim(
-        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
-    ) -> list[Job]:
-        self._check("claim")
-        return await self.inner.claim(assignee_id, tags, limit, now)
-
-    async def apply(
-        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
-    ) -> ApplyOutcome:
-        self._check("apply")
-        return await self.inner.apply(changes, now, refill)
-
-    async def apply_selected(
-        self,
-        transition: Transition,
-        selection: Selection,
-        now: datetime,
-        *,
-        report_unmatched: bool = False,
-        scheduled_at: datetime | None = None,
-    ) -> SelectOutcome:
-        self._check("apply_selected")
-        return await self.inner.apply_selected(
-            transition, selection, now, report_unmatched=report_unmatched, scheduled_at=scheduled_at
-        )
-
-    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
-        self._check("get_jobs")
-        return await self.inner.get_jobs(job_ids)
-
-    async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
-        self._check("job_states")
-        return await self.inner.job_states(job_ids)
-
-    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
-        self._check("count_by_status")
-        return await self.inner.count_by_status(tags)
-
-    async def delete(self, selection: Selection) -> int:
-        self._check("delete")
-        return await self.inner.delete(selection)
-
-    async def delete_completed_before(self, cutoff: datetime) -> int:
-        self._check("delete_completed_before")
-        return await self.inner.delete_completed_before(cutoff)
 
 
 async def test_queue_survives_failing_backend_calls(make_backend: BackendFactory) -> None:

@@ -50,6 +50,10 @@ from ..backends import BACKENDS
 from .conftest import LoopRunner, hypothesis_settings, profile_name, scaled
 
 S = JobStatus
+#: The message a stream gives back a never-handed job with (SPEC §4: it says the
+#: stream closed), where the job has none of its own.
+RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
+
 
 # --- the reference model (SPEC §1-§2, written independently) --------------------------
 
@@ -147,6 +151,8 @@ class MStream:
     assignee_id: str
     tags: frozenset[str]
     max_assigned: int
+    #: Ids a call freeing its slots claimed for it (a refill), not yet handed over.
+    ready: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -185,7 +191,9 @@ class MJob:
     def sort_key(self) -> tuple[int, datetime, int]:
         """SPEC §8.2: priority descending, then the due key, then enqueue order."""
         retry = self.stamps["last_retry_at"]
-        assert not isinstance(retry, Window), "stamps are resolved after every step"
+        if isinstance(retry, Window):  # set by this step's call: the clock stood still
+            assert retry.lo == retry.hi, "stamps are resolved after every step"
+            retry = retry.lo
         due = self.scheduled_at or (retry if retry is not None else self.created_at)
         return (-self.priority, due, self.seq)
 
@@ -431,9 +439,57 @@ class QueueMachine(RuleBasedStateMachine):
 
     def close_stream(self, data: Draw) -> None:
         ms = self.streams.pop(data.draw(integers(0, len(self.streams) - 1)))
-        _, error, _ = self.call(ms.stream.aclose())
+        _, error, now = self.call(ms.stream.aclose())
         self.expect_error(error, None)
         assert ms.stream.closed
+        self.give_back(ms, now)
+
+    def give_back(self, ms: MStream, now: Window) -> None:
+        """A closing stream releases the refilled jobs it still holds (SPEC §4)."""
+        for job_id in ms.ready:
+            job = self.jobs.get(job_id)
+            if job is None or job.holder is not ms or job.status not in ACTIVE:
+                continue
+            if not job.error_message:
+                job.error_message = RELEASE_MESSAGE
+            if job.status is S.RUNNING:
+                job.move(S.FAILED_RETRY, now, retry=True)  # scheduled_at kept
+            else:
+                job.move(S.STOPPED, now)
+        ms.ready = []
+
+    def assign(self, ms: MStream, job: MJob, now: Window) -> None:
+        job.move(S.RUNNING, now)
+        job.attempts += 1
+        job.assignee_id = ms.assignee_id
+        job.stamps["assigned_at"] = now
+        if job.stamps["started_at"] is None:
+            job.stamps["started_at"] = now
+        job.holder = ms
+
+    def holders(self, ids: Iterable[str]) -> list[tuple[str, MStream]]:
+        """The open streams holding these jobs before a call (in the call's order)."""
+        out = []
+        for job_id in ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.status in ACTIVE and job.holder in self.streams:
+                assert job.holder is not None
+                out.append((job_id, job.holder))
+        return out
+
+    def refill(self, before: list[tuple[str, MStream]], now: Window) -> None:
+        """What a call that freed slots claims for the first open stream holding one of
+        its jobs: one eligible matching job per slot of that stream it freed."""
+        if not before:
+            return
+        ms = before[0][1]
+        freed = sum(1 for i, h in before if h is ms and self.jobs[i].status not in ACTIVE)
+        eligible = sorted(
+            (j for j in self.matching(ms.tags) if j.due(self.clock.now())), key=MJob.sort_key
+        )
+        for job in eligible[:freed]:
+            self.assign(ms, job, now)
+            ms.ready.append(job.id)
 
     def claim(self, data: Draw, probe: bool) -> None:
         """One ``__anext__`` on an open stream (opening one first if there is none)."""
@@ -444,6 +500,13 @@ class QueueMachine(RuleBasedStateMachine):
                 data.draw(integers(1, 3)),
             )
         ms = self.streams[data.draw(integers(0, len(self.streams) - 1))]
+        ready = [i for i in ms.ready if self.jobs.get(i) and self.jobs[i].holder is ms]
+        ms.ready = []
+        if ready:  # refilled jobs are handed over, with no claim
+            batch, error, now = self.call(asyncio.wait_for(ms.stream.__anext__(), 10))
+            self.expect_error(error, None)
+            assert sorted(j.id for j in batch) == sorted(ready), "the refilled jobs, no others"
+            return
         free = ms.max_assigned - len(self.held(ms))
         eligible = sorted(
             (j for j in self.matching(ms.tags) if j.due(self.clock.now())), key=MJob.sort_key
@@ -463,13 +526,7 @@ class QueueMachine(RuleBasedStateMachine):
         )
         assert all(j.status is S.RUNNING for j in batch)
         for job in expected:
-            job.move(S.RUNNING, now)
-            job.attempts += 1
-            job.assignee_id = ms.assignee_id
-            job.stamps["assigned_at"] = now
-            if job.stamps["started_at"] is None:
-                job.stamps["started_at"] = now
-            job.holder = ms
+            self.assign(ms, job, now)
 
     def claim_and_act(self, data: Draw) -> None:
         """A claim, then a chain of 1-5 random calls focused on one assigned job.
@@ -562,6 +619,7 @@ class QueueMachine(RuleBasedStateMachine):
             "stop_with_retry": lambda: q.stop_job_with_retry(job_id, message),
             "mark_unknown_stopped": lambda: q.mark_job_unknown_stopped(job_id, message),
         }
+        before = self.holders([job_id])
         _, error, now = self.call(calls[name]())
         expected = self.model_lifecycle(
             name,
@@ -572,9 +630,11 @@ class QueueMachine(RuleBasedStateMachine):
             retry_in=retry_in,
         )
         self.expect_error(error, expected)
+        self.refill(before, now)
 
     def lifecycle_batch(self, data: Draw, name: str) -> None:
         ids = self.pick_ids(data, prefer=OPS["ack_executing" if name == "ack" else name].sources)
+        before = self.holders(ids)
         q = self.queue
         if name == "ack":
             acks = {i: data.draw(booleans()) for i in ids}
@@ -613,6 +673,7 @@ class QueueMachine(RuleBasedStateMachine):
             }
         failed = {i: e for i, e in errors.items() if e is not None}
         self.expect_error(error, ("batch", failed) if failed else None)
+        self.refill(before, now)
 
     def update_status(self, data: Draw, result: bytes | None, message: str) -> None:
         job_id = self.pick_id(data)
@@ -621,6 +682,7 @@ class QueueMachine(RuleBasedStateMachine):
             target = data.draw(sampled_from(sorted(UPDATE_ALLOWED[job.status])))  # a real move
         else:
             target = data.draw(sampled_from(list(S)))
+        before = self.holders([job_id])
         _, error, now = self.call(self.queue.update_job_status(job_id, target, result, message))
         job = self.jobs.get(job_id)
         if job is None:
@@ -635,6 +697,7 @@ class QueueMachine(RuleBasedStateMachine):
             job.result = result
         if message:
             job.error_message = message
+        self.refill(before, now)
 
     # -- selection calls ----------------------------------------------------------------
 
@@ -758,7 +821,10 @@ class QueueMachine(RuleBasedStateMachine):
 
     def reopen(self) -> None:
         """Close the queue (ending every stream) and open the same store again."""
+        lo = self.clock.now()
         self.runner.close_queue()
+        for ms in self.streams:
+            self.give_back(ms, Window(lo, self.clock.now()))
         self.streams.clear()
         self.queue = self.runner.new_queue(clock=self.clock)
 
