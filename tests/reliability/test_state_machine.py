@@ -477,15 +477,19 @@ class QueueMachine(RuleBasedStateMachine):
                 out.append((job_id, job.holder))
         return out
 
-    def refill(self, before: list[tuple[str, MStream]], now: Window) -> None:
+    def refill(self, before: list[tuple[str, MStream]], now: Window, ids: list[str]) -> None:
         """What a call that freed slots claims for the first open stream holding one of
-        its jobs: one eligible matching job per slot of that stream it freed."""
+        its jobs: one eligible matching job per slot of that stream it freed. (On
+        PostgreSQL the claim is part of the call's one statement, whose snapshot does
+        not show the jobs the call itself moved: those are left for a claim of its own.)"""
         if not before:
             return
         ms = before[0][1]
         freed = sum(1 for i, h in before if h is ms and self.jobs[i].status not in ACTIVE)
+        unseen = set(ids) if self.backend_name == "postgres" else set()
         eligible = sorted(
-            (j for j in self.matching(ms.tags) if j.due(self.clock.now())), key=MJob.sort_key
+            (j for j in self.matching(ms.tags) if j.due(self.clock.now()) and j.id not in unseen),
+            key=MJob.sort_key,
         )
         for job in eligible[:freed]:
             self.assign(ms, job, now)
@@ -630,7 +634,7 @@ class QueueMachine(RuleBasedStateMachine):
             retry_in=retry_in,
         )
         self.expect_error(error, expected)
-        self.refill(before, now)
+        self.refill(before, now, [job_id])
 
     def lifecycle_batch(self, data: Draw, name: str) -> None:
         ids = self.pick_ids(data, prefer=OPS["ack_executing" if name == "ack" else name].sources)
@@ -673,7 +677,7 @@ class QueueMachine(RuleBasedStateMachine):
             }
         failed = {i: e for i, e in errors.items() if e is not None}
         self.expect_error(error, ("batch", failed) if failed else None)
-        self.refill(before, now)
+        self.refill(before, now, ids)
 
     def update_status(self, data: Draw, result: bytes | None, message: str) -> None:
         job_id = self.pick_id(data)
@@ -697,7 +701,7 @@ class QueueMachine(RuleBasedStateMachine):
             job.result = result
         if message:
             job.error_message = message
-        self.refill(before, now)
+        self.refill(before, now, [job_id])
 
     # -- selection calls ----------------------------------------------------------------
 
