@@ -279,7 +279,7 @@ async def drain_worker(
         await queue.enqueue_jobs(jobs)
         enqueued = now() - t0
         worker = mod.Worker(
-            queue, processor, assignee_id="bench", config=mod.Config(batch_size=slots)
+            queue, processor, assignee_id="bench", config=mod.Config(concurrency=slots)
         )
         async with worker:
             await asyncio.wait_for(all_seen.wait(), time_limit)

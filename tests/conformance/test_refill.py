@@ -359,7 +359,7 @@ async def test_a_worker_costs_one_storage_call_per_batch(make_backend: BackendFa
     async with PoolQueue(counting, lease=None) as queue:
         await queue.enqueue_jobs(jobs("k", 200))
         counting.calls.clear()
-        async with Worker(queue, processor, config=Config(batch_size=10)):
+        async with Worker(queue, processor, config=Config(concurrency=10)):
             await until(lambda: counting.completed == 200, "the worker completes every job")
         calls = dict(counting.calls)
     # the TTL cleanup at start; the first claim, maybe one finding the queue empty
@@ -412,7 +412,7 @@ async def test_a_stopping_worker_claims_no_jobs_it_would_give_back(queue: PoolQu
         await gate.wait()
         return b""
 
-    worker = Worker(queue, processor, config=Config(batch_size=10))
+    worker = Worker(queue, processor, config=Config(concurrency=10))
     async with worker:
         await until(lambda: started == 10, "ten jobs run")
         stopping = asyncio.ensure_future(worker.stop())
