@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
-from jobpool_async.testing import DEADLINE, next_batch
+from jobpool_async.testing import DEADLINE, PauseAfter, next_batch
 
 S = JobStatus
 
@@ -78,3 +78,47 @@ async def test_a_give_back_explains_a_job_without_an_error(queue: PoolQueue) -> 
     job = await queue.get_job("b")
     assert (job.status, job.retry_count) == (S.FAILED_RETRY, 1)
     assert job.error_message == "stream closed before the job was handed to its consumer"
+
+
+@pytest.mark.parametrize("method", ["renew_leases", "claim"])
+async def test_a_queue_closed_during_a_streams_first_call_ends_the_stream(
+    queue: PoolQueue, method: str
+) -> None:
+    """The queue closes while a stream's first ``__anext__`` waits on storage (its
+    lease record being written, or its claim): the iteration ends, it does not raise
+    QueueClosedError."""
+    await queue.enqueue_job(Job(id="a", job_type="t"))
+    pause = PauseAfter(queue._backend, method)
+    stream = queue.stream_jobs("w", max_assigned_jobs=1)
+    first = asyncio.ensure_future(stream.__anext__())
+    await pause.held()
+    closing = asyncio.ensure_future(queue.close())
+    async with asyncio.timeout(DEADLINE):
+        while not queue.closed:  # noqa: ASYNC110 - polling with a deadline
+            await asyncio.sleep(0)
+    pause.go()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(first, DEADLINE)
+    await asyncio.wait_for(closing, DEADLINE)
+
+
+async def test_a_queue_closed_just_before_a_streams_claim_starts_ends_the_stream(
+    queue: PoolQueue,
+) -> None:
+    """The claim runs as its own task: the queue can close between the stream's last
+    look and the claim's start. The iteration then ends; it does not raise."""
+    await queue.enqueue_job(Job(id="a", job_type="t"))
+    stream = queue.stream_jobs("w", max_assigned_jobs=1)
+    assign = queue._assign
+    closing: list[asyncio.Future[None]] = []
+
+    async def close_then_assign(s: JobStream, limit: int) -> list[Job]:
+        closing.append(asyncio.ensure_future(queue.close()))
+        await asyncio.sleep(0)  # the close begins: the queue is closed from here on
+        assert queue.closed
+        return await assign(s, limit)
+
+    setattr(queue, "_assign", close_then_assign)  # noqa: B010 - on the instance only
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(stream.__anext__(), DEADLINE)
+    await asyncio.wait_for(closing[0], DEADLINE)
