@@ -544,6 +544,33 @@ async def test_claim_work_does_not_grow_with_finished_jobs(tmp_path: Path) -> No
         assert after <= before * 1.2 + 50, (empty, full)
 
 
+async def test_rows_of_one_priority_are_stored_together_in_enqueue_order(
+    queue: PoolQueue,
+) -> None:
+    """``seq`` clusters rows by priority (a claim in priority order then changes one or
+    two table pages, not one per job), keeps enqueue order within a priority, and
+    selections by tags still list jobs in enqueue order across priorities."""
+    rnd = random.Random(5)
+    enqueued: list[Job] = []
+    for batch in range(4):
+        more = [
+            Job(id=f"b{batch}-{i}", job_type="t", tags=["x"], priority=rnd.choice([-2, 0, 3, 9]))
+            for i in range(50)
+        ]
+        await queue.enqueue_jobs(more)
+        enqueued += more
+    backend = queue.backend
+    assert isinstance(backend, SQLiteBackend)
+    rows = await sql(backend, "SELECT id, priority FROM jobs ORDER BY seq")
+    runs = [p for k, (_, p) in enumerate(rows) if k == 0 or rows[k - 1][1] != p]
+    assert sorted(runs) == sorted({j.priority for j in enqueued}), "one run per priority"
+    for priority in {j.priority for j in enqueued}:
+        stored = [i for i, p in rows if p == priority]
+        assert stored == [j.id for j in enqueued if j.priority == priority]
+    cancelled = await queue.cancel_jobs(tags=["x"])
+    assert cancelled.cancelled == [j.id for j in enqueued]
+
+
 async def test_tag_index_stays_in_step_with_job_status(queue: PoolQueue) -> None:
     """``job_tags.sort_key`` is kept by triggers: non-NULL exactly for eligible jobs."""
     rnd = random.Random(3)

@@ -40,6 +40,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "stores"
 PREVIOUS = FIXTURES / "v0.1-64c066e"
 #: The stores of schema version 2 of SQLite (main at 647893d), with timed jobs.
 VERSION_2 = FIXTURES / "v0.2-647893d"
+#: The stores of schema version 3 of SQLite (main at ae89716).
+VERSION_3 = FIXTURES / "v0.3-ae89716"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -253,12 +255,79 @@ async def test_sqlite_store_of_version_2_is_upgraded_in_place(tmp_path: Path) ->
         assert set(taken) <= {j.id for j in done.jobs}
 
 
+# --- SQLite store version 3 (before the enqueue counter left seq) -------------------------------
+
+
+def _check_stored(jobs: list[Job], want: dict[str, Any]) -> None:
+    assert [j.id for j in jobs] == [w["id"] for w in want["jobs"]]
+    for job, old in zip(jobs, want["jobs"], strict=True):
+        for field, raw in old.items():
+            assert getattr(job, field) == _value(field, raw), (job.id, field)
+
+
+async def test_sqlite_store_of_version_3_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 3 → 4: the enqueue counter moves from ``seq`` to ``jobs_order``. Every
+    job, counter and listing page is kept, and a job enqueued after the upgrade comes
+    after the stored ones of its priority and due key (enqueued before it)."""
+    want = json.loads((VERSION_3 / "expected.json").read_text())["sqlite"]
+    path = tmp_path / "v3.db"
+    shutil.copy(VERSION_3 / "sqlite.db", path)
+    assert _sqlite_schema(path)[0] == 3
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # upgraded once, then opened as it is
+        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+            jobs = await q.get_jobs(ids)
+            _check_stored(jobs, want)
+            stats = await q.get_job_stats()
+            assert stats.total_jobs == want["stats"]["total_jobs"]
+            assert stats.total_retries == want["stats"]["total_retries"]
+            assert {s.value: n for s, n in stats.by_status.items() if n} == {
+                s: n for s, n in want["stats"]["by_status"].items() if n
+            }
+            for status in JobStatus:
+                page = await q.list_jobs(statuses=[status], limit=1000)
+                listed = [(j.created_at, j.id) for j in page.jobs]
+                scanned = sorted((j.created_at, j.id) for j in jobs if j.status is status)
+                assert listed == scanned[::-1], status
+    assert _sqlite_schema(path)[0] == SQLITE_VERSION
+    eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
+    # New jobs that tie with stored ones on priority and due key: enqueue order decides.
+    ties = [
+        Job(
+            id=f"tie-{j.id}",
+            job_type="t",
+            priority=j.priority,
+            created_at=j.created_at,
+            scheduled_at=j.scheduled_at,
+        )
+        for j in eligible
+        if j.last_retry_at is None
+    ]
+    assert {j.priority for j in ties} >= {7, 0, -3}
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        await q.enqueue_jobs(ties)
+        order = ids + [j.id for j in ties]
+        expect = sorted(
+            [*eligible, *await q.get_jobs([j.id for j in ties])],
+            key=lambda j: (-j.priority, j.sort_key, order.index(j.id)),
+        )
+        taken: list[str] = []
+        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
+            while len(taken) < len(expect):
+                (job,) = await stream.__anext__()
+                taken.append(job.id)
+                await q.complete_job(job.id, b"ok")
+        assert taken == [j.id for j in expect]
+        assert taken.index("prio-high") + 1 == taken.index("tie-prio-high")
+
+
 # --- a crash during the upgrade -------------------------------------------------------------
 
 CRASH_CHILD = """
 import asyncio, os, random, signal, sys
 from jobpool_async import PoolQueue
-name, where, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name, where, seed, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 
 def die(*_args):
@@ -267,7 +336,7 @@ def die(*_args):
 if name == "sqlite":
     from jobpool_async.backends import sqlite as mod
     from jobpool_async.backends.sqlite import SQLiteBackend as B
-    left = [rng.randint(1, 3000)]  # the upgrade and the rest of the open: ~3,200 steps
+    left = [rng.randint(1, steps)]  # within the upgrade and the rest of the open
     def step():
         left[0] -= 1
         if left[0] == 0:
@@ -305,9 +374,12 @@ print("not killed")
 """
 
 
-def _crash(name: str, where: str, seed: int) -> subprocess.CompletedProcess[str]:
+def _crash(name: str, where: str, seed: int, steps: int = 3000) -> subprocess.CompletedProcess[str]:
+    """Open the store at ``where`` in a child killed at a random point of the upgrade
+    (SQLite: within its first ``steps`` VM steps; from version 1 the upgrade and the
+    rest of the open take about 3,200)."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(CRASH_CHILD), name, where, str(seed)],
+        [sys.executable, "-c", textwrap.dedent(CRASH_CHILD), name, where, str(seed), str(steps)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -356,3 +428,45 @@ async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
     finally:
         for schema in schemas:
             await drop_postgres_schema(schema)
+
+
+async def test_a_crash_during_the_sqlite_upgrade_from_version_3_leaves_the_old_store_or_the_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobpool_async.backends import sqlite as mod
+
+    want = json.loads((VERSION_3 / "expected.json").read_text())["sqlite"]
+    ids = [w["id"] for w in want["jobs"]]
+    old = _sqlite_schema(VERSION_3 / "sqlite.db")
+    # The new store, and how many SQLite VM steps the upgrade and the rest of the open take.
+    clean = tmp_path / "clean.db"
+    shutil.copy(VERSION_3 / "sqlite.db", clean)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    monkeypatch.setattr(mod, "_UPGRADE_HOOK", lambda conn: conn.set_progress_handler(count, 1))
+    async with PoolQueue(SQLiteBackend(clean)):
+        pass
+    monkeypatch.setattr(mod, "_UPGRADE_HOOK", None)
+    new = _sqlite_schema(clean)
+    assert new[0] == SQLITE_VERSION and steps > 10
+    for attempt in range(CRASHES):
+        seed = random.randrange(2**32)
+        path = tmp_path / f"{attempt}.db"
+        shutil.copy(VERSION_3 / "sqlite.db", path)
+        result = _crash("sqlite", str(path), seed, steps)
+        assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
+        assert _sqlite_schema(path) in (old, new), f"a mix (seed {seed})"
+        async with PoolQueue(SQLiteBackend(path)) as q:
+            _check_stored(await q.get_jobs(ids), want)
+            await q.enqueue_jobs([Job(id="after", job_type="t")])
+        conn = sqlite3.connect(path)
+        try:
+            seqs = dict(conn.execute("SELECT id, seq FROM jobs").fetchall())
+        finally:
+            conn.close()
+        assert seqs["after"] > max(seqs[i] for i in ids), "enqueued after every stored job"

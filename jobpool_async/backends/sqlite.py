@@ -10,9 +10,11 @@ backend fast; see ``docs/sqlite.md`` for the measurements.
 Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
 ``PRAGMA application_id`` so foreign databases are recognised and left alone):
 
-* ``jobs``: one row per job; ``seq`` (the rowid) is the enqueue order; datetimes
-  are INTEGER microseconds since the Unix epoch (exact round trip, UTC); tags are
-  a JSON array in the order given.
+* ``jobs``: one row per job; ``seq`` (the rowid) is the job's priority cluster and
+  its place in enqueue order (:data:`_ORDER_BITS`; the counter is ``jobs_order``),
+  so rows of one priority are stored together; datetimes are INTEGER microseconds
+  since the Unix epoch (exact round trip, UTC); tags are a JSON array in the order
+  given.
 * ``job_tags(seq, tag, sort_key, created_at, prio)``: one row per (job, tag);
   ``sort_key`` is the job's due key while the job is eligible and due and NULL
   otherwise, kept in step by triggers on ``jobs`` within the same statement;
@@ -36,8 +38,8 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
   a store written before leases existed (older code ignores it, so the schema
   version is unchanged).
 
-Version 1 stores (before schedules and priorities) are upgraded to version 2 in
-place on open, in one transaction.
+Stores of versions 1-3 are upgraded in place on open, in one transaction
+(:func:`_upgrade`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -105,7 +108,7 @@ T = TypeVar("T")
 #: ``PRAGMA application_id`` of a jobpool store ("JPOL"): tells our files from others.
 APPLICATION_ID: Final = 0x4A504F4C
 #: ``PRAGMA user_version`` of the schema this module creates and reads.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 #: Pages the WAL may grow to before a commit checkpoints it (SQLite's default: 1000).
 #: Each checkpoint syncs the WAL and the database file; every job is written three
@@ -190,6 +193,28 @@ def _due_key(prefix: str) -> str:
     return f"COALESCE({prefix}.scheduled_at, {prefix}.last_retry_at, {prefix}.created_at)"
 
 
+#: A job's ``seq`` (its rowid): the low :data:`_ORDER_BITS` count enqueue order (a
+#: counter kept in ``jobs_order``), the bits above them are its priority's cluster
+#: (:func:`_cluster`; 0 for priority 0). Rows of one priority are thereby stored
+#: together, in enqueue order: a claim takes jobs in priority order, and the rows it
+#: changes (and their completions) then sit on one or two table pages instead of one
+#: page per job. ``seq`` still orders the jobs of one priority as they were enqueued
+#: (the claim's tie-break); enqueue order across priorities is ``seq & _ORDER_MASK``.
+_ORDER_BITS: Final = 40
+_ORDER_MASK: Final = (1 << _ORDER_BITS) - 1
+_ORDER_TABLE: Final = "CREATE TABLE jobs_order (next INTEGER NOT NULL)"
+#: Reserves ``?`` counter values; returns the first.
+_RESERVE: Final = "UPDATE jobs_order SET next = next + ?1 RETURNING next - ?1"
+
+
+def _cluster(priority: int) -> int:
+    """The high bits of the ``seq`` of a job of ``priority``: priority 0 has cluster 0
+    (its seqs are the plain counter, as in store version 3), then 1, -1, 2, -2 … have
+    1, 2, 3, 4 … (at most 65,536: 57 bits in all)."""
+    index = 2 * priority - 1 if priority > 0 else -2 * priority
+    return index << _ORDER_BITS
+
+
 #: The version 2 parts of the schema (also what an upgrade from version 1 creates).
 _SCHEMA_2: Final = (
     f"CREATE INDEX jobs_eligible ON jobs (priority DESC, {_SORT}, seq) WHERE {_DUE}",
@@ -247,6 +272,8 @@ _SCHEMA: Final = (
         BEGIN
             DELETE FROM job_tags WHERE seq = old.seq;
         END""",
+    _ORDER_TABLE,
+    "INSERT INTO jobs_order (next) VALUES (1)",
     f"PRAGMA application_id = {APPLICATION_ID}",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
@@ -519,7 +546,7 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
 
 
 #: Store versions this code upgrades in place on open.
-_UPGRADABLE: Final = (1, 2)
+_UPGRADABLE: Final = (1, 2, 3)
 
 
 def _upgrade(conn: sqlite3.Connection, path: str) -> None:
@@ -534,7 +561,9 @@ def _upgrade(conn: sqlite3.Connection, path: str) -> None:
         _UPGRADE_HOOK(conn)
     if version == 1:
         _upgrade_1_to_2(conn)
-    _upgrade_2_to_3(conn)
+    if version <= 2:
+        _upgrade_2_to_3(conn)
+    _upgrade_3_to_4(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -562,6 +591,14 @@ def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
     last). A store made before listing has neither; :func:`_add_listing` adds the rest."""
     conn.execute("DROP INDEX IF EXISTS jobs_list_idle")
     conn.execute(_LIST_STATE)
+
+
+def _upgrade_3_to_4(conn: sqlite3.Connection) -> None:
+    """The enqueue counter moves out of ``seq`` into ``jobs_order`` (see
+    :data:`_ORDER_BITS`). The stored jobs keep their seqs: plain counter values, below
+    every clustered seq of their priority, as they were enqueued before any of those."""
+    conn.execute(_ORDER_TABLE)
+    conn.execute("INSERT INTO jobs_order (next) SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs")
 
 
 #: Called with the connection when an upgrade begins (tests: a crash inside it).
@@ -633,7 +670,7 @@ _Params = tuple[list[Any], list[tuple[int, str, int | None, int, int]]]
 def _insert(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     """Insert ``jobs`` (one multi-row statement per chunk: ~2 µs/job cheaper than
     ``executemany``) and their tags; runs inside the caller's transaction."""
-    first = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0] + 1
+    first = conn.execute(_RESERVE, (len(jobs),)).fetchone()[0]
     if any(has_history(job) for job in jobs):
         _insert_rows(conn, jobs, _ROW_FULL, _full_params(jobs, first))
     else:
@@ -663,12 +700,18 @@ def _new_params(jobs: Sequence[Job], first: int) -> _Params:
     return params, tag_rows
 
 
+_first: Final = itemgetter(0)
+
+
 def _full_params(jobs: Sequence[Job], first: int) -> _Params:
-    """Every column of every job, for jobs enqueued with history fields set."""
-    params: list[Any] = []
+    """Every column of every job, for jobs enqueued with history fields set; rows in
+    ``seq`` order (a priority's cluster at a time: SQLite inserts the rows of one
+    cluster next to each other instead of hopping between clusters)."""
+    rows: list[tuple[Any, ...]] = []
     tag_rows: list[tuple[int, str, int | None, int, int]] = []
     pending = JobStatus.INITIAL_PENDING.value  # the only status insert receives
-    for seq, job in enumerate(jobs, first):
+    for order, job in enumerate(jobs, first):
+        seq = _cluster(job.priority) | order
         created = _us(job.created_at)
         started, finalized, retried, assigned = (
             job.started_at,
@@ -677,26 +720,28 @@ def _full_params(jobs: Sequence[Job], first: int) -> _Params:
             job.assigned_at,
         )
         scheduled = None if job.scheduled_at is None else _us(job.scheduled_at)
-        params += (
-            seq,
-            job.id,
-            job.job_type,
-            job.job_definition,
-            json.dumps(job.tags) if job.tags else "[]",
-            pending,
-            created,
-            None if started is None else _us(started),
-            None if finalized is None else _us(finalized),
-            job.error_message,
-            job.result,
-            job.retry_count,
-            None if retried is None else _us(retried),
-            job.assignee_id,
-            None if assigned is None else _us(assigned),
-            scheduled,
-            job.priority,
-            job.max_attempts,
-            scheduled,  # wait_until: it waits (a claim promotes it once due)
+        rows.append(
+            (
+                seq,
+                job.id,
+                job.job_type,
+                job.job_definition,
+                json.dumps(job.tags) if job.tags else "[]",
+                pending,
+                created,
+                None if started is None else _us(started),
+                None if finalized is None else _us(finalized),
+                job.error_message,
+                job.result,
+                job.retry_count,
+                None if retried is None else _us(retried),
+                job.assignee_id,
+                None if assigned is None else _us(assigned),
+                scheduled,
+                job.priority,
+                job.max_attempts,
+                scheduled,  # wait_until: it waits (a claim promotes it once due)
+            )
         )
         if job.tags:
             sort_key = (
@@ -705,7 +750,8 @@ def _full_params(jobs: Sequence[Job], first: int) -> _Params:
                 else (_us(retried) if retried is not None else created)
             )
             tag_rows.extend((seq, tag, sort_key, created, job.priority) for tag in job.tags)
-    return params, tag_rows
+    rows.sort(key=_first)
+    return [value for row in rows for value in row], tag_rows
 
 
 def _insert_rows(
@@ -995,7 +1041,7 @@ def _selected_rows(conn: sqlite3.Connection, selection: Selection) -> list[Any]:
         seen = {row[0] for row in rows}
         tagged = conn.execute(
             f"SELECT j.seq, j.id, j.status, j.tags, j.assigned_at FROM jobs j WHERE j.seq IN "
-            f"({_tagged_seqs(len(selection.tags) > 1)}) ORDER BY j.seq",
+            f"({_tagged_seqs(len(selection.tags) > 1)}) ORDER BY j.seq & {_ORDER_MASK}",
             _tag_params(selection.tags),
         ).fetchall()
         rows.extend(row for row in tagged if row[0] not in seen)
