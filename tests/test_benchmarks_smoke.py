@@ -217,6 +217,23 @@ async def test_schedules_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert "| memory | 200 | 1 |" in out.with_suffix(".md").read_text()
 
 
+def test_sqlite_frames_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """Every workload runs through (each job once, else it raises); the claim cycle's
+    frames are counted by b-tree, and a priority-ordered claim touches few table pages."""
+    from benchmarks import sqlite_frames
+
+    out = tmp_path / "frames"
+    sqlite_frames.main(["--jobs", "300", "--rounds", "1", "--future", "500", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    after = data["sides"]["after"]
+    assert set(after) == {"revision", "plain", "mixed", "plain + future"}
+    for workload in ("plain", "mixed", "plain + future"):
+        frames = after[workload]["frames_per_commit"]
+        assert frames["jobs"] > 0 and frames["jobs_list_state"] > 0
+    assert after["mixed"]["frames_per_commit"]["jobs"] < 5
+    assert "| after | mixed | **all** |" in out.with_suffix(".md").read_text()
+
+
 async def test_leases_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     from benchmarks import leases
 
