@@ -3,7 +3,11 @@
 Two wrappers, each applied once (at import or when a Worker is built): without
 OpenTelemetry they return what they were given, so untraced code runs exactly as
 written, and nothing else is imported. With it, spans go to whatever tracer
-provider the application configured (none configured: OpenTelemetry's no-op).
+provider the application configured. With none configured (OpenTelemetry's proxy
+provider, whose spans are no-ops until one is set), no span is made: a no-op span
+per job run cost a Worker about 25 µs of CPU per job (a sixth of its client work in
+the PostgreSQL drain benchmark). Whether one is configured is looked up per call,
+so a provider set later is used from then on.
 
 * ``jobpool.enqueue``: one span per ``enqueue_jobs``/``enqueue_job`` call
   (attribute ``jobpool.jobs``: how many).
@@ -34,6 +38,12 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 _NAME = "jobpool_async"
 
 
+def _configured(otel: Any) -> bool:
+    """Whether the application set a tracer provider in ``otel`` (``opentelemetry.trace``);
+    else every span would be a no-op."""
+    return not isinstance(otel.get_tracer_provider(), otel.ProxyTracerProvider)
+
+
 def traced_enqueue(method: _F) -> _F:
     """Wrap ``PoolQueue.enqueue_jobs`` in a ``jobpool.enqueue`` span."""
     if trace is None:
@@ -42,6 +52,8 @@ def traced_enqueue(method: _F) -> _F:
 
     @functools.wraps(method)
     async def wrapper(self: Any, jobs: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        if not _configured(otel):
+            return await method(self, jobs, *args, **kwargs)
         tracer = otel.get_tracer(_NAME)
         with tracer.start_as_current_span("jobpool.enqueue") as span:
             ids = await method(self, jobs, *args, **kwargs)
@@ -60,6 +72,8 @@ def traced_processor(
     otel = trace
 
     async def run(job: Job) -> Any:
+        if not _configured(otel):
+            return await processor(job)
         tracer = otel.get_tracer(_NAME)
         attempts = getattr(job, "attempts", 0)  # the attempts field, where it exists
         attributes = {

@@ -130,3 +130,54 @@ def test_without_opentelemetry_nothing_is_imported_or_wrapped() -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "untraced"
+
+
+def test_no_span_is_made_until_a_provider_is_set() -> None:
+    """Without a configured tracer provider (OpenTelemetry's proxy: no-op spans) no
+    tracer is asked for a span; once the application sets one, runs are traced."""
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from jobpool_async import Config, Job, JobStatus, MemoryBackend, PoolQueue, Worker
+        from jobpool_async.pytest_plugin import wait_for_status
+
+        asked = []
+        real_get_tracer = trace.get_tracer
+        trace.get_tracer = lambda *a, **k: asked.append(a) or real_get_tracer(*a, **k)
+
+        async def process(job):
+            return b"ok"
+
+        async def run(q, ids):
+            await q.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
+            for i in ids:
+                await wait_for_status(q, i, JobStatus.COMPLETED)
+
+        async def main():
+            async with PoolQueue(MemoryBackend()) as q:
+                async with Worker(q, process, assignee_id="w", config=Config(concurrency=2)):
+                    await run(q, ["a", "b", "c"])
+                    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+                    assert asked == [], asked
+                    exporter = InMemorySpanExporter()
+                    provider = TracerProvider()
+                    provider.add_span_processor(SimpleSpanProcessor(exporter))
+                    trace.set_tracer_provider(provider)
+                    await run(q, ["d", "e"])
+            finished = exporter.get_finished_spans()
+            names = sorted((s.name, s.attributes.get("jobpool.job.id", "")) for s in finished)
+            assert names == [
+                ("jobpool.enqueue", ""), ("jobpool.job", "d"), ("jobpool.job", "e")
+            ], names
+
+        asyncio.run(main())
+        print("traced once set")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "traced once set"
