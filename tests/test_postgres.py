@@ -35,7 +35,7 @@ from jobpool_async import (
     StorageError,
     open_backend,
 )
-from jobpool_async.backends.base import COMPLETE, WORKER_LOST, Moved, Selection
+from jobpool_async.backends.base import COMPLETE, WORKER_LOST, Change, Moved, Refill, Selection
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
 from .backends import drop_postgres_schema, new_schema_name
@@ -989,6 +989,78 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
         plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + refill, *refill_args))
         assert "Seq Scan" not in plan and "jobs_eligible" in plan, plan
         assert "Tid Scan" in plan, plan
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("how", ["claim", "refill"])
+async def test_a_due_job_updated_after_the_claims_snapshot_is_still_claimed(
+    dsn: str, schema: str, how: str
+) -> None:
+    """A due job that another transaction updates (and commits) after a claim's snapshot
+    was taken, before the claim locks it, is claimed in its newest version, not skipped.
+    The claim's tag filter is made slow (the schema's ``tag_keys`` replaced by one that
+    sleeps: volatile, so it runs when the statement runs, not when it is planned), and
+    the update made while the claim sleeps in it, so the race happens every time; the
+    same for a refill's claim."""
+    b = backend(dsn, schema)
+    await b.open()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    try:
+        await b.insert(
+            [
+                Job("held", "test", tags=["t"], created_at=t0),
+                Job("target", "test", tags=["t"], created_at=t0 + timedelta(seconds=1)),
+            ]
+        )
+        (held,) = await b.claim("w", ["t"], 1, datetime.now(UTC))
+        assert held.id == "held"
+        # Sleeps once per transaction (its recheck of the updated row calls it again).
+        await sql(
+            dsn,
+            f"""CREATE OR REPLACE FUNCTION "{schema}".tag_keys(text[]) RETURNS text[]
+                LANGUAGE plpgsql VOLATILE AS $f$
+                BEGIN
+                    IF COALESCE(current_setting('jptest.slept', true), '') = '' THEN
+                        PERFORM set_config('jptest.slept', 'yes', true);
+                        PERFORM pg_sleep(1.5);
+                    END IF;
+                    RETURN $1;
+                END $f$""",
+        )
+        now = datetime.now(UTC)
+        claim: asyncio.Future[Any]
+        if how == "claim":
+            claim = asyncio.ensure_future(b.claim("w", ["t"], 5, now))
+        else:
+            refill = Refill("w", ("t",), frozenset({"held"}))
+            applied = b.apply([Change("held", COMPLETE, result=b"")], now, refill)
+            claim = asyncio.ensure_future(applied)
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 30
+            while not await conn.fetch(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                "AND application_name = $1",
+                b.application_name,
+            ):  # the claim's snapshot is taken: it sleeps in its filter
+                assert time.monotonic() < deadline and not claim.done()
+                await asyncio.sleep(0.01)
+            await conn.execute(
+                f"""UPDATE "{schema}".jobs SET error_message = 'touched' WHERE id = 'target'"""
+            )
+        finally:
+            await conn.close()
+        result = await claim
+        got = result if isinstance(result, list) else result.claimed
+        assert [(j.id, j.status, j.error_message) for j in got] == [
+            ("target", JobStatus.RUNNING, "touched")
+        ]
+        ((status, message, attempts),) = await sql(
+            dsn,
+            f"""SELECT status, error_message, attempts FROM "{schema}".jobs WHERE id = 'target'""",
+        )
+        assert (status, message, attempts) == ("running", "touched", 1)
     finally:
         await b.close()
 

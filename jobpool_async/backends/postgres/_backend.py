@@ -606,11 +606,27 @@ class PostgresBackend(Backend):
         except StorageError:
             await self._lost_claim(nonce, now)
             raise
-        self._changed_rows(len(rows))
-        jobs = [_job(r, CLAIMED, _ASSIGNED, assignee_id, now) for r in rows]
+        jobs = [_job(r, CLAIMED, _ASSIGNED, assignee_id, now) for r in rows if r[0] is not None]
+        self._changed_rows(len(jobs))
         if self._notes.watched:
             self._notes.tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
+        if len(jobs) < len(rows):  # SKIPPED: rows updated since the snapshot; again
+            jobs += await self._claim_again(assignee_id, tags, limit - len(jobs), now)
         return jobs
+
+    async def _claim_again(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        """A claim for the jobs a claim locked but could not move (see ``SKIPPED``: rows
+        another transaction updated after its snapshot). Best effort: those jobs stay
+        eligible, so a failure here only leaves them for the stream's next claim."""
+        if limit <= 0:
+            return []
+        logger.debug("a claim skipped rows updated since its snapshot: claiming again")
+        try:
+            return await self.claim(assignee_id, tags, limit, now)
+        except StorageError:
+            return []
 
     def _nonce(self) -> str:
         self._claims += 1
@@ -690,11 +706,14 @@ class PostgresBackend(Backend):
                     raise
             assignee = refill.assignee_id if refill is not None else ""
             unmoved: dict[str, Transition] = {}
+            skipped = False
             for group, rows in results:
                 moved_ids: set[str] = set()
                 for r in rows:
                     if r[0] == 2:
                         out.claimed.append(_job(r, _REFILLED, _ASSIGNED, assignee, now))
+                    elif r[0] == 3:
+                        skipped = True
                     else:
                         tags, status = r[3], STATUS[r[2]]
                         due = r[5] if status in ELIGIBLE else None
@@ -713,6 +732,9 @@ class PostgresBackend(Backend):
         if self._notes.watched:
             claimed = [Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in out.claimed]
             self._notes.tell([*out.moved, *claimed])
+        if skipped and refill is not None:
+            missing = refill_limit(refill, out.moved) - len(out.claimed)
+            out.claimed += await self._claim_again(refill.assignee_id, refill.tags, missing, now)
         return out
 
     async def _explain_unmoved(self, unmoved: dict[str, Transition], out: ApplyOutcome) -> None:
@@ -748,9 +770,10 @@ class PostgresBackend(Backend):
                         claimed = await conn.fetch(
                             *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
                         )
-                        # as rows of kind 2 (see Statements.apply)
+                        # as rows of kind 2, and 3 for SKIPPED (see Statements.apply)
                         pad = (2,) + (None,) * (REFILL_START - 1)
-                        results.append(((), [(*pad, *r) for r in claimed]))
+                        rows = [(*pad, *r) if r[0] is not None else (3,) for r in claimed]
+                        results.append(((), rows))
             return results
 
         return await self._call(run, False)

@@ -84,6 +84,12 @@ _CLAIMED_TYPES = {
 }  # fmt: skip
 
 
+#: SQL, in a claim: some rows it locked were not moved. Each was updated and committed by
+#: another transaction after the statement's snapshot (and stayed due): the lock takes
+#: its newest version, which the snapshot does not see, so the update by tuple id misses
+#: it. The row stays eligible; the caller claims again, in a statement of its own.
+SKIPPED = "(SELECT count(*) FROM picked) > (SELECT count(*) FROM claimed)"
+
 #: The column where the claimed job's :data:`CLAIMED_COLUMNS` start in the rows of
 #: kind 2 of :meth:`Statements.apply` (after kind, id, status, tags, assigned_at and
 #: wait_until of the moved rows).
@@ -148,23 +154,29 @@ class Statements:
 
     def _claim(self, with_tags: bool) -> str:
         """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
-        move them to RUNNING (compare-and-set on the status again, in the same statement)."""
+        move them to RUNNING (compare-and-set on the status again, in the same statement).
+        Rows of :data:`CLAIMED_COLUMNS`, and one more with every column NULL when
+        :data:`SKIPPED` (the caller then claims again for the jobs it did not get)."""
         t = self._t
         tag_cond = f"AND {self.tag_match('tags', '$5')}" if with_tags else ""
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
+        nulls = ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
         return f"""
             WITH picked AS (
                 SELECT ctid AS pid FROM {t}
                 WHERE {DUE} {tag_cond}
                 ORDER BY {ORDER}
                 LIMIT $3
-                FOR UPDATE SKIP LOCKED)
-            UPDATE {t} SET {sets}, claimed_by = $4::text
-            WHERE {t}.ctid = ANY(ARRAY(SELECT pid FROM picked))
-              -- the compare-and-set, written so the planner fetches the rows by their
-              -- tuple ids rather than walking the eligible index
-              AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
-            RETURNING {_claimed_returning(t)}"""
+                FOR UPDATE SKIP LOCKED),
+            claimed AS (
+                UPDATE {t} SET {sets}, claimed_by = $4::text
+                WHERE {t}.ctid = ANY(ARRAY(SELECT pid FROM picked))
+                  -- the compare-and-set, written so the planner fetches the rows by their
+                  -- tuple ids rather than walking the eligible index
+                  AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
+                RETURNING {_claimed_returning(t)})
+            SELECT {CLAIMED_COLUMNS} FROM claimed
+            UNION ALL SELECT {nulls} WHERE {SKIPPED}"""
 
     def _insert(self, full: bool, ignore: bool = False) -> str:
         """Insert a batch from parallel arrays (tags as slices of one flat array), in input
@@ -228,7 +240,7 @@ class Statements:
         ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``). It takes one
         job per freed slot and sees the statement's snapshot, so it never picks a row
         this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
-        from column 5 on.
+        from column 5 on; one row of kind 3 says :data:`SKIPPED`.
         """
         cache_key = (id(transition), refill, tags)
         cached = self._sql_cache.get(cache_key)
@@ -275,7 +287,10 @@ class Statements:
             claimed = f"""
             UNION ALL
             SELECT 2, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz, {CLAIMED_COLUMNS}
-            FROM claimed"""
+            FROM claimed
+            UNION ALL
+            SELECT 3, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz{rest}
+            WHERE {SKIPPED}"""
         sql = f"""
             WITH c AS (SELECT u.*, $4::timestamptz AS cnow
                        FROM unnest({unnest}) AS u({names})
