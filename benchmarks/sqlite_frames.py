@@ -191,9 +191,13 @@ def _markdown(result: dict[str, Any]) -> str:
         "Plain: priority 0, no schedule; mixed: random priorities -100 … 100, 20% "
         "scheduled up to 50 ms in the past (as `benchmarks.schedules`). Frames are the same "
         "on every run for a seed; CPU is the thread's time per job over the cycle (median "
-        f"of {result['rounds']} rounds, alternating; system time is mostly the WAL writes). "
-        "Plain + future: the plain workload on a store that first received "
-        f"{result['future']:,} jobs scheduled a day ahead (a claim must not touch them).",
+        f"of {result['rounds']} rounds, alternating; system time is mostly the WAL writes)."
+        + (
+            " Plain + future: the plain workload on a store that first received "
+            f"{result['future']:,} jobs scheduled a day ahead (a claim must not touch them)."
+            if result["future"]
+            else ""
+        ),
         "",
     ]
     for side in sides:
@@ -241,6 +245,12 @@ def _revision(tree: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return str(tree)
     return f"`{out.stdout.strip()[:90]}` ({tree})"
+
+
+def render(json_path: Path) -> None:
+    """Rewrite the Markdown beside a result file from it (after editing this module)."""
+    result = json.loads(json_path.read_text())
+    json_path.with_suffix(".md").write_text(_markdown(result))
 
 
 def main(argv: list[str] | None = None) -> None:
