@@ -588,25 +588,34 @@ class PoolQueue:
             # (A stream waiting with a free slot gets the jobs freed or made eligible
             # first: it wakes and claims them, rather than a stream not yet asking.)
             return await self._observed(self._backend.apply(changes, self._now()))
-        refill = Refill(stream.assignee_id, stream.tags, frozenset(ids))
+        # Slots free already are the refill's too (a stream given fewer jobs than its
+        # slots would otherwise stay at that batch size), unless the stream is in a
+        # claim of its own for them: ``__anext__`` holds its lock while not waiting.
+        extra = 0
+        if stream._waiting or not stream._lock.locked():
+            extra = max(0, stream.max_assigned_jobs - stream._used())
+        refill = Refill(stream.assignee_id, stream.tags, frozenset(ids), extra)
         # The slots of these assignments are the refill's until it is seen, even if
         # the stream learns sooner that they ended: else it could fill them twice.
         reserved = [(i, stream._held[i]) for i in ids]
         stream._reserve(reserved)
+        stream._extra += extra
         task = asyncio.ensure_future(self._backend.apply(changes, self._now(), refill))
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
-        task.add_done_callback(functools.partial(self._refilled, stream, reserved))
+        task.add_done_callback(functools.partial(self._refilled, stream, reserved, extra))
         return await asyncio.shield(task)
 
     def _refilled(
         self,
         stream: JobStream,
         reserved: list[tuple[str, datetime | None]],
+        extra: int,
         task: asyncio.Task[ApplyOutcome],
     ) -> None:
         """Done callback of a refilling apply (runs even if its caller was cancelled):
         observe its moves and hand its claimed jobs to the stream, or give them back."""
-        if stream._unreserve(reserved):  # slots that ended meanwhile are free now
+        stream._extra -= extra
+        if stream._unreserve(reserved) or extra:  # slots that ended meanwhile are free now
             self._notifier.publish_soon(subs=[stream._sub])
         if task.cancelled() or task.exception() is not None:
             return
@@ -624,6 +633,9 @@ class PoolQueue:
             if stream._closed:
                 stream._track(asyncio.ensure_future(self._release(stream, outcome.claimed)))
             else:
+                if stream._ready:  # a job moved and claimed again before its hand-over:
+                    again = {job.id for job in outcome.claimed}  # the later claim is it
+                    stream._ready = [job for job in stream._ready if job.id not in again]
                 stream._ready.extend(outcome.claimed)
                 freed.append(stream._sub)
         self._notifier.publish_soon(tagsets=tagsets, subs=freed)
@@ -1086,6 +1098,8 @@ class JobStream:
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
         #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``).
         self._reserved: Counter[tuple[str, datetime | None]] = Counter()
+        #: Free slots that in-flight refills may fill (their ``Refill.extra``).
+        self._extra = 0
         self._recheck = False
         #: Whether this stream's assignee has its lease record (or leases are off).
         self._leased = queue._leases is None
@@ -1111,7 +1125,8 @@ class JobStream:
     def _used(self) -> int:
         """Slots in use: held jobs, and reserved slots of assignments that ended."""
         held = self._held
-        return len(held) + sum(1 for i, t in self._reserved if held.get(i, _NOT_HELD) != t)
+        ended = sum(1 for i, t in self._reserved if held.get(i, _NOT_HELD) != t)
+        return len(held) + ended + self._extra
 
     def _reserve(self, keys: list[tuple[str, datetime | None]]) -> None:
         self._reserved.update(keys)

@@ -985,7 +985,7 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
             assert "jobs_eligible" in plan, plan
             assert "Tid Scan" in plan and "jobs_pkey" not in plan, plan
         refill = b._sql.apply(COMPLETE, True, False)
-        refill_args = (["job-0"], None, None, now, "w", None, "n")
+        refill_args = (["job-0"], None, None, now, "w", None, "n", 0)
         plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + refill, *refill_args))
         assert "Seq Scan" not in plan and "jobs_eligible" in plan, plan
         assert "Tid Scan" in plan, plan

@@ -188,7 +188,9 @@ class Moved(NamedTuple):
 class Refill(NamedTuple):
     """A claim made by :meth:`Backend.apply` in the same call, for a stream waiting for
     a free slot: up to one job for each job of ``job_ids`` (that stream's) which the
-    apply moved out of RUNNING/CANCELLING, i.e. one per slot the apply freed.
+    apply moved out of RUNNING/CANCELLING, i.e. one per slot the apply freed, plus
+    ``extra`` more (slots of the stream that were free already, which the queue
+    reserved for this call).
 
     This saves the stream its own claim round trip (and, on PostgreSQL, a commit)
     after every completion batch: the Worker's common case.
@@ -197,12 +199,15 @@ class Refill(NamedTuple):
     assignee_id: str
     tags: tuple[str, ...]
     job_ids: frozenset[str]
+    #: Free slots beyond those the apply frees (the queue reserved them for this call).
+    extra: int = 0
 
 
 def refill_limit(refill: Refill, moved: Sequence[Moved]) -> int:
-    """How many jobs ``refill`` may claim after ``moved``: the slots they freed."""
+    """How many jobs ``refill`` may claim after ``moved``: the slots they freed, plus
+    its ``extra``."""
     ids = refill.job_ids
-    return sum(1 for m in moved if m.status not in ACTIVE and m.job_id in ids)
+    return refill.extra + sum(1 for m in moved if m.status not in ACTIVE and m.job_id in ids)
 
 
 @dataclass(slots=True)

@@ -298,6 +298,17 @@ class BackendTests:
         out = await backend.apply([Change("next0", COMPLETE, result=b"")], at(201), none_freed)
         assert out.claimed == [], "a refill claims nothing when its jobs freed no slot"
 
+    async def test_a_refill_claims_its_extra_slots_too(self, backend: Backend) -> None:
+        await jobs_in(backend, {"a": S.RUNNING, "b": S.RUNNING})
+        await backend.insert([new(f"n{i}", created_at=at(10 + i)) for i in range(5)])
+        refill = Refill("w", (), frozenset({"a", "b"}), extra=2)
+        out = await backend.apply([Change("a", COMPLETE, result=b"")], at(20), refill)
+        assert refill_limit(refill, out.moved) == 3
+        assert ids(out.claimed) == ["n0", "n1", "n2"], "one freed slot and two extra"
+        only_extra = Refill("w", (), frozenset({"b"}), extra=1)
+        out = await backend.apply([Change("n0", COMPLETE, result=b"")], at(21), only_extra)
+        assert ids(out.claimed) == ["n3"], "the extra slots even when the apply frees none"
+
     async def test_a_refill_takes_no_more_jobs_than_are_due(self, backend: Backend) -> None:
         await jobs_in(backend, {"a": S.RUNNING, "b": S.RUNNING})
         await backend.insert([new("due"), new("later", scheduled_at=at(3600))])

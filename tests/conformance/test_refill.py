@@ -349,6 +349,26 @@ async def test_a_hand_loop_costs_one_storage_call_per_batch(make_backend: Backen
         assert (batches, dict(counting.calls)) == (20, {"claim": 1, "apply": 20})
 
 
+async def test_a_refill_also_fills_the_slots_that_were_free(
+    make_backend: BackendFactory,
+) -> None:
+    """A stream given fewer jobs than its slots (only 3 were there) holds all 10 after
+    its next completing call, which claims for the slots that were free too: batches
+    grow back to the stream's size without a claim of their own."""
+    counting = CountingBackend(make_backend())
+    async with PoolQueue(counting, lease=None) as queue:
+        await queue.enqueue_jobs(jobs("s", 3))
+        async with queue.stream_jobs("w", max_assigned_jobs=10) as stream:
+            assert len(await next_batch(stream)) == 3
+            await queue.enqueue_jobs(jobs("t", 20))
+            counting.calls.clear()
+            await queue.complete_jobs({f"s{i:03d}": b"" for i in range(3)})
+            assert len(stream.assigned_job_ids) == 10
+            assert [j.id for j in await next_batch(stream)] == [f"t{i:03d}" for i in range(10)]
+            assert dict(counting.calls) == {"apply": 1}
+            assert stream._used() == 10, "no slot is left reserved"
+
+
 async def test_a_worker_costs_one_storage_call_per_batch(make_backend: BackendFactory) -> None:
     counting = CountingBackend(make_backend())
 

@@ -33,8 +33,10 @@ async def _give_back_a_refill(
             await asyncio.sleep(0)
     refilled, assign = queue._refilled, queue._assign
 
-    def refilled_then_cancel(s: JobStream, reserved: Any, task: asyncio.Task[Any]) -> None:
-        refilled(s, reserved, task)
+    def refilled_then_cancel(
+        s: JobStream, reserved: Any, extra: int, task: asyncio.Task[Any]
+    ) -> None:
+        refilled(s, reserved, extra, task)
         if not task.cancelled() and task.exception() is None and task.result().claimed:
             waiting.cancel()
 

@@ -479,19 +479,20 @@ class QueueMachine(RuleBasedStateMachine):
 
     def refill(self, before: list[tuple[str, MStream]], now: Window, ids: list[str]) -> None:
         """What a call that freed slots claims for the first open stream holding one of
-        its jobs: one eligible matching job per slot of that stream it freed. (On
-        PostgreSQL the claim is part of the call's one statement, whose snapshot does
-        not show the jobs the call itself moved: those are left for a claim of its own.)"""
+        its jobs: one eligible matching job per free slot of that stream, those it freed
+        and those free before. (On PostgreSQL the claim is part of the call's one
+        statement, whose snapshot does not show the jobs the call itself moved: those
+        are left for a claim of its own.)"""
         if not before:
             return
         ms = before[0][1]
-        freed = sum(1 for i, h in before if h is ms and self.jobs[i].status not in ACTIVE)
+        free = ms.max_assigned - len(self.held(ms))
         unseen = set(ids) if self.backend_name == "postgres" else set()
         eligible = sorted(
             (j for j in self.matching(ms.tags) if j.due(self.clock.now()) and j.id not in unseen),
             key=MJob.sort_key,
         )
-        for job in eligible[:freed]:
+        for job in eligible[: max(free, 0)]:
             self.assign(ms, job, now)
             ms.ready.append(job.id)
 
@@ -504,7 +505,10 @@ class QueueMachine(RuleBasedStateMachine):
                 data.draw(integers(1, 3)),
             )
         ms = self.streams[data.draw(integers(0, len(self.streams) - 1))]
-        ready = [i for i in ms.ready if self.jobs.get(i) and self.jobs[i].holder is ms]
+        # (a job refilled, moved before its hand-over and refilled again is one job)
+        ready = list(
+            dict.fromkeys(i for i in ms.ready if self.jobs.get(i) and self.jobs[i].holder is ms)
+        )
         ms.ready = []
         if ready:  # refilled jobs are handed over, with no claim
             batch, error, now = self.call(asyncio.wait_for(ms.stream.__anext__(), 10))

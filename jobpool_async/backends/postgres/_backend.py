@@ -787,7 +787,7 @@ class PostgresBackend(Backend):
         args = (*base, refill.assignee_id, None if ids.issuperset(base[1]) else list(ids), nonce)
         if refill.tags:
             args = (*args, list(refill.tags))
-        return (*args, *self._timed_args(changes))
+        return (*args, *self._timed_args(changes), refill.extra)
 
     def _apply_args(
         self, changes: Sequence[Change], now: datetime, refill: bool = False, tags: bool = False

@@ -237,8 +237,9 @@ class Statements:
 
         With ``refill``, the :class:`Refill` claim too, in the same statement (one round
         trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids (NULL: all of
-        ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``). It takes one
-        job per freed slot and sees the statement's snapshot, so it never picks a row
+        ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``), then (after
+        the timed arrays, if any) its ``extra``. It takes one job per freed slot, plus
+        ``extra``, and sees the statement's snapshot, so it never picks a row
         this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
         from column 5 on; one row of kind 3 says :data:`SKIPPED`.
         """
@@ -267,6 +268,7 @@ class Statements:
         # reading them back otherwise saves decoding an array per job.
         tags_out = "tags" if set(transition.moves.values()) & ELIGIBLE else "NULL::text[]"
         if refill:
+            extra = first + 2 if timed else first
             assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
             tag_cond = f"AND {self.tag_match('tags', '$8')}" if tags else ""
             rest = ", " + ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
@@ -277,7 +279,7 @@ class Statements:
                 ORDER BY {ORDER}
                 LIMIT (SELECT count(*) FROM moved
                        WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
-                         AND moved.status NOT IN {ACTIVE_IN})
+                         AND moved.status NOT IN {ACTIVE_IN}) + ${extra}::integer
                 FOR UPDATE SKIP LOCKED),
             claimed AS (
                 UPDATE {t} SET {assign}, claimed_by = $7::text
