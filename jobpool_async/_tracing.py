@@ -5,9 +5,10 @@ OpenTelemetry they return what they were given, so untraced code runs exactly as
 written, and nothing else is imported. With it, spans go to whatever tracer
 provider the application configured. With none configured (OpenTelemetry's proxy
 provider, whose spans are no-ops until one is set), no span is made: a no-op span
-per job run cost a Worker about 25 µs of CPU per job (a sixth of its client work in
-the PostgreSQL drain benchmark). Whether one is configured is looked up per call,
-so a provider set later is used from then on.
+per job run cost a Worker about 30 µs of CPU per job (a fifth of its client work in
+the PostgreSQL drain benchmark, ``benchmarks/results/postgres-cpu-before.md``).
+Whether one is configured is looked up per call, so a provider set later is used
+from then on.
 
 * ``jobpool.enqueue``: one span per ``enqueue_jobs``/``enqueue_job`` call
   (attribute ``jobpool.jobs``: how many).

@@ -353,3 +353,24 @@ def test_ab_runs_the_harness_on_two_trees(tmp_path: Path) -> None:
     text = out.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| e2e |")]
     assert len(rows) == 2 and all("| 2/2 |" in line for line in rows), text
+
+
+@pytest.mark.skipif(
+    not os.environ.get("JOBPOOL_TEST_POSTGRES_DSN"),
+    reason="no PostgreSQL server configured: set JOBPOOL_TEST_POSTGRES_DSN",
+)
+def test_postgres_cpu_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """Every arm runs and is checked; the server's CPU is read from its processes."""
+    from benchmarks import postgres_cpu
+
+    out = tmp_path / "cpu.md"
+    arms = "hand,worker,floor,hand-noidle,worker-notrace"
+    dsn = os.environ["JOBPOOL_TEST_POSTGRES_DSN"]
+    postgres_cpu.main(
+        ["--jobs", "200", "--rounds", "1", "--arms", arms, "--postgres-dsn", dsn, "--out", str(out)]
+    )
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")]
+    figures = {r[1].strip(): [float(x.replace(",", "")) for x in r[2:6]] for r in rows[1:]}
+    assert set(figures) == set(arms.split(","))
+    for arm, (rate, client, server, _wal) in figures.items():
+        assert rate > 0 and client > 0 and server >= 0, (arm, figures)
