@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -48,12 +49,14 @@ TIME_LIMIT = 600.0
 #: The peer of each backend on this workload (issue #20).
 PEER_FOR = {"sqlite": "huey-normal", "postgres": "pgqueuer-batch"}
 
-Run = Callable[[], Awaitable[float]]
+#: One round of an arm: its rate (jobs/s) and its CPU time per job (µs; None if not
+#: measured).
+Run = Callable[[], Awaitable[tuple[float, float | None]]]
 
 
 async def _ours(
     target: Target, workdir: Path, body: Callable[..., Awaitable[Outcome]], n: int
-) -> float:
+) -> tuple[float, float | None]:
     store = target.new_store(workdir)
     try:
         out = await body(store.backend, n, SLOTS, TIME_LIMIT)
@@ -62,27 +65,28 @@ async def _ours(
         await store.cleanup()
     if out.problem:
         raise RuntimeError(out.problem)
-    return out.jobs / out.seconds
+    return out.jobs / out.seconds, out.metrics["cpu_s"] / out.jobs * 1e6
 
 
-async def _floor(name: str, workdir: Path, dsn: str | None, n: int) -> float:
+async def _floor(name: str, workdir: Path, dsn: str | None, n: int) -> tuple[float, float | None]:
     floor = make_floor(name, workdir, dsn)
     await floor.open()
     try:
-        seconds, claimed = await floor.drain(n, SLOTS, drain_payload, drain_work)
+        seconds, claimed, cpu = await floor.drain(n, SLOTS, drain_payload, drain_work)
     finally:
         await floor.close()
     problem = check_exactly_once(sorted(set(claimed)), claimed) if len(claimed) == n else ""
     if len(claimed) != n or problem:
         raise RuntimeError(f"{name}: claimed {len(claimed)} of {n} {problem}")
-    return n / seconds
+    return n / seconds, cpu / n * 1e6
 
 
-async def _peer(peer: str, workdir: Path, dsn: str | None, n: int) -> float:
+async def _peer(peer: str, workdir: Path, dsn: str | None, n: int) -> tuple[float, float | None]:
     result = await run_peer(peer, n, SLOTS, workdir, dsn, None, TIME_LIMIT, drain=True)
     if not result.ok:
         raise RuntimeError(f"{peer}: {result.note}")
-    return n / result.seconds
+    cpu = result.metrics.get("cpu_s")
+    return n / result.seconds, None if cpu is None else cpu / n * 1e6
 
 
 async def measure(
@@ -106,22 +110,30 @@ async def measure(
             notes[label] = f"{type(exc).__name__}: {exc}"[:200]
             del arms[label]
     rates: dict[str, list[float]] = {label: [] for label in arms}
+    cpus: dict[str, list[float]] = {label: [] for label in arms}
     for i in range(rounds):
         order = list(arms)[i % len(arms) :] + list(arms)[: i % len(arms)]
         for label in order:
-            rates[label].append(await arms[label]())
+            rate, cpu = await arms[label]()
+            rates[label].append(rate)
+            if cpu is not None:
+                cpus[label].append(cpu)
     med = {label: statistics.median(r) for label, r in rates.items()}
+    cpu_med = {label: statistics.median(c) for label, c in cpus.items() if c}
     row: dict[str, Any] = {
         "backend": name,
         "jobs": n,
         "rounds": rounds,
         "rates": rates,
         "median": med,
+        "cpu_us_per_job": cpus,
+        "cpu_median": cpu_med,
         "floor": FLOOR_FOR[name],
         "peer": PEERS[peer].label if peer else None,
         "notes": notes,
     }
     print(f"  {name}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items()), flush=True)
+    print(f"  {name} CPU: " + ", ".join(f"{k} {v:,.1f} us/job" for k, v in cpu_med.items()))
     return row
 
 
@@ -136,7 +148,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Drain: enqueue first, then one consumer of 10 slots (issue #20)",
         "",
-        f"Run {result['started']} UTC, `{result['command']}`, load before: "
+        f"Run {result['started']} UTC, `{result['command']}` at {result.get('revision', '?')}, "
+        f"load before: "
         f"{result['load_before']}, after: {result['load_after']}.",
         "",
         f"{result['jobs']:,} jobs with 100-byte JSON payloads, enqueued in one call, then drained",
@@ -164,11 +177,58 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {peer or '-'} | {fig(peer)} | {_ratio(row, 'hand loop', peer)} | "
             f"{_ratio(row, 'Worker', peer)} |"
         )
+    lines += [
+        "",
+        "CPU time per job (µs): the process CPU time of each arm over the same interval as",
+        "its clock (every thread of the process: our storage thread, huey's consumer",
+        "workers; a database server's work is not counted, so PostgreSQL's figures are",
+        "the client's only). A ratio here is jobs per CPU-second of ours against the",
+        "other's: it does not depend on how much of the shared machine each arm got.",
+        "",
+        "| backend | hand loop | Worker | floor | hand loop / floor | Worker / floor "
+        "| peer | hand loop / peer | Worker / peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        cpu = row.get("cpu_median", {})
+        floor, peer = row["floor"], row["peer"]
+
+        def us(label: str | None, cpu: dict[str, float] = cpu) -> str:
+            return f"{cpu[label]:,.1f}" if label is not None and label in cpu else "-"
+
+        def per_cpu(ours: str, other: str | None, cpu: dict[str, float] = cpu) -> str:
+            if other is None or other not in cpu or ours not in cpu:
+                return "-"
+            return f"{cpu[other] / cpu[ours]:.2f}x"
+
+        lines.append(
+            f"| {row['backend']} | {us('hand loop')} | {us('Worker')} | {us(floor)} | "
+            f"{per_cpu('hand loop', floor)} | {per_cpu('Worker', floor)} | {us(peer)} | "
+            f"{per_cpu('hand loop', peer)} | {per_cpu('Worker', peer)} |"
+        )
     notes = [f"{r['backend']}: {k}: {v}" for r in result["rows"] for k, v in r["notes"].items()]
     notes += [f"{k}: unavailable ({v})" for k, v in result["unavailable"].items()]
     if notes:
         lines += ["", "Not run:", "", *[f"* {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _revision() -> str:
+    """The checkout's commit (``+changes`` if its tracked files differ from it)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
 
 
 def _load() -> str:
@@ -186,6 +246,7 @@ async def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
         "command": "python -m benchmarks.drain " + " ".join(argv or []),
+        "revision": _revision(),
         "machine": machine_info(),
         "load_before": _load(),
         "jobs": args.jobs,

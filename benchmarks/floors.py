@@ -109,16 +109,17 @@ class Floor(abc.ABC):
 
     async def drain(
         self, n: int, batch: int, payload: Callable[[int], bytes], work: Work
-    ) -> tuple[float, list[str]]:
+    ) -> tuple[float, list[str], float]:
         """The drain workload (issue #20): insert ``n`` jobs in one call, then claim
         ``batch`` at a time, run ``work`` on each job's payload and complete the batch.
         (The floor stores no payload: ``work`` gets it from memory, so the floor does
-        the same per-job Python work as the queue without its payload's storage cost.)"""
+        the same per-job Python work as the queue without its payload's storage cost.)
+        Returns the seconds, the ids claimed and the process CPU seconds of that time."""
         prefix = f"d{uuid.uuid4().hex[:6]}-"
         ids = _ids(prefix, n)
         payloads = {job_id: payload(i) for i, job_id in enumerate(ids)}
         claimed: list[str] = []
-        t0 = now()
+        t0, cpu0 = now(), time.process_time()
         await self.insert(ids)
         while len(claimed) < n:
             got = await self.claim(batch)
@@ -128,7 +129,7 @@ class Floor(abc.ABC):
                 await work(payloads[job_id])
             claimed.extend(got)
             await self.complete(got)
-        return now() - t0, claimed
+        return now() - t0, claimed, time.process_time() - cpu0
 
     async def wake(self, samples: int) -> list[float]:
         """Seconds to claim one just-inserted job: the storage work a wake cannot avoid

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ async def drain_stream(
     delivered: list[str] = []
     calls = 0
     async with PoolQueue(backend, lease=lease) as queue:
-        t0 = now()
+        t0, cpu0 = now(), time.process_time()
         await queue.enqueue_jobs(jobs)
         enqueued = now() - t0
         async with asyncio.timeout(time_limit):
@@ -245,11 +246,11 @@ async def drain_stream(
                     await queue.complete_jobs(results)
                     if len(delivered) >= n:
                         break
-        seconds = now() - t0
+        seconds, cpu = now() - t0, time.process_time() - cpu0
         problem = _join(
             check_exactly_once((j.id for j in jobs), delivered), await _check_store(queue, n)
         )
-    metrics = {"batches": calls, "enqueue_s": enqueued, "drain_s": seconds - enqueued}
+    metrics = {"batches": calls, "enqueue_s": enqueued, "drain_s": seconds - enqueued, "cpu_s": cpu}
     return Outcome(n, seconds, metrics, problem)
 
 
@@ -275,7 +276,7 @@ async def drain_worker(
         return await drain_work(job.job_definition)
 
     async with PoolQueue(backend, lease=lease) as queue:
-        t0 = now()
+        t0, cpu0 = now(), time.process_time()
         await queue.enqueue_jobs(jobs)
         enqueued = now() - t0
         worker = mod.Worker(
@@ -284,11 +285,12 @@ async def drain_worker(
         async with worker:
             await asyncio.wait_for(all_seen.wait(), time_limit)
             await asyncio.wait_for(worker.stop(), time_limit)  # every outcome written
-            seconds = now() - t0
+            seconds, cpu = now() - t0, time.process_time() - cpu0
         problem = _join(
             check_exactly_once((j.id for j in jobs), delivered), await _check_store(queue, n)
         )
-    return Outcome(n, seconds, {"enqueue_s": enqueued, "drain_s": seconds - enqueued}, problem)
+    metrics = {"enqueue_s": enqueued, "drain_s": seconds - enqueued, "cpu_s": cpu}
+    return Outcome(n, seconds, metrics, problem)
 
 
 # --- 3. fan-out ----------------------------------------------------------------------------

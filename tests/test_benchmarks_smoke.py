@@ -262,10 +262,15 @@ async def test_drain_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert set(rows) == {"memory", "sqlite", "leveldb"}
     for name, row in rows.items():
         assert {"hand loop", "Worker", row["floor"]} <= set(row["median"]), (name, row)
+        # the CPU time of each arm's timed interval, per job, beside its rate
+        assert set(row["median"]) - {row["peer"]} <= set(row["cpu_median"]), (name, row)
+        assert all(v > 0 for v in row["cpu_median"].values()), (name, row)
     if importlib.util.find_spec("huey"):
         assert rows["sqlite"]["peer"] in rows["sqlite"]["median"], rows["sqlite"]["notes"]
+        assert rows["sqlite"]["peer"] in rows["sqlite"]["cpu_median"]
     text = out.with_suffix(".md").read_text()
     assert "| memory |" in text and "raw plyvel" in text
+    assert "CPU time per job" in text and f"at {data['revision']}," in text
 
 
 def test_drain_payload_is_100_bytes_of_json() -> None:
