@@ -379,3 +379,23 @@ def test_postgres_cpu_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert set(figures) == set(arms.split(","))
     for arm, (rate, client, server, _wal) in figures.items():
         assert rate > 0 and client > 0 and server >= 0, (arm, figures)
+
+
+async def test_sqlite_profile_runs_at_tiny_sizes(tmp_path: Path) -> None:
+    """The storage thread's work of the drain, measured apart, and end to end."""
+    from benchmarks import sqlite_profile
+
+    out = tmp_path / "profile"
+    await sqlite_profile.main(["--jobs", "60", "--rounds", "1", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    thread = data["thread"]
+    per_batch = thread["statements_per_batch"]
+    # one call per batch: BEGIN, the completion, the refill's claim, COMMIT
+    assert per_batch["BEGIN IMMEDIATE"] == per_batch["COMMIT"] == 1
+    assert thread["statement_cpu_us_per_job"]["claim (UPDATE ... RETURNING)"] > 0
+    assert thread["vm_steps_per_job"]["completion (UPDATE ... FROM VALUES ... RETURNING)"] > 0
+    assert thread["wal_frames_per_commit"]["jobs"] > 0
+    for label in ("hand loop", "Worker"):
+        row = data["end_to_end"][label]
+        assert 0 < row["storage_thread_cpu_us_per_job"] < row["process_cpu_us_per_job"]
+    assert "where the time goes" in out.with_suffix(".md").read_text()
