@@ -231,6 +231,26 @@ def _revision() -> str:
     return (head or "unknown") + ("+changes" if dirty else "")
 
 
+def run_info(module: str, argv: list[str] | None) -> dict[str, Any]:
+    """What a result file says of its run: when, the command, the revision, the machine
+    and its load before (``finish`` adds the load after and writes the files)."""
+    return {
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "command": f"python -m {module} " + " ".join(argv or []),
+        "revision": _revision(),
+        "machine": machine_info(),
+        "load_before": _load(),
+    }
+
+
+def finish(result: dict[str, Any], out: Path, markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Note the load after the run; write ``out``'s ``.json`` and ``.md``; print the latter."""
+    result["load_after"] = _load()
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -244,11 +264,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "drain"))
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
-        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m benchmarks.drain " + " ".join(argv or []),
-        "revision": _revision(),
-        "machine": machine_info(),
-        "load_before": _load(),
+        **run_info("benchmarks.drain", argv),
         "jobs": args.jobs,
         "rows": [],
         "unavailable": {},
@@ -262,11 +278,7 @@ async def main(argv: list[str] | None = None) -> None:
                 continue
             row = await measure(target, workdir, args.jobs, args.rounds, args.postgres_dsn)
             result["rows"].append(row)
-    result["load_after"] = _load()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    finish(result, Path(args.out), markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import resource
 import sqlite3
 import statistics
@@ -42,8 +41,8 @@ from jobpool_async.backends import sqlite as sq
 from jobpool_async.backends._sql import CLAIMED
 from jobpool_async.backends.base import COMPLETE, Change, Refill
 
-from ._common import drain_payload, machine_info
-from .drain import _load, _revision
+from ._common import drain_payload
+from .drain import finish, run_info
 from .workloads import Outcome, drain_stream, drain_worker
 
 SLOTS = 10
@@ -325,22 +324,14 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sqlite-profile"))
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
-        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m benchmarks.sqlite_profile " + " ".join(argv or []),
-        "revision": _revision(),
-        "machine": machine_info(),
-        "load_before": _load(),
+        **run_info("benchmarks.sqlite_profile", argv),
         "jobs": args.jobs,
         "rounds": args.rounds,
     }
     with tempfile.TemporaryDirectory(prefix="jp-sqlprof-") as tmp:
         result["thread"] = thread_work(Path(tmp), args.jobs, args.rounds)
         result["end_to_end"] = await end_to_end(Path(tmp), args.jobs, args.rounds)
-    result["load_after"] = _load()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    finish(result, Path(args.out), markdown)
 
 
 if __name__ == "__main__":
