@@ -38,7 +38,6 @@ from typing import Any
 
 from jobpool_async import Job
 from jobpool_async.backends import sqlite as sq
-from jobpool_async.backends._sql import CLAIMED
 from jobpool_async.backends.base import COMPLETE, Change, Refill
 
 from ._common import drain_payload
@@ -46,6 +45,9 @@ from .drain import finish, run_info
 from .workloads import Outcome, drain_stream, drain_worker
 
 SLOTS = 10
+#: A claim's rows begin with the job's id (the backend's select list, checked here).
+if not sq.CLAIM_SQL.split(" RETURNING ")[1].startswith("id, "):
+    raise RuntimeError("the claim no longer returns the id first")
 RESULT = b'{"n": 1, "ok": true}'
 
 
@@ -106,7 +108,7 @@ def _claim_cycle(conn: Any) -> int:
     rows = sq._claim(conn, "bench", (), SLOTS, sq._us(datetime.now(UTC)), True)
     batches = 0
     while rows:
-        ids = [row[CLAIMED.id] for row in rows]
+        ids = [row[0] for row in rows]
         changes = [Change(i, COMPLETE, result=RESULT) for i in ids]
         refill = Refill("bench", (), frozenset(ids))
         now = sq._us(datetime.now(UTC))
