@@ -42,7 +42,7 @@ SLOTS = 10
 
 def _jobs(n: int, mixed: bool, rng: random.Random, now: datetime) -> list[Any]:
     from jobpool_async import Job
-    from jobpool_async._models import check_new_job
+    from jobpool_async.backends.base import check_new_job
 
     prefix = uuid.uuid4().hex[:6]
     scheduled = set(rng.sample(range(n), n // 5)) if mixed else set()
@@ -63,8 +63,8 @@ def _jobs(n: int, mixed: bool, rng: random.Random, now: datetime) -> list[Any]:
 
 def _fill_future(conn: sqlite3.Connection, n: int, at: datetime) -> None:
     from jobpool_async import Job
-    from jobpool_async._models import check_new_job
     from jobpool_async.backends import sqlite as sq
+    from jobpool_async.backends.base import check_new_job
 
     for start in range(0, n, 10_000):
         later = [
@@ -97,10 +97,8 @@ def _owners(conn: sqlite3.Connection, pages: list[int]) -> list[str]:
 def run_once(kind: str, n: int, seed: int, future: int = 0) -> dict[str, Any]:
     """One store, one workload: frames per commit by b-tree, CPU µs per job. With
     ``future``, the store first receives that many jobs scheduled a day ahead."""
-    from jobpool_async._transitions import COMPLETE
     from jobpool_async.backends import sqlite as sq
-    from jobpool_async.backends._sql import CLAIMED
-    from jobpool_async.backends.base import Change, Refill
+    from jobpool_async.backends.base import COMPLETE, Change, Refill
 
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="jp-frames-") as tmp:
@@ -128,7 +126,7 @@ def run_once(kind: str, n: int, seed: int, future: int = 0) -> dict[str, Any]:
         later: list[int] = []
         commits = done = 0
         while rows:
-            ids = [row[CLAIMED.id] for row in rows]
+            ids = [row[0] for row in rows]  # a claim's rows begin with the id
             done += len(ids)
             at += 1000  # each commit its own time, as a running queue's
             changes = [Change(i, COMPLETE, result=b"") for i in ids]
