@@ -130,7 +130,7 @@ async def _floor(dsn: str, n: int) -> Result:
         pid = floor._conn.get_server_pid()
         wal0, cpu0, server0 = await _wal(dsn), time.process_time(), _proc_cpu([pid])
         t0 = time.perf_counter()
-        _, claimed = await floor.drain(n, 10, drain_payload, drain_work)
+        _, claimed, _ = await floor.drain(n, 10, drain_payload, drain_work)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         server = _proc_cpu([pid]) - server0
         wal = await _wal(dsn) - wal0
