@@ -157,7 +157,8 @@ def markdown(result: dict[str, Any]) -> str:
         "encode a small JSON result, one `complete_jobs` per batch) or by a `Worker` running",
         "10 at once with the same work. Floors and peers do the same per-job work, in the",
         "same rounds (order rotating, one uncounted warm-up each); medians of the rounds.",
-        "The floors store no payload (they decode it from memory) and an empty result.",
+        "The floors store no payload (they decode it from memory) and an empty result, but",
+        "raw plyvel, the key-move loop, which stores both (one `WriteBatch` per 10 jobs).",
         "",
         "| backend | hand loop (jobs/s) | Worker (jobs/s) | floor | floor (jobs/s) "
         "| hand loop / floor | Worker / floor | peer | peer (jobs/s) | hand loop / peer "

@@ -345,6 +345,49 @@ class RawPlyvel(Floor):
                     rec.update(status="c", result="", finalized_at=ts)
                     wb.put(key, json.dumps(rec).encode())
 
+    async def drain(
+        self, n: int, batch: int, payload: Callable[[int], bytes], work: Work
+    ) -> tuple[float, list[str], float]:
+        """The drain workload as issue #20 defines its floor: a key-move loop.
+
+        One ``WriteBatch`` puts every job's pending key ``P<id>`` (ids sort in enqueue
+        order) with its payload as the value; then each round reads the next
+        ``batch`` pending keys from a cursor, runs ``work`` on each payload and moves
+        the keys in one ``WriteBatch`` (the pending key deleted, ``Q<id>`` put with
+        the result). Synchronous, no thread hops, no record to decode or encode: the
+        least a store can do per job (it keeps each job's payload and result).
+        Returns the seconds, the ids claimed and the process CPU seconds of that time."""
+        tag = uuid.uuid4().hex[:6]
+        ids = _ids(f"d{tag}-", n)
+        bodies = [payload(i) for i in range(n)]
+        pending, done = f"P{tag}".encode(), f"Q{tag}".encode()
+        cut = len(pending)
+        db = self._db
+        keys = [pending + job_id.encode() for job_id in ids]
+        claimed: list[str] = []
+        t0, cpu0 = now(), time.process_time()
+        with db.write_batch() as wb:
+            for key, body in zip(keys, bodies, strict=True):
+                wb.put(key, body)
+        start, stop = pending, pending + b"\xff"
+        while len(claimed) < n:
+            got: list[tuple[bytes, bytes]] = []
+            with db.iterator(start=start, stop=stop) as it:
+                for item in it:
+                    got.append(item)
+                    if len(got) >= batch:
+                        break
+            if not got:
+                break
+            with db.write_batch() as wb:
+                for key, body in got:
+                    result = await work(body)
+                    wb.delete(key)
+                    wb.put(done + key[cut:], result)
+            start = got[-1][0] + b"\x00"
+            claimed.extend(key[cut:].decode() for key, _ in got)
+        return now() - t0, claimed, time.process_time() - cpu0
+
 
 # --- raw asyncpg ---------------------------------------------------------------------
 
