@@ -186,6 +186,8 @@ class CountingDB:
     def __init__(self, db: Any) -> None:
         self._db = db
         self.reads = 0
+        #: ``WriteBatch`` objects made (each operation writes the ones it makes).
+        self.writes = 0
         self.fail_writes = False
 
     def get(self, key: bytes, default: Any = None) -> Any:
@@ -196,6 +198,7 @@ class CountingDB:
         return CountingIterator(self, self._db.iterator(**kwargs))
 
     def write_batch(self, **kwargs: Any) -> Any:
+        self.writes += 1
         batch = self._db.write_batch(**kwargs)
         if self.fail_writes:
             return FailingBatch(batch)
@@ -1160,3 +1163,99 @@ async def test_a_missing_parent_directory_is_named(tmp_path: Path) -> None:
             pass
     assert f"the directory {str(tmp_path / 'missing' / 'dir')!r} does not exist" in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+# --- one write per refilling completion ----------------------------------------------
+
+
+async def _running_three(store: Path) -> tuple[LevelDBBackend, list[Job]]:
+    from jobpool_async.backends.base import check_new_job
+
+    backend = LevelDBBackend(store)
+    await backend.open()
+    jobs = [Job(id=f"j{i}", job_type="t", priority=1 if i == 0 else 0) for i in range(6)]
+    await backend.insert([check_new_job(j) for j in jobs])
+    return backend, await backend.claim("w", [], 3, datetime.now(UTC))
+
+
+async def test_a_completion_and_its_refill_are_one_write_batch(store: Path) -> None:
+    from jobpool_async.backends.base import COMPLETE, Change, Refill
+
+    backend, running = await _running_three(store)
+    try:
+        proxy = CountingDB(backend._db)
+        backend._db = proxy
+        ids = [j.id for j in running]
+        out = await backend.apply(
+            [Change(i, COMPLETE, result=b"r") for i in ids],
+            datetime.now(UTC),
+            Refill("w", (), frozenset(ids)),
+        )
+        assert [m.status for m in out.moved] == [S.COMPLETED] * 3
+        assert [j.id for j in out.claimed] == ["j3", "j4", "j5"]
+        assert {j.status for j in out.claimed} == {S.RUNNING}
+        assert proxy.writes == 1
+    finally:
+        await backend.close()
+    jobs = check_store(store)
+    assert {i: j.status for i, j in jobs.items()} == {
+        **{f"j{i}": S.COMPLETED for i in range(3)},
+        **{f"j{i}": S.RUNNING for i in range(3, 6)},
+    }
+
+
+async def test_a_refill_sees_a_job_its_own_call_made_eligible(store: Path) -> None:
+    """A retry in the same call: the refill's claim cannot share the call's write
+    (it must see the retried job), so it writes after it, and takes it first here
+    (its priority is higher)."""
+    from jobpool_async.backends.base import COMPLETE, FAIL, Change, Refill
+
+    backend, running = await _running_three(store)
+    try:
+        proxy = CountingDB(backend._db)
+        backend._db = proxy
+        ids = [j.id for j in running]
+        out = await backend.apply(
+            [Change("j0", FAIL, error_message="again"), Change("j1", COMPLETE, result=b"")],
+            datetime.now(UTC),
+            Refill("w", (), frozenset(ids)),
+        )
+        assert [j.id for j in out.claimed] == ["j0", "j3"]
+        assert proxy.writes == 2
+    finally:
+        await backend.close()
+    check_store(store)
+
+
+async def test_a_failed_refilling_write_changes_nothing(store: Path) -> None:
+    """The apply and its refill fail together (one batch): every job as it was, and
+    the backend's caches of running and eligible jobs do not keep the unwritten moves."""
+    from jobpool_async.backends.base import COMPLETE, Change, Refill
+
+    backend, running = await _running_three(store)
+    try:
+        proxy = CountingDB(backend._db)
+        backend._db = proxy
+        ids = [j.id for j in running]
+        proxy.fail_writes = True
+        with pytest.raises(StorageError, match="No space left"):
+            await backend.apply(
+                [Change(i, COMPLETE, result=b"r") for i in ids],
+                datetime.now(UTC),
+                Refill("w", (), frozenset(ids)),
+            )
+        proxy.fail_writes = False
+        now = datetime.now(UTC)
+        jobs = {j.id: j for j in await backend.get_jobs([f"j{i}" for i in range(6)])}
+        assert {i: j.status for i, j in jobs.items()} == {
+            **{f"j{i}": S.RUNNING for i in range(3)},
+            **{f"j{i}": S.INITIAL_PENDING for i in range(3, 6)},
+        }
+        assert jobs["j0"].result is None
+        assert [j.id for j in await backend.claim("v", [], 10, now)] == ["j3", "j4", "j5"]
+        done = await backend.apply([Change(i, COMPLETE, result=b"r") for i in ids], now)
+        assert not done.errors and len(done.moved) == 3
+    finally:
+        await backend.close()
+    jobs = check_store(store)
+    assert {j.status for i, j in jobs.items() if i in ids} == {S.COMPLETED}

@@ -232,6 +232,12 @@ class RecordStore(Backend, Generic[R, W, P]):
         self._after_move(w, record, prior, transition)
         return new
 
+    def _stage_refill(self, w: W, refill: Refill, limit: int, now: datetime) -> list[Job] | None:
+        """Stage the claim for ``refill`` in the apply's write ``w`` (one write for the
+        call), returning the jobs claimed; ``None`` if the backend does not (then
+        :meth:`_claim_for_refill` claims after the apply is written)."""
+        return None
+
     def _claim_for_refill(self, refill: Refill, limit: int, now: datetime) -> list[Job]:
         """The claim an apply makes for its :class:`Refill` (a backend may soften its
         failures: the apply is written by then)."""
@@ -284,14 +290,20 @@ class RecordStore(Backend, Generic[R, W, P]):
                 )
             else:
                 moved.append(moved_of(record, new))
+        limit = 0 if refill is None else refill_limit(refill, moved)
+        claimed = None
+        if limit:
+            assert refill is not None
+            claimed = self._stage_refill(w, refill, limit, now)
         if moved:
             self._commit(w)
-        if refill is not None:
-            # A write of its own after the apply's, in the same step. (Claiming inside
-            # the apply's write would have to see its staged, unwritten moves.)
-            limit = refill_limit(refill, moved)
-            if limit:
-                out.claimed = self._claim_for_refill(refill, limit, now)
+        if claimed is not None:
+            out.claimed = claimed
+        elif limit:
+            assert refill is not None
+            # A write of its own after the apply's, in the same step (the backend did
+            # not stage it in the apply's write, which would have to see its moves).
+            out.claimed = self._claim_for_refill(refill, limit, now)
         return out
 
     def _apply_selection(

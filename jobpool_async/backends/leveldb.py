@@ -270,10 +270,12 @@ class _Write:
     __slots__ = (
         "counts",
         "deletes",
+        "eligible_moved",
         "lowered",
         "next_seq",
         "promoted",
         "puts",
+        "scanned",
         "tag_counts",
         "touched",
         "waiting",
@@ -293,6 +295,10 @@ class _Write:
         self.next_seq: int | None = None
         #: Jobs this write changes (``None``: deleted), for the active-job cache.
         self.touched: dict[str, tuple[Job, int] | None] = {}
+        #: Whether a job this write moves was or becomes eligible.
+        self.eligible_moved = False
+        #: A claim's eligible index (prefix) and the key its next claim may start at.
+        self.scanned: tuple[bytes, bytes] | None = None
 
     def put(self, key: bytes, value: bytes) -> None:
         self.puts[key] = value
@@ -353,6 +359,8 @@ class _Write:
         """Stage the index and counter changes of ``job``, which was ``old_code`` before."""
         code = codec.CODE_OF[job.status]
         retries = job.retry_count
+        if code in _ELIGIBLE_CODES or old_code in _ELIGIBLE_CODES:
+            self.eligible_moved = True
         if code != old_code or retries != old_retries:
             values = self.counts.values
             values[old_code] -= 1
@@ -635,6 +643,10 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         wb.write()
         # Only now that the write succeeded do the in-memory copies change.
         self._counts, self._next_seq, self._promoted = counts, next_seq, promoted
+        if w.scanned is not None:
+            prefix, start = w.scanned
+            if prefix in self._floors or len(self._floors) < _MAX_FLOORS:
+                self._floors[prefix] = start
         if w.waiting is not None:
             due = codec.from_micros(w.waiting)
             if self._next_due is None or due < self._next_due:
@@ -781,6 +793,19 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
     def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
         if limit < 1:
             return []
+        picked, scanned = self._pick(tags, limit, now)
+        if not picked:
+            return []
+        w = _Write(self._promoted)
+        claimed = self._stage_claim(w, picked, scanned, assignee_id, now)
+        self._commit(w)
+        return claimed
+
+    def _pick(
+        self, tags: Sequence[str], limit: int, now: datetime
+    ) -> tuple[list[_Record], tuple[bytes, bytes] | None]:
+        """The next ``limit`` eligible jobs matching ``tags`` (due ones promoted first),
+        and the index walked with where the next claim of it may start."""
         if self._next_due is not None and self._next_due <= now:
             self._promote(now)
         if tags:
@@ -789,13 +814,13 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
             ]
             smallest, tag = min(eligible)
             if not smallest:
-                return []
+                return [], None
             prefix = _ELIGIBLE_TAG + codec.enc(tag)
             wanted: set[str] = set(tags)
         else:
             prefix, wanted = _ELIGIBLE, set()
         skip = len(prefix) + 18
-        picked: list[tuple[Job, int]] = []
+        picked: list[_Record] = []
         first_left: bytes | None = None
         last: bytes | None = None
         start = self._floors.get(prefix, prefix)
@@ -809,7 +834,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
                         first_left = key
                     break
                 idb = key[skip:]
-                # Popped: the move below changes it in place (re-cached if it commits).
+                # Popped: the move changes it in place (re-cached if its write commits).
                 found = cached.pop(idb, None)
                 if found is None:
                     raw = get(_JOB + idb)
@@ -823,17 +848,43 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
                     continue
                 picked.append(found)
         if not picked:
-            return []
-        w = _Write(self._promoted)
-        for found in picked:
-            self._stage_move(w, found, ASSIGN, now, assignee_id=assignee_id)
-        self._commit(w)
+            return [], None
         if first_left is None:
             assert last is not None
             first_left = last + b"\x00"
-        if prefix in self._floors or len(self._floors) < _MAX_FLOORS:
-            self._floors[prefix] = first_left
+        return picked, (prefix, first_left)
+
+    def _stage_claim(
+        self,
+        w: _Write,
+        picked: list[_Record],
+        scanned: tuple[bytes, bytes] | None,
+        assignee_id: str,
+        now: datetime,
+    ) -> list[Job]:
+        """Stage the assignment of ``picked`` in ``w``; copies of the jobs as claimed."""
+        for found in picked:
+            self._stage_move(w, found, ASSIGN, now, assignee_id=assignee_id)
+        w.scanned = scanned
         return [job.copy() for job, _ in picked]  # the staged objects stay in the cache
+
+    def _stage_refill(
+        self, w: _Write, refill: Refill, limit: int, now: datetime
+    ) -> list[Job] | None:
+        """The refill's claim staged in the apply's own write, so the call is one
+        ``WriteBatch``: possible when no job this write moves enters or leaves an
+        eligible status (the claim reads the store as written, which then shows what
+        the write will). Else, or if reading fails, ``None``: the claim runs after."""
+        if w.eligible_moved:
+            return None
+        try:
+            picked, scanned = self._pick(refill.tags, limit, now)
+        except (JobPoolError, self._plyvel.Error):
+            return None  # the claim after the write meets it again, and reports it
+        # A promotion just written raised the watermark the claim's keys depend on
+        # (the moves staged before are of statuses whose keys do not).
+        w.promoted = max(w.promoted, self._promoted)
+        return self._stage_claim(w, picked, scanned, refill.assignee_id, now)
 
     def _claim_for_refill(self, refill: Refill, limit: int, now: datetime) -> list[Job]:
         try:
