@@ -169,23 +169,36 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
-def _index_keys(job: Job, seq: int, idb: bytes, promoted: int) -> list[bytes]:
+#: The ``S`` key prefix of each status code.
+_LIST_STATUS_OF = tuple(_LIST_STATUS + bytes((code,)) for code in range(codec.N_STATUS))
+_ORDER = struct.Struct(">HQQ")
+_TIME_SEQ = struct.Struct(">QQ")
+
+
+def _index_keys(
+    job: Job, seq: int, idb: bytes, promoted: int, tail: bytes | None = None
+) -> list[bytes]:
     """The status-dependent index keys of ``job`` (``idb``: its id as key bytes;
-    ``promoted``: the promotion watermark, micros); the last is always its ``S``
-    listing key."""
+    ``promoted``: the promotion watermark, micros; ``tail``: its :func:`_tail`, if
+    known); the last is always its ``S`` listing key."""
     status = job.status
-    listed = _LIST_STATUS + bytes((codec.CODE_OF[status],)) + _created(job) + idb
+    if tail is None:
+        tail = _tail(job, idb)
+    listed = _LIST_STATUS_OF[codec.CODE_OF[status]] + tail
     if status in ELIGIBLE:
         scheduled = job.scheduled_at
         if scheduled is not None:
             at = codec.to_micros(scheduled)
             if at > promoted:
-                return [_WAITING + codec.order_part(at, seq) + idb, listed]
-        order = (
-            codec.prio_part(job.priority)
-            + codec.order_part(codec.to_micros(job.sort_key), seq)
-            + idb
-        )
+                return [_WAITING + _TIME_SEQ.pack(at, seq) + idb, listed]
+            due = at
+        else:
+            retried = job.last_retry_at
+            due = codec.to_micros(job.created_at if retried is None else retried)
+        # prio_part + order_part: higher priorities first, then the due key, then seq
+        order = _ORDER.pack(32767 - job.priority, due, seq) + idb
+        if not job.tags:
+            return [_ELIGIBLE + order, listed]
         keys = [_ELIGIBLE + order]
         for tag in job.tags:
             keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
@@ -195,7 +208,7 @@ def _index_keys(job: Job, seq: int, idb: bytes, promoted: int) -> list[bytes]:
         return [_ASSIGNEE + codec.enc(job.assignee_id) + idb, listed]
     if status is JobStatus.COMPLETED:
         assert job.finalized_at is not None
-        return [_DONE + codec.order_part(codec.to_micros(job.finalized_at), seq) + idb, listed]
+        return [_DONE + _TIME_SEQ.pack(codec.to_micros(job.finalized_at), seq) + idb, listed]
     return [listed]
 
 
@@ -203,14 +216,20 @@ def _created(job: Job) -> bytes:
     return codec.u64(codec.to_micros(job.created_at))
 
 
-def _static_keys(job: Job, idb: bytes) -> list[bytes]:
+def _tail(job: Job, idb: bytes) -> bytes:
+    """The end of the job's listing keys: its ``created_at`` (u64 micros), then its id."""
+    return codec.u64(codec.to_micros(job.created_at)) + idb
+
+
+def _static_keys(job: Job, idb: bytes, tail: bytes | None = None) -> list[bytes]:
     """The keys of ``job`` that never change while it exists (tags, listing order)."""
-    created = _created(job)
-    keys = [_LIST + created + idb, _LIST_TYPE + codec.enc(job.job_type) + created + idb]
+    if tail is None:
+        tail = _tail(job, idb)
+    keys = [_LIST + tail, _LIST_TYPE + codec.enc(job.job_type) + tail]
     for tag in job.tags:
         enc = codec.enc(tag)
         keys.append(_TAG + enc + idb)
-        keys.append(_LIST_TAG + enc + created + idb)
+        keys.append(_LIST_TAG + enc + tail)
     return keys
 
 
@@ -252,6 +271,39 @@ def _scan_prefix(key: bytes) -> bytes:
     return key[:1] if key[:1] == _ELIGIBLE else key[: key.index(b"\x00\x01") + 2]
 
 
+class _Rec:
+    """A job as read, its enqueue sequence number and its key parts.
+
+    The backend's own object, not a copy: a move changes it in place, and it is
+    written through to the caches only once its write succeeded (a call that fails
+    drops the caches, see ``LevelDBBackend._guarded``)."""
+
+    __slots__ = ("idb", "job", "keys", "seq", "tail")
+
+    def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
+        self.job = job
+        self.seq = seq
+        #: The id as key bytes.
+        self.idb = idb
+        #: The end of its listing keys (see :func:`_tail`).
+        self.tail = _tail(job, idb) if tail is None else tail
+        #: Its status-dependent index keys as last staged (``None``: not known yet).
+        self.keys: list[bytes] | None = None
+
+    def index_keys(self, promoted: int) -> list[bytes]:
+        """Its status-dependent index keys; those of a job with a schedule depend on
+        the promotion watermark, so they are computed again each time."""
+        keys = self.keys
+        if keys is None or self.job.scheduled_at is not None:
+            keys = self.keys = _index_keys(self.job, self.seq, self.idb, promoted, self.tail)
+        return keys
+
+
+def _decoded(raw: bytes, idb: bytes | None = None) -> _Rec:
+    job, seq = codec.decode_job(raw)
+    return _Rec(job, seq, codec.id_bytes(job.id) if idb is None else idb)
+
+
 @dataclass(frozen=True, slots=True)
 class RepairReport:
     """What :meth:`LevelDBBackend.repair` did."""
@@ -265,48 +317,45 @@ class RepairReport:
 
 
 class _Write:
-    """The changes of one operation, staged until one ``WriteBatch`` writes them."""
+    """The changes of one operation, staged in one ``WriteBatch`` until it is written.
+
+    Keys are put and deleted in the batch as they are staged: LevelDB applies a
+    batch's operations in order, so a key staged twice ends as it was staged last."""
 
     __slots__ = (
+        "batch",
         "counts",
-        "deletes",
+        "delete",
         "eligible_moved",
         "lowered",
         "next_seq",
         "promoted",
-        "puts",
+        "put",
         "scanned",
         "tag_counts",
         "touched",
         "waiting",
     )
 
-    def __init__(self, promoted: int) -> None:
+    def __init__(self, batch: Any, promoted: int) -> None:
+        self.batch = batch
+        self.put: Callable[[bytes, bytes], None] = batch.put
+        self.delete: Callable[[bytes], None] = batch.delete
         #: The promotion watermark the index keys are computed with.
         self.promoted = promoted
         #: The earliest ``W`` time this write adds (micros), if any.
         self.waiting: int | None = None
-        self.puts: dict[bytes, bytes] = {}
-        self.deletes: set[bytes] = set()
         self.counts = codec.Counters()
         self.tag_counts: dict[str, codec.Counters] = {}
         #: Per eligible index (prefix), the smallest key this write adds to it.
         self.lowered: dict[bytes, bytes] = {}
         self.next_seq: int | None = None
-        #: Jobs this write changes (``None``: deleted), for the active-job cache.
-        self.touched: dict[str, tuple[Job, int] | None] = {}
+        #: Jobs this write changes (``None``: deleted), for the caches.
+        self.touched: dict[str, _Rec | None] = {}
         #: Whether a job this write moves was or becomes eligible.
         self.eligible_moved = False
         #: A claim's eligible index (prefix) and the key its next claim may start at.
         self.scanned: tuple[bytes, bytes] | None = None
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.puts[key] = value
-        self.deletes.discard(key)
-
-    def delete(self, key: bytes) -> None:
-        self.deletes.add(key)
-        self.puts.pop(key, None)
 
     def _count(self, job: Job, sign: int) -> None:
         code = codec.CODE_OF[job.status]
@@ -318,22 +367,23 @@ class _Write:
                 counters = self.tag_counts[tag] = codec.Counters()
             counters.add(code, retries, sign)
 
-    def unindex(self, job: Job, seq: int, idb: bytes) -> None:
-        self._count(job, -1)
-        puts, deletes = self.puts, self.deletes
-        for key in _index_keys(job, seq, idb, self.promoted):
-            deletes.add(key)
-            puts.pop(key, None)
+    def unindex(self, rec: _Rec) -> None:
+        self._count(rec.job, -1)
+        delete = self.delete
+        for key in rec.index_keys(self.promoted):
+            delete(key)
 
-    def index(self, job: Job, seq: int, idb: bytes) -> None:
+    def index(self, job: Job, seq: int, idb: bytes, tail: bytes) -> list[bytes]:
+        """Stage the index keys and counts of a new job; returns the keys."""
         self._count(job, +1)
-        self._add_keys(job, _index_keys(job, seq, idb, self.promoted))
+        keys = _index_keys(job, seq, idb, self.promoted, tail)
+        self._add_keys(job, keys)
+        return keys
 
     def _add_keys(self, job: Job, keys: list[bytes]) -> None:
-        puts, deletes = self.puts, self.deletes
+        put = self.put
         for key in keys:
-            puts[key] = b""
-            deletes.discard(key)
+            put(key, b"")
         if job.status in ELIGIBLE:
             lowered = self.lowered
             for key in keys[:-1]:  # the eligible-index keys (the last is its S key)
@@ -347,16 +397,9 @@ class _Write:
                 if low is None or key < low:
                     lowered[prefix] = key
 
-    def moved(
-        self,
-        job: Job,
-        seq: int,
-        idb: bytes,
-        old_code: int,
-        old_retries: int,
-        old_keys: list[bytes],
-    ) -> None:
-        """Stage the index and counter changes of ``job``, which was ``old_code`` before."""
+    def moved(self, rec: _Rec, old_code: int, old_retries: int, old_keys: list[bytes]) -> None:
+        """Stage the index and counter changes of the job, which was ``old_code`` before."""
+        job = rec.job
         code = codec.CODE_OF[job.status]
         retries = job.retry_count
         if code in _ELIGIBLE_CODES or old_code in _ELIGIBLE_CODES:
@@ -376,24 +419,21 @@ class _Write:
                 values[-1] += retries - old_retries
         if code == old_code and code not in _ELIGIBLE_CODES:
             return  # same status, same assignee / finalized_at: same keys
-        new_keys = _index_keys(job, seq, idb, self.promoted)
+        new_keys = rec.keys = _index_keys(job, rec.seq, rec.idb, self.promoted, rec.tail)
         if new_keys == old_keys:
             return
-        puts, deletes = self.puts, self.deletes
+        delete = self.delete
         for key in old_keys:
             if key not in new_keys:
-                deletes.add(key)
-                puts.pop(key, None)
+                delete(key)
         self._add_keys(job, new_keys)
 
 
-#: A job as read (a private copy) and its enqueue sequence number.
-_Record = tuple[Job, int]
-#: A job's id bytes, status code, retry count and index keys before it moves.
-_Prior = tuple[bytes, int, int, list[bytes]]
+#: A job's status code, retry count and index keys before it moves.
+_Prior = tuple[int, int, list[bytes]]
 
 
-class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
+class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     """Jobs in a LevelDB directory (created if missing), used by one process at a time.
 
     ``sync=True`` makes every write wait for the disk (survives an OS crash, not
@@ -428,11 +468,11 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         self._floors: dict[bytes, bytes] = {}
         #: RUNNING/CANCELLING jobs as last written (written through in ``_commit``), so
         #: completing a job just assigned needs no read or decode.
-        self._active: dict[str, tuple[Job, int]] = {}
+        self._active: dict[str, _Rec] = {}
         #: Eligible jobs as last written, by id bytes, so a claim of a job enqueued or
         #: retried recently needs no read or decode. Filled until full, and a claim
         #: takes the oldest first, so it holds the next jobs to be claimed.
-        self._eligible: dict[bytes, tuple[Job, int]] = {}
+        self._eligible: dict[bytes, _Rec] = {}
 
     def __repr__(self) -> str:
         return f"LevelDBBackend({str(self.path)!r}, sync={self.sync})"
@@ -472,9 +512,12 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
             raise StorageError(f"{self!r} is closed")
         try:
             return fn(*args)
-        except JobPoolError:
-            raise
-        except self._plyvel.Error as exc:
+        except BaseException as exc:
+            # Its staging may have changed cached jobs in place, unwritten: drop them.
+            self._active.clear()
+            self._eligible.clear()
+            if isinstance(exc, JobPoolError) or not isinstance(exc, self._plyvel.Error):
+                raise
             text = _message(exc)
             if isinstance(exc, self._plyvel.IOError):
                 self._suspect = True
@@ -608,13 +651,15 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
 
     # --- staging and writing ------------------------------------------------------
 
-    def _read(self, job_id: str) -> _Record | None:
-        """A private copy of the job (and its seq), from the active cache or the store."""
+    def _read(self, job_id: str) -> _Rec | None:
+        """The job's record, from the active cache (the cached object itself: see
+        :class:`_Rec`) or the store."""
         cached = self._active.get(job_id)
         if cached is not None:
-            return cached[0].copy(), cached[1]
-        raw = self._db.get(_JOB + codec.id_bytes(job_id))
-        return None if raw is None else codec.decode_job(raw)
+            return cached
+        idb = codec.id_bytes(job_id)
+        raw = self._db.get(_JOB + idb)
+        return None if raw is None else _decoded(raw, idb)
 
     def _tag_counters(self, tag: str) -> codec.Counters:
         raw = self._db.get(_TAG_COUNTS + codec.enc(tag))
@@ -625,11 +670,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         counts = self._counts.merged(w.counts)
         next_seq = self._next_seq if w.next_seq is None else w.next_seq
         promoted = max(self._promoted, w.promoted)
-        wb = self._db.write_batch(sync=self.sync)
-        for key in w.deletes:
-            wb.delete(key)
-        for key, value in w.puts.items():
-            wb.put(key, value)
+        wb = w.batch
         for tag, delta in w.tag_counts.items():
             if not any(delta.values):
                 continue
@@ -656,70 +697,67 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
             if floor is not None and key < floor:
                 self._floors[prefix] = key
         active, eligible = self._active, self._eligible
-        for job_id, entry in w.touched.items():
-            status = None if entry is None else entry[0].status
+        for job_id, rec in w.touched.items():
+            if rec is None:
+                active.pop(job_id, None)
+                if eligible:
+                    eligible.pop(codec.id_bytes(job_id), None)
+                continue
+            status = rec.job.status
             if status in ACTIVE and len(active) < _MAX_ACTIVE:
-                active[job_id] = entry  # type: ignore[assignment]
+                active[job_id] = rec
             else:
                 active.pop(job_id, None)
             if status in ELIGIBLE and len(eligible) < _MAX_ELIGIBLE:
-                eligible[codec.id_bytes(job_id)] = entry  # type: ignore[assignment]
+                eligible[rec.idb] = rec
             elif eligible:
-                eligible.pop(codec.id_bytes(job_id), None)
+                eligible.pop(rec.idb, None)
 
-    def _job(self, record: _Record) -> Job:
-        return record[0]
+    def _job(self, record: _Rec) -> Job:
+        return record.job
 
-    def _snapshot(self, record: _Record) -> Job:
-        return record[0]  # already a private copy
+    def _snapshot(self, record: _Rec) -> Job:
+        job = record.job
+        return job.copy() if self._active.get(job.id) is record else job
 
     def _exists(self, job_id: str) -> bool:
         return self._db.get(_JOB + codec.id_bytes(job_id)) is not None
 
     def _stage(self) -> _Write:
-        return _Write(self._promoted)
+        return _Write(self._db.write_batch(sync=self.sync), self._promoted)
 
     def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
         seq = self._next_seq
         room = len(self._eligible) < _MAX_ELIGIBLE
+        put = w.put
         for job in jobs:
-            job_key = codec.id_bytes(job.id)
-            w.put(_JOB + job_key, codec.encode_job(job, seq))
-            for key in _static_keys(job, job_key):
-                w.put(key, b"")
-            w.index(job, seq, job_key)
+            idb = codec.id_bytes(job.id)
+            tail = _tail(job, idb)
+            put(_JOB + idb, codec.encode_job(job, seq))
+            for key in _static_keys(job, idb, tail):
+                put(key, b"")
+            keys = w.index(job, seq, idb, tail)
             if room:  # a private copy: the caller keeps its Job
-                w.touched[job.id] = (job.copy(), seq)
+                rec = w.touched[job.id] = _Rec(job.copy(), seq, idb, tail)
+                rec.keys = keys
             seq += 1
         w.next_seq = seq
 
-    def _before_move(self, w: _Write, record: _Record) -> _Prior:
-        job, seq = record
-        idb = job.id.encode("utf-8", "surrogatepass")
-        return (
-            idb,
-            codec.CODE_OF[job.status],
-            job.retry_count,
-            _index_keys(job, seq, idb, w.promoted),
-        )
+    def _before_move(self, w: _Write, record: _Rec) -> _Prior:
+        job = record.job
+        return codec.CODE_OF[job.status], job.retry_count, record.index_keys(w.promoted)
 
-    def _after_move(
-        self, w: _Write, record: _Record, prior: _Prior, transition: Transition
-    ) -> None:
-        job, seq = record
-        idb, old_code, old_retries, old_keys = prior
-        w.moved(job, seq, idb, old_code, old_retries, old_keys)
-        w.puts[_JOB + idb] = codec.encode_job(job, seq)
-        w.touched[job.id] = record
+    def _after_move(self, w: _Write, record: _Rec, prior: _Prior, transition: Transition) -> None:
+        w.moved(record, *prior)
+        w.put(_JOB + record.idb, codec.encode_job(record.job, record.seq))
+        w.touched[record.job.id] = record
 
-    def _stage_remove(self, w: _Write, record: _Record) -> None:
-        job, seq = record
-        job_key = codec.id_bytes(job.id)
-        w.unindex(job, seq, job_key)
-        for key in _static_keys(job, job_key):
+    def _stage_remove(self, w: _Write, record: _Rec) -> None:
+        w.unindex(record)
+        for key in _static_keys(record.job, record.idb, record.tail):
             w.delete(key)
-        w.delete(_JOB + job_key)
-        w.touched[job.id] = None
+        w.delete(_JOB + record.idb)
+        w.touched[record.job.id] = None
 
     # --- selections ---------------------------------------------------------------
 
@@ -739,11 +777,11 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         tag, total = self._smallest_tag(tags)
         return self._scan_ids(_TAG + codec.enc(tag)) if total else iter(())
 
-    def _everything(self, transition: Transition | None) -> list[_Record]:
+    def _everything(self, transition: Transition | None) -> list[_Rec]:
         if transition is not None and transition.sources <= ACTIVE:
             return self._read_existing(self._active_ids())
         with self._db.iterator(prefix=_JOB, include_key=False) as it:
-            return [codec.decode_job(raw) for raw in it]
+            return [_decoded(raw) for raw in it]
 
     def _assignee_ids(self, assignee_id: str) -> Iterator[str]:
         return self._scan_ids(_ASSIGNEE + codec.enc(assignee_id))
@@ -762,8 +800,8 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
     def next_due(self) -> datetime | None:
         return self._next_due
 
-    def _moved(self, record: _Record, new: JobStatus) -> Moved:
-        job = record[0]
+    def _moved(self, record: _Rec, new: JobStatus) -> Moved:
+        job = record.job
         due = job.scheduled_at
         if due is not None and new in ELIGIBLE and codec.to_micros(due) > self._promoted:
             return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
@@ -778,15 +816,14 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         stop = _WAITING + codec.u64(now_us + 1)
         with self._db.iterator(start=_WAITING, stop=stop, include_value=False) as it:
             keys = list(it)
-        w = _Write(now_us)
+        w = _Write(self._db.write_batch(sync=self.sync), now_us)
         for key in keys:
             idb = key[17:]
             found = self._read(codec.id_text(idb))
-            if found is None or found[0].status not in ELIGIBLE:
+            if found is None or found.job.status not in ELIGIBLE:
                 raise StorageError(f"waiting index names job {codec.id_text(idb)!r} out of step")
-            job, seq = found
             w.delete(key)
-            w._add_keys(job, _index_keys(job, seq, idb, now_us))
+            w._add_keys(found.job, _index_keys(found.job, found.seq, idb, now_us, found.tail))
         self._commit(w)
         self._next_due = _first_waiting(self._db)
 
@@ -796,14 +833,14 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         picked, scanned = self._pick(tags, limit, now)
         if not picked:
             return []
-        w = _Write(self._promoted)
+        w = self._stage()
         claimed = self._stage_claim(w, picked, scanned, assignee_id, now)
         self._commit(w)
         return claimed
 
     def _pick(
         self, tags: Sequence[str], limit: int, now: datetime
-    ) -> tuple[list[_Record], tuple[bytes, bytes] | None]:
+    ) -> tuple[list[_Rec], tuple[bytes, bytes] | None]:
         """The next ``limit`` eligible jobs matching ``tags`` (due ones promoted first),
         and the index walked with where the next claim of it may start."""
         if self._next_due is not None and self._next_due <= now:
@@ -820,7 +857,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         else:
             prefix, wanted = _ELIGIBLE, set()
         skip = len(prefix) + 18
-        picked: list[_Record] = []
+        picked: list[_Rec] = []
         first_left: bytes | None = None
         last: bytes | None = None
         start = self._floors.get(prefix, prefix)
@@ -838,11 +875,11 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
                 found = cached.pop(idb, None)
                 if found is None:
                     raw = get(_JOB + idb)
-                    found = None if raw is None else codec.decode_job(raw)
-                if found is None or found[0].status not in ELIGIBLE:
+                    found = None if raw is None else _decoded(raw, idb)
+                if found is None or found.job.status not in ELIGIBLE:
                     job_id = codec.id_text(key[skip:])
                     raise StorageError(f"eligible index names job {job_id!r} out of step")
-                if wanted and not wanted.issubset(found[0].tags):
+                if wanted and not wanted.issubset(found.job.tags):
                     if first_left is None:
                         first_left = key
                     continue
@@ -857,7 +894,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
     def _stage_claim(
         self,
         w: _Write,
-        picked: list[_Record],
+        picked: list[_Rec],
         scanned: tuple[bytes, bytes] | None,
         assignee_id: str,
         now: datetime,
@@ -866,7 +903,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
         for found in picked:
             self._stage_move(w, found, ASSIGN, now, assignee_id=assignee_id)
         w.scanned = scanned
-        return [job.copy() for job, _ in picked]  # the staged objects stay in the cache
+        return [rec.job.copy() for rec in picked]  # the staged objects stay in the cache
 
     def _stage_refill(
         self, w: _Write, refill: Refill, limit: int, now: datetime
@@ -948,8 +985,8 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
                 found = self._read(codec.id_text(raw_id))
                 if found is None:
                     raise StorageError(f"listing index names job {raw_id!r}, which has no record")
-                if query.matches(found[0]):
-                    out.append(found[0])
+                if query.matches(found.job):
+                    out.append(self._snapshot(found))
                     if len(out) >= query.limit:
                         break
         finally:
@@ -1006,7 +1043,7 @@ class LevelDBBackend(RecordStore[_Record, _Write, _Prior]):
     def _has_active(self, assignee_id: str, w: _Write) -> bool:
         for job_id in self._assignee_ids(assignee_id):
             entry = w.touched.get(job_id)
-            if job_id not in w.touched or (entry is not None and entry[0].status in ACTIVE):
+            if job_id not in w.touched or (entry is not None and entry.job.status in ACTIVE):
                 return True
         return False
 
