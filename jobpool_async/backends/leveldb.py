@@ -328,8 +328,10 @@ class _Write:
         "delete",
         "eligible_moved",
         "lowered",
+        "next_due",
         "next_seq",
         "promoted",
+        "promotes",
         "put",
         "scanned",
         "tag_counts",
@@ -356,6 +358,10 @@ class _Write:
         self.eligible_moved = False
         #: A claim's eligible index (prefix) and the key its next claim may start at.
         self.scanned: tuple[bytes, bytes] | None = None
+        #: Whether this write promotes the due ``W`` entries (see ``_stage_promotion``),
+        #: and then the time of the first one left (micros), if any.
+        self.promotes = False
+        self.next_due: int | None = None
 
     def _count(self, job: Job, sign: int) -> None:
         code = codec.CODE_OF[job.status]
@@ -688,6 +694,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             prefix, start = w.scanned
             if prefix in self._floors or len(self._floors) < _MAX_FLOORS:
                 self._floors[prefix] = start
+        if w.promotes:
+            self._next_due = None if w.next_due is None else codec.from_micros(w.next_due)
         if w.waiting is not None:
             due = codec.from_micros(w.waiting)
             if self._next_due is None or due < self._next_due:
@@ -807,44 +815,65 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
         return Moved(job.id, new, job.assigned_at, tuple(job.tags))
 
-    def _promote(self, now: datetime) -> None:
-        """Move the ``W`` entries due at ``now`` into ``E``/``F`` and raise the
-        watermark to ``now``, in one batch; then find the next due time."""
+    def _stage_promotion(self, w: _Write, now: datetime) -> dict[bytes, _Rec]:
+        """Stage in ``w`` the move of the ``W`` entries due at ``now`` into ``E``/``F``
+        and the watermark raised to ``now``; returns the eligible-index keys staged,
+        with their jobs (a claim in the same write takes them from there)."""
         now_us = codec.to_micros(now)
-        if now_us <= self._promoted:
-            return
-        stop = _WAITING + codec.u64(now_us + 1)
-        with self._db.iterator(start=_WAITING, stop=stop, include_value=False) as it:
-            keys = list(it)
-        w = _Write(self._db.write_batch(sync=self.sync), now_us)
-        for key in keys:
-            idb = key[17:]
-            found = self._read(codec.id_text(idb))
-            if found is None or found.job.status not in ELIGIBLE:
-                raise StorageError(f"waiting index names job {codec.id_text(idb)!r} out of step")
+        promoted = max(self._promoted, w.promoted)
+        if now_us <= promoted:
+            return {}
+        due: list[tuple[bytes, _Rec]] = []
+        later: int | None = None
+        cached = self._eligible
+        # Every W entry is after the watermark: starting there skips the deletion
+        # markers LevelDB keeps of the entries promoted before.
+        start, stop = _WAITING + codec.u64(promoted + 1), _prefix_end(_WAITING)
+        with self._db.iterator(start=start, stop=stop, include_value=False) as it:
+            for key in it:
+                at = codec.read_u64(key, 1)
+                if at > now_us:
+                    later = at  # the next one to come due
+                    break
+                idb = key[17:]
+                found = cached.get(idb) or self._read(codec.id_text(idb))
+                if found is None or found.job.status not in ELIGIBLE:
+                    raise StorageError(
+                        f"waiting index names job {codec.id_text(idb)!r} out of step"
+                    )
+                due.append((key, found))
+        # Read first, then staged: nothing above can leave half a promotion in ``w``.
+        fresh: dict[bytes, _Rec] = {}
+        for key, found in due:
             w.delete(key)
-            w._add_keys(found.job, _index_keys(found.job, found.seq, idb, now_us, found.tail))
-        self._commit(w)
-        self._next_due = _first_waiting(self._db)
+            keys = _index_keys(found.job, found.seq, found.idb, now_us, found.tail)
+            w._add_keys(found.job, keys)
+            for index_key in keys[:-1]:
+                fresh[index_key] = found
+        w.promoted = now_us
+        w.next_due = later
+        w.promotes = True
+        return fresh
 
     def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
         if limit < 1:
             return []
-        picked, scanned = self._pick(tags, limit, now)
-        if not picked:
-            return []
         w = self._stage()
+        picked, scanned = self._pick(w, tags, limit, now)
         claimed = self._stage_claim(w, picked, scanned, assignee_id, now)
-        self._commit(w)
+        if picked or w.promotes:
+            self._commit(w)
         return claimed
 
     def _pick(
-        self, tags: Sequence[str], limit: int, now: datetime
+        self, w: _Write, tags: Sequence[str], limit: int, now: datetime
     ) -> tuple[list[_Rec], tuple[bytes, bytes] | None]:
-        """The next ``limit`` eligible jobs matching ``tags`` (due ones promoted first),
-        and the index walked with where the next claim of it may start."""
+        """The next ``limit`` eligible jobs matching ``tags`` (those that came due
+        promoted first, in ``w``), and the index walked with where the next claim of
+        it may start."""
+        fresh: dict[bytes, _Rec] = {}
         if self._next_due is not None and self._next_due <= now:
-            self._promote(now)
+            fresh = self._stage_promotion(w, now)
         if tags:
             eligible = [
                 (sum(self._tag_counters(t).values[c] for c in _ELIGIBLE_CODES), t) for t in tags
@@ -864,7 +893,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         get = self._db.get
         cached = self._eligible
         with self._db.iterator(start=start, stop=_prefix_end(prefix), include_value=False) as it:
-            for key in it:
+            walk: Iterable[bytes] = it
+            if fresh:  # the keys the promotion staged, in order among the stored ones
+                walk = heapq.merge(it, sorted(k for k in fresh if k.startswith(prefix)))
+            for key in walk:
                 last = key
                 if len(picked) >= limit:
                     if first_left is None:
@@ -873,6 +905,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 idb = key[skip:]
                 # Popped: the move changes it in place (re-cached if its write commits).
                 found = cached.pop(idb, None)
+                if fresh:
+                    found = fresh.get(key, found)
                 if found is None:
                     raw = get(_JOB + idb)
                     found = None if raw is None else _decoded(raw, idb)
@@ -915,12 +949,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if w.eligible_moved:
             return None
         try:
-            picked, scanned = self._pick(refill.tags, limit, now)
+            # (A promotion staged here raises the watermark of ``w``: the moves staged
+            # before are of statuses whose keys do not depend on it.)
+            picked, scanned = self._pick(w, refill.tags, limit, now)
         except (JobPoolError, self._plyvel.Error):
             return None  # the claim after the write meets it again, and reports it
-        # A promotion just written raised the watermark the claim's keys depend on
-        # (the moves staged before are of statuses whose keys do not).
-        w.promoted = max(w.promoted, self._promoted)
         return self._stage_claim(w, picked, scanned, refill.assignee_id, now)
 
     def _claim_for_refill(self, refill: Refill, limit: int, now: datetime) -> list[Job]:
