@@ -1259,3 +1259,53 @@ async def test_a_failed_refilling_write_changes_nothing(store: Path) -> None:
         await backend.close()
     jobs = check_store(store)
     assert {j.status for i, j in jobs.items() if i in ids} == {S.COMPLETED}
+
+
+async def test_a_claim_promotes_the_jobs_come_due_in_its_own_write(store: Path) -> None:
+    """Jobs whose schedule came are moved to the eligible index by the claim that
+    finds them, in its one write: those it takes and those it leaves (in order among
+    the stored ones); a job due later stays waiting, and a claim that takes none of
+    the promoted jobs (a tag filter) still writes the promotion."""
+    from jobpool_async.backends.base import check_new_job
+
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    created = t0 - timedelta(hours=1)
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        await backend.insert(
+            [
+                check_new_job(
+                    Job(id=name, job_type="t", created_at=created, scheduled_at=t0 + delay)
+                )
+                for name, delay in (
+                    ("a", timedelta(seconds=1)),
+                    ("b", timedelta(seconds=2)),
+                    ("c", timedelta(seconds=3)),
+                )
+            ]
+        )
+        proxy = CountingDB(backend._db)
+        backend._db = proxy
+        got = await backend.claim("w", [], 1, t0 + timedelta(seconds=2.5))
+        assert [j.id for j in got] == ["a"] and proxy.writes == 1
+        assert backend.next_due() == t0 + timedelta(seconds=3)
+        got = await backend.claim("w", [], 5, t0 + timedelta(seconds=2.6))
+        assert [j.id for j in got] == ["b"]
+        proxy.writes = 0
+        assert await backend.claim("w", ["x"], 5, t0 + timedelta(seconds=4)) == []
+        assert proxy.writes == 1 and backend.next_due() is None
+    finally:
+        await backend.close()
+    jobs = check_store(store)  # c is in E now, a and b in A
+    assert {i: j.status for i, j in jobs.items()} == {
+        "a": S.RUNNING,
+        "b": S.RUNNING,
+        "c": S.INITIAL_PENDING,
+    }
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        assert [j.id for j in await backend.claim("w", [], 5, t0 + timedelta(seconds=4))] == ["c"]
+    finally:
+        await backend.close()
