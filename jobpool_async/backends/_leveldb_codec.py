@@ -281,8 +281,30 @@ def _opt(dt: datetime | None) -> int:
     return 0 if dt is None else to_micros(dt)
 
 
-def encode_job(job: Job, seq: int) -> bytes:
-    """The stored form of ``job`` (with its enqueue sequence number)."""
+#: The fields of a record that never change while its job exists: id, job type and
+#: definition back to back, their byte lengths, and the tags (see :func:`job_static`).
+Static = tuple[bytes, int, int, int, bytes]
+
+
+def job_static(job: Job) -> Static:
+    """The encoded fields of ``job`` that no move changes, for :func:`encode_job`."""
+    tags = job.tags
+    if tags:
+        joined = "\x00".join(tags)
+        if joined.count("\x00") != len(tags) - 1:
+            raise ValueError(f"job {job.id!r}: a tag must not contain NUL")
+        tag_bytes = joined.encode("utf-8", "surrogatepass")
+    else:
+        tag_bytes = b""
+    id_ = job.id.encode("utf-8", "surrogatepass")
+    type_ = job.job_type.encode("utf-8", "surrogatepass")
+    definition = job.job_definition
+    return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes
+
+
+def encode_job(job: Job, seq: int, static: Static | None = None) -> bytes:
+    """The stored form of ``job`` (with its enqueue sequence number); ``static``: its
+    :func:`job_static`, if known."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
     if job.started_at is not None:
@@ -305,17 +327,7 @@ def encode_job(job: Job, seq: int) -> bytes:
         flags |= _F_RESULT
     else:
         result = b""
-    tags = job.tags
-    if tags:
-        joined = "\x00".join(tags)
-        if joined.count("\x00") != len(tags) - 1:
-            raise ValueError(f"job {job.id!r}: a tag must not contain NUL")
-        tag_bytes = joined.encode("utf-8", "surrogatepass")
-    else:
-        tag_bytes = b""
-    id_ = job.id.encode("utf-8", "surrogatepass")
-    type_ = job.job_type.encode("utf-8", "surrogatepass")
-    definition = job.job_definition
+    lead, n_id, n_type, n_def, tag_bytes = job_static(job) if static is None else static
     error = job.error_message.encode("utf-8", "surrogatepass") if job.error_message else b""
     assignee = job.assignee_id.encode("utf-8", "surrogatepass") if job.assignee_id else b""
     head = _HEAD.pack(
@@ -333,15 +345,15 @@ def encode_job(job: Job, seq: int) -> bytes:
         job.priority,
         -1 if job.max_attempts is None else job.max_attempts,
         job.attempts,
-        len(id_),
-        len(type_),
-        len(definition),
+        n_id,
+        n_type,
+        n_def,
         len(error),
         len(assignee),
         len(result),
         len(tag_bytes),
     )
-    return b"".join((head, id_, type_, definition, error, assignee, result, tag_bytes))
+    return b"".join((head, lead, error, assignee, result, tag_bytes))
 
 
 def _corrupt(detail: str) -> StorageError:

@@ -278,7 +278,7 @@ class _Rec:
     written through to the caches only once its write succeeded (a call that fails
     drops the caches, see ``LevelDBBackend._guarded``)."""
 
-    __slots__ = ("idb", "job", "keys", "seq", "tail")
+    __slots__ = ("idb", "job", "keys", "seq", "static", "tail")
 
     def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
         self.job = job
@@ -289,6 +289,15 @@ class _Rec:
         self.tail = _tail(job, idb) if tail is None else tail
         #: Its status-dependent index keys as last staged (``None``: not known yet).
         self.keys: list[bytes] | None = None
+        #: Its :func:`codec.job_static` (``None``: not computed yet).
+        self.static: codec.Static | None = None
+
+    def encode(self) -> bytes:
+        """The job's record (the fields no move changes encoded once)."""
+        static = self.static
+        if static is None:
+            static = self.static = codec.job_static(self.job)
+        return codec.encode_job(self.job, self.seq, static)
 
     def index_keys(self, promoted: int) -> list[bytes]:
         """Its status-dependent index keys; those of a job with a schedule depend on
@@ -741,13 +750,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         for job in jobs:
             idb = codec.id_bytes(job.id)
             tail = _tail(job, idb)
-            put(_JOB + idb, codec.encode_job(job, seq))
+            static = codec.job_static(job)
+            put(_JOB + idb, codec.encode_job(job, seq, static))
             for key in _static_keys(job, idb, tail):
                 put(key, b"")
             keys = w.index(job, seq, idb, tail)
             if room:  # a private copy: the caller keeps its Job
                 rec = w.touched[job.id] = _Rec(job.copy(), seq, idb, tail)
-                rec.keys = keys
+                rec.keys, rec.static = keys, static
             seq += 1
         w.next_seq = seq
 
@@ -757,7 +767,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     def _after_move(self, w: _Write, record: _Rec, prior: _Prior, transition: Transition) -> None:
         w.moved(record, *prior)
-        w.put(_JOB + record.idb, codec.encode_job(record.job, record.seq))
+        w.put(_JOB + record.idb, record.encode())
         w.touched[record.job.id] = record
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
@@ -810,8 +820,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     def _moved(self, record: _Rec, new: JobStatus) -> Moved:
         job = record.job
+        if new not in ELIGIBLE:  # (the tags are needed only to wake streams)
+            return Moved(job.id, new, job.assigned_at)
         due = job.scheduled_at
-        if due is not None and new in ELIGIBLE and codec.to_micros(due) > self._promoted:
+        if due is not None and codec.to_micros(due) > self._promoted:
             return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
         return Moved(job.id, new, job.assigned_at, tuple(job.tags))
 
