@@ -1309,3 +1309,26 @@ async def test_a_claim_promotes_the_jobs_come_due_in_its_own_write(store: Path) 
         assert [j.id for j in await backend.claim("w", [], 5, t0 + timedelta(seconds=4))] == ["c"]
     finally:
         await backend.close()
+
+
+async def test_a_refill_of_free_slots_by_a_call_that_moves_nothing_is_written(
+    store: Path,
+) -> None:
+    """``Refill.extra`` claims even when the call moves no job: the claim staged in
+    the call's batch is written all the same."""
+    from jobpool_async.backends.base import COMPLETE, Change, Refill
+
+    backend, _ = await _running_three(store)
+    try:
+        out = await backend.apply(
+            [Change("nope", COMPLETE, result=b"")],
+            datetime.now(UTC),
+            Refill("w", (), frozenset({"nope"}), extra=2),
+        )
+        assert not out.moved and list(out.errors) == ["nope"]
+        assert [j.id for j in out.claimed] == ["j3", "j4"]
+        jobs = {j.id: j.status for j in await backend.get_jobs(["j3", "j4", "j5"])}
+        assert jobs == {"j3": S.RUNNING, "j4": S.RUNNING, "j5": S.INITIAL_PENDING}
+    finally:
+        await backend.close()
+    assert check_store(store)["j4"].status is S.RUNNING

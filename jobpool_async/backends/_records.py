@@ -295,7 +295,7 @@ class RecordStore(Backend, Generic[R, W, P]):
         if limit:
             assert refill is not None
             claimed = self._stage_refill(w, refill, limit, now)
-        if moved:
+        if moved or claimed:  # (a refill's ``extra`` claims even if nothing moved)
             self._commit(w)
         if claimed is not None:
             out.claimed = claimed
