@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 from ._config import Config
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
@@ -60,8 +60,9 @@ class _Running:
     reason: _Reason | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
+    """What a job's run came to, waiting to be written (a tuple: one per job)."""
+
     kind: Literal["complete", "fail", "discard", "ack"]
     result: bytes | None = None
     message: str = ""
@@ -328,10 +329,13 @@ class Worker:
         job = entry.job
         outcome: _Outcome
         limit = self.config.job_timeout
-        timeout = asyncio.timeout(None if limit is None else limit.total_seconds())
+        timeout = None if limit is None else asyncio.timeout(limit.total_seconds())
         try:
-            async with timeout:
+            if timeout is None:  # no timeout context per job unless one is configured
                 result = await self._processor(job)
+            else:
+                async with timeout:
+                    result = await self._processor(job)
         except asyncio.CancelledError:
             outcome = self._cancel_outcome(entry)
         except Retry as exc:
@@ -353,7 +357,7 @@ class Worker:
             )
             outcome = _Outcome("discard", message=_clean_message(exc.message))
         except TimeoutError as exc:
-            if not timeout.expired():
+            if timeout is None or not timeout.expired():
                 outcome = self._failed(job, exc)
             else:
                 message = f"the job ran longer than Config.job_timeout ({limit}) and was cancelled"
