@@ -66,6 +66,8 @@ FINAL: frozenset[JobStatus] = frozenset(
         JobStatus.DISCARDED,
     }
 )
+#: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11: hot paths use this.
+_INITIAL_PENDING = JobStatus.INITIAL_PENDING
 #: The range of ``Job.priority`` (a PostgreSQL ``smallint``).
 PRIORITY_MIN = -32_768
 PRIORITY_MAX = 32_767
@@ -349,7 +351,7 @@ def check_new_job(job: object) -> Job:
         and type(job.job_type) is str
         and is_storable_text(job.job_type)
         and type(job.job_definition) is bytes
-        and job.status is JobStatus.INITIAL_PENDING
+        and job.status is _INITIAL_PENDING
         and type(job.created_at) is datetime
         and job.created_at.tzinfo is UTC
         and job.started_at is None

@@ -13,7 +13,10 @@ Indexes kept in step with the records:
 * completed jobs by ``finalized_at`` (TTL cleanup);
 * counts per status and the retry sum (stats without tags in O(1));
 * every job by ``(created_at, id)``, globally, per status, per type and per tag,
-  for :meth:`list_jobs` pages.
+  for :meth:`list_jobs` pages (RUNNING and CANCELLING jobs, few and moving twice
+  in every job's life, are sorted from the active index when asked).
+
+A bulk insert adds its entries to each index in one ``SortedList.update``.
 """
 
 from __future__ import annotations
@@ -44,9 +47,36 @@ from .base import (
 __all__ = ["MemoryBackend"]
 
 _T = TypeVar("_T")
+#: Module constants: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11.
+_COMPLETED = JobStatus.COMPLETED
 _Key = tuple[int, datetime, int, str]
 _WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
+
+
+#: How an index entry is added: at once (``SortedList.add``) or by :class:`_Additions`.
+_Add = Callable[["SortedList[Any]", Any], None]
+
+
+class _Additions:
+    """Index entries collected per index, then added with one ``SortedList.update``
+    each: for a batch that is large next to the index, one sort instead of an
+    insertion per entry (a bulk enqueue's cost)."""
+
+    __slots__ = ("_by_index",)
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, tuple[SortedList[Any], list[Any]]] = {}
+
+    def add(self, index: SortedList[Any], value: Any) -> None:
+        entry = self._by_index.get(id(index))
+        if entry is None:
+            entry = self._by_index[id(index)] = (index, [])
+        entry[1].append(value)
+
+    def update(self) -> None:
+        for index, values in self._by_index.values():
+            index.update(values)
 
 
 class MemoryBackend(RecordStore[Job, None, None]):
@@ -71,8 +101,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._counts: Counter[JobStatus] = Counter()
         self._retries = 0
         self._listed: SortedList[_Listed] = SortedList()
+        #: Every job by ``(created_at, id)`` per status, but RUNNING and CANCELLING.
         self._listed_by_status: dict[JobStatus, SortedList[_Listed]] = {
-            s: SortedList() for s in JobStatus
+            s: SortedList() for s in JobStatus if s not in ACTIVE
         }
         self._listed_by_type: dict[str, SortedList[_Listed]] = {}
         self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
@@ -97,20 +128,36 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return self._waiting[0][0] if self._waiting else None
 
     def _promote(self, now: datetime) -> None:
-        """Move the waiting jobs due at ``now`` into the eligible indexes."""
+        """Move the waiting jobs due at ``now`` into the eligible indexes (nothing else
+        changes: status, counts and listing entries stay)."""
         waiting = self._waiting
-        while waiting and waiting[0][0] <= now:
-            _, _, job_id = waiting[0]
-            job = self._jobs[job_id]
-            self._unindex(job)
+        end = waiting.bisect_right((now, float("inf"), ""))  # type: ignore[arg-type]
+        due = list(waiting.islice(0, end))
+        del waiting[:end]
+        new = _Additions()
+        for _, _, job_id in due:
             del self._wait_until[job_id]
-            self._index(job)
+            self._index_eligible(self._jobs[job_id], new.add)
+        new.update()
+
+    def _index_eligible(self, job: Job, add: _Add) -> None:
+        key = self._key(job)
+        add(self._eligible, key)
+        for tag in job.tags:
+            by_tag = self._eligible_by_tag.get(tag)
+            if by_tag is None:
+                by_tag = self._eligible_by_tag[tag] = SortedList()
+            add(by_tag, key)
 
     def _unindex(self, job: Job) -> None:
-        self._counts[job.status] -= 1
-        self._listed_by_status[job.status].remove((job.created_at, job.id))
+        status = job.status
+        self._counts[status] -= 1
         self._retries -= job.retry_count
-        if job.status in ELIGIBLE:
+        if status in ACTIVE:  # listed from the active index when asked (see _listed_in)
+            self._active_by_assignee[job.assignee_id].discard(job.id)
+            return
+        self._listed_by_status[status].remove((job.created_at, job.id))
+        if status in ELIGIBLE:
             wait = self._wait_until.get(job.id)
             if wait is not None:
                 self._waiting.remove((wait, self._seq[job.id], job.id))
@@ -119,30 +166,45 @@ class MemoryBackend(RecordStore[Job, None, None]):
             self._eligible.remove(key)
             for tag in job.tags:
                 self._eligible_by_tag[tag].remove(key)
-        elif job.status in ACTIVE:
-            self._active_by_assignee[job.assignee_id].discard(job.id)
-        elif job.status is JobStatus.COMPLETED:
+        elif status is _COMPLETED:
             assert job.finalized_at is not None
             self._completed.remove((job.finalized_at, self._seq[job.id], job.id))
 
-    def _index(self, job: Job) -> None:
-        self._counts[job.status] += 1
-        self._listed_by_status[job.status].add((job.created_at, job.id))
+    def _index(self, job: Job, add: _Add = SortedList.add) -> None:
+        status = job.status
+        self._counts[status] += 1
         self._retries += job.retry_count
-        if job.status in ELIGIBLE:
+        if status in ACTIVE:
+            active = self._active_by_assignee.get(job.assignee_id)
+            if active is None:
+                active = self._active_by_assignee[job.assignee_id] = set()
+            active.add(job.id)
+            return
+        add(self._listed_by_status[status], (job.created_at, job.id))
+        if status in ELIGIBLE:
             wait = self._wait_until.get(job.id)
             if wait is not None:
-                self._waiting.add((wait, self._seq[job.id], job.id))
+                add(self._waiting, (wait, self._seq[job.id], job.id))
                 return
-            key = self._key(job)
-            self._eligible.add(key)
-            for tag in job.tags:
-                self._eligible_by_tag.setdefault(tag, SortedList()).add(key)
-        elif job.status in ACTIVE:
-            self._active_by_assignee.setdefault(job.assignee_id, set()).add(job.id)
-        elif job.status is JobStatus.COMPLETED:
+            self._index_eligible(job, add)
+        elif status is _COMPLETED:
             assert job.finalized_at is not None
-            self._completed.add((job.finalized_at, self._seq[job.id], job.id))
+            add(self._completed, (job.finalized_at, self._seq[job.id], job.id))
+
+    def _listed_in(self, status: JobStatus) -> SortedList[_Listed]:
+        """The ``(created_at, id)`` of every job in ``status``. RUNNING and CANCELLING
+        jobs are few (each held in a stream's slot, or by a caller it handed them to)
+        and move twice in every job's life: they are sorted when asked, not kept sorted
+        (two index updates fewer per job)."""
+        if status not in ACTIVE:
+            return self._listed_by_status[status]
+        jobs = self._jobs
+        return SortedList(
+            (job.created_at, job.id)
+            for ids in self._active_by_assignee.values()
+            for job in map(jobs.__getitem__, ids)
+            if job.status is status
+        )
 
     # --- the record store (see _records) --------------------------------------------
 
@@ -168,20 +230,33 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return None
 
     def _stage_insert(self, w: None, jobs: Sequence[Job]) -> None:
+        new = _Additions()  # one SortedList.update per index, not an insertion per job
+        add = new.add
+        jobs_by_id, seqs = self._jobs, self._seq
+        seq = self._next_seq
         for job in jobs:
             stored = job.copy()
-            self._jobs[stored.id] = stored
-            self._seq[stored.id] = self._next_seq
-            self._next_seq += 1
-            listed = (stored.created_at, stored.id)
-            self._listed.add(listed)
-            self._listed_by_type.setdefault(stored.job_type, SortedList()).add(listed)
+            job_id = stored.id
+            jobs_by_id[job_id] = stored
+            seqs[job_id] = seq
+            seq += 1
+            listed = (stored.created_at, job_id)
+            add(self._listed, listed)
+            by_type = self._listed_by_type.get(stored.job_type)
+            if by_type is None:
+                by_type = self._listed_by_type[stored.job_type] = SortedList()
+            add(by_type, listed)
             if stored.scheduled_at is not None:
-                self._wait_until[stored.id] = stored.scheduled_at
+                self._wait_until[job_id] = stored.scheduled_at
             for tag in stored.tags:
-                self._ids_by_tag.setdefault(tag, set()).add(stored.id)
-                self._listed_by_tag.setdefault(tag, SortedList()).add(listed)
-            self._index(stored)
+                self._ids_by_tag.setdefault(tag, set()).add(job_id)
+                by_tag = self._listed_by_tag.get(tag)
+                if by_tag is None:
+                    by_tag = self._listed_by_tag[tag] = SortedList()
+                add(by_tag, listed)
+            self._index(stored, add)
+        self._next_seq = seq
+        new.update()
 
     def _before_move(self, w: None, record: Job) -> None:
         self._unindex(record)
@@ -219,6 +294,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
 
     def _moved(self, record: Job, new: JobStatus) -> Moved:
         job = record
+        if new not in ELIGIBLE:  # tags and due time matter only to wake streams
+            return Moved(job.id, new, job.assigned_at)
         return Moved(job.id, new, job.assigned_at, tuple(job.tags), self._wait_until.get(job.id))
 
     def _everything(self, transition: Transition | None) -> list[Job]:
@@ -279,7 +356,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
             keys = newest_first(index)
         elif query.statuses:
             keys = heapq.merge(
-                *(newest_first(self._listed_by_status[s]) for s in query.statuses), reverse=True
+                *(newest_first(self._listed_in(s)) for s in query.statuses), reverse=True
             )
         elif query.job_type is not None:
             keys = newest_first(self._listed_by_type.get(query.job_type) or SortedList())
@@ -289,7 +366,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return [job.copy() for job in itertools.islice(filter(query.matches, jobs), query.limit)]
 
     async def oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
-        firsts = [self._listed_by_status[s][0][0] for s in statuses if self._listed_by_status[s]]
+        lists = [self._listed_in(s) for s in statuses]
+        firsts = [listed[0][0] for listed in lists if listed]
         return min(firsts, default=None)
 
     # --- leases ---------------------------------------------------------------------
