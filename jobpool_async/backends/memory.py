@@ -230,8 +230,10 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return None
 
     def _stage_insert(self, w: None, jobs: Sequence[Job]) -> None:
-        new = _Additions()  # one SortedList.update per index, not an insertion per job
-        add = new.add
+        # A batch large next to the store: one SortedList.update per index instead of
+        # an insertion per entry (smaller ones: the insertions are cheaper).
+        new = _Additions() if 4 * len(jobs) >= len(self._jobs) else None
+        add = SortedList.add if new is None else new.add
         jobs_by_id, seqs = self._jobs, self._seq
         seq = self._next_seq
         for job in jobs:
@@ -256,7 +258,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 add(by_tag, listed)
             self._index(stored, add)
         self._next_seq = seq
-        new.update()
+        if new is not None:
+            new.update()
 
     def _before_move(self, w: None, record: Job) -> None:
         self._unindex(record)
