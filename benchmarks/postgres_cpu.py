@@ -14,7 +14,10 @@ medians of the rounds.
 
 Variants, to price a piece: ``hand-noidle`` drops the three ``list_jobs`` indexes
 (``jobs_idle_*``) from the store before the run, ``worker-notrace`` runs the Worker
-with the OpenTelemetry wrapper turned off.
+with the OpenTelemetry wrapper turned off, ``hand-future`` runs the hand loop on a
+store already holding ``--future`` jobs scheduled a day ahead (enqueued by another
+backend before the arm's own opens, so neither clock nor CPU counts them): claims
+must not scan them (issue #16), so its CPU per job should match ``hand``'s.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from jobpool_async import _tracing
+from jobpool_async import Job, JobStatus, PoolQueue, _tracing
 from jobpool_async.backends.postgres import PostgresBackend
 
 from ._common import drain_payload, drain_work
@@ -69,27 +72,47 @@ async def _wal(dsn: str) -> int:
 
 
 class _Measured(PostgresBackend):
-    """A backend that reads its server processes' CPU just before it closes."""
+    """A backend that reads its server processes' CPU just before it closes.
+
+    With ``future`` jobs in its store (not the workload's), it reads the clocks when
+    the workload checks the store's stats instead, and leaves those jobs out of the
+    counts: counting a million rows is no part of the drain.
+    """
 
     drop = ""
     server = 0.0
+    future = 0
+    #: (clock, process CPU) when the workload's drain was over (with ``future``).
+    ended: tuple[float, float] | None = None
 
     async def open(self) -> None:
         await super().open()
         if self.drop and self._pool is not None:
             await self._pool.execute(self.drop.format(s=f'"{self.schema}"'))
 
+    async def _server_cpu(self) -> float:
+        conn = await _connect(self._dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                self.application_name,
+            )
+        finally:
+            await conn.close()
+        return _proc_cpu([r[0] for r in rows])
+
+    async def count_by_status(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int]:
+        if not self.future:
+            return await super().count_by_status(tags)
+        self.ended = (time.perf_counter(), time.process_time())
+        self.server = await self._server_cpu()
+        counts, retries = await super().count_by_status(tags)
+        counts[JobStatus.INITIAL_PENDING] -= self.future
+        return counts, retries
+
     async def close(self) -> None:
-        if self._pool is not None:
-            conn = await _connect(self._dsn)
-            try:
-                rows = await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                    self.application_name,
-                )
-            finally:
-                await conn.close()
-            self.server = _proc_cpu([r[0] for r in rows])
+        if self._pool is not None and self.ended is None:
+            self.server = await self._server_cpu()
         await super().close()
         conn = await _connect(self._dsn)
         try:
@@ -102,12 +125,30 @@ Body = Callable[..., Awaitable[Outcome]]
 Result = tuple[float, float, float, float]  # jobs/s, client, server (µs/job), WAL bytes/job
 
 
-async def _ours(dsn: str, body: Body, n: int, drop: str = "") -> Result:
-    backend = _Measured(dsn, schema=f"jpcpu_{uuid.uuid4().hex[:12]}")
-    backend.drop = drop
+async def _fill_future(dsn: str, schema: str, n: int) -> None:
+    """``n`` jobs scheduled a day ahead in the store of ``schema``, through a backend
+    of its own (closed before the measured one opens)."""
+    later = datetime.now(UTC) + timedelta(days=1)
+    async with PoolQueue(PostgresBackend(dsn, schema=schema), lease=None) as queue:
+        for start in range(0, n, 10_000):
+            await queue.enqueue_jobs(
+                [
+                    Job(id=f"later-{i}", job_type="later", scheduled_at=later)
+                    for i in range(start, min(n, start + 10_000))
+                ]
+            )
+
+
+async def _ours(dsn: str, body: Body, n: int, drop: str = "", future: int = 0) -> Result:
+    schema = f"jpcpu_{uuid.uuid4().hex[:12]}"
+    if future:
+        await _fill_future(dsn, schema, future)
+    backend = _Measured(dsn, schema=schema)
+    backend.drop, backend.future = drop, future
     wal0, cpu0, t0 = await _wal(dsn), time.process_time(), time.perf_counter()
     out = await body(backend, n, 10, 600.0)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    end, end_cpu = backend.ended or (time.perf_counter(), time.process_time())
+    seconds, cpu = end - t0, end_cpu - cpu0
     wal = await _wal(dsn) - wal0
     if out.problem:
         raise RuntimeError(out.problem)
@@ -162,6 +203,7 @@ async def _main(argv: list[str] | None, revision: str) -> tuple[str, str]:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--arms", default="hand,worker,floor")
+    parser.add_argument("--future", type=int, default=1_000_000)
     parser.add_argument("--postgres-dsn", default=os.environ.get("JOBPOOL_BENCH_POSTGRES_DSN"))
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -174,6 +216,7 @@ async def _main(argv: list[str] | None, revision: str) -> tuple[str, str]:
         "floor": lambda: _floor(dsn, n),
         "hand-noidle": lambda: _ours(dsn, drain_stream, n, _IDLE),
         "worker-notrace": lambda: _untraced(dsn, n),
+        "hand-future": lambda: _ours(dsn, drain_stream, n, future=args.future),
     }
     arms = {name: every[name] for name in args.arms.split(",")}
     load_before = os.getloadavg()
@@ -194,6 +237,11 @@ async def _main(argv: list[str] | None, revision: str) -> tuple[str, str]:
         f"{' '.join(argv or [])}`, {n:,} jobs, {args.rounds} rounds (medians), load before "
         f"{' '.join(f'{x:.2f}' for x in load_before)}, after "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        *(
+            [f"The hand-future arm's store held {args.future:,} jobs scheduled a day ahead."]
+            if "hand-future" in arms
+            else []
+        ),
         "",
         "| arm | jobs/s | client CPU (µs/job) | server CPU (µs/job) | WAL (bytes/job) |",
         "|---|---:|---:|---:|---:|",

@@ -369,16 +369,16 @@ def test_postgres_cpu_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     from benchmarks import postgres_cpu
 
     out = tmp_path / "cpu.md"
-    arms = "hand,worker,floor,hand-noidle,worker-notrace"
+    arms = "hand,worker,floor,hand-noidle,worker-notrace,hand-future"
     dsn = os.environ["JOBPOOL_TEST_POSTGRES_DSN"]
-    postgres_cpu.main(
-        ["--jobs", "200", "--rounds", "1", "--arms", arms, "--postgres-dsn", dsn, "--out", str(out)]
-    )
+    sizes = ["--jobs", "200", "--rounds", "1", "--future", "300"]
+    postgres_cpu.main([*sizes, "--arms", arms, "--postgres-dsn", dsn, "--out", str(out)])
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")]
     figures = {r[1].strip(): [float(x.replace(",", "")) for x in r[2:6]] for r in rows[1:]}
     assert set(figures) == set(arms.split(","))
     for arm, (rate, client, server, _wal) in figures.items():
         assert rate > 0 and client > 0 and server >= 0, (arm, figures)
+    assert "held 300 jobs scheduled a day ahead" in out.read_text()
 
 
 async def test_sqlite_profile_runs_at_tiny_sizes(tmp_path: Path) -> None:
