@@ -35,7 +35,15 @@ from jobpool_async import (
     StorageError,
     open_backend,
 )
-from jobpool_async.backends.base import COMPLETE, WORKER_LOST, Change, Moved, Refill, Selection
+from jobpool_async.backends.base import (
+    COMPLETE,
+    STOP,
+    WORKER_LOST,
+    Change,
+    Moved,
+    Refill,
+    Selection,
+)
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
 from .backends import drop_postgres_schema, new_schema_name
@@ -1061,6 +1069,45 @@ async def test_a_due_job_updated_after_the_claims_snapshot_is_still_claimed(
             f"""SELECT status, error_message, attempts FROM "{schema}".jobs WHERE id = 'target'""",
         )
         assert (status, message, attempts) == ("running", "touched", 1)
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("path", ["one statement", "grouped"])
+async def test_a_refill_takes_none_of_the_jobs_its_call_named(
+    dsn: str, schema: str, path: str
+) -> None:
+    """The refill's claim cannot see the call's own moves (one statement's snapshot), so
+    it leaves out every job the call named on every path: one the call could not move
+    keeps the status its error names, not RUNNING for the refill (found by the state
+    machine: the error read back after the commit said RUNNING)."""
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        t0 = datetime(2024, 1, 1, tzinfo=UTC)
+        await b.insert(
+            [
+                Job(name, "t", created_at=t0 + timedelta(seconds=i))
+                for i, name in enumerate(["held", "named", "next"])
+            ]
+        )
+        now = datetime.now(UTC)
+        (held,) = await b.claim("w", [], 1, now)
+        assert held.id == "held"
+        # the same transition (one statement) or two (a transaction, then the claim)
+        second = COMPLETE if path == "one statement" else STOP
+        out = await b.apply(
+            [Change("held", COMPLETE, result=b""), Change("named", second)],
+            now,
+            Refill("w", (), frozenset({"held"})),
+        )
+        assert [m.job_id for m in out.moved] == ["held"]
+        assert [j.id for j in out.claimed] == ["next"]
+        err = out.errors["named"]
+        assert isinstance(err, InvalidTransitionError)
+        assert "INITIAL_PENDING" in str(err)
+        (named,) = await b.get_jobs(["named"])
+        assert named.status is JobStatus.INITIAL_PENDING
     finally:
         await b.close()
 

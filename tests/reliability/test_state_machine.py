@@ -481,8 +481,8 @@ class QueueMachine(RuleBasedStateMachine):
         """What a call that freed slots claims for the first open stream holding one of
         its jobs: one eligible matching job per free slot of that stream, those it freed
         and those free before. (On PostgreSQL the claim is part of the call's one
-        statement, whose snapshot does not show the jobs the call itself moved: those
-        are left for a claim of its own.)"""
+        statement, whose snapshot does not show the jobs the call itself moved: it
+        takes none of the jobs the call named, moved or not, on every path.)"""
         if not before:
             return
         ms = before[0][1]

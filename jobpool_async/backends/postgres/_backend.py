@@ -594,6 +594,17 @@ class PostgresBackend(Backend):
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
     ) -> list[Job]:
+        return await self._claim(assignee_id, tags, limit, now)
+
+    async def _claim(
+        self,
+        assignee_id: str,
+        tags: Sequence[str],
+        limit: int,
+        now: datetime,
+        excluding: list[str] | None = None,
+    ) -> list[Job]:
+        """:meth:`claim`, leaving out the jobs ``excluding`` names (a refill's)."""
         if self._should_promote(now):
             await self._promote(now)
         if self._orphans:
@@ -602,7 +613,9 @@ class PostgresBackend(Backend):
         nonce = self._nonce()
         try:
             with self._errors("claim"):
-                rows = await self._fetch(*self._claim_args(assignee_id, tags, limit, now, nonce))
+                rows = await self._fetch(
+                    *self._claim_args(assignee_id, tags, limit, now, nonce, excluding)
+                )
         except StorageError:
             await self._lost_claim(nonce, now)
             raise
@@ -611,11 +624,16 @@ class PostgresBackend(Backend):
         if self._notes.watched:
             self._notes.tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
         if len(jobs) < len(rows):  # SKIPPED: rows updated since the snapshot; again
-            jobs += await self._claim_again(assignee_id, tags, limit - len(jobs), now)
+            jobs += await self._claim_again(assignee_id, tags, limit - len(jobs), now, excluding)
         return jobs
 
     async def _claim_again(
-        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+        self,
+        assignee_id: str,
+        tags: Sequence[str],
+        limit: int,
+        now: datetime,
+        excluding: list[str] | None = None,
     ) -> list[Job]:
         """A claim for the jobs a claim locked but could not move (see ``SKIPPED``: rows
         another transaction updated after its snapshot). Best effort: those jobs stay
@@ -624,7 +642,7 @@ class PostgresBackend(Backend):
             return []
         logger.debug("a claim skipped rows updated since its snapshot: claiming again")
         try:
-            return await self.claim(assignee_id, tags, limit, now)
+            return await self._claim(assignee_id, tags, limit, now, excluding)
         except StorageError:
             return []
 
@@ -633,11 +651,30 @@ class PostgresBackend(Backend):
         return f"{self._token}:{self._claims}"
 
     def _claim_args(
-        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime, nonce: str
+        self,
+        assignee_id: str,
+        tags: Sequence[str],
+        limit: int,
+        now: datetime,
+        nonce: str,
+        excluding: list[str] | None = None,
     ) -> tuple[Any, ...]:
+        sql = self._sql
+        if excluding is not None:
+            if tags:
+                return (
+                    sql.claim_tags_excluding,
+                    now,
+                    assignee_id,
+                    limit,
+                    nonce,
+                    list(tags),
+                    excluding,
+                )
+            return (sql.claim_excluding, now, assignee_id, limit, nonce, excluding)
         if tags:
-            return (self._sql.claim_tags, now, assignee_id, limit, nonce, list(tags))
-        return (self._sql.claim, now, assignee_id, limit, nonce)
+            return (sql.claim_tags, now, assignee_id, limit, nonce, list(tags))
+        return (sql.claim, now, assignee_id, limit, nonce)
 
     async def _lost_claim(self, nonce: str, now: datetime) -> None:
         """A claim failed: the connection may have died after the commit, before the
@@ -734,7 +771,10 @@ class PostgresBackend(Backend):
             self._notes.tell([*out.moved, *claimed])
         if skipped and refill is not None:
             missing = refill_limit(refill, out.moved) - len(out.claimed)
-            out.claimed += await self._claim_again(refill.assignee_id, refill.tags, missing, now)
+            named = [c.job_id for c in changes]
+            out.claimed += await self._claim_again(
+                refill.assignee_id, refill.tags, missing, now, named
+            )
         return out
 
     async def _explain_unmoved(self, unmoved: dict[str, Transition], out: ApplyOutcome) -> None:
@@ -767,8 +807,12 @@ class PostgresBackend(Backend):
                     moved = [Moved(r[1], STATUS[r[2]], r[4]) for _, rows in results for r in rows]
                     limit = refill_limit(refill, moved)
                     if limit:
+                        # (none of the call's own jobs, as in the one-statement path)
+                        named = [c.job_id for group in groups for c in group]
                         claimed = await conn.fetch(
-                            *self._claim_args(refill.assignee_id, refill.tags, limit, now, nonce)
+                            *self._claim_args(
+                                refill.assignee_id, refill.tags, limit, now, nonce, named
+                            )
                         )
                         # as rows of kind 2, and 3 for SKIPPED (see Statements.apply)
                         pad = (2,) + (None,) * (REFILL_START - 1)

@@ -126,6 +126,10 @@ class Statements:
         #: The claim without tags and with them (``$5``).
         self.claim = self._claim(False)
         self.claim_tags = self._claim(True)
+        #: The same, leaving out the jobs of the text array in the last parameter (a
+        #: refill's claim never takes a job its own call named: see :meth:`apply`).
+        self.claim_excluding = self._claim(False, True)
+        self.claim_tags_excluding = self._claim(True, True)
 
     def note(self, source: str) -> str:
         """A CTE sending one NOTIFY for the moved rows of ``source`` that others care about.
@@ -152,13 +156,15 @@ class Statements:
                          AND (claimed_by IS NULL OR claimed_by NOT LIKE '{tok}:%'))) s
             WHERE p IS NOT NULL)"""
 
-    def _claim(self, with_tags: bool) -> str:
+    def _claim(self, with_tags: bool, excluding: bool = False) -> str:
         """One statement: lock the oldest eligible matching jobs, skipping locked ones, and
         move them to RUNNING (compare-and-set on the status again, in the same statement).
         Rows of :data:`CLAIMED_COLUMNS`, and one more with every column NULL when
         :data:`SKIPPED` (the caller then claims again for the jobs it did not get)."""
         t = self._t
         tag_cond = f"AND {self.tag_match('tags', '$5')}" if with_tags else ""
+        if excluding:
+            tag_cond += f" AND NOT (id = ANY(${6 if with_tags else 5}::text[]))"
         sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
         nulls = ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
         return f"""
@@ -239,8 +245,10 @@ class Statements:
         trip, one commit): ``$5`` assignee, ``$6`` the stream's job ids (NULL: all of
         ``$1``), ``$7`` the claim's nonce, ``$8`` its tags (with ``tags``), then (after
         the timed arrays, if any) its ``extra``. It takes one job per freed slot, plus
-        ``extra``, and sees the statement's snapshot, so it never picks a row
-        this statement moved. Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
+        ``extra``, and sees the statement's snapshot, so it could not see a move this
+        statement made: it takes no job named in ``$1`` at all (one the call moved is
+        left for a claim of its own, one it could not move keeps the status its error
+        names). Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
         from column 5 on; one row of kind 3 says :data:`SKIPPED`.
         """
         cache_key = (id(transition), refill, tags)
@@ -275,7 +283,7 @@ class Statements:
             claim = f""",
             picked AS (
                 SELECT ctid AS pid FROM {t}
-                WHERE {DUE} {tag_cond}
+                WHERE {DUE} {tag_cond} AND NOT (id = ANY($1::text[]))
                 ORDER BY {ORDER}
                 LIMIT (SELECT count(*) FROM moved
                        WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
