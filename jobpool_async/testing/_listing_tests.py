@@ -177,7 +177,7 @@ class ListingTests:
         await queue.enqueue_job(Job(id="slow", job_type="t"))
         # long enough for the first read to finish on a loaded machine (the message
         # names the status the waiter last read; it times out all the same)
-        with pytest.raises(TimeoutError, match="within 0.5 s; it is INITIAL_PENDING"):
+        with pytest.raises(TimeoutError, match=r"within 0\.5 s; it is INITIAL_PENDING"):
             await queue.wait_for("slow", timeout=0.5)
 
     async def test_wait_for_missing_or_deleted_job(self, queue: PoolQueue) -> None:
