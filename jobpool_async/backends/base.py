@@ -193,7 +193,9 @@ class Refill(NamedTuple):
     reserved for this call).
 
     This saves the stream its own claim round trip (and, on PostgreSQL, a commit)
-    after every completion batch: the Worker's common case.
+    after every completion batch: the Worker's common case. A backend may leave out
+    the jobs the changes name (PostgreSQL does); the error of a job it could not move
+    names the status the job had, never RUNNING for this claim.
     """
 
     assignee_id: str
