@@ -229,7 +229,7 @@ def test_sqlite_frames_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert set(after) == {"revision", "plain", "mixed", "plain + future"}
     for workload in ("plain", "mixed", "plain + future"):
         frames = after[workload]["frames_per_commit"]
-        assert frames["jobs"] > 0 and frames["jobs_list_state"] > 0
+        assert frames["jobs"] > 0 and frames["jobs_list_prio"] > 0
     assert after["mixed"]["frames_per_commit"]["jobs"] < 5
     assert "| after | mixed | **all** |" in out.with_suffix(".md").read_text()
 

@@ -636,3 +636,136 @@ async def test_idle_poll_takes_no_write_lock(tmp_path: Path) -> None:
             blocker.close()
     finally:
         await backend.close()
+
+
+# --- listing by status (store version 5: jobs_list_prio) ------------------------------------
+
+
+async def test_listing_by_status_merges_the_priorities_newest_first(queue: PoolQueue) -> None:
+    """``jobs_list_prio`` keeps an idle status's jobs by priority; a listing by statuses
+    merges the priorities' runs: every page, of any size, from any cursor, with or
+    without a type, is exactly a scan's, newest first (ties on ``created_at`` by id)."""
+    rnd = random.Random(11)
+    t0 = datetime(2025, 3, 1, tzinfo=UTC)
+    enqueued = [
+        Job(
+            id=f"j{rnd.randrange(10_000):04d}-{i}",
+            job_type=rnd.choice(["a", "b"]),
+            priority=rnd.choice([-40, -1, 0, 2, 3, 17, 300]),
+            created_at=t0 + timedelta(seconds=rnd.randrange(60)),  # many ties
+        )
+        for i in range(400)
+    ]
+    await queue.enqueue_jobs(enqueued)
+    async with queue.stream_jobs("w", max_assigned_jobs=250) as stream:
+        batch = await asyncio.wait_for(stream.__anext__(), DEADLINE)
+        assert len(batch) == 250
+        await queue.complete_jobs({j.id: b"" for j in batch[:100]})
+        await queue.fail_jobs({j.id: "no" for j in batch[100:150]})
+        await queue.discard_jobs({j.id: "gone" for j in batch[150:180]})
+        stored = await queue.get_jobs([j.id for j in enqueued])  # 70 RUNNING still
+        asked: list[list[JobStatus]] = [
+            [S.INITIAL_PENDING],
+            [S.COMPLETED],
+            [S.FAILED_RETRY, S.DISCARDED],
+            [S.RUNNING, S.INITIAL_PENDING, S.COMPLETED],
+            [S.STOPPED],
+        ]
+        for statuses in asked:
+            for job_type in (None, "b"):
+                want = sorted(
+                    (
+                        (j.created_at, j.id)
+                        for j in stored
+                        if j.status in statuses and job_type in (None, j.job_type)
+                    ),
+                    reverse=True,
+                )
+                for size in (1, 7, 60):
+                    got: list[tuple[datetime, str]] = []
+                    after = None
+                    while True:
+                        page = await queue.list_jobs(
+                            statuses=statuses, job_type=job_type, limit=size, after=after
+                        )
+                        assert len(page.jobs) <= size
+                        got += [(j.created_at, j.id) for j in page.jobs]
+                        if (after := page.next_after) is None:
+                            break
+                    assert got == want, (statuses, job_type, size)
+        oldest = await queue.backend.oldest_created(frozenset({S.INITIAL_PENDING, S.RUNNING}))
+        assert oldest == min(
+            j.created_at for j in stored if j.status in (S.INITIAL_PENDING, S.RUNNING)
+        )
+
+
+async def page_steps(backend: SQLiteBackend, statuses: list[JobStatus]) -> int:
+    """SQLite VM instructions executed by one listing page of 20 by ``statuses``."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    def on(conn: sqlite3.Connection) -> None:
+        conn.set_progress_handler(count, 1)
+
+    def off(conn: sqlite3.Connection) -> None:
+        conn.set_progress_handler(None, 0)
+
+    await backend._run(on)
+    try:
+        from jobpool_async.backends.base import ListQuery
+
+        rows = await backend.list_jobs(ListQuery(limit=20, statuses=frozenset(statuses)))
+    finally:
+        await backend._run(off)
+    assert len(rows) == 20
+    return steps
+
+
+async def test_a_status_listing_page_costs_the_same_however_many_jobs(
+    queue: PoolQueue,
+) -> None:
+    """A page by status reads one run per priority present, from its newest end: ten
+    times the jobs (of the same priorities) cost no more VM steps."""
+    backend = queue.backend
+    assert isinstance(backend, SQLiteBackend)
+    priorities = [-5, 0, 0, 0, 9]
+
+    async def grow(n: int, prefix: str) -> None:
+        more = [Job(id=f"{prefix}-{i}", job_type="t", priority=priorities[i % 5]) for i in range(n)]
+        await queue.enqueue_jobs(more)
+        batch = await backend.claim(prefix, (), n // 2, datetime.now(UTC))
+        assert len(batch) == n // 2
+        await queue.complete_jobs({j.id: b"" for j in batch})
+
+    await grow(200, "small")
+    asked = ([S.INITIAL_PENDING], [S.COMPLETED], [S.COMPLETED, S.INITIAL_PENDING])
+    small = [await page_steps(backend, statuses) for statuses in asked]
+    await grow(2000, "large")
+    large = [await page_steps(backend, statuses) for statuses in asked]
+    for before, after in zip(small, large, strict=True):
+        assert after <= before * 1.2 + 50, (small, large)  # a scan: thousands more
+
+
+async def test_listing_plans_walk_jobs_list_prio(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    async with PoolQueue(SQLiteBackend(path)):
+        pass
+    conn = sqlite3.connect(path)
+    try:
+        for status in (S.INITIAL_PENDING, S.COMPLETED, S.UNKNOWN_RETRY):
+            args = {"p": 0, "y": "t", "c": 0, "i": "x", "n": 5}
+            part = sq._status_part(status, ["j.job_type = :y", sq._AFTER]) + " LIMIT :n"
+            rows = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {part}", args)]
+            assert rows == [
+                "SEARCH j USING INDEX jobs_list_prio (<expr>=? AND priority=? AND created_at<?)"
+            ]
+            for sql in (sq._priorities_sql(status), f"SELECT {sq._oldest_sql(status)[7:]}"):
+                text = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                assert "SCAN jobs" not in text and "TEMP B-TREE" not in text, text
+                assert "SEARCH jobs USING INDEX jobs_list_prio (<expr>=? AND priority<?)" in text
+    finally:
+        conn.close()

@@ -42,6 +42,8 @@ PREVIOUS = FIXTURES / "v0.1-64c066e"
 VERSION_2 = FIXTURES / "v0.2-647893d"
 #: The stores of schema version 3 of SQLite (main at ae89716).
 VERSION_3 = FIXTURES / "v0.3-ae89716"
+#: The SQLite store of schema version 4 (main at b751006).
+VERSION_4 = FIXTURES / "v0.4-b751006"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -234,7 +236,7 @@ async def test_sqlite_store_of_version_2_is_upgraded_in_place(tmp_path: Path) ->
                 scanned = sorted((j.created_at, j.id) for j in jobs if j.status is status)
                 assert listed == scanned[::-1], status
     names = _indexes(path)
-    assert "jobs_list_state" in names and "jobs_list_idle" not in names
+    assert "jobs_list_prio" in names and not {"jobs_list_state", "jobs_list_idle"} & names
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SQLITE_VERSION
     conn.close()
@@ -320,6 +322,69 @@ async def test_sqlite_store_of_version_3_is_upgraded_in_place(tmp_path: Path) ->
                 await q.complete_job(job.id, b"ok")
         assert taken == [j.id for j in expect]
         assert taken.index("prio-high") + 1 == taken.index("tie-prio-high")
+
+
+# --- SQLite store version 4 (before the status listing index held priorities) ----------------
+
+
+def _listing_matches_a_scan(jobs: list[Job], pages: list[list[Job]]) -> None:
+    """``pages`` are the pages of a listing of ``jobs``: newest first, each once."""
+    listed = [(j.created_at, j.id) for page in pages for j in page]
+    assert listed == sorted(((j.created_at, j.id) for j in jobs), reverse=True)
+
+
+async def test_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 4 → 5: ``jobs_list_state`` becomes ``jobs_list_prio`` (idle jobs by status
+    and priority). Every job, counter and listing page is kept (pages of any size, by
+    every status and pair of statuses), and claims keep their order."""
+    want = json.loads((VERSION_4 / "expected.json").read_text())["sqlite"]
+    path = tmp_path / "v4.db"
+    shutil.copy(VERSION_4 / "sqlite.db", path)
+    assert _sqlite_schema(path)[0] == 4 and "jobs_list_state" in _indexes(path)
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # upgraded once, then opened as it is
+        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+            jobs = await q.get_jobs(ids)
+            _check_stored(jobs, want)
+            stats = await q.get_job_stats()
+            assert stats.total_jobs == want["stats"]["total_jobs"]
+            assert stats.total_retries == want["stats"]["total_retries"]
+            assert {s.value: n for s, n in stats.by_status.items() if n} == {
+                s: n for s, n in want["stats"]["by_status"].items() if n
+            }
+            statuses = [s for s in JobStatus if any(j.status is s for j in jobs)]
+            asked = [[s] for s in JobStatus] + [
+                [a, b] for a in statuses for b in statuses if a.value < b.value
+            ]
+            for size in (1, 3, 1000):
+                for these in asked:
+                    pages: list[list[Job]] = []
+                    after = None
+                    while True:
+                        page = await q.list_jobs(statuses=these, limit=size, after=after)
+                        pages.append(page.jobs)
+                        if (after := page.next_after) is None:
+                            break
+                    _listing_matches_a_scan([j for j in jobs if j.status in these], pages)
+    assert _sqlite_schema(path)[0] == SQLITE_VERSION == 5
+    names = _indexes(path)
+    assert "jobs_list_prio" in names and "jobs_list_state" not in names
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
+        eligible.sort(key=lambda j: (-j.priority, j.sort_key, ids.index(j.id)))
+        taken: list[str] = []
+        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
+            while len(taken) < len(eligible):
+                (job,) = await stream.__anext__()
+                taken.append(job.id)
+                await q.complete_job(job.id, b"ok")
+        assert taken == [j.id for j in eligible]
+        assert taken[0] == "prio-high" and taken[-1] == "sched-due"
+        done = await q.list_jobs(statuses=[JobStatus.COMPLETED], limit=1000)
+        assert set(taken) <= {j.id for j in done.jobs}
+        oldest = await q.backend.oldest_created(frozenset({JobStatus.INITIAL_PENDING}))
+        assert oldest == min(j.created_at for j in await q.get_jobs(ids) if j.status.is_eligible)
 
 
 # --- a crash during the upgrade -------------------------------------------------------------
@@ -430,17 +495,18 @@ async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
             await drop_postgres_schema(schema)
 
 
-async def test_a_crash_during_the_sqlite_upgrade_from_version_3_leaves_the_old_store_or_the_new(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fixture", [VERSION_3, VERSION_4], ids=["version 3", "version 4"])
+async def test_a_crash_during_a_sqlite_upgrade_from_version_3_or_4_leaves_old_or_new(
+    fixture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jobpool_async.backends import sqlite as mod
 
-    want = json.loads((VERSION_3 / "expected.json").read_text())["sqlite"]
+    want = json.loads((fixture / "expected.json").read_text())["sqlite"]
     ids = [w["id"] for w in want["jobs"]]
-    old = _sqlite_schema(VERSION_3 / "sqlite.db")
+    old = _sqlite_schema(fixture / "sqlite.db")
     # The new store, and how many SQLite VM steps the upgrade and the rest of the open take.
     clean = tmp_path / "clean.db"
-    shutil.copy(VERSION_3 / "sqlite.db", clean)
+    shutil.copy(fixture / "sqlite.db", clean)
     steps = 0
 
     def count() -> int:
@@ -457,7 +523,7 @@ async def test_a_crash_during_the_sqlite_upgrade_from_version_3_leaves_the_old_s
     for attempt in range(CRASHES):
         seed = random.randrange(2**32)
         path = tmp_path / f"{attempt}.db"
-        shutil.copy(VERSION_3 / "sqlite.db", path)
+        shutil.copy(fixture / "sqlite.db", path)
         result = _crash("sqlite", str(path), seed, steps)
         assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
         assert _sqlite_schema(path) in (old, new), f"a mix (seed {seed})"
@@ -469,4 +535,5 @@ async def test_a_crash_during_the_sqlite_upgrade_from_version_3_leaves_the_old_s
             seqs = dict(conn.execute("SELECT id, seq FROM jobs").fetchall())
         finally:
             conn.close()
-        assert seqs["after"] > max(seqs[i] for i in ids), "enqueued after every stored job"
+        order = {i: seq & mod._ORDER_MASK for i, seq in seqs.items()}  # enqueue order
+        assert order["after"] > max(order[i] for i in ids), "enqueued after every stored job"
