@@ -210,6 +210,30 @@ def _indexes(path: Path) -> set[str]:
         conn.close()
 
 
+async def _taken_one_at_a_time(q: PoolQueue, n: int) -> list[str]:
+    """The ids of the next ``n`` jobs a stream of one slot takes, each completed."""
+    taken: list[str] = []
+    async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
+        while len(taken) < n:
+            (job,) = await stream.__anext__()
+            taken.append(job.id)
+            await q.complete_job(job.id, b"ok")
+    return taken
+
+
+async def _claims_keep_their_order(q: PoolQueue, jobs: list[Job], ids: list[str]) -> None:
+    """Claims take the stored eligible jobs by priority, then due key (the due
+    scheduled job is promoted), then enqueue order; the one scheduled for 2035 waits.
+    Their completions list as COMPLETED."""
+    eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
+    eligible.sort(key=lambda j: (-j.priority, j.sort_key, ids.index(j.id)))
+    taken = await _taken_one_at_a_time(q, len(eligible))
+    assert taken == [j.id for j in eligible]
+    assert taken[0] == "prio-high" and taken[-1] == "sched-due"
+    done = await q.list_jobs(statuses=[JobStatus.COMPLETED], limit=1000)
+    assert set(taken) <= {j.id for j in done.jobs}
+
+
 async def test_sqlite_store_of_version_2_is_upgraded_in_place(tmp_path: Path) -> None:
     """Version 2 → 3: the status listing index is rebuilt COMPLETED-last; every job (with
     its schedule, priority and attempt limit), counter and listing page is kept."""
@@ -241,20 +265,7 @@ async def test_sqlite_store_of_version_2_is_upgraded_in_place(tmp_path: Path) ->
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SQLITE_VERSION
     conn.close()
     async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
-        # Claims keep the order: priority, then due key (the due scheduled job is
-        # promoted), and the one scheduled for 2035 waits.
-        eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
-        eligible.sort(key=lambda j: (-j.priority, j.sort_key, ids.index(j.id)))
-        taken: list[str] = []
-        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
-            while len(taken) < len(eligible):
-                (job,) = await stream.__anext__()
-                taken.append(job.id)
-                await q.complete_job(job.id, b"ok")
-        assert taken == [j.id for j in eligible]
-        assert taken[0] == "prio-high" and taken[-1] == "sched-due"
-        done = await q.list_jobs(statuses=[JobStatus.COMPLETED], limit=1000)
-        assert set(taken) <= {j.id for j in done.jobs}
+        await _claims_keep_their_order(q, jobs, ids)
 
 
 # --- SQLite store version 3 (before the enqueue counter left seq) -------------------------------
@@ -265,6 +276,19 @@ def _check_stored(jobs: list[Job], want: dict[str, Any]) -> None:
     for job, old in zip(jobs, want["jobs"], strict=True):
         for field, raw in old.items():
             assert getattr(job, field) == _value(field, raw), (job.id, field)
+
+
+async def _stored_as_written(q: PoolQueue, ids: list[str], want: dict[str, Any]) -> list[Job]:
+    """The stored jobs, checked against what the old code read back, and the stats."""
+    jobs = await q.get_jobs(ids)
+    _check_stored(jobs, want)
+    stats = await q.get_job_stats()
+    assert stats.total_jobs == want["stats"]["total_jobs"]
+    assert stats.total_retries == want["stats"]["total_retries"]
+    assert {s.value: n for s, n in stats.by_status.items() if n} == {
+        s: n for s, n in want["stats"]["by_status"].items() if n
+    }
+    return jobs
 
 
 async def test_sqlite_store_of_version_3_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -279,14 +303,7 @@ async def test_sqlite_store_of_version_3_is_upgraded_in_place(tmp_path: Path) ->
     clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
     for _ in range(2):  # upgraded once, then opened as it is
         async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
-            jobs = await q.get_jobs(ids)
-            _check_stored(jobs, want)
-            stats = await q.get_job_stats()
-            assert stats.total_jobs == want["stats"]["total_jobs"]
-            assert stats.total_retries == want["stats"]["total_retries"]
-            assert {s.value: n for s, n in stats.by_status.items() if n} == {
-                s: n for s, n in want["stats"]["by_status"].items() if n
-            }
+            jobs = await _stored_as_written(q, ids, want)
             for status in JobStatus:
                 page = await q.list_jobs(statuses=[status], limit=1000)
                 listed = [(j.created_at, j.id) for j in page.jobs]
@@ -314,12 +331,7 @@ async def test_sqlite_store_of_version_3_is_upgraded_in_place(tmp_path: Path) ->
             [*eligible, *await q.get_jobs([j.id for j in ties])],
             key=lambda j: (-j.priority, j.sort_key, order.index(j.id)),
         )
-        taken: list[str] = []
-        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
-            while len(taken) < len(expect):
-                (job,) = await stream.__anext__()
-                taken.append(job.id)
-                await q.complete_job(job.id, b"ok")
+        taken = await _taken_one_at_a_time(q, len(expect))
         assert taken == [j.id for j in expect]
         assert taken.index("prio-high") + 1 == taken.index("tie-prio-high")
 
@@ -345,14 +357,7 @@ async def test_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) ->
     clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
     for _ in range(2):  # upgraded once, then opened as it is
         async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
-            jobs = await q.get_jobs(ids)
-            _check_stored(jobs, want)
-            stats = await q.get_job_stats()
-            assert stats.total_jobs == want["stats"]["total_jobs"]
-            assert stats.total_retries == want["stats"]["total_retries"]
-            assert {s.value: n for s, n in stats.by_status.items() if n} == {
-                s: n for s, n in want["stats"]["by_status"].items() if n
-            }
+            jobs = await _stored_as_written(q, ids, want)
             statuses = [s for s in JobStatus if any(j.status is s for j in jobs)]
             asked = [[s] for s in JobStatus] + [
                 [a, b] for a in statuses for b in statuses if a.value < b.value
@@ -371,18 +376,7 @@ async def test_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) ->
     names = _indexes(path)
     assert "jobs_list_prio" in names and "jobs_list_state" not in names
     async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
-        eligible = [j for j in jobs if j.status.is_eligible and j.id != "sched-later"]
-        eligible.sort(key=lambda j: (-j.priority, j.sort_key, ids.index(j.id)))
-        taken: list[str] = []
-        async with q.stream_jobs("after", max_assigned_jobs=1) as stream:
-            while len(taken) < len(eligible):
-                (job,) = await stream.__anext__()
-                taken.append(job.id)
-                await q.complete_job(job.id, b"ok")
-        assert taken == [j.id for j in eligible]
-        assert taken[0] == "prio-high" and taken[-1] == "sched-due"
-        done = await q.list_jobs(statuses=[JobStatus.COMPLETED], limit=1000)
-        assert set(taken) <= {j.id for j in done.jobs}
+        await _claims_keep_their_order(q, jobs, ids)
         oldest = await q.backend.oldest_created(frozenset({JobStatus.INITIAL_PENDING}))
         assert oldest == min(j.created_at for j in await q.get_jobs(ids) if j.status.is_eligible)
 

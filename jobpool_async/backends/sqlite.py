@@ -27,7 +27,8 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
   eligible-jobs index, so its cost does not grow with the number of finished jobs,
   nor with the number of jobs scheduled for later.
 * Listing (:meth:`SQLiteBackend.list_jobs`): every job by ``(created_at, id)``,
-  per status and per type likewise, and per tag by ``job_tags.created_at``. Stores
+  per type likewise, per idle status by priority then ``(created_at, id)`` (a page
+  merges the priorities' runs), and per tag by ``job_tags.created_at``. Stores
   made before listing existed get these on open (:data:`_LISTING`), without a
   version change, because older code keeps every part up to date too (the indexes
   by themselves; ``job_tags.created_at`` through a trigger that fills it when an
@@ -38,7 +39,7 @@ Storage layout (schema version :data:`SCHEMA_VERSION`, marked by
   a store written before leases existed (older code ignores it, so the schema
   version is unchanged).
 
-Stores of versions 1-3 are upgraded in place on open, in one transaction
+Stores of versions 1-4 are upgraded in place on open, in one transaction
 (:func:`_upgrade`).
 """
 
