@@ -758,7 +758,7 @@ async def test_listing_plans_walk_jobs_list_prio(tmp_path: Path) -> None:
     try:
         for status in (S.INITIAL_PENDING, S.COMPLETED, S.UNKNOWN_RETRY):
             args = {"p": 0, "y": "t", "c": 0, "i": "x", "n": 5}
-            part = sq._status_part(status, ["j.job_type = :y", sq._AFTER]) + " LIMIT :n"
+            part = sq._status_part(status, ("j.job_type = :y", sq._AFTER)) + " LIMIT :n"
             rows = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {part}", args)]
             assert rows == [
                 "SEARCH j USING INDEX jobs_list_prio (<expr>=? AND priority=? AND created_at<?)"

@@ -1207,7 +1207,8 @@ def _list_sql(query: ListQuery) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def _status_part(status: JobStatus, conds: Sequence[str]) -> str:
+@functools.lru_cache(maxsize=4 * len(JobStatus))
+def _status_part(status: JobStatus, conds: tuple[str, ...]) -> str:
     """The jobs of one ``status`` passing ``conds``, newest first (no ``LIMIT``): an idle
     status walks the run of priority ``:p`` of its part of ``jobs_list_prio``,
     RUNNING/CANCELLING read ``jobs_active`` (every busy slot's job: few) and sort.
@@ -1255,16 +1256,16 @@ def _list_merged(conn: sqlite3.Connection, query: ListQuery) -> list[Any]:
     stored."""
     n = query.limit
     params: dict[str, Any] = {"n": n}
-    conds: list[str] = []
+    conds: tuple[str, ...] = ()
     if query.job_type is not None:
         params["y"] = query.job_type
-        conds.append("j.job_type = :y")
+        conds = ("j.job_type = :y",)
     if query.before is not None:
         params["c"], params["i"] = _us(query.before[0]), query.before[1]
     runs: list[Iterator[Any]] = []
     for status in sorted(query.statuses):
         if status in ACTIVE:
-            sql = _status_part(status, [*conds, _AFTER] if query.before else conds)
+            sql = _status_part(status, (*conds, _AFTER) if query.before else conds)
             runs.append(iter(conn.execute(f"{sql} LIMIT :n", params).fetchall()))
             continue
         priorities = [row[0] for row in conn.execute(_priorities_sql(status))]
@@ -1278,14 +1279,14 @@ def _list_merged(conn: sqlite3.Connection, query: ListQuery) -> list[Any]:
 def _run_of(
     conn: sqlite3.Connection,
     status: JobStatus,
-    conds: list[str],
+    conds: tuple[str, ...],
     params: dict[str, Any],
     priority: int,
     size: int,
 ) -> Iterator[Any]:
     """The jobs of the idle ``status`` and ``priority`` after the query's cursor, newest
     first, read ``size`` rows at a time, each chunk twice the last (up to the page)."""
-    after = _status_part(status, [*conds, _AFTER])
+    after = _status_part(status, (*conds, _AFTER))
     sql = after if "c" in params else _status_part(status, conds)
     args = {**params, "p": priority, "n": size}
     while True:
