@@ -37,6 +37,7 @@ from jobpool_async import (
 )
 from jobpool_async.backends.base import (
     COMPLETE,
+    FAIL,
     STOP,
     WORKER_LOST,
     Change,
@@ -1109,6 +1110,39 @@ async def test_a_refill_takes_none_of_the_jobs_its_call_named(
         (named,) = await b.get_jobs(["named"])
         assert named.status is JobStatus.INITIAL_PENDING
     finally:
+        await b.close()
+
+
+async def test_calls_of_several_transitions_in_opposite_orders_never_deadlock(
+    dsn: str, schema: str
+) -> None:
+    """A call whose changes carry several transitions runs them as one transaction, one
+    statement per transition; two such calls naming the same jobs in opposite orders,
+    on two connections at once, must not lock them in opposite orders (PostgreSQL would
+    abort one with a deadlock: a StorageError for the caller)."""
+    a, b = backend(dsn, schema), backend(dsn, schema)
+    await a.open()
+    await b.open()
+    try:
+        now = datetime.now(UTC)
+        for round_ in range(15):
+            x, y = f"x{round_}", f"y{round_}"
+            tag = [f"r{round_}"]  # (the failed jobs of earlier rounds are eligible)
+            await a.insert([Job(x, "t", tags=tag), Job(y, "t", tags=tag)])
+            assert len(await a.claim("w", tag, 2, now)) == 2
+            one = a.apply(
+                [Change(x, COMPLETE, result=b""), Change(y, FAIL, error_message="e")], now
+            )
+            two = b.apply(
+                [Change(y, COMPLETE, result=b""), Change(x, FAIL, error_message="e")], now
+            )
+            first, second = await asyncio.gather(one, two)  # no StorageError (deadlock)
+            # each job moved once, by whichever call locked it first
+            moved = sorted(m.job_id for m in [*first.moved, *second.moved])
+            assert moved == [x, y]
+            assert sorted([*first.errors, *second.errors]) == [x, y]
+    finally:
+        await a.close()
         await b.close()
 
 

@@ -795,12 +795,22 @@ class PostgresBackend(Backend):
         refill: Refill | None,
         nonce: str,
     ) -> list[tuple[Sequence[Change], Sequence[Any]]]:
-        """Changes of several transitions in one transaction (then the refill's claim)."""
+        """Changes of several transitions in one transaction (then the refill's claim).
+
+        Every named row is locked first, in key order, as a one-statement apply takes
+        them: two such calls naming the same jobs in other orders would otherwise lock
+        them group by group and could deadlock."""
         groups = list(groups)
+        named = [c.job_id for group in groups for c in group]
+        lock = (
+            f"SELECT 1 FROM {self._t} WHERE {self._sql.id_match('', '$1')} "
+            "ORDER BY id_key FOR UPDATE"
+        )
 
         async def run(conn: PoolConnectionProxy[Record]) -> list[Any]:
             results: list[tuple[Sequence[Change], Sequence[Any]]] = []
             async with conn.transaction():
+                await conn.execute(lock, named)
                 for group in groups:
                     results.append((group, await conn.fetch(*self._apply_args(group, now))))
                 if refill is not None:
@@ -808,7 +818,6 @@ class PostgresBackend(Backend):
                     limit = refill_limit(refill, moved)
                     if limit:
                         # (none of the call's own jobs, as in the one-statement path)
-                        named = [c.job_id for group in groups for c in group]
                         claimed = await conn.fetch(
                             *self._claim_args(
                                 refill.assignee_id, refill.tags, limit, now, nonce, named
