@@ -217,6 +217,19 @@ async def test_schedules_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert "| memory | 200 | 1 |" in out.with_suffix(".md").read_text()
 
 
+def test_sqlite_listing_benchmark_counts_steps_that_do_not_grow(tmp_path: Path) -> None:
+    from benchmarks import sqlite_listing
+
+    out = tmp_path / "listing"
+    sqlite_listing.main(["--sizes", "1000,2000", "--out", str(out)])
+    after = json.loads(out.with_suffix(".json").read_text())["sides"]["after"]
+    for kind in ("plain", "mixed"):
+        small, large = after[kind]["1000"], after[kind]["2000"]
+        assert small["newest 100"] == large["newest 100"] > 0
+        assert small["status COMPLETED (90%)"] > 0 and large["status COMPLETED (90%)"] > 0
+    assert "| after | mixed | status COMPLETED (90%) |" in out.with_suffix(".md").read_text()
+
+
 def test_sqlite_frames_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     """Every workload runs through (each job once, else it raises); the claim cycle's
     frames are counted by b-tree, and a priority-ordered claim touches few table pages."""
