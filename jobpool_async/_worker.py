@@ -3,14 +3,22 @@
 Design, in short:
 
 * one :class:`~jobpool_async.JobStream` with ``config.concurrency`` slots feeds a
-  consumer task, which starts one task per job (so up to ``concurrency`` run at once);
+  consumer task, which queues each job for the *runners*: long-lived tasks that
+  take queued jobs in turn. A runner steps a job's processor (in a context of
+  its own) up to its first suspension; a processor that finishes without
+  suspending costs no task of its own, and one that suspends keeps that runner
+  while the next queued job goes to another (woken, or made if none is idle), so
+  up to ``concurrency`` processors run at once, each in its own task;
 * a finished job task only *records* its outcome; a flusher task writes the
   outcomes that finished close together in one ``complete_jobs`` / ``fail_jobs`` /
   ``acknowledge_cancellation`` call each, a couple of milliseconds after the first;
 * cancellations arrive through the stream's cancel listener; the worker checks
-  which assignment of the job was cancelled (running tasks are keyed by
-  ``(job id, assigned_at)``) and cancels exactly that task. The acknowledgement
-  goes through the flusher, never through the stream, so it needs no free slot;
+  which assignment of the job was cancelled (running jobs are keyed by
+  ``(job id, assigned_at)``): a job not started yet is taken off the runners'
+  queue, and the runner of a started one is cancelled (the ``CancelledError``
+  reaches the processor at its current ``await``) and retires after recording
+  the job, so no cancellation can reach another job. The acknowledgement goes
+  through the flusher, never through the stream, so it needs no free slot;
 * shutdown stops the consumer, waits up to the grace period, cancels what still
   runs and records every such job (``FAILED_RETRY``, so it runs again), writes
   all outcomes, and only then closes the stream.
@@ -20,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -55,9 +65,50 @@ _MAX_EARLY_CANCELS = 1024
 
 @dataclass(slots=True, eq=False)
 class _Running:
+    """A job handed to the worker, until its outcome is recorded."""
+
+    key: _Key
     job: Job
-    task: asyncio.Task[None] | None = None
+    #: The runner whose task runs it now; ``None`` until started (it is queued).
+    runner: _Runner | None = None
     reason: _Reason | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Runner:
+    """A task that runs queued jobs one after another (see the module docstring)."""
+
+    task: asyncio.Task[None] | None = None
+    #: Counted in ``Worker._pullers``: awake (or being woken) to take queued jobs.
+    pulling: bool = True
+    #: Set while parked: its result wakes the runner.
+    wake: asyncio.Future[None] | None = None
+    #: Cancelled for its job: ends once that job is recorded, takes no other.
+    retired: bool = False
+
+
+@types.coroutine
+def _resume(
+    coro: Coroutine[Any, Any, None], run: Callable[..., Any], value: Any
+) -> Generator[Any, Any, None]:
+    """Drive ``coro`` on from a suspension at which it yielded ``value``, every step
+    in its own context (``run``): ``yield from`` by hand, as the job's task would."""
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # CancelledError above all: it goes to the job
+            try:
+                value = run(coro.throw, exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                value = run(coro.send, sent)
+            except StopIteration:
+                return
 
 
 class _Outcome(NamedTuple):
@@ -141,6 +192,14 @@ class Worker:
         self._bg: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
         self._running: dict[_Key, _Running] = {}
+        #: Jobs handed over and not started yet, in order; runners take them.
+        self._queued: deque[_Running] = deque()
+        self._runners: set[_Runner] = set()
+        self._parked: list[_Runner] = []
+        #: Runners awake (or woken) to take queued jobs: none means wake one.
+        self._pullers = 0
+        #: Each job runs in a copy of this (the context the worker was started in).
+        self._context: contextvars.Context | None = None
         self._pending: dict[_Key, _Outcome] = {}
         self._early_cancels: dict[_Key, None] = {}
         self._wake = asyncio.Event()
@@ -237,6 +296,7 @@ class Worker:
         )
         stream.add_cancel_listener(self._on_cancel)
         self._stream = stream
+        self._context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         self._flusher = loop.create_task(self._flush_loop())
         self._cleaner = loop.create_task(self._cleanup_loop())
@@ -311,18 +371,75 @@ class Worker:
             del self._early_cancels[key]
             self._record(key, _Outcome("ack"))
             return
-        entry = _Running(job)
+        entry = _Running(key, job)
         self._running[key] = entry
         self._idle.clear()
-        entry.task = asyncio.get_running_loop().create_task(
-            self._execute(key, entry), name=f"jobpool job {job.id}"
-        )
-        entry.task.add_done_callback(functools.partial(self._task_done, key, entry))
+        self._queued.append(entry)
+        if not self._pullers:
+            self._add_puller()
 
-    def _task_done(self, key: _Key, entry: _Running, _: object) -> None:
-        """A task cancelled before its first step never ran ``_execute``: record it here."""
-        if self._running.get(key) is entry:
-            self._record(key, self._cancel_outcome(entry))
+    # --- runners ----------------------------------------------------------------------
+
+    def _add_puller(self) -> None:
+        """Wake a parked runner to take the queued jobs, or start a new one."""
+        self._pullers += 1
+        if self._parked:
+            runner = self._parked.pop()
+            runner.pulling = True
+            assert runner.wake is not None
+            runner.wake.set_result(None)
+            return
+        runner = _Runner()
+        self._runners.add(runner)
+        runner.task = asyncio.get_running_loop().create_task(
+            self._run_jobs(runner), name=f"jobpool runner {self.assignee_id}"
+        )
+
+    async def _run_jobs(self, runner: _Runner) -> None:
+        """A runner: take queued jobs until none is left, then park until woken.
+
+        Each job's ``_execute`` is stepped here, in a context of its own, up to its
+        first suspension; one that suspends keeps this runner (another takes the
+        queue meanwhile) and is driven on by :func:`_resume`."""
+        queued = self._queued
+        task = runner.task
+        assert task is not None and self._context is not None
+        base = self._context
+        try:
+            while True:
+                while queued:
+                    entry = queued.popleft()
+                    entry.runner = runner
+                    coro = self._execute(entry.key, entry)
+                    run = base.copy().run
+                    try:
+                        first = run(coro.send, None)
+                    except StopIteration:
+                        continue
+                    runner.pulling = False  # busy with this job: the queue needs another
+                    self._pullers -= 1
+                    if queued:
+                        self._add_puller()
+                    await _resume(coro, run, first)
+                    if runner.retired or task.cancelling():
+                        return  # a cancellation was meant for that job: end with it
+                    runner.pulling = True
+                    self._pullers += 1
+                runner.pulling = False
+                self._pullers -= 1
+                runner.wake = asyncio.get_running_loop().create_future()
+                self._parked.append(runner)
+                await runner.wake
+                runner.wake = None
+        finally:
+            self._runners.discard(runner)
+            if runner.wake is not None:
+                with contextlib.suppress(ValueError):
+                    self._parked.remove(runner)
+            if runner.pulling:
+                self._pullers -= 1
+            if queued and not self._pullers:
+                self._add_puller()  # not left stranded by a runner that ended
 
     async def _execute(self, key: _Key, entry: _Running) -> None:
         """Run the processor for one job and record what happened; never raises."""
@@ -408,6 +525,21 @@ class Worker:
             )
         return _Outcome("fail", message=message, retry_in=policy.delay(job.attempts))
 
+    def _interrupt(self, entry: _Running, reason: _Reason) -> None:
+        """Stop ``entry``'s job for ``reason``: a queued job is recorded without running;
+        a started one has its runner cancelled (its processor sees ``CancelledError``)."""
+        if entry.reason is None:
+            entry.reason = reason
+        runner = entry.runner
+        if runner is None:
+            with contextlib.suppress(ValueError):
+                self._queued.remove(entry)
+                self._record(entry.key, self._cancel_outcome(entry))
+            return
+        runner.retired = True
+        if runner.task is not None:
+            runner.task.cancel()
+
     def _cancel_outcome(self, entry: _Running) -> _Outcome:
         if entry.reason == "cancelled":
             return _Outcome("ack")
@@ -457,10 +589,7 @@ class Worker:
                 while len(self._early_cancels) > _MAX_EARLY_CANCELS:
                     del self._early_cancels[next(iter(self._early_cancels))]
             return
-        if entry.reason is None:
-            entry.reason = "cancelled"
-        if entry.task is not None:
-            entry.task.cancel()
+        self._interrupt(entry, "cancelled")
         logger.debug("worker %s: cancelling job %r", self.assignee_id, job_id)
 
     # --- writing outcomes ---------------------------------------------------------------
@@ -660,16 +789,17 @@ class Worker:
         if self._consumer is not None:
             self._consumer.cancel()
             await asyncio.wait({self._consumer})
-        running = [r.task for r in self._running.values() if r.task is not None]
-        if running and grace > 0:
+        if self._running and grace > 0:
             logger.info(
                 "worker %s stopping: waiting up to %.1f s for %d running job(s)",
                 self.assignee_id,
                 grace,
-                len(running),
+                len(self._running),
             )
-            await asyncio.wait(running, timeout=grace)
-        late = [r for r in self._running.values() if r.task is not None and not r.task.done()]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+        late = list(self._running.values())
         if late:
             logger.warning(
                 "worker %s: cancelling %d job(s) still running at shutdown; they will run again",
@@ -677,11 +807,15 @@ class Worker:
                 len(late),
             )
             for entry in late:
-                if entry.reason is None:
-                    entry.reason = "shutdown"
-                assert entry.task is not None
-                entry.task.cancel()
-            await asyncio.wait([e.task for e in late if e.task is not None])
+                self._interrupt(entry, "shutdown")
+            busy = {e.runner.task for e in late if e.runner is not None and e.runner.task}
+            if busy:
+                await asyncio.wait(busy)
+        idle = [r.task for r in self._runners if r.task is not None]
+        for runner_task in idle:  # parked (no job is left to run): end them
+            runner_task.cancel()
+        if idle:
+            await asyncio.wait(idle)
         if self._helpers:
             await asyncio.wait(list(self._helpers))
         self._closing_flusher = True

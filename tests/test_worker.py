@@ -8,7 +8,9 @@ events or polling with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -518,6 +520,176 @@ async def test_a_cancel_never_hits_an_older_run_with_the_same_id(
     assert new.status is S.STOPPED and new.result is None
 
 
+async def test_a_cancel_ends_only_its_own_runner_and_later_jobs_run_unharmed(
+    queue: PoolQueue,
+) -> None:
+    """Two suspended jobs on two runners: cancelling one reaches only its processor;
+    the other finishes, and jobs handed over after the cancel (a replacement runner or
+    a parked one takes them) run to the end without a stray ``CancelledError``."""
+    gate = Gate()
+    await queue.enqueue_jobs([job("a"), job("b")])
+    async with Worker(queue, gate, assignee_id="w", config=Config(concurrency=2)) as worker:
+        await until(lambda: gate.running == 2, "a and b running")
+        assert (await queue.cancel_jobs(job_ids=["a"])).cancelled == ["a"]
+        await wait_for_status(queue, "a", S.STOPPED)
+        assert gate.cancelled == ["a"]
+        assert await status_of(queue, "b") is S.RUNNING
+        gate.release.set()
+        await wait_for_status(queue, "b", S.COMPLETED)
+        await queue.enqueue_jobs([job(f"n{i}") for i in range(6)])
+        for i in range(6):
+            await wait_for_status(queue, f"n{i}", S.COMPLETED)
+        assert gate.cancelled == ["a"]
+        assert len(worker._runners) <= 2  # the retired runner is gone, none leaked
+    assert not worker._runners
+
+
+async def test_a_job_cancelled_before_a_runner_takes_it_never_runs(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """White-box: the job is queued for the runners, but the runner that would take it
+    has not been woken yet (held back here); the cancel takes it off the queue, so
+    its processor never runs, and the runner woken later finds nothing of it."""
+    gate = Gate()
+    worker = Worker(queue, gate, assignee_id="w", config=Config(concurrency=2))
+    real_add = worker._add_puller
+    held = asyncio.Event()
+    go_on = asyncio.Event()
+
+    def add_puller_later() -> None:
+        queued = [e.job.id for e in worker._queued]
+        if queued == ["b"] and not go_on.is_set():
+            held.set()
+            worker._pullers += 1  # counted as woken, as a wake in flight is
+
+            async def wake_later() -> None:
+                await go_on.wait()
+                worker._pullers -= 1
+                real_add()
+
+            worker._spawn(wake_later())
+            return
+        real_add()
+
+    monkeypatch.setattr(worker, "_add_puller", add_puller_later)
+    await queue.enqueue_job(job("a"))
+    async with worker:
+        await until(lambda: gate.running == 1, "a running")
+        await queue.enqueue_job(job("b"))
+        await asyncio.wait_for(held.wait(), DEADLINE)
+        assert await status_of(queue, "b") is S.RUNNING
+        assert (await queue.cancel_jobs(job_ids=["b"])).cancelled == ["b"]
+        stopped = await wait_for_status(queue, "b", S.STOPPED)
+        assert not worker._queued
+        go_on.set()
+        gate.release.set()
+        await wait_for_status(queue, "a", S.COMPLETED)
+        await queue.enqueue_job(job("c"))
+        await wait_for_status(queue, "c", S.COMPLETED)
+    assert gate.started == ["a", "c"] and gate.cancelled == []
+    assert stopped.error_message == "" or "cancel" in stopped.error_message.lower()
+
+
+async def test_many_concurrent_cancels_reach_exactly_their_jobs(queue: PoolQueue) -> None:
+    """Under concurrency: 300 jobs whose processors suspend a varying number of times,
+    10 at once, while four tasks cancel random jobs (queued, just handed over, mid-run,
+    finished). A processor only ever sees the cancellation of its own job; every job
+    ends COMPLETED, or STOPPED/UNSCHEDULED if it was cancelled; no runner is left."""
+    rng = random.Random(20)
+    ids = [f"j{i:03d}" for i in range(300)]
+    hit: list[str] = []
+    ran: set[str] = set()
+
+    async def proc(job: Job) -> bytes:
+        ran.add(job.id)
+        try:
+            for _ in range(int(job.job_definition or b"0")):
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            hit.append(job.id)
+            raise
+        return b"ok"
+
+    cancelled: set[str] = set()
+
+    async def canceller(seed: int) -> None:
+        local = random.Random(seed)
+        for _ in range(60):
+            chosen = local.sample(ids, 3)
+            result = await queue.cancel_jobs(job_ids=chosen)
+            cancelled.update(result.cancelled)
+            for _ in range(local.randrange(4)):
+                await asyncio.sleep(0)
+
+    jobs = [job(i, job_definition=str(rng.randrange(6)).encode()) for i in ids]
+    async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=10)) as worker:
+        enqueue = asyncio.ensure_future(queue.enqueue_jobs(jobs))
+        await asyncio.wait_for(asyncio.gather(enqueue, *(canceller(k) for k in range(4))), DEADLINE)
+
+        async def all_final() -> bool:
+            return all(j.status.is_final for j in await queue.get_jobs(ids))
+
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not await all_final():
+            assert asyncio.get_running_loop().time() < deadline, "jobs left unfinished"
+            await asyncio.sleep(0.01)
+        assert len(worker._runners) <= 10
+    final = {j.id: j.status for j in await queue.get_jobs(ids)}
+    assert set(hit) <= cancelled, f"cancellations reached other jobs: {set(hit) - cancelled}"
+    assert all(final[i] is S.STOPPED for i in hit)
+    assert set(final.values()) <= {S.COMPLETED, S.STOPPED, S.UNSCHEDULED}  # (cancelled pending)
+    assert {i for i, s in final.items() if s is not S.COMPLETED} <= cancelled
+    assert hit, "no cancellation reached a running processor"
+    assert not worker._runners and not worker._queued
+
+
+async def test_a_runner_goes_on_after_a_job_timeout_without_a_stray_cancel(
+    queue: PoolQueue,
+) -> None:
+    """``job_timeout`` cancels the runner's task for one job and takes the cancellation
+    back: the same runner's next job (concurrency 1) must not be cancelled."""
+    seen: list[str] = []
+
+    async def proc(job: Job) -> bytes:
+        if job.id == "slow":
+            await asyncio.Event().wait()
+        for _ in range(3):
+            await asyncio.sleep(0.005)
+        seen.append(job.id)
+        return b"ok"
+
+    config = Config(concurrency=1, job_timeout=timedelta(milliseconds=50))
+    await queue.enqueue_job(job("slow"))
+    async with Worker(queue, proc, assignee_id="w", config=config) as worker:
+        failed = await wait_for_status(queue, "slow", S.FAILED_RETRY)
+        assert "job_timeout" in failed.error_message
+        runners = set(worker._runners)
+        await queue.enqueue_job(job("next"))
+        await wait_for_status(queue, "next", S.COMPLETED)
+        assert worker._runners == runners  # the same runner ran it
+    assert seen == ["next"]
+
+
+async def test_each_job_runs_in_a_context_of_its_own(queue: PoolQueue) -> None:
+    """A context variable a processor sets does not leak into the next job run by the
+    same runner (as with a task per job)."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[tuple[str, str]] = []
+
+    async def proc(job: Job) -> bytes:
+        seen.append((job.id, var.get()))
+        var.set(job.id)
+        if job.id == "b":
+            await asyncio.sleep(0)
+            seen.append(("b after a suspension", var.get()))
+        return b""
+
+    await queue.enqueue_jobs([job("a"), job("b"), job("c")])
+    async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=1)):
+        await wait_for_status(queue, "c", S.COMPLETED)
+    assert seen == [("a", "unset"), ("b", "unset"), ("b after a suspension", "b"), ("c", "unset")]
+
+
 # --- shutdown ---------------------------------------------------------------------------
 
 
@@ -582,11 +754,12 @@ async def test_a_processor_that_returns_when_cancelled_at_shutdown_completes(
     assert done.status is S.COMPLETED and done.result == b"saved my work"
 
 
-async def test_a_job_task_cancelled_before_its_first_step_is_still_recorded(
+async def test_a_job_stopped_before_a_runner_starts_it_is_still_recorded(
     queue: PoolQueue,
 ) -> None:
-    """White-box: a task cancelled before it starts never runs its body; the worker
-    must record the job anyway (here as a shutdown would: FAILED_RETRY, run again)."""
+    """White-box: a job handed over but not started yet (queued for the runners) that
+    is stopped as a shutdown would stop it never runs its processor then; the worker
+    must record it anyway (FAILED_RETRY, run again)."""
     ran: list[int] = []
 
     async def proc(job: Job) -> bytes:
@@ -602,9 +775,9 @@ async def test_a_job_task_cancelled_before_its_first_step_is_still_recorded(
         if not cancelled:
             cancelled.append(j.id)
             entry = worker._running[(j.id, j.assigned_at)]
-            entry.reason = "shutdown"
-            assert entry.task is not None
-            entry.task.cancel()
+            assert entry.runner is None  # queued, not started
+            worker._interrupt(entry, "shutdown")
+            assert (j.id, j.assigned_at) not in worker._running
 
     worker._start = start_then_cancel  # type: ignore[method-assign, assignment]
     await queue.enqueue_job(job("a"))
@@ -818,8 +991,6 @@ async def test_under_concurrent_cancels_and_failures_every_job_ends_recorded(
 ) -> None:
     """Two workers, random short processors, failures and cancels from another task,
     then a shutdown with a short grace: no job may stay RUNNING or CANCELLING."""
-    import random
-
     rng = random.Random(1234)
     running = 0
     peak = 0
