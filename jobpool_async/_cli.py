@@ -226,11 +226,7 @@ def worker(
 def _hurry(w: Any) -> None:
     """End a Worker's grace period now: cancel its running processors the way its
     shutdown does when the grace period ends (their jobs go back to FAILED_RETRY)."""
-    for entry in list(w._running.values()):
-        if entry.task is not None and not entry.task.done():
-            if entry.reason is None:
-                entry.reason = "shutdown"
-            entry.task.cancel()
+    w._end_grace()
 
 
 def _worker_json(row: dict[str, Any]) -> dict[str, Any]:

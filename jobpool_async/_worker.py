@@ -45,7 +45,7 @@ from ._models import Job, JobStatus, check_id, check_seconds, check_tags
 from ._periodic import Periodic, run_periodic
 from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry
-from ._tracing import traced_processor
+from ._tracing import _configured, trace, traced_processor
 
 __all__ = ["Processor", "Worker"]
 
@@ -173,7 +173,11 @@ class Worker:
         elif not isinstance(config, Config):
             raise TypeError(f"config must be a Config, got {type(config).__name__}")
         self._queue = queue
-        self._processor = traced_processor(processor, assignee_id)  # as is without OTel
+        self._plain: Processor = processor
+        self._traced = traced_processor(processor, assignee_id)  # as is without OTel
+        #: What runs each job: ``_traced`` while a tracer provider is set, else ``_plain``
+        #: (looked up per batch, not per job: the lookup reads ``os.environ``).
+        self._processor = processor
         self.assignee_id = assignee_id
         self.config = config
         self.tags: list[str] = check_tags(tags)
@@ -362,6 +366,9 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            traced = self._traced
+            if traced is not self._plain:
+                self._processor = traced if _configured(trace) else self._plain
             for job in batch:
                 self._start(job)
 
@@ -416,10 +423,10 @@ class Worker:
                         first = run(coro.send, None)
                     except StopIteration:
                         continue
-                    runner.pulling = False  # busy with this job: the queue needs another
+                    runner.pulling = False  # busy with this job: the queue needs others
                     self._pullers -= 1
-                    if queued:
-                        self._add_puller()
+                    while self._pullers < len(queued):  # (their jobs may suspend too:
+                        self._add_puller()  # all start in the next loop iteration)
                     await _resume(coro, run, first)
                     if runner.retired or task.cancelling():
                         return  # a cancellation was meant for that job: end with it
@@ -539,6 +546,12 @@ class Worker:
         runner.retired = True
         if runner.task is not None:
             runner.task.cancel()
+
+    def _end_grace(self) -> None:
+        """Stop every job now, as the end of the grace period does (``jobpool worker``
+        on a second signal): their jobs go back to ``FAILED_RETRY``."""
+        for entry in list(self._running.values()):
+            self._interrupt(entry, "shutdown")
 
     def _cancel_outcome(self, entry: _Running) -> _Outcome:
         if entry.reason == "cancelled":
