@@ -16,7 +16,10 @@ Indexes kept in step with the records:
   for :meth:`list_jobs` pages (RUNNING and CANCELLING jobs, few and moving twice
   in every job's life, are sorted from the active index when asked).
 
-A bulk insert adds its entries to each index in one ``SortedList.update``.
+A bulk insert adds its entries to each index in one ``SortedList.update``. The
+listings per status and the completed index, read only by listings, stats pages
+and TTL cleanups but changed by every job's moves, are :class:`_Lazy`: a move only
+notes its change, and a read applies them all.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sortedcontainers import SortedList
 
@@ -43,6 +46,7 @@ from .base import (
     Moved,
     Transition,
 )
+from .base import apply_transition as apply
 
 __all__ = ["MemoryBackend"]
 
@@ -79,6 +83,53 @@ class _Additions:
             index.update(values)
 
 
+_E = TypeVar("_E", bound=tuple[Any, ...])
+
+
+class _Lazy(Generic[_E]):
+    """A :class:`SortedList` of distinct entries whose additions and removals wait in
+    two sets until it is read (:meth:`sorted`): an index that every job's moves
+    change but few calls read costs a set operation per move, not a sorted insertion
+    (a drained job moves through three such entries)."""
+
+    __slots__ = ("_adds", "_removes", "_sorted")
+
+    def __init__(self) -> None:
+        self._sorted: SortedList[_E] = SortedList()
+        self._adds: set[_E] = set()
+        self._removes: set[_E] = set()
+
+    def add(self, value: _E) -> None:
+        removes = self._removes
+        if removes and value in removes:  # removed, not yet applied: it stays
+            removes.discard(value)
+        else:
+            self._adds.add(value)
+
+    def remove(self, value: _E) -> None:
+        adds = self._adds
+        if value in adds:  # added, not yet applied: it never was
+            adds.discard(value)
+        else:
+            self._removes.add(value)
+
+    def sorted(self) -> SortedList[_E]:
+        """The entries, with every noted change applied."""
+        current = self._sorted
+        removes = self._removes
+        if removes:
+            if 8 * len(removes) < len(current):
+                for value in removes:
+                    current.remove(value)
+            else:  # one pass instead of many removals
+                current = self._sorted = SortedList(v for v in current if v not in removes)
+            self._removes = set()
+        if self._adds:
+            current.update(self._adds)
+            self._adds = set()
+        return current
+
+
 class MemoryBackend(RecordStore[Job, None, None]):
     """Jobs kept in this process's memory; gone when the process ends.
 
@@ -94,7 +145,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._eligible_by_tag: dict[str, SortedList[_Key]] = {}
         self._ids_by_tag: dict[str, set[str]] = {}
         self._active_by_assignee: dict[str, set[str]] = {}
-        self._completed: SortedList[_WaitKey] = SortedList()
+        self._completed: _Lazy[_WaitKey] = _Lazy()
         #: Eligible jobs not yet due: by due time, and each one's due time.
         self._waiting: SortedList[_WaitKey] = SortedList()
         self._wait_until: dict[str, datetime] = {}
@@ -102,8 +153,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._retries = 0
         self._listed: SortedList[_Listed] = SortedList()
         #: Every job by ``(created_at, id)`` per status, but RUNNING and CANCELLING.
-        self._listed_by_status: dict[JobStatus, SortedList[_Listed]] = {
-            s: SortedList() for s in JobStatus if s not in ACTIVE
+        self._listed_by_status: dict[JobStatus, _Lazy[_Listed]] = {
+            s: _Lazy() for s in JobStatus if s not in ACTIVE
         }
         self._listed_by_type: dict[str, SortedList[_Listed]] = {}
         self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
@@ -180,7 +231,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 active = self._active_by_assignee[job.assignee_id] = set()
             active.add(job.id)
             return
-        add(self._listed_by_status[status], (job.created_at, job.id))
+        self._listed_by_status[status].add((job.created_at, job.id))
         if status in ELIGIBLE:
             wait = self._wait_until.get(job.id)
             if wait is not None:
@@ -189,7 +240,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
             self._index_eligible(job, add)
         elif status is _COMPLETED:
             assert job.finalized_at is not None
-            add(self._completed, (job.finalized_at, self._seq[job.id], job.id))
+            self._completed.add((job.finalized_at, self._seq[job.id], job.id))
 
     def _listed_in(self, status: JobStatus) -> SortedList[_Listed]:
         """The ``(created_at, id)`` of every job in ``status``. RUNNING and CANCELLING
@@ -197,7 +248,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         and move twice in every job's life: they are sorted when asked, not kept sorted
         (two index updates fewer per job)."""
         if status not in ACTIVE:
-            return self._listed_by_status[status]
+            return self._listed_by_status[status].sorted()
         jobs = self._jobs
         return SortedList(
             (job.created_at, job.id)
@@ -313,8 +364,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return min((self._ids_by_tag.get(t, set()) for t in tags), key=len)
 
     def _completed_ids(self, cutoff: datetime) -> list[str]:
-        end = self._completed.bisect_right((cutoff, float("inf"), ""))  # type: ignore[arg-type]
-        return [job_id for _, _, job_id in self._completed[:end]]
+        completed = self._completed.sorted()
+        end = completed.bisect_right((cutoff, float("inf"), ""))  # type: ignore[arg-type]
+        return [job_id for _, _, job_id in completed[:end]]
 
     def _kept_counts(self, tags: Sequence[str]) -> tuple[dict[JobStatus, int], int] | None:
         if tags:
@@ -329,15 +381,44 @@ class MemoryBackend(RecordStore[Job, None, None]):
             wanted = set(tags)
         else:
             index, wanted = self._eligible, set()
+        jobs = self._jobs
         picked: list[Job] = []
-        for _, _, _, job_id in index:
-            job = self._jobs[job_id]
+        keys: list[_Key] = []
+        for key in index:
+            job = jobs[key[3]]
             if wanted.issubset(job.tags):
                 picked.append(job)
+                keys.append(key)
                 if len(picked) >= limit:
                     break
-        for job in picked:
-            self._stage_move(None, job, ASSIGN, now, assignee_id=assignee_id)
+        if not picked:
+            return []
+        # The move of ASSIGN, with the index changes of each job made here at once: the
+        # picked jobs are due and eligible (in no waiting index); without a tag filter
+        # they are the head of the eligible index, deleted as one slice.
+        counts, listed, active = self._counts, self._listed_by_status, self._active_by_assignee
+        mine = active.get(assignee_id)
+        if mine is None:
+            mine = active[assignee_id] = set()
+        by_tag = self._eligible_by_tag
+        for job, key in zip(picked, keys, strict=True):
+            status = job.status
+            retries = job.retry_count
+            listed[status].remove((job.created_at, job.id))
+            for tag in job.tags:
+                by_tag[tag].remove(key)
+            new = apply(job, ASSIGN, now, assignee_id=assignee_id)
+            assert new is not None
+            counts[status] -= 1
+            counts[new] += 1
+            self._retries += job.retry_count - retries
+            mine.add(job.id)
+        eligible = self._eligible
+        if index is eligible:  # no tag filter: the picked are its head
+            del eligible[: len(keys)]
+        else:
+            for key in keys:
+                eligible.remove(key)
         return [job.copy() for job in picked]
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
