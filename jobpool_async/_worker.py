@@ -672,6 +672,20 @@ class Worker:
         ids = {key[0] for key in batch}
         if len(ids) < len(batch) or not ids.isdisjoint([key[0] for key in self._running]):
             batch = self._latest_only(batch)
+        if all(outcome.kind == "complete" for outcome in batch.values()):  # the usual case
+            try:
+                errors = await self._write(
+                    self._queue.complete_jobs,
+                    {key[0]: outcome.result for key, outcome in batch.items()},
+                )
+            except BaseException:
+                newer = {k[0] for k in self._pending}
+                for key, outcome in batch.items():
+                    if key[0] not in newer:
+                        self._pending[key] = outcome
+                raise
+            self._report("complete", errors)
+            return
         by_kind: dict[str, dict[str, tuple[_Key, _Outcome]]] = {
             "complete": {},
             "fail": {},
@@ -685,7 +699,8 @@ class Worker:
             completes = by_kind["complete"]
             if completes:
                 errors = await self._write(
-                    self._queue.complete_jobs, {i: o.result for i, (_, o) in completes.items()}
+                    self._queue.complete_jobs,
+                    {i: o.result for i, (_, o) in completes.items()},
                 )
                 written.update([k for k, _ in completes.values()])
                 self._report("complete", errors)
