@@ -7,9 +7,10 @@ Design, in short:
   take queued jobs in turn. A runner steps a job's processor (in a context of
   its own) up to its first suspension; a processor that finishes without
   suspending costs no task of its own, and one that suspends keeps that runner
-  while the next queued job goes to another (woken, or made if none is idle), so
-  up to ``concurrency`` processors run at once, each in its own task;
-* a finished job task only *records* its outcome; a flusher task writes the
+  while the jobs still queued go to others (woken, or made if none is parked),
+  all in the next loop iteration, so up to ``concurrency`` processors run at
+  once, each in a task of its own;
+* a finished job only *records* its outcome; a flusher task writes the
   outcomes that finished close together in one ``complete_jobs`` / ``fail_jobs`` /
   ``acknowledge_cancellation`` call each, a couple of milliseconds after the first;
 * cancellations arrive through the stream's cancel listener; the worker checks
