@@ -312,43 +312,6 @@ class MemoryBackend(RecordStore[Job, None, None]):
         if new is not None:
             new.update()
 
-    def _stage_move(
-        self,
-        w: None,
-        record: Job,
-        transition: Transition,
-        now: datetime,
-        *,
-        result: bytes | None = None,
-        error_message: str | None = None,
-        assignee_id: str | None = None,
-        scheduled_at: datetime | None = None,
-        max_attempts: int | None = None,
-    ) -> JobStatus | None:
-        """:meth:`RecordStore._stage_move` with the index hooks called directly (the
-        same steps, fewer calls: every move of every job comes here)."""
-        job = record
-        if transition.target_of(job.status) is None:
-            return None
-        self._unindex(job)
-        new = apply(
-            job,
-            transition,
-            now,
-            result=result,
-            error_message=error_message,
-            assignee_id=assignee_id,
-            scheduled_at=scheduled_at,
-            max_attempts=max_attempts,
-        )
-        if self._wait_until:
-            self._after_move(w, job, None, transition)
-        else:  # nothing waits: only a move that schedules the job may make it wait
-            if transition.schedules and new in ELIGIBLE and job.scheduled_at is not None:
-                self._wait_until[job.id] = job.scheduled_at
-            self._index(job)
-        return new
-
     def _before_move(self, w: None, record: Job) -> None:
         self._unindex(record)
 
