@@ -26,11 +26,19 @@ S = JobStatus
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
-async def claim_all(q: PoolQueue, n: int = 100, tags: list[str] | None = None) -> list[str]:
-    """Ids a fresh stream is assigned right now (its first batch, or none)."""
+#: How long a stream is given to show that no job is due (it would get one at once).
+NONE_DUE = 0.2
+
+
+async def claim_all(
+    q: PoolQueue, n: int = 100, tags: list[str] | None = None, *, wait: float = DEADLINE
+) -> list[str]:
+    """Ids a fresh stream is assigned right now (its first batch, or none after
+    ``wait`` seconds: short where the test expects none, long where it expects jobs,
+    so a loaded machine's slow first claim is not taken for none)."""
     async with q.stream_jobs("w", tags=tags, max_assigned_jobs=n) as stream:
         task = asyncio.ensure_future(stream.__anext__())
-        done, _ = await asyncio.wait({task}, timeout=0.2)
+        done, _ = await asyncio.wait({task}, timeout=wait)
         if not done:
             task.cancel()
             return []
@@ -156,7 +164,7 @@ class TimeTests:
         assert b.scheduled_at is None, "no delay: no schedule"
         assert await claim_all(tq) == ["b"]
         clock.advance(29)
-        assert await claim_all(tq) == []
+        assert await claim_all(tq, wait=NONE_DUE) == []
         clock.advance(1)
         assert await claim_all(tq) == ["a"]
         assert (await tq.get_job("a")).attempts == 2
@@ -235,7 +243,7 @@ class TimeTests:
         )
         assert (a.attempts, a.retry_count) == (1, 0), "counters kept"
         assert await tq.requeue_jobs(job_ids=["a"]) == [], "only final jobs are requeued"
-        assert await claim_all(tq) == []
+        assert await claim_all(tq, wait=NONE_DUE) == []
         clock.set(later)
         assert sorted(await claim_all(tq, 3)) == ["a", "b", "c"]
         await tq.fail_job("a", "again")
@@ -267,7 +275,7 @@ class TimeTests:
         new, retry = await tq.get_jobs(["new", "retry"])
         assert (new.status, retry.status) == (S.UNSCHEDULED, S.STOPPED)
         clock.set(later)
-        assert await claim_all(tq) == []
+        assert await claim_all(tq, wait=NONE_DUE) == []
 
     async def test_if_exists_ignore(self, tq: PoolQueue) -> None:
         await tq.enqueue_job(Job(id="a", job_type="old"))
@@ -287,7 +295,7 @@ class TimeTests:
         async with PoolQueue(make_backend(), clock=clock) as q:
             await q.enqueue_job(Job(id="a", job_type="t", scheduled_at=later, priority=3))
         async with PoolQueue(make_backend(), clock=clock) as q:
-            assert await claim_all(q) == []
+            assert await claim_all(q, wait=NONE_DUE) == []
             async with q.stream_jobs("w") as stream:
                 waiting = asyncio.ensure_future(stream.__anext__())
                 await asyncio.sleep(0.05)
