@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import random
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -441,6 +443,35 @@ async def test_calls_after_close_are_storage_errors(store: Path) -> None:
         await backend.get_jobs(["a"])
 
 
+async def test_an_operation_whose_caller_is_cancelled_still_runs_to_its_end(
+    store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        jobs = [Job(id=f"j{i}", job_type="t") for i in range(2000)]
+        task = asyncio.ensure_future(backend.insert(jobs))
+        await asyncio.sleep(0)  # submitted: the task now awaits the worker thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Queued behind it in the one worker thread, the next call sees all of it.
+        assert await backend.count_by_status([]) == ({S.INITIAL_PENDING: 2000}, 0)
+        # A failure nobody waits for any more is not reported as never retrieved.
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            failing = asyncio.ensure_future(backend.insert(jobs[:1]))  # a duplicate id
+            await asyncio.sleep(0)
+            failing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await failing
+            assert await backend.count_by_status([]) == ({S.INITIAL_PENDING: 2000}, 0)
+            del failing
+            gc.collect()
+        assert not caplog.records
+    finally:
+        await backend.close()
+
+
 # --- persistence --------------------------------------------------------------------
 
 
@@ -495,6 +526,33 @@ async def test_reopen_keeps_every_field_exactly(store: Path) -> None:
     assert by_id["cancelling"].status is S.CANCELLING
     assert by_id["bytes"].assignee_id == "worker \u00e9"
     check_store(store)
+
+
+async def test_tables_are_written_uncompressed_and_compressed_ones_still_read(
+    store: Path,
+) -> None:
+    payload = b"compressible " * 400  # snappy would shrink this to a fraction
+    # A store whose tables were compressed (plyvel's default, as LevelDBBackend
+    # opened stores before): its records are read as ever.
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        await q.enqueue_jobs([Job(id="old", job_type="t", job_definition=payload)])
+    db = plyvel.DB(str(store))  # reopening writes the log's contents to a table
+    db.compact_range()
+    db.close()
+    holds = _tables_hold(store, payload)
+    assert holds and not any(holds)
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        await q.enqueue_jobs([Job(id="new", job_type="t", job_definition=payload)])
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        # (this open wrote the log to a table, uncompressed)
+        assert [j.job_definition for j in await q.get_jobs(["old", "new"])] == [payload] * 2
+    assert any(_tables_hold(store, payload))
+    check_store(store)
+
+
+def _tables_hold(store: Path, data: bytes) -> list[bool]:
+    """Per table file of the store: whether ``data`` is in it as it is."""
+    return [data in table.read_bytes() for table in store.glob("*.ldb")]
 
 
 async def test_enqueue_order_survives_reopen(store: Path) -> None:
@@ -1007,13 +1065,46 @@ async def test_and_filtered_claims_start_from_the_rarest_tag(queue: PoolQueue) -
 _TICK = 0.001
 
 
-def assert_the_loop_ran(ticks: int, longest: float, total: float) -> None:
-    """Ratios, not wall-clock limits: the ticker ran at least a tenth as often as an
-    idle loop would have let it during the work, and no pause of the loop took more
-    than a fifth of the work (a blocked loop gives about one tick and one pause as
-    long as the work itself, however fast the machine)."""
-    assert ticks >= 0.1 * total / _TICK, (ticks, total)
+def assert_the_loop_ran(ticks: int, longest: float, total: float, beside_busy: float) -> None:
+    """Ratios, not wall-clock limits: the ticker ran at least half as often as it
+    does beside a thread running plain Python, measured on this machine at this
+    load (``beside_busy``, ticks per second: what a loop gets beside a thread that
+    gives up the GIL only when the interpreter makes it; one in LevelDB's C code
+    gives it up more: 2-4 times as many ticks at load 5), and no pause of the loop
+    took more than a fifth of the work (a blocked loop gives about one tick and one
+    pause as long as the work itself, however fast the machine)."""
+    assert ticks >= 0.5 * beside_busy * total, (ticks, total, beside_busy)
     assert longest < total / 5, (longest, total)
+
+
+async def _ticks_beside_busy_thread(seconds: float) -> float:
+    """Ticks per second of the ticker while another thread runs Python code (no
+    I/O, so it gives up the GIL only when the interpreter makes it) for ``seconds``."""
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        ticks, _, total = await _ticks_during(asyncio.sleep(seconds))
+    finally:
+        stop.set()
+        thread.join()
+    return ticks / total
+
+
+async def _loop_ran_during(work: Awaitable[object]) -> None:
+    """Run ``work`` beside the ticker and assert the loop kept running (see
+    :func:`assert_the_loop_ran`), against the busy-thread rate measured just before
+    and just after it for as long (the lower: the machine's load moves)."""
+    before = await _ticks_beside_busy_thread(0.5)
+    ticks, longest, total = await _ticks_during(work)
+    after = await _ticks_beside_busy_thread(max(total, 0.5))
+    print(f"ticks/s: {ticks / total:.0f}, beside a busy thread: {before:.0f}, {after:.0f}")
+    assert_the_loop_ran(ticks, longest, total, min(before, after))
 
 
 async def _ticks_during(work: Awaitable[object]) -> tuple[int, float, float]:
@@ -1054,20 +1145,18 @@ async def test_the_event_loop_keeps_running_during_a_50000_job_insert(store: Pat
     backend = LevelDBBackend(store)
     await backend.open()
     try:
-        ticks, longest, total = await _ticks_during(backend.insert(jobs))
+        await _loop_ran_during(backend.insert(jobs))  # the loop ran all along
         assert await backend.count_by_status([]) == ({S.INITIAL_PENDING: 50000}, 0)
     finally:
         await backend.close()
-    assert_the_loop_ran(ticks, longest, total)  # the loop ran all along
 
 
 async def test_the_event_loop_keeps_running_while_the_queue_enqueues_50000_jobs(
     queue: PoolQueue,
 ) -> None:
     jobs = [Job(id=f"j{i}", job_type="t", tags=["a"]) for i in range(50000)]
-    ticks, longest, total = await _ticks_during(queue.enqueue_jobs(jobs))
+    await _loop_ran_during(queue.enqueue_jobs(jobs))
     assert (await queue.get_job_stats()).pending_jobs == 50000
-    assert_the_loop_ran(ticks, longest, total)
 
 
 async def test_cleanup_reads_only_expired_jobs(queue: PoolQueue) -> None:

@@ -292,13 +292,6 @@ class _Rec:
         #: Its :func:`codec.job_static` (``None``: not computed yet).
         self.static: codec.Static | None = None
 
-    def encode(self) -> bytes:
-        """The job's record (the fields no move changes encoded once)."""
-        static = self.static
-        if static is None:
-            static = self.static = codec.job_static(self.job)
-        return codec.encode_job(self.job, self.seq, static)
-
     def index_keys(self, promoted: int) -> list[bytes]:
         """Its status-dependent index keys; those of a job with a schedule depend on
         the promotion watermark, so they are computed again each time."""
@@ -323,6 +316,10 @@ class RepairReport:
     counted_before: int | None
     #: Records that could not be decoded, removed by the repair.
     dropped_records: int
+
+
+#: A job's status code, retry count and index keys before it moves.
+_Prior = tuple[int, int, list[bytes]]
 
 
 class _Write:
@@ -412,12 +409,15 @@ class _Write:
                 if low is None or key < low:
                     lowered[prefix] = key
 
-    def moved(self, rec: _Rec, old_code: int, old_retries: int, old_keys: list[bytes]) -> None:
-        """Stage the index and counter changes of the job, which was ``old_code`` before."""
+    def moved(self, rec: _Rec, prior: _Prior) -> None:
+        """Stage the index and counter changes of the job, which was as ``prior`` says
+        (status code, retry count, index keys) before."""
+        old_code, old_retries, old_keys = prior
         job = rec.job
         code = codec.CODE_OF[job.status]
         retries = job.retry_count
-        if code in _ELIGIBLE_CODES or old_code in _ELIGIBLE_CODES:
+        eligible = code in _ELIGIBLE_CODES
+        if eligible or old_code in _ELIGIBLE_CODES:
             self.eligible_moved = True
         if code != old_code or retries != old_retries:
             values = self.counts.values
@@ -432,20 +432,22 @@ class _Write:
                 values[old_code] -= 1
                 values[code] += 1
                 values[-1] += retries - old_retries
-        if code == old_code and code not in _ELIGIBLE_CODES:
+        if code == old_code and not eligible:
             return  # same status, same assignee / finalized_at: same keys
         new_keys = rec.keys = _index_keys(job, rec.seq, rec.idb, self.promoted, rec.tail)
-        if new_keys == old_keys:
+        if code == old_code and new_keys == old_keys:
             return
+        # Old keys out, new keys in: LevelDB applies a batch in order, so a key in
+        # both (an eligible job moved within its status) ends put.
         delete = self.delete
         for key in old_keys:
-            if key not in new_keys:
-                delete(key)
-        self._add_keys(job, new_keys)
-
-
-#: A job's status code, retry count and index keys before it moves.
-_Prior = tuple[int, int, list[bytes]]
+            delete(key)
+        if eligible:
+            self._add_keys(job, new_keys)
+        else:
+            put = self.put
+            for key in new_keys:
+                put(key, b"")
 
 
 class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
@@ -513,12 +515,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._closed or self._thread is None:
             raise StorageError(f"{self!r} is closed" if self._closed else f"{self!r} is not open")
-        future = self._thread.submit(self._guarded, fn, *args)
+        future: asyncio.Future[_T] = self._thread.submit(self._guarded, fn, *args)
         # Once submitted, an operation runs to its end even if the caller is cancelled
         # (as a statement sent to a database server would): later calls, queued behind
-        # it in the one worker thread, then see its effect.
+        # it in the one worker thread, then see its effect. A cancelled caller cancels
+        # only this future, which the thread then leaves alone (``_settle``); no
+        # ``asyncio.shield`` (its second future and callbacks cost every call).
         future.add_done_callback(_consume)
-        return await asyncio.shield(future)
+        return await future
 
     def _guarded(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._suspect:
@@ -598,7 +602,13 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             # paranoid_checks: a damaged write-ahead log (or table) fails the open,
             # instead of LevelDB dropping the damaged records and rewriting the log
             # without them, which would make the loss permanent.
-            db = plyvel.DB(where, create_if_missing=fresh, paranoid_checks=True)
+            #
+            # compression=None: snappy cost 50,000 instructions per job on the drain
+            # workload (a sixth of the storage side's; LevelDB compresses every table
+            # it writes, and a job's record is written three times), for little: a
+            # job is mostly its payload, which the caller chose. A block says itself
+            # whether it is compressed, so stores written either way open either way.
+            db = plyvel.DB(where, create_if_missing=fresh, paranoid_checks=True, compression=None)
         except plyvel.CorruptionError as exc:
             raise StorageError(
                 f"the LevelDB store {where} is damaged ({_message(exc)}); it was left as "
@@ -745,8 +755,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
         seq = self._next_seq
-        room = len(self._eligible) < _MAX_ELIGIBLE
-        put = w.put
+        room = _MAX_ELIGIBLE - len(self._eligible)
+        put, touched, promoted = w.put, w.touched, w.promoted
+        values = w.counts.values
+        # Untagged eligible jobs due now (the common case) are staged here, the
+        # others through ``_Write.index``; the smallest ``E`` key staged here:
+        low_e: bytes | None = None
         for job in jobs:
             idb = codec.id_bytes(job.id)
             tail = _tail(job, idb)
@@ -754,20 +768,39 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             put(_JOB + idb, codec.encode_job(job, seq, static))
             for key in _static_keys(job, idb, tail):
                 put(key, b"")
-            keys = w.index(job, seq, idb, tail)
-            if room:  # a private copy: the caller keeps its Job
-                rec = w.touched[job.id] = _Rec(job.copy(), seq, idb, tail)
+            status = job.status
+            if job.tags or job.scheduled_at is not None or status not in ELIGIBLE:
+                keys = w.index(job, seq, idb, tail)
+            else:
+                values[codec.CODE_OF[status]] += 1
+                values[-1] += job.retry_count
+                keys = _index_keys(job, seq, idb, promoted, tail)
+                key = keys[0]
+                put(key, b"")
+                put(keys[1], b"")
+                if low_e is None or key < low_e:
+                    low_e = key
+            if room > 0:  # a private copy: the caller keeps its Job
+                room -= 1
+                rec = touched[job.id] = _Rec(job.copy(), seq, idb, tail)
                 rec.keys, rec.static = keys, static
             seq += 1
         w.next_seq = seq
+        if low_e is not None:
+            low = w.lowered.get(_ELIGIBLE)
+            if low is None or low_e < low:
+                w.lowered[_ELIGIBLE] = low_e
 
     def _before_move(self, w: _Write, record: _Rec) -> _Prior:
         job = record.job
         return codec.CODE_OF[job.status], job.retry_count, record.index_keys(w.promoted)
 
     def _after_move(self, w: _Write, record: _Rec, prior: _Prior, transition: Transition) -> None:
-        w.moved(record, *prior)
-        w.put(_JOB + record.idb, record.encode())
+        w.moved(record, prior)
+        static = record.static
+        if static is None:  # (the fields no move changes: encoded once per job)
+            static = record.static = codec.job_static(record.job)
+        w.put(_JOB + record.idb, codec.encode_job(record.job, record.seq, static))
         w.touched[record.job.id] = record
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
