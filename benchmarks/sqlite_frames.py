@@ -244,13 +244,19 @@ def _markdown(result: dict[str, Any]) -> str:
         total = plain["user_us_per_job"] + plain["sys_us_per_job"]
         for kind in result["workloads"]:
             m = result["sides"][side][kind]
-            ratio = (m["user_us_per_job"] + m["sys_us_per_job"]) / total
-            enqueue = m["insert_us_per_job"] / plain["insert_us_per_job"]
+            ratio = _ratio(m["user_us_per_job"] + m["sys_us_per_job"], total)
+            enqueue = _ratio(m["insert_us_per_job"], plain["insert_us_per_job"])
             lines.append(
                 f"| {side} | {kind} | {m['user_us_per_job']:.1f} | {m['sys_us_per_job']:.1f} "
-                f"| {ratio:.2f} | {m['insert_us_per_job']:.1f} | {enqueue:.2f} |"
+                f"| {ratio} | {m['insert_us_per_job']:.1f} | {enqueue} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float, base: float) -> str:
+    """``value / base`` to two places; "-" when the base measured no CPU time at all
+    (tiny runs: the thread's clock has a coarse tick)."""
+    return f"{value / base:.2f}" if base > 0 else "-"
 
 
 def _revision(tree: Path) -> str:

@@ -1047,7 +1047,9 @@ class QueueMachine(RuleBasedStateMachine):
 CI_EXAMPLES = {"memory": 150, "sqlite": 40, "leveldb": 40, "postgres": 30}
 
 
-@pytest.mark.timeout(scaled(240, 7200))
+# (a guard against a hang, not a speed limit: a run takes 10-70 s, up to several
+# minutes on a loaded 2-core machine)
+@pytest.mark.timeout(scaled(600, 7200))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_queue_state_machine(backend_name: str, tmp_path: Path) -> None:
     """Random operation sequences on each backend agree with the reference model."""
