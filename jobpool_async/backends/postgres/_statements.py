@@ -283,7 +283,7 @@ class Statements:
             claim = f""",
             picked AS (
                 SELECT ctid AS pid FROM {t}
-                WHERE {DUE} {tag_cond} AND NOT (id = ANY($1::text[]))
+                WHERE {DUE} {tag_cond}
                 ORDER BY {ORDER}
                 LIMIT (SELECT count(*) FROM moved
                        WHERE ($6::text[] IS NULL OR moved.id = ANY($6::text[]))
@@ -293,6 +293,8 @@ class Statements:
                 UPDATE {t} SET {assign}, claimed_by = $7::text
                 WHERE {t}.ctid = ANY(ARRAY(SELECT pid FROM picked))
                   AND ({t}.status IN {in_list(ASSIGN.sources)}) IS TRUE
+                  -- none of the call's own jobs: one picked is SKIPPED (claimed again apart)
+                  AND NOT ({t}.id = ANY($1::text[]))
                 RETURNING {_claimed_returning(t)})"""
             claimed = f"""
             UNION ALL
