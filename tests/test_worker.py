@@ -626,13 +626,8 @@ async def test_many_concurrent_cancels_reach_exactly_their_jobs(queue: PoolQueue
         enqueue = asyncio.ensure_future(queue.enqueue_jobs(jobs))
         await asyncio.wait_for(asyncio.gather(enqueue, *(canceller(k) for k in range(4))), DEADLINE)
 
-        async def all_final() -> bool:
-            return all(j.status.is_final for j in await queue.get_jobs(ids))
-
-        deadline = asyncio.get_running_loop().time() + DEADLINE
-        while not await all_final():
-            assert asyncio.get_running_loop().time() < deadline, "jobs left unfinished"
-            await asyncio.sleep(0.01)
+        # every job final (woken by the queue's own moves, no polling)
+        await asyncio.gather(*(queue.wait_for(i, timeout=DEADLINE) for i in ids))
         assert len(worker._runners) <= 10
     final = {j.id: j.status for j in await queue.get_jobs(ids)}
     assert set(hit) <= cancelled, f"cancellations reached other jobs: {set(hit) - cancelled}"

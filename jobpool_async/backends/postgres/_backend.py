@@ -802,10 +802,7 @@ class PostgresBackend(Backend):
         them group by group and could deadlock."""
         groups = list(groups)
         named = [c.job_id for group in groups for c in group]
-        lock = (
-            f"SELECT 1 FROM {self._t} WHERE {self._sql.id_match('', '$1')} "
-            "ORDER BY id_key FOR UPDATE"
-        )
+        lock = self._sql.lock_ids
 
         async def run(conn: PoolConnectionProxy[Record]) -> list[Any]:
             results: list[tuple[Sequence[Change], Sequence[Any]]] = []

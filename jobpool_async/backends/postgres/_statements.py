@@ -130,6 +130,10 @@ class Statements:
         #: refill's claim never takes a job its own call named: see :meth:`apply`).
         self.claim_excluding = self._claim(False, True)
         self.claim_tags_excluding = self._claim(True, True)
+        #: Lock the jobs of ``$1`` in key order (the order a one-statement apply takes).
+        self.lock_ids = (
+            f"SELECT 1 FROM {self._t} WHERE {self.id_match('', '$1')} ORDER BY id_key FOR UPDATE"
+        )
 
     def note(self, source: str) -> str:
         """A CTE sending one NOTIFY for the moved rows of ``source`` that others care about.
