@@ -512,13 +512,18 @@ class PoolQueue:
         """
         # Only assignments the stream still holds: one that ended meanwhile (moved by
         # another call, maybe claimed again by another stream) is no longer its to
-        # give back. (The store checks the status only: a re-claim by another
-        # process that this one has not seen yet is not caught here.)
+        # give back. A re-claim by another process that this one has not seen yet is
+        # caught by the store: RELEASE is guarded, a compare-and-set on ``assigned_at``.
         jobs = [job for job in jobs if self._holder(job.id, job.assigned_at) is stream]
         if not jobs:
             return
         changes = [
-            Change(job.id, RELEASE, error_message=None if job.error_message else RELEASE_MESSAGE)
+            Change(
+                job.id,
+                RELEASE,
+                error_message=None if job.error_message else RELEASE_MESSAGE,
+                assigned_at=job.assigned_at,
+            )
             for job in jobs
         ]
         await self._observed(self._backend.apply(changes, self._now()))

@@ -18,7 +18,9 @@ Side effects are derived from the move, uniformly:
 * entering a status in ``retry_targets`` from another status counts a retry
   (``retry_count += 1``, ``last_retry_at = now``);
 * entering a final status from another status sets ``finalized_at = now``;
-* a given ``result`` / ``error_message`` (not ``None``) is stored.
+* a given ``result`` / ``error_message`` (not ``None``) is stored;
+* a ``guarded`` transition moves a job only while it holds the assignment the
+  change names (its ``assigned_at``), checked by the backend in the same write.
 
 A move from a status to itself therefore changes no timestamp.
 """
@@ -73,6 +75,9 @@ class Transition:
     schedules: bool = False
     #: Clears ``finalized_at`` and ``result`` (a final job made eligible again).
     reopens: bool = False
+    #: A compare-and-set on the assignment: a job moves only if its ``assigned_at``
+    #: is the change's (``Change.assigned_at``); backends check it in the same write.
+    guarded: bool = False
     #: Moves in ``moves`` that count a retry / set ``finalized_at`` (derived).
     retry_sources: frozenset[JobStatus] = field(init=False)
     finalize_sources: frozenset[JobStatus] = field(init=False)
@@ -193,6 +198,7 @@ RELEASE = Transition(
     "release",
     {S.RUNNING: S.FAILED_RETRY, S.CANCELLING: S.STOPPED},
     retry_targets=frozenset({S.FAILED_RETRY}),
+    guarded=True,
 )
 
 _UPDATE_ALLOWED: dict[JobStatus, tuple[JobStatus, ...]] = {

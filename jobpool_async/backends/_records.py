@@ -274,6 +274,11 @@ class RecordStore(Backend, Generic[R, W, P]):
             if record is None:
                 errors[change.job_id] = JobNotFoundError(change.job_id)
                 continue
+            if change.transition.guarded and self._job(record).assigned_at != change.assigned_at:
+                errors[change.job_id] = InvalidTransitionError(  # assigned again since
+                    change.job_id, self._job(record).status, change.transition.target
+                )
+                continue
             new = stage_move(
                 w,
                 record,

@@ -165,6 +165,11 @@ class Change(NamedTuple):
     scheduled_at: datetime | None = None
     #: For ``exhausted`` transitions: the attempt limit of jobs without their own.
     max_attempts: int | None = None
+    #: For ``guarded`` transitions: the assignment the move is for. A job assigned
+    #: again since (another ``assigned_at``) is not moved: the compare and the move
+    #: are one atomic write, so a stream never gives back a job another process
+    #: claimed after it.
+    assigned_at: datetime | None = None
 
 
 class Moved(NamedTuple):

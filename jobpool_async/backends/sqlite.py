@@ -930,7 +930,12 @@ def _apply_sql(transition: Transition, rows: int, with_result: bool, with_error:
 
 def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_error: bool) -> str:
     timed = transition.schedules or bool(transition.exhausted)
-    width = 5 if timed else 3
+    columns = "c_id, c_result, c_error, c_sched, c_max" if timed else "c_id, c_result, c_error"
+    guard = ""
+    if transition.guarded:  # the compare-and-set on the assignment
+        columns += ", c_at"
+        guard = "AND jobs.assigned_at IS c.c_at "
+    width = columns.count(",") + 1
     values = ", ".join(
         "(" + ", ".join(f"?{width * i + k + 2}" for k in range(width)) + ")" for i in range(rows)
     )
@@ -942,14 +947,13 @@ def _build_apply_sql(transition: Transition, rows: int, with_result: bool, with_
         scheduled_at="c_sched" if timed else "NULL",
         max_attempts="c_max" if timed else "NULL",
     )
-    columns = "c_id, c_result, c_error, c_sched, c_max" if timed else "c_id, c_result, c_error"
     returning = "jobs.id, jobs.status, jobs.assigned_at"
     if _may_make_eligible(transition):  # tags wake streams; wait_until arms the timer
         returning += ", jobs.tags, jobs.wait_until"
     return (
         f"WITH c({columns}) AS (VALUES {values}) "
         f"UPDATE jobs SET {sets} FROM c WHERE jobs.id = c.c_id "
-        f"AND {_one_of(transition.sources)} RETURNING {returning}"
+        f"AND {_one_of(transition.sources)} {guard}RETURNING {returning}"
     )
 
 
@@ -1003,6 +1007,8 @@ def _move_chunk(
         params += (c.job_id, c.result, c.error_message)
         if timed:
             params += (None if c.scheduled_at is None else _us(c.scheduled_at), c.max_attempts)
+        if transition.guarded:
+            params.append(None if c.assigned_at is None else _us(c.assigned_at))
         with_result = with_result or c.result is not None
         with_error = with_error or c.error_message is not None
     sql = _apply_sql(transition, len(chunk), with_result, with_error)

@@ -22,6 +22,7 @@ from jobpool_async.backends.base import (
     FAIL,
     FINAL,
     MARK_UNKNOWN_STOPPED,
+    RELEASE,
     REQUEUE,
     STOP,
     TRANSITIONS,
@@ -206,7 +207,11 @@ class BackendTests:
         before = await jobs_in(backend, wanted)
         now = at(60)
         for k, t in enumerate(TABLE):
-            changes = [Change(f"t{k}/{s.value}", t, result=b"r", error_message="m") for s in S]
+            changes = [
+                # (a guarded move names the assignment it is for: the job's own)
+                Change(i, t, result=b"r", error_message="m", assigned_at=before[i].assigned_at)
+                for i in (f"t{k}/{s.value}" for s in S)
+            ]
             out = await backend.apply([*changes, Change(f"t{k}/missing", t)], now)
             moved = {m.job_id: m for m in out.moved}
             assert len(moved) == len(out.moved), f"{t.name}: a job moved twice"
@@ -227,6 +232,39 @@ class BackendTests:
                 assert moved[job_id].status is target is got.status, (t.name, s, got.status)
                 assert moved[job_id].assigned_at == old.assigned_at
                 check_move(t, old, got, now)
+
+    async def test_a_guarded_move_leaves_a_job_assigned_again(self, backend: Backend) -> None:
+        """RELEASE (a stream's give-back) is a compare-and-set on the assignment: a job
+        lost by its stream and claimed again elsewhere (which that stream's process may
+        not have seen yet) is not given back; its own assignment is."""
+        tag = new_id("kit:other")
+        jobs = await jobs_in(backend, {"g": S.RUNNING, "h": S.RUNNING})
+        await backend.insert([new("other", tag)])
+        stale = jobs["g"].assigned_at
+        await backend.apply([Change("g", WORKER_LOST)], at(1))
+        (claimed,) = await backend.claim("v", [], 1, at(2))
+        assert (claimed.id, claimed.assigned_at) == ("g", at(2))
+        (held,) = await backend.get_jobs(["g"])
+        out = await backend.apply(
+            [Change("g", RELEASE, error_message="given back", assigned_at=stale)], at(3)
+        )
+        assert out.moved == []
+        err = out.errors["g"]
+        assert isinstance(err, InvalidTransitionError) and err.current is S.RUNNING, err
+        assert await backend.get_jobs(["g"]) == [held], "a give-back of an earlier assignment"
+        assert (held.status, held.assignee_id) == (S.RUNNING, "v")
+        # The job's own assignment moves, also with a refill in the same call.
+        out = await backend.apply(
+            [Change("g", RELEASE, error_message="given back", assigned_at=at(2))], at(4)
+        )
+        assert [(m.job_id, m.status) for m in out.moved] == [("g", S.FAILED_RETRY)]
+        out = await backend.apply(
+            [Change("h", RELEASE, assigned_at=jobs["h"].assigned_at)],
+            at(5),
+            Refill("w2", (tag,), frozenset({"h"})),
+        )
+        assert [(m.job_id, m.status) for m in out.moved] == [("h", S.FAILED_RETRY)]
+        assert ids(out.claimed) == ["other"]
 
     async def test_an_exhausted_job_takes_the_exhausted_target(self, backend: Backend) -> None:
         await backend.insert([new("own", max_attempts=1), new("default"), new("more")])

@@ -837,7 +837,7 @@ class PostgresBackend(Backend):
         args = (*base, refill.assignee_id, None if ids.issuperset(base[1]) else list(ids), nonce)
         if refill.tags:
             args = (*args, list(refill.tags))
-        return (*args, *self._timed_args(changes), refill.extra)
+        return (*args, *self._timed_args(changes), refill.extra, *self._guard_args(changes))
 
     def _apply_args(
         self, changes: Sequence[Change], now: datetime, refill: bool = False, tags: bool = False
@@ -853,8 +853,15 @@ class PostgresBackend(Backend):
             None if results.count(None) == len(results) else results,
             None if messages.count(None) == len(messages) else messages,
             now,
-            *(() if refill else self._timed_args(changes)),
+            *(() if refill else (*self._timed_args(changes), *self._guard_args(changes))),
         )
+
+    @staticmethod
+    def _guard_args(changes: Sequence[Change]) -> tuple[Any, ...]:
+        """The assignments a ``guarded`` move is for (its compare-and-set), else nothing."""
+        if not changes[0].transition.guarded:
+            return ()
+        return ([c.assigned_at for c in changes],)
 
     @staticmethod
     def _timed_args(changes: Sequence[Change]) -> tuple[Any, ...]:

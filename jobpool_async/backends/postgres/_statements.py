@@ -274,6 +274,12 @@ class Statements:
         if timed:
             unnest += f", ${first}::timestamptz[], ${first + 1}::integer[]"
             names += ", csched, cmax"
+        guard = ""
+        if transition.guarded:  # the compare-and-set on the assignment: the last array
+            at = (first + 2 if timed else first) + (1 if refill else 0)
+            unnest += f", ${at}::timestamptz[]"
+            names += ", cat"
+            guard = f"AND {t}.assigned_at = c.cat"
         wait_out = "wait_until" if transition.schedules else "NULL::timestamptz"
         claim = rest = claimed = ""
         # Tags matter only for a job that became eligible (streams to wake); not
@@ -314,7 +320,7 @@ class Statements:
             moved AS (
                 UPDATE {t} SET {sets}
                 FROM c WHERE {t}.id_key = {key("c.cid")} AND {t}.id = c.cid
-                  AND {t}.status IN {in_list(transition.sources)}
+                  AND {t}.status IN {in_list(transition.sources)} {guard}
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at,
                           {t}.wait_until),
             {self.note("moved")}{claim}
