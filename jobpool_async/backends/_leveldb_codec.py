@@ -282,8 +282,9 @@ def _opt(dt: datetime | None) -> int:
 
 
 #: The fields of a record that never change while its job exists: id, job type and
-#: definition back to back, their byte lengths, and the tags (see :func:`job_static`).
-Static = tuple[bytes, int, int, int, bytes]
+#: definition back to back, their byte lengths, the tags, and ``created_at`` in
+#: micros (see :func:`job_static`).
+Static = tuple[bytes, int, int, int, bytes, int]
 
 
 def job_static(job: Job) -> Static:
@@ -299,7 +300,10 @@ def job_static(job: Job) -> Static:
     id_ = job.id.encode("utf-8", "surrogatepass")
     type_ = job.job_type.encode("utf-8", "surrogatepass")
     definition = job.job_definition
-    return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes
+    # Not through the cache of ``to_micros``: every job has its own ``created_at``, so
+    # each would miss it and push out the times a batch shares (its ``now``).
+    created = (job.created_at - _ORIGIN) // _US
+    return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes, created
 
 
 def encode_job(job: Job, seq: int, static: Static | None = None) -> bytes:
@@ -307,53 +311,62 @@ def encode_job(job: Job, seq: int, static: Static | None = None) -> bytes:
     :func:`job_static`, if known."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
-    if job.started_at is not None:
-        flags |= _F_STARTED
-        started = to_micros(job.started_at)
-    if job.finalized_at is not None:
+    # (Each optional time read once: attribute reads of a slots class are not free.)
+    at = job.started_at
+    if at is not None:
+        flags = _F_STARTED
+        started = to_micros(at)
+    at = job.finalized_at
+    if at is not None:
         flags |= _F_FINALIZED
-        finalized = to_micros(job.finalized_at)
-    if job.last_retry_at is not None:
+        finalized = to_micros(at)
+    at = job.last_retry_at
+    if at is not None:
         flags |= _F_RETRY
-        retried = to_micros(job.last_retry_at)
-    if job.assigned_at is not None:
+        retried = to_micros(at)
+    at = job.assigned_at
+    if at is not None:
         flags |= _F_ASSIGNED
-        assigned = to_micros(job.assigned_at)
-    if job.scheduled_at is not None:
+        assigned = to_micros(at)
+    at = job.scheduled_at
+    if at is not None:
         flags |= _F_SCHEDULED
-        scheduled = to_micros(job.scheduled_at)
+        scheduled = to_micros(at)
     result = job.result
     if result is not None:
         flags |= _F_RESULT
     else:
         result = b""
-    lead, n_id, n_type, n_def, tag_bytes = job_static(job) if static is None else static
-    error = job.error_message.encode("utf-8", "surrogatepass") if job.error_message else b""
-    assignee = job.assignee_id.encode("utf-8", "surrogatepass") if job.assignee_id else b""
+    lead, n_id, n_type, n_def, tag_bytes, created = job_static(job) if static is None else static
+    error = job.error_message
+    error_bytes = error.encode("utf-8", "surrogatepass") if error else b""
+    assignee = job.assignee_id
+    assignee_bytes = assignee.encode("utf-8", "surrogatepass") if assignee else b""
+    max_attempts = job.max_attempts
     head = _HEAD.pack(
         RECORD_VERSION,
         CODE_OF[job.status],
         flags,
         seq,
         job.retry_count,
-        to_micros(job.created_at),
+        created,
         started,
         finalized,
         retried,
         assigned,
         scheduled,
         job.priority,
-        -1 if job.max_attempts is None else job.max_attempts,
+        -1 if max_attempts is None else max_attempts,
         job.attempts,
         n_id,
         n_type,
         n_def,
-        len(error),
-        len(assignee),
+        len(error_bytes),
+        len(assignee_bytes),
         len(result),
         len(tag_bytes),
     )
-    return b"".join((head, lead, error, assignee, result, tag_bytes))
+    return b"".join((head, lead, error_bytes, assignee_bytes, result, tag_bytes))
 
 
 def _corrupt(detail: str) -> StorageError:

@@ -94,6 +94,7 @@ from .base import (
     Refill,
     StorageError,
     Transition,
+    apply_transition,
 )
 
 __all__ = ["LevelDBBackend", "RepairReport"]
@@ -124,6 +125,7 @@ _LEASE = b"G"
 _LEASE_TIMES = struct.Struct(">QQQ")
 _ELIGIBLE_CODES = frozenset(codec.CODE_OF[s] for s in ELIGIBLE)
 _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
+_RUNNING = codec.CODE_OF[JobStatus.RUNNING]
 #: How many per-tag scan floors to remember (see ``_floors``).
 _MAX_FLOORS = 4096
 #: LevelDB's messages when another handle (this process) or process holds the LOCK file.
@@ -172,6 +174,7 @@ def _prefix_end(prefix: bytes) -> bytes:
 #: The ``S`` key prefix of each status code.
 _LIST_STATUS_OF = tuple(_LIST_STATUS + bytes((code,)) for code in range(codec.N_STATUS))
 _ORDER = struct.Struct(">HQQ")
+_U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
 
 
@@ -756,28 +759,39 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
         seq = self._next_seq
         room = _MAX_ELIGIBLE - len(self._eligible)
-        put, touched, promoted = w.put, w.touched, w.promoted
+        put, touched = w.put, w.touched
         values = w.counts.values
-        # Untagged eligible jobs due now (the common case) are staged here, the
-        # others through ``_Write.index``; the smallest ``E`` key staged here:
+        pack_u64, pack_order, job_static = _U64.pack, _ORDER.pack, codec.job_static
+        encode_job, enc, code_of = codec.encode_job, codec.enc, codec.CODE_OF
+        # Untagged eligible jobs due now (the common case) get their keys here, as
+        # ``_static_keys`` and ``_index_keys`` would give them (``check_store`` in
+        # the tests derives every key on its own); the others go through those and
+        # ``_Write.index``. The smallest ``E`` key staged here:
         low_e: bytes | None = None
         for job in jobs:
-            idb = codec.id_bytes(job.id)
-            tail = _tail(job, idb)
-            static = codec.job_static(job)
-            put(_JOB + idb, codec.encode_job(job, seq, static))
-            for key in _static_keys(job, idb, tail):
-                put(key, b"")
+            idb = job.id.encode("utf-8", "surrogatepass")  # (codec.id_bytes)
+            static = job_static(job)
+            created = static[5]
+            tail = pack_u64(created) + idb
+            put(_JOB + idb, encode_job(job, seq, static))
             status = job.status
             if job.tags or job.scheduled_at is not None or status not in ELIGIBLE:
+                for key in _static_keys(job, idb, tail):
+                    put(key, b"")
                 keys = w.index(job, seq, idb, tail)
             else:
-                values[codec.CODE_OF[status]] += 1
+                put(_LIST + tail, b"")
+                put(_LIST_TYPE + enc(job.job_type) + tail, b"")
+                code = code_of[status]
+                values[code] += 1
                 values[-1] += job.retry_count
-                keys = _index_keys(job, seq, idb, promoted, tail)
-                key = keys[0]
+                retried = job.last_retry_at
+                due = created if retried is None else codec.to_micros(retried)
+                key = _ELIGIBLE + pack_order(32767 - job.priority, due, seq) + idb
+                listed = _LIST_STATUS_OF[code] + tail
                 put(key, b"")
-                put(keys[1], b"")
+                put(listed, b"")
+                keys = [key, listed]
                 if low_e is None or key < low_e:
                     low_e = key
             if room > 0:  # a private copy: the caller keeps its Job
@@ -978,11 +992,49 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         assignee_id: str,
         now: datetime,
     ) -> list[Job]:
-        """Stage the assignment of ``picked`` in ``w``; copies of the jobs as claimed."""
-        for found in picked:
-            self._stage_move(w, found, ASSIGN, now, assignee_id=assignee_id)
+        """Stage the assignment of ``picked`` in ``w``; copies of the jobs as claimed.
+
+        The move of ASSIGN with its key and counter changes made here at once (as the
+        memory backend's claim does), not through the generic ``_stage_move``: the
+        picked jobs are due and eligible, and every one goes to RUNNING of the same
+        assignee, so their new keys share a prefix and their counter moves add up."""
+        if not picked:
+            w.scanned = scanned
+            return []
+        put, delete, touched, promoted = w.put, w.delete, w.touched, w.promoted
+        values = w.counts.values
+        assignee = _ASSIGNEE + codec.enc(assignee_id)
+        listed = _LIST_STATUS_OF[_RUNNING]
+        out: list[Job] = []
+        for rec in picked:
+            job = rec.job
+            old_code = codec.CODE_OF[job.status]
+            for key in rec.index_keys(promoted):
+                delete(key)
+            # (ASSIGN counts no retry: only the status counters move.)
+            new = apply_transition(job, ASSIGN, now, assignee_id=assignee_id)
+            assert new is JobStatus.RUNNING
+            values[old_code] -= 1
+            values[_RUNNING] += 1
+            for tag in job.tags:
+                counters = w.tag_counts.get(tag)
+                if counters is None:
+                    counters = w.tag_counts[tag] = codec.Counters()
+                counters.values[old_code] -= 1
+                counters.values[_RUNNING] += 1
+            idb = rec.idb
+            keys = rec.keys = [assignee + idb, listed + rec.tail]
+            put(keys[0], b"")
+            put(keys[1], b"")
+            static = rec.static
+            if static is None:
+                static = rec.static = codec.job_static(job)
+            put(_JOB + idb, codec.encode_job(job, rec.seq, static))
+            touched[job.id] = rec
+            out.append(job.copy())  # the staged objects stay in the cache
+        w.eligible_moved = True
         w.scanned = scanned
-        return [rec.job.copy() for rec in picked]  # the staged objects stay in the cache
+        return out
 
     def _stage_refill(
         self, w: _Write, refill: Refill, limit: int, now: datetime
