@@ -8,7 +8,6 @@ only when told to, so nothing waits for a schedule to come due.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -36,18 +35,70 @@ class Clock(Protocol):
         ...
 
 
-#: How early :class:`SystemClock` sets the event loop's timer. The loop's selector
-#: waits in whole milliseconds rounded up, so a timer fires up to 1 ms late (0.5 ms
-#: on average, before any scheduling delay); set this much early, the timer sleeps
-#: the rest precisely (``time.sleep``), blocking the loop for at most this long.
+#: How much of a wait :class:`SystemClock` leaves to a precise sleep (``time.sleep``,
+#: blocking the loop for at most this long). The loop's selector waits in whole
+#: milliseconds, rounded up, so a timer left to the loop alone fires up to 1 ms late.
 TIMER_LEAD: float = 0.001
+#: A microsecond's give in the comparisons with ``TIMER_LEAD`` (float sums of waits).
+_SLACK: float = 1e-6
 
 
-def _on_time(when: datetime, callback: Callable[[], None]) -> None:
-    rest = (when - utcnow()).total_seconds()
-    if rest > 0:
-        time.sleep(min(rest, TIMER_LEAD))
-    callback()
+def _whole_ms_exact(ms: int) -> bool:
+    """Whether a wait of ``ms`` milliseconds reaches the selector as ``ms``: asyncio
+    passes it on as ``ms * 1e-3`` seconds, and CPython's ``epoll``/``poll`` turn that
+    into nanoseconds and then milliseconds rounding up, so where the float product is
+    a hair over (9, 13, 18, 26, 36, 52, ... ms) the wait is one millisecond longer.
+    (The comparison repeats C's double arithmetic.)"""
+    return ms * 1e-3 * 1e9 <= ms * 1e6
+
+
+def _loop_wait(rest: float) -> float | None:
+    """The delay to give the loop for a time ``rest`` seconds away, so that it wakes
+    at or before that time however it rounds (``None``: within ``TIMER_LEAD``, wait
+    no more in the loop).
+
+    Over two leads away, two leads early: the selector's rounding up to whole
+    milliseconds (under 1 ms) and its float slip (1 ms more where the count is one
+    that :func:`_whole_ms_exact` rejects) both land before the time. Then, within
+    two leads, one lead early: what is left then is a millisecond or less, a wait the
+    selector makes exactly 1 ms (a count it keeps). So a timer wakes the loop once
+    or twice and sleeps at most ``TIMER_LEAD``, whenever the loop gets to select."""
+    if rest <= TIMER_LEAD + _SLACK:
+        return None
+    if rest <= 2 * TIMER_LEAD + _SLACK:
+        return rest - TIMER_LEAD
+    return rest - 2 * TIMER_LEAD
+
+
+class _Timer:
+    """One :meth:`SystemClock.call_at`: waits in the loop until ``when`` is within
+    ``TIMER_LEAD`` (:func:`_loop_wait`), then sleeps the rest precisely."""
+
+    __slots__ = ("_callback", "_handle", "_loop", "_when")
+
+    def __init__(self, when: datetime, callback: Callable[[], None]) -> None:
+        self._when = when
+        self._callback = callback
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.Handle = self._stage()
+
+    def _stage(self) -> asyncio.Handle:
+        delay = _loop_wait((self._when - utcnow()).total_seconds())
+        if delay is None:
+            return self._loop.call_soon(self._fire)
+        return self._loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        rest = (self._when - utcnow()).total_seconds()
+        if rest > TIMER_LEAD + _SLACK:  # the first of two waits in the loop
+            self._handle = self._stage()
+            return
+        if rest > 0:
+            time.sleep(rest)
+        self._callback()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class SystemClock:
@@ -58,8 +109,5 @@ class SystemClock:
 
     def call_at(self, when: datetime, callback: Callable[[], None]) -> TimerHandle:
         """Call ``callback`` on the running loop at ``when``: never before it, and
-        without the loop's millisecond rounding (see :data:`TIMER_LEAD`)."""
-        delay = (when - utcnow()).total_seconds() - TIMER_LEAD
-        return asyncio.get_running_loop().call_later(
-            max(0.0, delay), functools.partial(_on_time, when, callback)
-        )
+        without the loop's millisecond rounding (see :class:`_Timer`)."""
+        return _Timer(when, callback)

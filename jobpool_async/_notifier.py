@@ -129,6 +129,9 @@ class Notifier:
         async with self._cond:
             if sub.flag or sub.closed:
                 return True
+            if poll_interval is None:  # (no timeout context: one per wait, for nothing)
+                await self._cond.wait_for(lambda: sub.flag or sub.closed)
+                return True
             try:
                 async with asyncio.timeout(poll_interval):
                     await self._cond.wait_for(lambda: sub.flag or sub.closed)

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
+from ._eager import start
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -324,20 +325,30 @@ class PoolQueue:
         if tagsets or freed:
             await self._notifier.publish(tagsets=tagsets, subs=freed)
 
-    def _observed(self, call: Coroutine[Any, Any, _Outcome]) -> asyncio.Future[_Outcome]:
+    async def _observed(self, call: Coroutine[Any, Any, _Outcome]) -> _Outcome:
         """Run a backend call that moves jobs; its moves are noted when it finishes,
         before its caller resumes, and also if the caller was cancelled meanwhile
-        (else a completed job would keep its stream's slot for ever)."""
-        task = asyncio.ensure_future(call)
+        (else a completed job would keep its stream's slot for ever). A call that
+        finishes without suspending (memory) is noted at once, with no task."""
+        started = start(call)
+        if started.done:
+            outcome = started.result()
+            self._moves_seen(outcome)
+            return outcome
+        task = started.task
+        assert task is not None
         task.add_done_callback(self._moves_done)  # before shield's: runs first
-        return asyncio.shield(task)
+        return await asyncio.shield(task)
 
     def _moves_done(
         self, task: asyncio.Future[ApplyOutcome] | asyncio.Future[SelectOutcome]
     ) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        tagsets, freed = self._note(task.result().moved)
+        self._moves_seen(task.result())
+
+    def _moves_seen(self, outcome: ApplyOutcome | SelectOutcome) -> None:
+        tagsets, freed = self._note(outcome.moved)
         self._notifier.publish_soon(tagsets=tagsets, subs=freed)
 
     def _note(self, moved: Iterable[Moved]) -> tuple[list[tuple[str, ...]], list[Subscription]]:
@@ -605,26 +616,42 @@ class PoolQueue:
         reserved = [(i, stream._held[i]) for i in ids]
         stream._reserve(reserved)
         stream._extra += extra
-        task = asyncio.ensure_future(self._backend.apply(changes, self._now(), refill))
+        started = start(self._backend.apply(changes, self._now(), refill))
+        if started.done:  # (memory) no task: nothing can come between the call and this
+            self._refill_ended(stream, reserved, extra)
+            outcome = started.result()
+            self._refilled(stream, outcome)
+            return outcome
+        task = started.task
+        assert task is not None
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
-        task.add_done_callback(functools.partial(self._refilled, stream, reserved, extra))
+        task.add_done_callback(functools.partial(self._refill_done, stream, reserved, extra))
         return await asyncio.shield(task)
 
-    def _refilled(
+    def _refill_done(
         self,
         stream: JobStream,
         reserved: list[tuple[str, datetime | None]],
         extra: int,
         task: asyncio.Task[ApplyOutcome],
     ) -> None:
-        """Done callback of a refilling apply (runs even if its caller was cancelled):
-        observe its moves and hand its claimed jobs to the stream, or give them back."""
+        """Done callback of a refilling apply (runs even if its caller was cancelled)."""
+        self._refill_ended(stream, reserved, extra)
+        if not task.cancelled() and task.exception() is None:
+            self._refilled(stream, task.result())
+
+    def _refill_ended(
+        self, stream: JobStream, reserved: list[tuple[str, datetime | None]], extra: int
+    ) -> None:
+        """A refilling apply ended (whether or not it was written): its slots are the
+        stream's again."""
         stream._extra -= extra
         if stream._unreserve(reserved) or extra:  # slots that ended meanwhile are free now
             self._notifier.publish_soon(subs=[stream._sub])
-        if task.cancelled() or task.exception() is not None:
-            return
-        outcome = task.result()
+
+    def _refilled(self, stream: JobStream, outcome: ApplyOutcome) -> None:
+        """Observe a refilling apply's moves and hand its claimed jobs to the stream,
+        or give them back."""
         # Moves first: a job the apply made eligible may be among those claimed.
         tagsets, freed = self._note(outcome.moved)
         for job in outcome.claimed:
@@ -1226,13 +1253,19 @@ class JobStream:
         return jobs
 
     async def _claim(self, limit: int) -> list[Job]:
-        task = asyncio.ensure_future(self._queue._assign(self, limit))
-        self._track(task)
+        started = start(self._queue._assign(self, limit))
         try:
-            jobs = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_abandoned)
-            raise
+            if started.done:  # (memory) no task: nothing can come between
+                jobs = started.result()
+            else:
+                task = started.task
+                assert task is not None
+                self._track(task)
+                try:
+                    jobs = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    task.add_done_callback(self._release_abandoned)
+                    raise
         except QueueClosedError:
             raise StopAsyncIteration from None  # the queue closed before the claim began
         if self._closed and jobs:

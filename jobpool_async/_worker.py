@@ -31,15 +31,15 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Self
 
 from ._config import Config
+from ._eager import resume
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
 from ._leases import unique_id
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
@@ -86,30 +86,6 @@ class _Runner:
     wake: asyncio.Future[None] | None = None
     #: Cancelled for its job: ends once that job is recorded, takes no other.
     retired: bool = False
-
-
-@types.coroutine
-def _resume(
-    coro: Coroutine[Any, Any, None], run: Callable[..., Any], value: Any
-) -> Generator[Any, Any, None]:
-    """Drive ``coro`` on from a suspension at which it yielded ``value``, every step
-    in its own context (``run``): ``yield from`` by hand, as the job's task would."""
-    while True:
-        try:
-            sent = yield value
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # CancelledError above all: it goes to the job
-            try:
-                value = run(coro.throw, exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                value = run(coro.send, sent)
-            except StopIteration:
-                return
 
 
 class _Outcome(NamedTuple):
@@ -408,7 +384,7 @@ class Worker:
 
         Each job's ``_execute`` is stepped here, in a context of its own, up to its
         first suspension; one that suspends keeps this runner (another takes the
-        queue meanwhile) and is driven on by :func:`_resume`."""
+        queue meanwhile) and is driven on by :func:`~jobpool_async._eager.resume`."""
         queued = self._queued
         task = runner.task
         assert task is not None and self._context is not None
@@ -428,7 +404,7 @@ class Worker:
                     self._pullers -= 1
                     while self._pullers < len(queued):  # (their jobs may suspend too:
                         self._add_puller()  # all start in the next loop iteration)
-                    await _resume(coro, run, first)
+                    await resume(coro, first, run)
                     if runner.retired or task.cancelling():
                         return  # a cancellation was meant for that job: end with it
                     runner.pulling = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from datetime import datetime, timedelta
 
+from jobpool_async._clock import TIMER_LEAD, _loop_wait, _whole_ms_exact
 from jobpool_async.backends.base import SystemClock, utcnow
 
 DEADLINE = 10.0
@@ -45,3 +47,42 @@ async def test_a_past_time_fires_at_once_and_a_cancelled_timer_never() -> None:
     clock.call_at(utcnow() + timedelta(milliseconds=5), later.set)
     await asyncio.wait_for(later.wait(), DEADLINE)
     assert calls == ["past"]
+
+
+def _selector_wait(timeout: float) -> float:
+    """Seconds the loop really waits for ``timeout``, as CPython 3.11 on Linux rounds
+    it: ``selectors`` up to whole milliseconds (``math.ceil(t * 1e3) * 1e-3``), then
+    ``epoll.poll`` to nanoseconds and milliseconds, both up."""
+    seconds = math.ceil(timeout * 1e3) * 1e-3
+    nanoseconds = math.ceil(seconds * 1e9)
+    return -(-nanoseconds // 1_000_000) / 1000
+
+
+def test_the_selector_rounding_this_models_is_real() -> None:
+    """The reason for the care below: 9 ms reaches epoll as 10 (the float 9 * 1e-3
+    is a hair over 0.009), 10 ms as 10."""
+    assert _selector_wait(0.0089) == 0.010
+    assert _selector_wait(0.0099) == 0.010
+    assert _selector_wait(0.0005) == 0.001
+    assert not _whole_ms_exact(9) and _whole_ms_exact(10) and _whole_ms_exact(1)
+
+
+def test_the_loop_never_waits_past_the_time() -> None:
+    """For every time up to 200 ms away (in 10 us steps) and a select that starts up to
+    3 ms after the timer was set: each wait in the loop ends at or before the time
+    (or at once, where the loop selects only after it), and a second wait (at most
+    one) leaves at most ``TIMER_LEAD`` to sleep."""
+    assert _loop_wait(0.0009) is None
+    for step in range(1, 20_000):
+        rest = step * 1e-5
+        for late in (0.0, 0.00005, 0.0003, 0.0009, 0.003):
+            left, waits = rest, 0
+            while (delay := _loop_wait(left)) is not None:
+                waits += 1
+                remaining = delay - late
+                woke = late + (_selector_wait(remaining) if remaining > 0 else 0.0)
+                assert woke <= max(left, late) + 1e-9, (rest, late, left, woke)
+                left -= woke
+            assert waits <= 2, (rest, late, waits)
+            assert left <= TIMER_LEAD + 2e-6, (rest, late, left)
+            assert left >= -1e-9 or late > 0, (rest, late, left)

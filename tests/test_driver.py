@@ -32,6 +32,8 @@ WHITE_BOX = {
     "tests/test_config.py": {"jobpool_async._config"},
     "tests/test_leases.py": {"jobpool_async._leases"},
     "tests/test_notifier.py": {"jobpool_async._notifier"},
+    "tests/test_clock.py": {"jobpool_async._clock"},
+    "tests/test_queue_eager.py": {"jobpool_async._eager"},
     "tests/test_memory_backend.py": {"jobpool_async.backends.memory._Lazy"},
     "tests/test_worker_thread.py": {"jobpool_async.backends._thread"},
     "tests/test_leveldb.py": {"jobpool_async.backends._leveldb_codec"},

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
+from jobpool_async.backends.base import ApplyOutcome
 from jobpool_async.testing import DEADLINE, PauseAfter, next_batch
 
 S = JobStatus
@@ -33,11 +33,9 @@ async def _give_back_a_refill(
             await asyncio.sleep(0)
     refilled, assign = queue._refilled, queue._assign
 
-    def refilled_then_cancel(
-        s: JobStream, reserved: Any, extra: int, task: asyncio.Task[Any]
-    ) -> None:
-        refilled(s, reserved, extra, task)
-        if not task.cancelled() and task.exception() is None and task.result().claimed:
+    def refilled_then_cancel(s: JobStream, outcome: ApplyOutcome) -> None:
+        refilled(s, outcome)
+        if outcome.claimed:
             waiting.cancel()
 
     async def assign_then_cancel(s: JobStream, limit: int) -> list[Job]:
