@@ -26,6 +26,7 @@ from jobpool_async import (
     open_backend,
 )
 from jobpool_async.backends import sqlite as sq
+from jobpool_async.backends.base import check_new_job
 from jobpool_async.backends.sqlite import SQLiteBackend
 
 S = JobStatus
@@ -544,6 +545,60 @@ async def test_claim_work_does_not_grow_with_finished_jobs(tmp_path: Path) -> No
         assert after <= before * 1.2 + 50, (empty, full)
 
 
+def mixed_shapes(n: int, prefix: str, start: datetime) -> list[Job]:
+    """Jobs of every row shape an insert has: plain, a priority, a schedule (past or
+    future), an attempt limit, and their mixes, tagged or not, in a rotating order."""
+    out = []
+    for i in range(n):
+        kind = i % 6
+        out.append(
+            Job(
+                id=f"{prefix}-{i}",
+                job_type="t",
+                job_definition=bytes([i % 256]),
+                tags=["x", f"t{i % 3}"] if i % 4 == 0 else [],
+                priority=0 if kind == 0 else (i % 7) - 3,
+                scheduled_at=start + timedelta(seconds=i - n // 2) if kind in (2, 4) else None,
+                max_attempts=1 + i % 5 if kind in (3, 4) else None,
+            )
+        )
+    return out
+
+
+async def test_jobs_of_every_row_shape_round_trip_in_one_batch(queue: PoolQueue) -> None:
+    """A batch mixing plain jobs with priorities, schedules and attempt limits is
+    inserted shape by shape (no NULL is bound); every field comes back exactly, a
+    scheduled job waits until its ``scheduled_at`` (its tags are not eligible), the
+    others are eligible at once."""
+    start = datetime.now(UTC)
+    batch = mixed_shapes(600, "m", start)  # several chunks of each shape
+    await queue.enqueue_jobs(batch)
+    assert await queue.get_jobs([j.id for j in batch]) == batch
+    backend = queue.backend
+    assert isinstance(backend, SQLiteBackend)
+    stored = {
+        row[0]: row[1:]
+        for row in await sql(backend, "SELECT id, wait_until, priority, seq FROM jobs")
+    }
+    tagged = dict(await sql(backend, "SELECT seq || ' ' || tag, sort_key FROM job_tags"))
+    for job in batch:
+        wait, priority, seq = stored[job.id]
+        assert wait == (None if job.scheduled_at is None else sq._us(job.scheduled_at))
+        assert (
+            priority == job.priority
+            and seq >> sq._ORDER_BITS == sq._cluster(job.priority) >> sq._ORDER_BITS
+        )
+        for tag in job.tags:
+            due = None if job.scheduled_at is not None else sq._us(job.created_at)
+            assert tagged[f"{seq} {tag}"] == due
+    # a duplicate in the last shape's rows: nothing of the batch stays
+    again = mixed_shapes(300, "n", start)
+    again[-1] = Job(id="m-5", job_type="t", priority=2, scheduled_at=start, max_attempts=2)
+    with pytest.raises(DuplicateJobError):
+        await queue.enqueue_jobs(again)
+    assert (await queue.get_job_stats()).total_jobs == len(batch)
+
+
 async def test_rows_of_one_priority_are_stored_together_in_enqueue_order(
     queue: PoolQueue,
 ) -> None:
@@ -636,6 +691,41 @@ async def test_idle_poll_takes_no_write_lock(tmp_path: Path) -> None:
             blocker.close()
     finally:
         await backend.close()
+
+
+def test_a_claim_promotes_and_claims_in_one_commit(tmp_path: Path) -> None:
+    """A claim that finds waiting jobs come due promotes and claims them in one write
+    transaction (one commit); with nothing come due it only reads before its claim."""
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    sq._open_store(conn, str(path), "NORMAL", 5000)
+    now = datetime.now(UTC)
+    later = now + timedelta(seconds=5)
+    waiting = [
+        check_new_job(Job(id=f"w{i}", job_type="t", scheduled_at=at))
+        for i, at in enumerate([now, now, later])
+    ]
+    sq._transaction(conn, sq._insert, waiting)
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    rows, next_due = sq._claim_promoting(conn, "a", (), 5, sq._us(now), True, True)
+    conn.set_trace_callback(None)
+    assert sorted(row[0] for row in rows) == ["w0", "w1"]
+    assert next_due == sq._us(later)
+    # (the trace repeats a statement for each row its trigger's program runs for)
+    writes = [i for i, s in enumerate(seen) if s.startswith("UPDATE")]
+    assert len({seen[i] for i in writes}) == 2  # the promotion, then the claim
+    begin, commit = seen.index("BEGIN IMMEDIATE"), seen.index("COMMIT")
+    assert begin < writes[0] and writes[-1] < commit
+    assert seen.count("BEGIN IMMEDIATE") == 1 and seen.count("COMMIT") == 1
+    # nothing came due: no transaction, no promotion, the claim finds nothing
+    seen.clear()
+    conn.set_trace_callback(seen.append)
+    rows, next_due = sq._claim_promoting(conn, "a", (), 5, sq._us(now) + 1, True, True)
+    conn.set_trace_callback(None)
+    assert rows == [] and next_due == sq._us(later)
+    assert not [s for s in seen if s.startswith(("BEGIN", "UPDATE"))]
+    conn.close()
 
 
 # --- listing by status (store version 5: jobs_list_prio) ------------------------------------
