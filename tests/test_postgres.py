@@ -1146,6 +1146,70 @@ async def test_calls_of_several_transitions_in_opposite_orders_never_deadlock(
         await b.close()
 
 
+async def _blocked_on_locks(dsn: str, b: PostgresBackend, count: int) -> None:
+    """Wait until ``count`` sessions of ``b``'s store wait for a lock (or fail at the
+    deadline)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND application_name = $1",
+                b.application_name,
+            )
+            if waiting >= count:
+                return
+            assert time.monotonic() < deadline, f"{waiting} of {count} sessions waiting"
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("refill", [False, True], ids=["plain", "refill"])
+async def test_one_statement_calls_in_opposite_orders_never_deadlock(
+    dsn: str, schema: str, refill: bool
+) -> None:
+    """A call whose changes share one transition is one statement; it must lock its jobs
+    in key order whatever join the planner picks for its size (here ten running jobs of
+    one worker: a plan may read them through the assignee index, in the order the rows
+    were written, the reverse of the key order). A third session holds a middle job, so
+    the ten-job call takes the jobs on one side of it and waits; a two-job call naming
+    jobs on both sides then takes one and waits for the other. Were the two calls'
+    orders not the same, releasing the middle job would make them wait for each other:
+    PostgreSQL would abort one with a deadlock (a StorageError for its caller)."""
+    a, b = backend(dsn, schema), backend(dsn, schema)
+    await a.open()
+    await b.open()
+    holder = await asyncpg.connect(dsn)
+    try:
+        now = datetime.now(UTC)
+        ids = [f"k{i:03d}" for i in range(300)]
+        await a.insert([Job(i, "t") for i in reversed(ids)])  # written in reverse order
+        assert len(await a.claim("w", [], len(ids), now)) == len(ids)
+        await holder.execute(f'ANALYZE "{schema}".jobs')
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(f"SELECT 1 FROM \"{schema}\".jobs WHERE id = 'k105' FOR UPDATE")
+        ten = ids[100:110]
+        fill = Refill("w", (), frozenset(ids)) if refill else None
+        large = asyncio.ensure_future(a.apply([Change(i, WORKER_LOST) for i in ten], now, fill))
+        await _blocked_on_locks(dsn, a, 1)
+        two = ["k101", "k108"]
+        small = asyncio.ensure_future(b.apply([Change(i, WORKER_LOST) for i in two], now, fill))
+        await _blocked_on_locks(dsn, a, 2)
+        await lock.rollback()
+        first, second = await asyncio.gather(large, small)  # no StorageError (deadlock)
+        # each job moved once, by whichever call locked it first; the other's error
+        assert sorted(m.job_id for m in [*first.moved, *second.moved]) == ten
+        assert sorted([*(m.job_id for m in first.moved), *first.errors]) == ten
+        assert sorted([*(m.job_id for m in second.moved), *second.errors]) == two
+    finally:
+        await holder.close()
+        await a.close()
+        await b.close()
+
+
 async def test_a_workers_jobs_are_found_by_index_whatever_the_length_of_its_id(
     dsn: str, schema: str
 ) -> None:

@@ -131,7 +131,8 @@ _REFILLED = JobColumns.of(CLAIMED_FIELDS, REFILL_START)
 
 # Lock ordering: every statement that may wait for row locks on several jobs takes
 # them in ``id_key`` order, so two batch calls never deadlock: ``apply`` walks its
-# input sorted by key; selections and deletes lock first with a
+# input sorted by key in a join that can only be a nested loop over it (see
+# ``_statements.LOCK_ORDER``); selections and deletes lock first with a
 # ``SELECT … ORDER BY id_key FOR UPDATE`` CTE that the UPDATE/DELETE waits for.
 # Claims use SKIP LOCKED and never wait at all.
 
