@@ -698,6 +698,7 @@ class QueueMachine(RuleBasedStateMachine):
             return
         if target is not job.status and target not in UPDATE_ALLOWED[job.status]:
             self.expect_error(error, ("invalid", job_id, job.status, target))
+            self.refill(before, now, [job_id])  # the stream's free slots, as lifecycle calls
             return
         self.expect_error(error, None)
         job.move(target, now)
