@@ -18,6 +18,11 @@ with the OpenTelemetry wrapper turned off, ``hand-future`` runs the hand loop on
 store already holding ``--future`` jobs scheduled a day ahead (enqueued by another
 backend before the arm's own opens, so neither clock nor CPU counts them): claims
 must not scan them (issue #16), so its CPU per job should match ``hand``'s.
+
+Arms ``plain``, ``mixed``, ``priorities`` and ``scheduled`` run the workload of
+``benchmarks.schedules`` instead (jobs enqueued while one stream drains them), plain,
+mixed (random priorities and 20% scheduled), and with each half of that alone: what
+the mixed workload's server and client CPU go to (issue #16).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -155,6 +161,52 @@ async def _ours(dsn: str, body: Body, n: int, drop: str = "", future: int = 0) -
     return n / seconds, cpu / n * 1e6, backend.server / n * 1e6, wal / n
 
 
+def _mixed(priorities: bool, scheduled: bool) -> Body:
+    """The workload of ``benchmarks.schedules`` (one stream of 10 slots takes jobs that
+    are enqueued in batches of 1,000 while it runs, completing each batch in one call),
+    with random priorities (-100 … 100), with 20% of the jobs scheduled up to 50 ms in
+    the past (each waits, then a claim promotes it), both (its mixed workload), or
+    neither (its plain one): which part of the mixed workload's cost is whose (issue
+    #16). The jobs are built before the stream starts."""
+
+    async def body(backend: PostgresBackend, n: int, slots: int, time_limit: float) -> Outcome:
+        rng = random.Random(7)
+        prefix, at = uuid.uuid4().hex[:6], datetime.now(UTC)
+        later = set(rng.sample(range(n), n // 5)) if scheduled else set()
+        jobs = [
+            Job(
+                id=f"{prefix}-{i}",
+                job_type="bench",
+                priority=rng.randint(-100, 100) if priorities else 0,
+                scheduled_at=at - timedelta(milliseconds=rng.uniform(0, 50))
+                if i in later
+                else None,
+            )
+            for i in range(n)
+        ]
+        done: list[str] = []
+        t0 = time.perf_counter()
+        async with PoolQueue(backend, lease=None) as queue:
+
+            async def consume() -> None:
+                async with queue.stream_jobs("bench", max_assigned_jobs=slots) as stream:
+                    async for batch in stream:
+                        await queue.complete_jobs({j.id: b"" for j in batch})
+                        done.extend(j.id for j in batch)
+                        if len(done) >= n:
+                            return
+
+            task = asyncio.create_task(consume())
+            for start in range(0, n, 1000):
+                await queue.enqueue_jobs(jobs[start : start + 1000])
+            await asyncio.wait_for(task, time_limit)
+            stats = await queue.get_job_stats()
+        problem = "" if stats.completed_jobs == n else f"{stats.completed_jobs} of {n} completed"
+        return Outcome(n, time.perf_counter() - t0, problem=problem)
+
+    return body
+
+
 async def _untraced(dsn: str, n: int) -> Result:
     saved = _tracing.trace
     _tracing.trace = None  # type: ignore[assignment]
@@ -217,6 +269,10 @@ async def _main(argv: list[str] | None, revision: str) -> tuple[str, str]:
         "hand-noidle": lambda: _ours(dsn, drain_stream, n, _IDLE),
         "worker-notrace": lambda: _untraced(dsn, n),
         "hand-future": lambda: _ours(dsn, drain_stream, n, future=args.future),
+        "plain": lambda: _ours(dsn, _mixed(False, False), n),
+        "mixed": lambda: _ours(dsn, _mixed(True, True), n),
+        "priorities": lambda: _ours(dsn, _mixed(True, False), n),
+        "scheduled": lambda: _ours(dsn, _mixed(False, True), n),
     }
     arms = {name: every[name] for name in args.arms.split(",")}
     load_before = os.getloadavg()

@@ -382,7 +382,9 @@ def test_postgres_cpu_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     from benchmarks import postgres_cpu
 
     out = tmp_path / "cpu.md"
-    arms = "hand,worker,floor,hand-noidle,worker-notrace,hand-future"
+    arms = (
+        "hand,worker,floor,hand-noidle,worker-notrace,hand-future,plain,mixed,priorities,scheduled"
+    )
     dsn = os.environ["JOBPOOL_TEST_POSTGRES_DSN"]
     sizes = ["--jobs", "200", "--rounds", "1", "--future", "300"]
     postgres_cpu.main([*sizes, "--arms", arms, "--postgres-dsn", dsn, "--out", str(out)])
