@@ -414,3 +414,13 @@ async def test_sqlite_profile_runs_at_tiny_sizes(tmp_path: Path) -> None:
         row = data["end_to_end"][label]
         assert 0 < row["storage_thread_cpu_us_per_job"] < row["process_cpu_us_per_job"]
     assert "where the time goes" in out.with_suffix(".md").read_text()
+
+
+def test_sqlite_cost_runs_each_phase_at_tiny_sizes() -> None:
+    """benchmarks.sqlite_cost (counted under callgrind) runs both phases of both
+    workloads; its claim cycle raises unless every job went through."""
+    from benchmarks import sqlite_cost
+
+    for kind in ("plain", "mixed"):
+        for phase in ("enqueue", "cycle"):
+            sqlite_cost.main([kind, phase, "--jobs", "120"])
