@@ -7,6 +7,9 @@ import functools
 import math
 from datetime import datetime, timedelta
 
+import pytest
+
+from jobpool_async import _clock
 from jobpool_async._clock import TIMER_LEAD, _loop_wait, _whole_ms_exact
 from jobpool_async.backends.base import SystemClock, utcnow
 
@@ -86,3 +89,56 @@ def test_the_loop_never_waits_past_the_time() -> None:
             assert waits <= 2, (rest, late, waits)
             assert left <= TIMER_LEAD + 2e-6, (rest, late, left)
             assert left >= -1e-9 or late > 0, (rest, late, left)
+
+
+class _FakeTime:
+    """``monotonic`` and ``sleep`` for the sleep budget alone: sleeping moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds + 50e-6  # a short sleep overshoots: the budget charges it
+        self.slept += seconds + 50e-6
+
+
+def test_the_precise_sleeps_take_a_bounded_share_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timers due every 0.3 ms, each asking for a 0.25 ms sleep: the loop is blocked
+    for at most ``SLEEP_SHARE`` of the time (plus one burst), not most of it."""
+    fake = _FakeTime()
+    monkeypatch.setattr(_clock, "time", fake)
+    budget = _clock._SleepBudget()
+    start, asked = fake.now, 0
+    while fake.now - start < 10.0:
+        asked += budget.sleep(0.00025)
+        fake.now += 0.0003
+    elapsed = fake.now - start
+    assert fake.slept <= _clock.SLEEP_SHARE * elapsed + _clock.SLEEP_BURST + 1e-9, fake.slept
+    assert fake.slept >= 0.8 * _clock.SLEEP_SHARE * elapsed, "the budget is used, not starved"
+    assert asked < elapsed / 0.0003 / 4
+
+
+async def test_past_its_sleep_budget_a_timer_waits_in_the_loop_never_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spent = _clock._SleepBudget()
+    spent._left = 0.0
+    monkeypatch.setattr(_clock, "_BUDGET", spent)
+    monkeypatch.setattr(_clock, "SLEEP_SHARE", 0.0)  # never refilled
+    clock = SystemClock()
+    for delay_ms in (0.2, 1, 3):
+        fired: asyncio.Future[datetime] = asyncio.get_running_loop().create_future()
+        when = utcnow() + timedelta(milliseconds=delay_ms)
+
+        def note(f: asyncio.Future[datetime] = fired) -> None:
+            f.set_result(utcnow())
+
+        clock.call_at(when, note)
+        assert await asyncio.wait_for(fired, DEADLINE) >= when
+    assert spent._left == 0.0, "no sleep was taken past the budget"
