@@ -18,7 +18,7 @@ import types
 from datetime import timedelta
 
 from jobpool_async import Job, MemoryBackend, PoolQueue, _clock
-from jobpool_async._models import utcnow
+from jobpool_async.backends.base import utcnow
 
 
 async def drain(jobs: int, step_ms: float) -> tuple[float, int, float]:

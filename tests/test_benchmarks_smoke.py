@@ -424,16 +424,3 @@ def test_sqlite_cost_runs_each_phase_at_tiny_sizes() -> None:
     for kind in ("plain", "mixed"):
         for phase in ("enqueue", "cycle"):
             sqlite_cost.main([kind, phase, "--jobs", "120"])
-
-
-async def test_dense_timers_counts_the_clocks_sleeps_and_restores_its_time() -> None:
-    """``benchmarks.dense_timers``: every job drained, the clock's sleeps counted within
-    its budget, and the clock's ``time`` put back after."""
-    from benchmarks import dense_timers
-    from jobpool_async import _clock
-
-    before = vars(_clock)["time"]
-    took, count, slept = await dense_timers.drain(40, 2.0)
-    assert vars(_clock)["time"] is before
-    assert took > 0.04  # the last job comes due 78 ms after the first
-    assert 0 <= slept <= _clock.SLEEP_SHARE * (took + 0.2) + _clock.SLEEP_BURST + count * 1e-3

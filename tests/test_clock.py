@@ -142,3 +142,15 @@ async def test_past_its_sleep_budget_a_timer_waits_in_the_loop_never_early(
         clock.call_at(when, note)
         assert await asyncio.wait_for(fired, DEADLINE) >= when
     assert spent._left == 0.0, "no sleep was taken past the budget"
+
+
+async def test_dense_timers_counts_the_clocks_sleeps_and_restores_its_time() -> None:
+    """``benchmarks.dense_timers``: every job drained, the clock's sleeps counted within
+    its budget, and the clock's ``time`` put back after."""
+    from benchmarks import dense_timers
+
+    before = vars(_clock)["time"]
+    took, count, slept = await dense_timers.drain(40, 2.0)
+    assert vars(_clock)["time"] is before
+    assert took > 0.04  # the last job comes due 78 ms after the first
+    assert 0 <= slept <= _clock.SLEEP_SHARE * (took + 0.2) + _clock.SLEEP_BURST + count * 1e-3
