@@ -44,6 +44,7 @@ from jobpool_async.backends.base import (
     Moved,
     Refill,
     Selection,
+    check_new_job,
 )
 from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
 
@@ -1496,3 +1497,34 @@ async def test_self_vacuum_pauses_as_autovacuum_does(
         assert stats.completed_jobs == 2000
     finally:
         await q.close()
+
+
+async def test_a_job_scheduled_while_a_promotion_runs_is_not_forgotten(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promotion sets the backend's next due time from what its statement read. A
+    scheduled job inserted meanwhile, committed after that statement's snapshot, must
+    still be known as due: it was forgotten until the next probe, a second later (the
+    mixed workload, enqueueing while it drains, ran at 0.45 of the plain one)."""
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        await b.insert([check_new_job(Job("early", "t", scheduled_at=past))])
+        fetch = b._fetch
+        inserted: list[str] = []
+
+        async def fetch_then_insert(statement: str, *args: Any, **kwargs: Any) -> Any:
+            rows = await fetch(statement, *args, **kwargs)
+            if "SET wait_until = NULL" in statement and not inserted:
+                inserted.append("late")  # after the promotion's snapshot, before it ends
+                await b.insert([check_new_job(Job("late", "t", scheduled_at=past))])
+            return rows
+
+        monkeypatch.setattr(b, "_fetch", fetch_then_insert)
+        first = await b.claim("w", [], 10, datetime.now(UTC))
+        assert [j.id for j in first] == ["early"] and inserted == ["late"]
+        again = await b.claim("w", [], 10, datetime.now(UTC))
+        assert [j.id for j in again] == ["late"], "the job scheduled meanwhile was forgotten"
+    finally:
+        await b.close()

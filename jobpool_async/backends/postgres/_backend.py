@@ -235,6 +235,7 @@ class PostgresBackend(Backend):
         self._next_due: datetime | None = None
         self._probed_at = float("-inf")
         self._probe_now = True
+        self._learned = 0  # times _learn was told a due time (see _promote)
 
     def __repr__(self) -> str:
         return f"PostgresBackend(schema={self.schema!r})"
@@ -428,6 +429,7 @@ class PostgresBackend(Backend):
                 await self._call(lambda c: c.execute(*statement), False)
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 raise await self._duplicate(jobs, None) from None
+        self._learn_jobs(jobs)
 
     def check_connection(self, connection: object) -> None:
         if not isinstance(connection, asyncpg.Connection | _PoolConnectionProxy):
@@ -555,8 +557,18 @@ class PostgresBackend(Backend):
         return self._next_due
 
     def _learn(self, due: datetime | None) -> None:
-        if due is not None and (self._next_due is None or due < self._next_due):
-            self._next_due = due
+        if due is not None:
+            self._learned += 1
+            if self._next_due is None or due < self._next_due:
+                self._next_due = due
+
+    def _learn_jobs(self, jobs: Sequence[Job]) -> None:
+        """After an insert committed: its scheduled jobs' earliest time (learned again,
+        since a promotion that ran meanwhile may have read the store before the insert
+        committed and replaced what was learned before it)."""
+        due = [job.scheduled_at for job in jobs if job.scheduled_at is not None]
+        if due:
+            self._learn(min(due))
 
     def _should_promote(self, now: datetime) -> bool:
         due = self._next_due
@@ -578,9 +590,16 @@ class PostgresBackend(Backend):
                     ORDER BY wait_until LIMIT 1)"""
         self._probe_now = False
         self._probed_at = time.monotonic()
+        learned = self._learned
         with self._errors("promote"):
             rows = await self._fetch(sql, now, idempotent=True)
-        self._next_due = utc(rows[0][1])
+        after = utc(rows[0][1])
+        if self._learned != learned:  # a due time learned meanwhile (an insert that
+            # committed after this statement's snapshot) is not in ``after``: keep it
+            known = self._next_due
+            if known is not None and (after is None or known < after):
+                after = known
+        self._next_due = after
         self._changed_rows(int(rows[0][0]))
 
     async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
@@ -589,6 +608,7 @@ class PostgresBackend(Backend):
             return []
         with self._errors("insert"):
             rows = await self._fetch(*statement)
+        self._learn_jobs(jobs)
         inserted = set(rows[0][0] or ())
         return [job.id for job in jobs if job.id in inserted]
 
