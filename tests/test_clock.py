@@ -16,11 +16,9 @@ from jobpool_async.backends.base import SystemClock, utcnow
 DEADLINE = 10.0
 
 
-async def test_a_timer_never_fires_before_its_time() -> None:
-    """It is set 1 ms early (the loop rounds its waits up to whole milliseconds) and
-    sleeps the rest: the callback still never runs early."""
-    clock = SystemClock()
-    for delay_ms in (0.2, 1, 3, 7):
+async def _never_early(clock: SystemClock, delays_ms: tuple[float, ...]) -> None:
+    """A timer at each delay from now fires, and not before its time."""
+    for delay_ms in delays_ms:
         fired: asyncio.Future[datetime] = asyncio.get_running_loop().create_future()
         when = utcnow() + timedelta(milliseconds=delay_ms)
 
@@ -29,6 +27,12 @@ async def test_a_timer_never_fires_before_its_time() -> None:
 
         clock.call_at(when, note)
         assert await asyncio.wait_for(fired, DEADLINE) >= when
+
+
+async def test_a_timer_never_fires_before_its_time() -> None:
+    """It is set 1 ms early (the loop rounds its waits up to whole milliseconds) and
+    sleeps the rest: the callback still never runs early."""
+    await _never_early(SystemClock(), (0.2, 1, 3, 7))
 
 
 async def test_a_past_time_fires_at_once_and_a_cancelled_timer_never() -> None:
@@ -131,16 +135,7 @@ async def test_past_its_sleep_budget_a_timer_waits_in_the_loop_never_early(
     spent._left = 0.0
     monkeypatch.setattr(_clock, "_BUDGET", spent)
     monkeypatch.setattr(_clock, "SLEEP_SHARE", 0.0)  # never refilled
-    clock = SystemClock()
-    for delay_ms in (0.2, 1, 3):
-        fired: asyncio.Future[datetime] = asyncio.get_running_loop().create_future()
-        when = utcnow() + timedelta(milliseconds=delay_ms)
-
-        def note(f: asyncio.Future[datetime] = fired) -> None:
-            f.set_result(utcnow())
-
-        clock.call_at(when, note)
-        assert await asyncio.wait_for(fired, DEADLINE) >= when
+    await _never_early(SystemClock(), (0.2, 1, 3))
     assert spent._left == 0.0, "no sleep was taken past the budget"
 
 
