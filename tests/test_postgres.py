@@ -36,6 +36,7 @@ from jobpool_async import (
     open_backend,
 )
 from jobpool_async.backends.base import (
+    CANCEL,
     COMPLETE,
     FAIL,
     STOP,
@@ -1205,6 +1206,54 @@ async def test_one_statement_calls_in_opposite_orders_never_deadlock(
         assert sorted(m.job_id for m in [*first.moved, *second.moved]) == ten
         assert sorted([*(m.job_id for m in first.moved), *first.errors]) == ten
         assert sorted([*(m.job_id for m in second.moved), *second.errors]) == two
+    finally:
+        await holder.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_promotion_and_a_cancel_of_the_same_jobs_never_deadlock(
+    dsn: str, schema: str
+) -> None:
+    """A promotion (the claim's first statement when waiting jobs came due) must lock
+    its jobs in key order, as every other batch does: it finds them by ``wait_until``,
+    here the reverse of the key order. A third session holds a middle job, so the
+    promotion takes the jobs on one side of it and waits; a cancel of all ten (key
+    order) then takes those on the other side and waits too. Were the orders not the
+    same, releasing the middle job would make the two wait for each other: PostgreSQL
+    would abort one with a deadlock (a StorageError for its caller)."""
+    a, b = backend(dsn, schema), backend(dsn, schema)
+    await a.open()
+    await b.open()
+    holder = await asyncpg.connect(dsn)
+    try:
+        now = datetime.now(UTC)
+        ids = [f"k{i:03d}" for i in range(10)]
+        # k009 comes due first: the promotion reads them from k009 down; written in
+        # that order too, so a plan reading the table's order reads them so as well
+        await a.insert(
+            [
+                check_new_job(Job(i, "t", scheduled_at=now - timedelta(seconds=1 + n)))
+                for n, i in reversed(list(enumerate(ids)))
+            ]
+        )
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(f"SELECT 1 FROM \"{schema}\".jobs WHERE id = 'k005' FOR UPDATE")
+        claim = asyncio.ensure_future(a.claim("w", [], 10, now))  # promotes first
+        await _blocked_on_locks(dsn, a, 1)
+        cancel = asyncio.ensure_future(b.apply_selected(CANCEL, Selection(job_ids=tuple(ids)), now))
+        await _blocked_on_locks(dsn, a, 2)
+        await lock.rollback()
+        claimed, cancelled = await asyncio.gather(claim, cancel)  # no StorageError
+        # the cancel moved all ten: any the claim took (after the promotion, before
+        # the cancel locked them) to CANCELLING, the others to UNSCHEDULED
+        states = {m.job_id: m.status for m in cancelled.moved}
+        assert sorted(states) == ids
+        assert {j.id for j in claimed} == {
+            i for i, s in states.items() if s is JobStatus.CANCELLING
+        }
+        assert set(states.values()) <= {JobStatus.CANCELLING, JobStatus.UNSCHEDULED}
     finally:
         await holder.close()
         await a.close()

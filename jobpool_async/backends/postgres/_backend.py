@@ -580,11 +580,17 @@ class PostgresBackend(Backend):
 
     async def _promote(self, now: datetime) -> None:
         """Promote the waiting jobs due at ``now`` (one statement, through the waiting
-        index) and read the next due time."""
+        index) and read the next due time. It locks them in key order first, as every
+        batch here does (the waiting index reads them by due time: a cancel of the
+        same jobs could deadlock with it)."""
         t = self._t
+        due = f"{WAITING} AND wait_until <= $1::timestamptz"
         sql = f"""
-            WITH p AS (UPDATE {t} SET wait_until = NULL
-                       WHERE {WAITING} AND wait_until <= $1::timestamptz RETURNING 1)
+            WITH lk AS (SELECT id_key FROM {t} WHERE {due} ORDER BY id_key FOR UPDATE),
+            p AS (UPDATE {t} SET wait_until = NULL  -- found by their keys (IS TRUE: no
+                  -- partial index proven usable), not rescanning lk for each row
+                  WHERE id_key = ANY(ARRAY(SELECT id_key FROM lk)) AND ({due}) IS TRUE
+                  RETURNING 1)
             SELECT (SELECT count(*) FROM p),
                    (SELECT wait_until FROM {t} WHERE {WAITING} AND wait_until > $1::timestamptz
                     ORDER BY wait_until LIMIT 1)"""
