@@ -1212,20 +1212,49 @@ async def test_one_statement_calls_in_opposite_orders_never_deadlock(
         await b.close()
 
 
+async def _claim_beside_a_cancel(
+    dsn: str, schema: str, claimer: PostgresBackend, other: PostgresBackend, ids: list[str]
+) -> dict[str, JobStatus]:
+    """A claim by ``claimer`` whose first statement moves the jobs ``ids`` (k000-k009)
+    finding them in the reverse of their key order, and a cancel of all ten by
+    ``other``, while a third session holds k005: the claim's first statement takes
+    the jobs on one side of it and waits, the cancel (key order) the others and waits
+    too; then the holder lets go. Were the two orders not the same, they would wait
+    for each other: PostgreSQL would abort one with a deadlock (a StorageError). The
+    cancel moves all ten: those the claim took (after its first statement, before the
+    cancel locked them) to CANCELLING. Returns the statuses the cancel moved them to."""
+    holder = await asyncpg.connect(dsn)
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute(f"SELECT 1 FROM \"{schema}\".jobs WHERE id = 'k005' FOR UPDATE")
+        now = datetime.now(UTC)
+        claim = asyncio.ensure_future(claimer.claim("w", [], 10, now))
+        await _blocked_on_locks(dsn, claimer, 1)
+        selection = Selection(job_ids=tuple(ids))
+        cancel = asyncio.ensure_future(other.apply_selected(CANCEL, selection, now))
+        await _blocked_on_locks(dsn, claimer, 2)
+        await lock.rollback()
+        claimed, cancelled = await asyncio.gather(claim, cancel)  # no StorageError
+        states = {m.job_id: m.status for m in cancelled.moved}
+        assert sorted(states) == ids
+        assert {j.id for j in claimed} == {
+            i for i, s in states.items() if s is JobStatus.CANCELLING
+        }
+        return states
+    finally:
+        await holder.close()
+
+
 async def test_a_promotion_and_a_cancel_of_the_same_jobs_never_deadlock(
     dsn: str, schema: str
 ) -> None:
     """A promotion (the claim's first statement when waiting jobs came due) must lock
     its jobs in key order, as every other batch does: it finds them by ``wait_until``,
-    here the reverse of the key order. A third session holds a middle job, so the
-    promotion takes the jobs on one side of it and waits; a cancel of all ten (key
-    order) then takes those on the other side and waits too. Were the orders not the
-    same, releasing the middle job would make the two wait for each other: PostgreSQL
-    would abort one with a deadlock (a StorageError for its caller)."""
+    here the reverse of the key order (see _claim_beside_a_cancel)."""
     a, b = backend(dsn, schema), backend(dsn, schema)
     await a.open()
     await b.open()
-    holder = await asyncpg.connect(dsn)
     try:
         now = datetime.now(UTC)
         ids = [f"k{i:03d}" for i in range(10)]
@@ -1237,23 +1266,63 @@ async def test_a_promotion_and_a_cancel_of_the_same_jobs_never_deadlock(
                 for n, i in reversed(list(enumerate(ids)))
             ]
         )
+        states = await _claim_beside_a_cancel(dsn, schema, a, b, ids)
+        # promoted, then cancelled: UNSCHEDULED, or CANCELLING if claimed meanwhile
+        assert set(states.values()) <= {JobStatus.CANCELLING, JobStatus.UNSCHEDULED}
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["insert", "insert_new"])
+async def test_inserts_of_the_same_ids_in_opposite_orders_survive_a_deadlock(
+    dsn: str, schema: str, ignore: bool
+) -> None:
+    """An insert waits for a concurrent uncommitted insert of one of its ids (to learn
+    whether it commits), in the order it writes its rows (input order). A third session
+    holds an uncommitted insert of a middle id; an insert of ten ids in key order takes
+    those below it and waits; one of the same ids in the reverse order takes those
+    above it and waits too. The holder's rollback makes the two wait for each other:
+    PostgreSQL aborts one as a deadlock, having changed nothing. Its caller is owed a
+    DuplicateJobError (or, ignoring existing ids, the skip), not a StorageError: the
+    insert runs again and finds the other's rows."""
+    a, b = backend(dsn, schema), backend(dsn, schema)
+    await a.open()
+    await b.open()
+    holder = await asyncpg.connect(dsn)
+    try:
+        ids = [f"k{i:03d}" for i in range(10)]
         lock = holder.transaction()
         await lock.start()
-        await holder.execute(f"SELECT 1 FROM \"{schema}\".jobs WHERE id = 'k005' FOR UPDATE")
-        claim = asyncio.ensure_future(a.claim("w", [], 10, now))  # promotes first
+        await holder.execute(
+            f"""INSERT INTO "{schema}".jobs (id_key, id, job_type, job_definition, tags,
+                tag_keys, status, created_at, error_message, retry_count, assignee_id)
+                VALUES ('k005', 'k005', 't', '', '{{}}', '{{}}', 'initial_pending', now(),
+                        '', 0, '')"""
+        )
+
+        async def put(backend: PostgresBackend, order: list[str]) -> list[str] | None:
+            jobs = [check_new_job(Job(i, "t")) for i in order]
+            if ignore:
+                return await backend.insert_new(jobs)
+            try:
+                await backend.insert(jobs)
+            except DuplicateJobError:
+                return None
+            return order
+
+        up = asyncio.ensure_future(put(a, ids))
         await _blocked_on_locks(dsn, a, 1)
-        cancel = asyncio.ensure_future(b.apply_selected(CANCEL, Selection(job_ids=tuple(ids)), now))
+        down = asyncio.ensure_future(put(b, ids[::-1]))
         await _blocked_on_locks(dsn, a, 2)
         await lock.rollback()
-        claimed, cancelled = await asyncio.gather(claim, cancel)  # no StorageError
-        # the cancel moved all ten: any the claim took (after the promotion, before
-        # the cancel locked them) to CANCELLING, the others to UNSCHEDULED
-        states = {m.job_id: m.status for m in cancelled.moved}
-        assert sorted(states) == ids
-        assert {j.id for j in claimed} == {
-            i for i, s in states.items() if s is JobStatus.CANCELLING
-        }
-        assert set(states.values()) <= {JobStatus.CANCELLING, JobStatus.UNSCHEDULED}
+        first, second = await asyncio.gather(up, down)  # no StorageError
+        stored = await a.get_jobs(ids)
+        assert [j.id for j in stored] == ids
+        if ignore:  # each id inserted once, by one of them; the other skipped it
+            assert sorted([*(first or ()), *(second or ())]) == ids
+        else:  # one inserted all ten, the other was refused as a duplicate
+            assert (first is None) != (second is None)
     finally:
         await holder.close()
         await a.close()
@@ -1409,6 +1478,36 @@ async def test_jobs_of_a_claim_whose_answer_was_lost_are_given_back(dsn: str, sc
             assert by_id[j.id].error_message == LOST_CLAIM_MESSAGE
         assert by_id["job-2"].retry_count == 0
     finally:
+        await b.close()
+
+
+async def test_giving_back_a_lost_claim_and_a_cancel_of_its_jobs_never_deadlock(
+    dsn: str, schema: str
+) -> None:
+    """Giving back the jobs of a claim whose answer was lost finds them by the claim's
+    nonce (through the active-assignee index: here in the order the claim wrote them,
+    the reverse of the key order), so it must lock them in key order first, as every
+    batch does (see _claim_beside_a_cancel)."""
+    a, b = backend(dsn, schema), backend(dsn, schema)
+    await a.open()
+    await b.open()
+    try:
+        now = datetime.now(UTC)
+        ids = [f"k{i:03d}" for i in range(10)]
+        # k009 created first, so claimed first: one at a time, their running versions
+        # are written in the reverse of the key order (what a scan by nonce reads)
+        await b.insert([check_new_job(Job(i, "t")) for i in reversed(ids)])
+        nonces = []
+        for i in reversed(ids):
+            assert [j.id for j in await b.claim("w", [], 1, now)] == [i]
+            nonces.append(f"{b._token}:{b._claims}")
+        b._orphans += nonces  # as if the answers of those claims had been lost
+        states = await _claim_beside_a_cancel(dsn, schema, b, a, ids)  # gives back first
+        # given back (FAILED_RETRY), then cancelled: STOPPED, or CANCELLING if claimed
+        assert set(states.values()) <= {JobStatus.CANCELLING, JobStatus.STOPPED}
+        assert b._orphans == []
+    finally:
+        await a.close()
         await b.close()
 
 

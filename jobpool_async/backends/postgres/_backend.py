@@ -106,6 +106,9 @@ LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connect
 
 _ASSIGNED = JobStatus.RUNNING  # every claim's status (ASSIGN moves all sources there)
 
+#: Runs of an insert that PostgreSQL aborts as part of a deadlock (see ``_inserting``).
+INSERT_ATTEMPTS = 3
+
 
 def _job(
     r: Record | Sequence[Any],
@@ -133,8 +136,12 @@ _REFILLED = JobColumns.of(CLAIMED_FIELDS, REFILL_START)
 # them in ``id_key`` order, so two batch calls never deadlock: ``apply`` walks its
 # input sorted by key in a join that can only be a nested loop over it (see
 # ``_statements.LOCK_ORDER``); selections and deletes lock first with a
-# ``SELECT … ORDER BY id_key FOR UPDATE`` CTE that the UPDATE/DELETE waits for.
-# Claims use SKIP LOCKED and never wait at all.
+# ``SELECT … ORDER BY id_key FOR UPDATE`` CTE that the UPDATE/DELETE waits for (so do
+# a promotion and the give-back of lost claims, which find their jobs by due time
+# and by nonce: ``Statements.key_ordered_update``). Claims use SKIP LOCKED and never
+# wait at all. An insert waits for another's uncommitted row of one of its ids, in
+# input order (the order its rows are written, which claims walk): two inserts of
+# the same ids in other orders may deadlock, and are run again (``_inserting``).
 
 
 class PostgresBackend(Backend):
@@ -426,10 +433,28 @@ class PostgresBackend(Backend):
         with self._errors("insert"):
             assert self._pool is not None
             try:
-                await self._call(lambda c: c.execute(*statement), False)
+                await self._inserting(lambda: self._call(lambda c: c.execute(*statement), False))
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 raise await self._duplicate(jobs, None) from None
         self._learn_jobs(jobs)
+
+    @staticmethod
+    async def _inserting(run: Callable[[], Awaitable[_T]]) -> _T:
+        """``run()``, an insert, run again when PostgreSQL aborts it as part of a
+        deadlock (up to :data:`INSERT_ATTEMPTS` runs). An insert waits for another
+        transaction's uncommitted row of one of its ids, in the order it writes its
+        rows (input order, which claims walk, not key order), so two inserts of the
+        same ids in other orders can deadlock. The aborted statement changed nothing;
+        run again, it finds the other's rows committed (a duplicate, or skipped)."""
+        attempt = 1
+        while True:
+            try:
+                return await run()
+            except asyncpg.DeadlockDetectedError:
+                if attempt >= INSERT_ATTEMPTS:
+                    raise
+                attempt += 1
+                logger.info("an insert was aborted as part of a deadlock: running it again")
 
     def check_connection(self, connection: object) -> None:
         if not isinstance(connection, asyncpg.Connection | _PoolConnectionProxy):
@@ -456,9 +481,13 @@ class PostgresBackend(Backend):
         if statement is None:
             return []
         with self._errors("insert"):
-            try:
+
+            async def insert() -> list[Record]:
                 async with conn.transaction():  # a savepoint inside the caller's transaction
-                    rows = await conn.fetch(*statement)
+                    return await conn.fetch(*statement)
+
+            try:
+                rows = await self._inserting(insert)
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 raise await self._duplicate(jobs, conn) from None
         if ignore:
@@ -586,11 +615,7 @@ class PostgresBackend(Backend):
         t = self._t
         due = f"{WAITING} AND wait_until <= $1::timestamptz"
         sql = f"""
-            WITH lk AS (SELECT id_key FROM {t} WHERE {due} ORDER BY id_key FOR UPDATE),
-            p AS (UPDATE {t} SET wait_until = NULL  -- found by their keys (IS TRUE: no
-                  -- partial index proven usable), not rescanning lk for each row
-                  WHERE id_key = ANY(ARRAY(SELECT id_key FROM lk)) AND ({due}) IS TRUE
-                  RETURNING 1)
+            WITH {self._sql.key_ordered_update("p", due, "wait_until = NULL", "1")}
             SELECT (SELECT count(*) FROM p),
                    (SELECT wait_until FROM {t} WHERE {WAITING} AND wait_until > $1::timestamptz
                     ORDER BY wait_until LIMIT 1)"""
@@ -613,7 +638,7 @@ class PostgresBackend(Backend):
         if statement is None:
             return []
         with self._errors("insert"):
-            rows = await self._fetch(*statement)
+            rows = await self._inserting(lambda: self._fetch(*statement))
         self._learn_jobs(jobs)
         inserted = set(rows[0][0] or ())
         return [job.id for job in jobs if job.id in inserted]
@@ -715,11 +740,10 @@ class PostgresBackend(Backend):
         """Move the jobs of claims whose answer was lost back to eligible (RELEASE)."""
         nonces = list(self._orphans)
         sets = set_clause(RELEASE, now="$2::timestamptz", error_message="$3::text")
+        held = f"claimed_by = ANY($1::text[]) AND status IN {in_list(RELEASE.sources)}"
+        returning = "id, status, tags, claimed_by, assigned_at, wait_until"
         sql = f"""
-            WITH moved AS (
-                UPDATE {self._t} SET {sets}
-                WHERE claimed_by = ANY($1::text[]) AND status IN {in_list(RELEASE.sources)}
-                RETURNING id, status, tags, claimed_by, assigned_at, wait_until),
+            WITH {self._sql.key_ordered_update("moved", held, sets, returning)},
             {self._sql.note("moved")}
             SELECT count(*) FROM moved WHERE (SELECT count(*) FROM note) >= 0"""
         with self._errors("release"):

@@ -152,6 +152,17 @@ class Statements:
             f"SELECT 1 FROM {self._t} WHERE {self.id_match('', '$1')} ORDER BY id_key FOR UPDATE"
         )
 
+    def key_ordered_update(self, name: str, where: str, sets: str, returning: str) -> str:
+        """Two CTEs: lock the jobs matching ``where`` in key order (see LOCK_ORDER), then
+        update them as ``name``, found through the primary key (``where`` wrapped in
+        ``(…) IS TRUE`` proves no partial index usable). For a statement whose jobs are
+        found through an index in another order (due time, nonce)."""
+        t = self._t
+        return f"""lk AS (SELECT id_key FROM {t} WHERE {where} ORDER BY id_key FOR UPDATE),
+            {name} AS (UPDATE {t} SET {sets}
+                WHERE id_key = ANY(ARRAY(SELECT id_key FROM lk)) AND ({where}) IS TRUE
+                RETURNING {returning})"""
+
     def note(self, source: str) -> str:
         """A CTE sending one NOTIFY for the moved rows of ``source`` that others care about.
 
