@@ -547,7 +547,7 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
         if exc.sqlite_errorcode != sqlite3.SQLITE_NOTADB:  # random bytes
             raise
         raise StorageError(f"{path} is not a jobpool store ({exc}); it was not modified") from exc
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = _use_wal(conn, busy_ms)
     if str(mode).lower() != "wal":
         raise StorageError(f"{path}: cannot use WAL journal mode (got {mode!r})")
     if not ours:
@@ -563,6 +563,28 @@ def _open_store(conn: sqlite3.Connection, path: str, synchronous: str, busy_ms: 
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+
+
+def _use_wal(conn: sqlite3.Connection, busy_ms: int) -> object:
+    """Switch to WAL; return the journal mode SQLite reports.
+
+    While another connection holds a write transaction on the file (several queues
+    opening one new store at once: one of them is creating the schema), SQLite refuses
+    the switch with SQLITE_BUSY at once, without calling the busy handler (it does so
+    where waiting could deadlock). So it is tried again here, as the busy handler would,
+    until ``busy_ms`` have passed.
+    """
+    deadline = time.monotonic() + busy_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # the storage thread's own wait, as SQLite's busy handler's
+        pause = min(pause * 2, 0.05)
 
 
 #: Store versions this code upgrades in place on open.
