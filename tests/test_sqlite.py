@@ -599,6 +599,82 @@ async def test_jobs_of_every_row_shape_round_trip_in_one_batch(queue: PoolQueue)
     assert (await queue.get_job_stats()).total_jobs == len(batch)
 
 
+async def test_a_claimed_job_carries_every_stored_field(tmp_path: Path) -> None:
+    """A claim returns a first run's fields as one NULL and any other job's as a JSON
+    array (the result as hex): either way the claimed job is the stored one, field for
+    field (results with any bytes, messages with quotes and control characters,
+    retries, attempt limits, schedules, priorities, tags)."""
+    start = datetime.now(UTC) - timedelta(seconds=10)
+    at = [start + timedelta(microseconds=k) for k in range(1, 6)]
+    odd = 'it\'s "quoted" \\ \n\t\x01 \u2603 \U0001f389 ]},'
+    jobs = [
+        Job(id="plain", job_type="t", job_definition=b"{}", created_at=at[0]),
+        Job(id="tagged", job_type="t", tags=["a", "b"], priority=-3, created_at=at[0]),
+        Job(id="scheduled", job_type="t", scheduled_at=at[1], priority=2, created_at=at[0]),
+        Job(id="limited", job_type="t", max_attempts=4, created_at=at[0]),
+        Job(
+            id="imported",
+            job_type="t",
+            job_definition=bytes(range(256)),
+            created_at=at[0],
+            started_at=at[1],
+            finalized_at=at[2],
+            error_message=odd,
+            result=b"\x00\xff" * 50,
+            retry_count=3,
+            last_retry_at=at[3],
+            assignee_id="old",
+            assigned_at=at[4],
+            max_attempts=9,
+        ),
+        Job(id="empty-result", job_type="t", created_at=at[0], result=b""),
+        Job(id="noted", job_type="t", created_at=at[0], error_message="note"),
+        Job(id="finalized", job_type="t", created_at=at[0], finalized_at=at[2]),
+        Job(id="retried", job_type="t", created_at=at[0], last_retry_at=at[3]),
+        Job(id="counted", job_type="t", created_at=at[0], retry_count=2),
+        Job(id="started", job_type="t", created_at=at[0], started_at=at[1]),
+        Job(id="attempted", job_type="t", created_at=at[0]),
+        Job(id="failed", job_type="t", created_at=at[0], max_attempts=5),
+    ]
+    backend = SQLiteBackend(tmp_path / "jobs.db")
+    await backend.open()
+    try:
+        await backend.insert(jobs)
+        now = datetime.now(UTC)
+        first = await backend.claim("w", (), 1, now)
+        assert [j.id for j in first] == ["scheduled"]  # priority 2 first
+        # "failed": claimed once more after failing with a message (a second run)
+        await sql(
+            backend,
+            "UPDATE jobs SET status = 'failed_retry', error_message = ?, retry_count = 1, "
+            "last_retry_at = ?, attempts = 1, started_at = ?, result = ? WHERE id = 'failed'",
+            (odd, sq._us(at[3]), sq._us(at[1]), b"\x00partial"),
+        )
+        await sql(backend, "UPDATE jobs SET attempts = 3 WHERE id = 'attempted'")
+        later = now + timedelta(seconds=1)
+        claimed = first + await backend.claim("w", (), 20, later)
+        assert sorted(j.id for j in claimed) == sorted(j.id for j in jobs)
+        stored = {j.id: j for j in await backend.get_jobs([j.id for j in jobs])}
+        for job in claimed:
+            assert job == stored[job.id], job.id
+        by_id = {j.id: j for j in claimed}
+        plain = by_id["plain"]
+        assert (plain.started_at, plain.attempts, plain.error_message) == (later, 1, "")
+        assert by_id["imported"].result == b"\x00\xff" * 50
+        assert by_id["imported"].error_message == odd
+        assert by_id["imported"].started_at == at[1] and by_id["imported"].attempts == 1
+        assert by_id["empty-result"].result == b"" and by_id["noted"].error_message == "note"
+        assert by_id["finalized"].finalized_at == at[2]
+        assert by_id["retried"].last_retry_at == at[3] and by_id["counted"].retry_count == 2
+        assert by_id["started"].started_at == at[1] and by_id["attempted"].attempts == 4
+        failed = by_id["failed"]
+        assert (failed.attempts, failed.retry_count, failed.result) == (2, 1, b"\x00partial")
+        assert failed.error_message == odd and failed.started_at == at[1]
+        assert by_id["limited"].max_attempts == 4 and by_id["tagged"].tags == ["a", "b"]
+    finally:
+        await backend.close()
+
+
 async def test_rows_of_one_priority_are_stored_together_in_enqueue_order(
     queue: PoolQueue,
 ) -> None:
