@@ -14,7 +14,6 @@ import functools
 import logging
 import warnings
 import weakref
-from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -87,6 +86,9 @@ RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
 
 CancelListener = Callable[[str], None]
 _NOT_HELD = object()
+_new_tuple = tuple.__new__
+#: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11: hot paths use this.
+_CANCELLING = JobStatus.CANCELLING
 _Outcome = TypeVar("_Outcome", ApplyOutcome, SelectOutcome)
 _VALIDATE_CHUNK = 2000
 
@@ -363,18 +365,20 @@ class PoolQueue:
             moved = list(moved)
             self._wake_waiters(m.job_id for m in moved)
         later = False
-        for m in moved:
-            stream = self._holder(m.job_id, m.assigned_at)
-            if stream is not None:
-                if m.status not in ACTIVE:
-                    self._unhold(stream, m.job_id)
+        holders = self._holders
+        for job_id, status, assigned_at, tags, due_at in moved:
+            stream = holders.get(job_id)  # (``_holder`` and ``_unhold``, inline: per job)
+            if stream is not None and stream._held.get(job_id, _NOT_HELD) == assigned_at:
+                if status not in ACTIVE:
+                    del holders[job_id]
+                    del stream._held[job_id]
                     if not freed or freed[-1] is not stream._sub:
                         freed.append(stream._sub)
-                elif m.status is JobStatus.CANCELLING:
-                    stream._cancel_requested(m.job_id, m.assigned_at)
-            if m.status in ELIGIBLE:
-                if m.due_at is None:
-                    tagsets.append(m.tags)
+                elif status is _CANCELLING:
+                    stream._cancel_requested(job_id, assigned_at)
+            if status in ELIGIBLE:
+                if due_at is None:
+                    tagsets.append(tags)
                 else:  # wakes nobody now: the timer does when it comes due
                     later = True
         if later:
@@ -654,10 +658,15 @@ class PoolQueue:
         or give them back."""
         # Moves first: a job the apply made eligible may be among those claimed.
         tagsets, freed = self._note(outcome.moved)
-        for job in outcome.claimed:
-            lost = self._hold(stream, job)
-            if lost is not None:
-                freed.append(lost)
+        holders, held = self._holders, stream._held
+        for job in outcome.claimed:  # (``_hold``, inline: per job)
+            job_id = job.id
+            previous = holders.get(job_id)
+            holders[job_id] = stream
+            held[job_id] = job.assigned_at
+            if previous is not None and previous is not stream:
+                previous._held.pop(job_id, None)
+                freed.append(previous._sub)
         if self._backend.next_due() != self._timer_at:
             self._arm()
         if outcome.claimed:
@@ -707,12 +716,16 @@ class PoolQueue:
         """Complete many jobs in one transaction; ``BatchError`` lists those that could not."""
         changes = []
         for job_id, result in self._mapping(results, "results").items():
-            key = check_id(job_id)
+            if type(job_id) is str and job_id and job_id.isascii() and "\x00" not in job_id:
+                key = job_id  # (``check_id``'s common case, inline: per job)
+            else:
+                key = check_id(job_id)
             if result is None or type(result) is bytes:
                 res: bytes | None = result
             else:  # a bytes subclass, or an error naming the job (formatted only here)
                 res = check_bytes(result, f"result for job {job_id!r}")
-            changes.append(Change(key, COMPLETE, result=res))
+            # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
+            changes.append(_new_tuple(Change, (key, COMPLETE, res, None, None, None, None)))
         await self._apply_many(changes)
 
     async def fail_job(
@@ -1129,7 +1142,7 @@ class JobStream:
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
         #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``).
-        self._reserved: Counter[tuple[str, datetime | None]] = Counter()
+        self._reserved: dict[tuple[str, datetime | None], int] = {}
         #: Free slots that in-flight refills may fill (their ``Refill.extra``).
         self._extra = 0
         self._recheck = False
@@ -1161,16 +1174,21 @@ class JobStream:
         return len(held) + ended + self._extra
 
     def _reserve(self, keys: list[tuple[str, datetime | None]]) -> None:
-        self._reserved.update(keys)
+        reserved = self._reserved
+        for key in keys:
+            reserved[key] = reserved.get(key, 0) + 1
 
     def _unreserve(self, keys: list[tuple[str, datetime | None]]) -> bool:
         """Release a refill's reservations; True if one of them held a slot."""
         freed = False
+        reserved, held = self._reserved, self._held
         for key in keys:
-            self._reserved[key] -= 1
-            if not self._reserved[key]:
-                del self._reserved[key]
-                freed = freed or self._held.get(key[0], _NOT_HELD) != key[1]
+            left = reserved[key] - 1
+            if left:
+                reserved[key] = left
+            else:
+                del reserved[key]
+                freed = freed or held.get(key[0], _NOT_HELD) != key[1]
         return freed
 
     def _cancel_requested(self, job_id: str, assigned_at: datetime | None) -> None:

@@ -51,6 +51,7 @@ from .base import apply_transition as apply
 __all__ = ["MemoryBackend"]
 
 _T = TypeVar("_T")
+_new_tuple = tuple.__new__
 #: Module constants: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11.
 _COMPLETED = JobStatus.COMPLETED
 _Key = tuple[int, datetime, int, str]
@@ -200,7 +201,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 by_tag = self._eligible_by_tag[tag] = SortedList()
             add(by_tag, key)
 
-    def _unindex(self, job: Job) -> None:
+    def _before_move(self, w: None, record: Job) -> None:
+        """Take the job out of the indexes of its status (before it moves, or goes)."""
+        job = record
         status = job.status
         self._counts[status] -= 1
         self._retries -= job.retry_count
@@ -221,8 +224,26 @@ class MemoryBackend(RecordStore[Job, None, None]):
             assert job.finalized_at is not None
             self._completed.remove((job.finalized_at, self._seq[job.id], job.id))
 
-    def _index(self, job: Job, add: _Add = SortedList.add) -> None:
+    def _after_move(
+        self,
+        w: None,
+        record: Job,
+        prior: None = None,
+        transition: Transition | None = None,
+        add: _Add = SortedList.add,
+    ) -> None:
+        """Put the job in the indexes of its status: just moved by ``transition``, or
+        new (``None``: its due time is set already; entries added by ``add``)."""
+        job = record
         status = job.status
+        if transition is not None:
+            if status not in ELIGIBLE:
+                self._wait_until.pop(job.id, None)
+            elif transition.schedules:
+                if job.scheduled_at is None:
+                    self._wait_until.pop(job.id, None)
+                else:
+                    self._wait_until[job.id] = job.scheduled_at
         self._counts[status] += 1
         self._retries += job.retry_count
         if status in ACTIVE:
@@ -307,28 +328,14 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 if by_tag is None:
                     by_tag = self._listed_by_tag[tag] = SortedList()
                 add(by_tag, listed)
-            self._index(stored, add)
+            self._after_move(None, stored, None, None, add)
         self._next_seq = seq
         if new is not None:
             new.update()
 
-    def _before_move(self, w: None, record: Job) -> None:
-        self._unindex(record)
-
-    def _after_move(self, w: None, record: Job, prior: None, transition: Transition) -> None:
-        job = record
-        if job.status not in ELIGIBLE:
-            self._wait_until.pop(job.id, None)
-        elif transition.schedules:
-            if job.scheduled_at is None:
-                self._wait_until.pop(job.id, None)
-            else:
-                self._wait_until[job.id] = job.scheduled_at
-        self._index(job)
-
     def _stage_remove(self, w: None, record: Job) -> None:
         job = record
-        self._unindex(job)
+        self._before_move(w, job)
         listed = (job.created_at, job.id)
         self._listed.remove(listed)
         by_type = self._listed_by_type[job.job_type]
@@ -349,7 +356,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
     def _moved(self, record: Job, new: JobStatus) -> Moved:
         job = record
         if new not in ELIGIBLE:  # tags and due time matter only to wake streams
-            return Moved(job.id, new, job.assigned_at)
+            # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
+            return _new_tuple(Moved, (job.id, new, job.assigned_at, (), None))
         return Moved(job.id, new, job.assigned_at, tuple(job.tags), self._wait_until.get(job.id))
 
     def _everything(self, transition: Transition | None) -> list[Job]:
