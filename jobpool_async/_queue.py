@@ -673,7 +673,7 @@ class PoolQueue:
             self._wake_waiters(job.id for job in outcome.claimed)
             if stream._closed:
                 stream._track(asyncio.ensure_future(self._release(stream, outcome.claimed)))
-            else:
+            elif stream._ready or stream._handoff is None or not stream._handoff(outcome.claimed):
                 if stream._ready:  # a job moved and claimed again before its hand-over:
                     again = {job.id for job in outcome.claimed}  # the later claim is it
                     stream._ready = [job for job in stream._ready if job.id not in again]
@@ -1134,6 +1134,9 @@ class JobStream:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Jobs claimed for this stream by a refilling apply, not yet handed over.
         self._ready: list[Job] = []
+        #: Its consumer's hook (a ``Worker``'s) that takes a refill's jobs at once,
+        #: handed over with no ``__anext__``; False: refused, they wait in ``_ready``.
+        self._handoff: Callable[[list[Job]], bool] | None = None
         #: In ``__anext__``, waiting to be woken (a refill for it is preferred).
         self._waiting = False
         #: Whether calls freeing its slots claim its next jobs (off: its consumer

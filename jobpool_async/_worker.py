@@ -62,6 +62,10 @@ _FLUSH_DELAY = 0.002  # seconds an outcome may wait for others finishing close b
 _RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # storage errors, consumer and flusher
 _FINAL_FLUSH_ATTEMPTS = 5
 _MAX_EARLY_CANCELS = 1024
+_new_tuple = tuple.__new__
+#: A runner that goes on with the jobs its writes refill yields to the event loop
+#: after this many writes in a row (jobs that never suspend would hold it otherwise).
+_YIELD_EVERY = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -184,6 +188,11 @@ class Worker:
         self._pending: dict[_Key, _Outcome] = {}
         self._early_cancels: dict[_Key, None] = {}
         self._wake = asyncio.Event()
+        #: A write of outcomes is under way (the flusher's or a runner's): one at a time.
+        self._writing = False
+        #: Set while no runner writes outcomes (shutdown waits for such a write).
+        self._runner_write_done = asyncio.Event()
+        self._runner_write_done.set()
         self._idle = asyncio.Event()  # set while no processor runs
         self._closing_flusher = False
         self._started = asyncio.Event()
@@ -276,6 +285,7 @@ class Worker:
             self.assignee_id, self.tags or None, max_assigned_jobs=self.config.concurrency
         )
         stream.add_cancel_listener(self._on_cancel)
+        stream._handoff = self._handed
         self._stream = stream
         self._context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
@@ -343,11 +353,25 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            traced = self._traced
-            if traced is not self._plain:
-                self._processor = traced if _configured(trace) else self._plain
-            for job in batch:
-                self._start(job)
+            self._accept(batch)
+
+    def _accept(self, batch: list[Job]) -> None:
+        traced = self._traced
+        if traced is not self._plain:
+            self._processor = traced if _configured(trace) else self._plain
+        for job in batch:
+            self._start(job)
+
+    def _handed(self, batch: list[Job]) -> bool:
+        """The stream's hand-off hook: jobs that a write of this worker's outcomes
+        claimed for its freed slots (the refill) go straight to the runners, with no
+        wake-up of the consumer waiting in ``__anext__``: the runner that wrote takes
+        them. Refused (False) once the worker stops: the stream keeps them, and its
+        close gives them back."""
+        if self._state != "running":
+            return False
+        self._accept(batch)
+        return True
 
     def _start(self, job: Job) -> None:
         key: _Key = (job.id, job.assigned_at)
@@ -356,8 +380,10 @@ class Worker:
             self._record(key, _Outcome("ack"))
             return
         entry = _Running(key, job)
-        self._running[key] = entry
-        self._idle.clear()
+        running = self._running
+        if not running:  # (set only while none runs: cleared once, not per job)
+            self._idle.clear()
+        running[key] = entry
         self._queued.append(entry)
         if not self._pullers:
             self._add_puller()
@@ -389,6 +415,7 @@ class Worker:
         task = runner.task
         assert task is not None and self._context is not None
         base = self._context
+        written = 0
         try:
             while True:
                 while queued:
@@ -409,6 +436,14 @@ class Worker:
                         return  # a cancellation was meant for that job: end with it
                     runner.pulling = True
                     self._pullers += 1
+                # It finished the last job: it writes the outcomes itself (no flusher
+                # wake-up) and, still a puller, runs the jobs the write's refill hands
+                # over (no consumer or runner wake-up either).
+                if self._pending and not self._running and await self._runner_write():
+                    written += 1
+                    if written % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # let the loop's other tasks run
+                    continue
                 runner.pulling = False
                 self._pullers -= 1
                 runner.wake = asyncio.get_running_loop().create_future()
@@ -424,6 +459,8 @@ class Worker:
                 self._pullers -= 1
             if queued and not self._pullers:
                 self._add_puller()  # not left stranded by a runner that ended
+            if self._pending and not self._running:
+                self._wake.set()  # its job's outcome, which it did not write
 
     async def _execute(self, key: _Key, entry: _Running) -> None:
         """Run the processor for one job and record what happened; never raises."""
@@ -473,14 +510,15 @@ class Worker:
             raise
         else:
             if result is None or isinstance(result, bytes):
-                outcome = _Outcome("complete", result=result)
+                # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
+                outcome = _new_tuple(_Outcome, ("complete", result, "", None))
             elif isinstance(result, bytearray | memoryview):
                 outcome = _Outcome("complete", result=bytes(result))
             else:
                 outcome = self._fail_outcome(
                     job, f"the processor returned {type(result).__name__}, expected bytes"
                 )
-        self._record(key, outcome)
+        self._record(key, outcome, by_runner=True)
 
     def _failed(self, job: Job, exc: Exception) -> _Outcome:
         logger.warning(
@@ -547,12 +585,42 @@ class Worker:
             retry_in=timedelta(0),
         )
 
-    def _record(self, key: _Key, outcome: _Outcome) -> None:
-        self._running.pop(key, None)
-        if not self._running:
-            self._idle.set()
+    def _record(self, key: _Key, outcome: _Outcome, *, by_runner: bool = False) -> None:
+        """Note a job's outcome for the next write. The flusher is woken for it, unless
+        a runner recorded the last running job: that runner writes next (or wakes the
+        flusher when it cannot, or when it ends)."""
+        running = self._running
+        running.pop(key, None)
         self._pending[key] = outcome
+        if not running:
+            self._idle.set()
+            if by_runner:
+                return
         self._wake.set()
+
+    async def _runner_write(self) -> bool:
+        """A runner writes the recorded outcomes: True if they were written, else the
+        flusher is woken for them (it retries failures, with its delays). Not while
+        another write is under way, nor once the worker stops (the flusher writes the
+        last outcomes)."""
+        if self._writing or self._state != "running":
+            self._wake.set()
+            return False
+        self._runner_write_done.clear()
+        try:
+            await self._flush()
+        except QueueClosedError:
+            self._wake.set()
+            return False
+        except Exception:
+            logger.exception(
+                "worker %s: writing job outcomes failed; the flusher retries", self.assignee_id
+            )
+            self._wake.set()
+            return False
+        finally:
+            self._runner_write_done.set()
+        return True
 
     # --- cancellation -----------------------------------------------------------------
 
@@ -593,6 +661,11 @@ class Worker:
                 await self._wake.wait()
                 self._wake.clear()
                 await self._gather_more()
+                if not self._pending:
+                    continue  # a runner wrote them
+            if self._writing:  # a runner's write: this one waits for it
+                await self._runner_write_done.wait()
+                continue
             try:
                 await self._flush()
             except QueueClosedError:
@@ -645,11 +718,21 @@ class Worker:
     async def _flush(self) -> None:
         """Write every recorded outcome: one call per kind. On a storage error the
         outcomes not yet written stay pending (a newer one for the same job wins)."""
+        self._writing = True
+        try:
+            await self._flush_batch()
+        finally:
+            self._writing = False
+
+    async def _flush_batch(self) -> None:
         batch, self._pending = self._pending, {}
         ids = {key[0] for key in batch}
         if len(ids) < len(batch) or not ids.isdisjoint([key[0] for key in self._running]):
             batch = self._latest_only(batch)
-        if all(outcome.kind == "complete" for outcome in batch.values()):  # the usual case
+        for outcome in batch.values():
+            if outcome.kind != "complete":
+                break
+        else:  # all complete: the usual case
             try:
                 errors = await self._write(
                     self._queue.complete_jobs,
@@ -816,6 +899,7 @@ class Worker:
             busy = {e.runner.task for e in late if e.runner is not None and e.runner.task}
             if busy:
                 await asyncio.wait(busy)
+        await self._runner_write_done.wait()  # (its refill is given back by the close)
         idle = [r.task for r in self._runners if r.task is not None]
         for runner_task in idle:  # parked (no job is left to run): end them
             runner_task.cancel()

@@ -22,7 +22,7 @@ from datetime import datetime
 
 import pytest
 
-from jobpool_async import Backend, Config, Job, JobStatus, PoolQueue, Worker
+from jobpool_async import Backend, Config, Job, JobStatus, JobStream, PoolQueue, Worker
 from jobpool_async.backends.base import ApplyOutcome, Change, Refill
 from jobpool_async.testing import DEADLINE, PauseAfter, PauseAfterApply, next_batch, until
 
@@ -387,6 +387,66 @@ async def test_a_worker_costs_one_storage_call_per_batch(make_backend: BackendFa
     # the TTL cleanup at start; the first claim, maybe one finding the queue empty
     assert calls.pop("claim") in (1, 2)
     assert calls == {"delete_completed_before": 1, "apply": 20}
+
+
+async def test_a_worker_runs_the_jobs_its_writes_refill_without_its_consumer(
+    queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner that writes a batch's outcomes is handed the jobs the write claimed
+    and runs them itself: the worker's stream returns one batch from ``__anext__``
+    (the first), not one per batch, and every job runs once."""
+    batches = 0
+    real = JobStream.__anext__
+
+    async def counted(stream: JobStream) -> list[Job]:
+        nonlocal batches
+        batch = await real(stream)
+        batches += 1
+        return batch
+
+    monkeypatch.setattr(JobStream, "__anext__", counted)
+    ran: list[str] = []
+
+    async def processor(job: Job) -> bytes:
+        ran.append(job.id)
+        await asyncio.sleep(0)  # (each job suspends: a runner each, as real jobs)
+        return b""
+
+    await queue.enqueue_jobs(jobs("r", 100))
+    async with Worker(queue, processor, config=Config(concurrency=10)):
+        await until(lambda: len(ran) == 100, "every job runs")
+    assert sorted(ran) == [j.id for j in jobs("r", 100)]
+    assert (await queue.get_job_stats()).completed_jobs == 100
+    assert batches == 1
+
+
+async def test_a_stop_during_a_runners_write_gives_its_refill_back(queue: PoolQueue) -> None:
+    """The worker stops while a runner's write (which claimed the next jobs) is under
+    way: those jobs are not handed to the stopping worker, never run, and go back to
+    FAILED_RETRY when its stream closes; nothing stays RUNNING."""
+    pause = PauseAfterApply(queue.backend, lambda changes, refill: refill is not None)
+    ran: list[str] = []
+
+    async def processor(job: Job) -> bytes:
+        ran.append(job.id)
+        return b"ok"
+
+    await queue.enqueue_jobs(jobs("s", 4))
+    worker = Worker(queue, processor, config=Config(concurrency=2))
+    async with worker:
+        await pause.held()  # s000 and s001 written, s002 and s003 claimed
+        stopping = asyncio.ensure_future(worker.stop())
+        await asyncio.sleep(0)  # (the stop task's first step runs first: it is stopping)
+        pause.go()
+        await asyncio.wait_for(stopping, DEADLINE)
+    assert ran == ["s000", "s001"]
+    got = {j.id: j.status for j in await queue.get_jobs([j.id for j in jobs("s", 4)])}
+    assert got == {
+        "s000": S.COMPLETED,
+        "s001": S.COMPLETED,
+        "s002": S.FAILED_RETRY,
+        "s003": S.FAILED_RETRY,
+    }
 
 
 async def test_hand_loops_on_many_streams_cost_one_storage_call_per_batch(
