@@ -75,6 +75,9 @@ PRIORITY_MAX = 32_767
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
 
 
+_new_object = object.__new__
+
+
 def utcnow() -> datetime:
     """The calling process's clock, timezone-aware UTC."""
     return datetime.now(UTC)
@@ -109,29 +112,30 @@ class Job:
     def copy(self) -> Job:
         """An independent snapshot (tags list copied).
 
-        Positional, in field order, on purpose: this runs for every job a backend
-        hands out, and keyword arguments cost 0.7 us more per job (18 fields).
-        ``test_copy_keeps_every_field`` fails if the order ever drifts."""
-        return Job(
-            self.id,
-            self.job_type,
-            self.job_definition,
-            list(self.tags),
-            self.status,
-            self.created_at,
-            self.started_at,
-            self.finalized_at,
-            self.error_message,
-            self.result,
-            self.retry_count,
-            self.last_retry_at,
-            self.assignee_id,
-            self.assigned_at,
-            self.scheduled_at,
-            self.priority,
-            self.max_attempts,
-            self.attempts,
-        )
+        Each field set on a bare instance, on purpose: this runs for every job a
+        backend hands out, and calling ``Job(...)`` costs the frame of ``__init__``
+        besides (0.1 us per job; keyword arguments 0.7 us more).
+        ``test_copy_keeps_every_field`` fails if a field is ever left out."""
+        new: Job = _new_object(Job)
+        new.id = self.id
+        new.job_type = self.job_type
+        new.job_definition = self.job_definition
+        new.tags = list(self.tags)
+        new.status = self.status
+        new.created_at = self.created_at
+        new.started_at = self.started_at
+        new.finalized_at = self.finalized_at
+        new.error_message = self.error_message
+        new.result = self.result
+        new.retry_count = self.retry_count
+        new.last_retry_at = self.last_retry_at
+        new.assignee_id = self.assignee_id
+        new.assigned_at = self.assigned_at
+        new.scheduled_at = self.scheduled_at
+        new.priority = self.priority
+        new.max_attempts = self.max_attempts
+        new.attempts = self.attempts
+        return new
 
     @property
     def sort_key(self) -> datetime:
@@ -343,13 +347,17 @@ def check_new_job(job: object) -> Job:
     path of exact type checks; anything else goes through the full checks, which
     name what is wrong.
     """
+    # (ASCII text without NUL is storable: checked inline; other text takes the full
+    # checks, which accept any valid Unicode)
     if (
         type(job) is Job
         and type(job.id) is str
         and job.id
-        and is_storable_text(job.id)
+        and job.id.isascii()
+        and "\x00" not in job.id
         and type(job.job_type) is str
-        and is_storable_text(job.job_type)
+        and job.job_type.isascii()
+        and "\x00" not in job.job_type
         and type(job.job_definition) is bytes
         and job.status is _INITIAL_PENDING
         and type(job.created_at) is datetime
@@ -373,10 +381,12 @@ def check_new_job(job: object) -> Job:
         and job.attempts == 0
         and type(job.attempts) is int
         and type(job.error_message) is str
-        and is_storable_text(job.error_message)
+        and job.error_message.isascii()
+        and "\x00" not in job.error_message
         and type(job.assignee_id) is str
-        and is_storable_text(job.assignee_id)
-        and _plain_tags(job.tags)
+        and job.assignee_id.isascii()
+        and "\x00" not in job.assignee_id
+        and ((type(job.tags) is list and not job.tags) or _plain_tags(job.tags))
     ):
         return job.copy()  # every other field is checked to be its default above
     return _check_new_job_slow(job)

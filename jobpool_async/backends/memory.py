@@ -54,6 +54,7 @@ _T = TypeVar("_T")
 _new_tuple = tuple.__new__
 #: Module constants: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11.
 _COMPLETED = JobStatus.COMPLETED
+_INITIAL_PENDING = JobStatus.INITIAL_PENDING
 _Key = tuple[int, datetime, int, str]
 _WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
@@ -74,14 +75,22 @@ class _Additions:
         self._by_index: dict[int, tuple[SortedList[Any], list[Any]]] = {}
 
     def add(self, index: SortedList[Any], value: Any) -> None:
+        self.adder(index)(value)
+
+    def adder(self, index: SortedList[Any]) -> Callable[[Any], None]:
+        """What adds an entry to ``index`` (a list's ``append``: no frame per entry)."""
         entry = self._by_index.get(id(index))
         if entry is None:
             entry = self._by_index[id(index)] = (index, [])
-        entry[1].append(value)
+        return entry[1].append
 
     def update(self) -> None:
         for index, values in self._by_index.values():
             index.update(values)
+
+
+def _sorted_adder(index: SortedList[Any]) -> Callable[[Any], None]:
+    return index.add
 
 
 _E = TypeVar("_E", bound=tuple[Any, ...])
@@ -106,6 +115,13 @@ class _Lazy(Generic[_E]):
             removes.discard(value)
         else:
             self._adds.add(value)
+
+    def add_all(self, values: list[_E]) -> None:
+        if self._removes:
+            for value in values:
+                self.add(value)
+        else:
+            self._adds.update(values)
 
     def remove(self, value: _E) -> None:
         adds = self._adds
@@ -306,30 +322,49 @@ class MemoryBackend(RecordStore[Job, None, None]):
         # an insertion per entry (smaller ones: the insertions are cheaper).
         new = _Additions() if 4 * len(jobs) >= len(self._jobs) else None
         add = SortedList.add if new is None else new.add
-        jobs_by_id, seqs = self._jobs, self._seq
+        # What adds to an index, looked up once per batch, not per job.
+        adder: Callable[[SortedList[Any]], Callable[[Any], None]] = (
+            _sorted_adder if new is None else new.adder
+        )
+        add_listed, add_eligible = adder(self._listed), adder(self._eligible)
+        type_adders: dict[str, Callable[[Any], None]] = {}
+        jobs_by_id, seqs, wait_until = self._jobs, self._seq, self._wait_until
+        pending: list[_Listed] = []
+        retries = 0
         seq = self._next_seq
         for job in jobs:
             stored = job.copy()
             job_id = stored.id
             jobs_by_id[job_id] = stored
             seqs[job_id] = seq
-            seq += 1
             listed = (stored.created_at, job_id)
-            add(self._listed, listed)
-            by_type = self._listed_by_type.get(stored.job_type)
-            if by_type is None:
-                by_type = self._listed_by_type[stored.job_type] = SortedList()
-            add(by_type, listed)
+            add_listed(listed)
+            add_typed = type_adders.get(stored.job_type)
+            if add_typed is None:
+                by_type = self._listed_by_type.get(stored.job_type)
+                if by_type is None:
+                    by_type = self._listed_by_type[stored.job_type] = SortedList()
+                add_typed = type_adders[stored.job_type] = adder(by_type)
+            add_typed(listed)
             if stored.scheduled_at is not None:
-                self._wait_until[job_id] = stored.scheduled_at
+                wait_until[job_id] = stored.scheduled_at
             for tag in stored.tags:
                 self._ids_by_tag.setdefault(tag, set()).add(job_id)
                 by_tag = self._listed_by_tag.get(tag)
                 if by_tag is None:
                     by_tag = self._listed_by_tag[tag] = SortedList()
                 add(by_tag, listed)
-            self._after_move(None, stored, None, None, add)
+            if stored.status is not _INITIAL_PENDING or stored.tags or stored.scheduled_at:
+                self._after_move(None, stored, None, None, add)
+            else:  # (``_after_move``'s indexing of a new job, inline: the common case)
+                pending.append(listed)
+                retries += stored.retry_count
+                add_eligible((-stored.priority, stored.sort_key, seq, job_id))
+            seq += 1
         self._next_seq = seq
+        self._counts[_INITIAL_PENDING] += len(pending)
+        self._retries += retries
+        self._listed_by_status[_INITIAL_PENDING].add_all(pending)
         if new is not None:
             new.update()
 
