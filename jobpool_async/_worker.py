@@ -431,6 +431,8 @@ class Worker:
                     self._pullers -= 1
                     while self._pullers < len(queued):  # (their jobs may suspend too:
                         self._add_puller()  # all start in the next loop iteration)
+                    if self._pending:  # outcomes it recorded must not wait for this job
+                        self._wake.set()
                     await resume(coro, first, run)
                     if runner.retired or task.cancelling():
                         return  # a cancellation was meant for that job: end with it
@@ -444,6 +446,8 @@ class Worker:
                     if written % _YIELD_EVERY == 0:
                         await asyncio.sleep(0)  # let the loop's other tasks run
                     continue
+                if self._pending:  # (others still run, or it could not write)
+                    self._wake.set()
                 runner.pulling = False
                 self._pullers -= 1
                 runner.wake = asyncio.get_running_loop().create_future()
@@ -459,8 +463,8 @@ class Worker:
                 self._pullers -= 1
             if queued and not self._pullers:
                 self._add_puller()  # not left stranded by a runner that ended
-            if self._pending and not self._running:
-                self._wake.set()  # its job's outcome, which it did not write
+            if self._pending:
+                self._wake.set()  # outcomes it recorded and did not write
 
     async def _execute(self, key: _Key, entry: _Running) -> None:
         """Run the processor for one job and record what happened; never raises."""
@@ -518,7 +522,13 @@ class Worker:
                 outcome = self._fail_outcome(
                     job, f"the processor returned {type(result).__name__}, expected bytes"
                 )
-        self._record(key, outcome, by_runner=True)
+        # (``_record`` by a runner, inline: per job) No flusher wake-up: the runner
+        # writes, or wakes it when it suspends, parks or ends with outcomes recorded.
+        running = self._running
+        running.pop(key, None)
+        self._pending[key] = outcome
+        if not running:
+            self._idle.set()
 
     def _failed(self, job: Job, exc: Exception) -> _Outcome:
         logger.warning(
@@ -585,17 +595,13 @@ class Worker:
             retry_in=timedelta(0),
         )
 
-    def _record(self, key: _Key, outcome: _Outcome, *, by_runner: bool = False) -> None:
-        """Note a job's outcome for the next write. The flusher is woken for it, unless
-        a runner recorded the last running job: that runner writes next (or wakes the
-        flusher when it cannot, or when it ends)."""
+    def _record(self, key: _Key, outcome: _Outcome) -> None:
+        """Note a job's outcome for the next write, and wake the flusher for it."""
         running = self._running
         running.pop(key, None)
         self._pending[key] = outcome
         if not running:
             self._idle.set()
-            if by_runner:
-                return
         self._wake.set()
 
     async def _runner_write(self) -> bool:
