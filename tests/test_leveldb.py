@@ -864,6 +864,37 @@ def test_records_round_trip(
     assert decoded.created_at.tzinfo is UTC
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.none(), st.just("now"), st.datetimes(timezones=st.just(UTC))),
+        min_size=5,
+        max_size=5,
+    ),
+    st.datetimes(timezones=st.just(UTC)),
+)
+def test_records_given_the_moves_now_encode_as_without_it(
+    times: list[datetime | str | None], now: datetime
+) -> None:
+    """``encode_job``'s ``now``/``now_us`` (a claim's or completion's timestamp, looked up
+    once per call) change nothing: a time that is ``now`` itself is encoded from
+    ``now_us``, any other time (equal or not) as before."""
+    started, finalized, retried, assigned, scheduled = (now if t == "now" else t for t in times)
+    job = Job(
+        id="j",
+        job_type="t",
+        started_at=started,
+        finalized_at=finalized,
+        last_retry_at=retried,
+        assigned_at=assigned,
+        scheduled_at=scheduled,
+        assignee_id="w" if assigned else "",
+    )
+    plain = codec.encode_job(job, 3)
+    assert codec.encode_job(job, 3, codec.job_static(job), now, codec.to_micros(now)) == plain
+    assert codec.decode_job(plain) == (job, 3)
+
+
 async def test_hostile_ids_and_tags_never_collide(queue: PoolQueue, store: Path) -> None:
     jobs = [Job(id=v, job_type="t", tags=[v]) for v in HOSTILE]
     jobs.append(Job(id="all", job_type="t", tags=list(HOSTILE)))

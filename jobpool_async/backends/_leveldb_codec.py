@@ -306,28 +306,37 @@ def job_static(job: Job) -> Static:
     return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes, created
 
 
-def encode_job(job: Job, seq: int, static: Static | None = None) -> bytes:
+def encode_job(
+    job: Job,
+    seq: int,
+    static: Static | None = None,
+    now: datetime | None = None,
+    now_us: int = 0,
+) -> bytes:
     """The stored form of ``job`` (with its enqueue sequence number); ``static``: its
-    :func:`job_static`, if known."""
+    :func:`job_static`, if known; ``now_us``: ``to_micros(now)``, used for every time
+    of the job that is ``now`` itself (the call's timestamp, which a move just set)."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
-    # (Each optional time read once: attribute reads of a slots class are not free.)
+    # (Each optional time read once: attribute reads of a slots class are not free;
+    # and a time that is the move's ``now`` object is not looked up again: a cached
+    # ``to_micros`` still costs about a quarter of this function.)
     at = job.started_at
     if at is not None:
         flags = _F_STARTED
-        started = to_micros(at)
+        started = now_us if at is now else to_micros(at)
     at = job.finalized_at
     if at is not None:
         flags |= _F_FINALIZED
-        finalized = to_micros(at)
+        finalized = now_us if at is now else to_micros(at)
     at = job.last_retry_at
     if at is not None:
         flags |= _F_RETRY
-        retried = to_micros(at)
+        retried = now_us if at is now else to_micros(at)
     at = job.assigned_at
     if at is not None:
         flags |= _F_ASSIGNED
-        assigned = to_micros(at)
+        assigned = now_us if at is now else to_micros(at)
     at = job.scheduled_at
     if at is not None:
         flags |= _F_SCHEDULED

@@ -100,6 +100,7 @@ from .base import (
 __all__ = ["LevelDBBackend", "RepairReport"]
 
 _T = TypeVar("_T")
+_new_tuple = tuple.__new__
 logger = logging.getLogger("jobpool_async")
 
 INSTALL_HINT = "pip install 'jobpool_async[leveldb]'"
@@ -868,7 +869,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _moved(self, record: _Rec, new: JobStatus) -> Moved:
         job = record.job
         if new not in ELIGIBLE:  # (the tags are needed only to wake streams)
-            return Moved(job.id, new, job.assigned_at)
+            # (A named tuple's own ``__new__`` is a Python function: built directly,
+            # as ``Moved._make`` does, it costs a third.)
+            return _new_tuple(Moved, (job.id, new, job.assigned_at, (), None))
         due = job.scheduled_at
         if due is not None and codec.to_micros(due) > self._promoted:
             return Moved(job.id, new, job.assigned_at, tuple(job.tags), due)
@@ -1005,6 +1008,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
         listed = _LIST_STATUS_OF[_RUNNING]
+        now_us = codec.to_micros(now)  # (the assignment and start times of the records)
+        encode_job = codec.encode_job
         out: list[Job] = []
         for rec in picked:
             job = rec.job
@@ -1029,7 +1034,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             static = rec.static
             if static is None:
                 static = rec.static = codec.job_static(job)
-            put(_JOB + idb, codec.encode_job(job, rec.seq, static))
+            put(_JOB + idb, encode_job(job, rec.seq, static, now, now_us))
             touched[job.id] = rec
             out.append(job.copy())  # the staged objects stay in the cache
         w.eligible_moved = True
