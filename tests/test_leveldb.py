@@ -866,20 +866,23 @@ def test_records_round_trip(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(
-        st.one_of(st.none(), st.just("now"), st.datetimes(timezones=st.just(UTC))),
-        min_size=5,
-        max_size=5,
-    ),
+    st.lists(st.sampled_from(["none", "now", "equal", "other"]), min_size=5, max_size=5),
+    st.datetimes(timezones=st.just(UTC)),
     st.datetimes(timezones=st.just(UTC)),
 )
 def test_records_given_the_moves_now_encode_as_without_it(
-    times: list[datetime | str | None], now: datetime
+    kinds: list[str], now: datetime, other: datetime
 ) -> None:
     """``encode_job``'s ``now``/``now_us`` (a claim's or completion's timestamp, looked up
     once per call) change nothing: a time that is ``now`` itself is encoded from
-    ``now_us``, any other time (equal or not) as before."""
-    started, finalized, retried, assigned, scheduled = (now if t == "now" else t for t in times)
+    ``now_us``, any other time (equal to it or not) as before."""
+    picks: dict[str, datetime | None] = {
+        "none": None,
+        "now": now,
+        "equal": now.replace(),  # equal, another object
+        "other": other,
+    }
+    started, finalized, retried, assigned, scheduled = (picks[k] for k in kinds)
     job = Job(
         id="j",
         job_type="t",
