@@ -424,3 +424,12 @@ def test_sqlite_cost_runs_each_phase_at_tiny_sizes() -> None:
     for kind in ("plain", "mixed"):
         for phase in ("enqueue", "cycle"):
             sqlite_cost.main([kind, phase, "--jobs", "120"])
+
+
+@pytest.mark.parametrize("arm", ["hand", "worker", "floor", "build-jobs", "build-floor"])
+async def test_drain_instructions_runs_each_arm_at_tiny_sizes(arm: str) -> None:
+    """benchmarks.drain_instructions (counted under callgrind) runs each arm; the hand
+    loop and the Worker check every job ran exactly once, the floor that all drained."""
+    from benchmarks import drain_instructions
+
+    await drain_instructions.run(arm, 50)
