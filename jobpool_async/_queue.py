@@ -522,8 +522,9 @@ class PoolQueue:
     async def _release(self, stream: JobStream, jobs: Sequence[Job]) -> None:
         """Give back jobs assigned to ``stream`` but never handed to its caller.
 
-        A job that already has an error message (the real error of an earlier run)
-        keeps it: the give-back only explains a job that has none.
+        A job that already has an error message (the real error of an earlier run, or
+        one set while the stream held it) keeps it: RELEASE writes its message only
+        where the store has none, decided in the write, not from this stream's copy.
         """
         # Only assignments the stream still holds: one that ended meanwhile (moved by
         # another call, maybe claimed again by another stream) is no longer its to
@@ -536,7 +537,7 @@ class PoolQueue:
             Change(
                 job.id,
                 RELEASE,
-                error_message=None if job.error_message else RELEASE_MESSAGE,
+                error_message=RELEASE_MESSAGE,
                 assigned_at=job.assigned_at,
             )
             for job in jobs

@@ -18,7 +18,8 @@ Side effects are derived from the move, uniformly:
 * entering a status in ``retry_targets`` from another status counts a retry
   (``retry_count += 1``, ``last_retry_at = now``);
 * entering a final status from another status sets ``finalized_at = now``;
-* a given ``result`` / ``error_message`` (not ``None``) is stored;
+* a given ``result`` / ``error_message`` (not ``None``) is stored, except that a
+  ``keeps_message`` transition writes its message only to a job that has none;
 * a ``guarded`` transition moves a job only while it holds the assignment the
   change names (its ``assigned_at``), checked by the backend in the same write.
 
@@ -78,6 +79,9 @@ class Transition:
     #: A compare-and-set on the assignment: a job moves only if its ``assigned_at``
     #: is the change's (``Change.assigned_at``); backends check it in the same write.
     guarded: bool = False
+    #: Writes the change's ``error_message`` only to a job that has none stored: it
+    #: explains a move, it does not replace a real error (checked in the same write).
+    keeps_message: bool = False
     #: Moves in ``moves`` that count a retry / set ``finalized_at`` (derived).
     retry_sources: frozenset[JobStatus] = field(init=False)
     finalize_sources: frozenset[JobStatus] = field(init=False)
@@ -193,12 +197,15 @@ LEASE_EXPIRED = Transition(
     {S.RUNNING: S.UNKNOWN_RETRY, S.CANCELLING: S.UNKNOWN_STOPPED},
     exhausted={S.RUNNING: S.UNKNOWN_STOPPED},
 )
-#: A stream gives back jobs it assigned but never handed to its caller.
+#: A stream gives back jobs it assigned but never handed to its caller. Its message
+#: explains the move only where the job has no message of its own (an earlier run's
+#: error, or one an ``update_job_status`` set while the stream held the job).
 RELEASE = Transition(
     "release",
     {S.RUNNING: S.FAILED_RETRY, S.CANCELLING: S.STOPPED},
     retry_targets=frozenset({S.FAILED_RETRY}),
     guarded=True,
+    keeps_message=True,
 )
 
 _UPDATE_ALLOWED: dict[JobStatus, tuple[JobStatus, ...]] = {
@@ -293,7 +300,7 @@ def apply(
         job.scheduled_at = scheduled_at
     if result is not None:
         job.result = result
-    if error_message is not None:
+    if error_message is not None and not (transition.keeps_message and job.error_message):
         job.error_message = error_message
     job.status = target
     return target

@@ -230,7 +230,8 @@ def set_clause(
     ``now``/``result``/``error_message``/``assignee_id``/``scheduled_at``/
     ``max_attempts`` (the default attempt limit) are SQL expressions (placeholders);
     ``result`` and ``error_message`` keep the stored value when the bound parameter
-    is NULL. A ``schedules`` transition writes ``scheduled_at`` and ``wait_until``
+    is NULL (and ``error_message`` a non-empty stored one under ``keeps_message``).
+    A ``schedules`` transition writes ``scheduled_at`` and ``wait_until``
     (the backends' "not yet due" marker, cleared when the job comes due). The caller
     adds ``WHERE status IN in_list(sources)``.
     """
@@ -273,5 +274,8 @@ def set_clause(
         kept = "NULL" if transition.reopens else "result"
         parts.append(f"result = COALESCE({result}, {kept})")
     if error_message is not None:
-        parts.append(f"error_message = COALESCE({error_message}, error_message)")
+        given = f"COALESCE({error_message}, error_message)"
+        if transition.keeps_message:  # only a job with no message of its own
+            given = f"CASE WHEN error_message = '' THEN {given} ELSE error_message END"
+        parts.append(f"error_message = {given}")
     return ", ".join(parts)

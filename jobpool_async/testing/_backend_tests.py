@@ -266,6 +266,27 @@ class BackendTests:
         assert [(m.job_id, m.status) for m in out.moved] == [("h", S.FAILED_RETRY)]
         assert ids(out.claimed) == ["other"]
 
+    async def test_a_give_back_explains_only_a_job_without_a_message(
+        self, backend: Backend
+    ) -> None:
+        """RELEASE's message (``keeps_message``) is written only where the store holds
+        none: a job's own message, set after its claim, is kept, decided in the write."""
+        jobs = await jobs_in(backend, {"own": S.RUNNING, "none": S.RUNNING})
+        await backend.apply([Change("own", UPDATE_TO[S.RUNNING], error_message="mine")], at(1))
+        out = await backend.apply(
+            [
+                Change(i, RELEASE, error_message="given back", assigned_at=jobs[i].assigned_at)
+                for i in ("own", "none")
+            ],
+            at(2),
+        )
+        assert sorted((m.job_id, m.status) for m in out.moved) == [
+            ("none", S.FAILED_RETRY),
+            ("own", S.FAILED_RETRY),
+        ]
+        got = {job.id: job.error_message for job in await backend.get_jobs(["own", "none"])}
+        assert got == {"own": "mine", "none": "given back"}
+
     async def test_an_exhausted_job_takes_the_exhausted_target(self, backend: Backend) -> None:
         await backend.insert([new("own", max_attempts=1), new("default"), new("more")])
         await backend.claim("w", [], 3, T)

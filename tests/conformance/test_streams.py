@@ -80,6 +80,24 @@ async def test_a_give_back_explains_a_job_without_an_error(queue: PoolQueue) -> 
     assert job.error_message == "stream closed before the job was handed to its consumer"
 
 
+async def test_a_give_back_keeps_a_message_set_while_the_stream_held_the_job(
+    queue: PoolQueue,
+) -> None:
+    """A message written to a job the stream holds but has not handed out survives
+    the give-back: the store decides, not the stream's copy of the job from its claim
+    (found by the state-machine test: the give-back overwrote it)."""
+    await queue.enqueue_jobs([Job(id="a", job_type="t"), Job(id="b", job_type="t")])
+    stream = queue.stream_jobs("w", max_assigned_jobs=1)
+    assert [j.id for j in await next_batch(stream)] == ["a"]
+    await queue.complete_job("a", b"ok")  # frees the slot: b is claimed for the stream
+    assert (await queue.get_job("b")).status is S.RUNNING, "held by the stream"
+    await queue.update_job_status("b", S.RUNNING, error_message="mine")
+    await stream.aclose()  # gives b back, never handed out
+    job = await queue.get_job("b")
+    assert (job.status, job.retry_count) == (S.FAILED_RETRY, 1)
+    assert job.error_message == "mine"
+
+
 @pytest.mark.parametrize("method", ["renew_leases", "claim"])
 async def test_a_queue_closed_during_a_streams_first_call_ends_the_stream(
     queue: PoolQueue, method: str
