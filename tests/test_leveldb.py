@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -97,7 +98,7 @@ def check_store(path: Path) -> dict[str, Job]:
     finally:
         db.close()
     meta = json.loads(data.pop(b"M"))
-    assert meta == {"application": "jobpool_async", "format": 3}
+    assert meta == {"application": "jobpool_async", "format": 4}
     next_seq, promoted, *global_counts = struct.unpack(">QQ11q", data.pop(b"N"))
     jobs: dict[str, Job] = {}
     expected: set[bytes] = set()
@@ -115,8 +116,8 @@ def check_store(path: Path) -> dict[str, Job]:
         counts[code] += 1
         counts[10] += job.retry_count
         created = struct.pack(">Q", _micros(job.created_at))
-        expected.add(b"L" + created + idb)
-        expected.add(b"S" + bytes([code]) + created + idb)
+        if job.status not in ACTIVE:  # (listed from their A keys)
+            expected.add(b"S" + bytes([code]) + created + idb)
         expected.add(b"Y" + _enc(job.job_type) + created + idb)
         for tag in job.tags:
             expected.add(b"T" + _enc(tag) + idb)
@@ -135,7 +136,7 @@ def check_store(path: Path) -> dict[str, Job]:
             expected.add(b"E" + order)
             expected.update(b"F" + _enc(tag) + order for tag in job.tags)
         elif job.status in ACTIVE:
-            expected.add(b"A" + _enc(job.assignee_id) + idb)
+            expected.add(b"A" + _enc(job.assignee_id) + created + idb)
         elif job.status is S.COMPLETED:
             assert job.finalized_at is not None
             expected.add(b"D" + struct.pack(">QQ", _micros(job.finalized_at), seq) + idb)
@@ -935,6 +936,18 @@ async def test_hostile_ids_and_tags_never_collide(queue: PoolQueue, store: Path)
 # --- index consistency under random operations, against the memory backend ----------
 
 
+#: ``list_jobs`` filters the random operations compare with the memory backend's.
+LISTINGS: list[dict[str, Any]] = [
+    {},
+    {"statuses": [S.RUNNING]},
+    {"statuses": [S.CANCELLING, S.COMPLETED]},
+    {"statuses": list(ACTIVE)},
+    {"statuses": [S.INITIAL_PENDING, S.UNSCHEDULED]},
+    {"job_type": "u\x01"},
+    {"tags": ["a"], "statuses": [S.RUNNING]},
+]
+
+
 async def _random_ops(seed: int, store: Path) -> None:
     """Drive a MemoryBackend queue and a LevelDB queue with the same random calls."""
     rng = random.Random(seed)
@@ -977,7 +990,7 @@ async def _random_ops(seed: int, store: Path) -> None:
                     batch.append(
                         Job(
                             id=job_id,
-                            job_type="t",
+                            job_type=rng.choice(["t", "u\x01"]),
                             tags=rng.sample(tag_pool, rng.randint(0, 3)),
                             created_at=base + timedelta(minutes=rng.randint(0, 50)),
                         )
@@ -1023,6 +1036,13 @@ async def _random_ops(seed: int, store: Path) -> None:
             if step % 25 == 0:
                 for tags in ([], ["a"], ["a", "b"], ["a\x01"], ["zzz"]):
                     await both("get_job_stats", tags)
+                for filters in LISTINGS:
+                    pages = [await _all_pages(q, 4, **filters) for q in (mem, ldb)]
+                    assert pages[0] == pages[1], (step, filters)
+                for statuses in (ACTIVE, {S.RUNNING}, {S.CANCELLING}, ELIGIBLE, set(S)):
+                    asked = frozenset(statuses)
+                    oldest = [await q.backend.oldest_created(asked) for q in (mem, ldb)]
+                    assert oldest[0] == oldest[1], (step, statuses)
         mem_jobs = {j.id: j for j in await mem.get_jobs(ids)}
         ldb_jobs = {j.id: j for j in await ldb.get_jobs(ids)}
         assert mem_jobs.keys() == ldb_jobs.keys()
@@ -1455,3 +1475,227 @@ async def test_a_refill_of_free_slots_by_a_call_that_moves_nothing_is_written(
     finally:
         await backend.close()
     assert check_store(store)["j4"].status is S.RUNNING
+
+
+# --- store format 3 -> 4 (no L keys, no S keys of RUNNING/CANCELLING jobs) ---------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "stores"
+#: LevelDB stores written by format 3 code (main at 647893d and at ae89716).
+FORMAT_3_FIXTURES = ["v0.2-647893d", "v0.3-ae89716"]
+
+
+def _dump(path: Path) -> dict[bytes, bytes]:
+    db = plyvel.DB(str(path))
+    try:
+        return dict(db.iterator())
+    finally:
+        db.close()
+
+
+def _format(path: Path) -> int:
+    format_: int = json.loads(_dump(path)[b"M"])["format"]
+    return format_
+
+
+def _as_format_3(path: Path) -> None:
+    """Rewrite the keys of the (closed) format 4 store at ``path`` as format 3 code
+    wrote them: an ``L`` key and an ``S`` key for every job, ``A`` keys without the
+    job's created time, format mark 3 (records and counters are as in format 3)."""
+    db = plyvel.DB(str(path))
+    try:
+        assert json.loads(db.get(b"M"))["format"] == 4
+        with db.write_batch() as wb:
+            for key, raw in db.iterator(prefix=b"J"):
+                job, _ = codec.decode_job(raw)
+                idb = key[1:]
+                created = struct.pack(">Q", _micros(job.created_at))
+                wb.put(b"L" + created + idb, b"")
+                if job.status in ACTIVE:
+                    code = codec.STATUS_CODES.index(job.status)
+                    wb.put(b"S" + bytes([code]) + created + idb, b"")
+                    wb.delete(b"A" + _enc(job.assignee_id) + created + idb)
+                    wb.put(b"A" + _enc(job.assignee_id) + idb, b"")
+            wb.put(b"M", json.dumps({"application": "jobpool_async", "format": 3}).encode())
+    finally:
+        db.close()
+
+
+async def _all_pages(queue: PoolQueue, size: int, **filters: Any) -> list[str]:
+    ids: list[str] = []
+    after: str | None = None
+    while True:
+        page = await queue.list_jobs(limit=size, after=after, **filters)
+        ids.extend(j.id for j in page.jobs)
+        if (after := page.next_after) is None:
+            return ids
+
+
+async def _check_listings(queue: PoolQueue, jobs: list[Job]) -> None:
+    """Every listing (no filter, each status, each pair of statuses present, each
+    type) in pages of several sizes is a scan of ``jobs``, newest first; and
+    ``oldest_created`` of each status set is the scan's."""
+
+    def scan(chosen: list[Job]) -> list[str]:
+        return [j.id for j in sorted(chosen, key=lambda j: (j.created_at, j.id), reverse=True)]
+
+    present = sorted({j.status for j in jobs}, key=lambda s: s.value)
+    asked = [[s] for s in S] + [[a, b] for a in present for b in present if a.value < b.value]
+    for size in (1, 3, 1000):
+        assert await _all_pages(queue, size) == scan(jobs), size
+        for these in asked:
+            listed = await _all_pages(queue, size, statuses=these)
+            assert listed == scan([j for j in jobs if j.status in these]), (size, these)
+        for job_type in {j.job_type for j in jobs}:
+            listed = await _all_pages(queue, size, job_type=job_type)
+            assert listed == scan([j for j in jobs if j.job_type == job_type]), job_type
+    for these in [*asked, list(ACTIVE), list(S)]:
+        oldest = await queue.backend.oldest_created(frozenset(these))
+        assert oldest == min((j.created_at for j in jobs if j.status in these), default=None)
+
+
+@pytest.mark.parametrize("fixture", FORMAT_3_FIXTURES)
+async def test_a_format_3_store_is_upgraded_in_place(fixture: str, tmp_path: Path) -> None:
+    """A store written by format 3 code (committed under tests/fixtures/stores) is
+    upgraded to format 4 on open: every job and counter kept, every listing page and
+    ``oldest_created`` as a scan of the jobs gives them, every key as format 4 has
+    it, and the store keeps working."""
+    from jobpool_async.testing import FakeClock
+
+    from .test_store_upgrades import _stored_as_written
+
+    source = FIXTURES / fixture
+    want = json.loads((source / "expected.json").read_text())["leveldb"]
+    path = tmp_path / "old.ldb"
+    shutil.copytree(source / "leveldb", path)
+    old = _dump(path)
+    assert _format(path) == 3 and any(k[:1] == b"L" for k in old)
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # upgraded once, then opened as it is
+        async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
+            jobs = await _stored_as_written(q, ids, want)
+            assert any(j.status is S.RUNNING for j in jobs)
+            await _check_listings(q, jobs)
+        check_store(path)
+    new = _dump(path)
+    # Records, counters, leases and the other indexes are as they were.
+    kept = {k: v for k, v in old.items() if k[:1] not in b"MLSA"}
+    assert {k: v for k, v in new.items() if k[:1] not in b"MLSA"} == kept
+    async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
+        running = [j.id for j in jobs if j.status is S.RUNNING]
+        await q.cancel_jobs(job_ids=running[:1])
+        await q.complete_jobs(dict.fromkeys(running[1:], b"ok"))
+        async with q.stream_jobs("after", max_assigned_jobs=3) as stream:
+            batch = await stream.__anext__()
+        await q.fail_jobs({batch[0].id: "boom"})
+        await _check_listings(q, await q.get_jobs(ids))
+    check_store(path)
+
+
+async def _varied_store(path: Path) -> list[Job]:
+    """A format 4 store with jobs in every status, of several types and assignees
+    (RUNNING and CANCELLING jobs of three), created out of enqueue order."""
+    base = datetime(2024, 3, 1, tzinfo=UTC)
+    jobs = [
+        Job(
+            id=f"v{i:02d}",
+            job_type=f"type{i % 3}",
+            tags=[f"g{i % 2}"] if i % 4 else [],
+            created_at=base + timedelta(seconds=(i * 7) % 11, microseconds=i % 2),
+        )
+        for i in range(30)
+    ]
+    async with PoolQueue(LevelDBBackend(path)) as q:
+        await q.enqueue_jobs(jobs)
+        for who in ("wa", "wb", "wc\x01x"):
+            async with q.stream_jobs(who, max_assigned_jobs=6) as stream:
+                batch = await stream.__anext__()
+            ids = [j.id for j in batch]
+            await q.cancel_jobs(job_ids=ids[:2])  # CANCELLING
+            await q.complete_jobs({ids[2]: b"r"})
+            await q.fail_jobs({ids[3]: "boom"})
+        stored = await q.get_jobs([j.id for j in jobs])
+        pending = [j.id for j in stored if j.status is S.INITIAL_PENDING]
+        await q.cancel_jobs(job_ids=pending[:2])  # UNSCHEDULED
+        return await q.get_jobs([j.id for j in jobs])
+
+
+async def test_a_store_in_the_format_3_encoding_is_upgraded_with_its_listings(
+    tmp_path: Path,
+) -> None:
+    """A store of many assignees' RUNNING and CANCELLING jobs, rewritten in the format
+    3 key encoding, lists (every page, every filter) after its upgrade as before."""
+    path = tmp_path / "s.ldb"
+    before = await _varied_store(path)
+    statuses = Counter(j.status for j in before)
+    assert statuses[S.RUNNING] >= 3 and statuses[S.CANCELLING] == 6, statuses
+    check_store(path)
+    _as_format_3(path)
+    assert _format(path) == 3
+    async with PoolQueue(LevelDBBackend(path)) as q:
+        after = await q.get_jobs([j.id for j in before])
+        assert after == before
+        await _check_listings(q, after)
+        # Every RUNNING/CANCELLING job found through the rewritten assignee index.
+        assert await q.mark_worker_unresponsive("wc\x01x") == 4
+        assert await q.reset_running_jobs() == 8
+        assert not (await q.list_jobs(statuses=list(ACTIVE))).jobs
+    assert check_store(path).keys() == {j.id for j in before}
+
+
+CRASH_UPGRADE_CHILD = """
+import asyncio, os, random, signal, sys
+from jobpool_async import PoolQueue
+from jobpool_async.backends import leveldb as mod
+where, seed, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+left = [random.Random(seed).randint(1, calls)]
+def hook(*_args):
+    left[0] -= 1
+    if left[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+mod._UPGRADE_HOOK = hook
+async def main():
+    async with PoolQueue(mod.LevelDBBackend(where)):
+        pass
+asyncio.run(main())
+print("not killed")
+"""
+
+
+def _crash_upgrade(where: Path, seed: int, calls: int) -> subprocess.CompletedProcess[str]:
+    """Open the store at ``where`` in a child killed at a random one of the first
+    ``calls`` calls of the upgrade's hook."""
+    return subprocess.run(
+        [sys.executable, "-c", CRASH_UPGRADE_CHILD, str(where), str(seed), str(calls)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_crash_during_the_upgrade_to_format_4_leaves_the_old_store_or_the_new(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL at a random point of the upgrade (each ``A`` key, or after the write):
+    the store is then exactly the format 3 one or exactly the upgraded one, and opens
+    with every job."""
+    path = tmp_path / "s.ldb"
+    jobs = await _varied_store(path)
+    _as_format_3(path)
+    old = _dump(path)
+    clean = tmp_path / "clean.ldb"
+    shutil.copytree(path, clean)
+    async with PoolQueue(LevelDBBackend(clean)):
+        pass
+    new = _dump(clean)
+    calls = len([j for j in jobs if j.status in ACTIVE]) + 1  # the hook's calls
+    for attempt in range(4):
+        seed = random.randrange(2**32)
+        where = tmp_path / f"{attempt}.ldb"
+        shutil.copytree(path, where)
+        result = _crash_upgrade(where, seed, calls)
+        assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
+        assert _dump(where) in (old, new), f"a mix (seed {seed})"
+        async with PoolQueue(LevelDBBackend(where)) as q:
+            assert await q.get_jobs([j.id for j in jobs]) == jobs
+        check_store(where)

@@ -37,10 +37,12 @@ APPLICATION = "jobpool_async"
 #: older ones upgraded on open. 2: the listing keys (``L``, ``S``, ``Y``, ``C``).
 #: 3: schedules, priorities, attempts, DISCARDED (records of version 2, the ``W``
 #: index, the priority in ``E``/``F`` keys, a DISCARDED counter slot).
-FORMAT_VERSION = 3
+#: 4: no ``L`` keys, no ``S`` keys of RUNNING/CANCELLING jobs (listed from their
+#: ``A`` keys, which hold the created time: ``A enc(assignee) created id``).
+FORMAT_VERSION = 4
 RECORD_VERSION = 2
 #: Store formats :mod:`jobpool_async.backends.leveldb` upgrades in place on open.
-UPGRADABLE_FORMATS = (1, 2)
+UPGRADABLE_FORMATS = (1, 2, 3)
 
 #: The stored code of each status. Fixed: never reorder, only append.
 STATUS_CODES: tuple[JobStatus, ...] = (

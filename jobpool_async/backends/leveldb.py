@@ -14,7 +14,7 @@ microseconds since 0001-01-01 UTC as big-endian u64; ``seq`` is the job's enqueu
 sequence number, a big-endian u64 allocated from the meta counters, so it survives
 reopening)::
 
-    M                                   -> JSON {"application": "jobpool_async", "format": 2}
+    M                                   -> JSON {"application": "jobpool_async", "format": 4}
     N                                   -> next seq u64, promoted-until u64, count per
                                            status, retry sum
     J id                                -> the job record (_leveldb_codec.encode_job)
@@ -23,16 +23,25 @@ reopening)::
     W scheduled_time seq id             -> ""  eligible jobs waiting for their schedule
     T enc(tag) id                       -> ""  every job per tag
     K enc(tag)                          -> count per status and retry sum of the tag's jobs
-    A enc(assignee) id                  -> ""  RUNNING/CANCELLING jobs per assignee
+    A enc(assignee) created_time id     -> ""  RUNNING/CANCELLING jobs per assignee
     D finalized_time seq id             -> ""  COMPLETED jobs by finalized_at (TTL cleanup)
-    L created_time id                   -> ""  every job, for list_jobs (format 2)
-    S status_code created_time id       -> ""  every job per status (u8 code), likewise
+    S status_code created_time id       -> ""  jobs per status (u8 code), for list_jobs,
+                                           but RUNNING/CANCELLING ones (format 4)
     Y enc(job_type) created_time id     -> ""  every job per type, likewise
     C enc(tag) created_time id          -> ""  every job per tag, likewise
 
-``list_jobs`` walks one of ``L``/``S``/``Y``/``C`` backwards from its cursor
-``(created_time, id)``: newest first, ties by id. A format 1 store (before these
-keys) is upgraded in place on open (:meth:`LevelDBBackend._upgrade`).
+``list_jobs`` walks ``S``/``Y``/``C`` keys backwards from its cursor
+``(created_time, id)``: newest first, ties by id. RUNNING and CANCELLING jobs are
+listed from their ``A`` keys (each assignee's are in ``created_time, id`` order, and
+the walks of the assignees are merged); a page without filters merges the ``Y`` walks
+of every job type (found by seeking from one type's keys to the next). So a job's
+life writes 12 keys (enqueue: ``J``, ``Y``, ``E``, ``S``; claim: ``E`` and ``S`` out,
+``A`` and ``J`` in; completion: ``A`` out, ``D``, ``S`` and ``J`` in), not 15.
+
+Older stores are upgraded in place on open: format 1 (before the listing keys) gets
+them (:func:`_upgrade`), format 2 its records re-encoded (:func:`_upgrade_to_3`),
+format 3 loses its ``L`` keys and the ``S`` keys of RUNNING/CANCELLING jobs, and its
+``A`` keys get the job's created time (:func:`_upgrade_to_4`).
 
 Leases (SPEC §8.4)::
 
@@ -114,6 +123,7 @@ _TAG = b"T"
 _TAG_COUNTS = b"K"
 _ASSIGNEE = b"A"
 _DONE = b"D"
+#: Every job by created time (formats 2 and 3 only: removed by the upgrade to 4).
 _LIST = b"L"
 _LIST_STATUS = b"S"
 _LIST_TYPE = b"Y"
@@ -130,6 +140,8 @@ _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: instructions: hot paths use these.)
 _COMPLETED, _RUNNING_STATUS = JobStatus.COMPLETED, JobStatus.RUNNING
 _RUNNING = codec.CODE_OF[_RUNNING_STATUS]
+#: Bytes of an ``A`` key after its assignee: the job's created time (u64 micros).
+_CREATED_SIZE = 8
 #: How many per-tag scan floors to remember (see ``_floors``).
 _MAX_FLOORS = 4096
 #: LevelDB's messages when another handle (this process) or process holds the LOCK file.
@@ -187,10 +199,13 @@ def _index_keys(
 ) -> list[bytes]:
     """The status-dependent index keys of ``job`` (``idb``: its id as key bytes;
     ``promoted``: the promotion watermark, micros; ``tail``: its :func:`_tail`, if
-    known); the last is always its ``S`` listing key."""
+    known); the last is its ``S`` listing key, but for a RUNNING/CANCELLING job,
+    whose one key is its ``A`` key (which lists it)."""
     status = job.status
     if tail is None:
         tail = _tail(job, idb)
+    if status in ACTIVE:
+        return [_ASSIGNEE + codec.enc(job.assignee_id) + tail]
     listed = _LIST_STATUS_OF[codec.CODE_OF[status]] + tail
     if status in ELIGIBLE:
         scheduled = job.scheduled_at
@@ -211,8 +226,6 @@ def _index_keys(
             keys.append(_ELIGIBLE_TAG + codec.enc(tag) + order)
         keys.append(listed)
         return keys
-    if status in ACTIVE:
-        return [_ASSIGNEE + codec.enc(job.assignee_id) + idb, listed]
     if status is _COMPLETED:
         assert job.finalized_at is not None
         return [_DONE + _TIME_SEQ.pack(codec.to_micros(job.finalized_at), seq) + idb, listed]
@@ -232,7 +245,7 @@ def _static_keys(job: Job, idb: bytes, tail: bytes | None = None) -> list[bytes]
     """The keys of ``job`` that never change while it exists (tags, listing order)."""
     if tail is None:
         tail = _tail(job, idb)
-    keys = [_LIST + tail, _LIST_TYPE + codec.enc(job.job_type) + tail]
+    keys = [_LIST_TYPE + codec.enc(job.job_type) + tail]
     for tag in job.tags:
         enc = codec.enc(tag)
         keys.append(_TAG + enc + idb)
@@ -259,12 +272,16 @@ def _upgrade(db: Any) -> None:
     wb = db.write_batch(sync=True)
     with db.iterator(prefix=_JOB, include_key=False) as it:
         for n, raw in enumerate(it, 1):
-            job, seq = codec.decode_job(raw)
+            job, _ = codec.decode_job(raw)
             idb = codec.id_bytes(job.id)
-            for key in _static_keys(job, idb):
+            tail = _tail(job, idb)
+            # The keys of format 2 (which has ``L`` and every job's ``S`` key; the
+            # upgrade to format 4 then removes those it no longer has).
+            wb.put(_LIST + tail, b"")
+            wb.put(_LIST_STATUS_OF[codec.CODE_OF[job.status]] + tail, b"")
+            for key in _static_keys(job, idb, tail):
                 if key[:1] != _TAG:  # T keys exist in format 1
                     wb.put(key, b"")
-            wb.put(_index_keys(job, seq, idb, 0)[-1], b"")
             if n % _UPGRADE_BATCH == 0:
                 wb.write()
                 wb = db.write_batch(sync=True)
@@ -442,7 +459,7 @@ class _Write:
         if code == old_code and not eligible:
             return  # same status, same assignee / finalized_at: same keys
         new_keys = rec.keys = _index_keys(job, rec.seq, rec.idb, self.promoted, rec.tail)
-        if code == old_code and new_keys == old_keys:
+        if new_keys == old_keys:  # (RUNNING <-> CANCELLING: the same ``A`` key)
             return
         # Old keys out, new keys in: LevelDB applies a batch in order, so a key in
         # both (an eligible job moved within its status) ends put.
@@ -648,8 +665,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 version = codec.check_meta(meta, where)
                 if version < 2:
                     _upgrade(db)
-                if version < codec.FORMAT_VERSION:
+                if version < 3:
                     _upgrade_to_3(db, where)
+                if version < 4:
+                    _upgrade_to_4(db, where)
                 raw = db.get(_COUNTERS)
                 if raw is None:
                     raise StorageError(f"{where}: jobpool_async store without its counters")
@@ -784,7 +803,6 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     put(key, b"")
                 keys = w.index(job, seq, idb, tail)
             else:
-                put(_LIST + tail, b"")
                 put(_LIST_TYPE + enc(job.job_type) + tail, b"")
                 code = code_of[status]
                 values[code] += 1
@@ -830,9 +848,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     # --- selections ---------------------------------------------------------------
 
-    def _scan_ids(self, prefix: bytes) -> Iterator[str]:
-        """Job ids of the index keys ``prefix <id>``."""
-        start = len(prefix)
+    def _scan_ids(self, prefix: bytes, skip: int = 0) -> Iterator[str]:
+        """Job ids of the index keys ``prefix <skip bytes> <id>``."""
+        start = len(prefix) + skip
         with self._db.iterator(prefix=prefix, include_value=False) as it:
             for key in it:
                 yield codec.id_text(key[start:])
@@ -853,7 +871,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             return [_decoded(raw) for raw in it]
 
     def _assignee_ids(self, assignee_id: str) -> Iterator[str]:
-        return self._scan_ids(_ASSIGNEE + codec.enc(assignee_id))
+        return self._scan_ids(_ASSIGNEE + codec.enc(assignee_id), _CREATED_SIZE)
 
     def _keys(self, prefix: bytes) -> list[bytes]:
         with self._db.iterator(prefix=prefix, include_value=False) as it:
@@ -862,7 +880,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _active_ids(self) -> Iterator[str]:
         for key in self._keys(_ASSIGNEE):
             _, end = codec.split_enc(key, 1)
-            yield codec.id_text(key[end:])
+            yield codec.id_text(key[end + _CREATED_SIZE :])
 
     # --- the contract -------------------------------------------------------------
 
@@ -1010,7 +1028,6 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put, delete, touched, promoted = w.put, w.delete, w.touched, w.promoted
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
-        listed = _LIST_STATUS_OF[_RUNNING]
         now_us = codec.to_micros(now)  # (the assignment and start times of the records)
         encode_job = codec.encode_job
         out: list[Job] = []
@@ -1031,9 +1048,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 counters.values[old_code] -= 1
                 counters.values[_RUNNING] += 1
             idb = rec.idb
-            keys = rec.keys = [assignee + idb, listed + rec.tail]
-            put(keys[0], b"")
-            put(keys[1], b"")
+            key = assignee + rec.tail  # (its one index key: see ``_index_keys``)
+            rec.keys = [key]
+            put(key, b"")
             static = rec.static
             if static is None:
                 static = rec.static = codec.job_static(job)
@@ -1094,28 +1111,65 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     def _oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
         firsts = []
-        for status in statuses:
-            prefix = _LIST_STATUS + bytes((codec.CODE_OF[status],))
+        for status in statuses - ACTIVE:
+            prefix = _LIST_STATUS_OF[codec.CODE_OF[status]]
             with self._db.iterator(prefix=prefix, include_value=False) as it:
                 key = next(it, None)
             if key is not None:
-                firsts.append(codec.from_micros(int.from_bytes(key[2:10], "big")))
+                firsts.append(codec.from_micros(codec.read_u64(key, 2)))
+        active = statuses & ACTIVE
+        for prefix in self._components(_ASSIGNEE) if active else ():
+            # Each assignee's oldest job in one of ``active`` (its ``A`` keys are in
+            # created order; they hold RUNNING and CANCELLING jobs alike).
+            n = len(prefix)
+            with self._db.iterator(prefix=prefix, include_value=False) as it:
+                for key in it:
+                    if active != ACTIVE:
+                        job_id = codec.id_text(key[n + _CREATED_SIZE :])
+                        found = self._read(job_id)
+                        if found is None:
+                            raise StorageError(
+                                f"assignee index names job {job_id!r}, which has no record"
+                            )
+                        if found.job.status not in active:
+                            continue
+                    firsts.append(codec.from_micros(codec.read_u64(key, n)))
+                    break
         return min(firsts, default=None)
+
+    def _components(self, prefix: bytes) -> list[bytes]:
+        """Each distinct ``prefix enc(x)`` that keys under ``prefix`` start with (the
+        assignees of ``A`` keys, the job types of ``Y`` keys): one seek each."""
+        out: list[bytes] = []
+        n = len(prefix)
+        with self._db.iterator(prefix=prefix, include_value=False) as it:
+            key = next(it, None)
+            while key is not None:
+                part = key[: key.index(b"\x00\x01", n) + 2]
+                out.append(part)
+                it.seek(_prefix_end(part))  # past every key of this component
+                key = next(it, None)
+        return out
+
+    def _listed_under(self, query: ListQuery) -> list[bytes]:
+        """The key prefixes whose walks, merged, list the jobs ``query`` may match."""
+        if query.tags:
+            tag, _ = self._smallest_tag(query.tags)
+            return [_LIST_TAG + codec.enc(tag)]
+        if query.statuses:
+            prefixes = [_LIST_STATUS_OF[codec.CODE_OF[s]] for s in query.statuses - ACTIVE]
+            if not query.statuses.isdisjoint(ACTIVE):  # (``matches`` checks the status)
+                prefixes.extend(self._components(_ASSIGNEE))
+            return prefixes
+        if query.job_type is not None:
+            return [_LIST_TYPE + codec.enc(query.job_type)]
+        return self._components(_LIST_TYPE)  # every job has one ``Y`` key
 
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         return await self._run(self._list_jobs, query)
 
     def _list_jobs(self, query: ListQuery) -> list[Job]:
-        if query.tags:
-            tag, _ = self._smallest_tag(query.tags)
-            prefixes = [_LIST_TAG + codec.enc(tag)]
-        elif query.statuses:
-            prefixes = [_LIST_STATUS + bytes((codec.CODE_OF[s],)) for s in query.statuses]
-        elif query.job_type is not None:
-            prefixes = [_LIST_TYPE + codec.enc(query.job_type)]
-        else:
-            prefixes = [_LIST]
-        walks = [self._newest_first(p, query.before) for p in prefixes]
+        walks = [self._newest_first(p, query.before) for p in self._listed_under(query)]
         keys = walks[0] if len(walks) == 1 else heapq.merge(*walks, reverse=True)
         out: list[Job] = []
         try:
@@ -1229,11 +1283,49 @@ def _upgrade_to_3(db: Any, where: str) -> None:
         raise StorageError(f"{where}: jobpool_async store without its counters")
     next_seq, counts = codec.decode_global_v1(raw)
     wb.put(_COUNTERS, codec.encode_global(next_seq, 0, counts))
-    wb.put(_META, codec.encode_meta())
+    wb.put(_META, codec.encode_meta(3))
     wb.write()
     if _UPGRADE_HOOK is not None:
         _UPGRADE_HOOK()
-    logger.info("upgraded LevelDB store %s to format %d", where, codec.FORMAT_VERSION)
+    logger.info("upgraded LevelDB store %s to format %d", where, 3)
+
+
+def _upgrade_to_4(db: Any, where: str) -> None:
+    """Format 3 -> 4 in one synced batch, so a crash leaves the old store or the new:
+    the ``L`` keys and the ``S`` keys of RUNNING/CANCELLING jobs removed, and each
+    ``A`` key (``A enc(assignee) id``) rewritten with the job's created time."""
+    wb = db.write_batch(sync=True)
+    doomed = [_LIST, *(_LIST_STATUS_OF[codec.CODE_OF[s]] for s in ACTIVE)]
+    for prefix in doomed:
+        with db.iterator(prefix=prefix, include_value=False) as it:
+            for key in it:
+                wb.delete(key)
+    # All old ``A`` keys out before any new one goes in: an old key could equal a new
+    # one of another job (its id the other's created time and id), and LevelDB
+    # applies a batch in order.
+    fresh: list[bytes] = []
+    with db.iterator(prefix=_ASSIGNEE, include_value=False) as it:
+        for key in it:
+            _, end = codec.split_enc(key, 1)
+            raw = db.get(_JOB + key[end:])
+            if raw is None:
+                job_id = codec.id_text(key[end:])
+                raise StorageError(
+                    f"{where}: the assignee index names job {job_id!r}, which has no "
+                    f"record. {_repair_hint(where)}"
+                )
+            job, _ = codec.decode_job(raw)
+            wb.delete(key)
+            fresh.append(key[:end] + _tail(job, key[end:]))
+            if _UPGRADE_HOOK is not None:
+                _UPGRADE_HOOK()
+    for key in fresh:
+        wb.put(key, b"")
+    wb.put(_META, codec.encode_meta(4))
+    wb.write()
+    if _UPGRADE_HOOK is not None:
+        _UPGRADE_HOOK()
+    logger.info("upgraded LevelDB store %s to format %d", where, 4)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
