@@ -867,19 +867,22 @@ def test_records_round_trip(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.sampled_from(["none", "now", "equal", "other"]), min_size=5, max_size=5),
+    st.lists(st.sampled_from(["none", "now", "then", "equal", "other"]), min_size=5, max_size=5),
+    st.datetimes(timezones=st.just(UTC)),
     st.datetimes(timezones=st.just(UTC)),
     st.datetimes(timezones=st.just(UTC)),
 )
 def test_records_given_the_moves_now_encode_as_without_it(
-    kinds: list[str], now: datetime, other: datetime
+    kinds: list[str], now: datetime, then: datetime, other: datetime
 ) -> None:
-    """``encode_job``'s ``now``/``now_us`` (a claim's or completion's timestamp, looked up
-    once per call) change nothing: a time that is ``now`` itself is encoded from
-    ``now_us``, any other time (equal to it or not) as before."""
+    """``encode_job``'s ``now``/``now_us`` and ``then``/``then_us`` (a completion's and
+    its claim's timestamps, looked up once per call) change nothing: a time that is
+    ``now`` or ``then`` itself is encoded from its micros, any other time (equal to
+    one or not) as before."""
     picks: dict[str, datetime | None] = {
         "none": None,
         "now": now,
+        "then": then,
         "equal": now.replace(),  # equal, another object
         "other": other,
     }
@@ -895,7 +898,11 @@ def test_records_given_the_moves_now_encode_as_without_it(
         assignee_id="w" if assigned else "",
     )
     plain = codec.encode_job(job, 3)
-    assert codec.encode_job(job, 3, codec.job_static(job), now, codec.to_micros(now)) == plain
+    static = codec.job_static(job)
+    now_us, then_us = codec.to_micros(now), codec.to_micros(then)
+    assert codec.encode_job(job, 3, static, now, now_us) == plain
+    assert codec.encode_job(job, 3, static, now, now_us, then, then_us) == plain
+    assert codec.encode_job(job, 3, static, None, 0, then, then_us) == plain
     assert codec.decode_job(plain) == (job, 3)
 
 

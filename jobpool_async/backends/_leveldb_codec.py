@@ -314,10 +314,13 @@ def encode_job(
     static: Static | None = None,
     now: datetime | None = None,
     now_us: int = 0,
+    then: datetime | None = None,
+    then_us: int = 0,
 ) -> bytes:
     """The stored form of ``job`` (with its enqueue sequence number); ``static``: its
     :func:`job_static`, if known; ``now_us``: ``to_micros(now)``, used for every time
-    of the job that is ``now`` itself (the call's timestamp, which a move just set)."""
+    of the job that is ``now`` itself (the call's timestamp, which a move just set);
+    ``then_us``: likewise ``to_micros(then)`` (an earlier move's, its claim's, say)."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
     # (Each optional time read once: attribute reads of a slots class are not free;
@@ -326,19 +329,19 @@ def encode_job(
     at = job.started_at
     if at is not None:
         flags = _F_STARTED
-        started = now_us if at is now else to_micros(at)
+        started = now_us if at is now else then_us if at is then else to_micros(at)
     at = job.finalized_at
     if at is not None:
         flags |= _F_FINALIZED
-        finalized = now_us if at is now else to_micros(at)
+        finalized = now_us if at is now else then_us if at is then else to_micros(at)
     at = job.last_retry_at
     if at is not None:
         flags |= _F_RETRY
-        retried = now_us if at is now else to_micros(at)
+        retried = now_us if at is now else then_us if at is then else to_micros(at)
     at = job.assigned_at
     if at is not None:
         flags |= _F_ASSIGNED
-        assigned = now_us if at is now else to_micros(at)
+        assigned = now_us if at is now else then_us if at is then else to_micros(at)
     at = job.scheduled_at
     if at is not None:
         flags |= _F_SCHEDULED

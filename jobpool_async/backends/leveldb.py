@@ -195,12 +195,19 @@ _TIME_SEQ = struct.Struct(">QQ")
 
 
 def _index_keys(
-    job: Job, seq: int, idb: bytes, promoted: int, tail: bytes | None = None
+    job: Job,
+    seq: int,
+    idb: bytes,
+    promoted: int,
+    tail: bytes | None = None,
+    now: datetime | None = None,
+    now_us: int = 0,
 ) -> list[bytes]:
     """The status-dependent index keys of ``job`` (``idb``: its id as key bytes;
     ``promoted``: the promotion watermark, micros; ``tail``: its :func:`_tail`, if
-    known); the last is its ``S`` listing key, but for a RUNNING/CANCELLING job,
-    whose one key is its ``A`` key (which lists it)."""
+    known; ``now_us``: the micros of ``now``, if that is the job's ``finalized_at``);
+    the last is its ``S`` listing key, but for a RUNNING/CANCELLING job, whose one
+    key is its ``A`` key (which lists it)."""
     status = job.status
     if tail is None:
         tail = _tail(job, idb)
@@ -227,8 +234,10 @@ def _index_keys(
         keys.append(listed)
         return keys
     if status is _COMPLETED:
-        assert job.finalized_at is not None
-        return [_DONE + _TIME_SEQ.pack(codec.to_micros(job.finalized_at), seq) + idb, listed]
+        done = job.finalized_at
+        assert done is not None
+        done_us = now_us if done is now else codec.to_micros(done)
+        return [_DONE + _TIME_SEQ.pack(done_us, seq) + idb, listed]
     return [listed]
 
 
@@ -302,7 +311,7 @@ class _Rec:
     written through to the caches only once its write succeeded (a call that fails
     drops the caches, see ``LevelDBBackend._guarded``)."""
 
-    __slots__ = ("idb", "job", "keys", "seq", "static", "tail")
+    __slots__ = ("claimed", "claimed_us", "idb", "job", "keys", "seq", "static", "tail")
 
     def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
         self.job = job
@@ -315,6 +324,10 @@ class _Rec:
         self.keys: list[bytes] | None = None
         #: Its :func:`codec.job_static` (``None``: not computed yet).
         self.static: codec.Static | None = None
+        #: The time of the claim that assigned it (its ``assigned_at`` and
+        #: ``started_at``) and its micros, if this process staged it.
+        self.claimed: datetime | None = None
+        self.claimed_us = 0
 
     def index_keys(self, promoted: int) -> list[bytes]:
         """Its status-dependent index keys; those of a job with a schedule depend on
@@ -358,6 +371,8 @@ class _Write:
         "delete",
         "eligible_moved",
         "lowered",
+        "moved_at",
+        "moved_us",
         "next_due",
         "next_seq",
         "promoted",
@@ -392,6 +407,10 @@ class _Write:
         #: and then the time of the first one left (micros), if any.
         self.promotes = False
         self.next_due: int | None = None
+        #: The ``finalized_at`` of the last job this write finalized, and its micros
+        #: (the jobs a call moves share its timestamp: looked up once per call).
+        self.moved_at: datetime | None = None
+        self.moved_us = 0
 
     def _count(self, job: Job, sign: int) -> None:
         code = codec.CODE_OF[job.status]
@@ -458,7 +477,9 @@ class _Write:
                 values[-1] += retries - old_retries
         if code == old_code and not eligible:
             return  # same status, same assignee / finalized_at: same keys
-        new_keys = rec.keys = _index_keys(job, rec.seq, rec.idb, self.promoted, rec.tail)
+        new_keys = rec.keys = _index_keys(
+            job, rec.seq, rec.idb, self.promoted, rec.tail, self.moved_at, self.moved_us
+        )
         if new_keys == old_keys:  # (RUNNING <-> CANCELLING: the same ``A`` key)
             return
         # Old keys out, new keys in: LevelDB applies a batch in order, so a key in
@@ -832,12 +853,19 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         return codec.CODE_OF[job.status], job.retry_count, record.index_keys(w.promoted)
 
     def _after_move(self, w: _Write, record: _Rec, prior: _Prior, transition: Transition) -> None:
+        job = record.job
+        done = job.finalized_at
+        if done is not None and done is not w.moved_at:
+            w.moved_at, w.moved_us = done, codec.to_micros(done)
         w.moved(record, prior)
         static = record.static
         if static is None:  # (the fields no move changes: encoded once per job)
-            static = record.static = codec.job_static(record.job)
-        w.put(_JOB + record.idb, codec.encode_job(record.job, record.seq, static))
-        w.touched[record.job.id] = record
+            static = record.static = codec.job_static(job)
+        raw = codec.encode_job(
+            job, record.seq, static, w.moved_at, w.moved_us, record.claimed, record.claimed_us
+        )
+        w.put(_JOB + record.idb, raw)
+        w.touched[job.id] = record
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
         w.unindex(record)
@@ -1055,6 +1083,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             if static is None:
                 static = rec.static = codec.job_static(job)
             put(_JOB + idb, encode_job(job, rec.seq, static, now, now_us))
+            rec.claimed, rec.claimed_us = now, now_us
             touched[job.id] = rec
             out.append(job.copy())  # the staged objects stay in the cache
         w.eligible_moved = True
