@@ -12,7 +12,7 @@ this machine) and the WAL bytes written (``pg_current_wal_lsn``: the whole serve
 so other work on it counts too). Arms alternate, after one uncounted warm-up each;
 medians of the rounds.
 
-Variants, to price a piece: ``hand-noidle`` drops the three ``list_jobs`` indexes
+Variants, to price a piece: ``hand-noidle`` drops the ``list_jobs`` indexes
 (``jobs_idle_*``) from the store before the run, ``worker-notrace`` runs the Worker
 with the OpenTelemetry wrapper turned off, ``hand-future`` runs the hand loop on a
 store already holding ``--future`` jobs scheduled a day ahead (enqueued by another
@@ -48,7 +48,7 @@ from .floors import RawAsyncpg
 from .workloads import Outcome, drain_stream, drain_worker
 
 _TICK = os.sysconf("SC_CLK_TCK")
-_IDLE = "DROP INDEX {s}.jobs_idle_list, {s}.jobs_idle_status, {s}.jobs_idle_type"
+_IDLE = "DROP INDEX {s}.jobs_idle_status, {s}.jobs_idle_type, {s}.jobs_idle_tagged"
 
 
 def _proc_cpu(pids: list[int]) -> float:

@@ -10,6 +10,7 @@ of an upgrade leaves the old store or the new one, never a mix.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -44,6 +45,9 @@ VERSION_2 = FIXTURES / "v0.2-647893d"
 VERSION_3 = FIXTURES / "v0.3-ae89716"
 #: The SQLite store of schema version 4 (main at b751006).
 VERSION_4 = FIXTURES / "v0.4-b751006"
+#: The PostgreSQL store of schema version 4: the one written at ae89716 (the code up to
+#: a68b318 wrote the same schema; a dump made there differs only in timestamps).
+PG_VERSION_4 = VERSION_3
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -88,19 +92,19 @@ async def pg_schema() -> AsyncIterator[str]:
     await drop_postgres_schema(schema)
 
 
-def _pg_script(schema: str) -> str:
-    """The previous version's dump, into ``schema`` (psql meta-commands dropped)."""
-    text = (PREVIOUS / "postgres.sql").read_text()
+def _pg_script(schema: str, fixture: Path = PREVIOUS) -> str:
+    """A version's dump, into ``schema`` (psql meta-commands dropped)."""
+    text = (fixture / "postgres.sql").read_text()
     lines = [line for line in text.splitlines() if not line.startswith("\\")]
     return "\n".join(lines).replace("jobpool_fixture", schema)
 
 
-async def _load_pg(schema: str) -> None:
+async def _load_pg(schema: str, fixture: Path = PREVIOUS) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(postgres_dsn())
     try:
-        await conn.execute(_pg_script(schema))
+        await conn.execute(_pg_script(schema, fixture))
     finally:
         await conn.close()
 
@@ -381,6 +385,112 @@ async def test_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) ->
         assert oldest == min(j.created_at for j in await q.get_jobs(ids) if j.status.is_eligible)
 
 
+# --- PostgreSQL store version 4 (before jobs_idle_tagged took jobs_idle_list's place) --------
+
+
+async def _pg_state(schema: str) -> tuple[int, set[str]]:
+    """The store's version and the names of its indexes."""
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn())
+    try:
+        version = await conn.fetchval(f'SELECT max(version) FROM "{schema}".jobpool_version')
+        rows = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
+    finally:
+        await conn.close()
+    return version, {r[0] for r in rows}
+
+
+async def _all_pages(q: PoolQueue, size: int, **filters: Any) -> list[list[Job]]:
+    pages: list[list[Job]] = []
+    after = None
+    while True:
+        page = await q.list_jobs(limit=size, after=after, **filters)
+        pages.append(page.jobs)
+        if (after := page.next_after) is None:
+            return pages
+
+
+def _kept(job: Job, filters: dict[str, Any]) -> bool:
+    """Whether ``job`` is in a listing with ``filters`` (``list_jobs`` arguments)."""
+    return (
+        job.status in filters.get("statuses", [job.status])
+        and job.job_type == filters.get("job_type", job.job_type)
+        and set(filters.get("tags", [])) <= set(job.tags)
+    )
+
+
+async def _lists_match_a_scan(q: PoolQueue, jobs: list[Job]) -> None:
+    """Every listing of ``jobs`` (no filter, each status and pair of statuses, each type,
+    each tag, a type with a tag), in pages of any size, lists what a scan finds."""
+    statuses = [s for s in JobStatus if any(j.status is s for j in jobs)]
+    tags = sorted({t for j in jobs for t in j.tags})
+    types = sorted({j.job_type for j in jobs})
+    asked: list[dict[str, Any]] = [{}]
+    asked += [{"statuses": [s]} for s in JobStatus]
+    asked += [{"statuses": [a, b]} for a in statuses for b in statuses if a.value < b.value]
+    asked += [{"job_type": t} for t in types]
+    asked += [{"tags": [t]} for t in tags]
+    asked += [{"tags": [t], "job_type": types[0]} for t in tags]
+    for size in (1, 3, 1000):
+        for filters in asked:
+            pages = await _all_pages(q, size, **filters)
+            _listing_matches_a_scan([j for j in jobs if _kept(j, filters)], pages)
+
+
+async def test_postgres_store_of_version_4_is_upgraded_in_place(pg_schema: str) -> None:
+    """Version 4 → 5: ``jobs_idle_list`` (every idle job by creation time) gives way to
+    ``jobs_idle_tagged`` (only jobs with tags): a job without tags writes two index
+    entries fewer. Four backends open the store at once (one upgrades it under the
+    advisory lock, the others find it done); every job, counter and listing page is
+    kept, and claims keep their order."""
+    from jobpool_async.backends.postgres import SCHEMA_VERSION as PG_VERSION
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    want = json.loads((PG_VERSION_4 / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, PG_VERSION_4)
+    version, names = await _pg_state(pg_schema)
+    assert version == 4 and "jobs_idle_list" in names and "jobs_idle_tagged" not in names
+    dsn = postgres_dsn()
+    together = [PostgresBackend(dsn, schema=pg_schema) for _ in range(4)]
+    try:
+        await asyncio.gather(*(b.open() for b in together))
+    finally:
+        await asyncio.gather(*(b.close() for b in together))
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # opened again as it is
+        async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
+            jobs = await _stored_as_written(q, ids, want)
+            await _lists_match_a_scan(q, jobs)
+    version, after = await _pg_state(pg_schema)
+    assert version == PG_VERSION == 5
+    assert after == names - {"jobs_idle_list"} | {"jobs_idle_tagged"}
+    async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
+        await _claims_keep_their_order(q, jobs, ids)
+        await _lists_match_a_scan(q, await q.get_jobs(ids))
+
+
+async def test_a_crash_during_a_postgres_upgrade_from_version_4_leaves_it_as_it_was(
+    pg_schema: str,
+) -> None:
+    """The upgrade is one transaction: a process killed at either of its steps from
+    version 4 (the listing indexes, the version) leaves the version 4 store, which a
+    later open upgrades."""
+    want = json.loads((PG_VERSION_4 / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, PG_VERSION_4)
+    old = await _pg_state(pg_schema)
+    for step in (3, 4):  # the steps an upgrade from version 4 passes
+        result = _crash("postgres", pg_schema, 0, step)
+        assert result.returncode == -signal.SIGKILL, (step, result.stdout, result.stderr)
+        assert await _pg_state(pg_schema) == old
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    async with PoolQueue(PostgresBackend(postgres_dsn(), schema=pg_schema)) as q:
+        _check_stored(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
+    assert (await _pg_state(pg_schema))[0] == 5
+
+
 # --- a crash during the upgrade -------------------------------------------------------------
 
 CRASH_CHILD = """
@@ -417,7 +527,7 @@ elif name == "leveldb":
 else:
     from jobpool_async.backends.postgres import _schema as mod
     from jobpool_async.backends.postgres import PostgresBackend as B
-    steps = rng.randint(1, 3)
+    steps = steps if steps <= 4 else rng.randint(1, 4)  # a step named, or any
     async def hook(step):
         if step == steps:
             die()
@@ -436,7 +546,8 @@ print("not killed")
 def _crash(name: str, where: str, seed: int, steps: int = 3000) -> subprocess.CompletedProcess[str]:
     """Open the store at ``where`` in a child killed at a random point of the upgrade
     (SQLite: within its first ``steps`` VM steps; from version 1 the upgrade and the
-    rest of the open take about 3,200)."""
+    rest of the open take about 3,200; PostgreSQL: at upgrade step ``steps`` if it is
+    one of 1-4, else at a random one)."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CRASH_CHILD), name, where, str(seed), str(steps)],
         capture_output=True,

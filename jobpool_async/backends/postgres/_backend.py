@@ -29,6 +29,7 @@ from .._sql import (
     set_clause,
 )
 from ..base import (
+    ACTIVE,
     ELIGIBLE,
     LEASE_EXPIRED,
     RELEASE,
@@ -105,6 +106,8 @@ PROBE_INTERVAL = 1.0
 LOST_CLAIM_MESSAGE = "claimed, but the answer was lost with the database connection"
 
 _ASSIGNED = JobStatus.RUNNING  # every claim's status (ASSIGN moves all sources there)
+#: The statuses in ``jobs_idle_status``, in ``list_jobs`` part order.
+_IDLE_STATUSES = sorted(s for s in JobStatus if s not in ACTIVE)
 
 #: Runs of an insert that PostgreSQL aborts as part of a deadlock (see ``_inserting``).
 INSERT_ATTEMPTS = 3
@@ -1037,12 +1040,21 @@ class PostgresBackend(Backend):
             conds.append(self._sql.tag_match("tags", f"${len(args)}"))
         cols = f"{JOB_COLUMNS}, created_at AS c, {ID_ORDER} AS k"
         order = f"ORDER BY created_at DESC, {ID_ORDER} DESC LIMIT $1"
-        # Each part reads one index newest first: idle statuses (or all idle jobs) a
-        # jobs_idle_* index, RUNNING/CANCELLING the active-assignee index (sorted).
+        # Each part reads one index newest first: an idle status jobs_idle_status, idle
+        # jobs of a type or with tags jobs_idle_type or jobs_idle_tagged, RUNNING and
+        # CANCELLING the active-assignee index (sorted). No index holds every idle job:
+        # a list without filters merges one walk per status (a fixed few).
         if query.statuses:
-            wheres = [f"status = '{s.value}' AND {busy_or_idle(s)}" for s in sorted(query.statuses)]
+            statuses = sorted(query.statuses)
+        elif query.tags or query.job_type is not None:
+            statuses = []
         else:
-            wheres = [f"status NOT IN {ACTIVE_IN}", f"status IN {ACTIVE_IN}"]
+            statuses = _IDLE_STATUSES
+        wheres = [f"status = '{s.value}' AND {busy_or_idle(s)}" for s in statuses]
+        if not query.statuses:
+            if not statuses:
+                wheres.append(f"status NOT IN {ACTIVE_IN}")
+            wheres.append(f"status IN {ACTIVE_IN}")
         parts = [
             f"SELECT {cols} FROM {t} WHERE " + " AND ".join([w, *conds]) + f" {order}"
             for w in wheres

@@ -42,6 +42,8 @@ ELIGIBLE_IN = in_list(ELIGIBLE)
 #: Eligible and due (not waiting for its schedule): what a claim may take.
 DUE = f"status IN {ELIGIBLE_IN} AND wait_until IS NULL"
 WAITING = f"status IN {ELIGIBLE_IN} AND wait_until IS NOT NULL"
+#: A job with tags (in the GIN indexes and ``jobs_idle_tagged``; every tag filter adds it).
+TAGGED = "tag_keys <> '{}'"
 #: Selection order (SPEC §8.2): the eligible index's columns.
 ORDER = "priority DESC, COALESCE(scheduled_at, last_retry_at, created_at), seq"
 ACTIVE_IN = in_list(ACTIVE)
