@@ -340,6 +340,14 @@ def has_history(job: Job) -> bool:
     )
 
 
+class CheckedJobs(list[Job]):
+    """Jobs that :func:`check_new_job` returned for one enqueue: private copies that
+    nothing else refers to, so a backend that keeps ``Job`` objects (memory) may keep
+    these as they are instead of copying each again."""
+
+    __slots__ = ()
+
+
 def check_new_job(job: object) -> Job:
     """Validate a job for enqueueing and return a normalised private copy.
 

@@ -35,6 +35,7 @@ from ._models import (
     ELIGIBLE,
     FINAL,
     CancelResult,
+    CheckedJobs,
     Job,
     JobStats,
     JobStatus,
@@ -445,7 +446,7 @@ class PoolQueue:
             self._backend.check_connection(connection)
         if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
-        clean: list[Job] = []
+        clean: list[Job] = CheckedJobs()  # (a backend may keep these copies as they are)
         for job in jobs:
             clean.append(check_new_job(job))
             if len(clean) % _VALIDATE_CHUNK == 0:
@@ -457,7 +458,7 @@ class PoolQueue:
             return []
         ignore = if_exists == "ignore"
         if ignore:  # the first of each id; the backend skips those stored
-            clean = list({job.id: job for job in reversed(clean)}.values())[::-1]
+            clean = CheckedJobs(list({job.id: job for job in reversed(clean)}.values())[::-1])
         if connection is not None:
             # Nobody may wake before the commit: the notification it sends does that.
             ids = set(await self._backend.insert_in(clean, connection, ignore=ignore))
@@ -597,14 +598,19 @@ class PoolQueue:
         ids: list[str] = []
         holders = self._holders
         for change in changes:
-            holder = holders.get(change.job_id)
-            if holder is None or not holder._refills or holder._closed:
-                continue
-            if holder is stream:
-                ids.append(change.job_id)
-            elif stream is None or (holder._waiting and not stream._waiting):
+            job_id = change[0]  # (``job_id``, by index: per job)
+            holder = holders.get(job_id)
+            if holder is stream:  # (the usual case: checked already, as the first)
+                if holder is not None:
+                    ids.append(job_id)
+            elif (
+                holder is not None
+                and holder._refills
+                and not holder._closed
+                and (stream is None or (holder._waiting and not stream._waiting))
+            ):
                 stream = holder
-                ids = [change.job_id]
+                ids = [job_id]
         if stream is None or (self._hungry and not stream._waiting):
             # (A stream waiting with a free slot gets the jobs freed or made eligible
             # first: it wakes and claims them, rather than a stream not yet asking.)
@@ -616,17 +622,21 @@ class PoolQueue:
         if stream._waiting or not stream._lock.locked():
             extra = max(0, stream.max_assigned_jobs - stream._used())
         refill = Refill(stream.assignee_id, stream.tags, frozenset(ids), extra)
-        # The slots of these assignments are the refill's until it is seen, even if
-        # the stream learns sooner that they ended: else it could fill them twice.
-        reserved = [(i, stream._held[i]) for i in ids]
-        stream._reserve(reserved)
-        stream._extra += extra
         started = start(self._backend.apply(changes, self._now(), refill))
-        if started.done:  # (memory) no task: nothing can come between the call and this
-            self._refill_ended(stream, reserved, extra)
+        if started.done:  # (memory) no task: nothing came between the call and this,
+            # so no reservation was needed (none could be seen): as ``_refill_ended``
+            # with reservations that held no slot
+            if extra:
+                self._notifier.publish_soon(subs=[stream._sub])
             outcome = started.result()
             self._refilled(stream, outcome)
             return outcome
+        # The slots of these assignments are the refill's until it is seen, even if
+        # the stream learns sooner that they ended: else it could fill them twice.
+        # (Made once the call's first step ran, before any other task can run.)
+        reserved = [(i, stream._held[i]) for i in ids]
+        stream._reserve(reserved)
+        stream._extra += extra
         task = started.task
         assert task is not None
         stream._track(task)  # aclose() waits for it, so its jobs are never stranded
@@ -727,6 +737,12 @@ class PoolQueue:
                 res = check_bytes(result, f"result for job {job_id!r}")
             # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
             changes.append(_new_tuple(Change, (key, COMPLETE, res, None, None, None, None)))
+        await self._apply_many(changes)
+
+    async def _complete_checked(self, changes: list[Change]) -> None:
+        """``complete_jobs`` of COMPLETE changes built by the caller from checked values
+        (a ``Worker``'s: ids from the store, results checked when recorded): no checks
+        per job here."""
         await self._apply_many(changes)
 
     async def fail_job(

@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any, Literal, NamedTuple, Self
 
 from ._config import Config
@@ -47,6 +48,8 @@ from ._periodic import Periodic, run_periodic
 from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry
 from ._tracing import _configured, trace, traced_processor
+from ._transitions import COMPLETE
+from .backends.base import Change
 
 __all__ = ["Processor", "Worker"]
 
@@ -63,6 +66,8 @@ _RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # storage errors, consume
 _FINAL_FLUSH_ATTEMPTS = 5
 _MAX_EARLY_CANCELS = 1024
 _new_tuple = tuple.__new__
+_new_object = object.__new__
+_Coroutine = CoroutineType
 #: A runner that goes on with the jobs its writes refill yields to the event loop
 #: after this many writes in a row (jobs that never suspend would hold it otherwise).
 _YIELD_EVERY = 16
@@ -100,6 +105,15 @@ class _Outcome(NamedTuple):
     message: str = ""
     #: For "fail": when the job runs again (from ``Config.retry`` or a ``Retry``).
     retry_in: timedelta | None = None
+
+
+class _TimedOut(Exception):
+    """A processor ran longer than ``Config.job_timeout`` (raised by ``Worker._timed``)."""
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    """A processor's awaitable that is no coroutine, awaited by one."""
+    return await awaitable
 
 
 def _clean_message(text: str) -> str:
@@ -159,6 +173,8 @@ class Worker:
         #: What runs each job: ``_traced`` while a tracer provider is set, else ``_plain``
         #: (looked up per batch, not per job: the lookup reads ``os.environ``).
         self._processor = processor
+        #: Whether ``_processor`` is an ``async def`` (calling it runs none of its code).
+        self._direct = inspect.iscoroutinefunction(processor)
         self.assignee_id = assignee_id
         self.config = config
         self.tags: list[str] = check_tags(tags)
@@ -356,11 +372,30 @@ class Worker:
             self._accept(batch)
 
     def _accept(self, batch: list[Job]) -> None:
+        """Queue each job of ``batch`` for the runners (inline: per job)."""
         traced = self._traced
         if traced is not self._plain:
             self._processor = traced if _configured(trace) else self._plain
+            self._direct = inspect.iscoroutinefunction(self._processor)
+        early, running, queued = self._early_cancels, self._running, self._queued
         for job in batch:
-            self._start(job)
+            key: _Key = (job.id, job.assigned_at)
+            if early and key in early:  # cancelled between assignment and hand-over
+                del early[key]
+                self._record(key, _Outcome("ack"))
+                continue
+            # (a bare instance, its fields set here: no ``__init__`` frame per job)
+            entry: _Running = _new_object(_Running)
+            entry.key = key
+            entry.job = job
+            entry.runner = None
+            entry.reason = None
+            if not running:  # (set only while none runs: cleared once, not per job)
+                self._idle.clear()
+            running[key] = entry
+            queued.append(entry)
+        if queued and not self._pullers:
+            self._add_puller()
 
     def _handed(self, batch: list[Job]) -> bool:
         """The stream's hand-off hook: jobs that a write of this worker's outcomes
@@ -372,21 +407,6 @@ class Worker:
             return False
         self._accept(batch)
         return True
-
-    def _start(self, job: Job) -> None:
-        key: _Key = (job.id, job.assigned_at)
-        if key in self._early_cancels:  # cancelled between assignment and hand-over
-            del self._early_cancels[key]
-            self._record(key, _Outcome("ack"))
-            return
-        entry = _Running(key, job)
-        running = self._running
-        if not running:  # (set only while none runs: cleared once, not per job)
-            self._idle.clear()
-        running[key] = entry
-        self._queued.append(entry)
-        if not self._pullers:
-            self._add_puller()
 
     # --- runners ----------------------------------------------------------------------
 
@@ -408,40 +428,72 @@ class Worker:
     async def _run_jobs(self, runner: _Runner) -> None:
         """A runner: take queued jobs until none is left, then park until woken.
 
-        Each job's ``_execute`` is stepped here, in a context of its own, up to its
-        first suspension; one that suspends keeps this runner (another takes the
-        queue meanwhile) and is driven on by :func:`~jobpool_async._eager.resume`."""
+        Each job's processor is called and stepped here, in a context of its own, up
+        to its first suspension (no coroutine of the worker's around it: a job that
+        never suspends costs its processor's coroutine alone); one that suspends
+        keeps this runner (another takes the queue meanwhile) and is driven on by
+        :meth:`_finish`."""
         queued = self._queued
+        running = self._running
         task = runner.task
         assert task is not None and self._context is not None
         base = self._context
+        timed = self._timed if self.config.job_timeout is not None else None
         written = 0
         try:
             while True:
                 while queued:
                     entry = queued.popleft()
                     entry.runner = runner
-                    coro = self._execute(entry.key, entry)
                     run = base.copy().run
+                    coro: Coroutine[Any, Any, Any]
                     try:
-                        first = run(coro.send, None)
-                    except StopIteration:
-                        continue
-                    runner.pulling = False  # busy with this job: the queue needs others
-                    self._pullers -= 1
-                    while self._pullers < len(queued):  # (their jobs may suspend too:
-                        self._add_puller()  # all start in the next loop iteration)
-                    if self._pending:  # outcomes it recorded must not wait for this job
-                        self._wake.set()
-                    await resume(coro, first, run)
-                    if runner.retired or task.cancelling():
-                        return  # a cancellation was meant for that job: end with it
-                    runner.pulling = True
-                    self._pullers += 1
+                        if timed is not None:  # (its body calls the processor, in ``run``)
+                            coro = timed(entry.job)
+                        elif self._direct:  # an ``async def``: the call runs none of its code
+                            coro = self._processor(entry.job)  # type: ignore[assignment]
+                        else:  # any other callable runs in the job's context too
+                            made = run(self._processor, entry.job)
+                            coro = made if type(made) is _Coroutine else _awaited(made)
+                    except BaseException as exc:  # the call failed: as if its run had
+                        outcome = self._error_outcome(entry, exc)
+                    else:
+                        try:
+                            first = run(coro.send, None)
+                        except StopIteration as stop:  # it finished without suspending
+                            result = stop.value
+                            if result is None or type(result) is bytes:
+                                # (``tuple.__new__``: no frame for ``__new__``, per job)
+                                outcome = _new_tuple(_Outcome, ("complete", result, "", None))
+                            else:
+                                outcome = self._result_outcome(entry.job, result)
+                        except BaseException as exc:
+                            outcome = self._error_outcome(entry, exc)
+                        else:
+                            runner.pulling = False  # busy with this job: others take the queue
+                            self._pullers -= 1
+                            while self._pullers < len(queued):  # (their jobs may suspend
+                                self._add_puller()  # too: all start in the next iteration)
+                            if self._pending:  # outcomes recorded must not wait for this job
+                                self._wake.set()
+                            await self._finish(entry, coro, first, run)
+                            if runner.retired or task.cancelling():
+                                return  # a cancellation was meant for that job: end with it
+                            runner.pulling = True
+                            self._pullers += 1
+                            continue
+                    # (``_record`` by a runner, inline: per job) No flusher wake-up: the
+                    # runner writes, or wakes it when it suspends, parks or ends with
+                    # outcomes recorded.
+                    key = entry.key
+                    running.pop(key, None)
+                    self._pending[key] = outcome
+                    if not running:
+                        self._idle.set()
                 # It finished the last job: it writes the outcomes itself (no flusher
                 # wake-up) and, still a puller, runs the jobs the write's refill hands
                 # over (no consumer or runner wake-up either).
-                if self._pending and not self._running and await self._runner_write():
+                if self._pending and not running and await self._runner_write():
                     written += 1
                     if written % _YIELD_EVERY == 0:
                         await asyncio.sleep(0)  # let the loop's other tasks run
@@ -466,21 +518,58 @@ class Worker:
             if self._pending:
                 self._wake.set()  # outcomes it recorded and did not write
 
-    async def _execute(self, key: _Key, entry: _Running) -> None:
-        """Run the processor for one job and record what happened; never raises."""
-        job = entry.job
-        outcome: _Outcome
-        limit = self.config.job_timeout
-        timeout = None if limit is None else asyncio.timeout(limit.total_seconds())
+    async def _finish(
+        self,
+        entry: _Running,
+        coro: Coroutine[Any, Any, Any],
+        first: Any,
+        run: Callable[..., Any],
+    ) -> None:
+        """Drive on a processor that suspended at its first step (every step in its
+        job's context) and record its outcome."""
         try:
-            if timeout is None:  # no timeout context per job unless one is configured
-                result = await self._processor(job)
-            else:
-                async with timeout:
-                    result = await self._processor(job)
-        except asyncio.CancelledError:
-            outcome = self._cancel_outcome(entry)
-        except Retry as exc:
+            result = await resume(coro, first, run)
+        except BaseException as exc:
+            outcome = self._error_outcome(entry, exc)
+        else:
+            outcome = self._result_outcome(entry.job, result)
+        running = self._running
+        running.pop(entry.key, None)
+        self._pending[entry.key] = outcome
+        if not running:
+            self._idle.set()
+
+    async def _timed(self, job: Job) -> Any:
+        """The processor under ``Config.job_timeout``: its expiry raises ``_TimedOut``."""
+        limit = self.config.job_timeout
+        assert limit is not None
+        timeout = asyncio.timeout(limit.total_seconds())
+        try:
+            async with timeout:
+                return await self._processor(job)
+        except TimeoutError:
+            if timeout.expired():
+                raise _TimedOut from None
+            raise  # the processor's own
+
+    def _result_outcome(self, job: Job, result: object) -> _Outcome:
+        """What a processor's return value comes to."""
+        if result is None or isinstance(result, bytes):
+            return _new_tuple(_Outcome, ("complete", result, "", None))
+        if isinstance(result, bytearray | memoryview):
+            return _Outcome("complete", result=bytes(result))
+        return self._fail_outcome(
+            job, f"the processor returned {type(result).__name__}, expected bytes"
+        )
+
+    def _error_outcome(self, entry: _Running, exc: BaseException) -> _Outcome:
+        """What an exception out of a processor comes to. One that is no ``Exception``
+        but a ``CancelledError`` (KeyboardInterrupt, SystemExit) is recorded as a
+        failure here, then raised again."""
+        job = entry.job
+        if isinstance(exc, asyncio.CancelledError):
+            return self._cancel_outcome(entry)
+        if isinstance(exc, Retry):
             logger.info(
                 "worker %s: job %r (%s) asked to run again in %s",
                 self.assignee_id,
@@ -488,8 +577,8 @@ class Worker:
                 job.job_type,
                 exc.in_,
             )
-            outcome = _Outcome("fail", message=_clean_message(exc.message), retry_in=exc.in_)
-        except Discard as exc:
+            return _Outcome("fail", message=_clean_message(exc.message), retry_in=exc.in_)
+        if isinstance(exc, Discard):
             logger.error(
                 "worker %s: job %r (%s) discarded by its processor: %s",
                 self.assignee_id,
@@ -497,38 +586,20 @@ class Worker:
                 job.job_type,
                 exc.message,
             )
-            outcome = _Outcome("discard", message=_clean_message(exc.message))
-        except TimeoutError as exc:
-            if timeout is None or not timeout.expired():
-                outcome = self._failed(job, exc)
-            else:
-                message = f"the job ran longer than Config.job_timeout ({limit}) and was cancelled"
-                logger.warning(
-                    "worker %s: job %r (%s): %s", self.assignee_id, job.id, job.job_type, message
-                )
-                outcome = self._fail_outcome(job, message)
-        except Exception as exc:
-            outcome = self._failed(job, exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then propagate
-            self._record(key, _Outcome("fail", message=type(exc).__name__))
-            raise
-        else:
-            if result is None or isinstance(result, bytes):
-                # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
-                outcome = _new_tuple(_Outcome, ("complete", result, "", None))
-            elif isinstance(result, bytearray | memoryview):
-                outcome = _Outcome("complete", result=bytes(result))
-            else:
-                outcome = self._fail_outcome(
-                    job, f"the processor returned {type(result).__name__}, expected bytes"
-                )
-        # (``_record`` by a runner, inline: per job) No flusher wake-up: the runner
-        # writes, or wakes it when it suspends, parks or ends with outcomes recorded.
-        running = self._running
-        running.pop(key, None)
-        self._pending[key] = outcome
-        if not running:
-            self._idle.set()
+            return _Outcome("discard", message=_clean_message(exc.message))
+        if isinstance(exc, _TimedOut):
+            message = (
+                f"the job ran longer than Config.job_timeout ({self.config.job_timeout}) "
+                "and was cancelled"
+            )
+            logger.warning(
+                "worker %s: job %r (%s): %s", self.assignee_id, job.id, job.job_type, message
+            )
+            return self._fail_outcome(job, message)
+        if isinstance(exc, Exception):
+            return self._failed(job, exc)
+        self._record(entry.key, _Outcome("fail", message=type(exc).__name__))
+        raise exc
 
     def _failed(self, job: Job, exc: Exception) -> _Outcome:
         logger.warning(
@@ -740,9 +811,13 @@ class Worker:
                 break
         else:  # all complete: the usual case
             try:
+                # The changes built here (no ``complete_jobs`` checks, per job).
                 errors = await self._write(
-                    self._queue.complete_jobs,
-                    {key[0]: outcome.result for key, outcome in batch.items()},
+                    self._queue._complete_checked,
+                    [
+                        _new_tuple(Change, (key[0], COMPLETE, done.result, None, None, None, None))
+                        for key, done in batch.items()
+                    ],
                 )
             except BaseException:
                 newer = {k[0] for k in self._pending}
@@ -765,8 +840,11 @@ class Worker:
             completes = by_kind["complete"]
             if completes:
                 errors = await self._write(
-                    self._queue.complete_jobs,
-                    {i: o.result for i, (_, o) in completes.items()},
+                    self._queue._complete_checked,
+                    [
+                        _new_tuple(Change, (i, COMPLETE, o.result, None, None, None, None))
+                        for i, (_, o) in completes.items()
+                    ],
                 )
                 written.update([k for k, _ in completes.values()])
                 self._report("complete", errors)
@@ -834,10 +912,10 @@ class Worker:
 
     @staticmethod
     async def _write(
-        call: Callable[[dict[str, Any]], Coroutine[Any, Any, None]], mapping: dict[str, Any]
+        call: Callable[[Any], Coroutine[Any, Any, None]], argument: Any
     ) -> dict[str, Exception]:
         try:
-            await call(mapping)
+            await call(argument)
         except BatchError as exc:
             return dict(exc.errors)
         return {}

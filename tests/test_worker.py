@@ -28,6 +28,7 @@ from jobpool_async import (
     StorageError,
     Worker,
 )
+from jobpool_async.backends.base import Change
 from jobpool_async.pytest_plugin import wait_for_status
 from jobpool_async.testing import until
 
@@ -203,8 +204,9 @@ async def test_only_jobs_with_the_workers_tags(queue: PoolQueue) -> None:
 async def test_outcomes_finishing_together_are_written_in_one_call(
     queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # (the Worker fails jobs through fail_jobs' core, with its Config.retry policy)
-    calls: dict[str, list[int]] = {"complete_jobs": [], "_fail_with": []}
+    # (the Worker completes jobs through complete_jobs' core, with changes it built, and
+    # fails them through fail_jobs' core, with its Config.retry policy)
+    calls: dict[str, list[int]] = {"_complete_checked": [], "_fail_with": []}
     for name in calls:
         real = getattr(queue, name)
 
@@ -233,7 +235,7 @@ async def test_outcomes_finishing_together_are_written_in_one_call(
         for i in range(6):
             await wait_for_status(queue, f"good{i}", S.COMPLETED)
         await wait_for_status(queue, "bad0", (S.FAILED_RETRY, S.RUNNING))
-    assert calls["complete_jobs"][0] == 6, calls
+    assert calls["_complete_checked"][0] == 6, calls
     assert calls["_fail_with"][0] == 2, calls
 
 
@@ -258,15 +260,15 @@ async def test_a_finished_job_is_written_while_others_still_run(queue: PoolQueue
 async def test_a_storage_error_while_writing_is_retried(
     queue: PoolQueue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real = queue.complete_jobs
+    real = queue._complete_checked  # (complete_jobs' core, which the Worker calls)
     failures = [StorageError("disk on fire")]
 
-    async def flaky(mapping: dict[str, bytes | None]) -> None:
+    async def flaky(changes: list[Change]) -> None:
         if failures:
             raise failures.pop()
-        await real(mapping)
+        await real(changes)
 
-    monkeypatch.setattr(queue, "complete_jobs", flaky)
+    monkeypatch.setattr(queue, "_complete_checked", flaky)
 
     async def proc(job: Job) -> bytes:
         return b"ok"
@@ -316,10 +318,10 @@ async def test_outcomes_that_cannot_be_written_at_shutdown_are_given_up_and_name
     the outcomes are dropped with an error naming the jobs (they stay RUNNING until
     mark_worker_unresponsive/reset_running_jobs), and stop() returns."""
 
-    async def broken(mapping: dict[str, bytes | None]) -> None:
+    async def broken(changes: list[Change]) -> None:
         raise StorageError("disk gone")
 
-    monkeypatch.setattr(queue, "complete_jobs", broken)
+    monkeypatch.setattr(queue, "_complete_checked", broken)
 
     async def proc(job: Job) -> bytes:
         return b"ok"
@@ -393,16 +395,16 @@ async def test_a_result_that_finished_first_wins_over_a_cancel(
     queue: PoolQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The processor returned, its write is in flight, then the job is cancelled."""
-    real = queue.complete_jobs
+    real = queue._complete_checked  # (complete_jobs' core, which the Worker calls)
     writing = asyncio.Event()
     go_on = asyncio.Event()
 
-    async def slow_complete(mapping: dict[str, bytes | None]) -> None:
+    async def slow_complete(changes: list[Change]) -> None:
         writing.set()
         await go_on.wait()
-        await real(mapping)
+        await real(changes)
 
-    monkeypatch.setattr(queue, "complete_jobs", slow_complete)
+    monkeypatch.setattr(queue, "_complete_checked", slow_complete)
 
     async def proc(job: Job) -> bytes:
         return b"finished"
@@ -762,19 +764,20 @@ async def test_a_job_stopped_before_a_runner_starts_it_is_still_recorded(
         return b"second run"
 
     worker = Worker(queue, proc, assignee_id="w")
-    real_start = worker._start
+    real_accept = worker._accept
     cancelled: list[str] = []
 
-    def start_then_cancel(j: Job) -> None:
-        real_start(j)
+    def accept_then_cancel(batch: list[Job]) -> None:
+        real_accept(batch)
         if not cancelled:
+            j = batch[0]
             cancelled.append(j.id)
             entry = worker._running[(j.id, j.assigned_at)]
             assert entry.runner is None  # queued, not started
             worker._interrupt(entry, "shutdown")
             assert (j.id, j.assigned_at) not in worker._running
 
-    worker._start = start_then_cancel  # type: ignore[method-assign, assignment]
+    worker._accept = accept_then_cancel  # type: ignore[method-assign]
     await queue.enqueue_job(job("a"))
     async with worker:
         done = await wait_for_status(queue, "a", S.COMPLETED)

@@ -66,6 +66,7 @@ from .._models import (
     ACTIVE,
     ELIGIBLE,
     FINAL,
+    CheckedJobs,
     Job,
     JobStatus,
     check_new_job,
@@ -118,6 +119,7 @@ __all__ = [
     "ApplyOutcome",
     "Backend",
     "Change",
+    "CheckedJobs",
     "Clock",
     "DuplicateJobError",
     "InvalidTransitionError",
@@ -295,7 +297,9 @@ class Backend(abc.ABC):
         """Store new ``INITIAL_PENDING`` jobs, all or nothing.
 
         Raises :class:`DuplicateJobError` if an id exists. The ids in ``jobs`` are
-        distinct (the queue checks).
+        distinct (the queue checks). A queue passes :class:`CheckedJobs`: its private
+        copies, which a backend keeping ``Job`` objects may keep as they are; any
+        other caller's jobs must be copied (they stay the caller's).
         """
 
     def check_connection(self, connection: object) -> None:
@@ -320,7 +324,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
         """Store the jobs of ``jobs`` (distinct ids) whose id is not stored, in one
-        transaction; return their ids in input order (``if_exists="ignore"``)."""
+        transaction; return their ids in input order (``if_exists="ignore"``). The
+        jobs may be :class:`CheckedJobs`, as for :meth:`insert`."""
 
     @abc.abstractmethod
     async def claim(

@@ -38,6 +38,8 @@ from .base import (
     ACTIVE,
     ASSIGN,
     ELIGIBLE,
+    CheckedJobs,
+    DuplicateJobError,
     Job,
     JobState,
     JobStatus,
@@ -145,6 +147,15 @@ class _Lazy(Generic[_E]):
             current.update(self._adds)
             self._adds = set()
         return current
+
+
+def _records_of(jobs: Sequence[Job]) -> list[Job]:
+    """The records to store for new ``jobs``: a queue's checked copies as they are
+    (nothing else refers to them), else a copy of each (a caller's own objects must
+    not become records: changing one would change the store)."""
+    if type(jobs) is CheckedJobs:
+        return jobs
+    return [job.copy() for job in jobs]
 
 
 class MemoryBackend(RecordStore[Job, None, None]):
@@ -332,8 +343,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         pending: list[_Listed] = []
         retries = 0
         seq = self._next_seq
-        for job in jobs:
-            stored = job.copy()
+        for stored in jobs:  # (the records: copies made by ``insert``/``insert_new``)
             job_id = stored.id
             jobs_by_id[job_id] = stored
             seqs[job_id] = seq
@@ -367,6 +377,18 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._listed_by_status[_INITIAL_PENDING].add_all(pending)
         if new is not None:
             new.update()
+
+    async def insert(self, jobs: Sequence[Job]) -> None:
+        # (``RecordStore.insert``, run at once, with ``_exists`` inline: per job)
+        records = _records_of(jobs)
+        stored = self._jobs
+        for job in records:
+            if job.id in stored:
+                raise DuplicateJobError(job.id)
+        self._write_new(records)
+
+    async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
+        return self._insert_new_jobs(_records_of(jobs))
 
     def _stage_remove(self, w: None, record: Job) -> None:
         job = record
