@@ -34,7 +34,10 @@ WHITE_BOX = {
     "tests/test_notifier.py": {"jobpool_async._notifier"},
     "tests/test_clock.py": {"jobpool_async._clock"},
     "tests/test_queue_eager.py": {"jobpool_async._eager"},
-    "tests/test_memory_backend.py": {"jobpool_async.backends.memory._Lazy"},
+    "tests/test_memory_backend.py": {
+        "jobpool_async.backends.memory._Lazy",
+        "jobpool_async.backends.memory._Taken",
+    },
     "tests/test_worker_thread.py": {"jobpool_async.backends._thread"},
     "tests/test_leveldb.py": {"jobpool_async.backends._leveldb_codec"},
     "tests/test_listing_upgrade.py": {"jobpool_async.backends._leveldb_codec"},

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobpool_async import Job, PoolQueue
-from jobpool_async.backends.memory import MemoryBackend, _Lazy
+from jobpool_async.backends.memory import MemoryBackend, _Lazy, _Taken
 
 # (op, value): add a value absent from the index, remove one present, or read it.
 _OPS = st.lists(st.tuples(st.sampled_from(["add", "remove", "read"]), st.integers(0, 40)))
@@ -43,6 +43,64 @@ def test_many_removals_rebuild_the_index_and_few_remove_entry_by_entry() -> None
     rebuilt = lazy.sorted()
     assert rebuilt is not first
     assert list(rebuilt) == [(v,) for v in range(100) if v != 5 and not 10 <= v < 90]
+
+
+# (op, values): add values (absent ones; taken ones may come back), remove present ones,
+# take the first few (the count: the first value), or read it.
+_TAKEN_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "update", "remove", "take", "read"]),
+        st.lists(st.integers(0, 500), min_size=1, max_size=60),
+    ),
+    max_size=80,
+)  # (lists long next to a take: taken entries stay marked, not deleted, for a while)
+
+
+@given(_TAKEN_OPS)
+def test_the_eligible_index_reads_as_a_sorted_list_its_head_taken(
+    ops: list[tuple[str, list[int]]],
+) -> None:
+    """``_Taken`` against a plain sorted list: a take returns the first entries and
+    leaves the rest; an entry taken may be added again (a claimed job made eligible
+    with the same key), and what was taken never shows again."""
+    index: _Taken[tuple[int]] = _Taken()
+    model: set[tuple[int]] = set()
+    for op, values in ops:
+        if op == "add":
+            for value in values:
+                if (value,) not in model:
+                    index.add((value,))
+                    model.add((value,))
+        elif op == "update":
+            new = {(v,) for v in values} - model
+            index.update(sorted(new, reverse=True))
+            model |= new
+        elif op == "remove":
+            for value in values:
+                if (value,) in model:
+                    index.remove((value,))
+                    model.discard((value,))
+        elif op == "take":
+            got = index.take(values[0] % 7 + 1)
+            assert got == sorted(model)[: values[0] % 7 + 1]
+            model.difference_update(got)
+        assert list(index) == sorted(model)
+        assert len(index) == len(model)
+
+
+def test_taking_the_head_deletes_the_taken_entries_together() -> None:
+    index: _Taken[tuple[int]] = _Taken()
+    index.update([(i,) for i in range(80)])
+    assert index.take(3) == [(0,), (1,), (2,)]
+    assert index._taken == 3 and len(index._sorted) == 80  # only marked
+    for _ in range(2):
+        index.take(3)
+    assert index._taken == 9  # 9 of 80: more than an eighth, deleted in one go next
+    index.take(1)
+    assert index._taken == 0 and len(index._sorted) == 70
+    index.take(2)
+    index.add((5,))  # below the taken ones: they are deleted first
+    assert index._taken == 0 and list(index) == [(5,)] + [(i,) for i in range(12, 80)]
 
 
 async def test_a_direct_insert_keeps_copies_not_the_callers_jobs() -> None:

@@ -57,13 +57,19 @@ _new_tuple = tuple.__new__
 #: Module constants: ``JobStatus.X`` is a slow class-attribute lookup on Python 3.11.
 _COMPLETED = JobStatus.COMPLETED
 _INITIAL_PENDING = JobStatus.INITIAL_PENDING
+#: Whether a claim's move can change a job's retry count (kept in ``_retries``).
+_ASSIGN_COUNTS_RETRIES = bool(ASSIGN.retry_sources)
 _Key = tuple[int, datetime, int, str]
 _WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
 
 
-#: How an index entry is added: at once (``SortedList.add``) or by :class:`_Additions`.
-_Add = Callable[["SortedList[Any]", Any], None]
+#: How an index entry is added: at once (:func:`_add_now`) or by :class:`_Additions`.
+_Add = Callable[[Any, Any], None]
+
+
+def _add_now(index: SortedList[Any] | _Taken[Any], value: Any) -> None:
+    index.add(value)
 
 
 class _Additions:
@@ -74,12 +80,12 @@ class _Additions:
     __slots__ = ("_by_index",)
 
     def __init__(self) -> None:
-        self._by_index: dict[int, tuple[SortedList[Any], list[Any]]] = {}
+        self._by_index: dict[int, tuple[SortedList[Any] | _Taken[Any], list[Any]]] = {}
 
-    def add(self, index: SortedList[Any], value: Any) -> None:
+    def add(self, index: SortedList[Any] | _Taken[Any], value: Any) -> None:
         self.adder(index)(value)
 
-    def adder(self, index: SortedList[Any]) -> Callable[[Any], None]:
+    def adder(self, index: SortedList[Any] | _Taken[Any]) -> Callable[[Any], None]:
         """What adds an entry to ``index`` (a list's ``append``: no frame per entry)."""
         entry = self._by_index.get(id(index))
         if entry is None:
@@ -91,11 +97,64 @@ class _Additions:
             index.update(values)
 
 
-def _sorted_adder(index: SortedList[Any]) -> Callable[[Any], None]:
+def _sorted_adder(index: SortedList[Any] | _Taken[Any]) -> Callable[[Any], None]:
     return index.add
 
 
 _E = TypeVar("_E", bound=tuple[Any, ...])
+
+
+class _Taken(Generic[_E]):
+    """A :class:`SortedList` of distinct entries whose first ``_taken`` entries were
+    taken from its head (claimed) but not yet deleted: deleting a claim's entries
+    one by one costs two Python calls each (``SortedList._pos`` and ``_delete``), so
+    a claim only moves the mark, and the taken entries go together once they are an
+    eighth of the list (one rebuild, ``SortedList.__delitem__``'s rule for a large
+    slice). Every entry not taken is greater than every taken one (an addition that
+    would land among them deletes them first), so the entries are those after the
+    mark, in order."""
+
+    __slots__ = ("_sorted", "_taken")
+
+    def __init__(self) -> None:
+        self._sorted: SortedList[_E] = SortedList()
+        self._taken = 0
+
+    def __len__(self) -> int:
+        return len(self._sorted) - self._taken
+
+    def __iter__(self) -> Iterator[_E]:
+        return self._sorted.islice(self._taken)
+
+    def add(self, value: _E) -> None:
+        if self._taken and value <= self._sorted[self._taken - 1]:
+            self._drop_taken()
+        self._sorted.add(value)
+
+    def update(self, values: Iterable[_E]) -> None:
+        values = list(values)
+        if self._taken and values and min(values) <= self._sorted[self._taken - 1]:
+            self._drop_taken()
+        self._sorted.update(values)
+
+    def remove(self, value: _E) -> None:
+        """Remove an entry (not a taken one: those are no entries any more)."""
+        self._sorted.remove(value)
+
+    def take(self, limit: int) -> list[_E]:
+        """Take the first ``limit`` entries (fewer if there are fewer)."""
+        taken = self._taken
+        values = self._sorted[taken : taken + limit]
+        taken += len(values)
+        if 8 * taken >= len(self._sorted):
+            del self._sorted[:taken]  # (one rebuild, or a clear)
+            taken = 0
+        self._taken = taken
+        return values
+
+    def _drop_taken(self) -> None:
+        del self._sorted[: self._taken]
+        self._taken = 0
 
 
 class _Lazy(Generic[_E]):
@@ -169,7 +228,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}
         self._next_seq = 0
-        self._eligible: SortedList[_Key] = SortedList()
+        self._eligible: _Taken[_Key] = _Taken()
         self._eligible_by_tag: dict[str, SortedList[_Key]] = {}
         self._ids_by_tag: dict[str, set[str]] = {}
         self._active_by_assignee: dict[str, set[str]] = {}
@@ -257,7 +316,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         record: Job,
         prior: None = None,
         transition: Transition | None = None,
-        add: _Add = SortedList.add,
+        add: _Add = _add_now,
     ) -> None:
         """Put the job in the indexes of its status: just moved by ``transition``, or
         new (``None``: its due time is set already; entries added by ``add``)."""
@@ -332,9 +391,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
         # A batch large next to the store: one SortedList.update per index instead of
         # an insertion per entry (smaller ones: the insertions are cheaper).
         new = _Additions() if 4 * len(jobs) >= len(self._jobs) else None
-        add = SortedList.add if new is None else new.add
+        add = _add_now if new is None else new.add
         # What adds to an index, looked up once per batch, not per job.
-        adder: Callable[[SortedList[Any]], Callable[[Any], None]] = (
+        adder: Callable[[SortedList[Any] | _Taken[Any]], Callable[[Any], None]] = (
             _sorted_adder if new is None else new.adder
         )
         add_listed, add_eligible = adder(self._listed), adder(self._eligible)
@@ -441,27 +500,34 @@ class MemoryBackend(RecordStore[Job, None, None]):
     def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
         if self._waiting and self._waiting[0][0] <= now:
             self._promote(now)
+        jobs = self._jobs
+        eligible = self._eligible
         if tags:
             index = min((self._eligible_by_tag.get(t) or SortedList() for t in tags), key=len)
             wanted = set(tags)
-        else:
-            index, wanted = self._eligible, set()
-        jobs = self._jobs
-        picked: list[Job] = []
-        keys: list[_Key] = []
-        for key in index:
-            job = jobs[key[3]]
-            if wanted.issubset(job.tags):
-                picked.append(job)
-                keys.append(key)
-                if len(picked) >= limit:
-                    break
+            picked: list[Job] = []
+            keys: list[_Key] = []
+            for key in index:
+                job = jobs[key[3]]
+                if wanted.issubset(job.tags):
+                    picked.append(job)
+                    keys.append(key)
+                    if len(picked) >= limit:
+                        break
+            for key in keys:
+                eligible.remove(key)
+        else:  # the head of the eligible index (taken from it at once)
+            keys = eligible.take(limit)
+            picked = [jobs[key[3]] for key in keys]
         if not picked:
             return []
         # The move of ASSIGN, with the index changes of each job made here at once: the
-        # picked jobs are due and eligible (in no waiting index); without a tag filter
-        # they are the head of the eligible index, deleted as one slice.
-        counts, listed, active = self._counts, self._listed_by_status, self._active_by_assignee
+        # picked jobs are due and eligible (in no waiting index).
+        counts, listed, active = (
+            self._counts,
+            self._listed_by_status,
+            self._active_by_assignee,
+        )
         mine = active.get(assignee_id)
         if mine is None:
             mine = active[assignee_id] = set()
@@ -469,21 +535,23 @@ class MemoryBackend(RecordStore[Job, None, None]):
         for job, key in zip(picked, keys, strict=True):
             status = job.status
             retries = job.retry_count
-            listed[status].remove((job.created_at, job.id))
+            # (``_Lazy.remove``, inline: per job)
+            entry = (job.created_at, job.id)
+            lazy = listed[status]
+            adds = lazy._adds
+            if entry in adds:
+                adds.discard(entry)
+            else:
+                lazy._removes.add(entry)
             for tag in job.tags:
                 by_tag[tag].remove(key)
             new = apply(job, ASSIGN, now, assignee_id=assignee_id)
             assert new is not None
             counts[status] -= 1
             counts[new] += 1
-            self._retries += job.retry_count - retries
+            if _ASSIGN_COUNTS_RETRIES:
+                self._retries += job.retry_count - retries
             mine.add(job.id)
-        eligible = self._eligible
-        if index is eligible:  # no tag filter: the picked are its head
-            del eligible[: len(keys)]
-        else:
-            for key in keys:
-                eligible.remove(key)
         return [job.copy() for job in picked]
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
@@ -501,11 +569,15 @@ class MemoryBackend(RecordStore[Job, None, None]):
 
         keys: Iterable[_Listed]
         if query.tags:  # the tag with the fewest jobs
-            index = min((self._listed_by_tag.get(t) or SortedList() for t in query.tags), key=len)
+            index = min(
+                (self._listed_by_tag.get(t) or SortedList() for t in query.tags),
+                key=len,
+            )
             keys = newest_first(index)
         elif query.statuses:
             keys = heapq.merge(
-                *(newest_first(self._listed_in(s)) for s in query.statuses), reverse=True
+                *(newest_first(self._listed_in(s)) for s in query.statuses),
+                reverse=True,
             )
         elif query.job_type is not None:
             keys = newest_first(self._listed_by_type.get(query.job_type) or SortedList())
