@@ -1706,3 +1706,33 @@ async def test_a_crash_during_the_upgrade_to_format_4_leaves_the_old_store_or_th
         async with PoolQueue(LevelDBBackend(where)) as q:
             assert await q.get_jobs([j.id for j in jobs]) == jobs
         check_store(where)
+
+
+@pytest.mark.parametrize("method", ["insert", "insert_new"])
+async def test_the_queues_checked_copies_are_kept_and_a_callers_jobs_copied(
+    method: str, store: Path
+) -> None:
+    """A queue's :class:`CheckedJobs` (its private copies) become the cached records as
+    they are; the jobs of any other caller are copied (changing one afterwards changes
+    nothing stored or claimed)."""
+    from jobpool_async.backends.base import CheckedJobs
+
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        mine = Job(id="mine", job_type="t", tags=["a"])
+        checked = CheckedJobs([Job(id="checked", job_type="t", tags=["a"])])
+        await getattr(backend, method)([mine])
+        await getattr(backend, method)(checked)
+        assert backend._eligible[b"checked"].job is checked[0]
+        assert backend._eligible[b"mine"].job is not mine
+        mine.job_type = "changed"
+        mine.tags.append("b")
+        got = await backend.claim("w", ["a"], 5, datetime.now(UTC))
+        assert sorted((j.id, j.job_type, j.tags) for j in got) == [
+            ("checked", "t", ["a"]),
+            ("mine", "t", ["a"]),
+        ]
+    finally:
+        await backend.close()
+    assert check_store(store)["mine"].job_type == "t"

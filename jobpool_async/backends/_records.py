@@ -35,6 +35,7 @@ from .base import (
     ApplyOutcome,
     Backend,
     Change,
+    CheckedJobs,
     DuplicateJobError,
     InvalidTransitionError,
     Job,
@@ -253,6 +254,8 @@ class RecordStore(Backend, Generic[R, W, P]):
 
     def _insert_new_jobs(self, jobs: list[Job]) -> list[str]:
         fresh = [job for job in jobs if not self._exists(job.id)]
+        if type(jobs) is CheckedJobs:  # (still the queue's private copies)
+            fresh = CheckedJobs(fresh)
         self._write_new(fresh)
         return [job.id for job in fresh]
 
@@ -449,10 +452,10 @@ class RecordStore(Backend, Generic[R, W, P]):
     # --- the contract ---------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[Job]) -> None:
-        await self._run(self._insert_jobs, list(jobs))
+        await self._run(self._insert_jobs, _as_list(jobs))
 
     async def insert_new(self, jobs: Sequence[Job]) -> list[str]:
-        return await self._run(self._insert_new_jobs, list(jobs))
+        return await self._run(self._insert_new_jobs, _as_list(jobs))
 
     async def claim(
         self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
@@ -512,3 +515,12 @@ class RecordStore(Backend, Generic[R, W, P]):
         return await self._run(
             self._rescue_write, seen, forget, now, now - forget_after, max_attempts
         )
+
+
+def _as_list(jobs: Sequence[Job]) -> list[Job]:
+    """``jobs`` as a list of their own: a queue's :class:`CheckedJobs` as they are (a
+    backend may keep those ``Job`` objects: ``_stage_insert`` sees the type), any
+    other sequence copied into a new list."""
+    if type(jobs) is CheckedJobs:
+        return jobs
+    return list(jobs)

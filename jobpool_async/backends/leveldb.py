@@ -93,6 +93,7 @@ from .base import (
     ACTIVE,
     ASSIGN,
     ELIGIBLE,
+    CheckedJobs,
     Job,
     JobPoolError,
     JobState,
@@ -803,6 +804,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
         seq = self._next_seq
         room = _MAX_ELIGIBLE - len(self._eligible)
+        # A queue's checked copies are kept as they are; any other caller keeps its
+        # Job objects, so the cache gets copies of them.
+        private = type(jobs) is CheckedJobs
         put, touched = w.put, w.touched
         values = w.counts.values
         pack_u64, pack_order, job_static = _U64.pack, _ORDER.pack, codec.job_static
@@ -837,9 +841,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 keys = [key, listed]
                 if low_e is None or key < low_e:
                     low_e = key
-            if room > 0:  # a private copy: the caller keeps its Job
+            if room > 0:
                 room -= 1
-                rec = touched[job.id] = _Rec(job.copy(), seq, idb, tail)
+                rec = touched[job.id] = _Rec(job if private else job.copy(), seq, idb, tail)
                 rec.keys, rec.static = keys, static
             seq += 1
         w.next_seq = seq
