@@ -17,7 +17,7 @@ completed with a small JSON result). ``python -m benchmarks.sqlite_cost drain st
 --runs K`` runs that benchmark's hand loop or ``Worker`` end to end instead, ``K`` times
 in one process (every thread: count without toggles, and subtract the count of
 ``--runs 1`` from that of ``--runs 2`` to get one run's). Used for
-``benchmarks/results/sqlite-session6.md``.
+``benchmarks/results/sqlite-session6.md`` and ``sqlite-session7.md``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from jobpool_async import (
 from jobpool_async.backends import sqlite as sq
 from jobpool_async.backends.base import check_new_job
 from jobpool_async.backends.sqlite import SQLiteBackend
+from jobpool_async.testing import FakeClock
 
 S = JobStatus
 WORKER = str(Path(__file__).with_name("sqlite_worker.py"))
@@ -520,7 +521,9 @@ def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
     rows = sq._claim(conn, "probe", tags, limit, 0, True)
     conn.set_progress_handler(None, 0)
     assert len(rows) == limit
-    conn.execute("UPDATE jobs SET status = 'initial_pending' WHERE assignee_id = 'probe'")
+    conn.execute(
+        "UPDATE jobs SET status = 'initial_pending', list_state = 1 WHERE assignee_id = 'probe'"
+    )
     conn.close()
     return steps
 
@@ -646,7 +649,8 @@ async def test_a_claimed_job_carries_every_stored_field(tmp_path: Path) -> None:
         # "failed": claimed once more after failing with a message (a second run)
         await sql(
             backend,
-            "UPDATE jobs SET status = 'failed_retry', error_message = ?, retry_count = 1, "
+            "UPDATE jobs SET status = 'failed_retry', list_state = 2, error_message = ?, "
+            "retry_count = 1, "
             "last_retry_at = ?, attempts = 1, started_at = ?, result = ? WHERE id = 'failed'",
             (odd, sq._us(at[3]), sq._us(at[1]), b"\x00partial"),
         )
@@ -927,11 +931,75 @@ async def test_listing_plans_walk_jobs_list_prio(tmp_path: Path) -> None:
             part = sq._status_part(status, ("j.job_type = :y", sq._AFTER)) + " LIMIT :n"
             rows = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {part}", args)]
             assert rows == [
-                "SEARCH j USING INDEX jobs_list_prio (<expr>=? AND priority=? AND created_at<?)"
+                "SEARCH j USING INDEX jobs_list_prio (list_state=? AND priority=? AND created_at<?)"
             ]
             for sql in (sq._priorities_sql(status), f"SELECT {sq._oldest_sql(status)[7:]}"):
                 text = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
                 assert "SCAN jobs" not in text and "TEMP B-TREE" not in text, text
-                assert "SEARCH jobs USING INDEX jobs_list_prio (<expr>=? AND priority<?)" in text
+                assert "COVERING INDEX jobs_list_prio (list_state=? AND priority<?)" in text
     finally:
         conn.close()
+
+
+# --- jobs.list_state (store version 6) -----------------------------------------------------
+
+
+def _codes_of(path: Path) -> set[JobStatus]:
+    """The statuses stored, each job's ``list_state`` checked to be its status's code."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id, status, list_state FROM jobs").fetchall()
+    finally:
+        conn.close()
+    for job_id, status, code in rows:
+        assert code == sq._STATE_CODES.get(S(status)), (job_id, status, code)
+    return {S(status) for _, status, _ in rows}
+
+
+async def test_every_move_keeps_list_state_in_step(tmp_path: Path) -> None:
+    """``list_state`` (the key of ``jobs_list_prio`` and ``jobs_completed``) is the code
+    of the job's status after every kind of move: claims, completions, failures with
+    and without attempts left, stops, cancellations, requeues, a worker declared gone,
+    a reset, a rescue of an expired lease."""
+    path = tmp_path / "jobs.db"
+    seen: set[JobStatus] = set()
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
+    async with PoolQueue(SQLiteBackend(path), clock=clock, lease=timedelta(seconds=30)) as q:
+        await q.enqueue_jobs(
+            [
+                Job(id=f"j{i:02d}", job_type="t", tags=["a"] if i % 2 else [], max_attempts=2)
+                for i in range(24)
+            ]
+        )
+        seen |= _codes_of(path)
+        async with q.stream_jobs("w", max_assigned_jobs=24) as stream:
+            ids = sorted(j.id for j in await stream.__anext__())
+        seen |= _codes_of(path)
+        await q.complete_jobs({i: b"r" for i in ids[0:3]})
+        await q.fail_jobs({i: "boom" for i in ids[3:8]})
+        await q.discard_jobs({i: "x" for i in ids[8:10]})
+        await q.stop_jobs({i: "s" for i in ids[10:12]})
+        await q.mark_jobs_unknown_stopped({i: "l" for i in ids[13:15]})
+        await q.cancel_jobs(job_ids=ids[15:19])
+        seen |= _codes_of(path)
+        await q.acknowledge_cancellation({ids[15]: True, ids[16]: False})
+        await q.requeue_jobs(job_ids=[ids[8], ids[10]])
+        await q.mark_worker_unresponsive("w")
+        seen |= _codes_of(path)
+        async with q.stream_jobs("v", max_assigned_jobs=24) as stream:
+            again = [j.id for j in await stream.__anext__()]
+        seen |= _codes_of(path)
+        await q.fail_jobs({i: "again" for i in again[:4]})  # the second attempt: discarded
+        await q.enqueue_jobs(
+            [Job(id="later", job_type="t", scheduled_at=clock.now() + timedelta(days=1))]
+        )
+        await q.cancel_jobs(job_ids=["later"])
+        seen |= _codes_of(path)
+        await q.reset_running_jobs()
+        seen |= _codes_of(path)
+        async with q.stream_jobs("x", max_assigned_jobs=2) as stream:
+            await stream.__anext__()
+        clock.advance(timedelta(minutes=5))
+        assert await q.rescue_expired() > 0
+        seen |= _codes_of(path)
+    assert seen == set(S), seen

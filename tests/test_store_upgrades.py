@@ -48,6 +48,8 @@ VERSION_4 = FIXTURES / "v0.4-b751006"
 #: The PostgreSQL store of schema version 4: the one written at ae89716 (the code up to
 #: a68b318 wrote the same schema; a dump made there differs only in timestamps).
 PG_VERSION_4 = VERSION_3
+#: The SQLite store of schema version 5 (main at a68b318).
+VERSION_5 = FIXTURES / "v0.5-a68b318"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -362,21 +364,8 @@ async def test_sqlite_store_of_version_4_is_upgraded_in_place(tmp_path: Path) ->
     for _ in range(2):  # upgraded once, then opened as it is
         async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
             jobs = await _stored_as_written(q, ids, want)
-            statuses = [s for s in JobStatus if any(j.status is s for j in jobs)]
-            asked = [[s] for s in JobStatus] + [
-                [a, b] for a in statuses for b in statuses if a.value < b.value
-            ]
-            for size in (1, 3, 1000):
-                for these in asked:
-                    pages: list[list[Job]] = []
-                    after = None
-                    while True:
-                        page = await q.list_jobs(statuses=these, limit=size, after=after)
-                        pages.append(page.jobs)
-                        if (after := page.next_after) is None:
-                            break
-                    _listing_matches_a_scan([j for j in jobs if j.status in these], pages)
-    assert _sqlite_schema(path)[0] == SQLITE_VERSION == 5
+            await _lists_match_a_scan(q, jobs)
+    assert _sqlite_schema(path)[0] == SQLITE_VERSION
     names = _indexes(path)
     assert "jobs_list_prio" in names and "jobs_list_state" not in names
     async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
@@ -491,6 +480,59 @@ async def test_a_crash_during_a_postgres_upgrade_from_version_4_leaves_it_as_it_
     assert (await _pg_state(pg_schema))[0] == 5
 
 
+# --- SQLite store version 5 (before jobs.list_state) ------------------------------------------
+
+
+def _index_sql(path: Path) -> dict[str, str]:
+    return {name: sql for kind, name, sql in _sqlite_schema(path)[1] if kind == "index" and sql}
+
+
+def _codes_match_statuses(path: Path) -> None:
+    """Every job's ``list_state`` is its status's code (NULL while active)."""
+    from jobpool_async.backends import sqlite as mod
+
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id, status, list_state FROM jobs").fetchall()
+    finally:
+        conn.close()
+    assert rows
+    for job_id, status, code in rows:
+        assert code == mod._STATE_CODES.get(JobStatus(status)), (job_id, status, code)
+
+
+async def test_sqlite_store_of_version_5_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 5 → 6: every job gets its ``list_state`` (its status's code) and the
+    indexes keyed by an expression over the status (``jobs_list_prio``,
+    ``jobs_completed``) are made again over it. Every job, counter and listing page is
+    kept (pages of any size, by every status and pair of statuses present); moves keep
+    the codes in step, claims keep their order, and a purge of completed jobs finds them."""
+    want = json.loads((VERSION_5 / "expected.json").read_text())["sqlite"]
+    path = tmp_path / "v5.db"
+    shutil.copy(VERSION_5 / "sqlite.db", path)
+    assert _sqlite_schema(path)[0] == 5
+    assert "list_state" not in _index_sql(path)["jobs_list_prio"]
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):  # upgraded once, then opened as it is
+        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+            jobs = await _stored_as_written(q, ids, want)
+            assert len({j.status for j in jobs}) >= 6
+            await _lists_match_a_scan(q, jobs)
+        _codes_match_statuses(path)
+    assert _sqlite_schema(path)[0] == SQLITE_VERSION == 6
+    indexes = _index_sql(path)
+    assert "(list_state, priority, created_at, id)" in indexes["jobs_list_prio"]
+    assert "WHERE list_state = 8" in indexes["jobs_completed"]
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        await _claims_keep_their_order(q, jobs, ids)
+        _codes_match_statuses(path)
+        completed = [j.id for j in jobs if j.status is JobStatus.COMPLETED]
+        assert completed
+        assert await q.backend.delete_completed_before(clock.now()) >= len(completed)
+        assert await q.get_jobs(completed) == []
+
+
 # --- a crash during the upgrade -------------------------------------------------------------
 
 CRASH_CHILD = """
@@ -600,8 +642,10 @@ async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
             await drop_postgres_schema(schema)
 
 
-@pytest.mark.parametrize("fixture", [VERSION_3, VERSION_4], ids=["version 3", "version 4"])
-async def test_a_crash_during_a_sqlite_upgrade_from_version_3_or_4_leaves_old_or_new(
+@pytest.mark.parametrize(
+    "fixture", [VERSION_3, VERSION_4, VERSION_5], ids=["version 3", "version 4", "version 5"]
+)
+async def test_a_crash_during_a_sqlite_upgrade_from_version_3_to_5_leaves_old_or_new(
     fixture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jobpool_async.backends import sqlite as mod

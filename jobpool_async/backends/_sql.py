@@ -209,6 +209,17 @@ def status_case(
     return f"CASE {first} ELSE {case} END"
 
 
+def _code_of(transition: Transition, new_status: str, codes: Mapping[JobStatus, int]) -> str:
+    """SQL: the code (``codes``; NULL where it has none) of the status ``new_status``
+    computes for a job moved by ``transition``."""
+    targets = sorted({*transition.moves.values(), *transition.exhausted.values()})
+    values = {t: str(codes[t]) if t in codes else "NULL" for t in targets}
+    if len(set(values.values())) == 1:
+        return values[targets[0]]
+    whens = " ".join(f"WHEN '{t.value}' THEN {v}" for t, v in values.items())
+    return f"CASE {new_status} {whens} END"
+
+
 def exhausted_sql(default_max_attempts: str) -> str:
     """SQL: the job has no attempts left (``max_attempts``, else the given default)."""
     return f"attempts >= COALESCE(max_attempts, {default_max_attempts})"
@@ -224,6 +235,9 @@ def set_clause(
     retry_increment: str = "1",
     scheduled_at: str = "NULL",
     max_attempts: str = "NULL",
+    codes: Mapping[JobStatus, int] | None = None,
+    code_column: str = "list_state",
+    sources_checked: bool = False,
 ) -> str:
     """The ``SET`` list of an ``UPDATE`` applying ``transition`` with its side effects.
 
@@ -234,9 +248,38 @@ def set_clause(
     A ``schedules`` transition writes ``scheduled_at`` and ``wait_until``
     (the backends' "not yet due" marker, cleared when the job comes due). The caller
     adds ``WHERE status IN in_list(sources)``.
+
+    With ``codes``, ``code_column`` is set to the code of the new status (NULL for a
+    status without one): a literal when every move ends in one status (a claim, a
+    completion), else a ``CASE`` over the new status.
+
+    ``sources_checked``: the statement moves only jobs in one of the transition's
+    sources (its ``WHERE`` says so), so a transition with one target sets it as a
+    literal instead of a ``CASE`` that compares the old status with each source, a
+    side effect of every source is set without a condition, and the others test the
+    old status with ``=`` (SQLite builds a temporary index for an ``IN`` list each
+    time the statement runs).
     """
+
+    def old_status_in(statuses: Iterable[JobStatus]) -> str | None:
+        """SQL: the old status is one of ``statuses``; None when every moved job's is."""
+        wanted = set(statuses)
+        if not sources_checked:
+            return f"status IN {in_list(wanted)}"
+        if transition.sources <= wanted:
+            return None
+        inside = sorted(s.value for s in wanted & transition.sources)
+        return "(" + (" OR ".join(f"status = '{v}'" for v in inside) or "0") + ")"
+
     exhausted = exhausted_sql(max_attempts) if transition.exhausted else None
-    parts = [f"status = {status_case(transition, exhausted=exhausted)}"]
+    targets = set(transition.moves.values())
+    if sources_checked and not transition.exhausted and len(targets) == 1:
+        new_status = f"'{targets.pop().value}'"
+    else:
+        new_status = status_case(transition, exhausted=exhausted)
+    parts = [f"status = {new_status}"]
+    if codes is not None:
+        parts.append(f"{code_column} = {_code_of(transition, new_status, codes)}")
     if transition.assign:
         if assignee_id is None:
             raise ValueError(f"{transition.name} needs an assignee_id expression")
@@ -247,25 +290,30 @@ def set_clause(
             "attempts = attempts + 1",
         ]
     if transition.retry_sources:
-        cond = f"status IN {in_list(transition.retry_sources)}"
-        parts += [
-            f"retry_count = retry_count + CASE WHEN {cond} THEN {retry_increment} ELSE 0 END",
-            f"last_retry_at = CASE WHEN {cond} THEN {now} ELSE last_retry_at END",
-        ]
+        cond = old_status_in(transition.retry_sources)
+        if cond is None:
+            parts += [f"retry_count = retry_count + {retry_increment}", f"last_retry_at = {now}"]
+        else:
+            parts += [
+                f"retry_count = retry_count + CASE WHEN {cond} THEN {retry_increment} ELSE 0 END",
+                f"last_retry_at = CASE WHEN {cond} THEN {now} ELSE last_retry_at END",
+            ]
     if transition.reopens:  # clears result, unless the change gives one (set below)
         parts += ["finalized_at = NULL"] + (["result = NULL"] if result is None else [])
     elif transition.finalize_sources or exhausted is not None:
-        whens = ""
-        if transition.finalize_sources:
-            whens += f" WHEN status IN {in_list(transition.finalize_sources)} THEN {now}"
-        if exhausted is not None:
-            whens += (
-                f" WHEN status IN {in_list(transition.exhausted)} AND ({exhausted}) IS TRUE"
-                f" THEN {now}"
-            )
-        parts.append(f"finalized_at = CASE{whens} ELSE finalized_at END")
+        final = old_status_in(transition.finalize_sources)
+        if transition.finalize_sources and final is None:  # every move finalizes
+            parts.append(f"finalized_at = {now}")
+        else:
+            whens = ""
+            if transition.finalize_sources:
+                whens += f" WHEN {final} THEN {now}"
+            if exhausted is not None:
+                spent = old_status_in(transition.exhausted) or "1"
+                whens += f" WHEN {spent} AND ({exhausted}) IS TRUE THEN {now}"
+            parts.append(f"finalized_at = CASE{whens} ELSE finalized_at END")
     if transition.schedules:
-        cond = f"status IN {in_list(transition.schedule_sources)}"
+        cond = old_status_in(transition.schedule_sources) or "1"
         if exhausted is not None:
             cond += f" AND NOT (({exhausted}) IS TRUE)"
         for column in ("scheduled_at", "wait_until"):
