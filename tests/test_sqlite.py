@@ -615,6 +615,10 @@ async def test_a_claimed_job_carries_every_stored_field(tmp_path: Path) -> None:
         Job(id="tagged", job_type="t", tags=["a", "b"], priority=-3, created_at=at[0]),
         Job(id="scheduled", job_type="t", scheduled_at=at[1], priority=2, created_at=at[0]),
         Job(id="limited", job_type="t", max_attempts=4, created_at=at[0]),
+        # one field each apart from a plain job's first run
+        Job(id="tag-only", job_type="t", tags=["c"], created_at=at[0]),
+        Job(id="prio-only", job_type="t", priority=1, created_at=at[0]),
+        Job(id="sched-only", job_type="t", scheduled_at=at[1], created_at=at[0]),
         Job(
             id="imported",
             job_type="t",

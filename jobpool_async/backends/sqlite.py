@@ -407,32 +407,28 @@ _PROMOTE: Final = (
 
 #: What a claim returns: the columns it did not set (status, assignee and assignment
 #: time are the claim's own), as :data:`_CLAIM_HEAD` and one more column, NULL when the
-#: rest (:data:`_CLAIM_REST`) have a first run's values (started now, one attempt, no
-#: outcome, retry or attempt limit), else a JSON array of them (the result as hex).
-#: Each column a statement returns costs SQLite and the sqlite3 module about 1,100
-#: instructions per row: the drain's claim cycle returned 15 columns per job.
-_CLAIM_HEAD: Final = (
-    "id", "job_type", "job_definition", "tags", "created_at", "priority", "scheduled_at",
-)  # fmt: skip
+#: rest (:data:`_CLAIM_REST`) have a plain job's first run's values (no tags, priority 0,
+#: no schedule, started now, one attempt, no outcome, retry or attempt limit), else a
+#: JSON array of them (the tags as an array, the result as hex). Each column a
+#: statement returns costs SQLite and the sqlite3 module about 1,100 instructions per
+#: row (the module releases and takes the GIL for each): the drain's claim cycle
+#: returned 15 columns per job, then 8, now 5.
+_CLAIM_HEAD: Final = ("id", "job_type", "job_definition", "created_at")
 _CLAIM_REST: Final = (
-    "started_at", "finalized_at", "error_message", "result", "retry_count",
-    "last_retry_at", "max_attempts", "attempts",
+    "tags", "priority", "scheduled_at", "started_at", "finalized_at", "error_message",
+    "result", "retry_count", "last_retry_at", "max_attempts", "attempts",
 )  # fmt: skip
 if sorted(_CLAIM_HEAD + _CLAIM_REST) != sorted(CLAIMED_FIELDS):  # pragma: no cover
     raise RuntimeError("the SQLite claim's columns do not match CLAIMED_FIELDS")
 _CH: Final = JobColumns.of(_CLAIM_HEAD)
 _FIRST_RUN: Final = (
-    "started_at = ?1 AND attempts = 1 AND finalized_at IS NULL AND result IS NULL "
+    "tags = '[]' AND priority = 0 AND scheduled_at IS NULL "
+    "AND started_at = ?1 AND attempts = 1 AND finalized_at IS NULL AND result IS NULL "
     "AND retry_count = 0 AND last_retry_at IS NULL AND max_attempts IS NULL "
     "AND error_message = ''"
 )
-_REST_JSON: Final = (
-    "json_array("
-    + ", ".join(
-        "iif(result IS NULL, NULL, hex(result))" if c == "result" else c for c in _CLAIM_REST
-    )
-    + ")"
-)
+_IN_JSON: Final = {"tags": "json(tags)", "result": "iif(result IS NULL, NULL, hex(result))"}
+_REST_JSON: Final = "json_array(" + ", ".join(_IN_JSON.get(c, c) for c in _CLAIM_REST) + ")"
 _CLAIM_RETURNING: Final = (
     f"{', '.join(_CLAIM_HEAD)}, CASE WHEN {_FIRST_RUN} THEN NULL ELSE {_REST_JSON} END"
 )
@@ -566,14 +562,26 @@ def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> 
     jobs: list[Job] = []
     add = jobs.append
     for row in rows:
-        tags, scheduled, rest = row[c.tags], row[c.scheduled_at], row[rest_at]
-        if rest is None:  # a first run: started now, one attempt, nothing else yet
+        rest = row[rest_at]
+        if rest is None:  # a plain job's first run: started now, one attempt, no more
+            tags, priority, scheduled_at = [], 0, None
             started_at, finalized_at, error, result = now, None, "", None
             retry_count, last_retry_at, max_attempts, attempts = 0, None, None, 1
         else:
-            started, finalized, error, hexed, retry_count, retried, max_attempts, attempts = (
-                json.loads(rest)
-            )
+            (
+                tags,
+                priority,
+                scheduled,
+                started,
+                finalized,
+                error,
+                hexed,
+                retry_count,
+                retried,
+                max_attempts,
+                attempts,
+            ) = json.loads(rest)
+            scheduled_at = None if scheduled is None else epoch + timedelta(0, 0, scheduled)
             started_at = now if started == now_us else epoch + timedelta(0, 0, started)
             finalized_at = None if finalized is None else epoch + timedelta(0, 0, finalized)
             result = None if hexed is None else bytes.fromhex(hexed)
@@ -583,7 +591,7 @@ def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> 
                 id=row[c.id],
                 job_type=row[c.job_type],
                 job_definition=row[c.job_definition],
-                tags=[] if tags == "[]" else json.loads(tags),
+                tags=tags,
                 status=running,
                 created_at=epoch + timedelta(0, 0, row[c.created_at]),
                 started_at=started_at,
@@ -594,8 +602,8 @@ def _claimed(rows: Sequence[Sequence[Any]], assignee_id: str, now: datetime) -> 
                 last_retry_at=last_retry_at,
                 assignee_id=assignee_id,
                 assigned_at=now,
-                scheduled_at=None if scheduled is None else epoch + timedelta(0, 0, scheduled),
-                priority=row[c.priority],
+                scheduled_at=scheduled_at,
+                priority=priority,
                 max_attempts=max_attempts,
                 attempts=attempts,
             )
