@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import warnings
 import weakref
@@ -447,10 +448,13 @@ class PoolQueue:
         if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
         clean: list[Job] = CheckedJobs()  # (a backend may keep these copies as they are)
-        for job in jobs:
-            clean.append(check_new_job(job))
-            if len(clean) % _VALIDATE_CHUNK == 0:
-                await asyncio.sleep(0)  # keep the event loop responsive for huge batches
+        given = iter(jobs)
+        while True:  # (chunks checked by ``map``: no loop of our own per job)
+            chunk = list(map(check_new_job, itertools.islice(given, _VALIDATE_CHUNK)))
+            clean += chunk
+            if len(chunk) < _VALIDATE_CHUNK:
+                break
+            await asyncio.sleep(0)  # keep the event loop responsive for huge batches
         if if_exists == "error":  # backends take distinct ids: input arrives validated
             _check_distinct(clean)
         await self._ready()

@@ -85,8 +85,12 @@ class Transition:
     #: Moves in ``moves`` that count a retry / set ``finalized_at`` (derived).
     retry_sources: frozenset[JobStatus] = field(init=False)
     finalize_sources: frozenset[JobStatus] = field(init=False)
+    #: ``moves`` as a plain dict, for :func:`apply` (a ``get`` on the read-only view
+    #: goes through a method call of its own: twice per job).
+    _targets: dict[JobStatus, JobStatus] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_targets", dict(self.moves))
         object.__setattr__(self, "moves", MappingProxyType(dict(self.moves)))
         object.__setattr__(self, "exhausted", MappingProxyType(dict(self.exhausted)))
         object.__setattr__(
@@ -276,7 +280,7 @@ def apply(
     ``scheduled_at`` is written by ``schedules`` transitions; ``max_attempts`` is the
     caller's default attempt limit for ``exhausted`` ones."""
     current = job.status
-    target = transition.moves.get(current)
+    target = transition._targets.get(current)
     if target is None:
         return None
     if current in transition.exhausted and not attempts_left(job, max_attempts):

@@ -217,7 +217,7 @@ class RecordStore(Backend, Generic[R, W, P]):
     ) -> JobStatus | None:
         """Move the job by ``transition`` (``None``: its status does not allow it)."""
         job = self._job(record)
-        if job.status not in transition.moves:  # (``target_of``, without the call)
+        if job.status not in transition._targets:  # (``target_of``, without the call)
             return None
         prior = self._before_move(w, record)
         new = apply(

@@ -226,6 +226,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
+        #: ``_read`` is the dict's own ``get``: no Python call per job read.
+        self._read = self._jobs.get  # type: ignore[method-assign, assignment]
         self._seq: dict[str, int] = {}
         self._next_seq = 0
         self._eligible: _Taken[_Key] = _Taken()
@@ -324,7 +326,8 @@ class MemoryBackend(RecordStore[Job, None, None]):
         status = job.status
         if transition is not None:
             if status not in ELIGIBLE:
-                self._wait_until.pop(job.id, None)
+                if self._wait_until:
+                    self._wait_until.pop(job.id, None)
             elif transition.schedules:
                 if job.scheduled_at is None:
                     self._wait_until.pop(job.id, None)
@@ -338,7 +341,14 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 active = self._active_by_assignee[job.assignee_id] = set()
             active.add(job.id)
             return
-        self._listed_by_status[status].add((job.created_at, job.id))
+        # (``_Lazy.add``, inline here and below: per job)
+        lazy = self._listed_by_status[status]
+        entry = (job.created_at, job.id)
+        removes = lazy._removes
+        if removes and entry in removes:
+            removes.discard(entry)
+        else:
+            lazy._adds.add(entry)
         if status in ELIGIBLE:
             wait = self._wait_until.get(job.id)
             if wait is not None:
@@ -347,7 +357,12 @@ class MemoryBackend(RecordStore[Job, None, None]):
             self._index_eligible(job, add)
         elif status is _COMPLETED:
             assert job.finalized_at is not None
-            self._completed.add((job.finalized_at, self._seq[job.id], job.id))
+            done = (job.finalized_at, self._seq[job.id], job.id)
+            gone = self._completed._removes
+            if gone and done in gone:
+                gone.discard(done)
+            else:
+                self._completed._adds.add(done)
 
     def _listed_in(self, status: JobStatus) -> SortedList[_Listed]:
         """The ``(created_at, id)`` of every job in ``status``. RUNNING and CANCELLING
@@ -370,7 +385,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return fn(*args)  # never awaits: one atomic step on the event loop
 
     def _read(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        return self._jobs.get(job_id)  # (replaced per instance by ``_jobs.get`` itself)
 
     def _job(self, record: Job) -> Job:
         return record
@@ -428,7 +443,10 @@ class MemoryBackend(RecordStore[Job, None, None]):
             else:  # (``_after_move``'s indexing of a new job, inline: the common case)
                 pending.append(listed)
                 retries += stored.retry_count
-                add_eligible((-stored.priority, stored.sort_key, seq, job_id))
+                due = stored.last_retry_at  # (``sort_key``, inline: no schedule here)
+                if due is None:
+                    due = stored.created_at
+                add_eligible((-stored.priority, due, seq, job_id))
             seq += 1
         self._next_seq = seq
         self._counts[_INITIAL_PENDING] += len(pending)
