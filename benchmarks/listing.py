@@ -9,6 +9,13 @@ index-served page costs the same however many jobs are stored.
 
 Default sizes 10,000 and 100,000; ``--full`` adds 1,000,000. Results go to
 ``benchmarks/results/listing.md`` (and ``.json``).
+
+``--buffers`` (PostgreSQL only) counts instead of timing: the shared buffers each
+query's statement reads (``EXPLAIN (ANALYZE, BUFFERS)`` of the statement ``list_jobs``
+sent, with its arguments, run twice on one pooled connection and the second counted:
+the first also reads the catalogs), after ``VACUUM ANALYZE``. It does not move with the
+machine's load, so it shows whether a page's cost grows with the store where the
+milliseconds cannot.
 """
 
 from __future__ import annotations
@@ -85,7 +92,41 @@ async def fill(queue: PoolQueue, start: int, stop: int, chunk: int = 10_000) -> 
             raise RuntimeError(f"fill failed: {list(outcome.errors.items())[:3]}")
 
 
-async def measure(queue: PoolQueue, calls: int) -> dict[str, float]:
+class _Capturing:
+    """Stands in for a PostgreSQL backend's pool, keeping the last ``fetch``'s
+    statement and arguments (what ``list_jobs`` sent)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.last: tuple[str, tuple[Any, ...]] = ("", ())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def fetch(self, statement: str, *args: Any) -> Any:
+        self.last = (statement, args)
+        return await self.pool.fetch(statement, *args)
+
+
+async def buffers_read(queue: PoolQueue, query: Query, mid: str | None) -> float:
+    """Shared buffers the statement of ``query`` reads (see ``--buffers``)."""
+    backend: Any = queue.backend
+    pool = backend._pool
+    capturing = _Capturing(pool)
+    backend._pool = capturing
+    try:
+        await query(queue, mid)
+    finally:
+        backend._pool = pool
+    statement, args = capturing.last
+    async with pool.acquire() as conn:
+        explain = await conn.prepare("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement)
+        await explain.fetchval(*args)
+        plan = json.loads(await explain.fetchval(*args))[0]["Plan"]
+    return float(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
+
+
+async def measure(queue: PoolQueue, calls: int, buffers: bool = False) -> dict[str, float]:
     page = await queue.list_jobs(limit=100)
     mid = page.next_after
     total = (await queue.get_job_stats()).total_jobs
@@ -95,6 +136,12 @@ async def measure(queue: PoolQueue, calls: int) -> dict[str, float]:
         walked += len(page.jobs)
         mid = page.next_after
     out: dict[str, float] = {}
+    if buffers:
+        backend: Any = queue.backend
+        await backend._pool.execute(f'VACUUM ANALYZE "{backend.schema}".jobs')
+        for name, query in QUERIES.items():
+            out[name] = await buffers_read(queue, query, mid)
+        return out
     for name, query in QUERIES.items():
         times = []
         for _ in range(calls):
@@ -105,7 +152,9 @@ async def measure(queue: PoolQueue, calls: int) -> dict[str, float]:
     return out
 
 
-async def run(backends: list[str], sizes: list[int], calls: int, workdir: Path) -> dict[str, Any]:
+async def run(
+    backends: list[str], sizes: list[int], calls: int, workdir: Path, buffers: bool = False
+) -> dict[str, Any]:
     await asyncio.to_thread(workdir.mkdir, exist_ok=True)
     results: dict[str, Any] = {}
     for target in find_targets(backends, os.environ.get("JOBPOOL_TEST_POSTGRES_DSN")):
@@ -123,7 +172,7 @@ async def run(backends: list[str], sizes: list[int], calls: int, workdir: Path) 
                     await fill(queue, have, size)
                     have = size
                     print(f"{name}: filled {size:,} in {time.perf_counter() - t:.0f} s", flush=True)
-                    per_size[str(size)] = await measure(queue, calls)
+                    per_size[str(size)] = await measure(queue, calls, buffers)
                     print(json.dumps(per_size[str(size)], indent=1), flush=True)
                 results[name] = per_size
         finally:
@@ -131,10 +180,11 @@ async def run(backends: list[str], sizes: list[int], calls: int, workdir: Path) 
     return results
 
 
-def write(results: dict[str, Any], sizes: list[int], path: Path) -> None:
+def write(results: dict[str, Any], sizes: list[int], path: Path, buffers: bool = False) -> None:
     small = str(min(sizes))
+    what = "shared buffers its statement reads" if buffers else "median ms"
     lines = [
-        "# list_jobs: a page of 100 (median ms) as the store grows",
+        f"# list_jobs: a page of 100 ({what}) as the store grows",
         "",
         f"Written by `python -m benchmarks.listing` at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "Ratio: the same query at the largest size over the smallest (1.0: no growth).",
@@ -148,7 +198,8 @@ def write(results: dict[str, Any], sizes: list[int], path: Path) -> None:
         for q in QUERIES:
             vals = [per_size[c][q] for c in cols]
             ratio = per_size[cols[-1]][q] / per_size[small][q]
-            lines.append(f"| {q} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {ratio:.2f} |")
+            shown = " | ".join(f"{v:.0f}" if buffers else f"{v:.2f}" for v in vals)
+            lines.append(f"| {q} | {shown} | {ratio:.2f} |")
         lines.append("")
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(results, indent=1))
@@ -160,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--sizes", default="", help="comma-separated store sizes")
     parser.add_argument("--calls", type=int, default=21)
+    parser.add_argument(
+        "--buffers", action="store_true", help="PostgreSQL: count buffers read, not ms"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "listing.md")
     parser.add_argument(
         "--workdir",
@@ -176,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in args.sizes.split(",")]
     else:
         sizes = [10_000, 100_000] + ([1_000_000] if args.full else [])
-    results = asyncio.run(run(backends, sizes, args.calls, args.workdir))
-    write(results, sizes, args.out)
+    if args.buffers and backends != ["postgres"]:
+        parser.error("--buffers counts PostgreSQL's buffers: use it with --backends postgres")
+    results = asyncio.run(run(backends, sizes, args.calls, args.workdir, args.buffers))
+    write(results, sizes, args.out, args.buffers)
     print(f"wrote {args.out}")
     return 0
 

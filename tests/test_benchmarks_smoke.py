@@ -202,6 +202,25 @@ def test_listing_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     assert set(data["sqlite"]["600"]) == set(listing.QUERIES)
 
 
+@pytest.mark.skipif(
+    not os.environ.get("JOBPOOL_TEST_POSTGRES_DSN"),
+    reason="no PostgreSQL server configured: set JOBPOOL_TEST_POSTGRES_DSN",
+)
+def test_listing_benchmark_counts_postgres_buffers(tmp_path: Path) -> None:
+    from benchmarks import listing
+
+    out = tmp_path / "listing.md"
+    args = ["--backends", "postgres", "--sizes", "300,600", "--buffers", "--out", str(out)]
+    assert listing.main(args) == 0
+    assert "shared buffers its statement reads" in out.read_text()
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["postgres"]["600"]) == set(listing.QUERIES)
+    counts = [v for size in data["postgres"].values() for v in size.values()]
+    assert all(v >= 1 and v == int(v) for v in counts), counts
+    with pytest.raises(SystemExit):  # buffers are PostgreSQL's
+        listing.main(["--backends", "sqlite", "--buffers", "--out", str(out)])
+
+
 async def test_schedules_benchmark_runs_at_tiny_sizes(tmp_path: Path) -> None:
     from benchmarks import schedules
 
