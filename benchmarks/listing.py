@@ -157,7 +157,11 @@ async def run(
 ) -> dict[str, Any]:
     await asyncio.to_thread(workdir.mkdir, exist_ok=True)
     results: dict[str, Any] = {}
-    for target in find_targets(backends, os.environ.get("JOBPOOL_TEST_POSTGRES_DSN")):
+    # (the benchmarks' variable, as its "unavailable" message says; the tests' too)
+    dsn = os.environ.get("JOBPOOL_BENCH_POSTGRES_DSN") or os.environ.get(
+        "JOBPOOL_TEST_POSTGRES_DSN"
+    )
+    for target in find_targets(backends, dsn):
         name = target.name
         if not target.available:
             print(f"{name}: unavailable ({target.reason})", file=sys.stderr)
