@@ -242,10 +242,6 @@ def _index_keys(
     return [listed]
 
 
-def _created(job: Job) -> bytes:
-    return codec.u64(codec.to_micros(job.created_at))
-
-
 def _tail(job: Job, idb: bytes) -> bytes:
     """The end of the job's listing keys: its ``created_at`` (u64 micros), then its id."""
     return codec.u64(codec.to_micros(job.created_at)) + idb
