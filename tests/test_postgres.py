@@ -996,7 +996,7 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
             assert "jobs_eligible" in plan, plan
             assert "Tid Scan" in plan and "jobs_pkey" not in plan, plan
         refill = b._sql.apply(COMPLETE, True, False)
-        refill_args = (["job-0"], None, None, now, "w", None, "n", 0)
+        refill_args = ('{"job-0"}', None, None, now, "w", None, "n", 0, None, None)
         plan = "\n".join(r[0] for r in await sql(dsn, "EXPLAIN " + refill, *refill_args))
         assert "Seq Scan" not in plan and "jobs_eligible" in plan, plan
         assert "Tid Scan" in plan, plan
@@ -1731,5 +1731,71 @@ async def test_a_job_scheduled_while_a_promotion_runs_is_not_forgotten(
         assert [j.id for j in first] == ["early"] and inserted == ["late"]
         again = await b.claim("w", [], 10, datetime.now(UTC))
         assert [j.id for j in again] == ["late"], "the job scheduled meanwhile was forgotten"
+    finally:
+        await b.close()
+
+
+# Ids, types, texts and times that the statements' text-literal parameters must quote
+# or mark (``_statements``'s PARAMETERS): quotes, backslashes, braces, commas, spaces,
+# "NULL", non-ASCII; empty and missing results; the extreme times.
+AWKWARD = ['a"b', "c\\d", "{e,f}", " g ", "NULL", "", 'ü\\"', "h", '\\"', "x" * 300]
+
+
+async def test_awkward_values_go_through_the_text_literal_parameters(dsn: str, schema: str) -> None:
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        times = [
+            datetime.min.replace(tzinfo=UTC),
+            datetime.max.replace(tzinfo=UTC),
+            datetime(1969, 12, 31, 23, 59, 59, 500001, tzinfo=UTC),
+            datetime(2038, 1, 19, 3, 14, 8, 999999, tzinfo=UTC),
+        ]
+        jobs = [
+            Job(
+                id=f"id{text}" if text else "",
+                job_type=f"type{text}",
+                job_definition=text.encode() + b"\x00\xff",
+                created_at=times[i % len(times)],
+                error_message=text,
+            )
+            for i, text in enumerate(AWKWARD)
+        ]
+        jobs[0].job_definition = b""
+        for job in jobs:  # one list each: one without a quote is not escaped as a whole
+            await b.insert([job])
+        stored = await b.get_jobs([j.id for j in jobs])
+        assert [
+            (j.id, j.job_type, j.job_definition, j.created_at, j.error_message) for j in stored
+        ] == [(j.id, j.job_type, j.job_definition, j.created_at, j.error_message) for j in jobs]
+        # the extremes stored as asyncpg stores them (its infinity, -infinity)
+        extremes = await sql(
+            dsn,
+            f'SELECT created_at::text FROM "{schema}".jobs WHERE NOT isfinite(created_at) '
+            "ORDER BY created_at",
+        )
+        assert [r[0] for r in extremes] == ["-infinity"] * 3 + ["infinity"] * 3
+        now = datetime.now(UTC)
+        claimed = await b.claim("w", [], len(jobs), now)
+        assert sorted(j.id for j in claimed) == sorted(j.id for j in jobs)
+        results = [None, b"", b'\x00"\\{},', *(t.encode() for t in AWKWARD[3:])]
+        changes = [
+            Change(j.id, COMPLETE, result=r) for j, r in zip(jobs[:5], results, strict=False)
+        ]
+        changes += [
+            Change(j.id, FAIL, error_message=m)
+            for j, m in zip(jobs[5:], [None, 'q"\\', "", None, "NULL"], strict=True)
+        ]
+        for group in (changes[:3], changes[3:5], changes[5:7], changes[7:]):
+            out = await b.apply(group, now)
+            assert sorted(m.job_id for m in out.moved) == sorted(c.job_id for c in group)
+        after = {j.id: j for j in await b.get_jobs([j.id for j in jobs])}
+        for change, job in zip(changes, jobs, strict=True):
+            got = after[job.id]
+            if change.transition is COMPLETE:
+                assert got.status is JobStatus.COMPLETED and got.result == change.result
+            else:
+                message = change.error_message
+                assert got.error_message == (job.error_message if message is None else message)
     finally:
         await b.close()

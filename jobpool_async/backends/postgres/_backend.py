@@ -79,9 +79,12 @@ from ._statements import (
     WAITING,
     Statements,
     busy_or_idle,
+    bytea_parts,
     key,
+    micros_array,
     quote_ident,
     tag_key,
+    text_array,
 )
 
 if HAVE_ASYNCPG:
@@ -540,21 +543,24 @@ class PostgresBackend(Backend):
         # A column of only defaults is sent as NULL (``unnest`` pads it, the statement
         # fills in the default): asyncpg checks the type of every array element, which
         # was a third of an enqueue's client time for these four columns.
+        # Ids, types, times and texts as text literals, the definitions as one bytea
+        # (see ``_statements``'s PARAMETERS).
+        blob, def_ends, def_lengths = bytea_parts([j.job_definition for j in jobs])
         args: list[Any] = [
-            [j.id for j in jobs],
-            [j.job_type for j in jobs],
-            [j.job_definition for j in jobs],
+            text_array([j.id for j in jobs]),
+            text_array([j.job_type for j in jobs]),
+            blob,
             flat,
             starts if flat else None,
             ends if flat else None,
-            [j.created_at for j in jobs],
+            micros_array([j.created_at for j in jobs]),
         ]
         if new:
             messages = [j.error_message for j in jobs]
             assignees = [j.assignee_id for j in jobs]
             args += [
-                messages if any(messages) else None,
-                assignees if any(assignees) else None,
+                text_array(messages) if any(messages) else None,
+                text_array(assignees) if any(assignees) else None,
             ]
         else:
             args += [
@@ -570,7 +576,7 @@ class PostgresBackend(Backend):
                 [j.priority for j in jobs],
                 [j.max_attempts for j in jobs],
             ]
-        args += [payload, [tag_key(tag) for tag in flat]]
+        args += [payload, [tag_key(tag) for tag in flat], def_ends, def_lengths]
         return (self._sql.insert[new, ignore], *args)
 
     async def _duplicate(self, jobs: Sequence[Job], conn: Connection | None) -> DuplicateJobError:
@@ -885,30 +891,42 @@ class PostgresBackend(Backend):
     def _refill_args(
         self, changes: Sequence[Change], now: datetime, refill: Refill, nonce: str
     ) -> tuple[Any, ...]:
-        base = self._apply_args(changes, now, True, bool(refill.tags))
+        head, tail = self._apply_parts(changes, now, True, bool(refill.tags))
         ids = refill.job_ids
         # NULL when every change is the stream's own job (the Worker's case)
-        args = (*base, refill.assignee_id, None if ids.issuperset(base[1]) else list(ids), nonce)
+        mine = all(c.job_id in ids for c in changes)
+        args = (*head, refill.assignee_id, None if mine else list(ids), nonce)
         if refill.tags:
             args = (*args, list(refill.tags))
-        return (*args, *self._timed_args(changes), refill.extra, *self._guard_args(changes))
+        return (*args, *self._timed_args(changes), refill.extra, *self._guard_args(changes), *tail)
 
-    def _apply_args(
+    def _apply_args(self, changes: Sequence[Change], now: datetime) -> tuple[Any, ...]:
+        """The SQL and its arguments: an apply without a refill."""
+        head, tail = self._apply_parts(changes, now)
+        return (*head, *self._timed_args(changes), *self._guard_args(changes), *tail)
+
+    def _apply_parts(
         self, changes: Sequence[Change], now: datetime, refill: bool = False, tags: bool = False
-    ) -> tuple[Any, ...]:
-        """The SQL and ``$1``-``$4``. A column of only NULLs is sent as NULL (``unnest``
-        pads it): asyncpg checks every array element's type, a noticeable cost."""
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The SQL and ``$1``-``$4``, and the last two arguments (the results' end
+        offsets and lengths). Ids and messages go as text literals, results as one
+        ``bytea`` (see ``_statements``'s PARAMETERS); a column of only NULLs as NULL
+        (``unnest`` pads it)."""
         results = [c.result for c in changes]
         messages = [c.error_message for c in changes]
-        transition = changes[0].transition
-        return (
-            self._sql.apply(transition, refill, tags),
-            [c.job_id for c in changes],
-            None if results.count(None) == len(results) else results,
-            None if messages.count(None) == len(messages) else messages,
+        tail: tuple[str | None, str | None] = (None, None)
+        blob = None
+        if results.count(None) != len(results):
+            blob, ends, lengths = bytea_parts(results)
+            tail = (ends, lengths)
+        head = (
+            self._sql.apply(changes[0].transition, refill, tags),
+            text_array([c.job_id for c in changes]),
+            blob,
+            None if messages.count(None) == len(messages) else text_array(messages),
             now,
-            *(() if refill else (*self._timed_args(changes), *self._guard_args(changes))),
         )
+        return head, tail
 
     @staticmethod
     def _guard_args(changes: Sequence[Change]) -> tuple[Any, ...]:
