@@ -109,13 +109,15 @@ class RecordStore(Backend, Generic[R, W, P]):
     def _stage_insert(self, w: W, jobs: Sequence[Job]) -> None:
         """Stage new jobs (ids distinct and not stored), in enqueue order."""
 
-    @abc.abstractmethod
     def _before_move(self, w: W, record: R) -> P:
-        """Note what the job's index entries depend on, just before it moves."""
+        """Note what the job's index entries depend on, just before it moves (a hook
+        of :meth:`_stage_move`: a backend that overrides that needs neither)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _after_move(self, w: W, record: R, prior: P, transition: Transition) -> None:
-        """Stage the job just moved by ``transition``, and its index changes."""
+        """Stage the job just moved by ``transition``, and its index changes (a hook
+        of :meth:`_stage_move`)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def _stage_remove(self, w: W, record: R) -> None:
