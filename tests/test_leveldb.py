@@ -473,6 +473,38 @@ async def test_an_operation_whose_caller_is_cancelled_still_runs_to_its_end(
         await backend.close()
 
 
+async def test_a_failure_set_before_its_caller_is_cancelled_is_not_reported(
+    store: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outcome reaches the call's future, then its caller is cancelled before it
+    # wakes: the error is not reported as never retrieved (the wake-up took it).
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        await backend.insert([Job(id="a", job_type="t")])
+        assert backend._thread is not None
+        callers: list[asyncio.Task[None]] = []
+        real_submit = backend._thread.submit
+
+        def submit(fn: Any, *args: Any) -> asyncio.Future[Any]:
+            future = real_submit(fn, *args)
+            # Runs once the outcome is set, before the caller's wake-up (added after).
+            future.add_done_callback(lambda _: callers[0].cancel())
+            return future
+
+        monkeypatch.setattr(backend._thread, "submit", submit)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            callers.append(asyncio.ensure_future(backend.insert([Job(id="a", job_type="t")])))
+            with pytest.raises(asyncio.CancelledError):  # not the DuplicateJobError set
+                await callers[0]
+            callers.clear()
+            await asyncio.sleep(0)
+            gc.collect()
+        assert not caplog.records
+    finally:
+        await backend.close()
+
+
 # --- persistence --------------------------------------------------------------------
 
 

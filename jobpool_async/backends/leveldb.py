@@ -582,7 +582,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         # it in the one worker thread, then see its effect. A cancelled caller cancels
         # only this future, which the thread then leaves alone (``_settle``); no
         # ``asyncio.shield`` (its second future and callbacks cost every call).
-        future.add_done_callback(_consume)
+        # No done callback (``_consume``) either: the awaiting task's wake-up takes
+        # the outcome (so an error is never reported as not retrieved, even when the
+        # task is cancelled after it was set), and a caller cancelled before the
+        # outcome cancelled the future, which then gets none.
         return await future
 
     def _guarded(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -1420,12 +1423,6 @@ def _upgrade_to_4(db: Any, where: str) -> None:
     if _UPGRADE_HOOK is not None:
         _UPGRADE_HOOK()
     logger.info("upgraded LevelDB store %s to format %d", where, 4)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve the outcome of an operation whose caller was cancelled (no warning)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _message(exc: BaseException) -> str:
