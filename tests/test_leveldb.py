@@ -1758,6 +1758,10 @@ async def test_the_queues_checked_copies_are_kept_and_a_callers_jobs_copied(
         await getattr(backend, method)(checked)
         assert backend._eligible[b"checked"].job is checked[0]
         assert backend._eligible[b"mine"].job is not mine
+        for rec in backend._eligible.values():  # (made without ``__init__``: see insert)
+            assert all(hasattr(rec, name) for name in type(rec).__slots__)
+            assert rec.keys and rec.static is not None
+            assert (rec.claimed, rec.claimed_us) == (None, 0)
         mine.job_type = "changed"
         mine.tags.append("b")
         got = await backend.claim("w", ["a"], 5, datetime.now(UTC))

@@ -289,8 +289,9 @@ def _opt(dt: datetime | None) -> int:
 Static = tuple[bytes, int, int, int, bytes, int]
 
 
-def job_static(job: Job) -> Static:
-    """The encoded fields of ``job`` that no move changes, for :func:`encode_job`."""
+def job_static(job: Job, id_: bytes | None = None) -> Static:
+    """The encoded fields of ``job`` that no move changes, for :func:`encode_job`
+    (``id_``: its id encoded, if the caller has it)."""
     tags = job.tags
     if tags:
         joined = "\x00".join(tags)
@@ -299,7 +300,8 @@ def job_static(job: Job) -> Static:
         tag_bytes = joined.encode("utf-8", "surrogatepass")
     else:
         tag_bytes = b""
-    id_ = job.id.encode("utf-8", "surrogatepass")
+    if id_ is None:
+        id_ = job.id.encode("utf-8", "surrogatepass")
     type_ = job.job_type.encode("utf-8", "surrogatepass")
     definition = job.job_definition
     # Not through the cache of ``to_micros``: every job has its own ``created_at``, so

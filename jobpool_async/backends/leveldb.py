@@ -112,6 +112,7 @@ __all__ = ["LevelDBBackend", "RepairReport"]
 
 _T = TypeVar("_T")
 _new_tuple = tuple.__new__
+_new_object = object.__new__
 logger = logging.getLogger("jobpool_async")
 
 INSTALL_HINT = "pip install 'jobpool_async[leveldb]'"
@@ -836,7 +837,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         low_e: bytes | None = None
         for job in jobs:
             idb = job.id.encode("utf-8", "surrogatepass")  # (codec.id_bytes)
-            static = job_static(job)
+            static = job_static(job, idb)
             created = static[5]
             tail = pack_u64(created) + idb
             put(_JOB + idb, encode_job(job, seq, static))
@@ -861,8 +862,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     low_e = key
             if room > 0:
                 room -= 1
-                rec = touched[job.id] = _Rec(job if private else job.copy(), seq, idb, tail)
-                rec.keys, rec.static = keys, static
+                # (``_Rec(...)`` without the frame of its ``__init__``, every slot set
+                # here: per job)
+                rec = touched[job.id] = _new_object(_Rec)
+                rec.job = job if private else job.copy()
+                rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
+                rec.claimed, rec.claimed_us = None, 0
             seq += 1
         w.next_seq = seq
         if low_e is not None:
@@ -894,7 +899,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         old_status = job.status
         if old_status not in transition._targets:
             return None
-        prior = (codec.CODE_OF[old_status], job.retry_count, record.index_keys(w.promoted))
+        keys = record.keys  # (``record.index_keys``, inline: per job)
+        if keys is None or job.scheduled_at is not None:
+            keys = record.index_keys(w.promoted)
+        prior = (codec.CODE_OF[old_status], job.retry_count, keys)
         new: JobStatus | None
         if transition is COMPLETE:
             job.finalized_at = now
@@ -1124,7 +1132,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         for rec in picked:
             job = rec.job
             old_code = codec.CODE_OF[job.status]
-            for key in rec.index_keys(promoted):
+            keys = rec.keys  # (``rec.index_keys``, inline: per job)
+            if keys is None or job.scheduled_at is not None:
+                keys = rec.index_keys(promoted)
+            for key in keys:
                 delete(key)
             # The move of ASSIGN (``apply_transition``, inline: per job; checked at
             # import against the table, see ``_ASSIGN_INLINE``). It counts no retry:
