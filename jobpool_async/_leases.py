@@ -24,6 +24,7 @@ import os
 import random
 import secrets
 import socket
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -163,7 +164,10 @@ class LeaseKeeper:
     """
 
     def __init__(self, queue: PoolQueue, lease: timedelta) -> None:
-        self._queue = queue
+        #: Weak: the queue owns its keeper, and a strong reference back would make a
+        #: cycle that keeps a closed (or dropped) queue and its store alive until the
+        #: cyclic garbage collector runs.
+        self._queue_ref = weakref.ref(queue)
         self.lease = lease
         #: This queue's name in the lease records.
         self.holder = unique_id()
@@ -179,6 +183,13 @@ class LeaseKeeper:
         self._task: asyncio.Task[None] | None = None
         self._rescue_lock = asyncio.Lock()
         self._closed = False
+
+    @property
+    def _queue(self) -> PoolQueue:
+        queue = self._queue_ref()
+        if queue is None:  # dropped without close(): nothing is left to keep
+            raise QueueClosedError("the queue is closed")
+        return queue
 
     @property
     def forget_after(self) -> timedelta:
@@ -221,7 +232,7 @@ class LeaseKeeper:
         period = self.lease.total_seconds() / 3
         next_renew = loop.time() + period
         next_rescue = loop.time() + self._rescue_delay()
-        while not self._closed:
+        while not self._closed and self._queue_ref() is not None:
             wait = min(next_renew, next_rescue) - loop.time()
             if not self._wake.is_set() and wait > 0:
                 with contextlib.suppress(TimeoutError):
@@ -234,7 +245,10 @@ class LeaseKeeper:
                 ok = await self._renew()
                 next_renew = loop.time() + (period if ok else period * 3 * _RETRY_FRACTION)
             if loop.time() >= next_rescue:
-                if self._queue._streams:
+                queue = self._queue_ref()
+                if queue is None:
+                    break
+                if queue._streams:
                     with contextlib.suppress(Exception):  # logged in _rescue_logged
                         await self._rescue_logged()
                 next_rescue = loop.time() + self._rescue_delay()
@@ -336,3 +350,4 @@ class LeaseKeeper:
             except Exception as exc:  # they expire by themselves
                 logger.warning("releasing the leases of %s failed: %s", self.holder, exc)
         self._written.clear()
+        self._streams.clear()  # (each refers to the queue: nothing to keep after this)

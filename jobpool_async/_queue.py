@@ -267,6 +267,9 @@ class PoolQueue:
                 if self._leases is not None:
                     await self._leases.close()
             finally:
+                # Streams still recorded as holding jobs (handed over, never finished)
+                # refer to the queue: no cycle is left to keep it and its store alive.
+                self._holders.clear()
                 self._backend.set_listener(None)
                 await self._backend.close()
 

@@ -107,6 +107,43 @@ async def test_a_dropped_open_queue_warns_when_collected() -> None:
         gc.collect()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_a_closed_queue_is_freed_without_the_cyclic_collector(
+    name: str, tmp_path: Path
+) -> None:
+    """Dropping a closed queue frees it and its store at once: nothing it made (its
+    lease keeper, a stream still holding a job handed to its caller) keeps a
+    reference cycle that would wait for a full garbage collection (and keep the
+    store's memory, connections or files until then)."""
+    import gc
+    import weakref
+
+    schema = new_schema_name() if name == "postgres" else None
+    backend = backend_factory(name, tmp_path, schema)()
+    queue = PoolQueue(backend)
+    assert queue.lease is not None  # (its keeper is made: every backend keeps leases)
+    try:
+        await queue.enqueue_jobs([Job(id=f"j{i}", job_type="t") for i in range(3)])
+        async with queue.stream_jobs("w", max_assigned_jobs=2) as stream:
+            batch = await stream.__anext__()
+            await queue.complete_job(batch[0].id, b"done")  # the other stays handed over
+        await queue.close()
+        gc.collect()  # (what earlier tests left)
+        gc.disable()
+        try:
+            queue_ref, backend_ref = weakref.ref(queue), weakref.ref(backend)
+            del queue, backend, stream, batch
+            await asyncio.sleep(0)
+            assert queue_ref() is None
+            if name != "postgres":  # (its backend's callbacks make a cycle of its own)
+                assert backend_ref() is None
+        finally:
+            gc.enable()
+    finally:
+        if schema:
+            await drop_postgres_schema(schema)
+
+
 # --- one event loop per queue -----------------------------------------------------------
 
 
