@@ -300,6 +300,11 @@ class Worker:
             self._state = "stopped"
             self._started.set()
             self._finished.set()
+            # Its tasks are done; a cancelled one keeps its CancelledError, whose
+            # traceback's frames refer to this worker: a cycle (worker, task, frames)
+            # that would keep the worker, its stream and the queue's store alive
+            # until the cyclic garbage collector runs.
+            self._consumer = self._flusher = self._cleaner = self._periodic = None
 
     async def stop(self, grace: float | timedelta | None = None) -> None:
         """Take no new jobs; let running ones finish within ``grace`` seconds; then
@@ -575,6 +580,10 @@ class Worker:
                 await runner.wake
                 runner.wake = None
         finally:
+            # (A cancelled runner's task keeps its CancelledError, whose traceback
+            # keeps this frame: it must not refer back to the task, a cycle.)
+            del task
+            runner.task = None
             stepper.close()
             self._runners.discard(runner)
             if runner.wake is not None:
@@ -1080,6 +1089,10 @@ class Worker:
         while self._helpers:  # cancel listeners that fired during the final flush
             await asyncio.wait(list(self._helpers))
         self._early_cancels.clear()
+        if self._stream is not None:  # its hooks refer to this worker: a cycle
+            self._stream._handoff = None
+            with contextlib.suppress(ValueError):
+                self._stream._cancel_listeners.remove(self._on_cancel)
 
 
 def _newest(a: datetime | None, b: datetime | None) -> datetime | None:

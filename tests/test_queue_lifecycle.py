@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobpool_async import Job, PoolQueue, QueueClosedError, Worker
+from jobpool_async import Config, Job, JobStatus, PoolQueue, QueueClosedError, Worker
 
 from .backends import BACKENDS, backend_factory, drop_postgres_schema, new_schema_name
 
@@ -137,6 +137,53 @@ async def test_a_closed_queue_is_freed_without_the_cyclic_collector(
             assert queue_ref() is None
             if name != "postgres":  # (its backend's callbacks make a cycle of its own)
                 assert backend_ref() is None
+        finally:
+            gc.enable()
+    finally:
+        if schema:
+            await drop_postgres_schema(schema)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_a_stopped_worker_and_its_closed_queue_are_freed_without_the_cyclic_collector(
+    name: str, tmp_path: Path
+) -> None:
+    """A Worker stopped with a job still running (cancelled at the end of its grace)
+    leaves no cycle either (its cancelled tasks keep tracebacks whose frames refer
+    to it): dropping it and its closed queue frees them and the store at once."""
+    import gc
+    import weakref
+
+    schema = new_schema_name() if name == "postgres" else None
+    backend = backend_factory(name, tmp_path, schema)()
+    queue = PoolQueue(backend)
+    started = asyncio.Event()
+
+    async def processor(job: Job) -> bytes:
+        if job.id == "slow":
+            started.set()
+            await asyncio.Event().wait()  # until cancelled by the stop
+        return b"done"
+
+    try:
+        await queue.enqueue_jobs([Job(id=i, job_type="t") for i in ("a", "b", "slow")])
+        worker = Worker(queue, processor, config=Config(concurrency=2))
+        async with worker:
+            await started.wait()
+            await queue.wait_for("a")
+            await queue.wait_for("b")
+            await worker.stop(grace=0)
+        assert (await queue.get_job("slow")).status is JobStatus.FAILED_RETRY
+        await queue.close()
+        gc.collect()  # (what earlier tests left)
+        gc.disable()
+        try:
+            refs = weakref.ref(worker), weakref.ref(queue), weakref.ref(backend)
+            del worker, queue, backend
+            await asyncio.sleep(0)
+            assert [ref() is None for ref in refs[:2]] == [True, True]
+            if name != "postgres":  # (its backend's callbacks make a cycle of its own)
+                assert refs[2]() is None
         finally:
             gc.enable()
     finally:
