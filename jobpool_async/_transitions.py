@@ -88,9 +88,12 @@ class Transition:
     #: ``moves`` as a plain dict, for :func:`apply` (a ``get`` on the read-only view
     #: goes through a method call of its own: twice per job).
     _targets: dict[JobStatus, JobStatus] = field(init=False, repr=False, compare=False)
+    #: ``exhausted`` as a plain dict (empty for most: one test of it, no lookup).
+    _exhausts: dict[JobStatus, JobStatus] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_targets", dict(self.moves))
+        object.__setattr__(self, "_exhausts", dict(self.exhausted))
         object.__setattr__(self, "moves", MappingProxyType(dict(self.moves)))
         object.__setattr__(self, "exhausted", MappingProxyType(dict(self.exhausted)))
         object.__setattr__(
@@ -268,7 +271,6 @@ def apply(
     job: Job,
     transition: Transition,
     now: datetime,
-    *,
     result: bytes | None = None,
     error_message: str | None = None,
     assignee_id: str | None = None,
@@ -278,13 +280,19 @@ def apply(
     """Move ``job`` in place; return the new status, or ``None`` if not allowed.
 
     ``scheduled_at`` is written by ``schedules`` transitions; ``max_attempts`` is the
-    caller's default attempt limit for ``exhausted`` ones."""
+    caller's default attempt limit for ``exhausted`` ones. (Hot callers pass every
+    argument by position: binding keywords costs a search of the parameter names
+    each.)"""
     current = job.status
     target = transition._targets.get(current)
     if target is None:
         return None
-    if current in transition.exhausted and not attempts_left(job, max_attempts):
-        target = transition.exhausted[current]
+    if (
+        transition._exhausts
+        and current in transition._exhausts
+        and not attempts_left(job, max_attempts)
+    ):
+        target = transition._exhausts[current]
     if transition.assign:
         assert assignee_id is not None
         job.assignee_id = assignee_id

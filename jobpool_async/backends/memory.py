@@ -563,7 +563,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 lazy._removes.add(entry)
             for tag in job.tags:
                 by_tag[tag].remove(key)
-            new = apply(job, ASSIGN, now, assignee_id=assignee_id)
+            new = apply(job, ASSIGN, now, None, None, assignee_id)  # (by position: per job)
             assert new is not None
             counts[status] -= 1
             counts[new] += 1
