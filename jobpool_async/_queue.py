@@ -641,8 +641,8 @@ class PoolQueue:
         # The slots of these assignments are the refill's until it is seen, even if
         # the stream learns sooner that they ended: else it could fill them twice.
         # (Made once the call's first step ran, before any other task can run.)
-        reserved = [(i, stream._held[i]) for i in ids]
-        stream._reserve(reserved)
+        reserved = list(zip(ids, map(stream._held.__getitem__, ids), strict=True))  # (no loop
+        stream._reserve(reserved)  # of our own per job)
         stream._extra += extra
         task = started.task
         assert task is not None
@@ -1168,8 +1168,9 @@ class JobStream:
         self._refills = True
         self._cancel_listeners: list[CancelListener] = []
         self._cancels_seen: set[tuple[str, datetime | None]] = set()
-        #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``).
-        self._reserved: dict[tuple[str, datetime | None], int] = {}
+        #: Assignments whose slots in-flight refills may fill (see ``PoolQueue._apply``),
+        #: one list per refill.
+        self._reserved: list[list[tuple[str, datetime | None]]] = []
         #: Free slots that in-flight refills may fill (their ``Refill.extra``).
         self._extra = 0
         self._recheck = False
@@ -1196,27 +1197,27 @@ class JobStream:
 
     def _used(self) -> int:
         """Slots in use: held jobs, and reserved slots of assignments that ended."""
-        held = self._held
-        ended = sum(1 for i, t in self._reserved if held.get(i, _NOT_HELD) != t)
-        return len(held) + ended + self._extra
+        if not self._reserved:
+            return len(self._held) + self._extra
+        held = self._held.items()  # (``(id, assigned_at) in held``: still held)
+        ended = {key for keys in self._reserved for key in keys if key not in held}
+        return len(self._held) + len(ended) + self._extra
 
     def _reserve(self, keys: list[tuple[str, datetime | None]]) -> None:
-        reserved = self._reserved
-        for key in keys:
-            reserved[key] = reserved.get(key, 0) + 1
+        """Reserve the slots of a refill's assignments (one list per refill: nothing
+        per job here)."""
+        self._reserved.append(keys)
 
     def _unreserve(self, keys: list[tuple[str, datetime | None]]) -> bool:
-        """Release a refill's reservations; True if one of them held a slot."""
-        freed = False
-        reserved, held = self._reserved, self._held
-        for key in keys:
-            left = reserved[key] - 1
-            if left:
-                reserved[key] = left
-            else:
-                del reserved[key]
-                freed = freed or held.get(key[0], _NOT_HELD) != key[1]
-        return freed
+        """Release a refill's reservations; True if one of them held a slot (its
+        assignment ended, and no other refill reserves it)."""
+        reserved = self._reserved
+        reserved.remove(keys)  # (this very list, or an equal one: the same reservations)
+        held = self._held.items()
+        if all(map(held.__contains__, keys)):  # (the usual case: all still held)
+            return False
+        others = {key for other in reserved for key in other}
+        return any(key not in held and key not in others for key in keys)
 
     def _cancel_requested(self, job_id: str, assigned_at: datetime | None) -> None:
         # Keyed by assignment, not id: a later job reusing the id is a new job.
