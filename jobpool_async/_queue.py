@@ -584,12 +584,21 @@ class PoolQueue:
             raise next(iter(outcome.errors.values()))
 
     async def _apply_many(self, changes: list[Change]) -> None:
-        await self._ready()
+        """Apply ``changes``; ``BatchError`` names those that could not move.
+
+        Also called by a ``Worker`` with the COMPLETE changes it builds from checked
+        values (ids from the store, results checked when recorded): no checks per job
+        here."""
+        if self._closed or not self._opened or asyncio.get_running_loop() is not self._loop:
+            await self._ready()  # (its checks, inline above: no coroutine per call if open)
         if not changes:
             return
         outcome = await self._apply(changes)
         if outcome.errors:
             raise BatchError(outcome.errors)
+
+    #: ``complete_jobs`` of COMPLETE changes a ``Worker`` built (see ``_apply_many``).
+    _complete_checked = _apply_many
 
     async def _apply(self, changes: list[Change]) -> ApplyOutcome:
         """Apply ``changes`` and observe the moves.
@@ -744,12 +753,6 @@ class PoolQueue:
                 res = check_bytes(result, f"result for job {job_id!r}")
             # (``tuple.__new__``: no frame for the named tuple's ``__new__``, per job)
             changes.append(_new_tuple(Change, (key, COMPLETE, res, None, None, None, None)))
-        await self._apply_many(changes)
-
-    async def _complete_checked(self, changes: list[Change]) -> None:
-        """``complete_jobs`` of COMPLETE changes built by the caller from checked values
-        (a ``Worker``'s: ids from the store, results checked when recorded): no checks
-        per job here."""
         await self._apply_many(changes)
 
     async def fail_job(

@@ -880,36 +880,40 @@ class Worker:
 
     async def _flush(self) -> None:
         """Write every recorded outcome: one call per kind. On a storage error the
-        outcomes not yet written stay pending (a newer one for the same job wins)."""
+        outcomes not yet written stay pending (a newer one for the same job wins).
+
+        All completions (the usual case) are written here, in one call of the queue's
+        with the changes built here (no ``complete_jobs`` checks per job, and no
+        coroutine of ours between: one per call costs a frame per batch)."""
         self._writing = True
         try:
-            await self._flush_batch()
-        finally:
-            self._writing = False
-
-    async def _flush_batch(self) -> None:
-        pending, self._pending = self._pending, {}
-        ids = set(map(_first, pending))  # (``map``: no loop of our own per job)
-        if len(ids) < len(pending) or not ids.isdisjoint(map(_first, self._running)):
-            pending = self._latest_only(pending)
-        if _Outcome not in map(type, pending.values()):  # all completions: the usual case
+            pending, self._pending = self._pending, {}
+            ids = set(map(_first, pending))  # (``map``: no loop of our own per job)
+            if len(ids) < len(pending) or not ids.isdisjoint(map(_first, self._running)):
+                pending = self._latest_only(pending)
+            if _Outcome in map(type, pending.values()):  # other outcomes too
+                await self._flush_mixed(pending)
+                return
             try:
-                # The changes built here (no ``complete_jobs`` checks, per job).
-                errors = await self._write(
-                    self._queue._complete_checked,
+                await self._queue._complete_checked(
                     [
                         _new_tuple(Change, (key[0], COMPLETE, result, None, None, None, None))
                         for key, result in pending.items()
-                    ],
+                    ]
                 )
+            except BatchError as exc:
+                self._report("complete", dict(exc.errors))
             except BaseException:
                 newer = {k[0] for k in self._pending}
                 for key, result in pending.items():
                     if key[0] not in newer:
                         self._pending[key] = result
                 raise
-            self._report("complete", errors)
-            return
+        finally:
+            self._writing = False
+
+    async def _flush_mixed(self, pending: dict[_Key, _Pending]) -> None:
+        """``_flush`` of outcomes of several kinds: one call per kind."""
         batch = {key: _as_outcome(value) for key, value in pending.items()}
         by_kind: dict[str, dict[str, tuple[_Key, _Outcome]]] = {
             "complete": {},
