@@ -15,7 +15,7 @@ import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Started", "resume", "start"]
+__all__ = ["Started", "resume", "shielded", "start"]
 
 _T = TypeVar("_T")
 
@@ -92,3 +92,34 @@ def start(coro: Coroutine[Any, Any, _T]) -> Started[_T]:
         return out
     out.task = asyncio.get_running_loop().create_task(_rest(coro, first))
     return out
+
+
+def shielded(
+    task: asyncio.Task[_T], first: Callable[[asyncio.Task[_T]], object]
+) -> asyncio.Future[_T]:
+    """A future with ``task``'s outcome, for its caller to await: cancelling that
+    caller cancels the future, not the task (``asyncio.shield``'s promise), and
+    ``first(task)`` runs when the task ends, before the future gets its outcome.
+
+    One done callback for both (each done callback is a turn of the event loop's
+    own: ``shield``'s and the caller's were two, in that order, as here)."""
+    outer: asyncio.Future[_T] = task.get_loop().create_future()
+
+    def done(inner: asyncio.Task[_T]) -> None:
+        try:
+            first(inner)
+        finally:
+            if outer.cancelled():  # its caller gave up: nobody takes the outcome
+                if not inner.cancelled():
+                    inner.exception()  # (retrieved: no "never retrieved" log)
+            elif inner.cancelled():
+                outer.cancel()
+            else:
+                exc = inner.exception()
+                if exc is not None:
+                    outer.set_exception(exc)
+                else:
+                    outer.set_result(inner.result())
+
+    task.add_done_callback(done)
+    return outer

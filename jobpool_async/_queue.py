@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
-from ._eager import start
+from ._eager import shielded, start
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -344,8 +344,7 @@ class PoolQueue:
             return outcome
         task = started.task
         assert task is not None
-        task.add_done_callback(self._moves_done)  # before shield's: runs first
-        return await asyncio.shield(task)
+        return await shielded(task, self._moves_done)
 
     def _moves_done(
         self, task: asyncio.Future[ApplyOutcome] | asyncio.Future[SelectOutcome]
@@ -655,9 +654,8 @@ class PoolQueue:
         stream._extra += extra
         task = started.task
         assert task is not None
-        stream._track(task)  # aclose() waits for it, so its jobs are never stranded
-        task.add_done_callback(functools.partial(self._refill_done, stream, reserved, extra))
-        return await asyncio.shield(task)
+        stream._tasks.add(task)  # aclose() waits for it, so its jobs are never stranded
+        return await shielded(task, functools.partial(self._refill_done, stream, reserved, extra))
 
     def _refill_done(
         self,
@@ -667,6 +665,7 @@ class PoolQueue:
         task: asyncio.Task[ApplyOutcome],
     ) -> None:
         """Done callback of a refilling apply (runs even if its caller was cancelled)."""
+        stream._tasks.discard(task)  # (``JobStream._track``'s, in the same callback)
         self._refill_ended(stream, reserved, extra)
         if not task.cancelled() and task.exception() is None:
             self._refilled(stream, task.result())
