@@ -210,6 +210,7 @@ class RecordStore(Backend, Generic[R, W, P]):
         record: R,
         transition: Transition,
         now: datetime,
+        *,
         result: bytes | None = None,
         error_message: str | None = None,
         assignee_id: str | None = None,
@@ -218,9 +219,9 @@ class RecordStore(Backend, Generic[R, W, P]):
     ) -> JobStatus | None:
         """Move the job by ``transition`` (``None``: its status does not allow it).
 
-        (Its arguments are passed by position on the hot path: binding keywords costs
-        a call a search of the parameter names each, and a dictionary lookup for each
-        keyword-only one left out.)"""
+        (``apply()`` gets its arguments by position: binding keywords costs a search of
+        the parameter names each, and a dictionary lookup for each keyword-only one
+        left out.)"""
         job = self._job(record)
         if job.status not in transition._targets:  # (``target_of``, without the call)
             return None
@@ -290,7 +291,14 @@ class RecordStore(Backend, Generic[R, W, P]):
                 )
                 continue
             new = stage_move(
-                w, record, transition, now, result, message, None, scheduled_at, max_attempts
+                w,
+                record,
+                transition,
+                now,
+                result=result,
+                error_message=message,
+                scheduled_at=scheduled_at,
+                max_attempts=max_attempts,
             )
             if new is None:  # not moved: the job is as it was
                 errors[job_id] = InvalidTransitionError(
