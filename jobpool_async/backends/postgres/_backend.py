@@ -128,6 +128,14 @@ def _job(
     return read_job(r, c, status, assignee_id, utc(assigned_at), utc, list)
 
 
+def _claimed(r: Record | Sequence[Any], c: JobColumns, assignee_id: str, now: datetime) -> Job:
+    """A job a claim returned (its ``started_at`` NULL when it is the claim's ``now``)."""
+    job = read_job(r, c, _ASSIGNED, assignee_id, now, utc, list)
+    if job.started_at is None:
+        job.started_at = now
+    return job
+
+
 def _read_job(r: Record) -> Job:
     """A job from a row of :data:`JOB_COLUMNS`."""
     c = JOB
@@ -680,7 +688,7 @@ class PostgresBackend(Backend):
         except StorageError:
             await self._lost_claim(nonce, now)
             raise
-        jobs = [_job(r, CLAIMED, _ASSIGNED, assignee_id, now) for r in rows if r[0] is not None]
+        jobs = [_claimed(r, CLAIMED, assignee_id, now) for r in rows if r[0] is not None]
         self._changed_rows(len(jobs))
         if self._notes.watched:
             self._notes.tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
@@ -806,17 +814,19 @@ class PostgresBackend(Backend):
             skipped = False
             for group, rows in results:
                 moved_ids: set[str] = set()
+                at = None
                 for r in rows:
-                    if r[0] == 2:
-                        out.claimed.append(_job(r, _REFILLED, _ASSIGNED, assignee, now))
-                    elif r[0] == 3:
+                    kind = r[0]
+                    if kind == 2:
+                        out.claimed.append(_claimed(r, _REFILLED, assignee, now))
+                    elif kind == 3:
                         skipped = True
                     else:
+                        if kind == 1:  # (4: the previous row's assignment time)
+                            at = utc(r[4])
                         tags, status = r[3], STATUS[r[2]]
                         due = r[5] if status in ELIGIBLE else None
-                        out.moved.append(
-                            Moved(r[1], status, utc(r[4]), tuple(tags) if tags else (), due)
-                        )
+                        out.moved.append(Moved(r[1], status, at, tuple(tags) if tags else (), due))
                         self._learn(due)
                         moved_ids.add(r[1])
                 if len(moved_ids) < len(group):
