@@ -302,7 +302,9 @@ class Statements:
         tag_cond = f"AND {self.tag_match('tags', '$5')}" if with_tags else ""
         if excluding:
             tag_cond += f" AND NOT (id = ANY(${6 if with_tags else 5}::text[]))"
-        sets = set_clause(ASSIGN, now="$1::timestamptz", assignee_id="$2::text")
+        sets = set_clause(
+            ASSIGN, now="$1::timestamptz", assignee_id="$2::text", sources_checked=True
+        )
         nulls = ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
         return f"""
             WITH picked AS (
@@ -405,6 +407,9 @@ class Statements:
         first = 5 if not refill else (9 if tags else 8)  # the timed arrays' placeholders
         sets = set_clause(
             transition,
+            # The WHERE moves only jobs in a source status: literal SETs, no CASE over the
+            # old status (not for timed moves, whose SQLite-style conditions do not apply)
+            sources_checked=not timed,
             now="c.cnow",
             result="c.cres",
             error_message="c.cerr",
@@ -432,7 +437,9 @@ class Statements:
         tags_out = "tags" if set(transition.moves.values()) & ELIGIBLE else "NULL::text[]"
         if refill:
             extra = first + 2 if timed else first
-            assign = set_clause(ASSIGN, now="$4::timestamptz", assignee_id="$5::text")
+            assign = set_clause(
+                ASSIGN, now="$4::timestamptz", assignee_id="$5::text", sources_checked=True
+            )
             tag_cond = f"AND {self.tag_match('tags', '$8')}" if tags else ""
             rest = ", " + ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
             claim = f""",
