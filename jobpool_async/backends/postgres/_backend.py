@@ -74,6 +74,11 @@ from ._statements import (
     ASSIGNEE_PREFIX,
     FINAL_IN,
     ID_ORDER,
+    MOVED_AT,
+    MOVED_ID,
+    MOVED_STATUS,
+    MOVED_TAGS,
+    MOVED_WAIT,
     REFILL_START,
     TYPE_PREFIX,
     WAITING,
@@ -823,12 +828,15 @@ class PostgresBackend(Backend):
                         skipped = True
                     else:
                         if kind == 1:  # (4: the previous row's assignment time)
-                            at = utc(r[4])
-                        tags, status = r[3], STATUS[r[2]]
-                        due = r[5] if status in ELIGIBLE else None
-                        out.moved.append(Moved(r[1], status, at, tuple(tags) if tags else (), due))
+                            at = utc(r[MOVED_AT])
+                        tags, status = r[MOVED_TAGS], STATUS[r[MOVED_STATUS]]
+                        due = r[MOVED_WAIT] if status in ELIGIBLE else None
+                        job_id = r[MOVED_ID]
+                        out.moved.append(
+                            Moved(job_id, status, at, tuple(tags) if tags else (), due)
+                        )
                         self._learn(due)
-                        moved_ids.add(r[1])
+                        moved_ids.add(job_id)
                 if len(moved_ids) < len(group):
                     for c in group:
                         if c.job_id not in moved_ids:
@@ -881,7 +889,11 @@ class PostgresBackend(Backend):
                 for group in groups:
                     results.append((group, await conn.fetch(*self._apply_args(group, now))))
                 if refill is not None:
-                    moved = [Moved(r[1], STATUS[r[2]], r[4]) for _, rows in results for r in rows]
+                    moved = [
+                        Moved(r[MOVED_ID], STATUS[r[MOVED_STATUS]], None)
+                        for _, rows in results
+                        for r in rows
+                    ]
                     limit = refill_limit(refill, moved)
                     if limit:
                         # (none of the call's own jobs, as in the one-statement path)

@@ -188,9 +188,13 @@ _CLAIMED_TYPES = {
 SKIPPED = "(SELECT count(*) FROM picked) > (SELECT count(*) FROM claimed)"
 
 #: The column where the claimed job's :data:`CLAIMED_COLUMNS` start in the rows of
-#: kind 2 of :meth:`Statements.apply` (after kind, id, status, tags, assigned_at and
-#: wait_until of the moved rows).
-REFILL_START = 6
+#: kind 2 of :meth:`Statements.apply` (after the kind). A moved row's columns share
+#: the first six of them, of the same types (id; status with job_type; a NULL
+#: bytea; tags; assigned_at with created_at; wait_until with started_at): each row
+#: decodes 16 columns, not 21.
+REFILL_START = 1
+#: A moved row's columns in :meth:`Statements.apply`.
+MOVED_ID, MOVED_STATUS, MOVED_TAGS, MOVED_AT, MOVED_WAIT = 1, 2, 4, 5, 6
 
 
 # LOCK_ORDER. Why a one-statement apply locks its rows in key order (two calls naming the same
@@ -382,7 +386,7 @@ class Statements:
         """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
         messages, ``$4`` now, and last the results' end offsets and lengths (see
         PARAMETERS: ids and messages are text literals, results one ``bytea``). Rows:
-        ``kind`` 1, id, new status, tags (NULL when the transition makes nothing
+        ``kind`` 1, id, new status, NULL, tags (NULL when the transition makes nothing
         eligible), assignment time, due time for each job it moved, or ``kind`` 4 and
         no assignment time when it is the previous row's (a batch's jobs were most
         often claimed together: a timestamp not decoded); a job it did not move
@@ -396,7 +400,7 @@ class Statements:
         statement made: it takes no job named in ``$1`` at all (one the call moved is
         left for a claim of its own, one it could not move keeps the status its error
         names). Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
-        from column 5 on; one row of kind 3 says :data:`SKIPPED`.
+        from column 1 on; one row of kind 3 says :data:`SKIPPED`.
         """
         cache_key = (id(transition), refill, tags)
         cached = self._sql_cache.get(cache_key)
@@ -441,7 +445,8 @@ class Statements:
                 ASSIGN, now="$4::timestamptz", assignee_id="$5::text", sources_checked=True
             )
             tag_cond = f"AND {self.tag_match('tags', '$8')}" if tags else ""
-            rest = ", " + ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
+            rest = ", " + ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS[6:])
+            nulls = ", ".join(f"NULL::{_CLAIMED_TYPES[c]}" for c in CLAIMED_FIELDS)
             claim = f""",
             picked AS (
                 SELECT ctid AS pid FROM {t}
@@ -460,11 +465,9 @@ class Statements:
                 RETURNING {_claimed_returning(t, "$4::timestamptz")})"""
             claimed = f"""
             UNION ALL
-            SELECT 2, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz, {CLAIMED_COLUMNS}
-            FROM claimed
+            SELECT 2, {CLAIMED_COLUMNS} FROM claimed
             UNION ALL
-            SELECT 3, NULL, NULL, NULL, NULL::timestamptz, NULL::timestamptz{rest}
-            WHERE {SKIPPED}"""
+            SELECT 3, {nulls} WHERE {SKIPPED}"""
         sql = f"""
             WITH c AS (SELECT u.*, {bytes_at("$2::bytea", "u.cend", "u.clen")} AS cres,
                               $4::timestamptz AS cnow
@@ -480,7 +483,7 @@ class Statements:
                 RETURNING {t}.id, {t}.status, {t}.tags, {t}.claimed_by, {t}.assigned_at,
                           {t}.wait_until),
             {self.note("moved")}{claim}
-            SELECT CASE WHEN same THEN 4 ELSE 1 END AS kind, id, status, {tags_out},
+            SELECT CASE WHEN same THEN 4 ELSE 1 END AS kind, id, status, NULL::bytea, {tags_out},
                    CASE WHEN same THEN NULL ELSE assigned_at END, {wait_out}{rest}
             FROM (SELECT *, assigned_at IS NOT DISTINCT FROM lag(assigned_at) OVER () AS same
                   FROM moved) m
