@@ -1799,3 +1799,49 @@ async def test_awkward_values_go_through_the_text_literal_parameters(dsn: str, s
                 assert got.error_message == (job.error_message if message is None else message)
     finally:
         await b.close()
+
+
+async def test_a_claimed_job_reads_as_a_stored_one(dsn: str, schema: str) -> None:
+    """A claim builds its jobs field by field from the row (not ``read_job``): each,
+    by a claim and by a refill, equals the same job read back whole, every field (a
+    first run's ``started_at``, which the claim does not return, and an earlier
+    run's, which it does)."""
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        t0 = datetime(2026, 1, 1, tzinfo=UTC)
+        first = Job("first", "type-a", b"one", tags=["t1", "t2"], created_at=t0)
+        again = Job(
+            "again",
+            "type-b",
+            b"two",
+            created_at=t0 + timedelta(seconds=1),
+            started_at=t0 + timedelta(seconds=2),
+            error_message="failed once",
+            result=b"partial",
+            retry_count=1,
+            last_retry_at=t0 + timedelta(seconds=3),
+            priority=0,
+            max_attempts=5,
+        )
+        third = Job("third", "type-c", b"three", created_at=t0 + timedelta(seconds=4))
+        await b.insert([first, again])
+        await b.insert([third])
+        now = datetime.now(UTC)
+        claimed = await b.claim("w", [], 2, now)
+        out = await b.apply(
+            [Change(claimed[0].id, COMPLETE, result=b"r")],
+            now,
+            Refill("w", (), frozenset(j.id for j in claimed)),
+        )
+        claimed += out.claimed
+        assert [j.id for j in claimed] == ["first", "again", "third"]
+        stored = {j.id: j for j in await b.get_jobs(["first", "again", "third"])}
+        stored["first"].status = JobStatus.RUNNING  # (completed by the apply since)
+        stored["first"].finalized_at = stored["first"].result = None
+        for job in claimed:
+            assert job == stored[job.id]
+            assert job.started_at == (t0 + timedelta(seconds=2) if job.id == "again" else now)
+            assert job.assigned_at == now and job.assignee_id == "w"
+    finally:
+        await b.close()

@@ -13,11 +13,10 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from .._sql import (
-    CLAIMED,
     CLAIMED_FIELDS,
     JOB,
     JOB_COLUMNS,
@@ -133,11 +132,46 @@ def _job(
     return read_job(r, c, status, assignee_id, utc(assigned_at), utc, list)
 
 
-def _claimed(r: Record | Sequence[Any], c: JobColumns, assignee_id: str, now: datetime) -> Job:
-    """A job a claim returned (its ``started_at`` NULL when it is the claim's ``now``)."""
-    job = read_job(r, c, _ASSIGNED, assignee_id, now, utc, list)
-    if job.started_at is None:
-        job.started_at = now
+_new_object = object.__new__
+if CLAIMED_FIELDS != (  # the order _claimed unpacks
+    "id", "job_type", "job_definition", "tags", "created_at", "started_at", "finalized_at",
+    "error_message", "result", "retry_count", "last_retry_at", "scheduled_at", "priority",
+    "max_attempts", "attempts",
+):  # fmt: skip
+    raise RuntimeError("CLAIMED_FIELDS changed: update _claimed")
+
+
+def _claimed(r: Record | Sequence[Any], start: int, assignee_id: str, now: datetime) -> Job:
+    """A job a claim returned, its :data:`CLAIMED_COLUMNS` from column ``start`` (its
+    ``started_at`` NULL when it is the claim's ``now``).
+
+    A deliberate twin of ``read_job`` for the claim, the hot path (one call per
+    drained job): one slice of the row instead of 15 subscripts by name, and each
+    field set on a bare instance (as ``Job.copy`` does) instead of ``Job(...)`` with
+    18 keyword arguments (drain hand loop, client instructions per job 210,530 ->
+    201,531). ``test_a_claimed_job_reads_as_a_stored_one`` fails if a field is left out."""
+    row = r[start : start + 15]
+    (job_id, job_type, definition, tags, created, started, finalized, message, result,
+     retries, last_retry, scheduled, priority, max_attempts, attempts) = row  # fmt: skip
+    job: Job = _new_object(Job)
+    job.id = job_id
+    job.job_type = job_type
+    job.job_definition = definition
+    job.tags = list(tags)
+    job.status = _ASSIGNED
+    job.created_at = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+    job.started_at = now if started is None else utc(started)
+    job.finalized_at = None if finalized is None else utc(finalized)
+    job.error_message = message
+    job.result = result
+    job.retry_count = retries
+    job.last_retry_at = None if last_retry is None else utc(last_retry)
+    job.assignee_id = assignee_id
+    job.assigned_at = now
+    job.scheduled_at = None if scheduled is None else utc(scheduled)
+    job.priority = priority
+    job.max_attempts = max_attempts
+    job.attempts = attempts
     return job
 
 
@@ -145,10 +179,6 @@ def _read_job(r: Record) -> Job:
     """A job from a row of :data:`JOB_COLUMNS`."""
     c = JOB
     return _job(r, c, STATUS[r[c.status]], r[c.assignee_id], r[c.assigned_at])
-
-
-#: The claimed job's columns in an apply's rows of kind 2 (see ``Statements.apply``).
-_REFILLED = JobColumns.of(CLAIMED_FIELDS, REFILL_START)
 
 
 # Lock ordering: every statement that may wait for row locks on several jobs takes
@@ -693,7 +723,7 @@ class PostgresBackend(Backend):
         except StorageError:
             await self._lost_claim(nonce, now)
             raise
-        jobs = [_claimed(r, CLAIMED, assignee_id, now) for r in rows if r[0] is not None]
+        jobs = [_claimed(r, 0, assignee_id, now) for r in rows if r[0] is not None]
         self._changed_rows(len(jobs))
         if self._notes.watched:
             self._notes.tell([Moved(j.id, _ASSIGNED, j.assigned_at, tuple(j.tags)) for j in jobs])
@@ -823,7 +853,7 @@ class PostgresBackend(Backend):
                 for r in rows:
                     kind = r[0]
                     if kind == 2:
-                        out.claimed.append(_claimed(r, _REFILLED, assignee, now))
+                        out.claimed.append(_claimed(r, REFILL_START, assignee, now))
                     elif kind == 3:
                         skipped = True
                     else:
