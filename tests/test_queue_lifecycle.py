@@ -135,8 +135,7 @@ async def test_a_closed_queue_is_freed_without_the_cyclic_collector(
             del queue, backend, stream, batch
             await asyncio.sleep(0)
             assert queue_ref() is None
-            if name != "postgres":  # (its backend's callbacks make a cycle of its own)
-                assert backend_ref() is None
+            assert backend_ref() is None
         finally:
             gc.enable()
     finally:
@@ -181,9 +180,7 @@ async def test_a_stopped_worker_and_its_closed_queue_are_freed_without_the_cycli
             refs = weakref.ref(worker), weakref.ref(queue), weakref.ref(backend)
             del worker, queue, backend
             await asyncio.sleep(0)
-            assert [ref() is None for ref in refs[:2]] == [True, True]
-            if name != "postgres":  # (its backend's callbacks make a cycle of its own)
-                assert refs[2]() is None
+            assert [ref() is None for ref in refs] == [True, True, True]
         finally:
             gc.enable()
     finally:

@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
@@ -272,9 +273,7 @@ class PostgresBackend(Backend):
             application_name=self.application_name,
             channel=self.channel,
             token=self._token,
-            send=self._notify,
-            on_due=self._learn,
-            on_recheck=self._recheck,
+            **self._weak_callbacks(),
         )
         self._pool: Pool | None = None
         #: Pool connections kept between single-statement calls (see :meth:`_fetch`).
@@ -450,6 +449,29 @@ class PostgresBackend(Backend):
 
     def set_listener(self, listener: Listener | None) -> None:
         self._notes.listener = listener
+
+    def _weak_callbacks(self) -> dict[str, Any]:
+        """The listener's callbacks into this backend, holding it by a weak reference:
+        bound methods would make a cycle (backend -> notifications -> backend), and a
+        closed, dropped backend would wait for the cyclic collector to be freed."""
+        ref = weakref.ref(self)
+
+        async def send(channel: str, payload: str) -> None:
+            backend = ref()
+            if backend is not None:
+                await backend._notify(channel, payload)
+
+        def on_due(due: datetime | None) -> None:
+            backend = ref()
+            if backend is not None:
+                backend._learn(due)
+
+        def on_recheck() -> None:
+            backend = ref()
+            if backend is not None:
+                backend._recheck()
+
+        return {"send": send, "on_due": on_due, "on_recheck": on_recheck}
 
     async def _notify(self, channel: str, payload: str) -> None:
         """``NOTIFY`` on ``channel`` (through :meth:`_call`)."""
