@@ -181,3 +181,50 @@ def test_no_span_is_made_until_a_provider_is_set() -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "traced once set"
+
+
+def test_a_provider_named_in_the_environment_later_is_used_from_the_next_call() -> None:
+    """``OTEL_PYTHON_TRACER_PROVIDER`` set in ``os.environ`` after the Worker started:
+    the next enqueue and job run load that provider and are traced. Before it, with no
+    provider at all, OpenTelemetry's ``get_tracer_provider`` (whose environment lookup
+    costs ~10k instructions a call) is not called: the test is exact without it."""
+    script = textwrap.dedent(
+        """
+        import asyncio, os
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from jobpool_async import Config, Job, JobStatus, MemoryBackend, PoolQueue, Worker
+        from jobpool_async.pytest_plugin import wait_for_status
+
+        os.environ.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
+        asked, looked_up = [], []
+        real_get_tracer = trace.get_tracer
+        trace.get_tracer = lambda *a, **k: asked.append(a) or real_get_tracer(*a, **k)
+        real_lookup = trace.get_tracer_provider
+        trace.get_tracer_provider = lambda: looked_up.append(1) or real_lookup()
+
+        async def process(job):
+            return b"ok"
+
+        async def run(q, ids):
+            await q.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
+            for i in ids:
+                await wait_for_status(q, i, JobStatus.COMPLETED)
+
+        async def main():
+            async with PoolQueue(MemoryBackend()) as q:
+                async with Worker(q, process, assignee_id="w", config=Config(concurrency=2)):
+                    await run(q, ["a", "b", "c"])
+                    assert asked == [] and looked_up == [], (asked, looked_up)
+                    os.environ["OTEL_PYTHON_TRACER_PROVIDER"] = "sdk_tracer_provider"
+                    await run(q, ["d"])
+                    assert isinstance(real_lookup(), TracerProvider)
+                    assert len(asked) == 2, asked  # the enqueue's span and d's run's
+
+        asyncio.run(main())
+        print("traced once named")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "traced once named"
