@@ -67,7 +67,6 @@ _RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # storage errors, consume
 _FINAL_FLUSH_ATTEMPTS = 5
 _MAX_EARLY_CANCELS = 1024
 _new_tuple = tuple.__new__
-_new_object = object.__new__
 _Coroutine = CoroutineType
 _first = operator.itemgetter(0)
 #: A runner that goes on with the jobs its writes refill yields to the event loop
@@ -76,21 +75,12 @@ _YIELD_EVERY = 16
 
 
 @dataclass(slots=True, eq=False)
-class _Running:
-    """A job handed to the worker, until its outcome is recorded."""
-
-    key: _Key
-    job: Job
-    #: The runner whose task runs it now; ``None`` until started (it is queued).
-    runner: _Runner | None = None
-    reason: _Reason | None = None
-
-
-@dataclass(slots=True, eq=False)
 class _Runner:
     """A task that runs queued jobs one after another (see the module docstring)."""
 
     task: asyncio.Task[None] | None = None
+    #: The key of the job it runs now (``None`` between jobs).
+    key: _Key | None = None
     #: Counted in ``Worker._pullers``: awake (or being woken) to take queued jobs.
     pulling: bool = True
     #: Set while parked: its result wakes the runner.
@@ -249,9 +239,13 @@ class Worker:
         self._periodic: asyncio.Task[None] | None = None
         self._bg: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
-        self._running: dict[_Key, _Running] = {}
-        #: Jobs handed over and not started yet, in order; runners take them.
-        self._queued: deque[_Running] = deque()
+        #: The jobs handed to the worker (queued or started), until their outcomes are
+        #: recorded (no object of ours per job: a started one's runner has its key).
+        self._running: dict[_Key, Job] = {}
+        #: The keys of the jobs handed over and not started yet, in order; runners take them.
+        self._queued: deque[_Key] = deque()
+        #: Why a job was interrupted (see :meth:`_interrupt`), until its outcome is recorded.
+        self._reasons: dict[_Key, _Reason] = {}
         self._runners: set[_Runner] = set()
         self._parked: list[_Runner] = []
         #: Runners awake (or woken) to take queued jobs: none means wake one.
@@ -278,7 +272,7 @@ class Worker:
     @property
     def running_jobs(self) -> list[Job]:
         """Snapshots of the jobs whose processor is running now."""
-        return [r.job.copy() for r in self._running.values()]
+        return [job.copy() for job in self._running.values()]
 
     @property
     def stopped(self) -> bool:
@@ -448,16 +442,10 @@ class Worker:
                 del early[key]
                 self._record(key, _Outcome("ack"))
                 continue
-            # (a bare instance, its fields set here: no ``__init__`` frame per job)
-            entry: _Running = _new_object(_Running)
-            entry.key = key
-            entry.job = job
-            entry.runner = None
-            entry.reason = None
             if not running:  # (set only while none runs: cleared once, not per job)
                 self._idle.clear()
-            running[key] = entry
-            queued.append(entry)
+            running[key] = job
+            queued.append(key)
         if queued and not self._pullers:
             self._add_puller()
 
@@ -511,37 +499,38 @@ class Worker:
         try:
             while True:
                 while queued:
-                    entry = queued.popleft()
-                    entry.runner = runner
+                    key = queued.popleft()
+                    job = running[key]
+                    runner.key = key
                     run = base.copy().run
                     coro: Coroutine[Any, Any, Any]
                     try:
                         if timed is not None:  # (its body calls the processor, in ``run``)
-                            coro = timed(entry.job)
+                            coro = timed(job)
                         elif self._direct:  # an ``async def``: the call runs none of its code
-                            coro = self._processor(entry.job)  # type: ignore[assignment]
+                            coro = self._processor(job)  # type: ignore[assignment]
                         else:  # any other callable runs in the job's context too
-                            made = run(self._processor, entry.job)
+                            made = run(self._processor, job)
                             coro = made if type(made) is _Coroutine else _awaited(made)
                     except BaseException as exc:  # the call failed: as if its run had
-                        outcome = self._error_outcome(entry, exc)
+                        outcome = self._error_outcome(key, job, exc)
                     else:
                         try:
                             first = run(step, coro)
                         except BaseException as exc:  # (the stepper's own GeneratorExit)
-                            outcome = self._error_outcome(entry, exc)
+                            outcome = self._error_outcome(key, job, exc)
                         else:
                             if first is runner:  # it finished without suspending
                                 error = runner.error
                                 if error is not None:
                                     runner.error = None
-                                    outcome = self._error_outcome(entry, error)
+                                    outcome = self._error_outcome(key, job, error)
                                 else:
                                     result = runner.value
                                     if result is None or type(result) is bytes:
                                         outcome = result  # (a completion: see ``_Pending``)
                                     else:
-                                        outcome = self._result_outcome(entry.job, result)
+                                        outcome = self._result_outcome(job, result)
                             else:
                                 runner.pulling = False  # busy with this job: others take
                                 self._pullers -= 1  # the queue
@@ -549,7 +538,8 @@ class Worker:
                                     self._add_puller()  # suspend too: all start next turn)
                                 if self._pending:  # recorded outcomes must not wait for it
                                     self._wake.set()
-                                await self._finish(entry, stepper, first, run)
+                                await self._finish(key, job, runner, stepper, first, run)
+                                runner.key = None
                                 if runner.retired or task.cancelling():
                                     return  # a cancellation was meant for that job: end too
                                 runner.pulling = True
@@ -558,7 +548,7 @@ class Worker:
                     # (``_record`` by a runner, inline: per job) No flusher wake-up: the
                     # runner writes, or wakes it when it suspends, parks or ends with
                     # outcomes recorded.
-                    key = entry.key
+                    runner.key = None
                     running.pop(key, None)
                     self._pending[key] = outcome
                     if not running:
@@ -598,30 +588,32 @@ class Worker:
 
     async def _finish(
         self,
-        entry: _Running,
+        key: _Key,
+        job: Job,
+        runner: _Runner,
         stepper: Generator[Any, Any, None],
         first: Any,
         run: Callable[..., Any],
     ) -> None:
         """Drive on a processor that suspended at its first step (every step in its
         job's context) and record its outcome."""
-        runner = entry.runner
-        assert runner is not None
         outcome: _Pending
         try:
             await _drive_on(stepper, runner, first, run)
         except BaseException as exc:  # (the stepper's own GeneratorExit)
-            outcome = self._error_outcome(entry, exc)
+            outcome = self._error_outcome(key, job, exc)
         else:
             error = runner.error
             if error is not None:
                 runner.error = None
-                outcome = self._error_outcome(entry, error)
+                outcome = self._error_outcome(key, job, error)
             else:
-                outcome = self._result_outcome(entry.job, runner.value)
+                outcome = self._result_outcome(job, runner.value)
+        if self._reasons:  # interrupted, and it finished anyway
+            self._reasons.pop(key, None)
         running = self._running
-        running.pop(entry.key, None)
-        self._pending[entry.key] = outcome
+        running.pop(key, None)
+        self._pending[key] = outcome
         if not running:
             self._idle.set()
 
@@ -648,13 +640,12 @@ class Worker:
             job, f"the processor returned {type(result).__name__}, expected bytes"
         )
 
-    def _error_outcome(self, entry: _Running, exc: BaseException) -> _Outcome:
+    def _error_outcome(self, key: _Key, job: Job, exc: BaseException) -> _Outcome:
         """What an exception out of a processor comes to. One that is no ``Exception``
         but a ``CancelledError`` (KeyboardInterrupt, SystemExit) is recorded as a
         failure here, then raised again."""
-        job = entry.job
         if isinstance(exc, asyncio.CancelledError):
-            return self._cancel_outcome(entry)
+            return self._cancel_outcome(key)
         if isinstance(exc, Retry):
             logger.info(
                 "worker %s: job %r (%s) asked to run again in %s",
@@ -684,7 +675,7 @@ class Worker:
             return self._fail_outcome(job, message)
         if isinstance(exc, Exception):
             return self._failed(job, exc)
-        self._record(entry.key, _Outcome("fail", message=type(exc).__name__))
+        self._record(key, _Outcome("fail", message=type(exc).__name__))
         raise exc
 
     def _failed(self, job: Job, exc: Exception) -> _Outcome:
@@ -714,16 +705,24 @@ class Worker:
             )
         return _Outcome("fail", message=message, retry_in=policy.delay(job.attempts))
 
-    def _interrupt(self, entry: _Running, reason: _Reason) -> None:
-        """Stop ``entry``'s job for ``reason``: a queued job is recorded without running;
-        a started one has its runner cancelled (its processor sees ``CancelledError``)."""
-        if entry.reason is None:
-            entry.reason = reason
-        runner = entry.runner
+    def _runner_of(self, key: _Key) -> _Runner | None:
+        """The runner running the job of ``key`` now, if it started (rare: a scan)."""
+        for runner in self._runners:
+            if runner.key == key:
+                return runner
+        return None
+
+    def _interrupt(self, key: _Key, reason: _Reason) -> None:
+        """Stop the job of ``key`` for ``reason``: a queued job is recorded without
+        running; a started one has its runner cancelled (its processor sees
+        ``CancelledError``)."""
+        self._reasons.setdefault(key, reason)
+        if key in self._queued:
+            self._queued.remove(key)
+            self._record(key, self._cancel_outcome(key))
+            return
+        runner = self._runner_of(key)
         if runner is None:
-            with contextlib.suppress(ValueError):
-                self._queued.remove(entry)
-                self._record(entry.key, self._cancel_outcome(entry))
             return
         runner.retired = True
         if runner.task is not None:
@@ -732,13 +731,14 @@ class Worker:
     def _end_grace(self) -> None:
         """Stop every job now, as the end of the grace period does (``jobpool worker``
         on a second signal): their jobs go back to ``FAILED_RETRY``."""
-        for entry in list(self._running.values()):
-            self._interrupt(entry, "shutdown")
+        for key in list(self._running):
+            self._interrupt(key, "shutdown")
 
-    def _cancel_outcome(self, entry: _Running) -> _Outcome:
-        if entry.reason == "cancelled":
+    def _cancel_outcome(self, key: _Key) -> _Outcome:
+        reason = self._reasons.pop(key, None)
+        if reason == "cancelled":
             return _Outcome("ack")
-        if entry.reason == "shutdown":
+        if reason == "shutdown":
             return _Outcome(
                 "fail",
                 message=f"worker {self.assignee_id!r} shut down before the job finished "
@@ -802,15 +802,14 @@ class Worker:
         if job.status is not JobStatus.CANCELLING or job.assignee_id != self.assignee_id:
             return  # already finished (its result won), or no longer ours
         key: _Key = (job_id, job.assigned_at)
-        entry = self._running.get(key)
-        if entry is None:
+        if key not in self._running:
             if key not in self._pending:
                 # Assigned to our stream but not handed to us yet: never start it.
                 self._early_cancels[key] = None
                 while len(self._early_cancels) > _MAX_EARLY_CANCELS:
                     del self._early_cancels[next(iter(self._early_cancels))]
             return
-        self._interrupt(entry, "cancelled")
+        self._interrupt(key, "cancelled")
         logger.debug("worker %s: cancelling job %r", self.assignee_id, job_id)
 
     # --- writing outcomes ---------------------------------------------------------------
@@ -1059,16 +1058,17 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._idle.wait()
-        late = list(self._running.values())
+        late = list(self._running)
         if late:
             logger.warning(
                 "worker %s: cancelling %d job(s) still running at shutdown; they will run again",
                 self.assignee_id,
                 len(late),
             )
-            for entry in late:
-                self._interrupt(entry, "shutdown")
-            busy = {e.runner.task for e in late if e.runner is not None and e.runner.task}
+            for key in late:
+                self._interrupt(key, "shutdown")
+            keys = set(late)
+            busy = {r.task for r in self._runners if r.key in keys and r.task is not None}
             if busy:
                 await asyncio.wait(busy)
         await self._runner_write_done.wait()  # (its refill is given back by the close)

@@ -559,7 +559,7 @@ async def test_a_job_cancelled_before_a_runner_takes_it_never_runs(
     go_on = asyncio.Event()
 
     def add_puller_later() -> None:
-        queued = [e.job.id for e in worker._queued]
+        queued = [key[0] for key in worker._queued]
         if queued == ["b"] and not go_on.is_set():
             held.set()
             worker._pullers += 1  # counted as woken, as a wake in flight is
@@ -745,10 +745,12 @@ async def test_a_processor_that_returns_when_cancelled_at_shutdown_completes(
         return b""
 
     await queue.enqueue_job(job("a"))
-    async with Worker(queue, proc, assignee_id="w", grace=0):
+    worker = Worker(queue, proc, assignee_id="w", grace=0)
+    async with worker:
         await asyncio.wait_for(started.wait(), DEADLINE)
     done = await queue.get_job("a")
     assert done.status is S.COMPLETED and done.result == b"saved my work"
+    assert not worker._reasons  # why it was interrupted is not kept once it is recorded
 
 
 async def test_a_job_stopped_before_a_runner_starts_it_is_still_recorded(
@@ -772,9 +774,9 @@ async def test_a_job_stopped_before_a_runner_starts_it_is_still_recorded(
         if not cancelled:
             j = batch[0]
             cancelled.append(j.id)
-            entry = worker._running[(j.id, j.assigned_at)]
-            assert entry.runner is None  # queued, not started
-            worker._interrupt(entry, "shutdown")
+            key = (j.id, j.assigned_at)
+            assert key in worker._queued and worker._runner_of(key) is None  # not started
+            worker._interrupt(key, "shutdown")
             assert (j.id, j.assigned_at) not in worker._running
 
     worker._accept = accept_then_cancel  # type: ignore[method-assign]
