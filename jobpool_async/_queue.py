@@ -705,6 +705,16 @@ class PoolQueue:
                     stream._ready = [job for job in stream._ready if job.id not in again]
                 stream._ready.extend(outcome.claimed)
                 freed.append(stream._sub)
+        if (
+            freed
+            and not stream._ready
+            and stream._used() >= stream.max_assigned_jobs
+            and stream._sub in freed
+        ):
+            # Its slots that the moves freed are full again (the jobs handed over, as
+            # to a ``Worker``): woken, the stream would find nothing to do and wait
+            # again (a task wake-up and a notifier wait per batch, for nothing).
+            freed = [sub for sub in freed if sub is not stream._sub]
         self._notifier.publish_soon(tagsets=tagsets, subs=freed)
 
     @staticmethod

@@ -1030,3 +1030,47 @@ async def test_under_concurrent_cancels_and_failures_every_job_ends_recorded(
         assert stats.by_status[S.STOPPED] + stats.by_status[S.UNSCHEDULED] > 0
         for j in await queue.get_jobs(ids):
             assert j.status in (S.COMPLETED, S.STOPPED, S.UNSCHEDULED, S.FAILED_RETRY), j
+
+
+class _SuspendingApplies(MemoryBackend):
+    """Every apply suspends once, as a backend with a storage thread's does."""
+
+    async def apply(self, changes: Any, now: Any, refill: Any = None) -> Any:
+        await asyncio.sleep(0)
+        return await super().apply(changes, now, refill)
+
+
+async def test_a_refill_handed_to_the_worker_does_not_wake_its_consumer() -> None:
+    """Each write of a batch's outcomes frees its slots and refills them, handing the
+    jobs to the runners: the consumer (waiting in the stream for a free slot) has
+    nothing to do then and is not woken for it (it was, once per batch, to find its
+    slots full and wait again)."""
+    async with PoolQueue(_SuspendingApplies()) as queue:
+        await queue.enqueue_jobs([job(f"j{i:03d}") for i in range(200)])
+        waits = 0
+        real_wait = queue._notifier.wait
+
+        async def counted(*args: Any) -> bool:
+            nonlocal waits
+            waits += 1
+            return await real_wait(*args)
+
+        queue._notifier.wait = counted  # type: ignore[method-assign,assignment]
+        done = asyncio.Event()
+        ran: list[str] = []
+
+        async def proc(j: Job) -> bytes:
+            ran.append(j.id)
+            if len(ran) == 200:
+                done.set()
+            return b"ok"
+
+        async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=10)):
+            await asyncio.wait_for(done.wait(), DEADLINE)
+            stats = await queue.get_job_stats()
+            while stats.running_jobs or stats.pending_jobs:  # the last outcomes written
+                await asyncio.sleep(0.01)
+                stats = await queue.get_job_stats()
+        assert sorted(ran) == [f"j{i:03d}" for i in range(200)]
+        assert stats.completed_jobs == 200
+        assert waits <= 5, waits  # (20 batches: one wait per batch before)
