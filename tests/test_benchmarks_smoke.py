@@ -452,3 +452,20 @@ async def test_drain_instructions_runs_each_arm_at_tiny_sizes(arm: str) -> None:
     from benchmarks import drain_instructions
 
     await drain_instructions.run(arm, 50)
+
+
+def test_leveldb_threads_reports_each_thread_at_tiny_sizes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """benchmarks.leveldb_threads runs the hand loop (it raises unless every job was
+    delivered once) and the bare hop, and names the event loop and the storage thread
+    (or the hop's worker thread) in what it prints."""
+    from benchmarks import leveldb_threads
+
+    leveldb_threads.main(["--mode", "stream", "--jobs", "60"])
+    out = capsys.readouterr().out
+    assert "event loop: user" in out and "storage thread: user" in out
+    assert "all threads" in out and "us/job" in out
+    leveldb_threads.main(["--mode", "hop", "--jobs", "30"])
+    out = capsys.readouterr().out
+    assert "event loop: user" in out and "worker thread: user" in out and "us/hop" in out
