@@ -132,30 +132,38 @@ def test_without_opentelemetry_nothing_is_imported_or_wrapped() -> None:
     assert r.stdout.strip() == "untraced"
 
 
+#: How the subprocess scripts below begin: a Worker's processor, a helper that
+#: enqueues jobs and waits for them, and every ``get_tracer`` call noted in ``asked``.
+_PRELUDE = textwrap.dedent(
+    """
+    import asyncio
+    from opentelemetry import trace
+    from jobpool_async import Config, Job, JobStatus, MemoryBackend, PoolQueue, Worker
+    from jobpool_async.pytest_plugin import wait_for_status
+
+    asked = []
+    real_get_tracer = trace.get_tracer
+    trace.get_tracer = lambda *a, **k: asked.append(a) or real_get_tracer(*a, **k)
+
+    async def process(job):
+        return b"ok"
+
+    async def run(q, ids):
+        await q.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
+        for i in ids:
+            await wait_for_status(q, i, JobStatus.COMPLETED)
+    """
+)
+
+
 def test_no_span_is_made_until_a_provider_is_set() -> None:
     """Without a configured tracer provider (OpenTelemetry's proxy: no-op spans) no
     tracer is asked for a span; once the application sets one, runs are traced."""
-    script = textwrap.dedent(
+    script = _PRELUDE + textwrap.dedent(
         """
-        import asyncio
-        from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from jobpool_async import Config, Job, JobStatus, MemoryBackend, PoolQueue, Worker
-        from jobpool_async.pytest_plugin import wait_for_status
-
-        asked = []
-        real_get_tracer = trace.get_tracer
-        trace.get_tracer = lambda *a, **k: asked.append(a) or real_get_tracer(*a, **k)
-
-        async def process(job):
-            return b"ok"
-
-        async def run(q, ids):
-            await q.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
-            for i in ids:
-                await wait_for_status(q, i, JobStatus.COMPLETED)
 
         async def main():
             async with PoolQueue(MemoryBackend()) as q:
@@ -188,28 +196,15 @@ def test_a_provider_named_in_the_environment_later_is_used_from_the_next_call() 
     the next enqueue and job run load that provider and are traced. Before it, with no
     provider at all, OpenTelemetry's ``get_tracer_provider`` (whose environment lookup
     costs ~10k instructions a call) is not called: the test is exact without it."""
-    script = textwrap.dedent(
+    script = _PRELUDE + textwrap.dedent(
         """
-        import asyncio, os
-        from opentelemetry import trace
+        import os
         from opentelemetry.sdk.trace import TracerProvider
-        from jobpool_async import Config, Job, JobStatus, MemoryBackend, PoolQueue, Worker
-        from jobpool_async.pytest_plugin import wait_for_status
 
         os.environ.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
-        asked, looked_up = [], []
-        real_get_tracer = trace.get_tracer
-        trace.get_tracer = lambda *a, **k: asked.append(a) or real_get_tracer(*a, **k)
+        looked_up = []
         real_lookup = trace.get_tracer_provider
         trace.get_tracer_provider = lambda: looked_up.append(1) or real_lookup()
-
-        async def process(job):
-            return b"ok"
-
-        async def run(q, ids):
-            await q.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
-            for i in ids:
-                await wait_for_status(q, i, JobStatus.COMPLETED)
 
         async def main():
             async with PoolQueue(MemoryBackend()) as q:
