@@ -244,7 +244,9 @@ async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
     assert "gin (tag_keys)" in indexes["jobs_tags"]
     assert "id_key" in indexes["jobs_pkey"]
     assert "assignee_id" in indexes["jobs_active_assignee"]
-    assert "finalized_at" in indexes["jobs_completed"]
+    assert "jobs_completed" not in indexes  # (cleanup walks jobs_idle_status: version 6)
+    assert "(finalized_at)" in indexes["jobs_completed_early"]
+    assert "(finalized_at < created_at)" in indexes["jobs_completed_early"]
     types = {
         r[0]: r[1]
         for r in await sql(
@@ -1480,6 +1482,9 @@ async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, versio
                 f"CREATE INDEX jobs_active_assignee ON {s}.jobs USING hash (assignee_id) "
                 "WHERE status IN ('cancelling', 'running'); "
                 f"UPDATE {s}.jobpool_version SET version = {version}; "
+                f"DROP INDEX {s}.jobs_completed_early; "
+                f"CREATE INDEX jobs_completed ON {s}.jobs (finalized_at) "
+                "WHERE status = 'completed'; "
                 f"DROP INDEX {s}.jobs_eligible_tags; DROP INDEX {s}.jobs_eligible; "
                 f"DROP INDEX {s}.jobs_waiting; "
                 f"ALTER TABLE {s}.jobs DROP COLUMN scheduled_at, DROP COLUMN priority, "
@@ -1510,8 +1515,9 @@ async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, versio
         assert await q.mark_worker_unresponsive("old-worker") == 1
         assert (await q.get_job(running.id)).status is JobStatus.UNKNOWN_RETRY
     rows = await sql(dsn, f"SELECT version FROM {s}.jobpool_version")
-    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [5]
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [6]
     defs = await index_defs(dsn, schema)
+    assert "jobs_completed" not in defs and "created_at" in defs["jobs_completed_early"]
     assert "tag_keys <> '{}'::text[]" in defs["jobs_tags"]
     assert 'btree ("left"(assignee_id, 200))' in defs["jobs_active_assignee"]
 

@@ -50,6 +50,8 @@ VERSION_4 = FIXTURES / "v0.4-b751006"
 PG_VERSION_4 = VERSION_3
 #: The SQLite store of schema version 5 (main at a68b318).
 VERSION_5 = FIXTURES / "v0.5-a68b318"
+#: The PostgreSQL store of schema version 5 (main at fc07ff3).
+PG_VERSION_5 = FIXTURES / "v0.6-fc07ff3"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -427,6 +429,31 @@ async def _lists_match_a_scan(q: PoolQueue, jobs: list[Job]) -> None:
             _listing_matches_a_scan([j for j in jobs if _kept(j, filters)], pages)
 
 
+async def _pg_opened_together(pg_schema: str, want: dict[str, Any]) -> list[Job]:
+    """Four backends open the loaded store at once (one upgrades it under the advisory
+    lock, the others find it done); then it is opened twice more as it is, and every
+    job and listing page is as written. Returns the jobs read back."""
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    dsn = postgres_dsn()
+    together = [PostgresBackend(dsn, schema=pg_schema) for _ in range(4)]
+    try:
+        await asyncio.gather(*(b.open() for b in together))
+    finally:
+        await asyncio.gather(*(b.close() for b in together))
+    ids = [w["id"] for w in want["jobs"]]
+    for _ in range(2):  # opened again as it is
+        async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=_pg_clock()) as q:
+            jobs = await _stored_as_written(q, ids, want)
+            await _lists_match_a_scan(q, jobs)
+    return jobs
+
+
+def _pg_clock() -> FakeClock:
+    """The clock the PostgreSQL upgrade tests open their stores with."""
+    return FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+
+
 async def test_postgres_store_of_version_4_is_upgraded_in_place(pg_schema: str) -> None:
     """Version 4 → 5: ``jobs_idle_list`` (every idle job by creation time) gives way to
     ``jobs_idle_tagged`` (only jobs with tags): a job without tags writes two index
@@ -440,21 +467,14 @@ async def test_postgres_store_of_version_4_is_upgraded_in_place(pg_schema: str) 
     await _load_pg(pg_schema, PG_VERSION_4)
     version, names = await _pg_state(pg_schema)
     assert version == 4 and "jobs_idle_list" in names and "jobs_idle_tagged" not in names
-    dsn = postgres_dsn()
-    together = [PostgresBackend(dsn, schema=pg_schema) for _ in range(4)]
-    try:
-        await asyncio.gather(*(b.open() for b in together))
-    finally:
-        await asyncio.gather(*(b.close() for b in together))
-    ids = [w["id"] for w in want["jobs"]]
-    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
-    for _ in range(2):  # opened again as it is
-        async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
-            jobs = await _stored_as_written(q, ids, want)
-            await _lists_match_a_scan(q, jobs)
+    jobs = await _pg_opened_together(pg_schema, want)
+    dsn, ids, clock = postgres_dsn(), [w["id"] for w in want["jobs"]], _pg_clock()
     version, after = await _pg_state(pg_schema)
-    assert version == PG_VERSION == 5
-    assert after == names - {"jobs_idle_list"} | {"jobs_idle_tagged"}
+    assert version == PG_VERSION == 6
+    assert after == names - {"jobs_idle_list", "jobs_completed"} | {
+        "jobs_idle_tagged",
+        "jobs_completed_early",
+    }
     async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
         await _claims_keep_their_order(q, jobs, ids)
         await _lists_match_a_scan(q, await q.get_jobs(ids))
@@ -477,7 +497,73 @@ async def test_a_crash_during_a_postgres_upgrade_from_version_4_leaves_it_as_it_
 
     async with PoolQueue(PostgresBackend(postgres_dsn(), schema=pg_schema)) as q:
         _check_stored(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
-    assert (await _pg_state(pg_schema))[0] == 5
+    assert (await _pg_state(pg_schema))[0] == 6
+
+
+# --- PostgreSQL store version 5 (before jobs_completed_early took jobs_completed's place) ------
+
+
+async def test_postgres_store_of_version_5_is_upgraded_in_place(pg_schema: str) -> None:
+    """Version 5 → 6: ``jobs_completed`` (every completed job by ``finalized_at``) gives
+    way to ``jobs_completed_early`` (only those finalized before their creation time;
+    cleanup finds the others through ``jobs_idle_status``): a completion writes one index
+    entry fewer. Four backends open the store at once (one upgrades it under the advisory
+    lock, the others find it done); every job, counter and listing page is kept, claims
+    keep their order, and a purge finds every completed job, those created after they
+    were finalized too, and only those finalized by its cutoff."""
+    from jobpool_async.backends.postgres import SCHEMA_VERSION as PG_VERSION
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    want = json.loads((PG_VERSION_5 / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, PG_VERSION_5)
+    version, names = await _pg_state(pg_schema)
+    assert version == 5 and "jobs_completed" in names and "jobs_completed_early" not in names
+    jobs = await _pg_opened_together(pg_schema, want)
+    dsn, ids, clock = postgres_dsn(), [w["id"] for w in want["jobs"]], _pg_clock()
+    version, after = await _pg_state(pg_schema)
+    assert version == PG_VERSION == 6
+    assert after == names - {"jobs_completed"} | {"jobs_completed_early"}
+    async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
+        await _claims_keep_their_order(q, jobs, ids)
+        await _lists_match_a_scan(q, await q.get_jobs(ids))
+        done = [j for j in await q.get_jobs(ids) if j.status is JobStatus.COMPLETED]
+        completed = [j.id for j in done]
+        assert completed
+        late = clock.now() + timedelta(days=400)  # created after it is finalized
+        await q.enqueue_jobs([Job(id="late", job_type="t", created_at=late)])
+        async with q.stream_jobs("w", max_assigned_jobs=100) as stream:
+            while "late" not in {
+                j.id for j in await q.get_jobs(["late"]) if j.status is JobStatus.COMPLETED
+            }:
+                batch = await stream.__anext__()
+                await q.complete_jobs({j.id: b"" for j in batch})
+        first = min(j.finalized_at for j in done if j.finalized_at is not None)
+        before = first - timedelta(microseconds=1)  # every completion is later
+        assert await q.backend.delete_completed_before(before) == 0
+        gone = await q.backend.delete_completed_before(clock.now())
+        assert gone >= len(completed) + 1
+        assert await q.get_jobs([*completed, "late"]) == []
+        assert not any(j.status is JobStatus.COMPLETED for j in await q.get_jobs(ids))
+
+
+async def test_a_crash_during_a_postgres_upgrade_from_version_5_leaves_it_as_it_was(
+    pg_schema: str,
+) -> None:
+    """The upgrade from version 5 is one transaction: a process killed at either of its
+    steps (the cleanup index, the version) leaves the version 5 store, which a later open
+    upgrades."""
+    want = json.loads((PG_VERSION_5 / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, PG_VERSION_5)
+    old = await _pg_state(pg_schema)
+    for step in (5, 4):  # the steps an upgrade from version 5 passes
+        result = _crash("postgres", pg_schema, 0, step)
+        assert result.returncode == -signal.SIGKILL, (step, result.stdout, result.stderr)
+        assert await _pg_state(pg_schema) == old
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    async with PoolQueue(PostgresBackend(postgres_dsn(), schema=pg_schema)) as q:
+        _check_stored(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
+    assert (await _pg_state(pg_schema))[0] == 6
 
 
 # --- SQLite store version 5 (before jobs.list_state) ------------------------------------------
@@ -569,7 +655,7 @@ elif name == "leveldb":
 else:
     from jobpool_async.backends.postgres import _schema as mod
     from jobpool_async.backends.postgres import PostgresBackend as B
-    steps = steps if steps <= 4 else rng.randint(1, 4)  # a step named, or any
+    steps = steps if steps <= 5 else rng.randint(1, 5)  # a step named, or any
     async def hook(step):
         if step == steps:
             die()
@@ -589,7 +675,7 @@ def _crash(name: str, where: str, seed: int, steps: int = 3000) -> subprocess.Co
     """Open the store at ``where`` in a child killed at a random point of the upgrade
     (SQLite: within its first ``steps`` VM steps; from version 1 the upgrade and the
     rest of the open take about 3,200; PostgreSQL: at upgrade step ``steps`` if it is
-    one of 1-4, else at a random one)."""
+    one of 1-5, else at a random one)."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(CRASH_CHILD), name, where, str(seed), str(steps)],
         capture_output=True,

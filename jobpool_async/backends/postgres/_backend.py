@@ -1207,11 +1207,17 @@ class PostgresBackend(Backend):
         return len(rows)
 
     async def delete_completed_before(self, cutoff: datetime) -> int:
-        sql = (
-            f"DELETE FROM {self._t} WHERE id_key IN (SELECT id_key FROM {self._t} "
-            f"WHERE status = '{JobStatus.COMPLETED.value}' AND finalized_at <= $1::timestamptz "
-            "ORDER BY id_key FOR UPDATE)"
-        )
+        # Completed by the cutoff: created by then too (jobs_idle_status, walked up to
+        # the cutoff), or finalized before its creation time (jobs_completed_early).
+        t, done, cut = self._t, f"status = '{JobStatus.COMPLETED.value}'", "$1::timestamptz"
+        expired = f"{done} AND finalized_at <= {cut}"
+        sql = f"""DELETE FROM {t} WHERE id_key IN (
+            SELECT id_key FROM {t} WHERE id_key = ANY(ARRAY(
+                SELECT id_key FROM {t} WHERE {expired} AND {busy_or_idle(JobStatus.COMPLETED)}
+                    AND created_at <= {cut}
+                UNION ALL
+                SELECT id_key FROM {t} WHERE {expired} AND finalized_at < created_at))
+            AND {expired} ORDER BY id_key FOR UPDATE)"""
         with self._errors("delete"):
             assert self._pool is not None
             status = await self._call(lambda c: c.execute(sql, cutoff), False)

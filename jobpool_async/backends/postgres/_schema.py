@@ -36,9 +36,9 @@ __all__ = ["SCHEMA_VERSION", "StoreSchema"]
 logger = logging.getLogger("jobpool_async.postgres")
 
 #: The schema version this code writes; a store with a newer one is refused.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
-#: Called (awaited) at steps 1-4 of an upgrade, inside its transaction (tests: a crash).
+#: Called (awaited) at steps 1-5 of an upgrade, inside its transaction (tests: a crash).
 _UPGRADE_HOOK: Callable[[int], Awaitable[None]] | None = None
 
 
@@ -135,8 +135,7 @@ class StoreSchema:
                 {self._eligible_indexes_sql()}
                 {self._tag_indexes_sql()}
                 {self._assignee_index_sql()}
-                CREATE INDEX jobs_completed ON {t} (finalized_at)
-                    WHERE status = '{JobStatus.COMPLETED.value}';
+                {self._completed_index_sql()}
                 {self._listing_indexes_sql(conn)}
                 -- A queue table churns: every move leaves a dead row version, and dead
                 -- entries at the head of the eligible index slow every claim until
@@ -222,6 +221,19 @@ class StoreSchema:
                     {idle} AND {TAGGED};
                 {stats}"""
 
+    def _completed_index_sql(self) -> str:
+        """The index ``cleanup_expired_jobs`` needs besides ``jobs_idle_status``: completed
+        jobs finalized before their (caller-given) creation time, by ``finalized_at``.
+        A completed job created before it was finalized (nearly every job) is found by a
+        walk of ``jobs_idle_status`` up to the cutoff instead (finalized by the cutoff, it
+        was created by then), so a completion writes no entry here. Until version 6 this
+        was ``jobs_completed``, every completed job by ``finalized_at``: one index entry
+        per job more, about a tenth of the server's CPU per job in the drain (an index
+        entry costs a new row version 5-6% of it: benchmarks/results/pg-session9.md)."""
+        done = JobStatus.COMPLETED.value
+        return f"""CREATE INDEX jobs_completed_early ON {self._t} (finalized_at)
+                    WHERE status = '{done}' AND finalized_at < created_at;"""
+
     def _assignee_index_sql(self) -> str:
         """The index of active jobs by assignee (``mark_worker_unresponsive``), on a
         prefix of the id: a B-tree entry is limited to about 2.7 kB and an assignee id
@@ -263,6 +275,9 @@ class StoreSchema:
         if version < 5:  # 5: lists by tag walk jobs_idle_tagged, not jobs_idle_list
             await conn.execute(self._listing_indexes_sql(conn))
             await _upgrade_step(3)
+        if version < 6:  # 6: cleanup walks jobs_idle_status; jobs_completed is gone
+            await conn.execute(f"DROP INDEX {s}.jobs_completed;" + self._completed_index_sql())
+            await _upgrade_step(5)
         await conn.execute(f"UPDATE {s}.jobpool_version SET version = {SCHEMA_VERSION}")
         await _upgrade_step(4)
         logger.info("upgraded store %r from version %d to %d", self.schema, version, SCHEMA_VERSION)
