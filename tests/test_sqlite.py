@@ -470,6 +470,111 @@ async def test_duplicate_in_a_late_chunk_inserts_nothing(queue: PoolQueue) -> No
     assert await sql(backend, "SELECT count(*) FROM job_tags") == [(0,)]
 
 
+async def test_duplicate_in_a_late_chunk_of_plain_jobs_inserts_nothing(queue: PoolQueue) -> None:
+    """Jobs of one type without tags go in with three parameters a row
+    (``_insert_uniform``); a duplicate in its last statement still leaves nothing."""
+    await queue.enqueue_job(Job(id="taken", job_type="t"))
+    batch = jobs(700)
+    batch[-1] = Job(id="taken", job_type=batch[0].job_type)
+    with pytest.raises(DuplicateJobError) as info:
+        await queue.enqueue_jobs(batch)
+    assert info.value.job_id == "taken"
+    assert (await queue.get_job_stats()).total_jobs == 1
+    await queue.enqueue_jobs(batch[:-1])  # the same jobs go in once the duplicate is out
+    assert (await queue.get_job_stats()).total_jobs == 700
+
+
+def test_plain_and_mixed_batches_store_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_insert_uniform`` (one type, no tags, message or assignee) writes the rows the
+    general path writes; a batch it does not take (two types, a message, an assignee)
+    goes the general way."""
+    created = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+    def batch(types: Sequence[str], **extra: Any) -> list[Job]:
+        return [
+            check_new_job(
+                Job(
+                    id=f"j{i}",
+                    job_type=types[i % len(types)],
+                    job_definition=bytes([i % 256, 0, 255]) * (i % 5),
+                    created_at=created + timedelta(microseconds=i),
+                    **extra,
+                )
+            )
+            for i in range(300)  # statements of 256, 16, 16, 4, 4, 4
+        ]
+
+    def stored(jobs: list[Job], uniform: bool) -> list[Any]:
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        sq._open_store(conn, str(path), "NORMAL", 5000)
+        calls: list[bool] = []
+        real = sq._insert_uniform
+
+        def spy(*args: Any) -> bool:
+            calls.append(real(*args))
+            return calls[-1]
+
+        with monkeypatch.context() as patch:
+            patch.setattr(sq, "_insert_uniform", spy)
+            sq._transaction(conn, sq._insert, jobs)
+        assert calls == [uniform]
+        rows = conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        conn.close()
+        return rows
+
+    plain = stored(batch(["t"]), True)
+    assert [row[:4] for row in plain[:2]] == [
+        (1, "j0", "t", b""),
+        (2, "j1", "t", bytes([1, 0, 255])),
+    ]
+    assert plain[299][6] == sq._us(created) + 299
+    # the general path's rows for the same jobs (two types: not uniform), then the type
+    # of every other row set back
+    mixed = stored(batch(["t", "u"]), False)
+    assert [(*row[:2], "t", *row[3:]) for row in mixed] == plain
+    assert stored(batch(["t"], error_message="m"), False)[0][9] == "m"
+    assert stored(batch(["t"], assignee_id="a"), False)[0][13] == "a"
+
+
+def test_an_enqueue_keeps_no_statement_journal(tmp_path: Path) -> None:
+    """Inserts are ``OR ROLLBACK``: SQLite keeps no statement journal for them. A plain
+    multi-row ``INSERT`` in a transaction did, spilled past 64 KiB to a temporary file
+    (unlinked at once, open until the transaction ends: seen here in /proc)."""
+    fds = Path("/proc/self/fd")
+    assert fds.is_dir(), "this test reads the open files of the process in /proc"
+    path = tmp_path / "s.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    sq._open_store(conn, str(path), "NORMAL", 5000)
+
+    def temp_files() -> list[str]:
+        names = []
+        for fd in fds.iterdir():
+            try:
+                names.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                continue
+        return [n for n in names if "etilqs_" in n]
+
+    for types in (["t"], ["t", "u"]):  # _insert_uniform's statements, then the general
+        batch = [
+            check_new_job(
+                Job(
+                    id=f"{len(types)}-{i}", job_type=types[i % len(types)], job_definition=b"x" * 99
+                )
+            )
+            for i in range(2000)
+        ]
+        conn.execute("BEGIN IMMEDIATE")
+        sq._insert(conn, batch)
+        assert temp_files() == []
+        conn.execute("COMMIT")
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (4000,)
+    conn.close()
+
+
 async def test_calls_after_close_are_storage_errors(tmp_path: Path) -> None:
     backend = SQLiteBackend(tmp_path / "jobs.db")
     await backend.open()
