@@ -480,26 +480,6 @@ async def test_postgres_store_of_version_4_is_upgraded_in_place(pg_schema: str) 
         await _lists_match_a_scan(q, await q.get_jobs(ids))
 
 
-async def test_a_crash_during_a_postgres_upgrade_from_version_4_leaves_it_as_it_was(
-    pg_schema: str,
-) -> None:
-    """The upgrade is one transaction: a process killed at either of its steps from
-    version 4 (the listing indexes, the version) leaves the version 4 store, which a
-    later open upgrades."""
-    want = json.loads((PG_VERSION_4 / "expected.json").read_text())["postgres"]
-    await _load_pg(pg_schema, PG_VERSION_4)
-    old = await _pg_state(pg_schema)
-    for step in (3, 4):  # the steps an upgrade from version 4 passes
-        result = _crash("postgres", pg_schema, 0, step)
-        assert result.returncode == -signal.SIGKILL, (step, result.stdout, result.stderr)
-        assert await _pg_state(pg_schema) == old
-    from jobpool_async.backends.postgres import PostgresBackend
-
-    async with PoolQueue(PostgresBackend(postgres_dsn(), schema=pg_schema)) as q:
-        _check_stored(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
-    assert (await _pg_state(pg_schema))[0] == 6
-
-
 # --- PostgreSQL store version 5 (before jobs_completed_early took jobs_completed's place) ------
 
 
@@ -546,16 +526,22 @@ async def test_postgres_store_of_version_5_is_upgraded_in_place(pg_schema: str) 
         assert not any(j.status is JobStatus.COMPLETED for j in await q.get_jobs(ids))
 
 
-async def test_a_crash_during_a_postgres_upgrade_from_version_5_leaves_it_as_it_was(
-    pg_schema: str,
+@pytest.mark.parametrize(
+    ("fixture", "steps"),
+    [
+        pytest.param(PG_VERSION_4, (3, 4), id="from-4"),  # the listing indexes, the version
+        pytest.param(PG_VERSION_5, (5, 4), id="from-5"),  # the cleanup index, the version
+    ],
+)
+async def test_a_crash_during_a_postgres_upgrade_leaves_it_as_it_was(
+    pg_schema: str, fixture: Path, steps: tuple[int, ...]
 ) -> None:
-    """The upgrade from version 5 is one transaction: a process killed at either of its
-    steps (the cleanup index, the version) leaves the version 5 store, which a later open
-    upgrades."""
-    want = json.loads((PG_VERSION_5 / "expected.json").read_text())["postgres"]
-    await _load_pg(pg_schema, PG_VERSION_5)
+    """An upgrade is one transaction: a process killed at any of the steps an upgrade
+    from that version passes leaves the old store, which a later open upgrades."""
+    want = json.loads((fixture / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, fixture)
     old = await _pg_state(pg_schema)
-    for step in (5, 4):  # the steps an upgrade from version 5 passes
+    for step in steps:
         result = _crash("postgres", pg_schema, 0, step)
         assert result.returncode == -signal.SIGKILL, (step, result.stdout, result.stderr)
         assert await _pg_state(pg_schema) == old
