@@ -1068,9 +1068,10 @@ async def test_a_refill_handed_to_the_worker_does_not_wake_its_consumer() -> Non
         async with Worker(queue, proc, assignee_id="w", config=Config(concurrency=10)):
             await asyncio.wait_for(done.wait(), DEADLINE)
             stats = await queue.get_job_stats()
-            while stats.running_jobs or stats.pending_jobs:  # the last outcomes written
-                await asyncio.sleep(0.01)
-                stats = await queue.get_job_stats()
+            async with asyncio.timeout(DEADLINE):  # the last outcomes written
+                while stats.running_jobs or stats.pending_jobs:  # (polled, with a deadline)
+                    await asyncio.sleep(0.01)
+                    stats = await queue.get_job_stats()
         assert sorted(ran) == [f"j{i:03d}" for i in range(200)]
         assert stats.completed_jobs == 200
         assert waits <= 5, waits  # (20 batches: one wait per batch before)
