@@ -98,7 +98,7 @@ def check_store(path: Path) -> dict[str, Job]:
     finally:
         db.close()
     meta = json.loads(data.pop(b"M"))
-    assert meta == {"application": "jobpool_async", "format": 4}
+    assert meta == {"application": "jobpool_async", "format": 5}
     next_seq, promoted, *global_counts = struct.unpack(">QQ11q", data.pop(b"N"))
     jobs: dict[str, Job] = {}
     expected: set[bytes] = set()
@@ -117,8 +117,7 @@ def check_store(path: Path) -> dict[str, Job]:
         counts[10] += job.retry_count
         created = struct.pack(">Q", _micros(job.created_at))
         if job.status not in ACTIVE:  # (listed from their A keys)
-            expected.add(b"S" + bytes([code]) + created + idb)
-        expected.add(b"Y" + _enc(job.job_type) + created + idb)
+            expected.add(b"S" + bytes([code]) + _enc(job.job_type) + created + idb)
         for tag in job.tags:
             expected.add(b"T" + _enc(tag) + idb)
             expected.add(b"C" + _enc(tag) + created + idb)
@@ -150,7 +149,7 @@ def check_store(path: Path) -> dict[str, Job]:
     for key in [k for k in data if k[:1] == b"G"]:  # leases: enc(assignee) holder, 3 u64
         _, end = codec.split_enc(key, 1)
         assert key[end:] and len(data.pop(key)) == 24
-    index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYCW"}
+    index = {k: v for k, v in data.items() if k[:1] in b"EFTADSCW"}
     assert set(index.values()) <= {b""}
     missing, extra = expected - set(index), set(index) - expected
     assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])
@@ -694,10 +693,11 @@ async def _write_store(store: Path, n: int = 3000) -> dict[str, Job]:
 
 
 def _damage_log(store: Path) -> None:
-    """Overwrite 64 bytes in the middle of the write-ahead log with other bytes."""
+    """Overwrite 64 bytes a quarter into the write-ahead log (within the enqueues'
+    batches, so jobs are lost) with other bytes."""
     (log,) = store.glob("*.log")
     data = bytearray(log.read_bytes())
-    middle = len(data) // 2
+    middle = len(data) // 4
     data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
     log.write_bytes(bytes(data))
 
@@ -895,6 +895,53 @@ def test_records_round_trip(
     decoded, seq = codec.decode_job(codec.encode_job(job, 7))
     assert (decoded, seq) == (job, 7)
     assert decoded.created_at.tzinfo is UTC
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**63 - 1),
+    st.integers(-(2**15), 2**15 - 1),
+    st.one_of(st.none(), st.integers(1, 2**63 - 1)),
+    st.integers(0, 2**63 - 1),
+    st.datetimes(timezones=st.just(UTC)),
+    st.one_of(st.none(), st.datetimes(timezones=st.just(UTC))),
+)
+def test_records_are_little_endian_and_read_in_the_format_4_encoding_too(
+    seq: int,
+    retries: int,
+    priority: int,
+    max_attempts: int | None,
+    attempts: int,
+    when: datetime,
+    scheduled: datetime | None,
+) -> None:
+    """A record's header has the little-endian layout of version 3 whichever
+    ``struct`` format packs it (native where the machine allows), and the version 2
+    form of the same record (big-endian, as formats 3 and 4 wrote it) reads as the
+    same job."""
+    job = Job(
+        id="j",
+        job_type="t",
+        job_definition=b"d",
+        status=S.FAILED_RETRY,
+        created_at=when,
+        retry_count=retries,
+        last_retry_at=when,
+        error_message="e",
+        scheduled_at=scheduled,
+        priority=priority,
+        max_attempts=max_attempts,
+        attempts=attempts,
+    )
+    raw = codec.encode_job(job, seq)
+    head = struct.unpack_from("<QQQQQQQQqqIIIIIIIhBB", raw, 1)
+    code = codec.STATUS_CODES.index(S.FAILED_RETRY)
+    assert raw[0] == 3 and head[:2] == (seq, retries) and head[-3:-1] == (priority, code)
+    assert head[8] == (-1 if max_attempts is None else max_attempts) and head[9] == attempts
+    assert codec.decode_job(raw) == (job, seq)
+    assert codec.decode_job(_record_v2(raw)) == (job, seq)
+    assert codec.decode_state(raw) == codec.decode_state(_record_v2(raw)) == (job.status, None)
 
 
 @settings(max_examples=200, deadline=None)
@@ -1519,8 +1566,9 @@ async def test_a_refill_of_free_slots_by_a_call_that_moves_nothing_is_written(
 # --- store format 3 -> 4 (no L keys, no S keys of RUNNING/CANCELLING jobs) ---------------
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stores"
-#: LevelDB stores written by format 3 code (main at 647893d and at ae89716).
-FORMAT_3_FIXTURES = ["v0.2-647893d", "v0.3-ae89716"]
+#: LevelDB stores written by older code, and their format: format 3 (main at 647893d
+#: and at ae89716), format 4 (main at 1f3caf7).
+OLD_FIXTURES = {"v0.2-647893d": 3, "v0.3-ae89716": 3, "v0.7-1f3caf7": 4}
 
 
 def _dump(path: Path) -> dict[bytes, bytes]:
@@ -1536,13 +1584,49 @@ def _format(path: Path) -> int:
     return format_
 
 
-def _as_format_3(path: Path) -> None:
-    """Rewrite the keys of the (closed) format 4 store at ``path`` as format 3 code
-    wrote them: an ``L`` key and an ``S`` key for every job, ``A`` keys without the
-    job's created time, format mark 3 (records and counters are as in format 3)."""
+def _record_v2(raw: bytes) -> bytes:
+    """A job record of version 3 as formats 3 and 4 wrote it (version 2: the same
+    fields and body, the header big-endian in another order)."""
+    if raw[0] == 2:
+        return raw
+    assert raw[0] == 3
+    *head, priority, code, flags = struct.unpack_from("<QQQQQQQQqqIIIIIIIhBB", raw, 1)
+    old = struct.pack(">BBBQQQQQQQQhqqIIIIIII", 2, code, flags, *head[:8], priority, *head[8:])
+    return old + raw[len(old) :]
+
+
+def _as_format_4(path: Path) -> None:
+    """Rewrite the (closed) format 5 store at ``path`` as format 4 code wrote it:
+    records of version 2, an ``S`` key without the job type for each job but the
+    RUNNING/CANCELLING ones, a ``Y`` key for every job, format mark 4."""
     db = plyvel.DB(str(path))
     try:
-        assert json.loads(db.get(b"M"))["format"] == 4
+        assert json.loads(db.get(b"M"))["format"] == 5
+        with db.write_batch() as wb:
+            for key in db.iterator(prefix=b"S", include_value=False):
+                wb.delete(key)
+            for key, raw in db.iterator(prefix=b"J"):
+                job, _ = codec.decode_job(raw)
+                idb = key[1:]
+                created = struct.pack(">Q", _micros(job.created_at))
+                wb.put(key, _record_v2(raw))
+                wb.put(b"Y" + _enc(job.job_type) + created + idb, b"")
+                if job.status not in ACTIVE:
+                    code = codec.STATUS_CODES.index(job.status)
+                    wb.put(b"S" + bytes([code]) + created + idb, b"")
+            wb.put(b"M", json.dumps({"application": "jobpool_async", "format": 4}).encode())
+    finally:
+        db.close()
+
+
+def _as_format_3(path: Path) -> None:
+    """Rewrite the keys of the (closed) format 5 store at ``path`` as format 3 code
+    wrote them: as format 4 (:func:`_as_format_4`), and an ``L`` key and an ``S`` key
+    for every job, ``A`` keys without the job's created time, format mark 3 (records
+    and counters are as in format 3)."""
+    _as_format_4(path)
+    db = plyvel.DB(str(path))
+    try:
         with db.write_batch() as wb:
             for key, raw in db.iterator(prefix=b"J"):
                 job, _ = codec.decode_job(raw)
@@ -1592,12 +1676,12 @@ async def _check_listings(queue: PoolQueue, jobs: list[Job]) -> None:
         assert oldest == min((j.created_at for j in jobs if j.status in these), default=None)
 
 
-@pytest.mark.parametrize("fixture", FORMAT_3_FIXTURES)
-async def test_a_format_3_store_is_upgraded_in_place(fixture: str, tmp_path: Path) -> None:
-    """A store written by format 3 code (committed under tests/fixtures/stores) is
-    upgraded to format 4 on open: every job and counter kept, every listing page and
-    ``oldest_created`` as a scan of the jobs gives them, every key as format 4 has
-    it, and the store keeps working."""
+@pytest.mark.parametrize("fixture", sorted(OLD_FIXTURES))
+async def test_a_format_3_or_4_store_is_upgraded_in_place(fixture: str, tmp_path: Path) -> None:
+    """A store written by format 3 or 4 code (committed under tests/fixtures/stores)
+    is upgraded to format 5 on open: every job and counter kept, every listing page
+    and ``oldest_created`` as a scan of the jobs gives them, every key as format 5
+    has it, and the store keeps working (its records rewritten as their jobs move)."""
     from jobpool_async.testing import FakeClock
 
     from .test_store_upgrades import _stored_as_written
@@ -1607,7 +1691,7 @@ async def test_a_format_3_store_is_upgraded_in_place(fixture: str, tmp_path: Pat
     path = tmp_path / "old.ldb"
     shutil.copytree(source / "leveldb", path)
     old = _dump(path)
-    assert _format(path) == 3 and any(k[:1] == b"L" for k in old)
+    assert _format(path) == OLD_FIXTURES[fixture] and any(k[:1] == b"Y" for k in old)
     ids = [w["id"] for w in want["jobs"]]
     clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
     for _ in range(2):  # upgraded once, then opened as it is
@@ -1617,9 +1701,11 @@ async def test_a_format_3_store_is_upgraded_in_place(fixture: str, tmp_path: Pat
             await _check_listings(q, jobs)
         check_store(path)
     new = _dump(path)
-    # Records, counters, leases and the other indexes are as they were.
-    kept = {k: v for k, v in old.items() if k[:1] not in b"MLSA"}
-    assert {k: v for k, v in new.items() if k[:1] not in b"MLSA"} == kept
+    # Records (of version 2 until they move), counters, leases and the other indexes
+    # are as they were.
+    kept = {k: v for k, v in old.items() if k[:1] not in b"MLSAY"}
+    assert {k: v for k, v in new.items() if k[:1] not in b"MLSAY"} == kept
+    assert {v[0] for k, v in new.items() if k[:1] == b"J"} == {2}
     async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
         running = [j.id for j in jobs if j.status is S.RUNNING]
         await q.cancel_jobs(job_ids=running[:1])
@@ -1628,6 +1714,8 @@ async def test_a_format_3_store_is_upgraded_in_place(fixture: str, tmp_path: Pat
             batch = await stream.__anext__()
         await q.fail_jobs({batch[0].id: "boom"})
         await _check_listings(q, await q.get_jobs(ids))
+    moved = {*running, *(j.id for j in batch)}
+    assert {k[1:].decode() for k, v in _dump(path).items() if k[:1] == b"J" and v[0] == 3} == moved
     check_store(path)
 
 
@@ -1687,7 +1775,8 @@ import asyncio, os, random, signal, sys
 from jobpool_async import PoolQueue
 from jobpool_async.backends import leveldb as mod
 where, seed, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-left = [random.Random(seed).randint(1, calls)]
+# (a negative seed: the call it names, counted from the end: -1 the last)
+left = [random.Random(seed).randint(1, calls) if seed >= 0 else calls + 1 + seed]
 def hook(*_args):
     left[0] -= 1
     if left[0] == 0:
@@ -1712,22 +1801,30 @@ def _crash_upgrade(where: Path, seed: int, calls: int) -> subprocess.CompletedPr
     )
 
 
-async def test_a_crash_during_the_upgrade_to_format_4_leaves_the_old_store_or_the_new(
-    tmp_path: Path,
+@pytest.mark.parametrize("source", ["format 3", "format 4", "v0.7-1f3caf7"])
+async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_the_new(
+    source: str, tmp_path: Path
 ) -> None:
-    """SIGKILL at a random point of the upgrade (each ``A`` key, or after the write):
-    the store is then exactly the format 3 one or exactly the upgraded one, and opens
-    with every job."""
+    """SIGKILL at a random point of the upgrade (from format 3 each ``A`` key; each
+    record; after the write) of a store rewritten as format 3 or 4, or of the format 4
+    fixture: the store is then exactly the old one or exactly the upgraded one, and
+    opens with every job."""
     path = tmp_path / "s.ldb"
-    jobs = await _varied_store(path)
-    _as_format_3(path)
+    if source.startswith("format"):
+        await _varied_store(path)
+        (_as_format_3 if source == "format 3" else _as_format_4)(path)
+    else:
+        shutil.copytree(FIXTURES / source / "leveldb", path)
     old = _dump(path)
+    ids = [k[1:].decode() for k in old if k[:1] == b"J"]
     clean = tmp_path / "clean.ldb"
     shutil.copytree(path, clean)
-    async with PoolQueue(LevelDBBackend(clean)):
-        pass
+    async with PoolQueue(LevelDBBackend(clean)) as q:
+        jobs = await q.get_jobs(ids)
     new = _dump(clean)
-    calls = len([j for j in jobs if j.status in ACTIVE]) + 1  # the hook's calls
+    assert _format(clean) == 5 and new != old
+    active = sum(1 for j in jobs if j.status in ACTIVE)
+    calls = (active if source == "format 3" else 0) + len(jobs) + 1  # the hook's calls
     for attempt in range(4):
         seed = random.randrange(2**32)
         where = tmp_path / f"{attempt}.ldb"
@@ -1736,8 +1833,14 @@ async def test_a_crash_during_the_upgrade_to_format_4_leaves_the_old_store_or_th
         assert result.returncode == -signal.SIGKILL, (seed, result.stdout, result.stderr)
         assert _dump(where) in (old, new), f"a mix (seed {seed})"
         async with PoolQueue(LevelDBBackend(where)) as q:
-            assert await q.get_jobs([j.id for j in jobs]) == jobs
+            assert await q.get_jobs(ids) == jobs
         check_store(where)
+    # Killed after the write, it is the new store (the last of the hook's calls).
+    where = tmp_path / "last.ldb"
+    shutil.copytree(path, where)
+    result = _crash_upgrade(where, -1, calls)
+    assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
+    assert _dump(where) == new
 
 
 @pytest.mark.parametrize("method", ["insert", "insert_new"])

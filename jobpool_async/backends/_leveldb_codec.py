@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+import sys
 from datetime import UTC, datetime, timedelta
 
 from .base import (
@@ -39,10 +40,13 @@ APPLICATION = "jobpool_async"
 #: index, the priority in ``E``/``F`` keys, a DISCARDED counter slot).
 #: 4: no ``L`` keys, no ``S`` keys of RUNNING/CANCELLING jobs (listed from their
 #: ``A`` keys, which hold the created time: ``A enc(assignee) created id``).
-FORMAT_VERSION = 4
-RECORD_VERSION = 2
+#: 5: no ``Y`` keys, the job type in the ``S`` keys (``S code enc(type) created id``);
+#: job records of version 3 (the fields of version 2, little-endian), version 2 ones
+#: read until their jobs move.
+FORMAT_VERSION = 5
+RECORD_VERSION = 3
 #: Store formats :mod:`jobpool_async.backends.leveldb` upgrades in place on open.
-UPGRADABLE_FORMATS = (1, 2, 3)
+UPGRADABLE_FORMATS = (1, 2, 3, 4)
 
 #: The stored code of each status. Fixed: never reorder, only append.
 STATUS_CODES: tuple[JobStatus, ...] = (
@@ -257,26 +261,46 @@ def decode_global_v1(raw: bytes) -> tuple[int, Counters]:
 
 # --- job records --------------------------------------------------------------------
 #
-# One fixed header, then the variable fields back to back (record version 2):
+# A version byte, one fixed header, then the variable fields back to back (record
+# version 3, format 5)::
 #
-#   version u8 | status code u8 | presence flags u8 | seq u64 | retry_count u64
-#   | created_at, started_at, finalized_at, last_retry_at, assigned_at: u64 micros
-#   | scheduled_at u64 micros | priority i16 | max_attempts i64 (-1: None)
-#   | attempts i64
+#   version u8 | seq u64 | retry_count u64
+#   | created_at, started_at, finalized_at, last_retry_at, assigned_at,
+#     scheduled_at: u64 micros | max_attempts i64 (-1: None) | attempts i64
 #   | byte lengths (u32) of: id, job_type, job_definition, error_message,
 #     assignee_id, result, tags
+#   | priority i16 | status code u8 | presence flags u8
 #   | id | job_type | job_definition | error_message | assignee_id | result | tags
 #
-# Version 1 (format 1 stores) lacks the four time fields; it is read only to upgrade.
-# Text is UTF-8 (surrogatepass). Tags are joined by NUL, which no tag may contain.
+# The header's integers are little-endian, widest first: a value needs no sort order,
+# and so, on a little-endian machine whose C ``long`` has 8 bytes, ``struct`` packs
+# the header in native mode (``L``/``l``: no padding, the same bytes), which converts
+# an int with ``PyLong_AsUnsignedLong``. Big-endian 8-byte fields, and ``Q``/``q`` in
+# any mode, go through ``_PyLong_AsByteArray`` for any value above 2**30 (every time
+# is): a version 2 header, the same fields big-endian in the old order, took 0.71 µs to
+# pack against 0.48 µs, and 0.65 against 0.35 µs to unpack.
+#
+# Version 2 (formats 3 and 4: version u8 | status code u8 | flags u8 | seq | retry_count
+# | the six times | priority i16 | max_attempts | attempts | the lengths, big-endian)
+# and version 1 (format 1 stores: without scheduled_at, priority, max_attempts and
+# attempts) are read as well, never written. Text is UTF-8 (surrogatepass). Tags are
+# joined by NUL, which no tag may contain.
 
-_HEAD = struct.Struct(">BBBQQQQQQQQhqqIIIIIII")
-_HEAD_SIZE = _HEAD.size
+_HEAD_LAYOUT = "<QQQQQQQQqqIIIIIIIhBB"
+_HEAD_NATIVE = "@LLLLLLLLllIIIIIIIhBB"
+#: Same bytes as ``_HEAD_LAYOUT`` where the native one is little-endian with 8-byte longs.
+NATIVE_HEAD = sys.byteorder == "little" and struct.calcsize(_HEAD_NATIVE) == struct.calcsize(
+    _HEAD_LAYOUT
+)
+_HEAD = struct.Struct(_HEAD_NATIVE if NATIVE_HEAD else _HEAD_LAYOUT)
+_HEAD_SIZE = 1 + _HEAD.size  # (after the version byte)
+_HEAD_V2 = struct.Struct(">BBBQQQQQQQQhqqIIIIIII")
 _HEAD_V1 = struct.Struct(">BBBQQQQQQQIIIIIII")
 _F_STARTED, _F_FINALIZED, _F_RETRY, _F_ASSIGNED, _F_RESULT, _F_SCHEDULED = 1, 2, 4, 8, 16, 32
 _KNOWN_FLAGS = 63
 _VERSION_BYTE = bytes([RECORD_VERSION])
-_LENGTHS = 14  # index of the first length in a version 2 header
+#: Where the lengths are in a version 3 header (as :func:`_head` gives it).
+_LENGTHS, _LENGTHS_END = 10, 17
 
 
 def _opt(dt: datetime | None) -> int:
@@ -360,9 +384,6 @@ def encode_job(
     assignee_bytes = assignee.encode("utf-8", "surrogatepass") if assignee else b""
     max_attempts = job.max_attempts
     head = _HEAD.pack(
-        RECORD_VERSION,
-        CODE_OF[job.status],
-        flags,
         seq,
         job.retry_count,
         created,
@@ -371,7 +392,6 @@ def encode_job(
         retried,
         assigned,
         scheduled,
-        job.priority,
         -1 if max_attempts is None else max_attempts,
         job.attempts,
         n_id,
@@ -381,8 +401,11 @@ def encode_job(
         len(assignee_bytes),
         len(result),
         len(tag_bytes),
+        job.priority,
+        CODE_OF[job.status],
+        flags,
     )
-    return b"".join((head, lead, error_bytes, assignee_bytes, result, tag_bytes))
+    return b"".join((_VERSION_BYTE, head, lead, error_bytes, assignee_bytes, result, tag_bytes))
 
 
 def _corrupt(detail: str) -> StorageError:
@@ -390,42 +413,51 @@ def _corrupt(detail: str) -> StorageError:
 
 
 def _head(raw: bytes) -> tuple[int, ...]:
-    """The checked fixed header of a record, as a version 2 header (a version 1
-    header gets the defaults of the fields it lacks)."""
+    """The checked fixed header of a record in version 3 order, then its size (a
+    version 1 header gets the defaults of the fields it lacks)."""
     if raw[:1] != _VERSION_BYTE:
-        if not raw:
-            raise _corrupt("empty record")
-        if raw[0] != 1:
-            raise StorageError(
-                f"job record format {raw[0]} is unknown to this jobpool_async "
-                f"(reads format {RECORD_VERSION})"
-            )
-        try:
-            old = _HEAD_V1.unpack_from(raw)
-        except struct.error as exc:
-            raise _corrupt(str(exc)) from exc
-        if old[1] >= N_STATUS_V1 or old[2] & ~31:
-            raise _corrupt("bad status code or flags")
-        if _HEAD_V1.size + sum(old[10:]) != len(raw):
-            raise _corrupt("field lengths do not match the record size")
-        return (*old[:10], 0, 0, -1, 0, *old[10:], _HEAD_V1.size)
+        return _old_head(raw)
     try:
-        head = _HEAD.unpack_from(raw)
+        head = _HEAD.unpack_from(raw, 1)
     except struct.error as exc:
         raise _corrupt(str(exc)) from exc
-    if head[1] >= N_STATUS or head[2] & ~_KNOWN_FLAGS:
+    if head[-2] >= N_STATUS or head[-1] & ~_KNOWN_FLAGS:
         raise _corrupt("bad status code or flags")
-    if _HEAD_SIZE + sum(head[_LENGTHS:]) != len(raw):
+    if _HEAD_SIZE + sum(head[_LENGTHS:_LENGTHS_END]) != len(raw):
         raise _corrupt("field lengths do not match the record size")
     return (*head, _HEAD_SIZE)
+
+
+def _old_head(raw: bytes) -> tuple[int, ...]:
+    """:func:`_head` of a version 1 or 2 record."""
+    if not raw:
+        raise _corrupt("empty record")
+    version = raw[0]
+    if version not in (1, 2):
+        raise StorageError(
+            f"job record format {version} is unknown to this jobpool_async "
+            f"(reads format {RECORD_VERSION})"
+        )
+    layout = _HEAD_V1 if version == 1 else _HEAD_V2
+    try:
+        old = layout.unpack_from(raw)
+    except struct.error as exc:
+        raise _corrupt(str(exc)) from exc
+    if old[1] >= (N_STATUS_V1 if version == 1 else N_STATUS) or old[2] & ~(
+        31 if version == 1 else _KNOWN_FLAGS
+    ):
+        raise _corrupt("bad status code or flags")
+    lengths = old[-7:]
+    if layout.size + sum(lengths) != len(raw):
+        raise _corrupt("field lengths do not match the record size")
+    if version == 1:
+        return (*old[3:10], 0, -1, 0, *lengths, 0, old[1], old[2], layout.size)
+    return (*old[3:11], old[12], old[13], *lengths, old[11], old[1], old[2], layout.size)
 
 
 def decode_job(raw: bytes) -> tuple[Job, int]:
     """The job stored in ``raw`` and its enqueue sequence number."""
     (
-        _,
-        code,
-        flags,
         seq,
         retries,
         created,
@@ -434,7 +466,6 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
         retried,
         assigned,
         scheduled,
-        priority,
         max_attempts,
         attempts,
         n_id,
@@ -444,6 +475,9 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
         n_assignee,
         n_result,
         n_tags,
+        priority,
+        code,
+        flags,
         size,
     ) = _head(raw)
     e_id = size + n_id
@@ -483,4 +517,5 @@ def decode_job(raw: bytes) -> tuple[Job, int]:
 def decode_state(raw: bytes) -> tuple[JobStatus, datetime | None]:
     """Only the status and ``assigned_at`` of a record (reads the fixed header)."""
     head = _head(raw)
-    return STATUS_CODES[head[1]], from_micros(head[9]) if head[2] & _F_ASSIGNED else None
+    code, flags = head[-3], head[-2]
+    return STATUS_CODES[code], from_micros(head[6]) if flags & _F_ASSIGNED else None
