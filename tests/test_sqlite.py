@@ -10,10 +10,10 @@ import random
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -31,6 +31,7 @@ from jobpool_async.backends.sqlite import SQLiteBackend
 from jobpool_async.testing import FakeClock
 
 S = JobStatus
+T = TypeVar("T")
 WORKER = str(Path(__file__).with_name("sqlite_worker.py"))
 DEADLINE = 20.0
 POLL = 0.05
@@ -612,9 +613,9 @@ async def test_claim_query_plans_read_only_the_eligible_indexes(tmp_path: Path) 
     conn.close()
 
 
-def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
-    """SQLite VM instructions executed by one claim (progress handler every step)."""
-    conn = sqlite3.connect(path, isolation_level=None)
+def counted(conn: sqlite3.Connection, body: Callable[[], T]) -> tuple[T, int]:
+    """What ``body`` returns, and the SQLite VM instructions it executed on ``conn``
+    (progress handler every step)."""
     steps = 0
 
     def count() -> int:
@@ -623,8 +624,17 @@ def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
         return 0
 
     conn.set_progress_handler(count, 1)
-    rows = sq._claim(conn, "probe", tags, limit, 0, True)
-    conn.set_progress_handler(None, 0)
+    try:
+        out = body()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return out, steps
+
+
+def vm_steps(path: Path, tags: tuple[str, ...], limit: int = 10) -> int:
+    """SQLite VM instructions executed by one claim."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    rows, steps = counted(conn, lambda: sq._claim(conn, "probe", tags, limit, 0, True))
     assert len(rows) == limit
     conn.execute(
         "UPDATE jobs SET status = 'initial_pending', list_state = 1 WHERE assignee_id = 'probe'"
@@ -651,6 +661,72 @@ async def test_claim_work_does_not_grow_with_finished_jobs(tmp_path: Path) -> No
     for before, after in zip(empty, full, strict=True):
         # a scan of the finished jobs would cost tens of thousands of steps
         assert after <= before * 1.2 + 50, (empty, full)
+
+
+def purge_steps(path: Path, cutoff: datetime) -> tuple[int, int]:
+    """How many jobs a purge of the completed jobs finalized by ``cutoff`` deletes, and
+    the SQLite VM instructions it executes (rolled back: the store is left as it was)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    deleted, steps = counted(conn, lambda: sq._delete_completed_before(conn, sq._us(cutoff)))
+    conn.execute("ROLLBACK")
+    conn.close()
+    return deleted, steps
+
+
+async def complete_all(q: PoolQueue, n: int) -> None:
+    async with q.stream_jobs("w", max_assigned_jobs=n) as s:
+        batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+        assert len(batch) == n
+        await q.complete_jobs({j.id: b"r" for j in batch})
+
+
+async def test_a_purge_reads_the_completed_jobs_it_deletes_not_every_completed_one(
+    tmp_path: Path,
+) -> None:
+    """Store version 7 has no index of every completed job by ``finalized_at``: a purge
+    walks each priority's COMPLETED run of ``jobs_list_prio`` up to the cutoff by
+    ``created_at`` (finalized by the cutoff: created by then), and reads
+    ``jobs_finalized_early`` for the jobs finalized before their (caller-given) creation
+    time. It deletes exactly the completed jobs finalized by the cutoff, whatever their
+    priority or creation time, and its work does not grow with the completed jobs
+    created after the cutoff."""
+    path = tmp_path / "jobs.db"
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    clock = FakeClock(t0)
+    day = timedelta(days=1)
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        early = [
+            *jobs(3, prefix="old", created_at=t0 - day),
+            Job(id="prio", job_type="t", priority=2, created_at=t0 - day),
+            Job(id="neg", job_type="t", priority=-1, created_at=t0 - day),
+            Job(id="future", job_type="t", created_at=t0 + 30 * day),  # finalized before
+        ]
+        await q.enqueue_jobs(early)
+        await complete_all(q, len(early))
+        await q.enqueue_jobs([Job(id="pending", job_type="t", created_at=t0 - day)])
+        clock.advance(3600)
+        cutoff = clock.now()
+        clock.advance(3600)
+        # created by the cutoff but finalized after it: kept
+        await q.enqueue_jobs([Job(id="late", job_type="t", priority=2, created_at=t0)])
+        async with q.stream_jobs("w", max_assigned_jobs=2) as s:
+            batch = await asyncio.wait_for(s.__anext__(), DEADLINE)
+            assert sorted(j.id for j in batch) == ["late", "pending"]
+            await q.complete_jobs({"late": None})
+        await q.enqueue_jobs(jobs(50, prefix="new", created_at=cutoff + timedelta(seconds=1)))
+        await complete_all(q, 50)
+        few = purge_steps(path, cutoff)
+        await q.enqueue_jobs(jobs(2000, prefix="more", created_at=cutoff + timedelta(seconds=1)))
+        await complete_all(q, 2000)
+        many = purge_steps(path, cutoff)
+        assert few[0] == many[0] == len(early)
+        assert many[1] <= few[1] * 1.2 + 50, (few, many)  # a scan would take 10,000s
+        assert await q.backend.delete_completed_before(cutoff) == len(early)
+        assert await q.get_jobs([j.id for j in early]) == []
+        left = await q.get_jobs(["late", "pending", "new-0", "more-0"])
+        assert [j.status for j in left] == [S.COMPLETED, S.RUNNING, S.COMPLETED, S.COMPLETED]
+        assert await q.backend.delete_completed_before(clock.now()) == 1 + 50 + 2000
 
 
 def mixed_shapes(n: int, prefix: str, start: datetime) -> list[Job]:

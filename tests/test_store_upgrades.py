@@ -52,6 +52,8 @@ PG_VERSION_4 = VERSION_3
 VERSION_5 = FIXTURES / "v0.5-a68b318"
 #: The PostgreSQL store of schema version 5 (main at fc07ff3).
 PG_VERSION_5 = FIXTURES / "v0.6-fc07ff3"
+#: The SQLite store of schema version 6 (main at 1f3caf7).
+VERSION_6 = FIXTURES / "v0.7-1f3caf7"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -573,29 +575,39 @@ def _codes_match_statuses(path: Path) -> None:
         assert code == mod._STATE_CODES.get(JobStatus(status)), (job_id, status, code)
 
 
+async def _upgraded_twice(fixture: Path, path: Path) -> tuple[list[Job], list[str], FakeClock]:
+    """Open the copy at ``path`` of the store in ``fixture`` twice (upgraded, then as it
+    is): every job, counter and listing page as that version's code read them, every
+    job's ``list_state`` its status's code, the indexes of version 7. Returns the jobs,
+    their ids and the clock (2031) the queues ran on."""
+    want = json.loads((fixture / "expected.json").read_text())["sqlite"]
+    ids = [w["id"] for w in want["jobs"]]
+    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
+    for _ in range(2):
+        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+            jobs = await _stored_as_written(q, ids, want)
+            assert len({j.status for j in jobs}) >= 6
+            await _lists_match_a_scan(q, jobs)
+        _codes_match_statuses(path)
+    assert _sqlite_schema(path)[0] == SQLITE_VERSION == 7
+    indexes = _index_sql(path)
+    assert "(list_state, priority, created_at, id)" in indexes["jobs_list_prio"]
+    assert "jobs_completed" not in indexes
+    assert "WHERE finalized_at < created_at" in indexes["jobs_finalized_early"]
+    return jobs, ids, clock
+
+
 async def test_sqlite_store_of_version_5_is_upgraded_in_place(tmp_path: Path) -> None:
     """Version 5 → 6: every job gets its ``list_state`` (its status's code) and the
     indexes keyed by an expression over the status (``jobs_list_prio``,
     ``jobs_completed``) are made again over it. Every job, counter and listing page is
     kept (pages of any size, by every status and pair of statuses present); moves keep
     the codes in step, claims keep their order, and a purge of completed jobs finds them."""
-    want = json.loads((VERSION_5 / "expected.json").read_text())["sqlite"]
     path = tmp_path / "v5.db"
     shutil.copy(VERSION_5 / "sqlite.db", path)
     assert _sqlite_schema(path)[0] == 5
     assert "list_state" not in _index_sql(path)["jobs_list_prio"]
-    ids = [w["id"] for w in want["jobs"]]
-    clock = FakeClock(datetime(2031, 1, 1, tzinfo=UTC))
-    for _ in range(2):  # upgraded once, then opened as it is
-        async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
-            jobs = await _stored_as_written(q, ids, want)
-            assert len({j.status for j in jobs}) >= 6
-            await _lists_match_a_scan(q, jobs)
-        _codes_match_statuses(path)
-    assert _sqlite_schema(path)[0] == SQLITE_VERSION == 6
-    indexes = _index_sql(path)
-    assert "(list_state, priority, created_at, id)" in indexes["jobs_list_prio"]
-    assert "WHERE list_state = 8" in indexes["jobs_completed"]
+    jobs, ids, clock = await _upgraded_twice(VERSION_5, path)
     async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
         await _claims_keep_their_order(q, jobs, ids)
         _codes_match_statuses(path)
@@ -603,6 +615,31 @@ async def test_sqlite_store_of_version_5_is_upgraded_in_place(tmp_path: Path) ->
         assert completed
         assert await q.backend.delete_completed_before(clock.now()) >= len(completed)
         assert await q.get_jobs(completed) == []
+
+
+# --- SQLite store version 6 (every completed job in jobs_completed) -------------------------
+
+
+async def test_sqlite_store_of_version_6_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 6 → 7: ``jobs_completed`` (every completed job by ``finalized_at``) gives
+    way to ``jobs_finalized_early``. Every job, counter and listing page is kept, claims
+    keep their order, and a purge finds the completed jobs written by version 6 code
+    (through ``jobs_list_prio``): none before the first one's completion time, exactly
+    those finalized by its cutoff after it."""
+    path = tmp_path / "v6.db"
+    shutil.copy(VERSION_6 / "sqlite.db", path)
+    assert _sqlite_schema(path)[0] == 6 and "jobs_completed" in _index_sql(path)
+    jobs, ids, clock = await _upgraded_twice(VERSION_6, path)
+    completed = [j for j in jobs if j.status is JobStatus.COMPLETED]
+    assert completed
+    finalized = sorted(j.finalized_at for j in completed if j.finalized_at)
+    async with PoolQueue(SQLiteBackend(path), clock=clock) as q:
+        first = finalized[0] - timedelta(microseconds=1)
+        assert await q.backend.delete_completed_before(first) == 0
+        await _claims_keep_their_order(q, jobs, ids)  # completes more, in 2031
+        assert await q.backend.delete_completed_before(finalized[-1]) == len(completed)
+        assert await q.get_jobs([j.id for j in completed]) == []
+        assert (await q.get_job_stats()).completed_jobs > 0  # those completed in 2031
 
 
 # --- a crash during the upgrade -------------------------------------------------------------
@@ -715,9 +752,11 @@ async def test_a_crash_during_the_upgrade_leaves_the_old_store_or_the_new(
 
 
 @pytest.mark.parametrize(
-    "fixture", [VERSION_3, VERSION_4, VERSION_5], ids=["version 3", "version 4", "version 5"]
+    "fixture",
+    [VERSION_3, VERSION_4, VERSION_5, VERSION_6],
+    ids=["version 3", "version 4", "version 5", "version 6"],
 )
-async def test_a_crash_during_a_sqlite_upgrade_from_version_3_to_5_leaves_old_or_new(
+async def test_a_crash_during_a_sqlite_upgrade_from_version_3_to_6_leaves_old_or_new(
     fixture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jobpool_async.backends import sqlite as mod
