@@ -40,9 +40,8 @@ APPLICATION = "jobpool_async"
 #: index, the priority in ``E``/``F`` keys, a DISCARDED counter slot).
 #: 4: no ``L`` keys, no ``S`` keys of RUNNING/CANCELLING jobs (listed from their
 #: ``A`` keys, which hold the created time: ``A enc(assignee) created id``).
-#: 5: no ``Y`` keys, the job type in the ``S`` keys (``S code enc(type) created id``);
-#: job records of version 3 (the fields of version 2, little-endian), version 2 ones
-#: read until their jobs move.
+#: 5: job records of version 3 (the fields of version 2, little-endian), version 2
+#: ones read until their jobs move (the keys are those of format 4).
 FORMAT_VERSION = 5
 RECORD_VERSION = 3
 #: Store formats :mod:`jobpool_async.backends.leveldb` upgrades in place on open.

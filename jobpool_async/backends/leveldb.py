@@ -25,30 +25,27 @@ reopening)::
     K enc(tag)                          -> count per status and retry sum of the tag's jobs
     A enc(assignee) created_time id     -> ""  RUNNING/CANCELLING jobs per assignee
     D finalized_time seq id             -> ""  COMPLETED jobs by finalized_at (TTL cleanup)
-    S status_code enc(job_type) created_time id
-                                        -> ""  jobs per status (u8 code) and type, for
-                                           list_jobs, but RUNNING/CANCELLING ones
+    S status_code created_time id       -> ""  jobs per status (u8 code), for list_jobs,
+                                           but RUNNING/CANCELLING ones (format 4)
+    Y enc(job_type) created_time id     -> ""  every job per type, likewise
     C enc(tag) created_time id          -> ""  every job per tag, likewise
 
-``list_jobs`` walks ``S``/``C`` keys backwards from its cursor ``(created_time, id)``:
-newest first, ties by id. RUNNING and CANCELLING jobs are listed from their ``A`` keys
-(each assignee's are in ``created_time, id`` order). The walks a page needs are
-merged: for a status, those of its job types (found by seeking from one type's keys
-to the next); for a job type, those of its statuses and every assignee's (the page
-reads and skips the RUNNING/CANCELLING jobs of other types: as many as run at once,
-whatever the store holds); without filters, every status's and type's and every
-assignee's. So a job's life writes 11 keys (enqueue: ``J``, ``E``, ``S``; claim: ``E``
-and ``S`` out, ``A`` and ``J`` in; completion: ``A`` out, ``D``, ``S`` and ``J`` in).
+``list_jobs`` walks ``S``/``Y``/``C`` keys backwards from its cursor
+``(created_time, id)``: newest first, ties by id. RUNNING and CANCELLING jobs are
+listed from their ``A`` keys (each assignee's are in ``created_time, id`` order, and
+the walks of the assignees are merged); a page without filters merges the ``Y`` walks
+of every job type (found by seeking from one type's keys to the next). So a job's
+life writes 12 keys (enqueue: ``J``, ``Y``, ``E``, ``S``; claim: ``E`` and ``S`` out,
+``A`` and ``J`` in; completion: ``A`` out, ``D``, ``S`` and ``J`` in), not 15.
 
 Older stores are upgraded in place on open: format 1 (before the listing keys) gets
 them (:func:`_upgrade`), format 2 its records re-encoded (:func:`_upgrade_to_3`),
 format 3 loses its ``L`` keys and the ``S`` keys of RUNNING/CANCELLING jobs, and its
-``A`` keys get the job's created time (:func:`_stage_format_4`), and format 4 loses
-its ``Y`` keys, the job type going into the ``S`` keys (:func:`_upgrade_to_5`, in one
-batch with the changes of format 4 from format 3). Format 5 also writes job records
-of version 3 (little-endian header fields, cheaper to pack: see
-:mod:`._leveldb_codec`); it reads the version 2 records of older formats as they are
-and rewrites them when their jobs move.
+``A`` keys get the job's created time (:func:`_stage_format_4`). Format 5 has the keys
+of format 4 and writes job records of version 3 (their header little-endian, cheaper
+to pack: see :mod:`._leveldb_codec`); it reads the version 2 records of older formats
+as they are and rewrites them when their jobs move, so its upgrade writes only its
+mark (:func:`_upgrade_to_5`; from format 3 in the batch of format 4's changes).
 
 Leases (SPEC §8.4)::
 
@@ -136,7 +133,6 @@ _DONE = b"D"
 #: Every job by created time (formats 2 and 3 only: removed by the upgrade to 4).
 _LIST = b"L"
 _LIST_STATUS = b"S"
-#: Every job per type (formats 2 to 4 only: the upgrade to 5 moves the type into ``S``).
 _LIST_TYPE = b"Y"
 _LIST_TAG = b"C"
 #: Jobs per write batch when a format 1 store gets its listing keys.
@@ -218,8 +214,6 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 #: The ``S`` key prefix of each status code.
 _LIST_STATUS_OF = tuple(_LIST_STATUS + bytes((code,)) for code in range(codec.N_STATUS))
-#: Those of the statuses that have ``S`` keys (all but RUNNING and CANCELLING).
-_LISTED = [_LIST_STATUS_OF[codec.CODE_OF[s]] for s in codec.STATUS_CODES if s not in ACTIVE]
 _ORDER = struct.Struct(">HQQ")
 _U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
@@ -244,7 +238,7 @@ def _index_keys(
         tail = _tail(job, idb)
     if status in ACTIVE:
         return [_ASSIGNEE + codec.enc(job.assignee_id) + tail]
-    listed = _LIST_STATUS_OF[codec.CODE_OF[status]] + codec.enc(job.job_type) + tail
+    listed = _LIST_STATUS_OF[codec.CODE_OF[status]] + tail
     if status in ELIGIBLE:
         scheduled = job.scheduled_at
         if scheduled is not None:
@@ -278,10 +272,10 @@ def _tail(job: Job, idb: bytes) -> bytes:
 
 
 def _static_keys(job: Job, idb: bytes, tail: bytes | None = None) -> list[bytes]:
-    """The keys of ``job`` that never change while it exists (its tags')."""
+    """The keys of ``job`` that never change while it exists (tags, listing order)."""
     if tail is None:
         tail = _tail(job, idb)
-    keys = []
+    keys = [_LIST_TYPE + codec.enc(job.job_type) + tail]
     for tag in job.tags:
         enc = codec.enc(tag)
         keys.append(_TAG + enc + idb)
@@ -311,11 +305,10 @@ def _upgrade(db: Any) -> None:
             job, _ = codec.decode_job(raw)
             idb = codec.id_bytes(job.id)
             tail = _tail(job, idb)
-            # The keys of format 2 (which has ``L``, ``Y`` and every job's ``S`` key
-            # without its type; the upgrades to formats 4 and 5 then change them).
+            # The keys of format 2 (which has ``L`` and every job's ``S`` key; the
+            # upgrade to format 4 then removes those it no longer has).
             wb.put(_LIST + tail, b"")
             wb.put(_LIST_STATUS_OF[codec.CODE_OF[job.status]] + tail, b"")
-            wb.put(_LIST_TYPE + codec.enc(job.job_type) + tail, b"")
             for key in _static_keys(job, idb, tail):
                 if key[:1] != _TAG:  # T keys exist in format 1
                     wb.put(key, b"")
@@ -858,13 +851,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     put(key, b"")
                 keys = w.index(job, seq, idb, tail)
             else:
+                put(_LIST_TYPE + enc(job.job_type) + tail, b"")
                 code = code_of[status]
                 values[code] += 1
                 values[-1] += job.retry_count
                 retried = job.last_retry_at
                 due = created if retried is None else codec.to_micros(retried)
                 key = _ELIGIBLE + pack_order(32767 - job.priority, due, seq) + idb
-                listed = _LIST_STATUS_OF[code] + enc(job.job_type) + tail
+                listed = _LIST_STATUS_OF[code] + tail
                 put(key, b"")
                 put(listed, b"")
                 keys = [key, listed]
@@ -1230,9 +1224,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _oldest_created(self, statuses: frozenset[JobStatus]) -> datetime | None:
         firsts = []
         for status in statuses - ACTIVE:
-            # The oldest job of each type in ``status``.
-            for part, key in self._firsts(_LIST_STATUS_OF[codec.CODE_OF[status]]):
-                firsts.append(codec.from_micros(codec.read_u64(key, len(part))))
+            prefix = _LIST_STATUS_OF[codec.CODE_OF[status]]
+            with self._db.iterator(prefix=prefix, include_value=False) as it:
+                key = next(it, None)
+            if key is not None:
+                firsts.append(codec.from_micros(codec.read_u64(key, 2)))
         active = statuses & ACTIVE
         for prefix in self._components(_ASSIGNEE) if active else ():
             # Each assignee's oldest job in one of ``active`` (its ``A`` keys are in
@@ -1253,21 +1249,16 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     break
         return min(firsts, default=None)
 
-    def _components(self, prefix: bytes, skip: int = 0) -> list[bytes]:
-        """Each distinct ``prefix <skip bytes> enc(x)`` that keys under ``prefix``
-        start with (the assignees of ``A`` keys, the status and job types of ``S``
-        keys): one seek each."""
-        return [part for part, _ in self._firsts(prefix, skip)]
-
-    def _firsts(self, prefix: bytes, skip: int = 0) -> list[tuple[bytes, bytes]]:
-        """:meth:`_components`, each with its first key."""
-        out: list[tuple[bytes, bytes]] = []
-        n = len(prefix) + skip
+    def _components(self, prefix: bytes) -> list[bytes]:
+        """Each distinct ``prefix enc(x)`` that keys under ``prefix`` start with (the
+        assignees of ``A`` keys, the job types of ``Y`` keys): one seek each."""
+        out: list[bytes] = []
+        n = len(prefix)
         with self._db.iterator(prefix=prefix, include_value=False) as it:
             key = next(it, None)
             while key is not None:
                 part = key[: key.index(b"\x00\x01", n) + 2]
-                out.append((part, key))
+                out.append(part)
                 it.seek(_prefix_end(part))  # past every key of this component
                 key = next(it, None)
         return out
@@ -1277,25 +1268,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if query.tags:
             tag, _ = self._smallest_tag(query.tags)
             return [_LIST_TAG + codec.enc(tag)]
-        # ``S status enc(job_type)`` walks (each status's jobs of each type), and the
-        # assignees' ``A`` walks for RUNNING/CANCELLING jobs (of every type:
-        # ``matches`` checks the status and the type of what they list).
-        statuses = query.statuses
-        listed = (
-            _LISTED
-            if not statuses
-            else [_LIST_STATUS_OF[codec.CODE_OF[s]] for s in statuses - ACTIVE]
-        )
+        if query.statuses:
+            prefixes = [_LIST_STATUS_OF[codec.CODE_OF[s]] for s in query.statuses - ACTIVE]
+            if not query.statuses.isdisjoint(ACTIVE):  # (``matches`` checks the status)
+                prefixes.extend(self._components(_ASSIGNEE))
+            return prefixes
         if query.job_type is not None:
-            typed = codec.enc(query.job_type)
-            prefixes = [prefix + typed for prefix in listed]
-        elif not statuses:
-            prefixes = self._components(_LIST_STATUS, 1)
-        else:
-            prefixes = [part for prefix in listed for part in self._components(prefix)]
-        if not statuses or not statuses.isdisjoint(ACTIVE):
-            prefixes.extend(self._components(_ASSIGNEE))
-        return prefixes
+            return [_LIST_TYPE + codec.enc(query.job_type)]
+        return self._components(_LIST_TYPE)  # every job has one ``Y`` key
 
     async def list_jobs(self, query: ListQuery) -> list[Job]:
         return await self._run(self._list_jobs, query)
@@ -1456,31 +1436,19 @@ def _stage_format_4(db: Any, where: str, wb: Any) -> None:
 
 def _upgrade_to_5(db: Any, where: str, version: int) -> None:
     """Format 3 or 4 -> 5 in one synced batch, so a crash leaves the old store or the
-    new: from format 3 the changes of format 4 first (:func:`_stage_format_4`), then
-    every ``Y`` key and every ``S`` key deleted and each job that has one given its
-    ``S`` key with the job type (``S status enc(job_type) created id``).
+    new: from format 3 the changes of format 4 (:func:`_stage_format_4`), then the
+    format mark.
 
-    Job records are not rewritten: format 5 reads the version 2 records of formats 3
-    and 4 as they are and writes version 3 (see :mod:`._leveldb_codec`) when a job
-    moves."""
+    Format 5 has the keys of format 4; it writes job records of version 3 (see
+    :mod:`._leveldb_codec`) and reads the version 2 records of formats 3 and 4 as
+    they are, rewriting them when their jobs move. The mark keeps format 4 code,
+    which cannot read version 3 records, from opening the store."""
     wb = db.write_batch(sync=True)
     if version < 4:
         _stage_format_4(db, where, wb)
-    # All old keys out before any new one goes in (an old ``S`` key could equal a new
-    # one of another job), LevelDB applying a batch in order.
-    for prefix in (_LIST_STATUS, _LIST_TYPE):
-        with db.iterator(prefix=prefix, include_value=False) as it:
-            for key in it:
-                wb.delete(key)
-    with db.iterator(prefix=_JOB) as it:
-        for key, raw in it:
-            job, _ = codec.decode_job(raw)
-            if job.status not in ACTIVE:
-                listed = _LIST_STATUS_OF[codec.CODE_OF[job.status]] + codec.enc(job.job_type)
-                wb.put(listed + _tail(job, key[1:]), b"")
-            if _UPGRADE_HOOK is not None:
-                _UPGRADE_HOOK()
     wb.put(_META, codec.encode_meta(5))
+    if _UPGRADE_HOOK is not None:
+        _UPGRADE_HOOK()
     wb.write()
     if _UPGRADE_HOOK is not None:
         _UPGRADE_HOOK()
