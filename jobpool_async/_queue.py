@@ -715,6 +715,9 @@ class PoolQueue:
             # to a ``Worker``): woken, the stream would find nothing to do and wait
             # again (a task wake-up and a notifier wait per batch, for nothing).
             freed = [sub for sub in freed if sub is not stream._sub]
+            if stream._hungry:  # it waits with no free slot now: not as one hungry
+                stream._hungry = False  # (as it would wait again, had it woken)
+                self._hungry -= 1
         self._notifier.publish_soon(tagsets=tagsets, subs=freed)
 
     @staticmethod
@@ -1175,6 +1178,9 @@ class JobStream:
         self._handoff: Callable[[list[Job]], bool] | None = None
         #: In ``__anext__``, waiting to be woken (a refill for it is preferred).
         self._waiting = False
+        #: Waiting with a free slot that its last claim found no job for (counted in
+        #: ``PoolQueue._hungry`` while so).
+        self._hungry = False
         #: Whether calls freeing its slots claim its next jobs (off: its consumer
         #: takes no more, e.g. a stopping ``Worker``; they would only be given back).
         self._refills = True
@@ -1292,14 +1298,17 @@ class JobStream:
                     raise StopAsyncIteration
                 if self._sub.flag:
                     continue
-            hungry = free > 0  # it found no job for a free slot
             self._waiting = True
-            self._queue._hungry += hungry
+            if free > 0:  # it found no job for a free slot
+                self._hungry = True
+                self._queue._hungry += 1
             try:
                 woke = await self._queue._notifier.wait(self._sub, poll)
             finally:
                 self._waiting = False
-                self._queue._hungry -= hungry
+                if self._hungry:  # (unless a refill filled its slots meanwhile)
+                    self._hungry = False
+                    self._queue._hungry -= 1
             if not woke and self._held:
                 await self._queue._refresh(self)
 

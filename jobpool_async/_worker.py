@@ -247,6 +247,10 @@ class Worker:
         #: Why a job was interrupted (see :meth:`_interrupt`), until its outcome is recorded.
         self._reasons: dict[_Key, _Reason] = {}
         self._runners: set[_Runner] = set()
+        #: Each runner by its task (for the runner stepping a job now: the current task).
+        self._by_task: dict[asyncio.Task[None], _Runner] = {}
+        #: The runners of started jobs that suspended, by key (an interrupt's lookup).
+        self._suspended: dict[_Key, _Runner] = {}
         self._parked: list[_Runner] = []
         #: Runners awake (or woken) to take queued jobs: none means wake one.
         self._pullers = 0
@@ -476,6 +480,7 @@ class Worker:
         runner.task = asyncio.get_running_loop().create_task(
             self._run_jobs(runner), name=f"jobpool runner {self.assignee_id}"
         )
+        self._by_task[runner.task] = runner
 
     async def _run_jobs(self, runner: _Runner) -> None:
         """A runner: take queued jobs until none is left, then park until woken.
@@ -538,7 +543,11 @@ class Worker:
                                     self._add_puller()  # suspend too: all start next turn)
                                 if self._pending:  # recorded outcomes must not wait for it
                                     self._wake.set()
-                                await self._finish(key, job, runner, stepper, first, run)
+                                self._suspended[key] = runner
+                                try:
+                                    await self._finish(key, job, runner, stepper, first, run)
+                                finally:
+                                    del self._suspended[key]
                                 runner.key = None
                                 if runner.retired or task.cancelling():
                                     return  # a cancellation was meant for that job: end too
@@ -572,6 +581,7 @@ class Worker:
         finally:
             # (A cancelled runner's task keeps its CancelledError, whose traceback
             # keeps this frame: it must not refer back to the task, a cycle.)
+            self._by_task.pop(task, None)
             del task
             runner.task = None
             stepper.close()
@@ -706,11 +716,14 @@ class Worker:
         return _Outcome("fail", message=message, retry_in=policy.delay(job.attempts))
 
     def _runner_of(self, key: _Key) -> _Runner | None:
-        """The runner running the job of ``key`` now, if it started (rare: a scan)."""
-        for runner in self._runners:
-            if runner.key == key:
-                return runner
-        return None
+        """The runner running the job of ``key`` now, if it started: one whose job
+        suspended, or (called from the job's own code, between two of its
+        suspensions) the runner of the current task."""
+        runner = self._suspended.get(key)
+        if runner is None:
+            task = asyncio.current_task()
+            runner = self._by_task.get(task) if task is not None else None
+        return runner if runner is not None and runner.key == key else None
 
     def _interrupt(self, key: _Key, reason: _Reason) -> None:
         """Stop the job of ``key`` for ``reason``: a queued job is recorded without

@@ -3,6 +3,8 @@ set, and what it keeps of the jobs it is given."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -128,3 +130,46 @@ async def test_a_queue_enqueue_stores_its_checked_copies_not_the_callers_jobs() 
         assert stored is not mine and stored.tags is not mine.tags
         mine.tags.append("changed")
         assert (await queue.get_job("a")).tags == ["x"]
+
+
+class _PositionalMoves(MemoryBackend):
+    """A record store whose ``_stage_move`` takes its arguments by position only (the
+    hot path's calls must not bind keywords: a search of the parameter names each)."""
+
+    def _stage_move(
+        self,
+        w: None,
+        record: Job,
+        transition: Any,
+        now: Any,
+        result: bytes | None = None,
+        error_message: str | None = None,
+        assignee_id: str | None = None,
+        scheduled_at: Any = None,
+        max_attempts: int | None = None,
+        /,
+    ) -> Any:
+        return super()._stage_move(
+            w,
+            record,
+            transition,
+            now,
+            result,
+            error_message,
+            assignee_id,
+            scheduled_at,
+            max_attempts,
+        )
+
+
+async def test_applies_pass_the_moves_their_arguments_by_position() -> None:
+    async with PoolQueue(_PositionalMoves()) as queue:
+        await queue.enqueue_jobs([Job(id=f"j{i}", job_type="t", tags=["x"]) for i in range(4)])
+        async with queue.stream_jobs("w", max_assigned_jobs=2) as stream:
+            batch = await anext(stream)
+            await queue.complete_jobs({job.id: b"ok" for job in batch})
+            batch = await anext(stream)  # (claimed by the completion's refill)
+            await queue.fail_jobs({job.id: "no" for job in batch})
+            await queue.cancel_jobs(tags=["x"])
+        stats = await queue.get_job_stats()
+        assert (stats.completed_jobs, stats.stopped_jobs) == (2, 2)

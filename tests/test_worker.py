@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from jobpool_async import (
 )
 from jobpool_async.backends.base import Change
 from jobpool_async.pytest_plugin import wait_for_status
-from jobpool_async.testing import until
+from jobpool_async.testing import next_batch, until
 
 S = JobStatus
 DEADLINE = 10.0
@@ -640,6 +640,61 @@ async def test_many_concurrent_cancels_reach_exactly_their_jobs(queue: PoolQueue
     assert not worker._runners and not worker._queued
 
 
+class _CountedScans(set[Any]):
+    """A set that counts the loops over it."""
+
+    scans = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.scans += 1
+        return super().__iter__()
+
+
+async def test_a_cancel_finds_the_runner_of_its_job_without_a_scan(queue: PoolQueue) -> None:
+    """Cancelling each of 60 running jobs finds the runner of that job without going
+    through the runners (it looked through them all for each: 60 x 60 looks)."""
+    gate = Gate()
+    ids = [f"j{i:02d}" for i in range(60)]
+    await queue.enqueue_jobs([job(i) for i in ids])
+    worker = Worker(queue, gate, assignee_id="w", config=Config(concurrency=60))
+    runners = worker._runners = _CountedScans()
+    async with worker:
+        await until(lambda: gate.running == 60, "all 60 running")
+        await queue.cancel_jobs(job_ids=ids)
+        await until(lambda: len(gate.cancelled) == 60, "every processor cancelled")
+        assert runners.scans == 0
+    assert {j.status for j in await queue.get_jobs(ids)} == {S.STOPPED}
+
+
+async def test_a_job_that_ends_the_grace_from_its_own_code_is_interrupted(
+    queue: PoolQueue,
+) -> None:
+    """``_end_grace`` called by a job's own code between two suspensions finds that
+    job's runner (the current task's): the job is cancelled at its next suspension
+    and runs again."""
+    seen: list[str] = []
+    worker: Worker | None = None
+
+    async def proc(j: Job) -> bytes:
+        assert worker is not None
+        if j.attempts > 1:
+            return b"again"
+        worker._end_grace()
+        try:
+            await asyncio.sleep(DEADLINE)
+        except asyncio.CancelledError:
+            seen.append(j.id)
+            raise
+        return b"late"
+
+    await queue.enqueue_jobs([job("a")])
+    worker = Worker(queue, proc, assignee_id="w", config=Config(concurrency=1))
+    async with worker:
+        done = await wait_for_status(queue, "a", S.COMPLETED)
+    assert seen == ["a"]
+    assert (done.attempts, done.result) == (2, b"again")
+
+
 async def test_a_runner_goes_on_after_a_job_timeout_without_a_stray_cancel(
     queue: PoolQueue,
 ) -> None:
@@ -1075,3 +1130,80 @@ async def test_a_refill_handed_to_the_worker_does_not_wake_its_consumer() -> Non
         assert sorted(ran) == [f"j{i:03d}" for i in range(200)]
         assert stats.completed_jobs == 200
         assert waits <= 5, waits  # (20 batches: one wait per batch before)
+
+
+class _GatedApplies(MemoryBackend):
+    """Applies naming a job of ``gates`` wait for its event (a storage round trip held
+    open); ``claims`` counts the claims of streams' own (a refill's is no call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, asyncio.Event] = {}
+        self.held: set[str] = set()
+        self.claims = 0
+
+    async def apply(self, changes: Any, now: Any, refill: Any = None) -> Any:
+        for change in changes:
+            gate = self.gates.get(change.job_id)
+            if gate is not None:
+                self.held.add(change.job_id)
+                await gate.wait()
+        return await super().apply(changes, now, refill)
+
+    async def claim(self, *args: Any) -> Any:
+        self.claims += 1
+        return await super().claim(*args)
+
+
+async def test_a_full_worker_stream_left_waiting_by_a_refill_is_no_longer_hungry() -> None:
+    """A Worker's consumer waits with a free slot its claim found no job for; a job
+    then arrives unannounced (as from another process) and a refill (a completion of
+    one of its jobs by another caller, while its own write's refill is still under
+    way) hands it to the runners, filling the stream: the consumer is left waiting,
+    not woken. It must not still count as a stream waiting for jobs: while one does,
+    every other stream's completions skip their refill (so that the waiting one gets
+    the jobs first), and each batch of theirs costs a claim of its own."""
+    backend = _GatedApplies()
+    first_done, rest = asyncio.Event(), asyncio.Event()
+
+    async def proc(j: Job) -> bytes:
+        await (first_done if j.id == "w1" else rest).wait()
+        return b"ok"
+
+    async with PoolQueue(backend) as queue:
+        await queue.enqueue_jobs([job("w1", tags=["w"]), job("w2", tags=["w"])])
+        backend.gates = {"w1": asyncio.Event(), "w2": asyncio.Event()}
+        worker = Worker(queue, proc, assignee_id="w", tags=["w"], config=Config(concurrency=3))
+        async with worker:
+            try:
+                await _fill_a_hungry_worker_stream(queue, backend, worker, first_done)
+                # Meanwhile another stream completes its batches: each refills it in
+                # the same call (no claim of its own), as with no stream waiting.
+                await queue.enqueue_jobs([job(f"s{i}", tags=["s"]) for i in range(3)])
+                async with queue.stream_jobs("s", tags=["s"], max_assigned_jobs=1) as s:
+                    batch = await next_batch(s)
+                    claims = backend.claims
+                    for _ in range(2):
+                        await queue.complete_jobs({batch[0].id: b"ok"})
+                        batch = await next_batch(s)
+                    assert backend.claims == claims  # (one claim per batch before)
+            finally:  # (the worker's stop waits for its writes)
+                for gate in backend.gates.values():
+                    gate.set()
+                rest.set()
+
+
+async def _fill_a_hungry_worker_stream(
+    queue: PoolQueue, backend: _GatedApplies, worker: Worker, first_done: asyncio.Event
+) -> None:
+    stream = worker._stream
+    assert stream is not None
+    await until(lambda: len(stream._held) == 2 and stream._waiting, "w1, w2 held")
+    await backend.insert([job("w3", tags=["w"])])  # no wake-up: none was sent
+    first_done.set()  # the worker writes w1's outcome: a refill, held open
+    await until(lambda: "w1" in backend.held, "w1's write under way")
+    other = asyncio.ensure_future(queue.complete_job("w2", b"elsewhere"))
+    await until(lambda: "w2" in backend.held, "w2's completion under way")
+    backend.gates["w2"].set()  # its refill claims w3 for the worker: the stream is full
+    await other
+    await until(lambda: "w3" in stream._held, "w3 handed to the worker")

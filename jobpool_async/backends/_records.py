@@ -210,7 +210,6 @@ class RecordStore(Backend, Generic[R, W, P]):
         record: R,
         transition: Transition,
         now: datetime,
-        *,
         result: bytes | None = None,
         error_message: str | None = None,
         assignee_id: str | None = None,
@@ -219,9 +218,10 @@ class RecordStore(Backend, Generic[R, W, P]):
     ) -> JobStatus | None:
         """Move the job by ``transition`` (``None``: its status does not allow it).
 
-        (``apply()`` gets its arguments by position: binding keywords costs a search of
-        the parameter names each, and a dictionary lookup for each keyword-only one
-        left out.)"""
+        (Hot callers pass its arguments by position, and it passes ``apply()`` its by
+        position: binding keywords costs a search of the parameter names each, and a
+        dictionary lookup for each keyword-only one left out. An override keeps the
+        parameters in this order, none keyword-only.)"""
         job = self._job(record)
         if job.status not in transition._targets:  # (``target_of``, without the call)
             return None
@@ -290,15 +290,9 @@ class RecordStore(Backend, Generic[R, W, P]):
                     job_id, self._job(record).status, transition.target
                 )
                 continue
+            # (by position: per job)
             new = stage_move(
-                w,
-                record,
-                transition,
-                now,
-                result=result,
-                error_message=message,
-                scheduled_at=scheduled_at,
-                max_attempts=max_attempts,
+                w, record, transition, now, result, message, None, scheduled_at, max_attempts
             )
             if new is None:  # not moved: the job is as it was
                 errors[job_id] = InvalidTransitionError(
@@ -337,8 +331,9 @@ class RecordStore(Backend, Generic[R, W, P]):
             out.missing = [i for i in dict.fromkeys(selection.job_ids) if i not in present]
             out.unmatched.extend(out.missing)
         w = self._stage()
+        stage_move = self._stage_move
         for record in selected:
-            new = self._stage_move(w, record, transition, now, scheduled_at=scheduled_at)
+            new = stage_move(w, record, transition, now, None, None, None, scheduled_at)
             if new is None:
                 if report_unmatched:
                     out.unmatched.append(self._job(record).id)

@@ -885,7 +885,6 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         record: _Rec,
         transition: Transition,
         now: datetime,
-        *,
         result: bytes | None = None,
         error_message: str | None = None,
         assignee_id: str | None = None,
