@@ -1706,6 +1706,19 @@ async def test_self_vacuum_cleans_the_table_in_the_background(
         await wait_for(vacuumed, "a VACUUM of the jobs table")
         stats = await q.get_job_stats()
         assert stats.completed_jobs == 300 and stats.total_jobs == 300
+        # its ANALYZE keeps the statistics that choose plans, and only those
+        analyzed = await sql(
+            dsn, "SELECT attname FROM pg_stats WHERE schemaname = $1 AND tablename = 'jobs'", schema
+        )
+        assert sorted(r[0] for r in analyzed) == sorted(_maintenance.ANALYZED_COLUMNS)
+        if (await sql(dsn, "SELECT current_setting('server_version_num')::int"))[0][0] >= 140000:
+            (types,) = await sql(
+                dsn,
+                "SELECT count(*) FROM pg_stats_ext_exprs WHERE schemaname = $1 "
+                "AND statistics_name = 'jobs_type' AND most_common_vals IS NOT NULL",
+                schema,
+            )
+            assert types[0] == 1  # the type prefix's, which lists by type need
     finally:
         await q.close()
 
