@@ -348,56 +348,87 @@ class CheckedJobs(list[Job]):
     __slots__ = ()
 
 
+def _plain_text(text: str) -> bool:
+    """ASCII text without NUL (storable: the fast path's test of a non-empty field)."""
+    return text.isascii() and "\x00" not in text
+
+
 def check_new_job(job: object) -> Job:
     """Validate a job for enqueueing and return a normalised private copy.
 
     The common case (a freshly built job with default history fields) takes a fast
-    path of exact type checks; anything else goes through the full checks, which
-    name what is wrong.
+    path of exact type checks, each field read once, its copy made here from what
+    was read (per job: a copy's call and second reads cost more than the checks);
+    anything else goes through the full checks, which name what is wrong.
+    ``test_copy_keeps_every_field`` covers this copy too.
     """
+    if type(job) is not Job:
+        return _check_new_job_slow(job)
     # (ASCII text without NUL is storable: checked inline; other text takes the full
     # checks, which accept any valid Unicode)
-    if (
-        type(job) is Job
-        and type(job.id) is str
-        and job.id
-        and job.id.isascii()
-        and "\x00" not in job.id
-        and type(job.job_type) is str
-        and job.job_type.isascii()
-        and "\x00" not in job.job_type
-        and type(job.job_definition) is bytes
-        and job.status is _INITIAL_PENDING
-        and type(job.created_at) is datetime
-        and job.created_at.tzinfo is UTC
+    job_id = job.id
+    job_type = job.job_type
+    definition = job.job_definition
+    tags = job.tags
+    created = job.created_at
+    scheduled = job.scheduled_at
+    priority = job.priority
+    limit = job.max_attempts
+    message = job.error_message
+    assignee = job.assignee_id
+    attempts = job.attempts
+    if not (
+        job.status is _INITIAL_PENDING
         and job.started_at is None
         and job.finalized_at is None
         and job.last_retry_at is None
         and job.assigned_at is None
         and job.result is None
         and job.retry_count == 0
-        and (
-            job.scheduled_at is None
-            or (type(job.scheduled_at) is datetime and job.scheduled_at.tzinfo is UTC)
-        )
-        and type(job.priority) is int
-        and PRIORITY_MIN <= job.priority <= PRIORITY_MAX
-        and (
-            job.max_attempts is None
-            or (type(job.max_attempts) is int and 1 <= job.max_attempts <= MAX_ATTEMPTS_LIMIT)
-        )
-        and job.attempts == 0
-        and type(job.attempts) is int
-        and type(job.error_message) is str
-        and job.error_message.isascii()
-        and "\x00" not in job.error_message
-        and type(job.assignee_id) is str
-        and job.assignee_id.isascii()
-        and "\x00" not in job.assignee_id
-        and ((type(job.tags) is list and not job.tags) or _plain_tags(job.tags))
+        and type(attempts) is int
+        and attempts == 0
+        and type(job_id) is str
+        and job_id
+        and job_id.isascii()
+        and "\x00" not in job_id
+        and type(job_type) is str
+        and job_type.isascii()
+        and "\x00" not in job_type
+        and type(definition) is bytes
+        and type(created) is datetime
+        and created.tzinfo is UTC
+        and (scheduled is None or (type(scheduled) is datetime and scheduled.tzinfo is UTC))
+        and type(priority) is int
+        and PRIORITY_MIN <= priority <= PRIORITY_MAX
+        and (limit is None or (type(limit) is int and 1 <= limit <= MAX_ATTEMPTS_LIMIT))
+        and type(message) is str
+        and (not message or _plain_text(message))
+        and type(assignee) is str
+        and (not assignee or _plain_text(assignee))
+        and type(tags) is list
+        and (not tags or _plain_tags(tags))
     ):
-        return job.copy()  # every other field is checked to be its default above
-    return _check_new_job_slow(job)
+        return _check_new_job_slow(job)
+    new: Job = _new_object(Job)  # (``Job.copy``, of the fields read, inline: per job)
+    new.id = job_id
+    new.job_type = job_type
+    new.job_definition = definition
+    new.tags = list(tags)
+    new.status = _INITIAL_PENDING
+    new.created_at = created
+    new.started_at = None
+    new.finalized_at = None
+    new.error_message = message
+    new.result = None
+    new.retry_count = 0
+    new.last_retry_at = None
+    new.assignee_id = assignee
+    new.assigned_at = None
+    new.scheduled_at = scheduled
+    new.priority = priority
+    new.max_attempts = limit
+    new.attempts = 0
+    return new
 
 
 def _check_new_job_slow(job: object) -> Job:

@@ -97,7 +97,7 @@ class Notifier:
         subs: Iterable[Subscription] = (),
         everyone: bool = False,
     ) -> None:
-        if self.mark(tagsets=tagsets, subs=subs, everyone=everyone):
+        if self.mark(tagsets=tagsets, subs=subs, everyone=everyone) and self._cond._waiters:
             await self.notify()
 
     def publish_soon(
@@ -110,7 +110,9 @@ class Notifier:
         """From synchronous code (callbacks): raise flags now, and notify now if the
         condition's lock is free (the usual case), else from a task."""
         raised = self.mark(tagsets=tagsets, subs=subs, everyone=everyone)
-        if not raised or self._pending_notify is not None:
+        if not raised or self._pending_notify is not None or not self._cond._waiters:
+            # (No stream waits on the condition: the flags raised are all a stream
+            # needs, since ``wait`` tests its flag under the lock before waiting.)
             return
         if _acquire_now(self._cond):
             try:

@@ -13,10 +13,11 @@ import contextlib
 import functools
 import itertools
 import logging
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -93,6 +94,9 @@ _new_tuple = tuple.__new__
 _CANCELLING = JobStatus.CANCELLING
 _Outcome = TypeVar("_Outcome", ApplyOutcome, SelectOutcome)
 _VALIDATE_CHUNK = 2000
+_id = operator.attrgetter("id")
+_tags = operator.attrgetter("tags")
+_scheduled_at = operator.attrgetter("scheduled_at")
 
 
 class PoolQueue:
@@ -137,7 +141,13 @@ class PoolQueue:
         self._background: set[asyncio.Task[None]] = set()
         self._retry = retry
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._now = self._clock.now
+        #: The time now: for the system clock, ``datetime.now(UTC)`` itself (no frames
+        #: of ``SystemClock.now`` and ``utcnow`` in each call: one or two per batch).
+        self._now: Callable[[], datetime] = (
+            functools.partial(datetime.now, UTC)
+            if type(self._clock) is SystemClock
+            else self._clock.now
+        )
         #: The one timer: set for the earliest time a waiting job comes due.
         self._timer: TimerHandle | None = None
         self._timer_at: datetime | None = None
@@ -474,18 +484,19 @@ class PoolQueue:
             clean = [job for job in clean if job.id in ids]
         else:
             await self._backend.insert(clean)
-        now = self._now()
-        scheduled = False
-        tagsets: set[tuple[str, ...]] = set()
-        for job in clean:
-            if job.scheduled_at is None or job.scheduled_at <= now:
-                tagsets.add(tuple(job.tags))
-            if job.scheduled_at is not None:
-                scheduled = True
-        if scheduled:
+        tagsets: set[tuple[str, ...]]
+        if any(map(_scheduled_at, clean)):  # (a datetime is true: some has a schedule)
+            now = self._now()
+            tagsets = {
+                tuple(job.tags)
+                for job in clean
+                if job.scheduled_at is None or job.scheduled_at <= now
+            }
             self._arm()
+        else:  # (no loop of our own per job: the usual case)
+            tagsets = set(map(tuple, map(_tags, clean)))
         await self._notifier.publish(tagsets=tagsets)
-        return [job.id for job in clean]
+        return list(map(_id, clean))
 
     # --- streaming ----------------------------------------------------------------
 
@@ -696,7 +707,8 @@ class PoolQueue:
         if self._backend.next_due() != self._timer_at:
             self._arm()
         if outcome.claimed:
-            self._wake_waiters(job.id for job in outcome.claimed)
+            if self._waiters:
+                self._wake_waiters(job.id for job in outcome.claimed)
             if stream._closed:
                 stream._track(asyncio.ensure_future(self._release(stream, outcome.claimed)))
             elif stream._ready or stream._handoff is None or not stream._handoff(outcome.claimed):
@@ -1131,7 +1143,7 @@ class PoolQueue:
 
 def _check_distinct(jobs: list[Job]) -> None:
     """Raise :class:`DuplicateJobError` for an id that stands twice in one batch."""
-    if len({job.id for job in jobs}) == len(jobs):
+    if len(set(map(_id, jobs))) == len(jobs):
         return
     seen: set[str] = set()
     for job in jobs:

@@ -6,6 +6,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from jobpool_async import Job, JobStatus
+from jobpool_async.backends.base import check_new_job
 
 
 def test_copy_keeps_every_field() -> None:
@@ -35,3 +36,27 @@ def test_copy_keeps_every_field() -> None:
     copy = job.copy()
     assert dataclasses.asdict(copy) == values
     assert copy.tags is not job.tags
+
+
+def test_an_enqueue_check_copies_every_field_of_a_new_job() -> None:
+    """``check_new_job``'s fast path builds its copy from the fields it read: every
+    field a new job may carry survives it (a field added to ``Job`` and left out of
+    it fails here: unset on the copy)."""
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    job = Job(
+        id="i",
+        job_type="t",
+        job_definition=b"d",
+        tags=["a", "b"],
+        created_at=t,
+        error_message="e",
+        assignee_id="w",
+        scheduled_at=t + timedelta(seconds=6),
+        priority=7,
+        max_attempts=8,
+    )
+    copy = check_new_job(job)
+    assert copy is not job and copy.tags is not job.tags
+    assert dataclasses.asdict(copy) == dataclasses.asdict(job)
+    plain = Job(id="p", job_type="t")
+    assert dataclasses.asdict(check_new_job(plain)) == dataclasses.asdict(plain)
