@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -258,8 +259,23 @@ async def test_schema_tables_indexes_and_version(dsn: str, schema: str) -> None:
     }
     assert types["created_at"] == "timestamp with time zone"
     assert types["tags"] == "ARRAY"
+    assert await byte_order_columns(dsn, schema) == {"id_key", "status", "job_type", "assignee_id"}
     rows = await sql(dsn, f'SELECT version FROM "{schema}".jobpool_version')
     assert [r[0] for r in rows] == [SCHEMA_VERSION]
+
+
+async def byte_order_columns(dsn: str, schema: str) -> set[str]:
+    """The columns of the store's jobs table in ``COLLATE "C"`` (store version 7: the
+    text keys every index compares; the others in the database's collation)."""
+    rows = await sql(
+        dsn,
+        "SELECT a.attname, c.collname FROM pg_attribute a "
+        "JOIN pg_collation c ON c.oid = a.attcollation "
+        "WHERE a.attrelid = ($1 || '.jobs')::regclass AND a.attnum > 0",
+        f'"{schema}"',
+    )
+    assert {r[1] for r in rows} <= {"C", "default"}, rows
+    return {r[0] for r in rows if r[1] == "C"}
 
 
 async def test_many_processes_opening_a_fresh_schema_at_once(dsn: str, schema: str) -> None:
@@ -1245,6 +1261,61 @@ async def test_one_statement_calls_in_opposite_orders_never_deadlock(
         await b.close()
 
 
+async def test_key_order_is_byte_order_on_a_database_of_another_collation(dsn: str) -> None:
+    """Store version 7 keeps ids in byte order (``COLLATE "C"``) whatever the database's
+    collation, so a one-statement call, which sorts the ids it was given, must sort
+    them in bytes too, as every ``ORDER BY id_key`` now does. On a database in ICU's
+    ``en-US`` ("a" before "B"; in bytes "B" first), a third session holds job ``a``; a
+    one-statement apply of ``B`` and ``a`` takes ``B`` and waits for ``a``; a cancel of
+    both (locking ``ORDER BY id_key``) waits for ``B``. Were the apply's order the
+    database's, it would wait for ``a`` holding nothing, the cancel would take ``B``,
+    and releasing ``a`` would make the two wait for each other: PostgreSQL would abort
+    one with a deadlock (a StorageError for its caller)."""
+    parts = urlsplit(dsn)
+    name = f"jp_icu_{os.getpid()}_{time.monotonic_ns()}"
+    other = urlunsplit(parts._replace(path="/" + name))
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8' "
+            "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        )
+    except asyncpg.PostgresError as e:  # PostgreSQL before 15, or built without ICU
+        await admin.close()
+        pytest.skip(f"no database with an ICU collation here: {e}")
+    try:
+        a, b = backend(other, "jp"), backend(other, "jp")
+        await a.open()
+        await b.open()
+        holder = await asyncpg.connect(other)
+        try:
+            assert await holder.fetchval("SELECT 'a' < 'B'")  # the database's order
+            now = datetime.now(UTC)
+            await a.insert([Job("a", "t"), Job("B", "t")])
+            assert len(await a.claim("w", [], 2, now)) == 2
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute("SELECT 1 FROM jp.jobs WHERE id = 'a' FOR UPDATE")
+            lost = [Change(i, WORKER_LOST) for i in ("a", "B")]
+            apply = asyncio.ensure_future(a.apply(lost, now))
+            await _blocked_on_locks(other, a, 1)
+            selection = Selection(job_ids=("a", "B"))
+            cancel = asyncio.ensure_future(b.apply_selected(CANCEL, selection, now))
+            await _blocked_on_locks(other, a, 2)
+            await lock.rollback()
+            applied, cancelled = await asyncio.gather(apply, cancel)  # no StorageError
+            assert sorted(m.job_id for m in applied.moved) == ["B", "a"]
+            # then the cancel stopped them (waiting for a retry by then)
+            assert sorted(m.job_id for m in cancelled.moved) == ["B", "a"]
+        finally:
+            await holder.close()
+            await a.close()
+            await b.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
 async def _claim_beside_a_cancel(
     dsn: str, schema: str, claimer: PostgresBackend, other: PostgresBackend, ids: list[str]
 ) -> dict[str, JobStatus]:
@@ -1553,7 +1624,8 @@ async def test_an_older_store_is_upgraded_in_place(dsn: str, schema: str, versio
         assert await q.mark_worker_unresponsive("old-worker") == 1
         assert (await q.get_job(running.id)).status is JobStatus.UNKNOWN_RETRY
     rows = await sql(dsn, f"SELECT version FROM {s}.jobpool_version")
-    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [6]
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [7]
+    assert await byte_order_columns(dsn, schema) == {"id_key", "status", "job_type", "assignee_id"}
     defs = await index_defs(dsn, schema)
     assert "jobs_completed" not in defs and "created_at" in defs["jobs_completed_early"]
     assert "tag_keys <> '{}'::text[]" in defs["jobs_tags"]

@@ -54,6 +54,8 @@ VERSION_5 = FIXTURES / "v0.5-a68b318"
 PG_VERSION_5 = FIXTURES / "v0.6-fc07ff3"
 #: The SQLite store of schema version 6 (main at 1f3caf7).
 VERSION_6 = FIXTURES / "v0.7-1f3caf7"
+#: The PostgreSQL store of schema version 6 (main at 03ffe0d).
+PG_VERSION_6 = FIXTURES / "v0.8-03ffe0d-postgres"
 ROOT = Path(__file__).resolve().parents[1]
 #: Crash points tried per backend (raise it to search harder).
 CRASHES = int(os.environ.get("JOBPOOL_UPGRADE_CRASHES", "4"))
@@ -472,7 +474,7 @@ async def test_postgres_store_of_version_4_is_upgraded_in_place(pg_schema: str) 
     jobs = await _pg_opened_together(pg_schema, want)
     dsn, ids, clock = postgres_dsn(), [w["id"] for w in want["jobs"]], _pg_clock()
     version, after = await _pg_state(pg_schema)
-    assert version == PG_VERSION == 6
+    assert version == PG_VERSION == 7
     assert after == names - {"jobs_idle_list", "jobs_completed"} | {
         "jobs_idle_tagged",
         "jobs_completed_early",
@@ -503,7 +505,7 @@ async def test_postgres_store_of_version_5_is_upgraded_in_place(pg_schema: str) 
     jobs = await _pg_opened_together(pg_schema, want)
     dsn, ids, clock = postgres_dsn(), [w["id"] for w in want["jobs"]], _pg_clock()
     version, after = await _pg_state(pg_schema)
-    assert version == PG_VERSION == 6
+    assert version == PG_VERSION == 7
     assert after == names - {"jobs_completed"} | {"jobs_completed_early"}
     async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
         await _claims_keep_their_order(q, jobs, ids)
@@ -528,11 +530,86 @@ async def test_postgres_store_of_version_5_is_upgraded_in_place(pg_schema: str) 
         assert not any(j.status is JobStatus.COMPLETED for j in await q.get_jobs(ids))
 
 
+# --- PostgreSQL store version 6 (before the text keys compared as bytes) --------------------
+
+
+async def _pg_collations(schema: str) -> dict[str, str]:
+    """The collation of each text column of the store's jobs table, and of each index
+    key column (``index.n``)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn())
+    try:
+        rows = await conn.fetch(
+            "SELECT a.attname, c.collname FROM pg_attribute a "
+            "JOIN pg_collation c ON c.oid = a.attcollation "
+            "WHERE a.attrelid = ($1 || '.jobs')::regclass AND a.attnum > 0",
+            f'"{schema}"',
+        )
+        keys = await conn.fetch(
+            "SELECT i.relname || '.' || k.n, c.collname FROM pg_index x "
+            "JOIN pg_class i ON i.oid = x.indexrelid "
+            "CROSS JOIN LATERAL unnest(x.indcollation) WITH ORDINALITY AS k(coll, n) "
+            "JOIN pg_collation c ON c.oid = k.coll "
+            "WHERE x.indrelid = ($1 || '.jobs')::regclass",
+            f'"{schema}"',
+        )
+    finally:
+        await conn.close()
+    return {r[0]: r[1] for r in [*rows, *keys]}
+
+
+async def test_postgres_store_of_version_6_is_upgraded_in_place(pg_schema: str) -> None:
+    """Version 6 → 7: the text keys (``id_key``, ``status``, ``job_type``,
+    ``assignee_id``) compare as bytes (``COLLATE "C"``), and every index on them with
+    them (the primary key, the type and assignee prefixes). Four backends open the store
+    at once (one upgrades it under the advisory lock, the others find it done); every
+    job, counter and listing page is kept, claims keep their order, and the type
+    statistics that lists by type need are kept."""
+    from jobpool_async.backends.postgres import SCHEMA_VERSION as PG_VERSION
+    from jobpool_async.backends.postgres import PostgresBackend
+
+    want = json.loads((PG_VERSION_6 / "expected.json").read_text())["postgres"]
+    await _load_pg(pg_schema, PG_VERSION_6)
+    version, names = await _pg_state(pg_schema)
+    before = await _pg_collations(pg_schema)
+    assert version == 6 and set(before.values()) == {"default"}
+    jobs = await _pg_opened_together(pg_schema, want)
+    dsn, ids, clock = postgres_dsn(), [w["id"] for w in want["jobs"]], _pg_clock()
+    version, after = await _pg_state(pg_schema)
+    assert version == PG_VERSION == 7 and after == names
+    keys = {"id_key", "status", "job_type", "assignee_id"}
+    collations = await _pg_collations(pg_schema)
+    assert {c for c, coll in collations.items() if coll == "C"} == keys | {
+        "jobs_pkey.1",
+        "jobs_idle_type.1",
+        "jobs_idle_status.1",
+        "jobs_active_assignee.1",
+    }
+    assert set(collations) == set(before)
+    async with PoolQueue(PostgresBackend(dsn, schema=pg_schema), clock=clock) as q:
+        await _claims_keep_their_order(q, jobs, ids)
+        await _lists_match_a_scan(q, await q.get_jobs(ids))
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            stats = await conn.fetchval(
+                "SELECT count(*) FROM pg_statistic_ext WHERE stxname = 'jobs_type' "
+                "AND stxnamespace = $1::regnamespace",
+                f'"{pg_schema}"',
+            )
+        finally:
+            await conn.close()
+        assert stats == 1
+
+
 @pytest.mark.parametrize(
     ("fixture", "steps"),
     [
         pytest.param(PG_VERSION_4, (3, 4), id="from-4"),  # the listing indexes, the version
-        pytest.param(PG_VERSION_5, (5, 4), id="from-5"),  # the cleanup index, the version
+        pytest.param(PG_VERSION_5, (5, 6, 4), id="from-5"),  # the cleanup index, ...
+        pytest.param(PG_VERSION_6, (6, 4), id="from-6"),  # the collation, the version
     ],
 )
 async def test_a_crash_during_a_postgres_upgrade_leaves_it_as_it_was(
@@ -551,7 +628,7 @@ async def test_a_crash_during_a_postgres_upgrade_leaves_it_as_it_was(
 
     async with PoolQueue(PostgresBackend(postgres_dsn(), schema=pg_schema)) as q:
         _check_stored(await q.get_jobs([w["id"] for w in want["jobs"]]), want)
-    assert (await _pg_state(pg_schema))[0] == 6
+    assert (await _pg_state(pg_schema))[0] == 7
 
 
 # --- SQLite store version 5 (before jobs.list_state) ------------------------------------------
