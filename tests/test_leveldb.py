@@ -45,6 +45,7 @@ from jobpool_async import (
     StorageError,
 )
 from jobpool_async.backends import _leveldb_codec as codec
+from jobpool_async.backends import leveldb as leveldb_module
 from jobpool_async.backends import open_backend
 from jobpool_async.backends.leveldb import LevelDBBackend
 
@@ -106,7 +107,10 @@ def check_store(path: Path) -> dict[str, Job]:
     counts = [0] * 11
     seqs: set[int] = set()
     for key in [k for k in data if k[:1] == b"J"]:
-        job, seq = codec.decode_job(data.pop(key))
+        raw = data.pop(key)
+        job, seq = codec.decode_job(raw)
+        if raw[0] == codec.RECORD_VERSION:  # (a claim or completion patches records)
+            assert raw == codec.encode_job(job, seq), job
         idb = job.id.encode("utf-8", "surrogatepass")
         assert key == b"J" + idb
         assert seq not in seqs and seq < next_seq
@@ -274,6 +278,7 @@ import asyncio, sys
 sys.modules["plyvel"] = None
 import jobpool_async
 from jobpool_async import Job, MemoryBackend, PoolQueue
+from jobpool_async.backends import leveldb as leveldb_module
 from jobpool_async.backends.leveldb import LevelDBBackend
 
 async def main():
@@ -1154,6 +1159,60 @@ async def test_random_operations_match_memory_and_keep_indexes_consistent(
     seed: int, tmp_path: Path
 ) -> None:
     await _random_ops(seed, tmp_path / f"r{seed}.ldb")
+
+
+@pytest.mark.parametrize("seed", [6, 7, 8])
+async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim and a completion pack a cached job's record from its values as last
+    staged, the moved ones changed (``_Rec.head``): every record any write stages must
+    be exactly what ``encode_job`` gives for the job it decodes to (here at each
+    write, not only in the store at the end, where later moves overwrite records)."""
+    init = leveldb_module._Write.__init__
+    records: Counter[str] = Counter()
+    fast: Counter[str] = Counter()
+
+    def checking(self: Any, batch: Any, promoted: int) -> None:
+        init(self, batch, promoted)
+        put = self.put
+
+        def put_checked(key: bytes, value: bytes) -> None:
+            if key[:1] == b"J":
+                job, seq = codec.decode_job(value)
+                assert value == codec.encode_job(job, seq), job
+                records[job.status] += 1
+            put(key, value)
+
+        self.put = put_checked
+
+    completion = LevelDBBackend._stage_completion
+
+    def counted(self: LevelDBBackend, *args: Any) -> Any:
+        fast["completion"] += 1
+        return completion(self, *args)
+
+    monkeypatch.setattr(leveldb_module._Write, "__init__", checking)
+    monkeypatch.setattr(LevelDBBackend, "_stage_completion", counted)
+    await _random_ops(seed, tmp_path / "r.ldb")
+    # A drain with results, retries and cancellations besides: the moves of the fast
+    # paths from every state they start from (a job started before, with an error
+    # message, CANCELLING, completed without a result).
+    async with PoolQueue(LevelDBBackend(tmp_path / "d.ldb")) as queue:
+        await queue.enqueue_jobs(
+            [Job(id=f"d{i}", job_type="t", tags=["x"] if i % 3 else []) for i in range(30)]
+        )
+        first = await take(queue, "w", 10)
+        await queue.fail_jobs(dict.fromkeys([j.id for j in first[:5]], ("boom", timedelta(0))))
+        await queue.cancel_jobs(job_ids=[j.id for j in first[5:7]])
+        await queue.complete_jobs({j.id: None for j in first[5:]})
+        left = 25  # (20 never claimed, 5 to retry)
+        while left:
+            got = await take(queue, "w2", 10)
+            left -= len(got)
+            await queue.complete_jobs({j.id: b"r" * (len(j.id) % 3) for j in got})
+    assert records[S.RUNNING] and records[S.COMPLETED] and fast["completion"]
+    check_store(tmp_path / "d.ldb")
 
 
 # --- cost and responsiveness --------------------------------------------------------

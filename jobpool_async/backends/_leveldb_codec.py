@@ -333,6 +333,15 @@ def job_static(job: Job, id_: bytes | None = None) -> Static:
     return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes, created
 
 
+#: A record's header values in :data:`_HEAD` order (see :func:`record_values`).
+#: (Tuples, not lists: the collector stops tracking a tuple of ints, while every
+#: collection would walk a list kept with each of 10,000 cached jobs.)
+Head = tuple[int, ...]
+#: A record's changing variable fields, encoded: error message, assignee, result.
+Var = tuple[bytes, bytes, bytes]
+F_STARTED, F_FINALIZED, F_ASSIGNED, F_RESULT = _F_STARTED, _F_FINALIZED, _F_ASSIGNED, _F_RESULT
+
+
 def encode_job(
     job: Job,
     seq: int,
@@ -346,6 +355,34 @@ def encode_job(
     :func:`job_static`, if known; ``now_us``: ``to_micros(now)``, used for every time
     of the job that is ``now`` itself (the call's timestamp, which a move just set);
     ``then_us``: likewise ``to_micros(then)`` (an earlier move's, its claim's, say)."""
+    if static is None:
+        static = job_static(job)
+    head, var = record_values(job, seq, static, now, now_us, then, then_us)
+    return pack_record(head, var, static)
+
+
+def pack_record(head: Head, var: Var, static: Static) -> bytes:
+    """The record of :func:`record_values` ``head`` and ``var`` and of ``static``.
+
+    The LevelDB backend keeps a cached job's ``head`` and ``var`` as last packed, and a
+    claim or completion changes only the values it moves before packing again (the
+    bytes :func:`encode_job` gives for the moved job: tested)."""
+    return b"".join(
+        (_VERSION_BYTE, _HEAD.pack(*head), static[0], var[0], var[1], var[2], static[4])
+    )
+
+
+def record_values(
+    job: Job,
+    seq: int,
+    static: Static,
+    now: datetime | None = None,
+    now_us: int = 0,
+    then: datetime | None = None,
+    then_us: int = 0,
+) -> tuple[Head, Var]:
+    """The header values and changing variable fields of ``job``'s record (see
+    :func:`encode_job` for the arguments), for :func:`pack_record`."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
     # (Each optional time read once: attribute reads of a slots class are not free;
@@ -376,13 +413,13 @@ def encode_job(
         flags |= _F_RESULT
     else:
         result = b""
-    lead, n_id, n_type, n_def, tag_bytes, created = job_static(job) if static is None else static
+    _, n_id, n_type, n_def, tag_bytes, created = static
     error = job.error_message
     error_bytes = error.encode("utf-8", "surrogatepass") if error else b""
     assignee = job.assignee_id
     assignee_bytes = assignee.encode("utf-8", "surrogatepass") if assignee else b""
     max_attempts = job.max_attempts
-    head = _HEAD.pack(
+    head = (
         seq,
         job.retry_count,
         created,
@@ -404,7 +441,7 @@ def encode_job(
         CODE_OF[job.status],
         flags,
     )
-    return b"".join((_VERSION_BYTE, head, lead, error_bytes, assignee_bytes, result, tag_bytes))
+    return head, (error_bytes, assignee_bytes, result)
 
 
 def _corrupt(detail: str) -> StorageError:

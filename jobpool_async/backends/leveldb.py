@@ -147,6 +147,10 @@ _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 #: instructions: hot paths use these.)
 _COMPLETED, _RUNNING_STATUS = JobStatus.COMPLETED, JobStatus.RUNNING
 _RUNNING = codec.CODE_OF[_RUNNING_STATUS]
+_COMPLETED_CODE = codec.CODE_OF[_COMPLETED]
+#: (The flags of a record's values, see ``codec.record_values``.)
+_F_STARTED, _F_FINALIZED = codec.F_STARTED, codec.F_FINALIZED
+_F_ASSIGNED, _F_RESULT = codec.F_ASSIGNED, codec.F_RESULT
 #: ``_stage_claim`` applies ASSIGN inline, as ``apply_transition`` would for a move from
 #: an eligible status to RUNNING that assigns and does nothing else; if the table ever
 #: gives ASSIGN more to do, this fails at import instead of the claim going wrong.
@@ -214,6 +218,7 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 #: The ``S`` key prefix of each status code.
 _LIST_STATUS_OF = tuple(_LIST_STATUS + bytes((code,)) for code in range(codec.N_STATUS))
+_LIST_STATUS_COMPLETED = _LIST_STATUS_OF[_COMPLETED_CODE]
 _ORDER = struct.Struct(">HQQ")
 _U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
@@ -332,7 +337,18 @@ class _Rec:
     written through to the caches only once its write succeeded (a call that fails
     drops the caches, see ``LevelDBBackend._guarded``)."""
 
-    __slots__ = ("claimed", "claimed_us", "idb", "job", "keys", "seq", "static", "tail")
+    __slots__ = (
+        "claimed",
+        "claimed_us",
+        "head",
+        "idb",
+        "job",
+        "keys",
+        "seq",
+        "static",
+        "tail",
+        "var",
+    )
 
     def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
         self.job = job
@@ -349,6 +365,11 @@ class _Rec:
         #: ``started_at``) and its micros, if this process staged it.
         self.claimed: datetime | None = None
         self.claimed_us = 0
+        #: Its record's :func:`codec.record_values` as last staged (``None``: not
+        #: known; always with ``static``), which a claim or a completion changes and
+        #: packs again instead of encoding the whole job.
+        self.head: codec.Head | None = None
+        self.var: codec.Var = (b"", b"", b"")
 
     def index_keys(self, promoted: int) -> list[bytes]:
         """Its status-dependent index keys; those of a job with a schedule depend on
@@ -833,7 +854,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put, touched = w.put, w.touched
         values = w.counts.values
         pack_u64, pack_order, job_static = _U64.pack, _ORDER.pack, codec.job_static
-        encode_job, enc, code_of = codec.encode_job, codec.enc, codec.CODE_OF
+        record_values, pack_record = codec.record_values, codec.pack_record
+        enc, code_of = codec.enc, codec.CODE_OF
         # Untagged eligible jobs due now (the common case) get their keys here, as
         # ``_static_keys`` and ``_index_keys`` would give them (``check_store`` in
         # the tests derives every key on its own); the others go through those and
@@ -844,7 +866,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             static = job_static(job, idb)
             created = static[5]
             tail = pack_u64(created) + idb
-            put(_JOB + idb, encode_job(job, seq, static))
+            head, var = record_values(job, seq, static)
+            put(_JOB + idb, pack_record(head, var, static))
             status = job.status
             if job.tags or job.scheduled_at is not None or status not in ELIGIBLE:
                 for key in _static_keys(job, idb, tail):
@@ -871,7 +894,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 rec = touched[job.id] = _new_object(_Rec)
                 rec.job = job if private else job.copy()
                 rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
-                rec.claimed, rec.claimed_us = None, 0
+                rec.claimed, rec.claimed_us, rec.head, rec.var = None, 0, head, var
             seq += 1
         w.next_seq = seq
         if low_e is not None:
@@ -902,6 +925,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         old_status = job.status
         if old_status not in transition._targets:
             return None
+        if transition is COMPLETE and old_status in ACTIVE and record.head is not None:
+            return self._stage_completion(w, record, now, result, error_message)
         keys = record.keys  # (``record.index_keys``, inline: per job)
         if keys is None or job.scheduled_at is not None:
             keys = record.index_keys(w.promoted)
@@ -933,12 +958,111 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         static = record.static
         if static is None:  # (the fields no move changes: encoded once per job)
             static = record.static = codec.job_static(job)
-        raw = codec.encode_job(
+        head, var = record.head, record.var = codec.record_values(
             job, record.seq, static, w.moved_at, w.moved_us, record.claimed, record.claimed_us
         )
-        w.put(_JOB + record.idb, raw)
+        w.put(_JOB + record.idb, codec.pack_record(head, var, static))
         w.touched[job.id] = record
         return new
+
+    def _stage_completion(
+        self,
+        w: _Write,
+        record: _Rec,
+        now: datetime,
+        result: bytes | None,
+        error_message: str | None,
+    ) -> JobStatus:
+        """``_stage_move`` of COMPLETE for a RUNNING/CANCELLING job whose record values
+        are known (``record.head``): the move of every drained job. Its one index key
+        (``A``) out, its ``D`` and ``S`` keys in, the counters moved, and its record
+        packed from the values as last staged with the moved ones changed (what
+        ``codec.encode_job`` gives for the moved job: ``check_store`` in the tests
+        compares every record with it)."""
+        job = record.job
+        old_code = codec.CODE_OF[job.status]
+        head, var, static = record.head, record.var, record.static
+        assert head is not None and static is not None
+        # The move of COMPLETE (inline, as ``_stage_move`` applies it: see
+        # ``_COMPLETE_INLINE``), each changed field into the record values too.
+        job.finalized_at = now
+        error, assignee, stored = var
+        (
+            seq,
+            retries,
+            created,
+            started,
+            _,
+            retried,
+            assigned,
+            scheduled,
+            max_attempts,
+            attempts,
+            n_id,
+            n_type,
+            n_def,
+            _,
+            n_assignee,
+            _,
+            n_tags,
+            priority,
+            _,
+            flags,
+        ) = head
+        if result is not None:
+            job.result = stored = result
+        if error_message is not None:
+            job.error_message = error_message
+            error = error_message.encode("utf-8", "surrogatepass") if error_message else b""
+        job.status = _COMPLETED
+        if now is not w.moved_at:
+            w.moved_at, w.moved_us = now, codec.to_micros(now)
+        now_us = w.moved_us
+        head = record.head = (  # (in the order of ``codec.record_values``)
+            seq,
+            retries,
+            created,
+            started,
+            now_us,
+            retried,
+            assigned,
+            scheduled,
+            max_attempts,
+            attempts,
+            n_id,
+            n_type,
+            n_def,
+            len(error),
+            n_assignee,
+            len(stored),
+            n_tags,
+            priority,
+            _COMPLETED_CODE,
+            flags | _F_FINALIZED | (_F_RESULT if result is not None else 0),
+        )
+        var = record.var = (error, assignee, stored)
+        # Its counters (no retry: only the status moves) and keys (see ``_index_keys``).
+        values = w.counts.values
+        values[old_code] -= 1
+        values[_COMPLETED_CODE] += 1
+        for tag in job.tags:
+            counters = w.tag_counts.get(tag)
+            if counters is None:
+                counters = w.tag_counts[tag] = codec.Counters()
+            counters.values[old_code] -= 1
+            counters.values[_COMPLETED_CODE] += 1
+        delete, put = w.delete, w.put
+        for key in record.index_keys(w.promoted):  # (its ``A`` key)
+            delete(key)
+        idb = record.idb
+        done = _DONE + _TIME_SEQ.pack(now_us, record.seq) + idb
+        listed = _LIST_STATUS_COMPLETED + record.tail
+        put(done, b"")
+        put(listed, b"")
+        record.keys = [done, listed]
+        put(_JOB + idb, codec.pack_record(head, var, static))
+        w.touched[job.id] = record
+        return _COMPLETED
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
         w.unindex(record)
@@ -1130,7 +1254,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
         now_us = codec.to_micros(now)  # (the assignment and start times of the records)
-        encode_job = codec.encode_job
+        pack_record = codec.pack_record
+        assignee_bytes = codec.id_bytes(assignee_id) if assignee_id else b""
+        n_assignee = len(assignee_bytes)
         out: list[Job] = []
         for rec in picked:
             job = rec.job
@@ -1164,7 +1290,59 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             static = rec.static
             if static is None:
                 static = rec.static = codec.job_static(job)
-            put(_JOB + idb, encode_job(job, rec.seq, static, now, now_us))
+            head = rec.head
+            if head is None:
+                head, var = rec.head, rec.var = codec.record_values(
+                    job, rec.seq, static, now, now_us
+                )
+            else:  # the record values as last staged, with the moved ones changed
+                (
+                    seq,
+                    retries,
+                    created,
+                    started,
+                    done,
+                    retried,
+                    _,
+                    scheduled,
+                    max_attempts,
+                    attempts,
+                    n_id,
+                    n_type,
+                    n_def,
+                    n_error,
+                    _,
+                    n_result,
+                    n_tags,
+                    priority,
+                    _,
+                    flags,
+                ) = head
+                head = rec.head = (  # (in the order of ``codec.record_values``)
+                    seq,
+                    retries,
+                    created,
+                    started if flags & _F_STARTED else now_us,
+                    done,
+                    retried,
+                    now_us,
+                    scheduled,
+                    max_attempts,
+                    attempts + 1,
+                    n_id,
+                    n_type,
+                    n_def,
+                    n_error,
+                    n_assignee,
+                    n_result,
+                    n_tags,
+                    priority,
+                    _RUNNING,
+                    flags | _F_STARTED | _F_ASSIGNED,
+                )
+                old = rec.var
+                var = rec.var = (old[0], assignee_bytes, old[2])
+            put(_JOB + idb, pack_record(head, var, static))
             rec.claimed, rec.claimed_us = now, now_us
             touched[job.id] = rec
             out.append(job.copy())  # the staged objects stay in the cache
