@@ -109,7 +109,11 @@ class Notifier:
     ) -> None:
         """From synchronous code (callbacks): raise flags now, and notify now if the
         condition's lock is free (the usual case), else from a task."""
-        raised = self.mark(tagsets=tagsets, subs=subs, everyone=everyone)
+        raised = False
+        for sub in subs:  # (``mark``'s, inline: the usual call raises a stream's flag)
+            sub.flag = raised = True
+        if everyone or tagsets:
+            raised = self.mark(tagsets=tagsets, everyone=everyone) or raised
         if not raised or self._pending_notify is not None or not self._cond._waiters:
             # (No stream waits on the condition: the flags raised are all a stream
             # needs, since ``wait`` tests its flag under the lock before waiting.)

@@ -286,3 +286,33 @@ async def test_waiters_are_forgotten_when_they_end() -> None:
         await queue.cancel_jobs(job_ids=["done"])
         await asyncio.gather(*waiters)
         assert not queue._waiters, "an answered waiter is forgotten"
+
+
+async def test_two_tasks_in_one_streams_anext_take_turns() -> None:
+    """A stream's ``__anext__`` runs one at a time: a second call while the first
+    waits for jobs waits for it (the lock taken through its own ``acquire``), then
+    runs; a call cancelled while waiting its turn leaves the lock to the next, and
+    the lock is free once they end (its state also set by ``__anext__`` itself when
+    nobody waits: the uncontended path)."""
+    from jobpool_async import MemoryBackend
+
+    async with PoolQueue(MemoryBackend()) as queue:
+        stream = queue.stream_jobs("w", max_assigned_jobs=1)
+        first = asyncio.create_task(stream.__anext__())
+        second = asyncio.create_task(stream.__anext__())
+        third = asyncio.create_task(stream.__anext__())
+        for _ in range(5):
+            await asyncio.sleep(0)  # (each waits: the first for jobs, the others for it)
+        assert stream._lock.locked() and not first.done() and not second.done()
+        third.cancel()
+        await queue.enqueue_jobs([Job(id=f"j{i}", job_type="t") for i in range(2)])
+        batch = await asyncio.wait_for(first, 5)
+        assert [job.id for job in batch] == ["j0"] and not second.done()
+        await queue.complete_jobs({"j0": None})
+        assert [job.id for job in await asyncio.wait_for(second, 5)] == ["j1"]
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        assert not stream._lock.locked()
+        await queue.complete_jobs({"j1": None})
+        await stream.aclose()
+        assert not stream._lock.locked()

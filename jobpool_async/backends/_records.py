@@ -31,6 +31,8 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from .base import (
+    ACTIVE,
+    COMPLETE,
     LEASE_EXPIRED,
     ApplyOutcome,
     Backend,
@@ -52,7 +54,6 @@ from .base import (
     Transition,
     aggregate,
     plan_rescue,
-    refill_limit,
 )
 from .base import apply_transition as apply
 
@@ -70,6 +71,7 @@ P = TypeVar("P")
 LeaseTimes = tuple[datetime, datetime, datetime]
 #: Jobs a rescue read: id, status, assignee and ``assigned_at`` as read (the compare-and-set).
 RescueSeen = list[tuple[str, JobStatus, str, datetime | None]]
+_NO_IDS: frozenset[str] = frozenset()
 
 
 class RecordStore(Backend, Generic[R, W, P]):
@@ -271,12 +273,26 @@ class RecordStore(Backend, Generic[R, W, P]):
             self._stage_insert(w, jobs)
             self._commit(w)
 
+    #: Optional: a job's COMPLETE move staged and its :class:`Moved` made in one call,
+    #: ``(w, record, now, result, error_message)``, or ``None`` to take the general
+    #: path (:meth:`_stage_move` and :meth:`_moved`) for this job. Every drained job
+    #: makes this move: a backend that keeps records in this process can save the
+    #: general path's two calls per job.
+    _stage_complete: Callable[[W, R, datetime, bytes | None, str | None], Moved | None] | None = (
+        None
+    )
+
     def _apply_changes(
         self, changes: Sequence[Change], now: datetime, refill: Refill | None
     ) -> ApplyOutcome:
         out = ApplyOutcome()
         moved, errors = out.moved, out.errors
         read, stage_move, moved_of = self._read, self._stage_move, self._moved
+        complete = self._stage_complete
+        #: Jobs of the refill's stream, and how many of them left RUNNING/CANCELLING
+        #: (``refill_limit``, counted here: no generator per call).
+        mine = refill.job_ids if refill is not None else _NO_IDS
+        freed = 0
         w = self._stage()
         for change in changes:
             # (one unpacking: a named tuple's field by name is a descriptor call each)
@@ -285,6 +301,13 @@ class RecordStore(Backend, Generic[R, W, P]):
             if record is None:
                 errors[job_id] = JobNotFoundError(job_id)
                 continue
+            if transition is COMPLETE and complete is not None:
+                done = complete(w, record, now, result, message)
+                if done is not None:
+                    moved.append(done)
+                    if job_id in mine:
+                        freed += 1
+                    continue
             if transition.guarded and self._job(record).assigned_at != assigned_at:
                 errors[job_id] = InvalidTransitionError(  # assigned again since
                     job_id, self._job(record).status, transition.target
@@ -300,7 +323,9 @@ class RecordStore(Backend, Generic[R, W, P]):
                 )
             else:
                 moved.append(moved_of(record, new))
-        limit = 0 if refill is None else refill_limit(refill, moved)
+                if new not in ACTIVE and job_id in mine:
+                    freed += 1
+        limit = 0 if refill is None else refill.extra + freed
         claimed = None
         if limit:
             assert refill is not None

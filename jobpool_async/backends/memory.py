@@ -17,13 +17,15 @@ Indexes kept in step with the records:
   in every job's life, are sorted from the active index when asked).
 
 A bulk insert adds its entries to each index in one ``SortedList.update``. The
-listings per status and the completed index, read only by listings, stats pages
-and TTL cleanups but changed by every job's moves, are :class:`_Lazy`: a move only
-notes its change, and a read applies them all.
+listings of every job, per status and per type, and the completed index, read only
+by listings, stats pages and TTL cleanups but changed by every job's insert or
+moves, are :class:`_Lazy`: an insert or a move only notes its change (by job id: no
+tuple), and a read applies them all.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections import Counter
@@ -37,8 +39,9 @@ from ._records import LeaseTimes, RecordStore
 from .base import (
     ACTIVE,
     ASSIGN,
-    COMPLETE,
     ELIGIBLE,
+    ApplyOutcome,
+    Change,
     CheckedJobs,
     DuplicateJobError,
     Job,
@@ -47,9 +50,9 @@ from .base import (
     LeaseRow,
     ListQuery,
     Moved,
+    Refill,
     Transition,
 )
-from .base import apply_transition as apply
 
 __all__ = ["MemoryBackend"]
 
@@ -59,8 +62,22 @@ _new_tuple = tuple.__new__
 _COMPLETED = JobStatus.COMPLETED
 _RUNNING = JobStatus.RUNNING
 _INITIAL_PENDING = JobStatus.INITIAL_PENDING
-#: Whether a claim's move can change a job's retry count (kept in ``_retries``).
-_ASSIGN_COUNTS_RETRIES = bool(ASSIGN.retry_sources)
+_new_object = object.__new__
+_ABSENT = object()
+#: Whether a claim may make ASSIGN's move itself (inline, per job): it moves every
+#: eligible status to RUNNING, setting the assignment and counting an attempt, and
+#: nothing else (no retry counted, no exhaustion, no schedule, result or message).
+_ASSIGN_INLINE = (
+    ASSIGN.assign
+    and ASSIGN._targets == dict.fromkeys(ELIGIBLE, _RUNNING)
+    and not ASSIGN._exhausts
+    and not ASSIGN.retry_sources
+    and not ASSIGN.reopens
+    and not ASSIGN.schedules
+    and not ASSIGN.keeps_message
+)
+if not _ASSIGN_INLINE:
+    raise ImportError("MemoryBackend's inline ASSIGN no longer matches the table")
 _Key = tuple[int, datetime, int, str]
 _WaitKey = tuple[datetime, int, str]
 _Listed = tuple[datetime, str]
@@ -148,8 +165,11 @@ class _Taken(Generic[_E]):
         taken = self._taken
         values = self._sorted[taken : taken + limit]
         taken += len(values)
-        if 8 * taken >= len(self._sorted):
-            del self._sorted[:taken]  # (one rebuild, or a clear)
+        if 2 * taken >= len(self._sorted):
+            # (one rebuild, or a clear: at half, not at SortedList's own eighth, as a
+            # rebuild sorts what is left: taking a list's entries costs one rebuild's
+            # comparisons in all, not seven)
+            del self._sorted[:taken]
             taken = 0
         self._taken = taken
         return values
@@ -160,38 +180,45 @@ class _Taken(Generic[_E]):
 
 
 class _Lazy(Generic[_E]):
-    """A :class:`SortedList` of distinct entries whose additions and removals wait in
-    two sets until it is read (:meth:`sorted`): an index that every job's moves
-    change but few calls read costs a set operation per move, not a sorted insertion
-    (a drained job moves through three such entries)."""
+    """A :class:`SortedList` of entries, at most one per job id, whose additions and
+    removals wait in two dicts by job id until it is read (:meth:`sorted`): an index
+    that every job's moves change but few calls read costs a dict operation per
+    move, not a sorted insertion (a drained job moves through three such entries).
 
-    __slots__ = ("_adds", "_removes", "_sorted")
+    An addition keeps only the entry's value (the ``entry`` function makes the entry
+    of an id and its value when it is read: no tuple per move); a removal keeps the
+    whole entry (its job may be gone by the read). A job's pending addition is its
+    current entry, as a job leaves an index before it enters it again."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_adds", "_entry", "_removes", "_sorted")
+
+    def __init__(self, entry: Callable[[str, Any], _E]) -> None:
         self._sorted: SortedList[_E] = SortedList()
-        self._adds: set[_E] = set()
-        self._removes: set[_E] = set()
+        self._entry = entry
+        self._adds: dict[str, Any] = {}
+        self._removes: dict[str, _E] = {}
 
-    def add(self, value: _E) -> None:
+    def __len__(self) -> int:
+        # (every removal noted is of an entry in the list; no addition noted is)
+        return len(self._sorted) + len(self._adds) - len(self._removes)
+
+    def add(self, job_id: str, value: Any) -> None:
         removes = self._removes
-        if removes and value in removes:  # removed, not yet applied: it stays
-            removes.discard(value)
+        if removes and removes.get(job_id) == self._entry(job_id, value):
+            del removes[job_id]  # removed, not yet applied: it stays
         else:
-            self._adds.add(value)
+            self._adds[job_id] = value
 
-    def add_all(self, values: list[_E]) -> None:
+    def add_all(self, values: dict[str, Any]) -> None:
         if self._removes:
-            for value in values:
-                self.add(value)
+            for job_id, value in values.items():
+                self.add(job_id, value)
         else:
             self._adds.update(values)
 
-    def remove(self, value: _E) -> None:
-        adds = self._adds
-        if value in adds:  # added, not yet applied: it never was
-            adds.discard(value)
-        else:
-            self._removes.add(value)
+    def remove(self, job_id: str, entry: _E) -> None:
+        if self._adds.pop(job_id, _ABSENT) is _ABSENT:  # (added, not yet applied: never was)
+            self._removes[job_id] = entry
 
     def sorted(self) -> SortedList[_E]:
         """The entries, with every noted change applied."""
@@ -199,15 +226,27 @@ class _Lazy(Generic[_E]):
         removes = self._removes
         if removes:
             if 8 * len(removes) < len(current):
-                for value in removes:
+                for value in removes.values():
                     current.remove(value)
             else:  # one pass instead of many removals
-                current = self._sorted = SortedList(v for v in current if v not in removes)
-            self._removes = set()
+                gone = set(removes.values())
+                current = self._sorted = SortedList(v for v in current if v not in gone)
+            self._removes = {}
         if self._adds:
-            current.update(self._adds)
-            self._adds = set()
+            entry = self._entry
+            current.update([entry(job_id, value) for job_id, value in self._adds.items()])
+            self._adds = {}
         return current
+
+
+def _completed_entry(seqs: dict[str, int], job_id: str, finalized_at: datetime) -> _WaitKey:
+    """The completed index's entry: ``(finalized_at, enqueue sequence, id)``."""
+    return (finalized_at, seqs[job_id], job_id)
+
+
+def _listed_entry(job_id: str, created_at: datetime) -> _Listed:
+    """A listing's entry: ``(created_at, id)``."""
+    return (created_at, job_id)
 
 
 def _records_of(jobs: Sequence[Job]) -> list[Job]:
@@ -236,18 +275,20 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._eligible_by_tag: dict[str, SortedList[_Key]] = {}
         self._ids_by_tag: dict[str, set[str]] = {}
         self._active_by_assignee: dict[str, set[str]] = {}
-        self._completed: _Lazy[_WaitKey] = _Lazy()
+        #: (Its additions keep ``finalized_at``: the entry is made with the job's
+        #: enqueue sequence number, when read.)
+        self._completed: _Lazy[_WaitKey] = _Lazy(functools.partial(_completed_entry, self._seq))
         #: Eligible jobs not yet due: by due time, and each one's due time.
         self._waiting: SortedList[_WaitKey] = SortedList()
         self._wait_until: dict[str, datetime] = {}
         self._counts: Counter[JobStatus] = Counter()
         self._retries = 0
-        self._listed: SortedList[_Listed] = SortedList()
+        self._listed: _Lazy[_Listed] = _Lazy(_listed_entry)
         #: Every job by ``(created_at, id)`` per status, but RUNNING and CANCELLING.
         self._listed_by_status: dict[JobStatus, _Lazy[_Listed]] = {
-            s: _Lazy() for s in JobStatus if s not in ACTIVE
+            s: _Lazy(_listed_entry) for s in JobStatus if s not in ACTIVE
         }
-        self._listed_by_type: dict[str, SortedList[_Listed]] = {}
+        self._listed_by_type: dict[str, _Lazy[_Listed]] = {}
         self._listed_by_tag: dict[str, SortedList[_Listed]] = {}
         #: Lease records: (assignee, holder) -> (first_seen_at, renewed_at, expires_at).
         self._leases: dict[tuple[str, str], LeaseTimes] = {}
@@ -300,7 +341,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         if status in ACTIVE:  # listed from the active index when asked (see _listed_in)
             self._active_by_assignee[job.assignee_id].discard(job.id)
             return
-        self._listed_by_status[status].remove((job.created_at, job.id))
+        self._listed_by_status[status].remove(job.id, (job.created_at, job.id))
         if status in ELIGIBLE:
             wait = self._wait_until.get(job.id)
             if wait is not None:
@@ -312,7 +353,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 self._eligible_by_tag[tag].remove(key)
         elif status is _COMPLETED:
             assert job.finalized_at is not None
-            self._completed.remove((job.finalized_at, self._seq[job.id], job.id))
+            self._completed.remove(job.id, (job.finalized_at, self._seq[job.id], job.id))
 
     def _after_move(
         self,
@@ -344,57 +385,44 @@ class MemoryBackend(RecordStore[Job, None, None]):
             active.add(job.id)
             return
         # (``_Lazy.add``, inline here and below: per job)
+        job_id = job.id
         lazy = self._listed_by_status[status]
-        entry = (job.created_at, job.id)
         removes = lazy._removes
-        if removes and entry in removes:
-            removes.discard(entry)
+        if removes and removes.get(job_id) == (job.created_at, job_id):
+            del removes[job_id]
         else:
-            lazy._adds.add(entry)
+            lazy._adds[job_id] = job.created_at
         if status in ELIGIBLE:
-            wait = self._wait_until.get(job.id)
+            wait = self._wait_until.get(job_id)
             if wait is not None:
-                add(self._waiting, (wait, self._seq[job.id], job.id))
+                add(self._waiting, (wait, self._seq[job_id], job_id))
                 return
             self._index_eligible(job, add)
         elif status is _COMPLETED:
-            assert job.finalized_at is not None
-            done = (job.finalized_at, self._seq[job.id], job.id)
+            finalized = job.finalized_at
+            assert finalized is not None
             gone = self._completed._removes
-            if gone and done in gone:
-                gone.discard(done)
+            if gone and gone.get(job_id) == (finalized, self._seq[job_id], job_id):
+                del gone[job_id]
             else:
-                self._completed._adds.add(done)
+                self._completed._adds[job_id] = finalized
 
-    def _stage_move(
+    def _stage_complete(
         self,
         w: None,
         record: Job,
-        transition: Transition,
         now: datetime,
-        result: bytes | None = None,
-        error_message: str | None = None,
-        assignee_id: str | None = None,
-        scheduled_at: datetime | None = None,
-        max_attempts: int | None = None,
-    ) -> JobStatus | None:
-        """:meth:`RecordStore._stage_move`; a RUNNING job's completion, the move of
-        every drained job, in one frame (``_before_move``, ``apply`` and
-        ``_after_move`` of COMPLETE from RUNNING, inline: it counts no retry and
-        touches no eligible or waiting index)."""
+        result: bytes | None,
+        error_message: str | None,
+    ) -> Moved | None:
+        """:attr:`RecordStore._stage_complete`: a RUNNING job's COMPLETE move (that of
+        every drained job) and its :class:`Moved`, in one frame (``_before_move``,
+        ``apply``, ``_after_move`` and ``_moved`` of COMPLETE from RUNNING, inline: it
+        counts no retry and touches no eligible or waiting index); ``None`` for a job
+        in another status."""
         job = record
-        if transition is not COMPLETE or job.status is not _RUNNING:
-            return super()._stage_move(
-                w,
-                record,
-                transition,
-                now,
-                result,
-                error_message,
-                assignee_id,
-                scheduled_at,
-                max_attempts,
-            )
+        if job.status is not _RUNNING:
+            return None
         job_id = job.id
         self._active_by_assignee[job.assignee_id].discard(job_id)
         job.finalized_at = now
@@ -410,19 +438,18 @@ class MemoryBackend(RecordStore[Job, None, None]):
             self._wait_until.pop(job_id, None)
         # (``_Lazy.add``, inline, as in ``_after_move``)
         lazy = self._listed_by_status[_COMPLETED]
-        entry = (job.created_at, job_id)
         removes = lazy._removes
-        if removes and entry in removes:
-            removes.discard(entry)
+        if removes and removes.get(job_id) == (job.created_at, job_id):
+            del removes[job_id]
         else:
-            lazy._adds.add(entry)
-        done = (now, self._seq[job_id], job_id)
+            lazy._adds[job_id] = job.created_at
         gone = self._completed._removes
-        if gone and done in gone:
-            gone.discard(done)
+        if gone and gone.get(job_id) == (now, self._seq[job_id], job_id):
+            del gone[job_id]
         else:
-            self._completed._adds.add(done)
-        return _COMPLETED
+            self._completed._adds[job_id] = now
+        # (``tuple.__new__``: no frame for the named tuple's ``__new__``)
+        return _new_tuple(Moved, (job_id, _COMPLETED, job.assigned_at, (), None))
 
     def _listed_in(self, status: JobStatus) -> SortedList[_Listed]:
         """The ``(created_at, id)`` of every job in ``status``. RUNNING and CANCELLING
@@ -471,27 +498,27 @@ class MemoryBackend(RecordStore[Job, None, None]):
         adder: Callable[[SortedList[Any] | _Taken[Any]], Callable[[Any], None]] = (
             _sorted_adder if new is None else new.adder
         )
-        add_listed, add_eligible = adder(self._listed), adder(self._eligible)
-        type_adders: dict[str, Callable[[Any], None]] = {}
+        add_eligible = adder(self._eligible)
         jobs_by_id, seqs, wait_until = self._jobs, self._seq, self._wait_until
-        pending: list[_Listed] = []
+        #: The new entries of the listings (lazy: by id), every job's and each type's.
+        listed_new: dict[str, datetime] = {}
+        typed_new: dict[str, dict[str, datetime]] = {}
+        pending: dict[str, datetime] = {}
         retries = 0
         seq = self._next_seq
         for stored in jobs:  # (the records: copies made by ``insert``/``insert_new``)
             job_id = stored.id
             jobs_by_id[job_id] = stored
             seqs[job_id] = seq
-            listed = (stored.created_at, job_id)
-            add_listed(listed)
-            add_typed = type_adders.get(stored.job_type)
-            if add_typed is None:
-                by_type = self._listed_by_type.get(stored.job_type)
-                if by_type is None:
-                    by_type = self._listed_by_type[stored.job_type] = SortedList()
-                add_typed = type_adders[stored.job_type] = adder(by_type)
-            add_typed(listed)
+            created = stored.created_at
+            listed_new[job_id] = created
+            typed = typed_new.get(stored.job_type)
+            if typed is None:
+                typed = typed_new[stored.job_type] = {}
+            typed[job_id] = created
             if stored.scheduled_at is not None:
                 wait_until[job_id] = stored.scheduled_at
+            listed = (created, job_id)
             for tag in stored.tags:
                 self._ids_by_tag.setdefault(tag, set()).add(job_id)
                 by_tag = self._listed_by_tag.get(tag)
@@ -501,7 +528,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
             if stored.status is not _INITIAL_PENDING or stored.tags or stored.scheduled_at:
                 self._after_move(None, stored, None, None, add)
             else:  # (``_after_move``'s indexing of a new job, inline: the common case)
-                pending.append(listed)
+                pending[job_id] = stored.created_at
                 retries += stored.retry_count
                 due = stored.last_retry_at  # (``sort_key``, inline: no schedule here)
                 if due is None:
@@ -512,8 +539,27 @@ class MemoryBackend(RecordStore[Job, None, None]):
         self._counts[_INITIAL_PENDING] += len(pending)
         self._retries += retries
         self._listed_by_status[_INITIAL_PENDING].add_all(pending)
+        self._listed.add_all(listed_new)
+        for job_type, typed in typed_new.items():
+            by_type = self._listed_by_type.get(job_type)
+            if by_type is None:
+                by_type = self._listed_by_type[job_type] = _Lazy(_listed_entry)
+            by_type.add_all(typed)
         if new is not None:
             new.update()
+
+    async def claim(
+        self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime
+    ) -> list[Job]:
+        # (``RecordStore.claim`` with ``_run``'s call, inline: no coroutine of its own)
+        return self._claim(assignee_id, list(tags), limit, now)
+
+    async def apply(
+        self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
+    ) -> ApplyOutcome:
+        # (``RecordStore.apply``, as ``claim``; nothing can change ``changes`` meanwhile:
+        # no copy of them either)
+        return self._apply_changes(changes, now, refill)
 
     async def insert(self, jobs: Sequence[Job]) -> None:
         # (``RecordStore.insert``, run at once, with ``_exists`` inline: per job)
@@ -531,9 +577,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
         job = record
         self._before_move(w, job)
         listed = (job.created_at, job.id)
-        self._listed.remove(listed)
+        self._listed.remove(job.id, listed)
         by_type = self._listed_by_type[job.job_type]
-        by_type.remove(listed)
+        by_type.remove(job.id, listed)
         if not by_type:
             del self._listed_by_type[job.job_type]
         for tag in job.tags:
@@ -610,27 +656,50 @@ class MemoryBackend(RecordStore[Job, None, None]):
         if mine is None:
             mine = active[assignee_id] = set()
         by_tag = self._eligible_by_tag
+        out: list[Job] = []
         for job, key in zip(picked, keys, strict=True):
             status = job.status
-            retries = job.retry_count
+            job_id = job.id
             # (``_Lazy.remove``, inline: per job)
-            entry = (job.created_at, job.id)
             lazy = listed[status]
-            adds = lazy._adds
-            if entry in adds:
-                adds.discard(entry)
-            else:
-                lazy._removes.add(entry)
-            for tag in job.tags:
+            if lazy._adds.pop(job_id, None) is None:
+                lazy._removes[job_id] = (job.created_at, job_id)
+            tags = job.tags
+            for tag in tags:
                 by_tag[tag].remove(key)
-            new = apply(job, ASSIGN, now, None, None, assignee_id)  # (by position: per job)
-            assert new is not None
+            # The move of ASSIGN (``apply``, inline: per job; checked at import against
+            # the table, see ``_ASSIGN_INLINE``). It counts no retry.
+            job.assignee_id = assignee_id
+            job.assigned_at = now
+            job.attempts += 1
+            if job.started_at is None:
+                job.started_at = now
+            job.status = _RUNNING
             counts[status] -= 1
-            counts[new] += 1
-            if _ASSIGN_COUNTS_RETRIES:
-                self._retries += job.retry_count - retries
-            mine.add(job.id)
-        return [job.copy() for job in picked]
+            counts[_RUNNING] += 1
+            mine.add(job_id)
+            # (``Job.copy``, inline: per job; ``test_a_claim_hands_out_copies_of_every_field``)
+            copy: Job = _new_object(Job)
+            copy.id = job_id
+            copy.job_type = job.job_type
+            copy.job_definition = job.job_definition
+            copy.tags = list(tags)
+            copy.status = job.status
+            copy.created_at = job.created_at
+            copy.started_at = job.started_at
+            copy.finalized_at = job.finalized_at
+            copy.error_message = job.error_message
+            copy.result = job.result
+            copy.retry_count = job.retry_count
+            copy.last_retry_at = job.last_retry_at
+            copy.assignee_id = job.assignee_id
+            copy.assigned_at = job.assigned_at
+            copy.scheduled_at = job.scheduled_at
+            copy.priority = job.priority
+            copy.max_attempts = job.max_attempts
+            copy.attempts = job.attempts
+            out.append(copy)
+        return out
 
     async def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         out: dict[str, JobState] = {}
@@ -658,9 +727,10 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 reverse=True,
             )
         elif query.job_type is not None:
-            keys = newest_first(self._listed_by_type.get(query.job_type) or SortedList())
+            by_type = self._listed_by_type.get(query.job_type)
+            keys = newest_first(by_type.sorted() if by_type is not None else SortedList())
         else:
-            keys = newest_first(self._listed)
+            keys = newest_first(self._listed.sorted())
         jobs = (self._jobs[job_id] for _, job_id in keys)
         return [job.copy() for job in itertools.islice(filter(query.matches, jobs), query.limit)]
 
