@@ -333,13 +333,13 @@ def job_static(job: Job, id_: bytes | None = None) -> Static:
     return id_ + type_ + definition, len(id_), len(type_), len(definition), tag_bytes, created
 
 
-#: A record's header values in :data:`_HEAD` order (see :func:`record_values`).
-#: (Tuples, not lists: the collector stops tracking a tuple of ints, while every
-#: collection would walk a list kept with each of 10,000 cached jobs.)
-Head = tuple[int, ...]
-#: A record's changing variable fields, encoded: error message, assignee, result.
-Var = tuple[bytes, bytes, bytes]
+#: A record's packed header and its changing variable fields, encoded: error message,
+#: assignee, result (see :func:`record_parts`).
+Parts = tuple[bytes, bytes, bytes, bytes]
 F_STARTED, F_FINALIZED, F_ASSIGNED, F_RESULT = _F_STARTED, _F_FINALIZED, _F_ASSIGNED, _F_RESULT
+#: A record's header (after its version byte) from its values and back, in the order
+#: :func:`record_parts` packs them.
+pack_head, unpack_head = _HEAD.pack, _HEAD.unpack
 
 
 def encode_job(
@@ -357,22 +357,20 @@ def encode_job(
     ``then_us``: likewise ``to_micros(then)`` (an earlier move's, its claim's, say)."""
     if static is None:
         static = job_static(job)
-    head, var = record_values(job, seq, static, now, now_us, then, then_us)
-    return pack_record(head, var, static)
+    head, error, assignee, result = record_parts(job, seq, static, now, now_us, then, then_us)
+    return b"".join((_VERSION_BYTE, head, static[0], error, assignee, result, static[4]))
 
 
-def pack_record(head: Head, var: Var, static: Static) -> bytes:
-    """The record of :func:`record_values` ``head`` and ``var`` and of ``static``.
+def join_record(head: bytes, error: bytes, assignee: bytes, result: bytes, static: Static) -> bytes:
+    """The record of a packed header, the changing fields and ``static``.
 
-    The LevelDB backend keeps a cached job's ``head`` and ``var`` as last packed, and a
-    claim or completion changes only the values it moves before packing again (the
-    bytes :func:`encode_job` gives for the moved job: tested)."""
-    return b"".join(
-        (_VERSION_BYTE, _HEAD.pack(*head), static[0], var[0], var[1], var[2], static[4])
-    )
+    The LevelDB backend keeps a cached job's :func:`record_parts` as last written, and a
+    claim or completion unpacks the header, changes only the values it moves and joins
+    the record again (the bytes :func:`encode_job` gives for the moved job: tested)."""
+    return b"".join((_VERSION_BYTE, head, static[0], error, assignee, result, static[4]))
 
 
-def record_values(
+def record_parts(
     job: Job,
     seq: int,
     static: Static,
@@ -380,9 +378,9 @@ def record_values(
     now_us: int = 0,
     then: datetime | None = None,
     then_us: int = 0,
-) -> tuple[Head, Var]:
-    """The header values and changing variable fields of ``job``'s record (see
-    :func:`encode_job` for the arguments), for :func:`pack_record`."""
+) -> Parts:
+    """The packed header and the changing variable fields of ``job``'s record (see
+    :func:`encode_job` for the arguments), for :func:`join_record`."""
     flags = 0
     started = finalized = retried = assigned = scheduled = 0
     # (Each optional time read once: attribute reads of a slots class are not free;
@@ -419,7 +417,7 @@ def record_values(
     assignee = job.assignee_id
     assignee_bytes = assignee.encode("utf-8", "surrogatepass") if assignee else b""
     max_attempts = job.max_attempts
-    head = (
+    head = _HEAD.pack(
         seq,
         job.retry_count,
         created,
@@ -441,7 +439,7 @@ def record_values(
         CODE_OF[job.status],
         flags,
     )
-    return head, (error_bytes, assignee_bytes, result)
+    return head, error_bytes, assignee_bytes, result
 
 
 def _corrupt(detail: str) -> StorageError:

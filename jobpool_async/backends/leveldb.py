@@ -148,7 +148,8 @@ _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 _COMPLETED, _RUNNING_STATUS = JobStatus.COMPLETED, JobStatus.RUNNING
 _RUNNING = codec.CODE_OF[_RUNNING_STATUS]
 _COMPLETED_CODE = codec.CODE_OF[_COMPLETED]
-#: (The flags of a record's values, see ``codec.record_values``.)
+#: (A record's header and its flags, see ``codec.record_parts``.)
+_pack_head, _unpack_head = codec.pack_head, codec.unpack_head
 _F_STARTED, _F_FINALIZED = codec.F_STARTED, codec.F_FINALIZED
 _F_ASSIGNED, _F_RESULT = codec.F_ASSIGNED, codec.F_RESULT
 #: ``_stage_claim`` applies ASSIGN inline, as ``apply_transition`` would for a move from
@@ -338,16 +339,18 @@ class _Rec:
     drops the caches, see ``LevelDBBackend._guarded``)."""
 
     __slots__ = (
+        "assignee_b",
         "claimed",
         "claimed_us",
+        "error_b",
         "head",
         "idb",
         "job",
         "keys",
+        "result_b",
         "seq",
         "static",
         "tail",
-        "var",
     )
 
     def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
@@ -365,11 +368,14 @@ class _Rec:
         #: ``started_at``) and its micros, if this process staged it.
         self.claimed: datetime | None = None
         self.claimed_us = 0
-        #: Its record's :func:`codec.record_values` as last staged (``None``: not
-        #: known; always with ``static``), which a claim or a completion changes and
-        #: packs again instead of encoding the whole job.
-        self.head: codec.Head | None = None
-        self.var: codec.Var = (b"", b"", b"")
+        #: Its record's :func:`codec.record_parts` as last staged: the packed header
+        #: (``None``: not known; always with ``static``), which a claim or a completion
+        #: unpacks, changes and packs again instead of encoding the whole job, and the
+        #: encoded error message, assignee and result. (Bytes, which the cyclic
+        #: collector does not track: a tuple kept with each cached job cost it more
+        #: than the unpacking.)
+        self.head: bytes | None = None
+        self.error_b = self.assignee_b = self.result_b = b""
 
     def index_keys(self, promoted: int) -> list[bytes]:
         """Its status-dependent index keys; those of a job with a schedule depend on
@@ -854,7 +860,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put, touched = w.put, w.touched
         values = w.counts.values
         pack_u64, pack_order, job_static = _U64.pack, _ORDER.pack, codec.job_static
-        record_values, pack_record = codec.record_values, codec.pack_record
+        record_parts, join_record = codec.record_parts, codec.join_record
         enc, code_of = codec.enc, codec.CODE_OF
         # Untagged eligible jobs due now (the common case) get their keys here, as
         # ``_static_keys`` and ``_index_keys`` would give them (``check_store`` in
@@ -866,8 +872,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             static = job_static(job, idb)
             created = static[5]
             tail = pack_u64(created) + idb
-            head, var = record_values(job, seq, static)
-            put(_JOB + idb, pack_record(head, var, static))
+            head, error, assignee, result = record_parts(job, seq, static)
+            put(_JOB + idb, join_record(head, error, assignee, result, static))
             status = job.status
             if job.tags or job.scheduled_at is not None or status not in ELIGIBLE:
                 for key in _static_keys(job, idb, tail):
@@ -894,7 +900,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 rec = touched[job.id] = _new_object(_Rec)
                 rec.job = job if private else job.copy()
                 rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
-                rec.claimed, rec.claimed_us, rec.head, rec.var = None, 0, head, var
+                rec.claimed, rec.claimed_us, rec.head = None, 0, head
+                rec.error_b, rec.assignee_b, rec.result_b = error, assignee, result
             seq += 1
         w.next_seq = seq
         if low_e is not None:
@@ -958,10 +965,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         static = record.static
         if static is None:  # (the fields no move changes: encoded once per job)
             static = record.static = codec.job_static(job)
-        head, var = record.head, record.var = codec.record_values(
+        parts = codec.record_parts(
             job, record.seq, static, w.moved_at, w.moved_us, record.claimed, record.claimed_us
         )
-        w.put(_JOB + record.idb, codec.pack_record(head, var, static))
+        record.head, record.error_b, record.assignee_b, record.result_b = parts
+        w.put(_JOB + record.idb, codec.join_record(*parts, static))
         w.touched[job.id] = record
         return new
 
@@ -981,12 +989,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         compares every record with it)."""
         job = record.job
         old_code = codec.CODE_OF[job.status]
-        head, var, static = record.head, record.var, record.static
+        head, static = record.head, record.static
         assert head is not None and static is not None
         # The move of COMPLETE (inline, as ``_stage_move`` applies it: see
         # ``_COMPLETE_INLINE``), each changed field into the record values too.
         job.finalized_at = now
-        error, assignee, stored = var
+        error, stored = record.error_b, record.result_b
         (
             seq,
             retries,
@@ -1008,7 +1016,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             priority,
             _,
             flags,
-        ) = head
+        ) = _unpack_head(head)
         if result is not None:
             job.result = stored = result
         if error_message is not None:
@@ -1018,7 +1026,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if now is not w.moved_at:
             w.moved_at, w.moved_us = now, codec.to_micros(now)
         now_us = w.moved_us
-        head = record.head = (  # (in the order of ``codec.record_values``)
+        head = record.head = _pack_head(  # (in the order of ``codec.record_parts``)
             seq,
             retries,
             created,
@@ -1040,7 +1048,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             _COMPLETED_CODE,
             flags | _F_FINALIZED | (_F_RESULT if result is not None else 0),
         )
-        var = record.var = (error, assignee, stored)
+        record.error_b, record.result_b = error, stored
         # Its counters (no retry: only the status moves) and keys (see ``_index_keys``).
         values = w.counts.values
         values[old_code] -= 1
@@ -1052,7 +1060,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             counters.values[old_code] -= 1
             counters.values[_COMPLETED_CODE] += 1
         delete, put = w.delete, w.put
-        for key in record.index_keys(w.promoted):  # (its ``A`` key)
+        for key in record.keys or record.index_keys(w.promoted):  # (its ``A`` key)
             delete(key)
         idb = record.idb
         done = _DONE + _TIME_SEQ.pack(now_us, record.seq) + idb
@@ -1060,7 +1068,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put(done, b"")
         put(listed, b"")
         record.keys = [done, listed]
-        put(_JOB + idb, codec.pack_record(head, var, static))
+        put(_JOB + idb, codec.join_record(head, error, record.assignee_b, stored, static))
         w.touched[job.id] = record
         return _COMPLETED
 
@@ -1254,7 +1262,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
         now_us = codec.to_micros(now)  # (the assignment and start times of the records)
-        pack_record = codec.pack_record
+        join_record, pack_head, unpack_head = codec.join_record, _pack_head, _unpack_head
         assignee_bytes = codec.id_bytes(assignee_id) if assignee_id else b""
         n_assignee = len(assignee_bytes)
         out: list[Job] = []
@@ -1292,9 +1300,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 static = rec.static = codec.job_static(job)
             head = rec.head
             if head is None:
-                head, var = rec.head, rec.var = codec.record_values(
-                    job, rec.seq, static, now, now_us
-                )
+                parts = codec.record_parts(job, rec.seq, static, now, now_us)
+                rec.head, rec.error_b, rec.assignee_b, rec.result_b = parts
+                put(_JOB + idb, join_record(*parts, static))
             else:  # the record values as last staged, with the moved ones changed
                 (
                     seq,
@@ -1317,8 +1325,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     priority,
                     _,
                     flags,
-                ) = head
-                head = rec.head = (  # (in the order of ``codec.record_values``)
+                ) = unpack_head(head)
+                head = rec.head = pack_head(  # (in the order of ``codec.record_parts``)
                     seq,
                     retries,
                     created,
@@ -1340,9 +1348,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     _RUNNING,
                     flags | _F_STARTED | _F_ASSIGNED,
                 )
-                old = rec.var
-                var = rec.var = (old[0], assignee_bytes, old[2])
-            put(_JOB + idb, pack_record(head, var, static))
+                rec.assignee_b = assignee_bytes
+                put(
+                    _JOB + idb, join_record(head, rec.error_b, assignee_bytes, rec.result_b, static)
+                )
             rec.claimed, rec.claimed_us = now, now_us
             touched[job.id] = rec
             out.append(job.copy())  # the staged objects stay in the cache
