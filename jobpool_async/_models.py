@@ -7,6 +7,7 @@ input the same way, before anything is written.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class Job:
     job_definition: bytes = b""
     tags: list[str] = field(default_factory=list)
     status: JobStatus = JobStatus.INITIAL_PENDING
-    created_at: datetime = field(default_factory=utcnow)
+    #: (``datetime.now(UTC)`` itself: no frame of ``utcnow``'s per job built)
+    created_at: datetime = field(default_factory=functools.partial(datetime.now, UTC))
     started_at: datetime | None = None
     finalized_at: datetime | None = None
     error_message: str = ""
@@ -348,6 +350,11 @@ class CheckedJobs(list[Job]):
     __slots__ = ()
 
 
+#: The last job type that ``check_new_job``'s fast path accepted (a ``str``, ASCII,
+#: no NUL: an immutable value, so the same object needs no second check).
+_last_job_type = ""
+
+
 def _plain_text(text: str) -> bool:
     """ASCII text without NUL (storable: the fast path's test of a non-empty field)."""
     return text.isascii() and "\x00" not in text
@@ -366,6 +373,7 @@ def check_new_job(job: object) -> Job:
         return _check_new_job_slow(job)
     # (ASCII text without NUL is storable: checked inline; other text takes the full
     # checks, which accept any valid Unicode)
+    global _last_job_type  # (a cache of one checked value)
     job_id = job.id
     job_type = job.job_type
     definition = job.job_definition
@@ -391,9 +399,10 @@ def check_new_job(job: object) -> Job:
         and job_id
         and job_id.isascii()
         and "\x00" not in job_id
-        and type(job_type) is str
-        and job_type.isascii()
-        and "\x00" not in job_type
+        and (
+            job_type is _last_job_type  # (checked already: a batch's jobs share a type)
+            or (type(job_type) is str and job_type.isascii() and "\x00" not in job_type)
+        )
         and type(definition) is bytes
         and type(created) is datetime
         and created.tzinfo is UTC
@@ -409,6 +418,7 @@ def check_new_job(job: object) -> Job:
         and (not tags or _plain_tags(tags))
     ):
         return _check_new_job_slow(job)
+    _last_job_type = job_type
     new: Job = _new_object(Job)  # (``Job.copy``, of the fields read, inline: per job)
     new.id = job_id
     new.job_type = job_type

@@ -390,7 +390,10 @@ class PoolQueue:
         holders = self._holders
         for job_id, status, assigned_at, tags, due_at in moved:
             stream = holders.get(job_id)  # (``_holder`` and ``_unhold``, inline: per job)
-            if stream is not None and stream._held.get(job_id, _NOT_HELD) == assigned_at:
+            if stream is not None and (
+                (held_at := stream._held.get(job_id, _NOT_HELD)) is assigned_at
+                or held_at == assigned_at  # (the same object, usually: no compare)
+            ):
                 if status not in ACTIVE:
                     del holders[job_id]
                     del stream._held[job_id]
@@ -501,8 +504,10 @@ class PoolQueue:
                 if job.scheduled_at is None or job.scheduled_at <= now
             }
             self._arm()
-        else:  # (no loop of our own per job: the usual case)
+        elif any(map(_tags, clean)):  # (no loop of our own per job: the usual case)
             tagsets = set(map(tuple, map(_tags, clean)))
+        else:  # (no tags at all: no tuple per job either)
+            tagsets = {()}
         await self._notifier.publish(tagsets=tagsets)
         return list(map(_id, clean))
 
@@ -1385,7 +1390,12 @@ class JobStream:
     def _take_ready(self) -> list[Job]:
         """The refilled jobs this stream still holds (any that left it meanwhile dropped)."""
         held = self._held
-        jobs = [job for job in self._ready if held.get(job.id, _NOT_HELD) == job.assigned_at]
+        jobs = [
+            job
+            for job in self._ready
+            if (held_at := held.get(job.id, _NOT_HELD)) is job.assigned_at
+            or held_at == job.assigned_at  # (the same object, usually: no compare)
+        ]
         self._ready = []
         return jobs
 

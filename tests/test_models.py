@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from jobpool_async import Job, JobStatus
 from jobpool_async.backends.base import check_new_job
 
@@ -60,3 +62,17 @@ def test_an_enqueue_check_copies_every_field_of_a_new_job() -> None:
     assert dataclasses.asdict(copy) == dataclasses.asdict(job)
     plain = Job(id="p", job_type="t")
     assert dataclasses.asdict(check_new_job(plain)) == dataclasses.asdict(plain)
+
+
+def test_an_enqueue_check_of_a_job_type_seen_before_still_checks_a_new_one() -> None:
+    """The fast path remembers the last job type it accepted (a batch's jobs share
+    one: the same ``str`` needs no second check); any other value is checked."""
+    ok = "type-a"
+    assert check_new_job(Job(id="a", job_type=ok)).job_type is ok
+    assert check_new_job(Job(id="b", job_type=ok)).job_type is ok
+    with pytest.raises(ValueError):
+        check_new_job(Job(id="c", job_type="type-a\x00"))
+    with pytest.raises(TypeError):
+        check_new_job(Job(id="d", job_type=b"type-a"))  # type: ignore[arg-type]
+    assert check_new_job(Job(id="e", job_type="typé")).job_type == "typé"  # (full checks)
+    assert check_new_job(Job(id="f", job_type=ok)).job_type is ok

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
-from collections import Counter
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -63,6 +63,7 @@ _COMPLETED = JobStatus.COMPLETED
 _RUNNING = JobStatus.RUNNING
 _INITIAL_PENDING = JobStatus.INITIAL_PENDING
 _new_object = object.__new__
+_key_id = operator.itemgetter(3)
 _ABSENT = object()
 #: Whether a claim may make ASSIGN's move itself (inline, per job): it moves every
 #: eligible status to RUNNING, setting the assignment and counting an attempt, and
@@ -281,7 +282,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
         #: Eligible jobs not yet due: by due time, and each one's due time.
         self._waiting: SortedList[_WaitKey] = SortedList()
         self._wait_until: dict[str, datetime] = {}
-        self._counts: Counter[JobStatus] = Counter()
+        #: A plain dict, every status in it (a ``Counter``'s item reads and writes, a
+        #: subclass's, are not the interpreter's specialized ones: four per drained job).
+        self._counts: dict[JobStatus, int] = dict.fromkeys(JobStatus, 0)
         self._retries = 0
         self._listed: _Lazy[_Listed] = _Lazy(_listed_entry)
         #: Every job by ``(created_at, id)`` per status, but RUNNING and CANCELLING.
@@ -308,6 +311,10 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return (-job.priority, job.sort_key, self._seq[job.id], job.id)
 
     def next_due(self) -> datetime | None:
+        # (Every waiting entry's job is in ``_wait_until``: an empty dict says no entry
+        # waits with no ``SortedList.__len__`` call, once or twice per batch.)
+        if not self._wait_until:
+            return None
         return self._waiting[0][0] if self._waiting else None
 
     def _promote(self, now: datetime) -> None:
@@ -622,7 +629,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
         return {s: n for s, n in self._counts.items() if n}, self._retries
 
     def _claim(self, assignee_id: str, tags: Sequence[str], limit: int, now: datetime) -> list[Job]:
-        if self._waiting and self._waiting[0][0] <= now:
+        if self._wait_until and self._waiting and self._waiting[0][0] <= now:
             self._promote(now)
         jobs = self._jobs
         eligible = self._eligible
@@ -642,7 +649,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
                 eligible.remove(key)
         else:  # the head of the eligible index (taken from it at once)
             keys = eligible.take(limit)
-            picked = [jobs[key[3]] for key in keys]
+            picked = list(map(jobs.__getitem__, map(_key_id, keys)))
         if not picked:
             return []
         # The move of ASSIGN, with the index changes of each job made here at once: the
@@ -657,7 +664,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
             mine = active[assignee_id] = set()
         by_tag = self._eligible_by_tag
         out: list[Job] = []
-        for job, key in zip(picked, keys, strict=True):
+        for job, key in zip(picked, keys):  # noqa: B905 (as many; a keyword is parsed per call)
             status = job.status
             job_id = job.id
             # (``_Lazy.remove``, inline: per job)
