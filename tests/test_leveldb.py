@@ -1186,14 +1186,15 @@ async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
 
         self.put = put_checked
 
-    completion = LevelDBBackend._stage_completion
+    completion = LevelDBBackend._stage_complete
 
     def counted(self: LevelDBBackend, *args: Any) -> Any:
-        fast["completion"] += 1
-        return completion(self, *args)
+        moved = completion(self, *args)
+        fast["completion"] += moved is not None
+        return moved
 
     monkeypatch.setattr(leveldb_module._Write, "__init__", checking)
-    monkeypatch.setattr(LevelDBBackend, "_stage_completion", counted)
+    monkeypatch.setattr(LevelDBBackend, "_stage_complete", counted)
     await _random_ops(seed, tmp_path / "r.ldb")
     # A drain with results, retries and cancellations besides: the moves of the fast
     # paths from every state they start from (a job started before, with an error

@@ -933,7 +933,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if old_status not in transition._targets:
             return None
         if transition is COMPLETE and old_status in ACTIVE and record.head is not None:
-            return self._stage_completion(w, record, now, result, error_message)
+            self._stage_complete(w, record, now, result, error_message)
+            return _COMPLETED
         keys = record.keys  # (``record.index_keys``, inline: per job)
         if keys is None or job.scheduled_at is not None:
             keys = record.index_keys(w.promoted)
@@ -973,24 +974,27 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         w.touched[job.id] = record
         return new
 
-    def _stage_completion(
+    def _stage_complete(
         self,
         w: _Write,
         record: _Rec,
         now: datetime,
         result: bytes | None,
         error_message: str | None,
-    ) -> JobStatus:
-        """``_stage_move`` of COMPLETE for a RUNNING/CANCELLING job whose record values
+    ) -> Moved | None:
+        """:attr:`RecordStore._stage_complete` (``None``: the general path), and
+        ``_stage_move``'s, of COMPLETE for a RUNNING/CANCELLING job whose record values
         are known (``record.head``): the move of every drained job. Its one index key
         (``A``) out, its ``D`` and ``S`` keys in, the counters moved, and its record
         packed from the values as last staged with the moved ones changed (what
         ``codec.encode_job`` gives for the moved job: ``check_store`` in the tests
         compares every record with it)."""
         job = record.job
-        old_code = codec.CODE_OF[job.status]
-        head, static = record.head, record.static
-        assert head is not None and static is not None
+        status, head, static = job.status, record.head, record.static
+        if head is None or status not in ACTIVE:
+            return None
+        assert static is not None
+        old_code = codec.CODE_OF[status]
         # The move of COMPLETE (inline, as ``_stage_move`` applies it: see
         # ``_COMPLETE_INLINE``), each changed field into the record values too.
         job.finalized_at = now
@@ -1069,8 +1073,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put(listed, b"")
         record.keys = [done, listed]
         put(_JOB + idb, codec.join_record(head, error, record.assignee_b, stored, static))
-        w.touched[job.id] = record
-        return _COMPLETED
+        job_id = job.id
+        w.touched[job_id] = record
+        # (``_moved``, inline; ``tuple.__new__``: no frame for the named tuple's ``__new__``)
+        return _new_tuple(Moved, (job_id, _COMPLETED, job.assigned_at, (), None))
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
         w.unindex(record)
