@@ -167,3 +167,35 @@ async def test_a_scheduled_job_claimed_then_completed_leaves_no_running_index_ke
     assert {j.status for j in stored.values()} == {S.COMPLETED}
     async with PoolQueue(LevelDBBackend(path), clock=clock) as q:  # opens: not damaged
         assert (await q.get_job_stats()).completed_jobs == 4
+
+
+async def test_a_completion_works_out_the_keys_it_removes_from_the_job_before_it_moves(
+    tmp_path: Path,
+) -> None:
+    """When a running job's record has no index keys kept (``keys`` is ``None``: the
+    fallback of ``_stage_complete``), the completion works them out from the job as it
+    was, RUNNING, not as it becomes: for a job with a schedule, computing them after
+    the status changed gave its COMPLETED keys, so its ``A`` key stayed and the next
+    open refused the store as damaged."""
+    path = tmp_path / "s.ldb"
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
+    now = clock.now()
+    jobs = [
+        Job(id="due", job_type="t", scheduled_at=now),
+        Job(id="past", job_type="t", tags=["a"], scheduled_at=now - timedelta(hours=1)),
+        Job(id="plain", job_type="t"),
+    ]
+    backend = LevelDBBackend(path)
+    async with PoolQueue(backend, clock=clock) as q:
+        await q.enqueue_jobs(jobs)
+        async with q.stream_jobs("w", max_assigned_jobs=3) as stream:
+            batch = await stream.__anext__()
+            assert sorted(j.id for j in batch) == sorted(j.id for j in jobs)
+            for record in backend._active.values():
+                record.keys = None  # (forget the kept keys: the fallback runs)
+            clock.advance(timedelta(seconds=1))
+            await q.complete_jobs({j.id: b"ok" for j in batch})
+    stored = check_store(path)
+    assert {j.status for j in stored.values()} == {S.COMPLETED}
+    async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
+        assert (await q.get_job_stats()).completed_jobs == 3

@@ -995,6 +995,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             return None
         assert static is not None
         old_code = codec.CODE_OF[status]
+        # Its index keys as they are (its ``A`` key), taken before the status changes:
+        # ``index_keys`` works them out from the job as it stands.
+        old_keys = record.keys or record.index_keys(w.promoted)
         # The move of COMPLETE (inline, as ``_stage_move`` applies it: see
         # ``_COMPLETE_INLINE``), each changed field into the record values too.
         job.finalized_at = now
@@ -1064,7 +1067,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             counters.values[old_code] -= 1
             counters.values[_COMPLETED_CODE] += 1
         delete, put = w.delete, w.put
-        for key in record.keys or record.index_keys(w.promoted):  # (its ``A`` key)
+        for key in old_keys:
             delete(key)
         idb = record.idb
         done = _DONE + _TIME_SEQ.pack(now_us, record.seq) + idb
