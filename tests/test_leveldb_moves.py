@@ -137,6 +137,15 @@ async def test_every_move_of_a_version_2_record_is_that_of_its_version_3_record(
     assert set(versions) == set(after)
 
 
+def _scheduled_jobs(now: datetime) -> list[Job]:
+    """Jobs a stream claims at ``now``: one due now, one overdue with a tag, one plain."""
+    return [
+        Job(id="due", job_type="t", scheduled_at=now),
+        Job(id="past", job_type="t", tags=["a"], scheduled_at=now - timedelta(hours=1)),
+        Job(id="plain", job_type="t"),
+    ]
+
+
 async def test_a_scheduled_job_claimed_then_completed_leaves_no_running_index_key(
     tmp_path: Path,
 ) -> None:
@@ -149,12 +158,7 @@ async def test_a_scheduled_job_claimed_then_completed_leaves_no_running_index_ke
     path = tmp_path / "s.ldb"
     clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
     now = clock.now()
-    jobs = [
-        Job(id="due", job_type="t", scheduled_at=now),
-        Job(id="past", job_type="t", tags=["a"], scheduled_at=now - timedelta(hours=1)),
-        Job(id="plain", job_type="t"),
-        Job(id="cancelled", job_type="t", scheduled_at=now),
-    ]
+    jobs = [*_scheduled_jobs(now), Job(id="cancelled", job_type="t", scheduled_at=now)]
     async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
         await q.enqueue_jobs(jobs)
         async with q.stream_jobs("w", max_assigned_jobs=4) as stream:
@@ -180,11 +184,7 @@ async def test_a_completion_works_out_the_keys_it_removes_from_the_job_before_it
     path = tmp_path / "s.ldb"
     clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
     now = clock.now()
-    jobs = [
-        Job(id="due", job_type="t", scheduled_at=now),
-        Job(id="past", job_type="t", tags=["a"], scheduled_at=now - timedelta(hours=1)),
-        Job(id="plain", job_type="t"),
-    ]
+    jobs = _scheduled_jobs(now)
     backend = LevelDBBackend(path)
     async with PoolQueue(backend, clock=clock) as q:
         await q.enqueue_jobs(jobs)

@@ -357,8 +357,7 @@ def encode_job(
     ``then_us``: likewise ``to_micros(then)`` (an earlier move's, its claim's, say)."""
     if static is None:
         static = job_static(job)
-    head, error, assignee, result = record_parts(job, seq, static, now, now_us, then, then_us)
-    return b"".join((_VERSION_BYTE, head, static[0], error, assignee, result, static[4]))
+    return join_record(*record_parts(job, seq, static, now, now_us, then, then_us), static)
 
 
 def join_record(head: bytes, error: bytes, assignee: bytes, result: bytes, static: Static) -> bytes:
