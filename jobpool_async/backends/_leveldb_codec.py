@@ -69,6 +69,8 @@ N_STATUS = len(STATUS_CODES)
 
 _ORIGIN = datetime(1, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
+#: (for callers that convert without the caches: ``(dt - ORIGIN) // US``)
+ORIGIN, US = _ORIGIN, _US
 
 
 @functools.lru_cache(maxsize=4096)
@@ -298,6 +300,8 @@ _HEAD_V1 = struct.Struct(">BBBQQQQQQQIIIIIII")
 _F_STARTED, _F_FINALIZED, _F_RETRY, _F_ASSIGNED, _F_RESULT, _F_SCHEDULED = 1, 2, 4, 8, 16, 32
 _KNOWN_FLAGS = 63
 _VERSION_BYTE = bytes([RECORD_VERSION])
+#: A record's first byte (see :func:`join_record`).
+VERSION_BYTE = _VERSION_BYTE
 #: Where the lengths are in a version 3 header (as :func:`_head` gives it).
 _LENGTHS, _LENGTHS_END = 10, 17
 

@@ -99,6 +99,7 @@ from .base import (
     COMPLETE,
     ELIGIBLE,
     CheckedJobs,
+    DuplicateJobError,
     Job,
     JobPoolError,
     JobState,
@@ -148,6 +149,10 @@ _ACTIVE_CODES = frozenset(codec.CODE_OF[s] for s in ACTIVE)
 _COMPLETED, _RUNNING_STATUS = JobStatus.COMPLETED, JobStatus.RUNNING
 _RUNNING = codec.CODE_OF[_RUNNING_STATUS]
 _COMPLETED_CODE = codec.CODE_OF[_COMPLETED]
+_PENDING = JobStatus.INITIAL_PENDING
+_PENDING_CODE = codec.CODE_OF[_PENDING]
+#: (``codec.to_micros`` without its cache, and a record's version byte)
+_ORIGIN, _US, _RECORD_V3 = codec.ORIGIN, codec.US, codec.VERSION_BYTE
 #: (A record's header and its flags, see ``codec.record_parts``.)
 _pack_head, _unpack_head = codec.pack_head, codec.unpack_head
 _F_STARTED, _F_FINALIZED = codec.F_STARTED, codec.F_FINALIZED
@@ -220,6 +225,7 @@ def _prefix_end(prefix: bytes) -> bytes:
 #: The ``S`` key prefix of each status code.
 _LIST_STATUS_OF = tuple(_LIST_STATUS + bytes((code,)) for code in range(codec.N_STATUS))
 _LIST_STATUS_COMPLETED = _LIST_STATUS_OF[_COMPLETED_CODE]
+_LIST_PENDING = _LIST_STATUS_OF[_PENDING_CODE]
 _ORDER = struct.Struct(">HQQ")
 _U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
@@ -418,6 +424,7 @@ class _Write:
         "counts",
         "delete",
         "eligible_moved",
+        "fresh",
         "lowered",
         "moved_at",
         "moved_us",
@@ -447,6 +454,9 @@ class _Write:
         self.next_seq: int | None = None
         #: Jobs this write changes (``None``: deleted), for the caches.
         self.touched: dict[str, _Rec | None] = {}
+        #: New eligible jobs this write inserts, by id bytes, for the eligible cache
+        #: (as many as it has room for; ``None``: none).
+        self.fresh: dict[bytes, _Rec] | None = None
         #: Whether a job this write moves was or becomes eligible.
         self.eligible_moved = False
         #: A claim's eligible index (prefix) and the key its next claim may start at.
@@ -822,6 +832,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             if floor is not None and key < floor:
                 self._floors[prefix] = key
         active, eligible = self._active, self._eligible
+        if w.fresh:  # (new jobs, so in neither cache yet; room was left for them)
+            eligible.update(w.fresh)
         for job_id, rec in w.touched.items():
             if rec is None:
                 active.pop(job_id, None)
@@ -851,7 +863,20 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _stage(self) -> _Write:
         return _Write(self._db.write_batch(sync=self.sync), self._promoted)
 
-    def _stage_insert(self, w: _Write, jobs: Sequence[Job]) -> None:
+    def _insert_jobs(self, jobs: list[Job]) -> None:
+        # (``RecordStore._insert_jobs`` with the duplicate check in the staging loop,
+        # which has each job's record key at hand: no ``_exists`` call per job. A
+        # duplicate raises before anything is written, as there.)
+        if jobs:
+            w = self._stage()
+            self._stage_insert(w, jobs, self._db.get)
+            self._commit(w)
+
+    def _stage_insert(
+        self, w: _Write, jobs: Sequence[Job], get: Callable[[bytes], bytes | None] | None = None
+    ) -> None:
+        """Stage new jobs; with ``get`` (the store's), a job whose record exists raises
+        :class:`DuplicateJobError` (the write is then dropped)."""
         seq = self._next_seq
         room = _MAX_ELIGIBLE - len(self._eligible)
         # A queue's checked copies are kept as they are; any other caller keeps its
@@ -859,44 +884,103 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         private = type(jobs) is CheckedJobs
         put, touched = w.put, w.touched
         values = w.counts.values
-        pack_u64, pack_order, job_static = _U64.pack, _ORDER.pack, codec.job_static
-        record_parts, join_record = codec.record_parts, codec.join_record
-        enc, code_of = codec.enc, codec.CODE_OF
-        # Untagged eligible jobs due now (the common case) get their keys here, as
-        # ``_static_keys`` and ``_index_keys`` would give them (``check_store`` in
-        # the tests derives every key on its own); the others go through those and
-        # ``_Write.index``. The smallest ``E`` key staged here:
+        pack_u64, pack_order, pack_head = _U64.pack, _ORDER.pack, _pack_head
+        job_static, record_parts = codec.job_static, codec.record_parts
+        join_record = codec.join_record
+        # Cached eligible jobs this write adds (``_commit`` adds them all at once).
+        fresh = w.fresh = {}
+        # The last job type seen and its encodings (a batch's jobs share one).
+        last_type: str | None = None
+        type_b = listed_type = b""
+        n_type = 0
+        # Plain jobs (INITIAL_PENDING, untagged, unscheduled, no history: what an
+        # enqueue brings) get their keys and record here, as ``_static_keys``,
+        # ``_index_keys`` and ``codec.encode_job`` would give them (``check_store``
+        # and a test of every record staged check them); the others go through those
+        # and ``_Write.index``. The smallest ``E`` key staged here:
         low_e: bytes | None = None
         for job in jobs:
             idb = job.id.encode("utf-8", "surrogatepass")  # (codec.id_bytes)
-            static = job_static(job, idb)
-            created = static[5]
-            tail = pack_u64(created) + idb
-            head, error, assignee, result = record_parts(job, seq, static)
-            put(_JOB + idb, join_record(head, error, assignee, result, static))
-            status = job.status
-            if job.tags or job.scheduled_at is not None or status not in ELIGIBLE:
-                for key in _static_keys(job, idb, tail):
-                    put(key, b"")
-                keys = w.index(job, seq, idb, tail)
-            else:
-                put(_LIST_TYPE + enc(job.job_type) + tail, b"")
-                code = code_of[status]
-                values[code] += 1
-                values[-1] += job.retry_count
-                retried = job.last_retry_at
-                due = created if retried is None else codec.to_micros(retried)
-                key = _ELIGIBLE + pack_order(32767 - job.priority, due, seq) + idb
-                listed = _LIST_STATUS_OF[code] + tail
+            record_key = _JOB + idb
+            if get is not None and get(record_key) is not None:
+                raise DuplicateJobError(job.id)
+            if (
+                job.status is _PENDING
+                and not job.tags
+                and job.scheduled_at is None
+                and job.started_at is None
+                and job.finalized_at is None
+                and job.last_retry_at is None
+                and job.assigned_at is None
+                and job.result is None
+                and not job.retry_count
+                and not job.error_message
+                and not job.assignee_id
+            ):
+                job_type = job.job_type
+                if job_type is not last_type:
+                    last_type = job_type
+                    type_b = job_type.encode("utf-8", "surrogatepass")
+                    n_type = len(type_b)
+                    listed_type = _LIST_TYPE + codec.enc(job_type)
+                definition = job.job_definition
+                # (``codec.job_static``: not through the cache of ``to_micros``)
+                created = (job.created_at - _ORIGIN) // _US
+                n_id, body = len(idb), idb + type_b + definition
+                static = (body, n_id, n_type, len(definition), b"", created)
+                priority, max_attempts, attempts = job.priority, job.max_attempts, job.attempts
+                head = pack_head(  # (``codec.record_parts`` of a plain job)
+                    seq,
+                    0,
+                    created,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    -1 if max_attempts is None else max_attempts,
+                    attempts,
+                    n_id,
+                    n_type,
+                    static[3],
+                    0,
+                    0,
+                    0,
+                    0,
+                    priority,
+                    _PENDING_CODE,
+                    0,
+                )
+                put(record_key, b"".join((_RECORD_V3, head, body)))
+                tail = pack_u64(created) + idb
+                put(listed_type + tail, b"")
+                values[_PENDING_CODE] += 1
+                key = _ELIGIBLE + pack_order(32767 - priority, created, seq) + idb
+                listed = _LIST_PENDING + tail
                 put(key, b"")
                 put(listed, b"")
-                keys = [key, listed]
                 if low_e is None or key < low_e:
                     low_e = key
+                if room > 0:
+                    room -= 1
+                    # (``_Rec(...)`` without the frame of its ``__init__``, every slot
+                    # set here: per job)
+                    rec = fresh[idb] = _new_object(_Rec)
+                    rec.job = job if private else job.copy()
+                    rec.seq, rec.idb, rec.tail, rec.keys = seq, idb, tail, [key, listed]
+                    rec.static, rec.claimed, rec.claimed_us, rec.head = static, None, 0, head
+                    rec.error_b = rec.assignee_b = rec.result_b = b""
+                seq += 1
+                continue
+            static = job_static(job, idb)
+            tail = pack_u64(static[5]) + idb
+            head, error, assignee, result = record_parts(job, seq, static)
+            put(record_key, join_record(head, error, assignee, result, static))
+            for key in _static_keys(job, idb, tail):
+                put(key, b"")
+            keys = w.index(job, seq, idb, tail)
             if room > 0:
                 room -= 1
-                # (``_Rec(...)`` without the frame of its ``__init__``, every slot set
-                # here: per job)
                 rec = touched[job.id] = _new_object(_Rec)
                 rec.job = job if private else job.copy()
                 rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
