@@ -1893,20 +1893,22 @@ async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_th
     assert _dump(where) == new
 
 
+@pytest.mark.parametrize("tags", [["a"], []])
 @pytest.mark.parametrize("method", ["insert", "insert_new"])
 async def test_the_queues_checked_copies_are_kept_and_a_callers_jobs_copied(
-    method: str, store: Path
+    method: str, tags: list[str], store: Path
 ) -> None:
     """A queue's :class:`CheckedJobs` (its private copies) become the cached records as
     they are; the jobs of any other caller are copied (changing one afterwards changes
-    nothing stored or claimed)."""
+    nothing stored or claimed). Tagged jobs and plain ones (which the insert stages in
+    its own loop)."""
     from jobpool_async.backends.base import CheckedJobs
 
     backend = LevelDBBackend(store)
     await backend.open()
     try:
-        mine = Job(id="mine", job_type="t", tags=["a"])
-        checked = CheckedJobs([Job(id="checked", job_type="t", tags=["a"])])
+        mine = Job(id="mine", job_type="t", tags=list(tags))
+        checked = CheckedJobs([Job(id="checked", job_type="t", tags=list(tags))])
         await getattr(backend, method)([mine])
         await getattr(backend, method)(checked)
         assert backend._eligible[b"checked"].job is checked[0]
@@ -1917,11 +1919,21 @@ async def test_the_queues_checked_copies_are_kept_and_a_callers_jobs_copied(
             assert (rec.claimed, rec.claimed_us) == (None, 0)
         mine.job_type = "changed"
         mine.tags.append("b")
-        got = await backend.claim("w", ["a"], 5, datetime.now(UTC))
+        read: list[bytes] = []
+        db = backend._db
+
+        class Reads(CountingDB):
+            def get(self, key: bytes, default: Any = None) -> Any:
+                read.append(key)
+                return db.get(key, default)
+
+        backend._db = Reads(db)
+        got = await backend.claim("w", tags, 5, datetime.now(UTC))
         assert sorted((j.id, j.job_type, j.tags) for j in got) == [
-            ("checked", "t", ["a"]),
-            ("mine", "t", ["a"]),
+            ("checked", "t", tags),
+            ("mine", "t", tags),
         ]
+        assert not [key for key in read if key[:1] == b"J"]  # (both cached: none read)
     finally:
         await backend.close()
     assert check_store(store)["mine"].job_type == "t"
