@@ -1022,6 +1022,24 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
         await b.close()
 
 
+async def test_an_enqueue_is_planned_without_reading_its_jobs(dsn: str, schema: str) -> None:
+    """The insert's plan does not depend on its jobs: the planner does not parse the
+    arrays of text literals (to count ``unnest``'s rows) on top of the executor, which
+    did that for every job of a connection's first enqueue (a custom plan)."""
+    b = backend(dsn, schema)
+    await b.open()
+    try:
+        plans = []
+        for n in (10, 3000):
+            statement = b._insert_statement(jobs(n, tags=["a"]), "token")
+            assert statement is not None
+            (row,) = await sql(dsn, "EXPLAIN (FORMAT JSON) " + statement[0], *statement[1:])
+            plans.append(json.dumps(json.loads(row[0])))
+        assert plans[0] == plans[1], plans
+    finally:
+        await b.close()
+
+
 @pytest.mark.parametrize("how", ["claim", "refill"])
 async def test_a_due_job_updated_after_the_claims_snapshot_is_still_claimed(
     dsn: str, schema: str, how: str

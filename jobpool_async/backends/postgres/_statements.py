@@ -347,10 +347,11 @@ class Statements:
                 "u.started_at, u.finalized_at, u.err, u.res, u.rc, u.lra, u.aid, u.aat, "
                 "u.sched, u.prio, u.maxa, 0, u.sched"
             )
-            arrays = """$7::text::int8[], $8::timestamptz[], $9::timestamptz[],
-                        $10::text[], $11::bytea[], $12::bigint[], $13::timestamptz[],
-                        $14::text[], $15::timestamptz[], $16::timestamptz[], $17::smallint[],
-                        $18::integer[]"""
+            arrays = [
+                "$7::text::int8[]", "$8::timestamptz[]", "$9::timestamptz[]", "$10::text[]",
+                "$11::bytea[]", "$12::bigint[]", "$13::timestamptz[]", "$14::text[]",
+                "$15::timestamptz[]", "$16::timestamptz[]", "$17::smallint[]", "$18::integer[]",
+            ]  # fmt: skip
             names = (
                 "created_at, started_at, finalized_at, err, res, rc, lra, aid, aat, sched, prio, "
                 "maxa"
@@ -361,9 +362,18 @@ class Statements:
                 "NULL, NULL, COALESCE(u.err, ''), NULL, 0, NULL, COALESCE(u.aid, ''), NULL, "
                 "NULL, 0, NULL, 0, NULL"
             )
-            arrays = "$7::text::int8[], $8::text::text[], $9::text::text[]"
+            arrays = ["$7::text::int8[]", "$8::text::text[]", "$9::text::text[]"]
             names = "created_at, err, aid"
             payload, keys, defs = "$10", "$11", 12
+        # Each array behind a sub-select (an InitPlan, run once): a custom plan (an
+        # enqueue is a connection's first run of its statement) would otherwise parse
+        # every text literal once more while planning, only to count its elements for
+        # ``unnest``'s row estimate (``array_unnest_support``): 5,000 of an enqueued job's
+        # 71,000 server instructions (benchmarks/results/pg-session12.md).
+        columns = [
+            "$1::text::text[]", "$2::text::text[]", f"${defs}::text::int[]",
+            f"${defs + 1}::text::int[]", "$5::int[]", "$6::int[]", *arrays,
+        ]  # fmt: skip
         return f"""
             WITH ins AS (
                 INSERT INTO {self._t} (
@@ -376,8 +386,7 @@ class Statements:
                        '{JobStatus.INITIAL_PENDING.value}', {from_micros("u.created_at")},
                        {history},
                        COALESCE(({keys}::text[])[u.ts:u.te], '{{}}'), {key("u.id")}
-                FROM unnest($1::text::text[], $2::text::text[], ${defs}::text::int[],
-                            ${defs + 1}::text::int[], $5::int[], $6::int[], {arrays})
+                FROM unnest({", ".join(map("(SELECT {})".format, columns))})
                      WITH ORDINALITY AS u(id, job_type, dend, dlen, ts, te, {names}, ord)
                 ORDER BY u.ord
                 {"ON CONFLICT (id_key) DO NOTHING RETURNING id" if ignore else "RETURNING 1"})
