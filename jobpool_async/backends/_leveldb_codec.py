@@ -344,6 +344,28 @@ F_STARTED, F_FINALIZED, F_ASSIGNED, F_RESULT = _F_STARTED, _F_FINALIZED, _F_ASSI
 #: A record's header (after its version byte) from its values and back, in the order
 #: :func:`record_parts` packs them.
 pack_head, unpack_head = _HEAD.pack, _HEAD.unpack
+#: The same into a ``bytearray`` of :data:`HEAD_SIZE` bytes, at an offset.
+pack_head_into = _HEAD.pack_into
+HEAD_SIZE = _HEAD.size
+
+
+def _at(field: int) -> int:
+    """Where the header's ``field``-th value is (after the version byte): no padding."""
+    return struct.calcsize(_HEAD_LAYOUT[: 1 + field])
+
+
+#: Where a claim's and a completion's values are in a header (they patch a kept one
+#: in place): started, finalized and assigned time, attempts, the lengths of error
+#: message, assignee and result (three u32 in a row), status code, flags.
+AT_STARTED, AT_FINALIZED, AT_ASSIGNED, AT_ATTEMPTS = _at(3), _at(4), _at(6), _at(9)
+AT_CHANGING_LENGTHS, AT_N_ASSIGNEE, AT_CODE, AT_FLAGS = _at(13), _at(14), _at(18), _at(19)
+_NATIVE = "@" if NATIVE_HEAD else "<"
+#: Packers of one time (u64), one i64, one length (u32) and the three changing lengths
+#: into a header.
+pack_time_into = struct.Struct(_NATIVE + ("L" if NATIVE_HEAD else "Q")).pack_into
+pack_i64_into = struct.Struct(_NATIVE + ("l" if NATIVE_HEAD else "q")).pack_into
+pack_u32_into = struct.Struct(_NATIVE + "I").pack_into
+pack_lengths_into = struct.Struct(_NATIVE + "III").pack_into
 
 
 def encode_job(

@@ -154,7 +154,12 @@ _PENDING_CODE = codec.CODE_OF[_PENDING]
 #: (``codec.to_micros`` without its cache, and a record's version byte)
 _ORIGIN, _US, _RECORD_V3 = codec.ORIGIN, codec.US, codec.VERSION_BYTE
 #: (A record's header and its flags, see ``codec.record_parts``.)
-_pack_head, _unpack_head = codec.pack_head, codec.unpack_head
+_pack_head_into, _HEAD_SIZE = codec.pack_head_into, codec.HEAD_SIZE
+_pack_time_into, _pack_i64_into = codec.pack_time_into, codec.pack_i64_into
+_pack_u32_into, _pack_lengths_into = codec.pack_u32_into, codec.pack_lengths_into
+_AT_STARTED, _AT_FINALIZED, _AT_ASSIGNED = codec.AT_STARTED, codec.AT_FINALIZED, codec.AT_ASSIGNED
+_AT_ATTEMPTS, _AT_LENGTHS = codec.AT_ATTEMPTS, codec.AT_CHANGING_LENGTHS
+_AT_N_ASSIGNEE, _AT_CODE, _AT_FLAGS = codec.AT_N_ASSIGNEE, codec.AT_CODE, codec.AT_FLAGS
 _F_STARTED, _F_FINALIZED = codec.F_STARTED, codec.F_FINALIZED
 _F_ASSIGNED, _F_RESULT = codec.F_ASSIGNED, codec.F_RESULT
 #: ``_stage_claim`` applies ASSIGN inline, as ``apply_transition`` would for a move from
@@ -376,11 +381,12 @@ class _Rec:
         self.claimed_us = 0
         #: Its record's :func:`codec.record_parts` as last staged: the packed header
         #: (``None``: not known; always with ``static``), which a claim or a completion
-        #: unpacks, changes and packs again instead of encoding the whole job, and the
-        #: encoded error message, assignee and result. (Bytes, which the cyclic
-        #: collector does not track: a tuple kept with each cached job cost it more
-        #: than the unpacking.)
-        self.head: bytes | None = None
+        #: changes in place (the values it moves packed at their offsets) instead of
+        #: encoding the whole job, and the encoded error message, assignee and result.
+        #: (A ``bytearray``, which the cyclic collector does not track: a tuple of
+        #: values kept with each cached job cost it more than packing; unpacking and
+        #: packing the whole header cost twice the patching.)
+        self.head: bytearray | None = None
         self.error_b = self.assignee_b = self.result_b = b""
 
     def index_keys(self, promoted: int) -> list[bytes]:
@@ -884,7 +890,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         private = type(jobs) is CheckedJobs
         put, touched = w.put, w.touched
         values = w.counts.values
-        pack_u64, pack_order, pack_head = _U64.pack, _ORDER.pack, _pack_head
+        pack_u64, pack_order, pack_head_into = _U64.pack, _ORDER.pack, _pack_head_into
         job_static, record_parts = codec.job_static, codec.record_parts
         join_record = codec.join_record
         # Cached eligible jobs this write adds (``_commit`` adds them all at once).
@@ -929,7 +935,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 n_id, body = len(idb), idb + type_b + definition
                 static = (body, n_id, n_type, len(definition), b"", created)
                 priority, max_attempts, attempts = job.priority, job.max_attempts, job.attempts
-                head = pack_head(  # (``codec.record_parts`` of a plain job)
+                head = bytearray(_HEAD_SIZE)
+                pack_head_into(  # (``codec.record_parts`` of a plain job)
+                    head,
+                    0,
                     seq,
                     0,
                     created,
@@ -974,8 +983,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 continue
             static = job_static(job, idb)
             tail = pack_u64(static[5]) + idb
-            head, error, assignee, result = record_parts(job, seq, static)
-            put(record_key, join_record(head, error, assignee, result, static))
+            packed, error, assignee, result = record_parts(job, seq, static)
+            put(record_key, join_record(packed, error, assignee, result, static))
             for key in _static_keys(job, idb, tail):
                 put(key, b"")
             keys = w.index(job, seq, idb, tail)
@@ -984,7 +993,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 rec = touched[job.id] = _new_object(_Rec)
                 rec.job = job if private else job.copy()
                 rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
-                rec.claimed, rec.claimed_us, rec.head = None, 0, head
+                rec.claimed, rec.claimed_us, rec.head = None, 0, bytearray(packed)
                 rec.error_b, rec.assignee_b, rec.result_b = error, assignee, result
             seq += 1
         w.next_seq = seq
@@ -1053,7 +1062,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         parts = codec.record_parts(
             job, record.seq, static, w.moved_at, w.moved_us, record.claimed, record.claimed_us
         )
-        record.head, record.error_b, record.assignee_b, record.result_b = parts
+        packed, record.error_b, record.assignee_b, record.result_b = parts
+        record.head = bytearray(packed)
         w.put(_JOB + record.idb, codec.join_record(*parts, static))
         w.touched[job.id] = record
         return new
@@ -1086,30 +1096,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         # ``_COMPLETE_INLINE``), each changed field into the record values too.
         job.finalized_at = now
         error, stored = record.error_b, record.result_b
-        (
-            seq,
-            retries,
-            created,
-            started,
-            _,
-            retried,
-            assigned,
-            scheduled,
-            max_attempts,
-            attempts,
-            n_id,
-            n_type,
-            n_def,
-            _,
-            n_assignee,
-            _,
-            n_tags,
-            priority,
-            _,
-            flags,
-        ) = _unpack_head(head)
+        flags = _F_FINALIZED
         if result is not None:
             job.result = stored = result
+            flags = _F_FINALIZED | _F_RESULT
         if error_message is not None:
             job.error_message = error_message
             error = error_message.encode("utf-8", "surrogatepass") if error_message else b""
@@ -1117,28 +1107,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if now is not w.moved_at:
             w.moved_at, w.moved_us = now, codec.to_micros(now)
         now_us = w.moved_us
-        head = record.head = _pack_head(  # (in the order of ``codec.record_parts``)
-            seq,
-            retries,
-            created,
-            started,
-            now_us,
-            retried,
-            assigned,
-            scheduled,
-            max_attempts,
-            attempts,
-            n_id,
-            n_type,
-            n_def,
-            len(error),
-            n_assignee,
-            len(stored),
-            n_tags,
-            priority,
-            _COMPLETED_CODE,
-            flags | _F_FINALIZED | (_F_RESULT if result is not None else 0),
-        )
+        # The header's moved values, in place (``codec.record_parts`` packs them so).
+        _pack_time_into(head, _AT_FINALIZED, now_us)
+        assignee_b = record.assignee_b
+        _pack_lengths_into(head, _AT_LENGTHS, len(error), len(assignee_b), len(stored))
+        head[_AT_CODE] = _COMPLETED_CODE
+        head[_AT_FLAGS] |= flags
         record.error_b, record.result_b = error, stored
         # Its counters (no retry: only the status moves) and keys (see ``_index_keys``).
         values = w.counts.values
@@ -1159,7 +1133,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put(done, b"")
         put(listed, b"")
         record.keys = [done, listed]
-        put(_JOB + idb, codec.join_record(head, error, record.assignee_b, stored, static))
+        # (``codec.join_record``, inline: per job)
+        put(
+            _JOB + idb,
+            b"".join((_RECORD_V3, head, static[0], error, assignee_b, stored, static[4])),
+        )
         job_id = job.id
         w.touched[job_id] = record
         # (``_moved``, inline; ``tuple.__new__``: no frame for the named tuple's ``__new__``)
@@ -1355,7 +1333,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
         now_us = codec.to_micros(now)  # (the assignment and start times of the records)
-        join_record, pack_head, unpack_head = codec.join_record, _pack_head, _unpack_head
+        join_record, pack_time_into = codec.join_record, _pack_time_into
+        pack_i64_into, pack_u32_into = _pack_i64_into, _pack_u32_into
         assignee_bytes = codec.id_bytes(assignee_id) if assignee_id else b""
         n_assignee = len(assignee_bytes)
         out: list[Job] = []
@@ -1394,56 +1373,33 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             head = rec.head
             if head is None:
                 parts = codec.record_parts(job, rec.seq, static, now, now_us)
-                rec.head, rec.error_b, rec.assignee_b, rec.result_b = parts
+                packed, rec.error_b, rec.assignee_b, rec.result_b = parts
+                rec.head = bytearray(packed)
                 put(_JOB + idb, join_record(*parts, static))
-            else:  # the record values as last staged, with the moved ones changed
-                (
-                    seq,
-                    retries,
-                    created,
-                    started,
-                    done,
-                    retried,
-                    _,
-                    scheduled,
-                    max_attempts,
-                    attempts,
-                    n_id,
-                    n_type,
-                    n_def,
-                    n_error,
-                    _,
-                    n_result,
-                    n_tags,
-                    priority,
-                    _,
-                    flags,
-                ) = unpack_head(head)
-                head = rec.head = pack_head(  # (in the order of ``codec.record_parts``)
-                    seq,
-                    retries,
-                    created,
-                    started if flags & _F_STARTED else now_us,
-                    done,
-                    retried,
-                    now_us,
-                    scheduled,
-                    max_attempts,
-                    attempts + 1,
-                    n_id,
-                    n_type,
-                    n_def,
-                    n_error,
-                    n_assignee,
-                    n_result,
-                    n_tags,
-                    priority,
-                    _RUNNING,
-                    flags | _F_STARTED | _F_ASSIGNED,
-                )
+            else:  # the record values as last staged, the moved ones changed in place
+                flags = head[_AT_FLAGS]
+                if not flags & _F_STARTED:
+                    pack_time_into(head, _AT_STARTED, now_us)
+                pack_time_into(head, _AT_ASSIGNED, now_us)
+                pack_i64_into(head, _AT_ATTEMPTS, job.attempts)
+                pack_u32_into(head, _AT_N_ASSIGNEE, n_assignee)
+                head[_AT_CODE] = _RUNNING
+                head[_AT_FLAGS] = flags | _F_STARTED | _F_ASSIGNED
                 rec.assignee_b = assignee_bytes
+                # (``codec.join_record``, inline: per job)
                 put(
-                    _JOB + idb, join_record(head, rec.error_b, assignee_bytes, rec.result_b, static)
+                    _JOB + idb,
+                    b"".join(
+                        (
+                            _RECORD_V3,
+                            head,
+                            static[0],
+                            rec.error_b,
+                            assignee_bytes,
+                            rec.result_b,
+                            static[4],
+                        )
+                    ),
                 )
             rec.claimed, rec.claimed_us = now, now_us
             touched[job.id] = rec
