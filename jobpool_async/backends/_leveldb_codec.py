@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import struct
 import sys
 from datetime import UTC, datetime, timedelta
@@ -208,7 +209,8 @@ class Counters:
         self.values[N_STATUS] += sign * retries
 
     def merged(self, delta: Counters) -> Counters:
-        return Counters([a + b for a, b in zip(self.values, delta.values, strict=True)])
+        # (``map``: no comprehension frame; the two lists always have the same length)
+        return Counters(list(map(operator.add, self.values, delta.values)))
 
     def as_counts(self) -> tuple[dict[JobStatus, int], int]:
         counts = {STATUS_CODES[i]: n for i, n in enumerate(self.values[:N_STATUS]) if n}

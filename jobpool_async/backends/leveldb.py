@@ -234,6 +234,7 @@ _LIST_PENDING = _LIST_STATUS_OF[_PENDING_CODE]
 _ORDER = struct.Struct(">HQQ")
 _U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
+_pack_time_seq, _CODE_OF = _TIME_SEQ.pack, codec.CODE_OF
 
 
 def _index_keys(
@@ -431,6 +432,7 @@ class _Write:
         "delete",
         "eligible_moved",
         "fresh",
+        "general",
         "lowered",
         "moved_at",
         "moved_us",
@@ -463,6 +465,10 @@ class _Write:
         #: New eligible jobs this write inserts, by id bytes, for the eligible cache
         #: (as many as it has room for; ``None``: none).
         self.fresh: dict[bytes, _Rec] | None = None
+        #: Whether a staging other than a claim's (``_stage_claim``) and a completion's
+        #: (``_stage_complete``) touched a job: then ``_commit`` updates both caches
+        #: for every touched job; else only the active cache changes (see there).
+        self.general = False
         #: Whether a job this write moves was or becomes eligible.
         self.eligible_moved = False
         #: A claim's eligible index (prefix) and the key its next claim may start at.
@@ -840,7 +846,18 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         active, eligible = self._active, self._eligible
         if w.fresh:  # (new jobs, so in neither cache yet; room was left for them)
             eligible.update(w.fresh)
-        for job_id, rec in w.touched.items():
+        touched = w.touched
+        if not w.general and len(active) + len(touched) <= _MAX_ACTIVE:
+            # Only claims and completions touched jobs: a claimed job (RUNNING) left
+            # the eligible cache when ``_pick`` took it, a completed one was active
+            # (so in no eligible cache): only the active cache changes. (Per job.)
+            for job_id, rec in touched.items():
+                if rec.job.status is _RUNNING_STATUS:  # type: ignore[union-attr]
+                    active[job_id] = rec  # type: ignore[assignment]
+                else:
+                    active.pop(job_id, None)
+            return
+        for job_id, rec in touched.items():
             if rec is None:
                 active.pop(job_id, None)
                 if eligible:
@@ -988,6 +1005,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             for key in _static_keys(job, idb, tail):
                 put(key, b"")
             keys = w.index(job, seq, idb, tail)
+            w.general = True
             if room > 0:
                 room -= 1
                 rec = touched[job.id] = _new_object(_Rec)
@@ -1066,6 +1084,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         record.head = bytearray(packed)
         w.put(_JOB + record.idb, codec.join_record(*parts, static))
         w.touched[job.id] = record
+        w.general = True
         return new
 
     def _stage_complete(
@@ -1088,7 +1107,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if head is None or status not in ACTIVE:
             return None
         assert static is not None
-        old_code = codec.CODE_OF[status]
+        old_code = _CODE_OF[status]
         # Its index keys as they are (its ``A`` key), taken before the status changes:
         # ``index_keys`` works them out from the job as it stands.
         old_keys = record.keys or record.index_keys(w.promoted)
@@ -1128,7 +1147,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         for key in old_keys:
             delete(key)
         idb = record.idb
-        done = _DONE + _TIME_SEQ.pack(now_us, record.seq) + idb
+        done = _DONE + _pack_time_seq(now_us, record.seq) + idb
         listed = _LIST_STATUS_COMPLETED + record.tail
         put(done, b"")
         put(listed, b"")
@@ -1149,6 +1168,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             w.delete(key)
         w.delete(_JOB + record.idb)
         w.touched[record.job.id] = None
+        w.general = True
 
     # --- selections ---------------------------------------------------------------
 
@@ -1340,7 +1360,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         out: list[Job] = []
         for rec in picked:
             job = rec.job
-            old_code = codec.CODE_OF[job.status]
+            old_code = _CODE_OF[job.status]
             keys = rec.keys  # (``rec.index_keys``, inline: per job)
             if keys is None or job.scheduled_at is not None:
                 keys = rec.index_keys(promoted)
