@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
-from ._eager import shielded, start
+from ._eager import carry, start
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -167,6 +167,11 @@ class PoolQueue:
         #: finishes raises StopIteration: an exception made and caught per batch), as
         #: nothing can come between its start and its end.
         self._at_once: object = _apply_at_once(backend)
+        #: Whether a backend call that suspends runs on in a task of its own (else in
+        #: its caller's: ``_eager.carry``), as a call awaiting under a timeout of its
+        #: own must (an ``asyncio.timeout`` cancels the task it was entered in): unless
+        #: the backend says its calls await plain futures only (``_carry_calls``).
+        self._in_task = getattr(backend, "_carry_calls", False) is not True
         #: Keeps this queue's leases and rescues expired ones (None: leases off).
         self._leases = (
             LeaseKeeper(self, clean_lease)
@@ -356,13 +361,17 @@ class PoolQueue:
         (else a completed job would keep its stream's slot for ever). A call that
         finishes without suspending (memory) is noted at once, with no task."""
         started = start(call)
-        if started.done:
+        if not started.done:
+            try:
+                outcome = await carry(started, self._in_task)
+            except BaseException:
+                if started.task is not None:  # its caller gave up: it goes on in a task
+                    started.task.add_done_callback(self._moves_done)
+                raise
+        else:
             outcome = started.result()
-            self._moves_seen(outcome)
-            return outcome
-        task = started.task
-        assert task is not None
-        return await shielded(task, self._moves_done)
+        self._moves_seen(outcome)
+        return outcome
 
     def _moves_done(
         self, task: asyncio.Future[ApplyOutcome] | asyncio.Future[SelectOutcome]
@@ -691,10 +700,27 @@ class PoolQueue:
         reserved = list(zip(ids, map(stream._held.__getitem__, ids), strict=True))  # (no loop
         stream._reserve(reserved)  # of our own per job)
         stream._extra += extra
-        task = started.task
-        assert task is not None
-        stream._tasks.add(task)  # aclose() waits for it, so its jobs are never stranded
-        return await shielded(task, functools.partial(self._refill_done, stream, reserved, extra))
+        stream._carrying += 1  # aclose() waits for it, so its jobs are never stranded
+        try:
+            outcome = await carry(started, self._in_task)
+        except BaseException:
+            task = started.task
+            if task is None:  # the call failed: its slots are the stream's again
+                self._refill_ended(stream, reserved, extra)
+            else:  # its caller gave up: it goes on in a task, which aclose() waits for
+                stream._tasks.add(task)
+                task.add_done_callback(
+                    functools.partial(self._refill_done, stream, reserved, extra)
+                )
+            raise
+        else:
+            self._refill_ended(stream, reserved, extra)
+            self._refilled(stream, outcome)
+        finally:
+            stream._carrying -= 1
+            if stream._carried is not None and not stream._carrying:
+                stream._carried_all()
+        return outcome
 
     def _refill_done(
         self,
@@ -1248,6 +1274,10 @@ class JobStream:
         self._reserved: list[list[tuple[str, datetime | None]]] = []
         #: Free slots that in-flight refills may fill (their ``Refill.extra``).
         self._extra = 0
+        #: Refilling applies in flight that their callers' tasks drive (``carry``), and
+        #: the future aclose() waits on for them to end (``None``: nobody waits).
+        self._carrying = 0
+        self._carried: asyncio.Future[None] | None = None
         self._recheck = False
         #: Whether this stream's assignee has its lease record (or leases are off).
         self._leased = queue._leases is None
@@ -1404,14 +1434,14 @@ class JobStream:
         try:
             if started.done:  # (memory) no task: nothing can come between
                 jobs = started.result()
-            else:
-                task = started.task
-                assert task is not None
-                self._track(task)
+            else:  # (in ``__anext__``, under the stream's lock: aclose() waits for it)
                 try:
-                    jobs = await asyncio.shield(task)
-                except asyncio.CancelledError:
-                    task.add_done_callback(self._release_abandoned)
+                    jobs = await carry(started, self._queue._in_task)
+                except BaseException:
+                    task = started.task
+                    if task is not None:  # cancelled: the claim goes on in a task, its
+                        self._track(task)  # jobs given back (aclose() waits for it)
+                        task.add_done_callback(self._release_abandoned)
                     raise
         except QueueClosedError:
             raise StopAsyncIteration from None  # the queue closed before the claim began
@@ -1455,11 +1485,24 @@ class JobStream:
         async with self._lock:  # a pending __anext__ in another task ends first
             pass
         self._give_back_ready()
-        while self._tasks:
-            # asyncio.wait, unlike gather, never cancels the give-backs if we are cancelled.
-            await asyncio.wait(list(self._tasks))
+        while self._tasks or self._carrying:
+            if self._carrying:  # refilling applies its callers' tasks drive (``_apply``)
+                if self._carried is None or self._carried.done():
+                    self._carried = asyncio.get_running_loop().create_future()
+                # (shielded: a cancelled aclose() must not cancel another one's wait)
+                await asyncio.shield(self._carried)
+            else:
+                # asyncio.wait, unlike gather, never cancels the give-backs if we are
+                # cancelled.
+                await asyncio.wait(list(self._tasks))
             self._give_back_ready()
         self._queue._forget(self)
+
+    def _carried_all(self) -> None:
+        """The last refilling apply that its caller drove ended: aclose() goes on."""
+        carried, self._carried = self._carried, None
+        if carried is not None and not carried.done():
+            carried.set_result(None)
 
     async def __aenter__(self) -> Self:
         """Enter even if the queue closed since ``stream_jobs``: the stream then just

@@ -77,6 +77,13 @@ _NO_IDS: frozenset[str] = frozenset()
 class RecordStore(Backend, Generic[R, W, P]):
     """A :class:`Backend` over records and indexes kept by this process alone."""
 
+    #: Its calls await nothing but plain futures (``_run``'s: a worker thread's, or
+    #: none), under no timeout of their own: a queue may drive one that suspends on
+    #: in the calling task (``jobpool_async._eager.carry``: no task per call). A
+    #: subclass whose calls await under an ``asyncio.timeout`` (which cancels the
+    #: task it was entered in) sets it False.
+    _carry_calls = True
+
     # --- the storage interface ------------------------------------------------------
 
     @abc.abstractmethod
