@@ -826,6 +826,48 @@ class QueueMachine(RuleBasedStateMachine):
     def stats(self, tags: list[str]) -> None:
         self.check_stats(tags)
 
+    def list_pages(self, data: Draw) -> None:
+        """``list_jobs`` (SPEC §9) walked page by page against the model: exactly the
+        jobs every filter keeps, newest first by ``created_at`` then id, each as stored
+        (so the listing indexes follow every move: claims, refills, completions...)."""
+        statuses = data.draw(
+            sampled_from(
+                [None, None, [S.RUNNING, S.CANCELLING], sorted(ELIGIBLE), sorted(FINAL)]
+                + [[s] for s in S]
+            )
+        )
+        tags = data.draw(filters)
+        job_type = data.draw(sampled_from([None, None, "t", "other"]))
+        limit = data.draw(integers(1, 7))
+        want = [
+            j.id
+            for j in sorted(self.matching(tags), key=lambda j: (j.created_at, j.id), reverse=True)
+            if (statuses is None or j.status in statuses)
+            and (job_type is None or j.job_type == job_type)
+        ]
+        got: list[str] = []
+        after: str | None = None
+        for _ in range(len(self.jobs) + 2):
+            page, error, _ = self.call(
+                self.queue.list_jobs(
+                    statuses=statuses,
+                    tags=tags or None,
+                    job_type=job_type,
+                    limit=limit,
+                    after=after,
+                )
+            )
+            self.expect_error(error, None)
+            assert len(page.jobs) <= limit
+            for job in page.jobs:
+                self.compare(self.jobs[job.id], job)
+            got += [j.id for j in page.jobs]
+            if page.next_after is None:
+                break
+            assert len(page.jobs) == limit, "only a full page has a next page"
+            after = page.next_after
+        assert got == want, (statuses, tags, job_type, limit, got, want)
+
     # -- persistence and bad input -------------------------------------------------------
 
     def reopen(self) -> None:
@@ -954,11 +996,13 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(seed=seeds)
     def r_read(self, seed: int) -> None:
         data = Draw(seed)
-        kind = data.draw(sampled_from(["one", "many", "stats"]))
+        kind = data.draw(sampled_from(["one", "many", "stats", "list"]))
         if kind == "one":
             self.get_one(data)
         elif kind == "many":
             self.get_many(data)
+        elif kind == "list":
+            self.list_pages(data)
         else:
             self.check_stats(data.draw(filters))
 
