@@ -379,6 +379,17 @@ def _odd_jobs(tag: str) -> list[Job]:
             scheduled_at=[None, PAST][i % 2],
         )
         for i in range(12)
+    ] + [
+        # plain jobs (untagged, unscheduled, pending: an enqueue's usual kind)
+        Job(
+            id=f"{tag}-plain-\u00e9\x7f{i}",
+            job_type=["t", "\u00fcn\u00ef type", "t"][i % 3],
+            job_definition=[b"", b"\x00\xff" * 4][i % 2],
+            created_at=[T0, datetime(1, 1, 1, tzinfo=UTC), T0][i % 3],
+            priority=[0, -32768, 32767][i % 3],
+            max_attempts=[None, 1, 2][i % 3],
+        )
+        for i in range(6)
     ]
 
 
@@ -481,7 +492,7 @@ async def test_records_written_by_every_move_read_back_exactly(
     async def finish(q: PoolQueue, c: FakeClock) -> tuple[int, list[str]]:
         c.advance(timedelta(days=3))
         rescued = await q.mark_worker_unresponsive("w2")
-        async with q.stream_jobs("w3", tags=[tag], max_assigned_jobs=12) as s:
+        async with q.stream_jobs("w3", max_assigned_jobs=12) as s:
             tick(c)
             batch = sorted(await next_batch(s), key=lambda j: j.id)
         for j in batch[0::2]:
@@ -497,8 +508,10 @@ async def test_records_written_by_every_move_read_back_exactly(
         await step(rescue_and_requeue)
         await step(finish)
     async with PoolQueue(make_backend()) as q:
-        stats = await q.get_job_stats([tag])
+        stats = await q.get_job_stats()
         stored = await q.get_jobs(ids)
         assert stats.total_jobs == len(ids)
+        plain = {j.status for j in stored if "-plain-" in j.id}
+        assert plain - {S.INITIAL_PENDING}, "plain jobs were claimed and moved too"
         assert stats.by_status == {s: sum(j.status is s for j in stored) for s in S}
         assert stats.total_retries == sum(j.retry_count for j in stored)
