@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobpool_async import Job, JobStatus, PoolQueue
 from jobpool_async._eager import Started, carry, start
+from jobpool_async.backends import LevelDBBackend, SQLiteBackend
 from jobpool_async.backends.memory import MemoryBackend
 from jobpool_async.testing import PauseAfterApply
 
@@ -278,6 +280,34 @@ async def test_a_hand_loop_on_a_backend_that_suspends_makes_no_task_per_batch() 
             finally:
                 tasks.close()
         assert tasks.made == 0
+        assert (await queue.get_job_stats()).completed_jobs == 40
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "leveldb"])
+async def test_a_hand_loop_on_a_storage_thread_backend_makes_no_task_per_batch(
+    kind: str, tmp_path: Path
+) -> None:
+    """The embedded backends' calls hop to a thread of their own and back (plain
+    futures): the queue drives them on in the awaiting task, so a hand loop's claims
+    and refilling completions make no task, and every job still runs once."""
+    backend = (
+        SQLiteBackend(tmp_path / "s.db") if kind == "sqlite" else LevelDBBackend(tmp_path / "s")
+    )
+    async with PoolQueue(backend, lease=None) as queue:
+        await queue.enqueue_jobs([Job(id=f"j{i:02d}", job_type="t") for i in range(40)])
+        seen: list[str] = []
+        async with queue.stream_jobs("w", max_assigned_jobs=4) as stream:
+            tasks = _CountTasks()
+            try:
+                async for batch in stream:  # the first batch: a claim
+                    seen.extend(job.id for job in batch)
+                    await queue.complete_jobs({job.id: b"ok" for job in batch})
+                    if len(seen) == 40:
+                        break
+            finally:
+                tasks.close()
+        assert tasks.made == 0
+        assert sorted(seen) == [f"j{i:02d}" for i in range(40)]
         assert (await queue.get_job_stats()).completed_jobs == 40
 
 
