@@ -1023,14 +1023,14 @@ async def test_claim_reads_only_the_eligible_indexes(dsn: str, schema: str) -> N
 
 
 async def test_an_enqueue_is_planned_without_reading_its_jobs(dsn: str, schema: str) -> None:
-    """The insert's plan does not depend on its jobs: the planner does not parse the
-    arrays of text literals (to count ``unnest``'s rows) on top of the executor, which
-    did that for every job of a connection's first enqueue (a custom plan)."""
+    """A large insert's plan does not depend on its jobs: the planner does not parse
+    the arrays of text literals (to count ``unnest``'s rows) on top of the executor,
+    which it did for every job of a connection's first enqueue (a custom plan)."""
     b = backend(dsn, schema)
     await b.open()
     try:
         plans = []
-        for n in (10, 3000):
+        for n in (1000, 3000):  # (from 1,000 jobs: the statement for large inserts)
             statement = b._insert_statement(jobs(n, tags=["a"]), "token")
             assert statement is not None
             (row,) = await sql(dsn, "EXPLAIN (FORMAT JSON) " + statement[0], *statement[1:])

@@ -75,6 +75,7 @@ from ._statements import (
     ASSIGNEE_PREFIX,
     FINAL_IN,
     ID_ORDER,
+    LARGE_INSERT,
     MOVED_AT,
     MOVED_ID,
     MOVED_STATUS,
@@ -653,7 +654,7 @@ class PostgresBackend(Backend):
                 [j.max_attempts for j in jobs],
             ]
         args += [payload, [tag_key(tag) for tag in flat], def_ends, def_lengths]
-        return (self._sql.insert[new, ignore], *args)
+        return (self._sql.insert[new, ignore, len(jobs) >= LARGE_INSERT], *args)
 
     async def _duplicate(self, jobs: Sequence[Job], conn: Connection | None) -> DuplicateJobError:
         """The error for an insert refused by the unique id index: names the first id of

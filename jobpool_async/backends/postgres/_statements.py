@@ -31,6 +31,9 @@ from ._notifications import MAX_PAYLOAD
 #: payloads: JSON has no timestamp type, and a float would lose the microseconds).
 EPOCH_US = "CASE WHEN isfinite({0}) THEN (extract(epoch FROM {0}) * 1000000)::bigint END"
 TAG_KEY_MAX = 256
+#: The jobs of an insert from which its statement hides its arrays from the planner
+#: (see :meth:`Statements._insert`).
+LARGE_INSERT = 1000
 
 
 def tag_key(tag: str) -> str:
@@ -244,11 +247,12 @@ class Statements:
         self.channel = channel
         self._token = token
         self._sql_cache: dict[tuple[int, bool, bool], tuple[Transition, str]] = {}
-        #: By (new jobs only, ignore existing ids).
+        #: By (new jobs only, ignore existing ids, at least :data:`LARGE_INSERT` jobs).
         self.insert = {
-            (new, ignore): self._insert(full=not new, ignore=ignore)
+            (new, ignore, large): self._insert(full=not new, ignore=ignore, large=large)
             for new in (False, True)
             for ignore in (False, True)
+            for large in (False, True)
         }
         #: The claim without tags and with them (``$5``).
         self.claim = self._claim(False)
@@ -329,7 +333,7 @@ class Statements:
             SELECT {CLAIMED_COLUMNS} FROM claimed
             UNION ALL SELECT {nulls} WHERE {SKIPPED}"""
 
-    def _insert(self, full: bool, ignore: bool = False) -> str:
+    def _insert(self, full: bool, ignore: bool = False, large: bool = False) -> str:
         """Insert a batch from parallel arrays (tags as slices of one flat array), in input
         order (so ``seq`` follows it), and send the enqueue notification, in one statement.
 
@@ -341,6 +345,15 @@ class Statements:
         inserted ids. Ids, types, creation times (microseconds), and for new jobs messages and
         assignees are text literals, the definitions one ``bytea`` (``$3``) and last
         their end offsets and lengths (see PARAMETERS).
+
+        ``large`` (for a batch of at least :data:`LARGE_INSERT` jobs) puts each array
+        behind a sub-select (an InitPlan, run once). A custom plan (a connection's first
+        runs of the statement: an enqueue into a fresh queue) otherwise parses every text
+        literal once more while planning, only to estimate ``unnest``'s rows
+        (``array_unnest_support``): 4,600 of the 69,900 server instructions per job of
+        an enqueue of 3,000 jobs. The sub-selects cost about 50,000 per statement (a
+        one-job enqueue's 392,000 became 445,000), so a smaller batch goes without them
+        (benchmarks/results/pg-session12.md).
         """
         if full:
             history = (
@@ -365,15 +378,12 @@ class Statements:
             arrays = ["$7::text::int8[]", "$8::text::text[]", "$9::text::text[]"]
             names = "created_at, err, aid"
             payload, keys, defs = "$10", "$11", 12
-        # Each array behind a sub-select (an InitPlan, run once): a custom plan (an
-        # enqueue is a connection's first run of its statement) would otherwise parse
-        # every text literal once more while planning, only to count its elements for
-        # ``unnest``'s row estimate (``array_unnest_support``): 5,000 of an enqueued job's
-        # 71,000 server instructions (benchmarks/results/pg-session12.md).
         columns = [
             "$1::text::text[]", "$2::text::text[]", f"${defs}::text::int[]",
             f"${defs + 1}::text::int[]", "$5::int[]", "$6::int[]", *arrays,
         ]  # fmt: skip
+        if large:
+            columns = [f"(SELECT {c})" for c in columns]
         return f"""
             WITH ins AS (
                 INSERT INTO {self._t} (
@@ -386,7 +396,7 @@ class Statements:
                        '{JobStatus.INITIAL_PENDING.value}', {from_micros("u.created_at")},
                        {history},
                        COALESCE(({keys}::text[])[u.ts:u.te], '{{}}'), {key("u.id")}
-                FROM unnest({", ".join(map("(SELECT {})".format, columns))})
+                FROM unnest({", ".join(columns)})
                      WITH ORDINALITY AS u(id, job_type, dend, dlen, ts, te, {names}, ord)
                 ORDER BY u.ord
                 {"ON CONFLICT (id_key) DO NOTHING RETURNING id" if ignore else "RETURNING 1"})
