@@ -1813,6 +1813,50 @@ async def test_self_vacuum_cleans_the_table_in_the_background(
         await q.close()
 
 
+async def test_the_first_analyze_does_not_leave_completions_planned_anew(
+    dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the backend's first ``VACUUM (ANALYZE)`` a drain's complete-and-refill
+    statement goes back to its generic plan within a few runs. The statistics raise
+    its estimated cost, and PostgreSQL compared the new generic plan with the custom
+    plans made before them, planning each run anew for 20 runs and more."""
+    from jobpool_async.backends.postgres import _maintenance
+
+    monkeypatch.setattr(_maintenance, "VACUUM_MIN_CHANGES", 1000)
+    q = await open_queue(dsn, schema, self_vacuum=True)
+    try:
+        b = q.backend
+        assert isinstance(b, PostgresBackend)
+        await q.enqueue_jobs(jobs(6000))
+
+        async def analyzed() -> bool:
+            return b.vacuum_runs >= 1
+
+        async with q.stream_jobs("w", max_assigned_jobs=10) as stream:
+            done = 0
+            async for batch in stream:
+                await q.complete_jobs({j.id: b"ok" for j in batch})
+                done += len(batch)
+                if done == 500:  # 1,000 rows changed: the VACUUM (ANALYZE) runs
+                    await wait_for(analyzed, "the backend's VACUUM (ANALYZE)")
+                    b._vacuum.enabled = False  # (one: the statistics appear once)
+                if done == 6000:
+                    break
+        # on the drain's connection: the statement of the runs before the ANALYZE
+        # went on planning each run anew after it (31-41 custom plans in all); runs
+        # after it use a statement of their own (five custom plans, as every one)
+        rows = await b._fetch(
+            "SELECT custom_plans, generic_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE '%WITH c AS%' AND statement NOT LIKE '%pg_prepared%' "
+            "ORDER BY statement LIKE '/* plans 1 */%'"
+        )
+        assert len(rows) == 2 and rows[1][1] > 200, rows
+        assert rows[0][0] <= 8, rows
+        assert (await q.get_job_stats()).completed_jobs == 6000
+    finally:
+        await q.close()
+
+
 async def test_self_vacuum_pauses_as_autovacuum_does(
     dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1006,7 +1006,9 @@ class PostgresBackend(Backend):
             blob, ends, lengths = bytea_parts(results)
             tail = (ends, lengths)
         head = (
-            self._sql.apply(changes[0].transition, refill, tags),
+            # a statement of its own once the first VACUUM (ANALYZE) made statistics
+            # (see Statements.apply; later ones change its estimates less)
+            self._sql.apply(changes[0].transition, refill, tags, min(self._vacuum.runs, 1)),
             text_array([c.job_id for c in changes]),
             blob,
             None if messages.count(None) == len(messages) else text_array(messages),

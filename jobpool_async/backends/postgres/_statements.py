@@ -247,6 +247,7 @@ class Statements:
         self.channel = channel
         self._token = token
         self._sql_cache: dict[tuple[int, bool, bool], tuple[Transition, str]] = {}
+        self._generation = 0
         #: By (new jobs only, ignore existing ids, at least :data:`LARGE_INSERT` jobs).
         self.insert = {
             (new, ignore, large): self._insert(full=not new, ignore=ignore, large=large)
@@ -403,7 +404,9 @@ class Statements:
             SELECT {"array_agg(id)" if ignore else "count(*)"},
                    pg_notify('{self.channel}', {payload}::text) FROM ins"""
 
-    def apply(self, transition: Transition, refill: bool = False, tags: bool = False) -> str:
+    def apply(
+        self, transition: Transition, refill: bool = False, tags: bool = False, generation: int = 0
+    ) -> str:
         """One statement moving jobs by ``transition``: ``$1`` ids, ``$2`` results, ``$3``
         messages, ``$4`` now, and last the results' end offsets and lengths (see
         PARAMETERS: ids and messages are text literals, results one ``bytea``). Rows:
@@ -422,7 +425,21 @@ class Statements:
         left for a claim of its own, one it could not move keeps the status its error
         names). Its rows are of kind 2 and carry :data:`CLAIMED_COLUMNS`
         from column 1 on; one row of kind 3 says :data:`SKIPPED`.
+
+        ``generation`` (nonzero) goes into the text as a comment, so each is a new
+        prepared statement, whose plan cache starts afresh: five custom plans, then the
+        generic plan, of the same cost. The backend starts generation 1 after its first
+        ``VACUUM (ANALYZE)``: statistics then raise the statement's estimated cost (its
+        claim's ``LIMIT`` is an expression, so the planner takes a tenth of the eligible
+        jobs, which it then counts: 129 -> 281 at 5,000 of 10,000), and PostgreSQL,
+        comparing the new generic plan with the average of the custom plans made before
+        the statistics existed, went on planning every run anew until that average
+        caught up (a drain of 10,000 jobs planned 29 times instead of 14-16, 10-13 ms of
+        planning instead of 6-8: benchmarks/results/pg-session12.md).
         """
+        if generation != self._generation:
+            self._sql_cache.clear()
+            self._generation = generation
         cache_key = (id(transition), refill, tags)
         cached = self._sql_cache.get(cache_key)
         if cached is not None and cached[0] is transition:
@@ -489,7 +506,7 @@ class Statements:
             SELECT 2, {CLAIMED_COLUMNS} FROM claimed
             UNION ALL
             SELECT 3, {nulls} WHERE {SKIPPED}"""
-        sql = f"""
+        sql = f"""{f"/* plans {generation} */" if generation else ""}
             WITH c AS (SELECT u.*, {bytes_at("$2::bytea", "u.cend", "u.clen")} AS cres,
                               $4::timestamptz AS cnow
                        FROM unnest({unnest}) AS u({names})
