@@ -1039,6 +1039,22 @@ LISTINGS: list[dict[str, Any]] = [
 ]
 
 
+def _check_caches(backend: Any) -> None:
+    """The backend's cached jobs are as stored, RUNNING/CANCELLING ones in its active
+    cache and eligible ones in its eligible cache only, each with its record's header as
+    kept (which a claim and a completion patch in place)."""
+    assert isinstance(backend, LevelDBBackend)
+    cached = [(rec, ACTIVE) for rec in backend._active.values()]
+    cached += [(rec, ELIGIBLE) for rec in backend._eligible.values()]
+    for rec, statuses in cached:
+        assert rec.job.status in statuses, (rec.job.id, rec.job.status)
+        raw = backend._db.get(b"J" + rec.idb)
+        assert raw is not None, rec.job.id
+        assert codec.decode_job(raw) == (rec.job, rec.seq)
+        if rec.head is not None:
+            assert bytes(rec.head) == raw[1 : 1 + codec.HEAD_SIZE], rec.job.id
+
+
 async def _random_ops(seed: int, store: Path) -> None:
     """Drive a MemoryBackend queue and a LevelDB queue with the same random calls."""
     rng = random.Random(seed)
@@ -1125,6 +1141,7 @@ async def _random_ops(seed: int, store: Path) -> None:
                 await ldb.close()  # reopen mid-sequence
                 ldb = PoolQueue(LevelDBBackend(store))
             if step % 25 == 0:
+                _check_caches(ldb.backend)
                 for tags in ([], ["a"], ["a", "b"], ["a\x01"], ["zzz"]):
                     await both("get_job_stats", tags)
                 for filters in LISTINGS:
@@ -1134,6 +1151,7 @@ async def _random_ops(seed: int, store: Path) -> None:
                     asked = frozenset(statuses)
                     oldest = [await q.backend.oldest_created(asked) for q in (mem, ldb)]
                     assert oldest[0] == oldest[1], (step, statuses)
+        _check_caches(ldb.backend)
         mem_jobs = {j.id: j for j in await mem.get_jobs(ids)}
         ldb_jobs = {j.id: j for j in await ldb.get_jobs(ids)}
         assert mem_jobs.keys() == ldb_jobs.keys()
