@@ -1042,17 +1042,19 @@ LISTINGS: list[dict[str, Any]] = [
 def _check_caches(backend: Any) -> None:
     """The backend's cached jobs are as stored, RUNNING/CANCELLING ones in its active
     cache and eligible ones in its eligible cache only, each with its record's header as
-    kept (which a claim and a completion patch in place)."""
+    kept (which a claim and a completion patch in place); a claimed job's record, which
+    no longer has the job it handed out, says what it is."""
     assert isinstance(backend, LevelDBBackend)
     cached = [(rec, ACTIVE) for rec in backend._active.values()]
     cached += [(rec, ELIGIBLE) for rec in backend._eligible.values()]
     for rec, statuses in cached:
-        assert rec.job.status in statuses, (rec.job.id, rec.job.status)
+        job = rec.decoded() if rec.job is None else rec.job
+        assert job.status in statuses, (job.id, job.status)
         raw = backend._db.get(b"J" + rec.idb)
-        assert raw is not None, rec.job.id
-        assert codec.decode_job(raw) == (rec.job, rec.seq)
+        assert raw is not None, job.id
+        assert codec.decode_job(raw) == (job, rec.seq)
         if rec.head is not None:
-            assert bytes(rec.head) == raw[1 : 1 + codec.HEAD_SIZE], rec.job.id
+            assert bytes(rec.head) == raw[1 : 1 + codec.HEAD_SIZE], job.id
 
 
 async def _random_ops(seed: int, store: Path) -> None:
@@ -1909,6 +1911,61 @@ async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_th
     result = _crash_upgrade(where, -1, calls)
     assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
     assert _dump(where) == new
+
+
+@pytest.mark.parametrize("tags", [["a"], []])
+async def test_a_claimed_job_is_the_callers_alone(tags: list[str], store: Path) -> None:
+    """A claim hands out the job its record held (no copy): the backend keeps the
+    record's values only, so changing a claimed job changes nothing stored, and the
+    moves after (a read, a completion, a failure) leave the caller's object as it was
+    claimed."""
+    from jobpool_async.backends.base import COMPLETE, FAIL, Change
+
+    backend = LevelDBBackend(store)
+    await backend.open()
+    try:
+        await backend.insert([Job(id=f"j{i}", job_type="t", tags=list(tags)) for i in range(3)])
+        now = datetime.now(UTC)
+        got = {j.id: j for j in await backend.claim("w", tags, 3, now)}
+        assert sorted(got) == ["j0", "j1", "j2"]
+        before = {i: j.copy() for i, j in got.items()}
+        for job in got.values():
+            job.tags.append("changed")
+            job.result = b"mine"
+        # j0: read, then completed; j1: completed at once; j2: failed (general path).
+        stored = (await backend.get_jobs(["j0"]))[0]
+        assert (stored.status, stored.tags, stored.result) == (S.RUNNING, tags, None)
+        later = now + timedelta(seconds=1)
+        changes = [Change("j0", COMPLETE, result=b"r0"), Change("j1", COMPLETE, result=None)]
+        decodes = 0
+        decode = codec.decode_job
+
+        def counted(raw: bytes) -> tuple[Job, int]:
+            nonlocal decodes
+            decodes += 1
+            return decode(raw)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(codec, "decode_job", counted)
+            assert not (await backend.apply(changes, later)).errors
+        assert decodes == 0  # (completed from the record values, tags or not)
+        assert not (await backend.apply([Change("j2", FAIL, error_message="x")], later)).errors
+        for job_id, job in got.items():
+            assert (job.status, job.finalized_at, job.error_message) == (S.RUNNING, None, "")
+            assert job.result == b"mine" and job.tags == [*tags, "changed"]
+            job.tags, job.result = before[job_id].tags, None
+            assert job == before[job_id]
+        final = {j.id: j for j in await backend.get_jobs(list(got))}
+        assert [final[i].status for i in ("j0", "j1", "j2")] == [
+            S.COMPLETED,
+            S.COMPLETED,
+            S.FAILED_RETRY,
+        ]
+        assert (final["j0"].result, final["j1"].result) == (b"r0", None)
+        assert all(j.tags == tags and j.assigned_at == now for j in final.values())
+    finally:
+        await backend.close()
+    check_store(store)
 
 
 @pytest.mark.parametrize("tags", [["a"], []])

@@ -69,10 +69,11 @@ the smallest tag.
 Because this process is the only writer, it also keeps, updated only after a
 successful write: the counters of ``N``; per eligible index, the key where the last
 claim stopped (so claims skip LevelDB's deletion markers of claimed entries);
-decoded copies of RUNNING/CANCELLING jobs (so completing a job reads nothing); and
-decoded copies of up to ``_MAX_ELIGIBLE`` eligible jobs (filled until full; claims
-take the oldest, so it holds the next ones to claim, and a claim of a job enqueued
-or retried recently reads and decodes nothing).
+the records of RUNNING/CANCELLING jobs (so completing a job reads nothing; a claim
+hands its job object out and keeps the record's values, which say what it is: see
+``_Rec.job``); and decoded copies of up to ``_MAX_ELIGIBLE`` eligible jobs (filled
+until full; claims take the oldest, so it holds the next ones to claim, and a claim
+of a job enqueued or retried recently reads and decodes nothing).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ _LIST_PENDING = _LIST_STATUS_OF[_PENDING_CODE]
 _ORDER = struct.Struct(">HQQ")
 _U64 = struct.Struct(">Q")
 _TIME_SEQ = struct.Struct(">QQ")
-_pack_time_seq, _CODE_OF = _TIME_SEQ.pack, codec.CODE_OF
+_pack_time_seq, _CODE_OF, _STATUSES = _TIME_SEQ.pack, codec.CODE_OF, codec.STATUS_CODES
 
 
 def _index_keys(
@@ -358,6 +359,7 @@ class _Rec:
         "head",
         "idb",
         "job",
+        "job_id",
         "keys",
         "result_b",
         "seq",
@@ -366,7 +368,12 @@ class _Rec:
     )
 
     def __init__(self, job: Job, seq: int, idb: bytes, tail: bytes | None = None) -> None:
-        self.job = job
+        #: The job (``None``: handed out by the claim that moved it, see
+        #: ``LevelDBBackend._stage_claim``; its record values, ``head`` and the rest,
+        #: are then the job as stored, and :meth:`full` decodes it from them again).
+        self.job: Job | None = job
+        #: Its id (set by the claim that leaves ``job`` ``None``).
+        self.job_id = job.id
         self.seq = seq
         #: The id as key bytes.
         self.idb = idb
@@ -394,9 +401,24 @@ class _Rec:
         """Its status-dependent index keys; those of a job with a schedule depend on
         the promotion watermark, so they are computed again each time."""
         keys = self.keys
-        if keys is None or self.job.scheduled_at is not None:
-            keys = self.keys = _index_keys(self.job, self.seq, self.idb, promoted, self.tail)
+        job = self.job or self.full()
+        if keys is None or job.scheduled_at is not None:
+            keys = self.keys = _index_keys(job, self.seq, self.idb, promoted, self.tail)
         return keys
+
+    def full(self) -> Job:
+        """Its job, decoded again from its record values if its claim handed it out."""
+        job = self.job
+        if job is None:
+            job = self.job = self.decoded()
+        return job
+
+    def decoded(self) -> Job:
+        """Its job as its record values say (a new object each time)."""
+        head, static = self.head, self.static
+        assert head is not None and static is not None  # (kept whenever ``job`` is not)
+        parts = (_RECORD_V3, head, static[0], self.error_b, self.assignee_b, self.result_b)
+        return codec.decode_job(b"".join((*parts, static[4])))[0]
 
 
 def _decoded(raw: bytes, idb: bytes | None = None) -> _Rec:
@@ -493,7 +515,7 @@ class _Write:
             counters.add(code, retries, sign)
 
     def unindex(self, rec: _Rec) -> None:
-        self._count(rec.job, -1)
+        self._count(rec.job or rec.full(), -1)
         delete = self.delete
         for key in rec.index_keys(self.promoted):
             delete(key)
@@ -526,7 +548,7 @@ class _Write:
         """Stage the index and counter changes of the job, which was as ``prior`` says
         (status code, retry count, index keys) before."""
         old_code, old_retries, old_keys = prior
-        job = rec.job
+        job = rec.job or rec.full()
         code = codec.CODE_OF[job.status]
         retries = job.retry_count
         eligible = code in _ELIGIBLE_CODES
@@ -851,8 +873,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             # Only claims and completions touched jobs: a claimed job (RUNNING) left
             # the eligible cache when ``_pick`` took it, a completed one was active
             # (so in no eligible cache): only the active cache changes. (Per job.)
+            # (Their status from the record values, which both keep: a claimed job's
+            # record has no job, see ``_Rec.job``.)
             for job_id, rec in touched.items():
-                if rec.job.status is _RUNNING_STATUS:  # type: ignore[union-attr]
+                if rec.head[_AT_CODE] == _RUNNING:  # type: ignore[union-attr,index]
                     active[job_id] = rec  # type: ignore[assignment]
                 else:
                     active.pop(job_id, None)
@@ -863,7 +887,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 if eligible:
                     eligible.pop(codec.id_bytes(job_id), None)
                 continue
-            status = rec.job.status
+            job = rec.job  # (``None``: a claimed job's record, see ``_Rec.job``)
+            status = _STATUSES[rec.head[_AT_CODE]] if job is None else job.status  # type: ignore[index]
             if status in ACTIVE and len(active) < _MAX_ACTIVE:
                 active[job_id] = rec
             else:
@@ -874,10 +899,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 eligible.pop(rec.idb, None)
 
     def _job(self, record: _Rec) -> Job:
-        return record.job
+        return record.job or record.full()
 
     def _snapshot(self, record: _Rec) -> Job:
         job = record.job
+        if job is None:  # (handed out by its claim: a new object is the snapshot)
+            return record.decoded()
         return job.copy() if self._active.get(job.id) is record else job
 
     def _exists(self, job_id: str) -> bool:
@@ -923,10 +950,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         # and ``_Write.index``. The smallest ``E`` key staged here:
         low_e: bytes | None = None
         for job in jobs:
-            idb = job.id.encode("utf-8", "surrogatepass")  # (codec.id_bytes)
+            job_id = job.id
+            idb = job_id.encode("utf-8", "surrogatepass")  # (codec.id_bytes)
             record_key = _JOB + idb
             if get is not None and get(record_key) is not None:
-                raise DuplicateJobError(job.id)
+                raise DuplicateJobError(job_id)
             if (
                 job.status is _PENDING
                 and not job.tags
@@ -992,7 +1020,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     # (``_Rec(...)`` without the frame of its ``__init__``, every slot
                     # set here: per job)
                     rec = fresh[idb] = _new_object(_Rec)
-                    rec.job = job if private else job.copy()
+                    rec.job, rec.job_id = job if private else job.copy(), job_id
                     rec.seq, rec.idb, rec.tail, rec.keys = seq, idb, tail, [key, listed]
                     rec.static, rec.claimed, rec.claimed_us, rec.head = static, None, 0, head
                     rec.error_b = rec.assignee_b = rec.result_b = b""
@@ -1008,8 +1036,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             w.general = True
             if room > 0:
                 room -= 1
-                rec = touched[job.id] = _new_object(_Rec)
-                rec.job = job if private else job.copy()
+                rec = touched[job_id] = _new_object(_Rec)
+                rec.job, rec.job_id = job if private else job.copy(), job_id
                 rec.seq, rec.idb, rec.tail, rec.keys, rec.static = seq, idb, tail, keys, static
                 rec.claimed, rec.claimed_us, rec.head = None, 0, bytearray(packed)
                 rec.error_b, rec.assignee_b, rec.result_b = error, assignee, result
@@ -1039,7 +1067,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         job on the storage-only drain loop (callgrind): 4,200 instructions fewer than
         the generic path with its ``_before_move``/``_after_move`` hooks and
         ``apply_transition``."""
-        job = record.job
+        job = record.job or record.full()
         old_status = job.status
         if old_status not in transition._targets:
             return None
@@ -1102,27 +1130,32 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         packed from the values as last staged with the moved ones changed (what
         ``codec.encode_job`` gives for the moved job: ``check_store`` in the tests
         compares every record with it)."""
-        job = record.job
-        status, head, static = job.status, record.head, record.static
-        if head is None or status not in ACTIVE:
+        head, static, job = record.head, record.static, record.job
+        if head is None:
             return None
         assert static is not None
-        old_code = _CODE_OF[status]
+        if job is None:  # handed out by its claim: its record values say what it is
+            old_code = head[_AT_CODE]
+            if old_code not in _ACTIVE_CODES:
+                return None
+        else:
+            status = job.status
+            if status not in ACTIVE:
+                return None
+            old_code = _CODE_OF[status]
         # Its index keys as they are (its ``A`` key), taken before the status changes:
         # ``index_keys`` works them out from the job as it stands.
         old_keys = record.keys or record.index_keys(w.promoted)
         # The move of COMPLETE (inline, as ``_stage_move`` applies it: see
-        # ``_COMPLETE_INLINE``), each changed field into the record values too.
-        job.finalized_at = now
+        # ``_COMPLETE_INLINE``), each changed field into the record values (and the
+        # job, if the record has it).
         error, stored = record.error_b, record.result_b
         flags = _F_FINALIZED
         if result is not None:
-            job.result = stored = result
+            stored = result
             flags = _F_FINALIZED | _F_RESULT
         if error_message is not None:
-            job.error_message = error_message
             error = error_message.encode("utf-8", "surrogatepass") if error_message else b""
-        job.status = _COMPLETED
         if now is not w.moved_at:
             w.moved_at, w.moved_us = now, codec.to_micros(now)
         now_us = w.moved_us
@@ -1137,12 +1170,29 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         values = w.counts.values
         values[old_code] -= 1
         values[_COMPLETED_CODE] += 1
-        for tag in job.tags:
-            counters = w.tag_counts.get(tag)
-            if counters is None:
-                counters = w.tag_counts[tag] = codec.Counters()
-            counters.values[old_code] -= 1
-            counters.values[_COMPLETED_CODE] += 1
+        if job is None:
+            job_id, assigned = record.job_id, record.claimed
+            if static[4]:  # (its tags, for their counters: from the record's bytes)
+                for tag in static[4].decode("utf-8", "surrogatepass").split("\x00"):
+                    counters = w.tag_counts.get(tag)
+                    if counters is None:
+                        counters = w.tag_counts[tag] = codec.Counters()
+                    counters.values[old_code] -= 1
+                    counters.values[_COMPLETED_CODE] += 1
+        else:
+            job.finalized_at = now
+            if result is not None:
+                job.result = result
+            if error_message is not None:
+                job.error_message = error_message
+            job.status = _COMPLETED
+            job_id, assigned = job.id, job.assigned_at
+            for tag in job.tags:
+                counters = w.tag_counts.get(tag)
+                if counters is None:
+                    counters = w.tag_counts[tag] = codec.Counters()
+                counters.values[old_code] -= 1
+                counters.values[_COMPLETED_CODE] += 1
         delete, put = w.delete, w.put
         for key in old_keys:
             delete(key)
@@ -1153,21 +1203,19 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         put(listed, b"")
         record.keys = [done, listed]
         # (``codec.join_record``, inline: per job)
-        put(
-            _JOB + idb,
-            b"".join((_RECORD_V3, head, static[0], error, assignee_b, stored, static[4])),
-        )
-        job_id = job.id
+        record_b = (_RECORD_V3, head, static[0], error, assignee_b, stored, static[4])
+        put(_JOB + idb, b"".join(record_b))
         w.touched[job_id] = record
         # (``_moved``, inline; ``tuple.__new__``: no frame for the named tuple's ``__new__``)
-        return _new_tuple(Moved, (job_id, _COMPLETED, job.assigned_at, (), None))
+        return _new_tuple(Moved, (job_id, _COMPLETED, assigned, (), None))
 
     def _stage_remove(self, w: _Write, record: _Rec) -> None:
+        job = self._job(record)
         w.unindex(record)
-        for key in _static_keys(record.job, record.idb, record.tail):
+        for key in _static_keys(job, record.idb, record.tail):
             w.delete(key)
         w.delete(_JOB + record.idb)
-        w.touched[record.job.id] = None
+        w.touched[job.id] = None
         w.general = True
 
     # --- selections ---------------------------------------------------------------
@@ -1212,7 +1260,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         return self._next_due
 
     def _moved(self, record: _Rec, new: JobStatus) -> Moved:
-        job = record.job
+        job = record.job or record.full()
         if new not in ELIGIBLE:  # (the tags are needed only to wake streams)
             # (A named tuple's own ``__new__`` is a Python function: built directly,
             # as ``Moved._make`` does, it costs a third.)
@@ -1244,7 +1292,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     break
                 idb = key[17:]
                 found = cached.get(idb) or self._read(codec.id_text(idb))
-                if found is None or found.job.status not in ELIGIBLE:
+                if found is None or self._job(found).status not in ELIGIBLE:
                     raise StorageError(
                         f"waiting index names job {codec.id_text(idb)!r} out of step"
                     )
@@ -1253,8 +1301,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         fresh: dict[bytes, _Rec] = {}
         for key, found in due:
             w.delete(key)
-            keys = _index_keys(found.job, found.seq, found.idb, now_us, found.tail)
-            w._add_keys(found.job, keys)
+            job = self._job(found)
+            keys = _index_keys(job, found.seq, found.idb, now_us, found.tail)
+            w._add_keys(job, keys)
             for index_key in keys[:-1]:
                 fresh[index_key] = found
         w.promoted = now_us
@@ -1317,10 +1366,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 if found is None:
                     raw = get(_JOB + idb)
                     found = None if raw is None else _decoded(raw, idb)
-                if found is None or found.job.status not in ELIGIBLE:
+                # (an eligible job's record always has its job: only a claim hands
+                # one out, see ``_Rec.job``)
+                if found is None or (job := found.job) is None or job.status not in ELIGIBLE:
                     job_id = codec.id_text(key[skip:])
                     raise StorageError(f"eligible index names job {job_id!r} out of step")
-                if wanted and not wanted.issubset(found.job.tags):
+                if wanted and not wanted.issubset(job.tags):
                     if first_left is None:
                         first_left = key
                     continue
@@ -1359,7 +1410,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         n_assignee = len(assignee_bytes)
         out: list[Job] = []
         for rec in picked:
-            job = rec.job
+            # (``_pick`` picks only records with their job: ``_Rec.job``)
+            job: Job = rec.job  # type: ignore[assignment]
             old_code = _CODE_OF[job.status]
             keys = rec.keys  # (``rec.index_keys``, inline: per job)
             if keys is None or job.scheduled_at is not None:
@@ -1422,8 +1474,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     ),
                 )
             rec.claimed, rec.claimed_us = now, now_us
-            touched[job.id] = rec
-            out.append(job.copy())  # the staged objects stay in the cache
+            # The job itself is handed out, the record keeps its values only (which
+            # say what it is: see ``_Rec.job``), so no copy of it is made here. Every
+            # picked job is the backend's own object (the queue's checked copy kept at
+            # insert, or one decoded from the store), which nothing else holds.
+            job_id = rec.job_id = job.id
+            rec.job = None
+            touched[job_id] = rec
+            out.append(job)
         w.eligible_moved = True
         w.scanned = scanned
         return out
@@ -1498,7 +1556,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                             raise StorageError(
                                 f"assignee index names job {job_id!r}, which has no record"
                             )
-                        if found.job.status not in active:
+                        if self._job(found).status not in active:
                             continue
                     firsts.append(codec.from_micros(codec.read_u64(key, n)))
                     break
@@ -1544,7 +1602,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 found = self._read(codec.id_text(raw_id))
                 if found is None:
                     raise StorageError(f"listing index names job {raw_id!r}, which has no record")
-                if query.matches(found.job):
+                if query.matches(self._job(found)):
                     out.append(self._snapshot(found))
                     if len(out) >= query.limit:
                         break
@@ -1602,7 +1660,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _has_active(self, assignee_id: str, w: _Write) -> bool:
         for job_id in self._assignee_ids(assignee_id):
             entry = w.touched.get(job_id)
-            if job_id not in w.touched or (entry is not None and entry.job.status in ACTIVE):
+            if job_id not in w.touched or (entry is not None and self._job(entry).status in ACTIVE):
                 return True
         return False
 
