@@ -514,6 +514,17 @@ class _Write:
                 counters = self.tag_counts[tag] = codec.Counters()
             counters.add(code, retries, sign)
 
+    def move_tags(self, tags: list[str], old_code: int, code: int) -> None:
+        """Count a job of ``tags`` moved from status ``old_code`` to ``code`` (no retry)."""
+        tag_counts = self.tag_counts
+        for tag in tags:
+            counters = tag_counts.get(tag)
+            if counters is None:
+                counters = tag_counts[tag] = codec.Counters()
+            values = counters.values
+            values[old_code] -= 1
+            values[code] += 1
+
     def unindex(self, rec: _Rec) -> None:
         self._count(rec.job or rec.full(), -1)
         delete = self.delete
@@ -1173,12 +1184,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         if job is None:
             job_id, assigned = record.job_id, record.claimed
             if static[4]:  # (its tags, for their counters: from the record's bytes)
-                for tag in static[4].decode("utf-8", "surrogatepass").split("\x00"):
-                    counters = w.tag_counts.get(tag)
-                    if counters is None:
-                        counters = w.tag_counts[tag] = codec.Counters()
-                    counters.values[old_code] -= 1
-                    counters.values[_COMPLETED_CODE] += 1
+                tags = static[4].decode("utf-8", "surrogatepass").split("\x00")
+                w.move_tags(tags, old_code, _COMPLETED_CODE)
         else:
             job.finalized_at = now
             if result is not None:
@@ -1187,12 +1194,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 job.error_message = error_message
             job.status = _COMPLETED
             job_id, assigned = job.id, job.assigned_at
-            for tag in job.tags:
-                counters = w.tag_counts.get(tag)
-                if counters is None:
-                    counters = w.tag_counts[tag] = codec.Counters()
-                counters.values[old_code] -= 1
-                counters.values[_COMPLETED_CODE] += 1
+            if job.tags:
+                w.move_tags(job.tags, old_code, _COMPLETED_CODE)
         delete, put = w.delete, w.put
         for key in old_keys:
             delete(key)
@@ -1429,12 +1432,8 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             job.status = _RUNNING_STATUS
             values[old_code] -= 1
             values[_RUNNING] += 1
-            for tag in job.tags:
-                counters = w.tag_counts.get(tag)
-                if counters is None:
-                    counters = w.tag_counts[tag] = codec.Counters()
-                counters.values[old_code] -= 1
-                counters.values[_RUNNING] += 1
+            if job.tags:
+                w.move_tags(job.tags, old_code, _RUNNING)
             idb = rec.idb
             key = assignee + rec.tail  # (its one index key: see ``_index_keys``)
             rec.keys = [key]
