@@ -487,8 +487,10 @@ class PoolQueue:
             if len(chunk) < _VALIDATE_CHUNK:
                 break
             await asyncio.sleep(0)  # keep the event loop responsive for huge batches
+        distinct: list[str] | None = None  # (the ids, checked distinct: also returned)
         if if_exists == "error":  # backends take distinct ids: input arrives validated
-            _check_distinct(clean)
+            distinct = list(map(_id, clean))
+            _check_distinct(clean, distinct)
         await self._ready()
         if not clean:
             return []
@@ -518,7 +520,7 @@ class PoolQueue:
         else:  # (no tags at all: no tuple per job either)
             tagsets = {()}
         await self._notifier.publish(tagsets=tagsets)
-        return list(map(_id, clean))
+        return distinct if distinct is not None else list(map(_id, clean))
 
     # --- streaming ----------------------------------------------------------------
 
@@ -1202,9 +1204,10 @@ def _apply_at_once(backend: Backend) -> object:
     return MemoryBackend.apply if isinstance(backend, MemoryBackend) else object()
 
 
-def _check_distinct(jobs: list[Job]) -> None:
-    """Raise :class:`DuplicateJobError` for an id that stands twice in one batch."""
-    if len(set(map(_id, jobs))) == len(jobs):
+def _check_distinct(jobs: list[Job], ids: list[str]) -> None:
+    """Raise :class:`DuplicateJobError` for an id that stands twice in one batch
+    (``ids``: the jobs' ids)."""
+    if len(set(ids)) == len(ids):
         return
     seen: set[str] = set()
     for job in jobs:

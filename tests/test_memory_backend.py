@@ -268,3 +268,27 @@ async def test_a_claim_hands_out_copies_of_every_field() -> None:
     )
     stats = await backend.count_by_status([])
     assert stats == ({JobStatus.RUNNING: 3}, 1)
+
+
+async def test_an_applys_outcome_has_every_field_and_its_own_containers() -> None:
+    """The record store builds its ``ApplyOutcome`` on a bare instance (no dataclass
+    ``__init__``): every field is set, to containers of that call's own, with a
+    refill, without one, and when nothing moved."""
+    from jobpool_async.backends.base import COMPLETE, ApplyOutcome, Refill
+
+    backend = MemoryBackend()
+    await backend.insert([Job(id=f"o{i}", job_type="t") for i in range(3)])
+    now = datetime.now(UTC)
+    [first] = await backend.claim("w", [], 1, now)
+    refill = Refill("w", (), frozenset({first.id}), 0)
+    done = await backend.apply([Change(first.id, COMPLETE, result=b"")], now, refill)
+    missing = await backend.apply([Change("nope", COMPLETE)], now)
+    plain = await backend.apply([Change(done.claimed[0].id, COMPLETE)], now)
+    for outcome in (done, missing, plain):
+        assert type(outcome) is ApplyOutcome
+        fields = [getattr(outcome, f.name) for f in dataclasses.fields(ApplyOutcome)]
+        assert [type(v) for v in fields] == [list, dict, list]
+    assert [m.job_id for m in done.moved] == ["o0"] and [j.id for j in done.claimed] == ["o1"]
+    assert list(missing.errors) == ["nope"] and missing.moved == [] and missing.claimed == []
+    assert plain.claimed == [] and plain.errors == {}
+    assert len({id(c) for o in (done, missing, plain) for c in (o.moved, o.claimed)}) == 6

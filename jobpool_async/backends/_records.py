@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -42,6 +42,7 @@ from .base import (
     InvalidTransitionError,
     Job,
     JobNotFoundError,
+    JobPoolError,
     JobsNotFinalError,
     JobStatus,
     Lease,
@@ -72,6 +73,7 @@ LeaseTimes = tuple[datetime, datetime, datetime]
 #: Jobs a rescue read: id, status, assignee and ``assigned_at`` as read (the compare-and-set).
 RescueSeen = list[tuple[str, JobStatus, str, datetime | None]]
 _NO_IDS: frozenset[str] = frozenset()
+_new_object = object.__new__
 
 
 class RecordStore(Backend, Generic[R, W, P]):
@@ -292,8 +294,12 @@ class RecordStore(Backend, Generic[R, W, P]):
     def _apply_changes(
         self, changes: Sequence[Change], now: datetime, refill: Refill | None
     ) -> ApplyOutcome:
-        out = ApplyOutcome()
-        moved, errors = out.moved, out.errors
+        # (its fields set on a bare instance: no frame of the dataclass's ``__init__``,
+        # whose default factories are three calls more, per call)
+        out: ApplyOutcome = _new_object(ApplyOutcome)
+        moved: list[Moved] = []
+        errors: dict[str, JobPoolError] = {}
+        out.moved, out.errors = moved, errors
         read, stage_move, moved_of = self._read, self._stage_move, self._moved
         complete = self._stage_complete
         #: Jobs of the refill's stream, and how many of them left RUNNING/CANCELLING
@@ -346,6 +352,8 @@ class RecordStore(Backend, Generic[R, W, P]):
             # A write of its own after the apply's, in the same step (the backend did
             # not stage it in the apply's write, which would have to see its moves).
             out.claimed = self._claim_for_refill(refill, limit, now)
+        else:
+            out.claimed = []
         return out
 
     def _apply_selection(
@@ -497,10 +505,12 @@ class RecordStore(Backend, Generic[R, W, P]):
     ) -> list[Job]:
         return await self._run(self._claim, assignee_id, list(tags), limit, now)
 
-    async def apply(
+    def apply(
         self, changes: Sequence[Change], now: datetime, refill: Refill | None = None
-    ) -> ApplyOutcome:
-        return await self._run(self._apply_changes, list(changes), now, refill)
+    ) -> Coroutine[Any, Any, ApplyOutcome]:
+        """:meth:`Backend.apply`: ``_run``'s coroutine itself (no coroutine of its own
+        around it, whose frame every step of a call that suspends passes through)."""
+        return self._run(self._apply_changes, list(changes), now, refill)
 
     async def apply_selected(
         self,
