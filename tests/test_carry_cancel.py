@@ -1,0 +1,269 @@
+"""Cancellation at exact moments around a LevelDB storage call that the queue drives
+on in its caller's task (``_eager.carry``, c5edea8): the caller is cancelled after
+``hops`` loop callbacks counted from the moment the storage thread's future got its
+outcome (before, at and after the moment the awaiting task would resume), or from
+inside the call's last step. Whatever the moment, SPEC §4 holds: the write happened
+once, its moves are seen (slots freed), claimed jobs are handed over or given back,
+and every slot of the stream can be filled again (no reservation is leaked).
+
+(Reviewer, session 12.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobpool_async import Job, JobStatus, JobStream, PoolQueue
+from jobpool_async.testing import DEADLINE, next_batch
+
+pytest.importorskip("plyvel")
+
+from jobpool_async.backends import LevelDBBackend
+
+S = JobStatus
+RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
+HOPS = range(7)
+
+
+class CancelAfterHops:
+    """Cancels ``target`` ``hops`` loop callbacks after the next storage call's future
+    (of the backend's worker thread) gets its outcome, once armed."""
+
+    def __init__(self, backend: LevelDBBackend) -> None:
+        thread = backend._thread
+        assert thread is not None
+        self._submit = thread.submit
+        thread.submit = self._submitted  # type: ignore[method-assign]
+        self.target: asyncio.Future[Any] | None = None
+        self.hops = 0
+        self.fired = asyncio.Event()
+
+    def arm(self, target: asyncio.Future[Any], hops: int) -> None:
+        self.target, self.hops = target, hops
+
+    def _submitted(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        future = self._submit(fn, *args)
+        target, self.target = self.target, None
+        if target is not None:
+            loop = asyncio.get_running_loop()
+
+            def later(n: int) -> None:
+                if n:
+                    loop.call_soon(later, n - 1)
+                else:
+                    target.cancel()
+                    self.fired.set()
+
+            future.add_done_callback(lambda _: later(self.hops))
+        return future
+
+
+async def _leveldb_queue(tmp_path: Path) -> tuple[PoolQueue, CancelAfterHops]:
+    backend = LevelDBBackend(str(tmp_path / "store"))
+    queue = PoolQueue(backend, lease=None)
+    await queue.open()
+    return queue, CancelAfterHops(backend)
+
+
+async def _outcome(task: asyncio.Future[Any]) -> Any:
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), DEADLINE)
+    except asyncio.CancelledError:
+        assert task.cancelled()
+        return None
+
+
+async def _slots_fill_again(queue: PoolQueue, stream: JobStream, tag: str) -> set[str]:
+    """Every free slot of ``stream`` takes a job: none is held by a leaked reservation
+    or a refill that never ended. Returns the jobs it took."""
+    free = stream.max_assigned_jobs - len(stream.assigned_job_ids)
+    assert free > 0
+    await queue.enqueue_jobs(
+        [Job(id=f"{tag}-extra{i}", job_type="t", tags=[tag] if tag else []) for i in range(free)]
+    )
+    got: list[Job] = []
+    async with asyncio.timeout(DEADLINE):
+        while len(got) < free:
+            got += await stream.__anext__()
+    assert len(stream.assigned_job_ids) == stream.max_assigned_jobs
+    return {j.id for j in got}
+
+
+def _nothing_stranded(jobs: list[Job], handed: set[str]) -> None:
+    for job in jobs:
+        if job.id in handed:
+            continue
+        assert job.status in (S.INITIAL_PENDING, S.FAILED_RETRY, S.COMPLETED), job
+        if job.status is S.FAILED_RETRY:
+            assert job.error_message == RELEASE_MESSAGE, job
+
+
+@pytest.mark.parametrize("hops", HOPS)
+async def test_a_refilling_completion_cancelled_around_its_outcome(
+    tmp_path: Path, hops: int
+) -> None:
+    queue, cancel = await _leveldb_queue(tmp_path)
+    try:
+        tag = "r"
+        await queue.enqueue_jobs([Job(id=f"r{i}", job_type="t", tags=[tag]) for i in range(4)])
+        stream = queue.stream_jobs("w", tags=[tag], max_assigned_jobs=2)
+        first = await next_batch(stream)
+        handed = {j.id for j in first}
+        completing = asyncio.ensure_future(queue.complete_jobs({j.id: b"" for j in first}))
+        cancel.arm(completing, hops)
+        assert await _outcome(completing) is None
+        await asyncio.wait_for(cancel.fired.wait(), DEADLINE)
+        # The write happened (once): the batch is completed, its slots freed and
+        # refilled; the refilled jobs are the stream's next batch.
+        assert {j.status for j in await queue.get_jobs(sorted(handed))} == {S.COMPLETED}
+        nxt = await next_batch(stream)
+        assert len(nxt) == 2 and not handed & {j.id for j in nxt}, nxt
+        handed |= {j.id for j in nxt}
+        assert sorted(stream.assigned_job_ids) == sorted(j.id for j in nxt)
+        await queue.complete_jobs({j.id: b"" for j in nxt})
+        handed |= await _slots_fill_again(queue, stream, tag)
+        await stream.aclose()
+        jobs = await queue.get_jobs([f"r{i}" for i in range(4)])
+        _nothing_stranded(jobs, handed)
+        stats = await queue.get_job_stats([tag])
+        assert stats.running_jobs == 2  # the extra jobs, handed over
+    finally:
+        await queue.close()
+
+
+@pytest.mark.parametrize("hops", HOPS)
+async def test_a_claim_cancelled_around_its_outcome(tmp_path: Path, hops: int) -> None:
+    queue, cancel = await _leveldb_queue(tmp_path)
+    try:
+        tag = "c"
+        ids = [f"c{i}" for i in range(3)]
+        await queue.enqueue_jobs([Job(id=i, job_type="t", tags=[tag]) for i in ids])
+        stream = queue.stream_jobs("w", tags=[tag], max_assigned_jobs=3)
+        waiting = asyncio.ensure_future(stream.__anext__())
+        cancel.arm(waiting, hops)
+        batch = await _outcome(waiting)
+        await asyncio.wait_for(cancel.fired.wait(), DEADLINE)
+        handed = {j.id for j in batch} if batch else set()
+        if handed:
+            assert handed == set(ids)
+            await queue.complete_jobs(dict.fromkeys(ids, b""))
+        else:
+            # the claim was written: its jobs come back as the stream gives them back,
+            # and the stream's slots are its own again
+            async with asyncio.timeout(DEADLINE):
+                while stream.assigned_job_ids:  # noqa: ASYNC110 - polling with a deadline
+                    await asyncio.sleep(0.001)
+        jobs = await queue.get_jobs(ids)
+        _nothing_stranded(jobs, handed)
+        if not handed:
+            assert {j.status for j in jobs} == {S.FAILED_RETRY}, jobs
+        handed |= await _slots_fill_again(queue, stream, tag)
+        await stream.aclose()
+        _nothing_stranded(await queue.get_jobs(ids), handed)
+    finally:
+        await queue.close()
+
+
+@pytest.mark.parametrize("hops", HOPS)
+async def test_a_plain_move_cancelled_around_its_outcome_frees_the_slot(
+    tmp_path: Path, hops: int
+) -> None:
+    """A call by another task (no refill: not the stream's consumer) is cancelled: its
+    move is still seen, so the stream's slot frees and the waiting stream takes the
+    next job."""
+    queue, cancel = await _leveldb_queue(tmp_path)
+    try:
+        tag = "p"
+        await queue.enqueue_jobs([Job(id=f"p{i}", job_type="t", tags=[tag]) for i in range(2)])
+        stream = queue.stream_jobs("w", tags=[tag], max_assigned_jobs=1)
+        (first,) = await next_batch(stream)
+        stream._refills = False  # (no refill: the move is a plain observed apply)
+        waiting = asyncio.ensure_future(stream.__anext__())
+        async with asyncio.timeout(DEADLINE):
+            while not stream._waiting:  # noqa: ASYNC110 - polling with a deadline
+                await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(queue.cancel_jobs(job_ids=[first.id]))
+        cancel.arm(stopping, hops)
+        await _outcome(stopping)
+        assert (await queue.get_job(first.id)).status is S.CANCELLING
+        acking = asyncio.ensure_future(queue.acknowledge_cancellation({first.id: True}))
+        cancel.arm(acking, hops)
+        await _outcome(acking)
+        assert (await queue.get_job(first.id)).status is S.STOPPED
+        (second,) = await asyncio.wait_for(waiting, DEADLINE)
+        assert second.id == "p1"
+    finally:
+        await queue.close()
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, 3])
+async def test_a_queue_closed_while_a_cancelled_refill_goes_on(tmp_path: Path, hops: int) -> None:
+    """The consumer's refilling completion is cancelled around its outcome and the
+    queue closed right after: close() returns only once the refill was seen, and the
+    reopened store has the completion and no job RUNNING but those handed over."""
+    path = tmp_path / "store"
+    backend = LevelDBBackend(str(path))
+    queue = PoolQueue(backend, lease=None)
+    await queue.open()
+    cancel = CancelAfterHops(backend)
+    await queue.enqueue_jobs([Job(id=f"q{i}", job_type="t") for i in range(5)])
+    stream = queue.stream_jobs("w", max_assigned_jobs=2)
+    first = await next_batch(stream)
+    completing = asyncio.ensure_future(queue.complete_jobs({j.id: b"" for j in first}))
+    cancel.arm(completing, hops)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(queue.close(), DEADLINE)
+    await asyncio.wait_for(asyncio.gather(completing, return_exceptions=True), DEADLINE)
+    async with PoolQueue(LevelDBBackend(str(path)), lease=None) as again:
+        jobs = await again.get_jobs([f"q{i}" for i in range(5)])
+        done = {j.status for j in jobs if j.id in {f.id for f in first}}
+        assert done == {S.COMPLETED}, jobs
+        _nothing_stranded(jobs, set())
+        stats = await again.get_job_stats()
+        assert stats.running_jobs == 0, stats
+
+
+async def test_a_refilling_completion_whose_last_step_cancels_its_caller(
+    tmp_path: Path,
+) -> None:
+    """The call's own last step cancels the task driving it (a hook in the backend
+    call, after the store wrote): the cancellation is raised, and the write's moves
+    and refilled jobs are still the stream's (handed over next, slots not leaked)."""
+    queue, _ = await _leveldb_queue(tmp_path)
+    try:
+        backend = queue.backend
+        inner = backend.apply
+        armed = True
+
+        async def apply(*args: Any, **kwargs: Any) -> Any:
+            nonlocal armed
+            outcome = await inner(*args, **kwargs)
+            if armed:
+                armed = False
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+            return outcome
+
+        backend.apply = apply  # type: ignore[method-assign]
+        await queue.enqueue_jobs([Job(id=f"l{i}", job_type="t") for i in range(4)])
+        stream = queue.stream_jobs("w", max_assigned_jobs=2)
+        first = await next_batch(stream)
+        completing = asyncio.ensure_future(queue.complete_jobs({j.id: b"" for j in first}))
+        assert await _outcome(completing) is None
+        assert completing.cancelled()
+        assert {j.status for j in await queue.get_jobs([j.id for j in first])} == {S.COMPLETED}
+        nxt = await next_batch(stream)
+        assert sorted(j.id for j in nxt) == ["l2", "l3"]
+        await queue.complete_jobs({j.id: b"" for j in nxt})
+        await _slots_fill_again(queue, stream, "")
+        await stream.aclose()
+        stats = await queue.get_job_stats()
+        assert (stats.completed_jobs, stats.running_jobs) == (4, 2)
+    finally:
+        await queue.close()
