@@ -308,6 +308,7 @@ async def test_many_streams_over_overlapping_tags_deliver_each_job_once(
     ]
     filters = [[], ["red"], ["green"], ["blue"], ["red", "green"], ["plain"]]
     seen: dict[str, str] = {}
+    completed: set[str] = set()
     problems: list[str] = []
     done = asyncio.Event()
 
@@ -323,7 +324,8 @@ async def test_many_streams_over_overlapping_tags_deliver_each_job_once(
                 if len(s.assigned_job_ids) > slots:
                     problems.append(f"{name} holds {len(s.assigned_job_ids)} > {slots}")
                 await queue.complete_jobs({j.id: j.id.encode() for j in batch})
-                if len(seen) == len(jobs):
+                completed.update(j.id for j in batch)
+                if len(completed) == len(jobs):  # (every completion returned)
                     done.set()
 
     tasks = [
