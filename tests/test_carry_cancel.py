@@ -1,6 +1,7 @@
-"""Cancellation at exact moments around a LevelDB storage call that the queue drives
-on in its caller's task (``_eager.carry``, c5edea8): the caller is cancelled after
-``hops`` loop callbacks counted from the moment the storage thread's future got its
+"""Cancellation at exact moments around a LevelDB or SQLite storage call that the
+queue drives on in its caller's task (``_eager.carry``, c5edea8 and 0f319c2): the
+caller is cancelled after ``hops`` loop callbacks counted from the moment the storage
+thread's future (plyvel's worker thread, aiosqlite's connection thread) got its
 outcome (before, at and after the moment the awaiting task would resume), or from
 inside the call's last step. Whatever the moment, SPEC §4 holds: the write happened
 once, its moves are seen (slots freed), claimed jobs are handed over or given back,
@@ -19,35 +20,55 @@ from typing import Any
 import pytest
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue
+from jobpool_async.backends import LevelDBBackend, SQLiteBackend
 from jobpool_async.testing import DEADLINE, next_batch
-
-pytest.importorskip("plyvel")
-
-from jobpool_async.backends import LevelDBBackend
 
 S = JobStatus
 RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
 HOPS = range(7)
 
 
+class _Tap:
+    """aiosqlite's queue to its thread (a ``SimpleQueue``, whose methods cannot be
+    replaced), with each call's future watched as it is queued."""
+
+    def __init__(self, tx: Any, watch: Callable[[asyncio.Future[Any]], None]) -> None:
+        self._tx, self._watch = tx, watch
+
+    def put_nowait(self, item: Any) -> None:
+        self._tx.put_nowait(item)
+        if isinstance(item, tuple) and isinstance(item[0], asyncio.Future):
+            self._watch(item[0])
+
+
 class CancelAfterHops:
     """Cancels ``target`` ``hops`` loop callbacks after the next storage call's future
-    (of the backend's worker thread) gets its outcome, once armed."""
+    (of the backend's thread) gets its outcome, once armed."""
 
-    def __init__(self, backend: LevelDBBackend) -> None:
-        thread = backend._thread
-        assert thread is not None
-        self._submit = thread.submit
-        thread.submit = self._submitted  # type: ignore[method-assign]
+    def __init__(self, backend: LevelDBBackend | SQLiteBackend) -> None:
         self.target: asyncio.Future[Any] | None = None
         self.hops = 0
         self.fired = asyncio.Event()
+        if isinstance(backend, LevelDBBackend):
+            thread = backend._thread
+            assert thread is not None
+            submit = thread.submit
+
+            def submitted(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+                future = submit(fn, *args)
+                self._watch(future)
+                return future
+
+            thread.submit = submitted  # type: ignore[method-assign]
+        else:  # aiosqlite queues (future, function) for its connection's thread
+            db = backend._db
+            assert db is not None
+            db._tx = _Tap(db._tx, self._watch)  # type: ignore[assignment]
 
     def arm(self, target: asyncio.Future[Any], hops: int) -> None:
         self.target, self.hops = target, hops
 
-    def _submitted(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        future = self._submit(fn, *args)
+    def _watch(self, future: asyncio.Future[Any]) -> None:
         target, self.target = self.target, None
         if target is not None:
             loop = asyncio.get_running_loop()
@@ -60,11 +81,21 @@ class CancelAfterHops:
                     self.fired.set()
 
             future.add_done_callback(lambda _: later(self.hops))
-        return future
 
 
-async def _leveldb_queue(tmp_path: Path) -> tuple[PoolQueue, CancelAfterHops]:
-    backend = LevelDBBackend(str(tmp_path / "store"))
+@pytest.fixture(params=["leveldb", "sqlite"])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "leveldb":
+        pytest.importorskip("plyvel")
+    return str(request.param)
+
+
+def _backend(kind: str, path: Path) -> LevelDBBackend | SQLiteBackend:
+    return LevelDBBackend(str(path)) if kind == "leveldb" else SQLiteBackend(path)
+
+
+async def _queue_on(kind: str, tmp_path: Path) -> tuple[PoolQueue, CancelAfterHops]:
+    backend = _backend(kind, tmp_path / "store")
     queue = PoolQueue(backend, lease=None)
     await queue.open()
     return queue, CancelAfterHops(backend)
@@ -105,9 +136,9 @@ def _nothing_stranded(jobs: list[Job], handed: set[str]) -> None:
 
 @pytest.mark.parametrize("hops", HOPS)
 async def test_a_refilling_completion_cancelled_around_its_outcome(
-    tmp_path: Path, hops: int
+    kind: str, tmp_path: Path, hops: int
 ) -> None:
-    queue, cancel = await _leveldb_queue(tmp_path)
+    queue, cancel = await _queue_on(kind, tmp_path)
     try:
         tag = "r"
         await queue.enqueue_jobs([Job(id=f"r{i}", job_type="t", tags=[tag]) for i in range(4)])
@@ -137,8 +168,8 @@ async def test_a_refilling_completion_cancelled_around_its_outcome(
 
 
 @pytest.mark.parametrize("hops", HOPS)
-async def test_a_claim_cancelled_around_its_outcome(tmp_path: Path, hops: int) -> None:
-    queue, cancel = await _leveldb_queue(tmp_path)
+async def test_a_claim_cancelled_around_its_outcome(kind: str, tmp_path: Path, hops: int) -> None:
+    queue, cancel = await _queue_on(kind, tmp_path)
     try:
         tag = "c"
         ids = [f"c{i}" for i in range(3)]
@@ -171,12 +202,12 @@ async def test_a_claim_cancelled_around_its_outcome(tmp_path: Path, hops: int) -
 
 @pytest.mark.parametrize("hops", HOPS)
 async def test_a_plain_move_cancelled_around_its_outcome_frees_the_slot(
-    tmp_path: Path, hops: int
+    kind: str, tmp_path: Path, hops: int
 ) -> None:
     """A call by another task (no refill: not the stream's consumer) is cancelled: its
     move is still seen, so the stream's slot frees and the waiting stream takes the
     next job."""
-    queue, cancel = await _leveldb_queue(tmp_path)
+    queue, cancel = await _queue_on(kind, tmp_path)
     try:
         tag = "p"
         await queue.enqueue_jobs([Job(id=f"p{i}", job_type="t", tags=[tag]) for i in range(2)])
@@ -202,12 +233,14 @@ async def test_a_plain_move_cancelled_around_its_outcome_frees_the_slot(
 
 
 @pytest.mark.parametrize("hops", [0, 1, 2, 3])
-async def test_a_queue_closed_while_a_cancelled_refill_goes_on(tmp_path: Path, hops: int) -> None:
+async def test_a_queue_closed_while_a_cancelled_refill_goes_on(
+    kind: str, tmp_path: Path, hops: int
+) -> None:
     """The consumer's refilling completion is cancelled around its outcome and the
     queue closed right after: close() returns only once the refill was seen, and the
     reopened store has the completion and no job RUNNING but those handed over."""
     path = tmp_path / "store"
-    backend = LevelDBBackend(str(path))
+    backend = _backend(kind, path)
     queue = PoolQueue(backend, lease=None)
     await queue.open()
     cancel = CancelAfterHops(backend)
@@ -219,7 +252,7 @@ async def test_a_queue_closed_while_a_cancelled_refill_goes_on(tmp_path: Path, h
     await asyncio.sleep(0)
     await asyncio.wait_for(queue.close(), DEADLINE)
     await asyncio.wait_for(asyncio.gather(completing, return_exceptions=True), DEADLINE)
-    async with PoolQueue(LevelDBBackend(str(path)), lease=None) as again:
+    async with PoolQueue(_backend(kind, path), lease=None) as again:
         jobs = await again.get_jobs([f"q{i}" for i in range(5)])
         done = {j.status for j in jobs if j.id in {f.id for f in first}}
         assert done == {S.COMPLETED}, jobs
@@ -229,12 +262,12 @@ async def test_a_queue_closed_while_a_cancelled_refill_goes_on(tmp_path: Path, h
 
 
 async def test_a_refilling_completion_whose_last_step_cancels_its_caller(
-    tmp_path: Path,
+    kind: str, tmp_path: Path
 ) -> None:
     """The call's own last step cancels the task driving it (a hook in the backend
     call, after the store wrote): the cancellation is raised, and the write's moves
     and refilled jobs are still the stream's (handed over next, slots not leaked)."""
-    queue, _ = await _leveldb_queue(tmp_path)
+    queue, _ = await _queue_on(kind, tmp_path)
     try:
         backend = queue.backend
         inner = backend.apply
