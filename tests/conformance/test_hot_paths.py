@@ -517,3 +517,59 @@ async def test_records_written_by_every_move_read_back_exactly(
         assert plain - {S.INITIAL_PENDING}, "plain jobs were claimed and moved too"
         assert stats.by_status == {s: sum(j.status is s for j in stored) for s in S}
         assert stats.total_retries == sum(j.retry_count for j in stored)
+
+
+@pytest.mark.timeout(300)
+async def test_a_large_enqueue_reads_back_and_is_claimed_in_the_references_order(
+    make_backend: BackendFactory,
+) -> None:
+    """One enqueue of 1,500 jobs (PostgreSQL's large insert, 2e55fa6: its arrays
+    behind sub-selects), some plain, some tagged, scheduled, prioritised or with
+    history: every record, the listing order and the claim order (batch by batch) are
+    those of the memory backend, the reference, at the same fake instants."""
+    start = datetime(2030, 1, 1, 0, 0, 0, 7, tzinfo=UTC)
+
+    def make(i: int) -> Job:
+        kwargs: dict[str, Any] = {}
+        if i % 7 == 0:
+            kwargs.update(retry_count=2, last_retry_at=start - timedelta(seconds=i))
+            kwargs.update(error_message=f"earlier {i} \u00e9", started_at=PAST)
+        if i % 11 == 0:
+            kwargs["scheduled_at"] = start + timedelta(minutes=i % 3)
+        return Job(
+            id=f"big-{i:05d}",
+            job_type=("t", "u \u00fc")[i % 2],
+            job_definition=bytes([i % 256]) * (i % 5),
+            tags=[["x"], [], ["x", "y"], []][i % 4],
+            created_at=start - timedelta(seconds=i % 13, microseconds=i),
+            priority=(0, 0, 3, -2)[i % 4],
+            max_attempts=(None, 2)[i % 2],
+            **kwargs,
+        )
+
+    jobs = [make(i) for i in range(1500)]
+    ids = [j.id for j in jobs]
+    ref_clock, clock = FakeClock(start), FakeClock(start)
+    async with (
+        PoolQueue(MemoryBackend(), clock=ref_clock, lease=None) as reference,
+        PoolQueue(make_backend(), clock=clock, lease=None) as queue,
+    ):
+        assert await reference.enqueue_jobs(jobs) == ids
+        assert await queue.enqueue_jobs(jobs) == ids
+        assert await queue.get_jobs(ids) == await reference.get_jobs(ids)
+        assert [j.id for j in await _all_pages(queue)] == [
+            j.id for j in await _all_pages(reference)
+        ]
+        for c in (ref_clock, clock):
+            c.advance(timedelta(minutes=5))
+        orders: list[list[frozenset[str]]] = []
+        for q in (reference, queue):
+            order: list[frozenset[str]] = []
+            async with q.stream_jobs("w", max_assigned_jobs=50) as stream:
+                while sum(map(len, order)) < len(jobs):
+                    batch = await next_batch(stream)
+                    order.append(frozenset(j.id for j in batch))
+                    await q.complete_jobs({j.id: None for j in batch})
+            orders.append(order)
+        assert orders[0] == orders[1]
+        assert await queue.get_jobs(ids) == await reference.get_jobs(ids)
