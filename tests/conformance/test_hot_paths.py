@@ -573,3 +573,58 @@ async def test_a_large_enqueue_reads_back_and_is_claimed_in_the_references_order
             orders.append(order)
         assert orders[0] == orders[1]
         assert await queue.get_jobs(ids) == await reference.get_jobs(ids)
+
+
+# --- jobs handed over are snapshots -------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_jobs_handed_over_by_claims_and_refills_are_the_callers_alone(
+    queue: PoolQueue,
+) -> None:
+    """SPEC §1: returned jobs are snapshots. The jobs a claim and a refill hand over
+    (820f583: LevelDB hands out the object its record held) are not changed by the
+    calls that move them later, and changing them (fields, the tags list in place)
+    changes nothing stored: records, tag counts, listings."""
+    tag = "snap"
+    await queue.enqueue_jobs(
+        [Job(id=f"s{i}", job_type="t", tags=[tag, f"k{i % 2}"]) for i in range(6)]
+        + [Job(id=f"p{i}", job_type="t") for i in range(2)]
+    )
+    stream = queue.stream_jobs("w", tags=[tag], max_assigned_jobs=3)
+    first = await next_batch(stream)
+    kept = [j.copy() for j in first]
+    await queue.complete_jobs({j.id: b"done" for j in first[:2]})  # refills two
+    await queue.fail_job(first[2].id, "failed")  # refills one more
+    assert first == kept, "moving the jobs changed the objects handed over"
+    second = await next_batch(stream)
+    assert len(second) == 3
+    kept2 = [j.copy() for j in second]
+    await queue.cancel_jobs(job_ids=[second[0].id])
+    await queue.acknowledge_cancellation({second[0].id: True})
+    await queue.complete_jobs({j.id: None for j in second[1:]})
+    assert second == kept2
+    third = await next_batch(stream)  # the failed job, or the last new one
+    stored_before = await queue.get_jobs([j.id for j in third])
+    for job in [*first, *second, *third]:
+        job.tags.append("mutated")
+        job.tags[0] = "other"
+        job.status = S.DISCARDED
+        job.error_message = "changed by the caller"
+        job.result = b"caller"
+        job.job_definition = b"caller"
+        job.attempts = 99
+    assert await queue.get_jobs([j.id for j in third]) == stored_before
+    await queue.complete_jobs({j.id: b"end" for j in third})
+    await stream.aclose()
+    stored = {j.id: j for j in await queue.get_jobs([f"s{i}" for i in range(6)])}
+    assert all(j.tags == [tag, f"k{int(j.id[1:]) % 2}"] for j in stored.values())
+    assert all(j.job_definition == b"" for j in stored.values())
+    stats = await queue.get_job_stats([tag])
+    assert stats.by_status == {s: sum(j.status is s for j in stored.values()) for s in S}
+    assert (await queue.get_job_stats(["mutated"])).total_jobs == 0
+    assert (await queue.get_job_stats(["other"])).total_jobs == 0
+    assert await _all_pages(queue, tags=["mutated"]) == []
+    listed = await _all_pages(queue, tags=[tag])
+    assert sorted(j.id for j in listed) == sorted(stored)
+    assert all(listed_job == stored[listed_job.id] for listed_job in listed)
