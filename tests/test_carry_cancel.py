@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from jobpool_async import Job, JobStatus, JobStream, PoolQueue
+from jobpool_async import Job, JobStatus, JobStream, PoolQueue, StorageError
 from jobpool_async.backends import LevelDBBackend, SQLiteBackend
 from jobpool_async.testing import DEADLINE, next_batch
 
@@ -298,5 +298,72 @@ async def test_a_refilling_completion_whose_last_step_cancels_its_caller(
         await stream.aclose()
         stats = await queue.get_job_stats()
         assert (stats.completed_jobs, stats.running_jobs) == (4, 2)
+    finally:
+        await queue.close()
+
+
+def _fail_next(backend: Any, method: str) -> list[int]:
+    """The backend's next ``method`` call suspends on a real future, then fails with
+    ``StorageError`` having written nothing (a failed write, as the caller sees it);
+    returns a list that counts the failures made."""
+    inner = getattr(backend, method)
+    failed: list[int] = []
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if failed:
+            return await inner(*args, **kwargs)
+        failed.append(1)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+        raise StorageError("injected: the write failed")
+
+    setattr(backend, method, failing)
+    return failed
+
+
+async def test_a_carried_refilling_completion_that_fails_leaks_no_slot(
+    kind: str, tmp_path: Path
+) -> None:
+    """The carried call itself raises after suspending (``started.task`` stays None):
+    the error reaches the caller, the batch is as it was, the refill's reserved slots
+    are the stream's again, and the same completion then works and refills."""
+    queue, _ = await _queue_on(kind, tmp_path)
+    try:
+        await queue.enqueue_jobs([Job(id=f"f{i}", job_type="t") for i in range(4)])
+        stream = queue.stream_jobs("w", max_assigned_jobs=2)
+        first = await next_batch(stream)
+        failed = _fail_next(queue.backend, "apply")
+        with pytest.raises(StorageError, match="injected"):
+            await queue.complete_jobs({j.id: b"" for j in first})
+        assert failed == [1]
+        assert {j.status for j in await queue.get_jobs([j.id for j in first])} == {S.RUNNING}
+        assert sorted(stream.assigned_job_ids) == sorted(j.id for j in first)
+        assert (stream._reserved, stream._extra, stream._carrying) == ([], 0, 0)
+        await queue.complete_jobs({j.id: b"" for j in first})
+        nxt = await next_batch(stream)
+        assert sorted(j.id for j in nxt) == ["f2", "f3"]
+        await queue.complete_jobs({j.id: b"" for j in nxt})
+        await _slots_fill_again(queue, stream, "")
+        await stream.aclose()
+    finally:
+        await queue.close()
+
+
+async def test_a_carried_claim_that_fails_leaves_the_stream_usable(
+    kind: str, tmp_path: Path
+) -> None:
+    queue, _ = await _queue_on(kind, tmp_path)
+    try:
+        await queue.enqueue_jobs([Job(id=f"g{i}", job_type="t") for i in range(3)])
+        stream = queue.stream_jobs("w", max_assigned_jobs=3)
+        failed = _fail_next(queue.backend, "claim")
+        with pytest.raises(StorageError, match="injected"):
+            await stream.__anext__()
+        assert failed == [1] and stream.assigned_job_ids == []
+        jobs = await queue.get_jobs(["g0", "g1", "g2"])
+        assert {j.status for j in jobs} == {S.INITIAL_PENDING}
+        batch = await next_batch(stream)
+        assert sorted(j.id for j in batch) == ["g0", "g1", "g2"]
+        await stream.aclose()
+        assert {j.status for j in await queue.get_jobs(["g0", "g1", "g2"])} == {S.RUNNING}
     finally:
         await queue.close()
