@@ -170,8 +170,8 @@ class PoolQueue:
         #: Whether a backend call that suspends runs on in a task of its own (else in
         #: its caller's: ``_eager.carry``), as a call awaiting under a timeout of its
         #: own must (an ``asyncio.timeout`` cancels the task it was entered in): unless
-        #: the backend says its calls await plain futures only (``_carry_calls``).
-        self._in_task = getattr(backend, "_carry_calls", False) is not True
+        #: the backend says its calls await plain futures only (``Backend._carry_calls``).
+        self._in_task = not backend._carry_calls
         #: Keeps this queue's leases and rescues expired ones (None: leases off).
         self._leases = (
             LeaseKeeper(self, clean_lease)

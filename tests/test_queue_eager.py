@@ -311,6 +311,12 @@ async def test_a_hand_loop_on_a_storage_thread_backend_makes_no_task_per_batch(
         assert (await queue.get_job_stats()).completed_jobs == 40
 
 
+async def _turns(n: int) -> None:
+    """Let the loop run ``n`` turns (what is ready runs; no wall-clock wait)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 async def test_two_closes_wait_for_a_refill_carried_by_another_task() -> None:
     """A refilling completion is in flight in one task (held after its write) while two
     others close the stream; one close is cancelled: the other still returns only
@@ -325,12 +331,12 @@ async def test_two_closes_wait_for_a_refill_carried_by_another_task() -> None:
         await pause.held()
         assert stream._carrying == 1
         closes = [asyncio.ensure_future(stream.aclose()) for _ in range(2)]
-        await asyncio.sleep(0.01)
+        await _turns(20)  # (as far as they go: the refill is held)
         assert not any(c.done() for c in closes), "the closes wait for the refill"
         closes[0].cancel()
         with pytest.raises(asyncio.CancelledError):
             await closes[0]
-        await asyncio.sleep(0.01)
+        await _turns(20)
         assert not closes[1].done()
         pause.go()
         await asyncio.wait_for(completing, DEADLINE)

@@ -308,10 +308,6 @@ VERSION_BYTE = _VERSION_BYTE
 _LENGTHS, _LENGTHS_END = 10, 17
 
 
-def _opt(dt: datetime | None) -> int:
-    return 0 if dt is None else to_micros(dt)
-
-
 #: The fields of a record that never change while its job exists: id, job type and
 #: definition back to back, their byte lengths, the tags, and ``created_at`` in
 #: micros (see :func:`job_static`).

@@ -79,11 +79,8 @@ _new_object = object.__new__
 class RecordStore(Backend, Generic[R, W, P]):
     """A :class:`Backend` over records and indexes kept by this process alone."""
 
-    #: Its calls await nothing but plain futures (``_run``'s: a worker thread's, or
-    #: none), under no timeout of their own: a queue may drive one that suspends on
-    #: in the calling task (``jobpool_async._eager.carry``: no task per call). A
-    #: subclass whose calls await under an ``asyncio.timeout`` (which cancels the
-    #: task it was entered in) sets it False.
+    #: (``Backend._carry_calls``: ``_run`` awaits a worker thread's future, or nothing;
+    #: a subclass whose calls await under an ``asyncio.timeout`` sets it False.)
     _carry_calls = True
 
     # --- the storage interface ------------------------------------------------------

@@ -279,6 +279,14 @@ class Backend(abc.ABC):
     #: ``None`` when every change passes through this process (never poll).
     default_poll_interval: ClassVar[float | None] = None
 
+    #: Whether every call awaits nothing but plain futures (a worker thread's hop, or
+    #: none), under no timeout of its own: then a queue drives a call that suspends on
+    #: in the calling task (``jobpool_async._eager.carry``: no task per call). False
+    #: for a backend whose calls may await under an ``asyncio.timeout`` (which cancels
+    #: the task it was entered in: the caller's, whose cancellation the call would then
+    #: take for its own): each such call runs on in a task of its own.
+    _carry_calls: ClassVar[bool] = False
+
     #: Fault injection for tests: awaited by :meth:`rescue_expired` between its read
     #: of the jobs to rescue and its compare-and-set write (so a test can commit a
     #: completion exactly there). ``None`` in normal use.

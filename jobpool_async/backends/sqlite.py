@@ -1900,10 +1900,8 @@ class SQLiteBackend(Backend):
 
     default_poll_interval = 1.0
 
-    #: Its calls await nothing but aiosqlite's plain futures (``_run``: one hop to the
-    #: connection's thread), under no timeout of their own: a queue may drive one that
-    #: suspends on in the calling task (``jobpool_async._eager.carry``: no task per
-    #: call, as for ``RecordStore``).
+    #: (``Backend._carry_calls``: ``_run`` awaits one aiosqlite future, a hop to the
+    #: connection's thread, under no timeout.)
     _carry_calls = True
 
     def __init__(
