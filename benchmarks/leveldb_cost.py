@@ -19,6 +19,11 @@ Modes:
   (:func:`benchmarks.workloads.drain_stream` / ``drain_worker``, 10 slots, leases on):
   the whole process, event loop, storage thread and LevelDB's own background thread
   (``--separate-threads=yes`` splits them).
+* ``bytes``: no callgrind needed; the ``stream`` workload once, printing the LevelDB
+  operations and bytes (key plus value, without the log's few bytes of framing per
+  operation) its writes stage per drained job, by key family (see the key layout in
+  :mod:`jobpool_async.backends.leveldb`): LevelDB's log, its memtable and its
+  background thread's flushes and compactions all work in proportion to them.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import asyncio
 import json
 import shutil
 import tempfile
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from jobpool_async import Job
 from jobpool_async.backends import LevelDBBackend
@@ -67,15 +74,73 @@ async def whole(path: Path, n: int, mode: str) -> None:
         raise SystemExit(outcome.problem)
 
 
+class _CountingBatch:
+    """A ``WriteBatch`` that counts what is staged in it, by operation and key family."""
+
+    __slots__ = ("_batch", "_ops", "_size")
+
+    def __init__(self, batch: Any, ops: Counter[str], size: Counter[str]) -> None:
+        self._batch, self._ops, self._size = batch, ops, size
+
+    def put(self, key: bytes, value: bytes) -> None:
+        family = f"put {key[:1].decode()}"
+        self._ops[family] += 1
+        self._size[family] += len(key) + len(value)
+        self._batch.put(key, value)
+
+    def delete(self, key: bytes) -> None:
+        family = f"delete {key[:1].decode()}"
+        self._ops[family] += 1
+        self._size[family] += len(key)
+        self._batch.delete(key)
+
+    def write(self) -> None:
+        self._batch.write()
+
+
+class _CountingBackend(LevelDBBackend):
+    """The backend, its writes counted (every write of the drain is staged by ``_stage``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.ops: Counter[str] = Counter()
+        self.size: Counter[str] = Counter()
+
+    def _stage(self) -> Any:
+        w = super()._stage()
+        batch = _CountingBatch(w.batch, self.ops, self.size)
+        w.batch, w.put, w.delete = batch, batch.put, batch.delete
+        return w
+
+
+async def written(path: Path, n: int) -> str:
+    """The drain's (``stream``) LevelDB operations and bytes per drained job."""
+    backend = _CountingBackend(path)
+    outcome = await workloads.drain_stream(backend, n, 10, 600.0)
+    if outcome.problem:
+        raise SystemExit(outcome.problem)
+    lines = [f"{'':<10} {'ops/job':>8} {'bytes/job':>10}"]
+    for family in sorted(backend.ops):
+        lines.append(
+            f"{family:<10} {backend.ops[family] / n:>8.3f} {backend.size[family] / n:>10.1f}"
+        )
+    ops, size = sum(backend.ops.values()), sum(backend.size.values())
+    lines.append(f"{'total':<10} {ops / n:>8.3f} {size / n:>10.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.leveldb_cost")
-    parser.add_argument("--mode", choices=["storage", "stream", "worker"], default="storage")
+    modes = ["storage", "stream", "worker", "bytes"]
+    parser.add_argument("--mode", choices=modes, default="storage")
     parser.add_argument("--jobs", type=int, default=3000)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="jobpool-ldb-cost-"))
     try:
         if args.mode == "storage":
             storage_only(workdir / "store", args.jobs)
+        elif args.mode == "bytes":
+            print(asyncio.run(written(workdir / "store", args.jobs)))
         else:
             asyncio.run(whole(workdir / "store", args.jobs, args.mode))
     finally:

@@ -17,7 +17,10 @@ Modes:
   completing each batch with one ``complete_jobs``); per job, each thread's user and
   system microseconds (the event loop's, the backend's storage thread's, LevelDB's
   own background thread's), and per batch of 10 its voluntary and involuntary
-  context switches;
+  context switches; then, per thread and generation, how many cyclic garbage
+  collections ran and their time per job (wall clock, from ``gc.callbacks``: the
+  thread that allocates past a threshold runs the collection, whoever made the
+  objects it walks);
 * ``hop``: ``--jobs`` calls of a no-op through an open backend's storage thread
   (its ``WorkerThread``), one at a time: what one thread hand-off costs on this
   machine, with no LevelDB work at all.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import shutil
 import tempfile
@@ -104,6 +108,36 @@ def _storage_thread(backend: LevelDBBackend) -> tuple[Any, int]:
     return thread, native
 
 
+class _Collections:
+    """Cyclic garbage collections while installed: count and seconds per thread name
+    and generation."""
+
+    def __init__(self) -> None:
+        self.count: dict[tuple[str, int], int] = {}
+        self.seconds: dict[tuple[str, int], float] = {}
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        thread = threading.get_ident()
+        if phase == "start":
+            self._started[thread] = time.perf_counter()
+            return
+        started = self._started.pop(thread, None)
+        if started is None:
+            return
+        key = (threading.current_thread().name, info["generation"])
+        self.count[key] = self.count.get(key, 0) + 1
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+    def report(self, n: int) -> str:
+        parts = [
+            f"gc in {name}, generation {generation}: {self.count[name, generation]} "
+            f"collections, {self.seconds[name, generation] / n * 1e6:.2f} us/job"
+            for name, generation in sorted(self.count)
+        ]
+        return "\n  ".join(parts or ["no cyclic garbage collection"])
+
+
 async def _stream(path: Path, n: int) -> str:
     backend = LevelDBBackend(path)
     jobs = _drain_jobs(n)
@@ -112,6 +146,8 @@ async def _stream(path: Path, n: int) -> str:
     async with PoolQueue(backend, lease=DEFAULT_LEASE) as queue:
         _, native = _storage_thread(backend)
         names[native] = "storage thread"
+        collections = _Collections()
+        gc.callbacks.append(collections)
         before, t0 = _sample(), time.perf_counter()
         await queue.enqueue_jobs(jobs)
         async with queue.stream_jobs("bench", max_assigned_jobs=10) as stream:
@@ -122,9 +158,10 @@ async def _stream(path: Path, n: int) -> str:
                 if len(delivered) >= n:
                     break
         seconds, after = time.perf_counter() - t0, _sample()
+        gc.callbacks.remove(collections)
     if sorted(delivered) != sorted(job.id for job in jobs):
         raise SystemExit("the stream did not deliver every job exactly once")
-    return _report(before, after, n, seconds, names, "job")
+    return _report(before, after, n, seconds, names, "job") + "\n  " + collections.report(n)
 
 
 async def _hop(path: Path, n: int) -> str:
