@@ -1,9 +1,10 @@
-"""Cancellation at exact moments around a LevelDB or SQLite storage call that the
-queue drives on in its caller's task (``_eager.carry``, c5edea8 and 0f319c2): the
-caller is cancelled after ``hops`` loop callbacks counted from the moment the storage
-thread's future (plyvel's worker thread, aiosqlite's connection thread) got its
-outcome (before, at and after the moment the awaiting task would resume), or from
-inside the call's last step. Whatever the moment, SPEC §4 holds: the write happened
+"""Cancellation at exact moments around a LevelDB, SQLite or PostgreSQL storage call
+that the queue drives on in its caller's task (``_eager.carry``, c5edea8 and 0f319c2;
+PostgreSQL since session 13): the caller is cancelled after ``hops`` loop callbacks
+counted from the moment the storage thread's future (plyvel's worker thread,
+aiosqlite's connection thread) got its outcome, or from the moment asyncpg's protocol
+read the server's next answer (before, at and after the moment the awaiting task would
+resume), or from inside the call's last step. Whatever the moment, SPEC §4 holds: the write happened
 once, its moves are seen (slots freed), claimed jobs are handed over or given back,
 and every slot of the stream can be filled again (no reservation is leaked).
 
@@ -13,7 +14,9 @@ and every slot of the stream can be filled again (no reservation is leaked).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import hashlib
+import math
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,10 @@ import pytest
 
 from jobpool_async import Job, JobStatus, JobStream, PoolQueue, StorageError
 from jobpool_async.backends import LevelDBBackend, SQLiteBackend
+from jobpool_async.backends.postgres import PostgresBackend
 from jobpool_async.testing import DEADLINE, next_batch
+
+from .backends import drop_postgres_schema, postgres_dsn
 
 S = JobStatus
 RELEASE_MESSAGE = "stream closed before the job was handed to its consumer"
@@ -41,15 +47,43 @@ class _Tap:
             self._watch(item[0])
 
 
+class _Reading:
+    """An asyncpg connection's protocol as its transport sees it: each read of a
+    statement's outcome (the answer to its bind and execute, which starts with
+    ``BindComplete``; not a prepare's answer) is told to ``watch`` once the protocol
+    took it (and settled the future the statement awaits)."""
+
+    def __init__(self, protocol: Any, watch: Callable[[], None]) -> None:
+        self._protocol, self._watch = protocol, watch
+
+    def data_received(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+        if data[:1] == b"2":
+            self._watch()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol, name)
+
+
 class CancelAfterHops:
     """Cancels ``target`` ``hops`` loop callbacks after the next storage call's future
-    (of the backend's thread) gets its outcome, once armed."""
+    (of the backend's thread) gets its outcome, or (PostgreSQL) after the next read of
+    the server's answer on one of the pool's connections, once armed."""
 
-    def __init__(self, backend: LevelDBBackend | SQLiteBackend) -> None:
+    def __init__(self, backend: LevelDBBackend | SQLiteBackend | PostgresBackend) -> None:
         self.target: asyncio.Future[Any] | None = None
         self.hops = 0
         self.fired = asyncio.Event()
-        if isinstance(backend, LevelDBBackend):
+        if isinstance(backend, PostgresBackend):  # every connection of the pool, made
+            pool: Any = backend._pool  # at its start (``pool_min_size`` = ``pool_max_size``)
+            assert pool is not None
+            # No look for due jobs before a claim (the first claim's, the once-a-second
+            # probe): each call is then one statement, whose answer the tap counts from.
+            backend._probe_now, backend._probed_at = False, math.inf
+            for holder in pool._holders:
+                transport = holder._con._transport
+                transport._protocol = _Reading(transport._protocol, self._read)
+        elif isinstance(backend, LevelDBBackend):
             thread = backend._thread
             assert thread is not None
             submit = thread.submit
@@ -69,6 +103,10 @@ class CancelAfterHops:
         self.target, self.hops = target, hops
 
     def _watch(self, future: asyncio.Future[Any]) -> None:
+        if self.target is not None:
+            future.add_done_callback(lambda _: self._read())
+
+    def _read(self) -> None:
         target, self.target = self.target, None
         if target is not None:
             loop = asyncio.get_running_loop()
@@ -80,17 +118,35 @@ class CancelAfterHops:
                     target.cancel()
                     self.fired.set()
 
-            future.add_done_callback(lambda _: later(self.hops))
+            later(self.hops)
 
 
-@pytest.fixture(params=["leveldb", "sqlite"])
-def kind(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=["leveldb", "sqlite", "postgres"])
+async def kind(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "leveldb":
         pytest.importorskip("plyvel")
-    return str(request.param)
+    if request.param != "postgres":
+        yield str(request.param)
+        return
+    pytest.importorskip("asyncpg")
+    postgres_dsn()  # (skips without a server)
+    try:
+        yield "postgres"
+    finally:
+        await drop_postgres_schema(_schema_of(tmp_path / "store"))
 
 
-def _backend(kind: str, path: Path) -> LevelDBBackend | SQLiteBackend:
+def _schema_of(path: Path) -> str:
+    """The PostgreSQL schema standing for the store at ``path`` (the test's own)."""
+    return f"jp_test_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+def _backend(kind: str, path: Path) -> LevelDBBackend | SQLiteBackend | PostgresBackend:
+    if kind == "postgres":
+        # every connection made at the start (for the tap), two kept between calls
+        return PostgresBackend(
+            postgres_dsn(), schema=_schema_of(path), pool_min_size=4, pool_max_size=4
+        )
     return LevelDBBackend(str(path)) if kind == "leveldb" else SQLiteBackend(path)
 
 
@@ -365,5 +421,55 @@ async def test_a_carried_claim_that_fails_leaves_the_stream_usable(
         assert sorted(j.id for j in batch) == ["g0", "g1", "g2"]
         await stream.aclose()
         assert {j.status for j in await queue.get_jobs(["g0", "g1", "g2"])} == {S.RUNNING}
+    finally:
+        await queue.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres"], indirect=True)
+async def test_a_carried_postgres_call_that_connects_does_so_in_a_task_of_its_own(
+    kind: str, tmp_path: Path
+) -> None:
+    """asyncpg connects under ``asyncio.timeout``, which cancels the task it was entered
+    in: a connect in a carried call's task (the caller's) would cancel the caller on a
+    slow connect, and miss the caller's own cancellation. A carried claim and
+    refilling completion that find no connection kept or connected make theirs in a
+    task of their own."""
+    queue, _ = await _queue_on(kind, tmp_path)
+    try:
+        backend = queue.backend
+        assert isinstance(backend, PostgresBackend)
+        pool: Any = backend._pool
+        assert pool is not None
+        inner = pool._connect
+        connected_in: list[asyncio.Task[Any] | None] = []
+
+        async def connect(*args: Any, **kwargs: Any) -> Any:
+            connected_in.append(asyncio.current_task())
+            return await inner(*args, **kwargs)
+
+        pool._connect = connect
+
+        async def no_connection() -> None:
+            """Nothing kept, every pooled connection to be made again at its next use."""
+            kept, backend._hot = backend._hot, []
+            for conn in kept:
+                await pool.release(conn)
+            await pool.expire_connections()
+
+        await queue.enqueue_jobs([Job(id=f"k{i}", job_type="t") for i in range(4)])
+        stream = queue.stream_jobs("w", max_assigned_jobs=2)
+        await no_connection()
+        claiming = asyncio.ensure_future(stream.__anext__())
+        first = await asyncio.wait_for(claiming, DEADLINE)
+        assert sorted(j.id for j in first) == ["k0", "k1"]
+        assert connected_in and claiming not in connected_in, connected_in
+        await no_connection()
+        connected_in.clear()
+        completing = asyncio.ensure_future(queue.complete_jobs({j.id: b"" for j in first}))
+        await asyncio.wait_for(completing, DEADLINE)
+        assert connected_in and completing not in connected_in, connected_in
+        nxt = await next_batch(stream)
+        assert sorted(j.id for j in nxt) == ["k2", "k3"]
+        await stream.aclose()
     finally:
         await queue.close()

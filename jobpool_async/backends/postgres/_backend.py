@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -181,6 +182,25 @@ def _claimed(r: Record | Sequence[Any], start: int, assignee_id: str, now: datet
     return job
 
 
+#: Releases of connections acquired for callers that gave up (kept until done).
+_releasing: set[asyncio.Task[None]] = set()
+
+
+def _give_back(pool: Pool, acquiring: asyncio.Task[PoolConnectionProxy[Record]]) -> None:
+    """Done callback of an acquire whose caller gave up on it: its connection, if it
+    got one, goes back to the pool."""
+    if acquiring.cancelled() or acquiring.exception() is not None:
+        return
+    task = asyncio.get_running_loop().create_task(_release(pool, acquiring.result()))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+
+
+async def _release(pool: Pool, conn: PoolConnectionProxy[Record]) -> None:
+    with contextlib.suppress(Exception):
+        await pool.release(conn)
+
+
 def _read_job(r: Record) -> Job:
     """A job from a row of :data:`JOB_COLUMNS`."""
     c = JOB
@@ -219,6 +239,9 @@ class PostgresBackend(Backend):
     """
 
     default_poll_interval: ClassVar[float | None] = 1.0
+    #: Its calls await asyncpg's futures (and a pool's acquire, in a task of its own:
+    #: see :meth:`_take`), under no ``asyncio.timeout`` of their own task.
+    _carry_calls = True
 
     def __init__(
         self,
@@ -442,13 +465,30 @@ class PostgresBackend(Backend):
 
     async def _take(self, pool: Pool) -> PoolConnectionProxy[Record]:
         """A kept connection that is still open, else one from the pool (which
-        replaces the connections it finds closed)."""
+        replaces the connections it finds closed), acquired in a task of its own.
+
+        The queue drives this backend's calls in its callers' tasks
+        (``_carry_calls``), so nothing here may await under an ``asyncio.timeout``
+        entered in the call's task: the timeout would cancel the caller's task, and a
+        cancellation of the caller would never reach it. asyncpg connects under one
+        (``connect_timeout``), and a pool's ``acquire`` may connect (a holder not yet
+        connected, or one whose connection died): so ``acquire`` runs in a task. The
+        other such timeout, the protocol's wait for a cancelled statement before the
+        next one, is not met: a connection is kept only after a call succeeded on it,
+        and the pool gives one back only after that wait (in ``release``'s own task).
+        """
         while self._hot:
             conn = self._hot.pop()
             if alive(conn):
                 return conn
             await discard(pool, conn)
-        return await pool.acquire()
+        acquiring = asyncio.ensure_future(pool.acquire())  # (an awaitable: a task)
+        try:
+            return await acquiring
+        except BaseException:
+            # (the awaiting task cancelled as the acquire finished: not leaked)
+            acquiring.add_done_callback(functools.partial(_give_back, pool))
+            raise
 
     # --- notifications ------------------------------------------------------------
 
