@@ -122,7 +122,7 @@ class Job:
         new.id = self.id
         new.job_type = self.job_type
         new.job_definition = self.job_definition
-        new.tags = list(self.tags)
+        new.tags = [*self.tags]  # (no call of ``list``: per job handed out)
         new.status = self.status
         new.created_at = self.created_at
         new.started_at = self.started_at
@@ -353,6 +353,8 @@ class CheckedJobs(list[Job]):
 #: The last job type that ``check_new_job``'s fast path accepted (a ``str``, ASCII,
 #: no NUL: an immutable value, so the same object needs no second check).
 _last_job_type = ""
+_ZERO = 0
+_EMPTY = ""
 
 
 def _plain_text(text: str) -> bool:
@@ -385,6 +387,9 @@ def check_new_job(job: object) -> Job:
     message = job.error_message
     assignee = job.assignee_id
     attempts = job.attempts
+    # (``x is _ZERO``: the int 0 itself, CPython's one object for it, what a default
+    # or any computed 0 is; ``x is _EMPTY`` likewise for ``""``. Anything else that
+    # equals them, a ``bool`` or a subclass, takes the full checks.)
     if not (
         job.status is _INITIAL_PENDING
         and job.started_at is None
@@ -392,9 +397,8 @@ def check_new_job(job: object) -> Job:
         and job.last_retry_at is None
         and job.assigned_at is None
         and job.result is None
-        and job.retry_count == 0
-        and type(attempts) is int
-        and attempts == 0
+        and job.retry_count is _ZERO
+        and attempts is _ZERO
         and type(job_id) is str
         and job_id
         and job_id.isascii()
@@ -407,13 +411,13 @@ def check_new_job(job: object) -> Job:
         and type(created) is datetime
         and created.tzinfo is UTC
         and (scheduled is None or (type(scheduled) is datetime and scheduled.tzinfo is UTC))
-        and type(priority) is int
-        and PRIORITY_MIN <= priority <= PRIORITY_MAX
+        and (
+            priority is _ZERO
+            or (type(priority) is int and PRIORITY_MIN <= priority <= PRIORITY_MAX)
+        )
         and (limit is None or (type(limit) is int and 1 <= limit <= MAX_ATTEMPTS_LIMIT))
-        and type(message) is str
-        and (not message or _plain_text(message))
-        and type(assignee) is str
-        and (not assignee or _plain_text(assignee))
+        and (message is _EMPTY or (type(message) is str and _plain_text(message)))
+        and (assignee is _EMPTY or (type(assignee) is str and _plain_text(assignee)))
         and type(tags) is list
         and (not tags or _plain_tags(tags))
     ):
@@ -423,7 +427,7 @@ def check_new_job(job: object) -> Job:
     new.id = job_id
     new.job_type = job_type
     new.job_definition = definition
-    new.tags = list(tags)
+    new.tags = [*tags] if tags else []  # (no call of ``list``: per job)
     new.status = _INITIAL_PENDING
     new.created_at = created
     new.started_at = None

@@ -76,3 +76,49 @@ def test_an_enqueue_check_of_a_job_type_seen_before_still_checks_a_new_one() -> 
         check_new_job(Job(id="d", job_type=b"type-a"))  # type: ignore[arg-type]
     assert check_new_job(Job(id="e", job_type="typé")).job_type == "typé"  # (full checks)
     assert check_new_job(Job(id="f", job_type=ok)).job_type is ok
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("priority", False, TypeError),
+        ("retry_count", False, TypeError),
+        ("attempts", False, TypeError),
+        ("retry_count", -1, ValueError),
+        ("attempts", 1, ValueError),
+        ("priority", 40_000, ValueError),
+        ("error_message", "bad\x00", ValueError),
+        ("assignee_id", "bad\x00", ValueError),
+    ],
+)
+def test_an_enqueue_check_of_a_value_equal_to_a_default_is_not_the_default(
+    field: str, value: object, error: type[Exception]
+) -> None:
+    """The fast path takes the defaults by identity (the int ``0``, the ``""``);
+    a value that only equals one (``False``), or any other, gets the full checks."""
+    job = Job(id="i", job_type="t")
+    setattr(job, field, value)
+    with pytest.raises(error):
+        check_new_job(job)
+
+
+def test_an_enqueue_check_of_zero_and_empty_values_not_the_defaults() -> None:
+    """Values that equal the defaults without being those objects (subclasses) pass
+    the full checks and are stored as given; computed ``0`` and ``""`` pass too."""
+    job = Job(id="i", job_type="t", priority=_Int(0), error_message=_Str(""))
+    copy = check_new_job(job)
+    assert copy.priority == 0 and copy.error_message == ""
+    zero, empty = int("0"), "ab"[:0]
+    copy = check_new_job(Job(id="j", job_type="t", priority=zero, assignee_id=empty))
+    assert copy.priority == 0 and copy.assignee_id == "" and copy.tags == []
+    tagged = Job(id="k", job_type="t", tags=["x"])
+    copy = check_new_job(tagged)
+    assert copy.tags == ["x"] and copy.tags is not tagged.tags
