@@ -822,8 +822,13 @@ class PoolQueue:
     async def complete_jobs(self, results: Mapping[str, bytes | None]) -> None:
         """Complete many jobs in one transaction; ``BatchError`` lists those that could not."""
         changes = []
+        holders = self._holders
         for job_id, result in self._mapping(results, "results").items():
-            if type(job_id) is str and job_id and job_id.isascii() and "\x00" not in job_id:
+            if type(job_id) is str and (
+                job_id in holders  # (held by a stream: a stored id, valid; one lookup
+                # costs less than the text's checks, per job)
+                or (job_id and job_id.isascii() and "\x00" not in job_id)
+            ):
                 key = job_id  # (``check_id``'s common case, inline: per job)
             else:
                 key = check_id(job_id)
