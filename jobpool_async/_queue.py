@@ -408,6 +408,8 @@ class PoolQueue:
                     del stream._held[job_id]
                     if not freed or freed[-1] is not stream._sub:
                         freed.append(stream._sub)
+                        if stream._ready:  # (once per stream and call: a flag)
+                            stream._stale = True
                 elif status is _CANCELLING:
                     stream._cancel_requested(job_id, assigned_at)
             if status in ELIGIBLE:
@@ -435,14 +437,20 @@ class PoolQueue:
         previous = self._holders.get(job.id)
         self._holders[job.id] = stream
         stream._held[job.id] = job.assigned_at
+        if stream._ready:  # (an assignment of a job waiting there may have ended)
+            stream._stale = True
         if previous is None or previous is stream:
             return None
         previous._held.pop(job.id, None)
+        if previous._ready:
+            previous._stale = True
         return previous._sub
 
     def _unhold(self, stream: JobStream, job_id: str) -> None:
         del self._holders[job_id]
         del stream._held[job_id]
+        if stream._ready:
+            stream._stale = True
 
     def _drop(self, stream: JobStream, job_id: str, assigned_at: datetime | None) -> None:
         """Forget that ``stream`` holds this assignment of ``job_id`` (if it still does)."""
@@ -760,6 +768,8 @@ class PoolQueue:
             if previous is not None and previous is not stream:
                 previous._held.pop(job_id, None)
                 freed.append(previous._sub)
+                if previous._ready:
+                    previous._stale = True
         if self._backend.next_due() != self._timer_at:
             self._arm()
         if outcome.claimed:
@@ -1264,6 +1274,10 @@ class JobStream:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Jobs claimed for this stream by a refilling apply, not yet handed over.
         self._ready: list[Job] = []
+        #: Whether an assignment of a job in ``_ready`` may have ended since it was put
+        #: there (set where ``_held`` loses or changes an entry while ``_ready`` has
+        #: jobs): if not, every one is still held, and ``_take_ready`` checks none.
+        self._stale = False
         #: Its consumer's hook (a ``Worker``'s) that takes a refill's jobs at once,
         #: handed over with no ``__anext__``; False: refused, they wait in ``_ready``.
         self._handoff: Callable[[list[Job]], bool] | None = None
@@ -1427,15 +1441,18 @@ class JobStream:
 
     def _take_ready(self) -> list[Job]:
         """The refilled jobs this stream still holds (any that left it meanwhile dropped)."""
+        jobs = self._ready
+        self._ready = []
+        if not self._stale:  # (the usual case: every one still held, none to check)
+            return jobs
+        self._stale = False
         held = self._held
-        jobs = [
+        return [
             job
-            for job in self._ready
+            for job in jobs
             if (held_at := held.get(job.id, _NOT_HELD)) is job.assigned_at
             or held_at == job.assigned_at  # (the same object, usually: no compare)
         ]
-        self._ready = []
-        return jobs
 
     async def _claim(self, limit: int) -> list[Job]:
         started = start(self._queue._assign(self, limit))
