@@ -507,7 +507,9 @@ class Worker:
                     key = queued.popleft()
                     job = running[key]
                     runner.key = key
-                    run = base.copy().run
+                    # (``ctx.run(...)`` below, not a bound ``run`` kept: no method object
+                    # made per job; the rare paths bind it)
+                    ctx = base.copy()
                     coro: Coroutine[Any, Any, Any]
                     try:
                         if timed is not None:  # (its body calls the processor, in ``run``)
@@ -515,13 +517,13 @@ class Worker:
                         elif self._direct:  # an ``async def``: the call runs none of its code
                             coro = self._processor(job)  # type: ignore[assignment]
                         else:  # any other callable runs in the job's context too
-                            made = run(self._processor, job)
+                            made = ctx.run(self._processor, job)
                             coro = made if type(made) is _Coroutine else _awaited(made)
                     except BaseException as exc:  # the call failed: as if its run had
                         outcome = self._error_outcome(key, job, exc)
                     else:
                         try:
-                            first = run(step, coro)
+                            first = ctx.run(step, coro)
                         except BaseException as exc:  # (the stepper's own GeneratorExit)
                             outcome = self._error_outcome(key, job, exc)
                         else:
@@ -545,7 +547,7 @@ class Worker:
                                     self._wake.set()
                                 self._suspended[key] = runner
                                 try:
-                                    await self._finish(key, job, runner, stepper, first, run)
+                                    await self._finish(key, job, runner, stepper, first, ctx.run)
                                 finally:
                                     del self._suspended[key]
                                 runner.key = None
