@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -356,6 +357,18 @@ _last_job_type = ""
 _ZERO = 0
 _EMPTY = ""
 
+#: Counts the jobs that :func:`check_new_job` accepted with tags or a schedule (and
+#: callers' marks): ``next()`` on it is one atomic C call. An enqueue takes a mark
+#: before its checks and one after; if they are consecutive, none of its jobs had
+#: either, and it skips its passes over the jobs for them (per job). Any other count
+#: between (another enqueue's, in any task or thread) only sends it through them.
+noted_tags_or_schedule = itertools.count()
+
+
+def _note_tags_or_schedule() -> bool:
+    next(noted_tags_or_schedule)
+    return True
+
 
 def _plain_text(text: str) -> bool:
     """ASCII text without NUL (storable: the fast path's test of a non-empty field)."""
@@ -410,7 +423,12 @@ def check_new_job(job: object) -> Job:
         and type(definition) is bytes
         and type(created) is datetime
         and created.tzinfo is UTC
-        and (scheduled is None or (type(scheduled) is datetime and scheduled.tzinfo is UTC))
+        and (
+            scheduled is None
+            or (
+                type(scheduled) is datetime and scheduled.tzinfo is UTC and _note_tags_or_schedule()
+            )
+        )
         and (
             priority is _ZERO
             or (type(priority) is int and PRIORITY_MIN <= priority <= PRIORITY_MAX)
@@ -419,7 +437,7 @@ def check_new_job(job: object) -> Job:
         and (message is _EMPTY or (type(message) is str and _plain_text(message)))
         and (assignee is _EMPTY or (type(assignee) is str and _plain_text(assignee)))
         and type(tags) is list
-        and (not tags or _plain_tags(tags))
+        and (not tags or (_plain_tags(tags) and _note_tags_or_schedule()))
     ):
         return _check_new_job_slow(job)
     _last_job_type = job_type
@@ -479,6 +497,8 @@ def _check_new_job_slow(job: object) -> Job:
         raise TypeError(f"job {job.id!r}: attempts must be int, got {type(job.attempts).__name__}")
     if job.attempts != 0:
         raise ValueError(f"job {job.id!r}: enqueue accepts only attempts=0, got {job.attempts}")
+    if tags or job.scheduled_at is not None:
+        next(noted_tags_or_schedule)
     return Job(
         id=job.id,
         job_type=job.job_type,

@@ -52,6 +52,7 @@ from ._models import (
     check_seconds,
     check_tags,
     check_ttl,
+    noted_tags_or_schedule,
 )
 from ._notifier import Notifier, Subscription
 from ._retry import RetryPolicy
@@ -489,12 +490,15 @@ class PoolQueue:
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
         clean: list[Job] = CheckedJobs()  # (a backend may keep these copies as they are)
         given = iter(jobs)
+        mark = next(noted_tags_or_schedule)
         while True:  # (chunks checked by ``map``: no loop of our own per job)
             chunk = list(map(check_new_job, itertools.islice(given, _VALIDATE_CHUNK)))
             clean += chunk
             if len(chunk) < _VALIDATE_CHUNK:
                 break
             await asyncio.sleep(0)  # keep the event loop responsive for huge batches
+        # (No job with tags or a schedule counted since the mark: none has either.)
+        plain = next(noted_tags_or_schedule) == mark + 1
         distinct: list[str] | None = None  # (the ids, checked distinct: also returned)
         if if_exists == "error":  # backends take distinct ids: input arrives validated
             distinct = list(map(_id, clean))
@@ -515,7 +519,9 @@ class PoolQueue:
         else:
             await self._backend.insert(clean)
         tagsets: set[tuple[str, ...]]
-        if any(map(_scheduled_at, clean)):  # (a datetime is true: some has a schedule)
+        if plain:  # (no pass over the jobs: the usual case)
+            tagsets = {()}
+        elif any(map(_scheduled_at, clean)):  # (a datetime is true: some has a schedule)
             now = self._now()
             tagsets = {
                 tuple(job.tags)
