@@ -152,6 +152,15 @@ def _as_outcome(pending: _Pending) -> _Outcome:
     return pending if isinstance(pending, _Outcome) else _Outcome("complete", pending)
 
 
+class _Event(asyncio.Event):
+    """An :class:`asyncio.Event` whose state the runners' per-batch path reads and
+    sets itself when nobody waits (``set``/``clear`` inline: a call fewer each); with
+    waiters it goes through ``set``, which wakes them."""
+
+    _value: bool
+    _waiters: deque[asyncio.Future[bool]]
+
+
 class _TimedOut(Exception):
     """A processor ran longer than ``Config.job_timeout`` (raised by ``Worker._timed``)."""
 
@@ -262,9 +271,9 @@ class Worker:
         #: A write of outcomes is under way (the flusher's or a runner's): one at a time.
         self._writing = False
         #: Set while no runner writes outcomes (shutdown waits for such a write).
-        self._runner_write_done = asyncio.Event()
+        self._runner_write_done = _Event()
         self._runner_write_done.set()
-        self._idle = asyncio.Event()  # set while no processor runs
+        self._idle = _Event()  # set while no processor runs
         self._closing_flusher = False
         self._started = asyncio.Event()
         self._finished = asyncio.Event()
@@ -447,7 +456,7 @@ class Worker:
                 self._record(key, _Outcome("ack"))
                 continue
             if not running:  # (set only while none runs: cleared once, not per job)
-                self._idle.clear()
+                self._idle._value = False  # (``clear``, inline)
             running[key] = job
             queued.append(key)
         if queued and not self._pullers:
@@ -563,15 +572,41 @@ class Worker:
                     running.pop(key, None)
                     self._pending[key] = outcome
                     if not running:
-                        self._idle.set()
+                        idle = self._idle
+                        if idle._waiters:
+                            idle.set()
+                        else:  # (``set`` with nobody waiting, inline)
+                            idle._value = True
                 # It finished the last job: it writes the outcomes itself (no flusher
                 # wake-up) and, still a puller, runs the jobs the write's refill hands
-                # over (no consumer or runner wake-up either).
-                if self._pending and not running and await self._runner_write():
-                    written += 1
-                    if written % _YIELD_EVERY == 0:
-                        await asyncio.sleep(0)  # let the loop's other tasks run
-                    continue
+                # over (no consumer or runner wake-up either). Not while another write
+                # is under way, nor once the worker stops (the flusher writes the last
+                # outcomes); if its write fails, the flusher retries, with its delays.
+                # (Inline: no coroutine of its own per batch.)
+                if self._pending and not running and not self._writing and self._state == "running":
+                    done = self._runner_write_done  # (shutdown waits for this write)
+                    done._value = False  # (``clear``, inline)
+                    wrote = False
+                    try:
+                        await self._flush()
+                        wrote = True
+                    except QueueClosedError:
+                        pass
+                    except Exception:
+                        logger.exception(
+                            "worker %s: writing job outcomes failed; the flusher retries",
+                            self.assignee_id,
+                        )
+                    finally:
+                        if done._waiters:
+                            done.set()
+                        else:  # (``set`` with nobody waiting, inline)
+                            done._value = True
+                    if wrote:
+                        written += 1
+                        if written % _YIELD_EVERY == 0:
+                            await asyncio.sleep(0)  # let the loop's other tasks run
+                        continue
                 if self._pending:  # (others still run, or it could not write)
                     self._wake.set()
                 runner.pulling = False
@@ -775,30 +810,6 @@ class Worker:
         if not running:
             self._idle.set()
         self._wake.set()
-
-    async def _runner_write(self) -> bool:
-        """A runner writes the recorded outcomes: True if they were written, else the
-        flusher is woken for them (it retries failures, with its delays). Not while
-        another write is under way, nor once the worker stops (the flusher writes the
-        last outcomes)."""
-        if self._writing or self._state != "running":
-            self._wake.set()
-            return False
-        self._runner_write_done.clear()
-        try:
-            await self._flush()
-        except QueueClosedError:
-            self._wake.set()
-            return False
-        except Exception:
-            logger.exception(
-                "worker %s: writing job outcomes failed; the flusher retries", self.assignee_id
-            )
-            self._wake.set()
-            return False
-        finally:
-            self._runner_write_done.set()
-        return True
 
     # --- cancellation -----------------------------------------------------------------
 
