@@ -513,11 +513,24 @@ class PoolQueue:
             # Nobody may wake before the commit: the notification it sends does that.
             ids = set(await self._backend.insert_in(clean, connection, ignore=ignore))
             return [job.id for job in clean if job.id in ids]
-        if ignore:
-            ids = set(await self._backend.insert_new(clean))
-            clean = [job for job in clean if job.id in ids]
-        else:
-            await self._backend.insert(clean)
+        try:
+            if ignore:
+                ids = set(await self._backend.insert_new(clean))
+                clean = [job for job in clean if job.id in ids]
+            else:
+                await self._backend.insert(clean)
+        except DuplicateJobError:
+            raise  # (all or nothing: none was written)
+        except BaseException:
+            # The write may have happened all the same: the caller cancelled at the
+            # call's last suspension, or while a storage thread wrote, or the store
+            # failed after its commit. Every stream looks (and the timer is set for a
+            # schedule), as the publish below would have made the ones that match:
+            # a look for nothing if nothing was written.
+            if not self._closed:
+                self._arm()
+                self._notifier.publish_soon(everyone=True)
+            raise
         tagsets: set[tuple[str, ...]]
         if plain:  # (no pass over the jobs: the usual case)
             tagsets = {()}
