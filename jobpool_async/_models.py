@@ -357,17 +357,14 @@ _last_job_type = ""
 _ZERO = 0
 _EMPTY = ""
 
-#: Counts the jobs that :func:`check_new_job` accepted with tags or a schedule (and
-#: callers' marks): ``next()`` on it is one atomic C call. An enqueue takes a mark
-#: before its checks and one after; if they are consecutive, none of its jobs had
-#: either, and it skips its passes over the jobs for them (per job). Any other count
-#: between (another enqueue's, in any task or thread) only sends it through them.
-noted_tags_or_schedule = itertools.count()
-
-
-def _note_tags_or_schedule() -> bool:
-    next(noted_tags_or_schedule)
-    return True
+#: Count the jobs that :func:`check_new_job` accepted with a schedule, and with tags
+#: (and callers' marks): ``next()`` on one is one atomic C call (from 1: always true,
+#: so it stands in the fast path's conditions). An enqueue takes a mark of each before
+#: its checks and one after; if they are consecutive, none of its jobs had that field,
+#: and it skips its pass over the jobs for it (per job). Any other count between
+#: (another enqueue's, in any task or thread) only sends it through the pass.
+noted_schedules = itertools.count(1)
+noted_tags = itertools.count(1)
 
 
 def _plain_text(text: str) -> bool:
@@ -425,9 +422,7 @@ def check_new_job(job: object) -> Job:
         and created.tzinfo is UTC
         and (
             scheduled is None
-            or (
-                type(scheduled) is datetime and scheduled.tzinfo is UTC and _note_tags_or_schedule()
-            )
+            or (type(scheduled) is datetime and scheduled.tzinfo is UTC and next(noted_schedules))
         )
         and (
             priority is _ZERO
@@ -437,7 +432,7 @@ def check_new_job(job: object) -> Job:
         and (message is _EMPTY or (type(message) is str and _plain_text(message)))
         and (assignee is _EMPTY or (type(assignee) is str and _plain_text(assignee)))
         and type(tags) is list
-        and (not tags or (_plain_tags(tags) and _note_tags_or_schedule()))
+        and (not tags or (_plain_tags(tags) and next(noted_tags)))
     ):
         return _check_new_job_slow(job)
     _last_job_type = job_type
@@ -497,8 +492,10 @@ def _check_new_job_slow(job: object) -> Job:
         raise TypeError(f"job {job.id!r}: attempts must be int, got {type(job.attempts).__name__}")
     if job.attempts != 0:
         raise ValueError(f"job {job.id!r}: enqueue accepts only attempts=0, got {job.attempts}")
-    if tags or job.scheduled_at is not None:
-        next(noted_tags_or_schedule)
+    if tags:
+        next(noted_tags)
+    if job.scheduled_at is not None:
+        next(noted_schedules)
     return Job(
         id=job.id,
         job_type=job.job_type,

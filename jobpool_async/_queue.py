@@ -52,7 +52,8 @@ from ._models import (
     check_seconds,
     check_tags,
     check_ttl,
-    noted_tags_or_schedule,
+    noted_schedules,
+    noted_tags,
 )
 from ._notifier import Notifier, Subscription
 from ._retry import RetryPolicy
@@ -490,15 +491,16 @@ class PoolQueue:
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
         clean: list[Job] = CheckedJobs()  # (a backend may keep these copies as they are)
         given = iter(jobs)
-        mark = next(noted_tags_or_schedule)
+        schedules_mark, tags_mark = next(noted_schedules), next(noted_tags)
         while True:  # (chunks checked by ``map``: no loop of our own per job)
             chunk = list(map(check_new_job, itertools.islice(given, _VALIDATE_CHUNK)))
             clean += chunk
             if len(chunk) < _VALIDATE_CHUNK:
                 break
             await asyncio.sleep(0)  # keep the event loop responsive for huge batches
-        # (No job with tags or a schedule counted since the mark: none has either.)
-        plain = next(noted_tags_or_schedule) == mark + 1
+        # (None counted since the mark: no job has one.)
+        scheduled = next(noted_schedules) != schedules_mark + 1
+        tagged = next(noted_tags) != tags_mark + 1
         distinct: list[str] | None = None  # (the ids, checked distinct: also returned)
         if if_exists == "error":  # backends take distinct ids: input arrives validated
             distinct = list(map(_id, clean))
@@ -532,9 +534,9 @@ class PoolQueue:
                 self._notifier.publish_soon(everyone=True)
             raise
         tagsets: set[tuple[str, ...]]
-        if plain:  # (no pass over the jobs: the usual case)
-            tagsets = {()}
-        elif any(map(_scheduled_at, clean)):  # (a datetime is true: some has a schedule)
+        if scheduled and any(
+            map(_scheduled_at, clean)
+        ):  # (a datetime is true: some has a schedule)
             now = self._now()
             tagsets = {
                 tuple(job.tags)
@@ -542,7 +544,7 @@ class PoolQueue:
                 if job.scheduled_at is None or job.scheduled_at <= now
             }
             self._arm()
-        elif any(map(_tags, clean)):  # (no loop of our own per job: the usual case)
+        elif tagged and any(map(_tags, clean)):  # (no loop of our own per job)
             tagsets = set(map(tuple, map(_tags, clean)))
         else:  # (no tags at all: no tuple per job either)
             tagsets = {()}
