@@ -534,9 +534,8 @@ class PoolQueue:
                 self._notifier.publish_soon(everyone=True)
             raise
         tagsets: set[tuple[str, ...]]
-        if scheduled and any(
-            map(_scheduled_at, clean)
-        ):  # (a datetime is true: some has a schedule)
+        # (a datetime is true: some job has a schedule)
+        if scheduled and any(map(_scheduled_at, clean)):
             now = self._now()
             tagsets = {
                 tuple(job.tags)
