@@ -22,7 +22,7 @@ import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Started", "carry", "resume", "start"]
+__all__ = ["Started", "carry", "handed_to", "note_handed", "resume", "start"]
 
 _T = TypeVar("_T")
 _partial = functools.partial
@@ -207,4 +207,19 @@ def _hand_off(
         coro.close()
         return None
     task = started.task = loop.create_task(_rest(coro, value))
+    return task
+
+
+def note_handed(exc: BaseException, task: asyncio.Future[Any]) -> None:
+    """Mark ``exc``, which a carried call's caller raises as it gives up on the call,
+    with the task the call goes on in (``started.task``): a caller further out that
+    sees ``exc`` can tell that the call was not given up (it is still being written)
+    and watch that task for its outcome (:func:`handed_to`)."""
+    exc.__dict__["_jobpool_handed_to"] = task
+
+
+def handed_to(exc: BaseException) -> asyncio.Future[Any] | None:
+    """The task that a call given up on with ``exc`` goes on in (:func:`note_handed`),
+    or ``None``."""
+    task: asyncio.Future[Any] | None = exc.__dict__.get("_jobpool_handed_to")
     return task

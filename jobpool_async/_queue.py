@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._clock import Clock, SystemClock, TimerHandle
-from ._eager import carry, start
+from ._eager import carry, note_handed, start
 from ._errors import (
     BatchError,
     DuplicateJobError,
@@ -366,9 +366,10 @@ class PoolQueue:
         if not started.done:
             try:
                 outcome = await carry(started, self._in_task)
-            except BaseException:
+            except BaseException as exc:
                 if started.task is not None:  # its caller gave up: it goes on in a task
                     started.task.add_done_callback(self._moves_done)
+                    note_handed(exc, started.task)  # (a ``Worker``'s write: see ``_flush``)
                 raise
         else:
             outcome = started.result()
@@ -733,7 +734,7 @@ class PoolQueue:
         stream._carrying += 1  # aclose() waits for it, so its jobs are never stranded
         try:
             outcome = await carry(started, self._in_task)
-        except BaseException:
+        except BaseException as exc:
             task = started.task
             if task is None:  # the call failed: its slots are the stream's again
                 self._refill_ended(stream, reserved, extra)
@@ -742,6 +743,7 @@ class PoolQueue:
                 task.add_done_callback(
                     functools.partial(self._refill_done, stream, reserved, extra)
                 )
+                note_handed(exc, task)
             raise
         else:
             self._refill_ended(stream, reserved, extra)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import operator
@@ -42,6 +43,7 @@ from types import CoroutineType, TracebackType
 from typing import Any, Literal, NamedTuple, Self
 
 from ._config import Config
+from ._eager import handed_to
 from ._errors import BatchError, InvalidTransitionError, JobNotFoundError, QueueClosedError
 from ._leases import unique_id
 from ._models import Job, JobStatus, check_id, check_seconds, check_tags
@@ -50,7 +52,7 @@ from ._queue import JobStream, PoolQueue
 from ._retry import Discard, Retry
 from ._tracing import _configured, trace, traced_processor
 from ._transitions import COMPLETE
-from .backends.base import Change
+from .backends.base import ApplyOutcome, Change
 
 __all__ = ["Processor", "Worker"]
 
@@ -598,7 +600,9 @@ class Worker:
                             self.assignee_id,
                         )
                     finally:
-                        if done._waiters:
+                        if self._writing:  # cancelled, its write goes on in a task: set
+                            pass  # when that ends (``_carried_write_done``)
+                        elif done._waiters:
                             done.set()
                         else:  # (``set`` with nobody waiting, inline)
                             done._value = True
@@ -911,6 +915,7 @@ class Worker:
         with the changes built here (no ``complete_jobs`` checks per job, and no
         coroutine of ours between: one per call costs a frame per batch)."""
         self._writing = True
+        handed: asyncio.Future[Any] | None = None  # (see below)
         try:
             pending, self._pending = self._pending, {}
             ids = set(map(_first, pending))  # (``map``: no loop of our own per job)
@@ -928,14 +933,53 @@ class Worker:
                 )
             except BatchError as exc:
                 self._report("complete", dict(exc.errors))
-            except BaseException:
-                newer = {k[0] for k in self._pending}
-                for key, result in pending.items():
-                    if key[0] not in newer:
-                        self._pending[key] = result
+            except BaseException as exc:
+                # Cancelled while the write was under way (at shutdown, say), the write
+                # goes on in a task: its own outcome decides (written twice, the second
+                # would be rejected, an error logged), and until then this is writing.
+                handed = handed_to(exc)
+                if handed is not None:
+                    self._runner_write_done.clear()  # (shutdown waits for it)
+                    handed.add_done_callback(functools.partial(self._carried_write_done, pending))
+                else:
+                    self._pend_again(pending)
                 raise
         finally:
-            self._writing = False
+            if handed is None:
+                self._writing = False
+
+    def _pend_again(self, pending: dict[_Key, _Pending]) -> None:
+        """Outcomes a write did not write are pending again (a newer one for the same
+        job wins)."""
+        newer = {k[0] for k in self._pending}
+        for key, result in pending.items():
+            if key[0] not in newer:
+                self._pending[key] = result
+
+    def _carried_write_done(
+        self, pending: dict[_Key, _Pending], task: asyncio.Future[ApplyOutcome]
+    ) -> None:
+        """Done callback of a write of completions whose writer (a runner, the
+        flusher) was cancelled while it was under way (at shutdown, say): it went on
+        in a task. Written, its outcomes are done (not written again: the store would
+        reject the second write, an error logged for a normal shutdown); failed, they
+        are pending again, for the flusher."""
+        self._writing = False
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                logger.error(
+                    "worker %s: writing job outcomes failed; the flusher retries",
+                    self.assignee_id,
+                    exc_info=task.exception(),
+                )
+            self._pend_again(pending)
+        else:
+            errors = task.result().errors
+            if errors:
+                self._report("complete", dict(errors))
+        self._runner_write_done.set()  # (shutdown and the flusher wait for it)
+        if self._pending:
+            self._wake.set()
 
     async def _flush_mixed(self, pending: dict[_Key, _Pending]) -> None:
         """``_flush`` of outcomes of several kinds: one call per kind."""
