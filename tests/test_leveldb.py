@@ -99,8 +99,16 @@ def check_store(path: Path) -> dict[str, Job]:
     finally:
         db.close()
     meta = json.loads(data.pop(b"M"))
-    assert meta == {"application": "jobpool_async", "format": 5}
+    assert meta == {"application": "jobpool_async", "format": 6}
     next_seq, promoted, *global_counts = struct.unpack(">QQ11q", data.pop(b"N"))
+    # Format 6: an ``A`` key may hold its job's claim (the claim's time, u64 micros),
+    # and the job's record the job as it was before (see the module docs).
+    claims: dict[bytes, tuple[str, int]] = {}
+    for key, value in data.items():
+        if key[:1] == b"A" and value:
+            assignee, end = codec.split_enc(key, 1)
+            assert len(value) == 8, key
+            claims[key[end + 8 :]] = (assignee, struct.unpack(">Q", value)[0])
     jobs: dict[str, Job] = {}
     expected: set[bytes] = set()
     tag_counts: dict[str, list[int]] = {}
@@ -113,6 +121,13 @@ def check_store(path: Path) -> dict[str, Job]:
             assert raw == codec.encode_job(job, seq), job
         idb = job.id.encode("utf-8", "surrogatepass")
         assert key == b"J" + idb
+        if idb in claims:  # ASSIGN, as the claim applied it
+            assert job.status in ELIGIBLE, job
+            assignee, at_us = claims.pop(idb)
+            at = datetime(1, 1, 1, tzinfo=UTC) + timedelta(microseconds=at_us)
+            job.status, job.assignee_id, job.assigned_at = S.RUNNING, assignee, at
+            job.attempts += 1
+            job.started_at = job.started_at or at
         assert seq not in seqs and seq < next_seq
         seqs.add(seq)
         jobs[job.id] = job
@@ -154,8 +169,9 @@ def check_store(path: Path) -> dict[str, Job]:
     for key in [k for k in data if k[:1] == b"G"]:  # leases: enc(assignee) holder, 3 u64
         _, end = codec.split_enc(key, 1)
         assert key[end:] and len(data.pop(key)) == 24
+    assert not claims, f"claims without a record: {sorted(claims)[:5]}"
     index = {k: v for k, v in data.items() if k[:1] in b"EFTADLSYCW"}
-    assert set(index.values()) <= {b""}
+    assert {v for k, v in index.items() if k[:1] != b"A"} <= {b""}
     missing, extra = expected - set(index), set(index) - expected
     assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])
     assert len(index) == len(data), f"unknown keys: {sorted(set(data) - set(index))[:5]}"
@@ -789,6 +805,117 @@ async def test_repair_of_a_sound_store_changes_no_job(store: Path) -> None:
     assert check_store(store) == written
 
 
+# --- format 6: a claim held in the job's ``A`` key ----------------------------------------
+
+
+async def test_a_claimed_job_read_from_the_store_is_as_its_claim_made_it(store: Path) -> None:
+    """A claim writes no job record (format 6): the job's ``A`` key holds the claim's
+    time, its record the job as it was. Read from the store (its cached record dropped,
+    or after reopening), a claimed job (a first attempt, and a retried one that had
+    started before) is as claimed in every read by id, state, listing, count and
+    selection, and moves on from there (cancel, complete, an unresponsive worker)."""
+    from jobpool_async.testing import FakeClock
+
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
+    ids = [f"j{i}" for i in range(6)]
+    async with PoolQueue(LevelDBBackend(store), clock=clock) as q:
+        await q.enqueue_jobs(
+            [
+                Job(id=i, job_type=f"t{n % 2}", tags=["x"] if n % 2 else [])
+                for n, i in enumerate(ids)
+            ]
+        )
+        first = await take(q, "w1", 2)
+        started = first[0].started_at
+        await q.fail_jobs({first[0].id: ("boom", timedelta(0))})  # retried at once
+        clock.advance(timedelta(seconds=5))
+        claimed = {j.id: j for j in await take(q, "w\x01two", 10)}
+        assert len(claimed) == 5 and first[0].id in claimed
+        again = claimed[first[0].id]
+        assert (again.attempts, again.started_at, again.error_message) == (2, started, "boom")
+        assert again.assigned_at == clock.now() != started
+        backend = q.backend
+        assert isinstance(backend, LevelDBBackend)
+        assert set(backend._claims) == {*claimed, first[1].id}
+        backend._active.clear()  # (read from the store from here)
+        want = await q.get_jobs(ids)
+        assert {j.id: j for j in want if j.id in claimed} == claimed
+    db = plyvel.DB(str(store))
+    try:  # the claimed jobs' records are as before their claims
+        for job_id in claimed:
+            job, _ = codec.decode_job(db.get(b"J" + job_id.encode()))
+            assert job.status in {S.INITIAL_PENDING, S.FAILED_RETRY}, job
+    finally:
+        db.close()
+    async with PoolQueue(LevelDBBackend(store), clock=clock) as q:
+        backend = q.backend
+        assert isinstance(backend, LevelDBBackend)
+        assert set(backend._claims) == {*claimed, first[1].id}
+        assert await q.get_jobs(ids) == want
+        states = await backend.job_states(ids)
+        assert {i: (s.status, s.assigned_at) for i, s in states.items()} == {
+            j.id: (j.status, j.assigned_at) for j in want
+        }
+        await _check_listings(q, want)
+        stats = await q.get_job_stats()
+        assert (stats.total_jobs, stats.by_status[S.RUNNING]) == (6, 6)
+        everything = await backend._run(backend._everything, None)
+        assert sorted((r.full() for r in everything), key=lambda j: j.id) == want
+        await q.cancel_jobs(job_ids=["j0"])  # CANCELLING: its A key no longer a claim
+        await q.complete_jobs({"j2": b"ok"})
+        assert set(backend._claims) == {*claimed, first[1].id} - {"j0", "j2"}
+    jobs = check_store(store)
+    assert (jobs["j0"].status, jobs["j2"].status) == (S.CANCELLING, S.COMPLETED)
+    async with PoolQueue(LevelDBBackend(store), clock=clock) as q:
+        assert await q.mark_worker_unresponsive("w\x01two") == 4
+        assert set(q.backend._claims) == {first[1].id}  # type: ignore[attr-defined]
+        got = {j.id: j for j in await q.get_jobs(ids)}
+        assert got["j0"].status is S.UNKNOWN_STOPPED and got["j3"].status is S.UNKNOWN_RETRY
+        assert got["j3"].attempts == 1 and got["j3"].assignee_id == "w\x01two"
+    check_store(store)
+
+
+async def test_a_claim_that_does_not_fit_its_record_fails_the_open_and_repair_drops_it(
+    store: Path,
+) -> None:
+    """An ``A`` key holding a claim (format 6) of the wrong size, or of a job whose
+    record is not eligible, is damage: the open says so and changes nothing; a repair
+    keeps every claim that fits (written into its record) and drops the other (the
+    record stands: a job whose claim was lost is eligible again)."""
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        await q.enqueue_jobs([Job(id=f"j{i}", job_type="t") for i in range(4)])
+        claimed = await take(q, "w", 3)
+        assert [j.id for j in claimed] == ["j0", "j1", "j2"]
+        await q.complete_jobs({"j2": b"ok"})
+    db = plyvel.DB(str(store))
+    claims = {k[-2:]: k for k, v in db.iterator(prefix=b"A") if v}
+    assert sorted(claims) == [b"j0", b"j1"]
+    db.put(claims[b"j1"], b"\x00" * 3)
+    db.close()
+    before = _contents(store)
+    with pytest.raises(StorageError, match=r"claim of job 'j1'.*LevelDBBackend\.repair"):
+        await LevelDBBackend(store).open()
+    assert _contents(store) == before
+    db = plyvel.DB(str(store))  # j1's claim lost, one of j2 (COMPLETED) instead
+    db.delete(claims[b"j1"])
+    db.put(b"A" + _enc("w") + b"\x00" * 8 + b"j2", b"\x00" * 8)
+    db.close()
+    before = _contents(store)
+    with pytest.raises(StorageError, match=r"claim of job 'j2'.*\(COMPLETED\)"):
+        await LevelDBBackend(store).open()
+    assert _contents(store) == before
+    report = await LevelDBBackend.repair(store)
+    assert (report.jobs, report.dropped_records) == (4, 0)
+    jobs = check_store(store)
+    assert (jobs["j0"].status, jobs["j0"].assignee_id, jobs["j0"].attempts) == (S.RUNNING, "w", 1)
+    assert (jobs["j1"].status, jobs["j1"].attempts) == (S.INITIAL_PENDING, 0)
+    assert jobs["j2"].status is S.COMPLETED
+    async with PoolQueue(LevelDBBackend(store)) as q:
+        assert (await q.get_jobs(["j0"]))[0] == claimed[0]
+        await q.complete_jobs({"j0": b"ok"})
+    check_store(store)
+
+
 async def test_repair_refuses_a_store_in_use(store: Path, tmp_path: Path) -> None:
     backend = LevelDBBackend(store)
     await backend.open()
@@ -1045,6 +1172,12 @@ def _check_caches(backend: Any) -> None:
     kept (which a claim and a completion patch in place); a claimed job's record, which
     no longer has the job it handed out, says what it is."""
     assert isinstance(backend, LevelDBBackend)
+    if backend._db is None:  # (closed)
+        return
+    with backend._db.iterator(prefix=b"A") as it:  # (format 6: the claims it knows)
+        assert backend._claims == {
+            codec.id_text(k[codec.split_enc(k, 1)[1] + 8 :]): k for k, v in it if v
+        }
     cached = [(rec, ACTIVE) for rec in backend._active.values()]
     cached += [(rec, ELIGIBLE) for rec in backend._eligible.values()]
     for rec, statuses in cached:
@@ -1052,7 +1185,13 @@ def _check_caches(backend: Any) -> None:
         assert job.status in statuses, (job.id, job.status)
         raw = backend._db.get(b"J" + rec.idb)
         assert raw is not None, job.id
-        assert codec.decode_job(raw) == (job, rec.seq)
+        stored = leveldb_module._decoded(raw, rec.idb)
+        claim = backend._claims.get(job.id)
+        if claim is not None:  # (its record is the job before the claim)
+            stored = backend._claimed(stored, claim)
+            assert stored.job is not None
+            raw = codec.encode_job(stored.job, stored.seq)
+        assert (stored.job, stored.seq) == (job, rec.seq)
         if rec.head is not None:
             assert bytes(rec.head) == raw[1 : 1 + codec.HEAD_SIZE], job.id
 
@@ -1188,7 +1327,8 @@ async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
     """A claim and a completion pack a cached job's record from its values as last
     staged, the moved ones changed (``_Rec.head``): every record any write stages must
     be exactly what ``encode_job`` gives for the job it decodes to (here at each
-    write, not only in the store at the end, where later moves overwrite records)."""
+    write, not only in the store at the end, where later moves overwrite records).
+    A claim writes no record (format 6): its ``A`` key holds the claim's time."""
     init = leveldb_module._Write.__init__
     records: Counter[str] = Counter()
     fast: Counter[str] = Counter()
@@ -1202,6 +1342,9 @@ async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
                 job, seq = codec.decode_job(value)
                 assert value == codec.encode_job(job, seq), job
                 records[job.status] += 1
+            elif key[:1] == b"A" and value:
+                assert len(value) == 8
+                fast["claim"] += 1
             put(key, value)
 
         self.put = put_checked
@@ -1216,6 +1359,7 @@ async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
     monkeypatch.setattr(leveldb_module._Write, "__init__", checking)
     monkeypatch.setattr(LevelDBBackend, "_stage_complete", counted)
     await _random_ops(seed, tmp_path / "r.ldb")
+    records.clear()
     # A drain with results, retries and cancellations besides: the moves of the fast
     # paths from every state they start from (a job started before, with an error
     # message, CANCELLING, completed without a result).
@@ -1232,7 +1376,8 @@ async def test_every_record_a_claim_or_completion_writes_is_the_full_encoding(
             got = await take(queue, "w2", 10)
             left -= len(got)
             await queue.complete_jobs({j.id: b"r" * (len(j.id) % 3) for j in got})
-    assert records[S.RUNNING] and records[S.COMPLETED] and fast["completion"]
+    assert records[S.COMPLETED] and fast["completion"] and fast["claim"] >= 40
+    assert not records[S.RUNNING]  # (claims: in the ``A`` keys)
     check_store(tmp_path / "d.ldb")
 
 
@@ -1647,8 +1792,14 @@ async def test_a_refill_of_free_slots_by_a_call_that_moves_nothing_is_written(
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stores"
 #: LevelDB stores written by older code, and their format: format 3 (main at 647893d
-#: and at ae89716), format 4 (main at 1f3caf7).
-OLD_FIXTURES = {"v0.2-647893d": 3, "v0.3-ae89716": 3, "v0.7-1f3caf7": 4}
+#: and at ae89716), format 4 (main at 1f3caf7), format 5 (main at 3475c0a: two
+#: RUNNING jobs, whose records say so and whose ``A`` keys are empty).
+OLD_FIXTURES = {
+    "v0.2-647893d": 3,
+    "v0.3-ae89716": 3,
+    "v0.7-1f3caf7": 4,
+    "v0.9-3475c0a-leveldb": 5,
+}
 
 
 def _dump(path: Path) -> dict[bytes, bytes]:
@@ -1675,9 +1826,25 @@ def _record_v2(raw: bytes) -> bytes:
     return old + raw[len(old) :]
 
 
+def _as_format_5(path: Path) -> None:
+    """Rewrite the (closed) format 6 store at ``path`` as format 5 code wrote it: each
+    claim its ``A`` key holds written into its job's record (what a repair does first),
+    format mark 5."""
+    db = plyvel.DB(str(path))
+    try:
+        assert json.loads(db.get(b"M"))["format"] == 6
+        leveldb_module._settle_claims(db, str(path))
+        assert not any(v for _, v in db.iterator(prefix=b"A"))
+        db.put(b"M", json.dumps({"application": "jobpool_async", "format": 5}).encode())
+    finally:
+        db.close()
+
+
 def _as_format_4(path: Path) -> None:
-    """Rewrite the (closed) format 5 store at ``path`` as format 4 code wrote it:
-    records of version 2, format mark 4 (the keys are those of format 4)."""
+    """Rewrite the (closed) format 6 store at ``path`` as format 4 code wrote it: as
+    format 5 (:func:`_as_format_5`), records of version 2, format mark 4 (the keys are
+    those of format 4)."""
+    _as_format_5(path)
     db = plyvel.DB(str(path))
     try:
         assert json.loads(db.get(b"M"))["format"] == 5
@@ -1747,11 +1914,12 @@ async def _check_listings(queue: PoolQueue, jobs: list[Job]) -> None:
 
 
 @pytest.mark.parametrize("fixture", sorted(OLD_FIXTURES))
-async def test_a_format_3_or_4_store_is_upgraded_in_place(fixture: str, tmp_path: Path) -> None:
-    """A store written by format 3 or 4 code (committed under tests/fixtures/stores)
-    is upgraded to format 5 on open: every job and counter kept, every listing page
-    and ``oldest_created`` as a scan of the jobs gives them, every key as format 5
-    has it, and the store keeps working (its records rewritten as their jobs move)."""
+async def test_a_format_3_4_or_5_store_is_upgraded_in_place(fixture: str, tmp_path: Path) -> None:
+    """A store written by format 3, 4 or 5 code (committed under tests/fixtures/stores)
+    is upgraded to format 6 on open: every job and counter kept, every listing page
+    and ``oldest_created`` as a scan of the jobs gives them, every key as format 6
+    has it, and the store keeps working (its records rewritten as their jobs move, but
+    for a claim, which writes the job's ``A`` key only)."""
     from jobpool_async.testing import FakeClock
 
     from .test_store_upgrades import _stored_as_written
@@ -1775,7 +1943,12 @@ async def test_a_format_3_or_4_store_is_upgraded_in_place(fixture: str, tmp_path
     # are as they were.
     kept = {k: v for k, v in old.items() if k[:1] not in b"MLSA"}
     assert {k: v for k, v in new.items() if k[:1] not in b"MLSA"} == kept
-    assert {v[0] for k, v in new.items() if k[:1] == b"J"} == {2}
+    version = 2 if OLD_FIXTURES[fixture] < 5 else 3
+    assert {v[0] for k, v in new.items() if k[:1] == b"J"} == {version}
+    if OLD_FIXTURES[fixture] == 5:  # (the upgrade writes only the format mark)
+        assert {k: v for k, v in new.items() if k != b"M"} == {
+            k: v for k, v in old.items() if k != b"M"
+        }
     async with PoolQueue(LevelDBBackend(path), clock=clock) as q:
         running = [j.id for j in jobs if j.status is S.RUNNING]
         await q.cancel_jobs(job_ids=running[:1])
@@ -1784,8 +1957,19 @@ async def test_a_format_3_or_4_store_is_upgraded_in_place(fixture: str, tmp_path
             batch = await stream.__anext__()
         await q.fail_jobs({batch[0].id: "boom"})
         await _check_listings(q, await q.get_jobs(ids))
-    moved = {*running, *(j.id for j in batch)}
-    assert {k[1:].decode() for k, v in _dump(path).items() if k[:1] == b"J" and v[0] == 3} == moved
+    # The claimed jobs not moved since keep their records as they were (the claim is in
+    # their ``A`` keys); the others that moved were rewritten (as version 3).
+    after = _dump(path)
+    assert len(batch) == 3
+    for job in batch[1:]:
+        assert after[b"J" + job.id.encode()] == old[b"J" + job.id.encode()]
+    claimed = {
+        k[k.index(b"\x00\x01") + 10 :].decode() for k, v in after.items() if k[:1] == b"A" and v
+    }
+    assert claimed == {j.id for j in batch[1:]}
+    if version == 2:
+        moved = {*running, batch[0].id}
+        assert {k[1:].decode() for k, v in after.items() if k[:1] == b"J" and v[0] == 3} == moved
     check_store(path)
 
 
@@ -1871,18 +2055,20 @@ def _crash_upgrade(where: Path, seed: int, calls: int) -> subprocess.CompletedPr
     )
 
 
-@pytest.mark.parametrize("source", ["format 3", "format 4", "v0.7-1f3caf7"])
-async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_the_new(
+@pytest.mark.parametrize(
+    "source", ["format 3", "format 4", "format 5", "v0.7-1f3caf7", "v0.9-3475c0a-leveldb"]
+)
+async def test_a_crash_during_the_upgrade_to_format_6_leaves_the_old_store_or_the_new(
     source: str, tmp_path: Path
 ) -> None:
     """SIGKILL at a random point of the upgrade (from format 3 each ``A`` key; before
-    the write; after it) of a store rewritten as format 3 or 4, or of the format 4
-    fixture: the store is then exactly the old one or exactly
-    the upgraded one, and opens with every job."""
+    the write; after it) of a store rewritten as format 3, 4 or 5, or of the format 4
+    and format 5 fixtures: the store is then exactly the old one or exactly the
+    upgraded one, and opens with every job (and works on: a claim and its completion)."""
     path = tmp_path / "s.ldb"
     if source.startswith("format"):
         await _varied_store(path)
-        (_as_format_3 if source == "format 3" else _as_format_4)(path)
+        {"format 3": _as_format_3, "format 4": _as_format_4, "format 5": _as_format_5}[source](path)
     else:
         shutil.copytree(FIXTURES / source / "leveldb", path)
     old = _dump(path)
@@ -1892,7 +2078,7 @@ async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_th
     async with PoolQueue(LevelDBBackend(clean)) as q:
         jobs = await q.get_jobs(ids)
     new = _dump(clean)
-    assert _format(clean) == 5 and new != old
+    assert _format(clean) == 6 and new != old
     active = sum(1 for j in jobs if j.status in ACTIVE)
     calls = (active if source == "format 3" else 0) + 2  # the hook's calls
     for attempt in range(4):
@@ -1904,6 +2090,9 @@ async def test_a_crash_during_the_upgrade_to_format_5_leaves_the_old_store_or_th
         assert _dump(where) in (old, new), f"a mix (seed {seed})"
         async with PoolQueue(LevelDBBackend(where)) as q:
             assert await q.get_jobs(ids) == jobs
+            claimed = await take(q, "after", 2)
+            assert claimed and (await q.get_jobs([claimed[0].id]))[0].status is S.RUNNING
+            await q.complete_jobs({claimed[0].id: b"ok"})
         check_store(where)
     # Killed after the write, it is the new store (the last of the hook's calls).
     where = tmp_path / "last.ldb"

@@ -24,18 +24,20 @@ def _rows(out: str) -> dict[str, tuple[float, float]]:
 def test_bytes_mode_counts_every_write_of_a_drained_job(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A drained job's record is put three times (enqueue, claim, completion); its
-    eligible, assignee and status keys come and go; the total is the sum of the rows."""
+    """A drained job's record is put twice (enqueue, completion: a claim puts its
+    ``A`` key only, format 6); its eligible, assignee and status keys come and go;
+    the total is the sum of the rows."""
     from benchmarks import leveldb_cost
 
     leveldb_cost.main(["--mode", "bytes", "--jobs", "40"])
     rows = _rows(capsys.readouterr().out)
     total = rows.pop("total")
-    assert rows["put J"][0] == 3.0
+    assert rows["put J"][0] == 2.0
     for family in ("put E", "delete E", "put A", "delete A", "put D", "put Y", "delete S"):
         assert rows[family][0] == 1.0, family
     assert rows["put S"][0] == 2.0
-    assert rows["put J"][1] > 3 * 100  # (each record holds the job's 100-byte payload)
+    assert rows["put J"][1] > 2 * 100  # (each record holds the job's 100-byte payload)
+    assert rows["put A"][1] == pytest.approx(rows["delete A"][1] + 8)  # (the claim's time)
     assert total[0] == pytest.approx(sum(ops for ops, _ in rows.values()), abs=0.01)
     assert total[1] == pytest.approx(sum(size for _, size in rows.values()), abs=0.5)
 

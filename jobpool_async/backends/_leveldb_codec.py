@@ -43,10 +43,14 @@ APPLICATION = "jobpool_async"
 #: ``A`` keys, which hold the created time: ``A enc(assignee) created id``).
 #: 5: job records of version 3 (the fields of version 2, little-endian), version 2
 #: ones read until their jobs move (the keys are those of format 4).
-FORMAT_VERSION = 5
+#: 6: a claim writes no job record: the ``A`` key of a job claimed so holds the
+#: claim's time (u64 micros), and its record the job as it was before the claim
+#: (an eligible status); an empty ``A`` value: the record says it all (format 5's
+#: ``A`` keys, and any RUNNING/CANCELLING job a move other than the claim wrote).
+FORMAT_VERSION = 6
 RECORD_VERSION = 3
 #: Store formats :mod:`jobpool_async.backends.leveldb` upgrades in place on open.
-UPGRADABLE_FORMATS = (1, 2, 3, 4)
+UPGRADABLE_FORMATS = (1, 2, 3, 4, 5)
 
 #: The stored code of each status. Fixed: never reorder, only append.
 STATUS_CODES: tuple[JobStatus, ...] = (

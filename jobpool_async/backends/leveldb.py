@@ -14,7 +14,7 @@ microseconds since 0001-01-01 UTC as big-endian u64; ``seq`` is the job's enqueu
 sequence number, a big-endian u64 allocated from the meta counters, so it survives
 reopening)::
 
-    M                                   -> JSON {"application": "jobpool_async", "format": 5}
+    M                                   -> JSON {"application": "jobpool_async", "format": 6}
     N                                   -> next seq u64, promoted-until u64, count per
                                            status, retry sum
     J id                                -> the job record (_leveldb_codec.encode_job)
@@ -23,7 +23,8 @@ reopening)::
     W scheduled_time seq id             -> ""  eligible jobs waiting for their schedule
     T enc(tag) id                       -> ""  every job per tag
     K enc(tag)                          -> count per status and retry sum of the tag's jobs
-    A enc(assignee) created_time id     -> ""  RUNNING/CANCELLING jobs per assignee
+    A enc(assignee) created_time id     -> ""  RUNNING/CANCELLING jobs per assignee, or
+                                           the claim's time (u64): see below
     D finalized_time seq id             -> ""  COMPLETED jobs by finalized_at (TTL cleanup)
     S status_code created_time id       -> ""  jobs per status (u8 code), for list_jobs,
                                            but RUNNING/CANCELLING ones (format 4)
@@ -35,8 +36,18 @@ reopening)::
 listed from their ``A`` keys (each assignee's are in ``created_time, id`` order, and
 the walks of the assignees are merged); a page without filters merges the ``Y`` walks
 of every job type (found by seeking from one type's keys to the next). So a job's
-life writes 12 keys (enqueue: ``J``, ``Y``, ``E``, ``S``; claim: ``E`` and ``S`` out,
-``A`` and ``J`` in; completion: ``A`` out, ``D``, ``S`` and ``J`` in), not 15.
+life writes 11 keys (enqueue: ``J``, ``Y``, ``E``, ``S``; claim: ``E`` and ``S`` out,
+``A`` in; completion: ``A`` out, ``D``, ``S`` and ``J`` in), not 15.
+
+A claim (format 6) writes no job record: the job's ``A`` key holds the claim's time
+(big-endian u64 micros), and its record stays as the job was before the claim (an
+eligible status). The job is what ASSIGN makes of that record (RUNNING, the assignee
+of the ``A`` key, assigned then, started then unless it had started before, one
+attempt more: see :func:`_claimed`). The backend keeps the ``A`` key of every job
+claimed so in memory (``_claims``: read from the ``A`` keys at open), so a read by id
+finds it; any other write of the job's record empties the ``A`` value (a
+CANCELLING job's, say) or deletes the key. An empty ``A`` value: the record says it
+all (every ``A`` key of format 5, whose upgrade writes only the format mark).
 
 Older stores are upgraded in place on open: format 1 (before the listing keys) gets
 them (:func:`_upgrade`), format 2 its records re-encoded (:func:`_upgrade_to_3`),
@@ -45,7 +56,8 @@ format 3 loses its ``L`` keys and the ``S`` keys of RUNNING/CANCELLING jobs, and
 of format 4 and writes job records of version 3 (their header little-endian, cheaper
 to pack: see :mod:`._leveldb_codec`); it reads the version 2 records of older formats
 as they are and rewrites them when their jobs move, so its upgrade writes only its
-mark (:func:`_upgrade_to_5`; from format 3 in the batch of format 4's changes).
+mark (:func:`_upgrade_to_6`; from format 3 in the batch of format 4's changes); so
+does format 6's (format 5 stores hold no claim in an ``A`` value).
 
 Leases (SPEC §8.4)::
 
@@ -426,6 +438,77 @@ def _decoded(raw: bytes, idb: bytes | None = None) -> _Rec:
     return _Rec(job, seq, codec.id_bytes(job.id) if idb is None else idb)
 
 
+def _claimed(rec: _Rec, key: bytes, value: bytes, where: str) -> _Rec:
+    """``rec``, decoded from its record (the job before its claim, format 6), as the
+    claim that its ``A`` key ``key`` holds (``value``: the claim's time) made it: ASSIGN
+    applied as ``LevelDBBackend._stage_claim`` applies it."""
+    job = rec.job
+    assert job is not None
+    if len(value) != _CREATED_SIZE or job.status not in ELIGIBLE:
+        raise StorageError(
+            f"the LevelDB store {where} is damaged: the claim of job {job.id!r} in its "
+            f"assignee index does not fit its record. {_repair_hint(where)}"
+        )
+    at_us = codec.read_u64(value, 0)
+    at = codec.from_micros(at_us)
+    job.assignee_id = codec.split_enc(key, 1)[0]
+    job.assigned_at = at
+    job.attempts += 1
+    if job.started_at is None:
+        job.started_at = at
+    job.status = _RUNNING_STATUS
+    rec.keys = [key]
+    rec.claimed, rec.claimed_us = at, at_us
+    return rec
+
+
+def _stored_claims(db: Any) -> Iterator[tuple[bytes, bytes, bytes, bytes | None]]:
+    """Each ``A`` key that holds a claim (format 6), its value, its job's id bytes and
+    that job's record (``None``: none)."""
+    with db.iterator(prefix=_ASSIGNEE) as it:
+        for key, value in it:
+            if value:
+                _, end = codec.split_enc(key, 1)
+                idb = key[end + _CREATED_SIZE :]
+                yield key, value, idb, db.get(_JOB + idb)
+
+
+def _claims_of(db: Any, where: str) -> dict[str, bytes]:
+    """The ``A`` keys that hold a claim (format 6), by job id; each checked against its
+    job's record (which must exist, in an eligible status)."""
+    claims: dict[str, bytes] = {}
+    for key, value, idb, raw in _stored_claims(db):
+        status = None if raw is None else codec.decode_state(raw)[0]
+        if len(value) != _CREATED_SIZE or status not in ELIGIBLE:
+            raise StorageError(
+                f"the LevelDB store {where} is damaged: the assignee index holds a claim "
+                f"of job {codec.id_text(idb)!r} that does not fit its record "
+                f"({'none' if status is None else status.name}). {_repair_hint(where)}"
+            )
+        claims[codec.id_text(idb)] = key
+    return claims
+
+
+def _settle_claims(db: Any, where: str) -> None:
+    """Write the record of every job whose claim its ``A`` key holds (format 6) as the
+    claim made it, and empty the ``A`` value, in one synced batch (so a repair, which
+    rebuilds every ``A`` key from the records, keeps the claims; run again if cut
+    short, it finds those left). A claim that does not fit its record is dropped."""
+    with db.write_batch(sync=True) as wb:
+        for key, value, idb, raw in _stored_claims(db):
+            if raw is None:
+                continue  # (its record is lost; its ``A`` key is rebuilt away)
+            try:
+                rec = _claimed(_decoded(raw, idb), key, value, where)
+            except StorageError as exc:
+                logger.warning("repair of %s drops a claim (%r): %s", where, key, exc)
+                wb.put(key, b"")
+                continue
+            assert rec.job is not None
+            wb.put(_JOB + idb, codec.encode_job(rec.job, rec.seq))
+            wb.put(key, b"")
+
+
 @dataclass(frozen=True, slots=True)
 class RepairReport:
     """What :meth:`LevelDBBackend.repair` did."""
@@ -450,6 +533,7 @@ class _Write:
 
     __slots__ = (
         "batch",
+        "claims",
         "counts",
         "delete",
         "eligible_moved",
@@ -484,6 +568,9 @@ class _Write:
         self.next_seq: int | None = None
         #: Jobs this write changes (``None``: deleted), for the caches.
         self.touched: dict[str, _Rec | None] = {}
+        #: Jobs this write claims, by id: their ``A`` key, which holds the claim (see
+        #: ``LevelDBBackend._claims``).
+        self.claims: dict[str, bytes] = {}
         #: New eligible jobs this write inserts, by id bytes, for the eligible cache
         #: (as many as it has room for; ``None``: none).
         self.fresh: dict[bytes, _Rec] | None = None
@@ -638,6 +725,10 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         #: retried recently needs no read or decode. Filled until full, and a claim
         #: takes the oldest first, so it holds the next jobs to be claimed.
         self._eligible: dict[bytes, _Rec] = {}
+        #: Every job whose claim only its ``A`` key holds (its record says what it was
+        #: before: see the module docs), by id: that key. Read from the store at open,
+        #: changed only after a successful write.
+        self._claims: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"LevelDBBackend({str(self.path)!r}, sync={self.sync})"
@@ -756,7 +847,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             #
             # compression=None: snappy cost 50,000 instructions per job on the drain
             # workload (a sixth of the storage side's; LevelDB compresses every table
-            # it writes, and a job's record is written three times), for little: a
+            # it writes, and a job's record was written three times then), for little: a
             # job is mostly its payload, which the caller chose. A block says itself
             # whether it is compressed, so stores written either way open either way.
             db = plyvel.DB(where, create_if_missing=fresh, paranoid_checks=True, compression=None)
@@ -794,13 +885,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                     _upgrade(db)
                 if version < 3:
                     _upgrade_to_3(db, where)
-                if version < 5:
-                    _upgrade_to_5(db, where, max(version, 3))
+                if version < 6:
+                    _upgrade_to_6(db, where, max(version, 3))
                 raw = db.get(_COUNTERS)
                 if raw is None:
                     raise StorageError(f"{where}: jobpool_async store without its counters")
                 self._next_seq, self._promoted, self._counts = codec.decode_global(raw)
                 _check_counters(db, self._counts, where)
+            self._claims = _claims_of(db, where) if meta is not None else {}
             self._next_due = _first_waiting(db)
         except BaseException as exc:
             db.close()
@@ -837,7 +929,17 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             return cached
         idb = codec.id_bytes(job_id)
         raw = self._db.get(_JOB + idb)
-        return None if raw is None else _decoded(raw, idb)
+        if raw is None:
+            return None
+        key = self._claims.get(job_id)
+        return _decoded(raw, idb) if key is None else self._claimed(_decoded(raw, idb), key)
+
+    def _claimed(self, rec: _Rec, key: bytes) -> _Rec:
+        """``rec``, decoded from its record, as the claim its ``A`` key holds made it."""
+        value = self._db.get(key)
+        if value is None:
+            raise StorageError(f"the claim of job {rec.job_id!r} is missing from the store")
+        return _claimed(rec, key, value, str(self.path))
 
     def _tag_counters(self, tag: str) -> codec.Counters:
         raw = self._db.get(_TAG_COUNTS + codec.enc(tag))
@@ -886,12 +988,22 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             # (so in no eligible cache): only the active cache changes. (Per job.)
             # (Their status from the record values, which both keep: a claimed job's
             # record has no job, see ``_Rec.job``.)
+            # (A RUNNING one was claimed here: ``w.claims`` has it.)
+            claims = self._claims
             for job_id, rec in touched.items():
                 if rec.head[_AT_CODE] == _RUNNING:  # type: ignore[union-attr,index]
                     active[job_id] = rec  # type: ignore[assignment]
                 else:
                     active.pop(job_id, None)
+                    claims.pop(job_id, None)
+            if w.claims:
+                claims.update(w.claims)
             return
+        claims = self._claims
+        for job_id in touched:  # (the claims of this write put back below)
+            claims.pop(job_id, None)
+        if w.claims:
+            claims.update(w.claims)
         for job_id, rec in touched.items():
             if rec is None:
                 active.pop(job_id, None)
@@ -1122,7 +1234,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         packed, record.error_b, record.assignee_b, record.result_b = parts
         record.head = bytearray(packed)
         w.put(_JOB + record.idb, codec.join_record(*parts, static))
-        w.touched[job.id] = record
+        job_id = job.id
+        claimed = job_id in self._claims or w.claims.pop(job_id, None) is not None
+        if claimed and new in ACTIVE:
+            # Its record now says it all: its ``A`` key no longer holds a claim.
+            w.put(record.keys[0], b"")  # type: ignore[index]
+        w.touched[job_id] = record
         w.general = True
         return new
 
@@ -1242,8 +1359,14 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
     def _everything(self, transition: Transition | None) -> list[_Rec]:
         if transition is not None and transition.sources <= ACTIVE:
             return self._read_existing(self._active_ids())
-        with self._db.iterator(prefix=_JOB, include_key=False) as it:
-            return [_decoded(raw) for raw in it]
+        claims = self._claims
+        out: list[_Rec] = []
+        with self._db.iterator(prefix=_JOB) as it:
+            for key, raw in it:
+                rec = _decoded(raw, key[1:])
+                claim = claims.get(rec.job_id) if claims else None
+                out.append(rec if claim is None else self._claimed(rec, claim))
+        return out
 
     def _assignee_ids(self, assignee_id: str) -> Iterator[str]:
         return self._scan_ids(_ASSIGNEE + codec.enc(assignee_id), _CREATED_SIZE)
@@ -1394,7 +1517,9 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
         assignee_id: str,
         now: datetime,
     ) -> list[Job]:
-        """Stage the assignment of ``picked`` in ``w``; copies of the jobs as claimed.
+        """Stage the assignment of ``picked`` in ``w``; the jobs as claimed (handed out).
+        No record is written (format 6): each job's ``A`` key holds the claim's time,
+        and ``_commit`` notes it in ``_claims``.
 
         The move of ASSIGN with its key and counter changes made here at once (as the
         memory backend's claim does), not through the generic ``_stage_move``: the
@@ -1404,10 +1529,12 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             w.scanned = scanned
             return []
         put, delete, touched, promoted = w.put, w.delete, w.touched, w.promoted
+        claims = w.claims
         values = w.counts.values
         assignee = _ASSIGNEE + codec.enc(assignee_id)
         now_us = codec.to_micros(now)  # (the assignment and start times of the records)
-        join_record, pack_time_into = codec.join_record, _pack_time_into
+        claim = _U64.pack(now_us)  # (the value of each job's ``A`` key: its claim)
+        pack_time_into = _pack_time_into
         pack_i64_into, pack_u32_into = _pack_i64_into, _pack_u32_into
         assignee_bytes = codec.id_bytes(assignee_id) if assignee_id else b""
         n_assignee = len(assignee_bytes)
@@ -1434,10 +1561,11 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             values[_RUNNING] += 1
             if job.tags:
                 w.move_tags(job.tags, old_code, _RUNNING)
-            idb = rec.idb
-            key = assignee + rec.tail  # (its one index key: see ``_index_keys``)
+            # Its one index key (see ``_index_keys``), which holds the claim: its record
+            # is not written (format 6, see the module docs).
+            key = assignee + rec.tail
             rec.keys = [key]
-            put(key, b"")
+            put(key, claim)
             static = rec.static
             if static is None:
                 static = rec.static = codec.job_static(job)
@@ -1446,8 +1574,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 parts = codec.record_parts(job, rec.seq, static, now, now_us)
                 packed, rec.error_b, rec.assignee_b, rec.result_b = parts
                 rec.head = bytearray(packed)
-                put(_JOB + idb, join_record(*parts, static))
-            else:  # the record values as last staged, the moved ones changed in place
+            else:  # the record values as staged, the moved ones changed in place
                 flags = head[_AT_FLAGS]
                 if not flags & _F_STARTED:
                     pack_time_into(head, _AT_STARTED, now_us)
@@ -1457,21 +1584,6 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
                 head[_AT_CODE] = _RUNNING
                 head[_AT_FLAGS] = flags | _F_STARTED | _F_ASSIGNED
                 rec.assignee_b = assignee_bytes
-                # (``codec.join_record``, inline: per job)
-                put(
-                    _JOB + idb,
-                    b"".join(
-                        (
-                            _RECORD_V3,
-                            head,
-                            static[0],
-                            rec.error_b,
-                            assignee_bytes,
-                            rec.result_b,
-                            static[4],
-                        )
-                    ),
-                )
             rec.claimed, rec.claimed_us = now, now_us
             # The job itself is handed out, the record keeps its values only (which
             # say what it is: see ``_Rec.job``), so no copy of it is made here. Every
@@ -1480,6 +1592,7 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
             job_id = rec.job_id = job.id
             rec.job = None
             touched[job_id] = rec
+            claims[job_id] = key
             out.append(job)
         w.eligible_moved = True
         w.scanned = scanned
@@ -1516,10 +1629,17 @@ class LevelDBBackend(RecordStore[_Rec, _Write, _Prior]):
 
     def _job_states(self, job_ids: list[str]) -> dict[str, JobState]:
         out: dict[str, JobState] = {}
+        claims = self._claims
         for job_id in job_ids:
             raw = self._db.get(_JOB + codec.id_bytes(job_id))
             if raw is not None:
-                status, assigned_at = codec.decode_state(raw)
+                claim = claims.get(job_id)
+                if claim is not None:  # RUNNING, assigned at its claim's time
+                    job = self._claimed(_decoded(raw), claim).job
+                    assert job is not None
+                    status, assigned_at = job.status, job.assigned_at
+                else:
+                    status, assigned_at = codec.decode_state(raw)
                 out[job_id] = JobState(status, assigned_at)
         return out
 
@@ -1746,25 +1866,28 @@ def _stage_format_4(db: Any, where: str, wb: Any) -> None:
         wb.put(key, b"")
 
 
-def _upgrade_to_5(db: Any, where: str, version: int) -> None:
-    """Format 3 or 4 -> 5 in one synced batch, so a crash leaves the old store or the
-    new: from format 3 the changes of format 4 (:func:`_stage_format_4`), then the
+def _upgrade_to_6(db: Any, where: str, version: int) -> None:
+    """Format 3, 4 or 5 -> 6 in one synced batch, so a crash leaves the old store or
+    the new: from format 3 the changes of format 4 (:func:`_stage_format_4`), then the
     format mark.
 
     Format 5 has the keys of format 4; it writes job records of version 3 (see
     :mod:`._leveldb_codec`) and reads the version 2 records of formats 3 and 4 as
-    they are, rewriting them when their jobs move. The mark keeps format 4 code,
-    which cannot read version 3 records, from opening the store."""
+    they are, rewriting them when their jobs move. Format 6 has the keys and records
+    of format 5, and its claims write no record (the claim in the job's ``A`` key
+    instead, see the module docs); a format 5 store holds no such claim, so it is a
+    format 6 store as it is. The mark keeps older code, which cannot read version 3
+    records (format 4) or a claim in an ``A`` key (format 5), from opening the store."""
     wb = db.write_batch(sync=True)
     if version < 4:
         _stage_format_4(db, where, wb)
-    wb.put(_META, codec.encode_meta(5))
+    wb.put(_META, codec.encode_meta(6))
     if _UPGRADE_HOOK is not None:
         _UPGRADE_HOOK()
     wb.write()
     if _UPGRADE_HOOK is not None:
         _UPGRADE_HOOK()
-    logger.info("upgraded LevelDB store %s to format %d", where, 5)
+    logger.info("upgraded LevelDB store %s to format %d", where, 6)
 
 
 def _message(exc: BaseException) -> str:
@@ -1884,6 +2007,7 @@ def _rebuild(db: Any, where: str) -> RepairReport:
         codec.check_meta(meta, where)
     elif _count_keys(db, _JOB) == 0:
         raise StorageError(f"{where} holds no jobpool_async store: nothing to repair")
+    _settle_claims(db, where)  # (before the ``A`` keys, which hold them, are dropped)
     before: int | None = None
     next_seq = promoted = 0
     raw = db.get(_COUNTERS)
