@@ -48,7 +48,12 @@ from jobpool_async.backends.base import (
     Selection,
     check_new_job,
 )
-from jobpool_async.backends.postgres import SCHEMA_VERSION, PostgresBackend
+from jobpool_async.backends.postgres import (
+    COPY_DEFAULTS,
+    COPY_INSERT,
+    SCHEMA_VERSION,
+    PostgresBackend,
+)
 
 from .backends import drop_postgres_schema, new_schema_name
 
@@ -419,6 +424,132 @@ async def test_columns_sent_as_null_when_all_default_keep_each_jobs_own_values(
             assert await q.get_jobs([j.id for j in batch]) == batch
         page = await q.list_jobs(tags=["c"])
         assert [j.id for j in page.jobs] == ["mixed-2"]
+
+
+# --- a large enqueue of new jobs is a binary COPY ------------------------------------------
+
+
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of rows of each ``copy_records_to_table`` of any asyncpg connection."""
+    seen: list[int] = []
+    real = asyncpg.Connection.copy_records_to_table
+
+    async def counted(self: Any, table: str, *, records: Any, **kwargs: Any) -> Any:
+        seen.append(len(records))
+        return await real(self, table, records=records, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counted)
+    return seen
+
+
+async def test_a_large_enqueue_of_new_jobs_is_a_copy_that_keeps_every_value(
+    dsn: str, schema: str, copies: list[int]
+) -> None:
+    """From ``COPY_INSERT`` new jobs without tags, messages or assignees, an enqueue is a
+    binary ``COPY`` of five columns (the others take the table's defaults) and a
+    ``NOTIFY`` in one transaction: every value as the ``INSERT`` writes it (ids of any
+    length and character, their keys, payloads, times in any zone), rows in input order
+    (``seq``), and a stream of another process woken by the commit."""
+    zones = [UTC, timezone(timedelta(hours=-7)), timezone(timedelta(hours=5, minutes=30))]
+    odd = ["tab\tid", "new\nline", "back\\slash", "quote'\"", "é" * 64, "é" * 65, "x" * 300]
+    jobs = [
+        Job(
+            odd[i] if i < len(odd) else f"job-{COPY_INSERT - i:05d}",
+            "t\tab" if i % 2 else "plain",
+            bytes([i % 256]) * (i % 7) + b"\x00\\",
+            created_at=(
+                datetime(2020, 1, 1, tzinfo=UTC) + timedelta(microseconds=i * 1001)
+            ).astimezone(zones[i % 3]),
+        )
+        for i in range(COPY_INSERT + 5)
+    ]
+    async with await open_queue(dsn, schema) as a, await open_queue(dsn, schema) as b:
+        async with b.stream_jobs("w", max_assigned_jobs=1) as stream:
+            got = asyncio.ensure_future(stream.__anext__())
+            await waiting(stream)
+            await a.enqueue_jobs(jobs)
+            (first,) = await asyncio.wait_for(got, DEADLINE)  # woken by the NOTIFY
+        assert copies == [len(jobs)]
+        assert first.id == jobs[0].id  # the oldest
+        stored = await a.get_jobs([j.id for j in jobs])
+        assert [j.id for j in stored] == [j.id for j in jobs]
+        for job, back in zip(jobs[1:], stored[1:], strict=True):
+            assert back == job
+        assert stored[0].status is JobStatus.RUNNING
+    rows = await sql(
+        dsn, f'SELECT id, id_key, "{schema}".id_key(id) FROM "{schema}".jobs ORDER BY seq'
+    )
+    assert [r[0] for r in rows] == [j.id for j in jobs]
+    assert all(r[1] == r[2] for r in rows)
+
+
+async def test_a_copy_of_an_existing_id_is_a_duplicate_and_writes_nothing(
+    dsn: str, schema: str, copies: list[int]
+) -> None:
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_job(Job("taken", "t"))
+        batch = [Job(f"n{i}", "t") for i in range(COPY_INSERT)] + [Job("taken", "t")]
+        with pytest.raises(DuplicateJobError) as caught:
+            await q.enqueue_jobs(batch)
+        assert caught.value.job_id == "taken"
+        assert copies == [len(batch)]
+        assert (await q.get_job_stats()).total_jobs == 1
+
+
+@pytest.mark.parametrize("odd_one", ["tags", "message", "assignee", "max", "min", "scheduled"])
+async def test_a_large_enqueue_needing_other_columns_is_an_insert(
+    dsn: str, schema: str, copies: list[int], odd_one: str
+) -> None:
+    """A batch with a job whose values the ``COPY`` leaves to defaults (tags, a message,
+    an assignee, a schedule), or a creation time the ``INSERT`` writes as
+    ``infinity``/``-infinity``, goes through the ``INSERT``: each value kept."""
+    choices: dict[str, dict[str, Any]] = {
+        "tags": {"tags": ["a"]},
+        "message": {"error_message": "note"},
+        "assignee": {"assignee_id": "someone"},
+        "max": {"created_at": datetime.max.replace(tzinfo=UTC)},
+        "min": {"created_at": datetime.min.replace(tzinfo=UTC)},
+        "scheduled": {"scheduled_at": datetime(2000, 1, 1, tzinfo=UTC)},
+    }
+    fields = choices[odd_one]
+    batch = [Job(f"n{i}", "t") for i in range(COPY_INSERT)] + [Job("odd", "t", **fields)]
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_jobs(batch)
+        assert copies == []
+        assert await q.get_jobs(["n0", "odd"]) == [batch[0], batch[-1]]
+    if odd_one in ("max", "min"):
+        rows = await sql(dsn, f"SELECT created_at::text FROM \"{schema}\".jobs WHERE id = 'odd'")
+        assert rows[0][0] == ("infinity" if odd_one == "max" else "-infinity")
+
+
+async def test_a_store_without_the_copy_defaults_gets_them_when_opened(
+    dsn: str, schema: str, copies: list[int]
+) -> None:
+    """A store made before the defaults of the columns a ``COPY`` leaves out (version 7
+    of the previous release) gets them when opened; its version stays, and code that
+    writes every column (that release's) is unaffected."""
+    async with await open_queue(dsn, schema) as q:
+        await q.enqueue_job(Job("old", "t"))
+    t = f'"{schema}".jobs'
+    await sql(
+        dsn,
+        f"ALTER TABLE {t} " + ", ".join(f"ALTER COLUMN {c} DROP DEFAULT" for c in COPY_DEFAULTS),
+    )
+    query = (
+        "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND atthasdef "
+        "AND attname = ANY($2::text[])"
+    )
+    assert await sql(dsn, query, t, list(COPY_DEFAULTS)) == []
+    async with await open_queue(dsn, schema) as q:
+        assert {r[0] for r in await sql(dsn, query, t, list(COPY_DEFAULTS))} == set(COPY_DEFAULTS)
+        batch = [Job(f"n{i}", "t") for i in range(COPY_INSERT)]
+        await q.enqueue_jobs(batch)
+        assert copies == [COPY_INSERT]
+        assert (await q.get_job("old")).status is JobStatus.INITIAL_PENDING
+        assert await q.get_jobs(["n5"]) == [batch[5]]
+    rows = await sql(dsn, f'SELECT version FROM "{schema}".jobpool_version')
+    assert [r[0] for r in rows] == [SCHEMA_VERSION]
 
 
 # --- waking across processes (two queues stand for two processes) -----------------------
@@ -1396,9 +1527,13 @@ async def test_a_promotion_and_a_cancel_of_the_same_jobs_never_deadlock(
         await b.close()
 
 
-@pytest.mark.parametrize("ignore", [False, True], ids=["insert", "insert_new"])
+@pytest.mark.parametrize(
+    ("ignore", "size"),
+    [(False, 10), (True, 10), (False, COPY_INSERT)],
+    ids=["insert", "insert_new", "copy"],
+)
 async def test_inserts_of_the_same_ids_in_opposite_orders_survive_a_deadlock(
-    dsn: str, schema: str, ignore: bool
+    dsn: str, schema: str, ignore: bool, size: int, copies: list[int]
 ) -> None:
     """An insert waits for a concurrent uncommitted insert of one of its ids (to learn
     whether it commits), in the order it writes its rows (input order). A third session
@@ -1407,20 +1542,22 @@ async def test_inserts_of_the_same_ids_in_opposite_orders_survive_a_deadlock(
     above it and waits too. The holder's rollback makes the two wait for each other:
     PostgreSQL aborts one as a deadlock, having changed nothing. Its caller is owed a
     DuplicateJobError (or, ignoring existing ids, the skip), not a StorageError: the
-    insert runs again and finds the other's rows."""
+    insert runs again and finds the other's rows. So does a ``COPY`` (``size``
+    ``COPY_INSERT``: the transaction of the ``COPY`` and its ``NOTIFY`` runs again)."""
     a, b = backend(dsn, schema), backend(dsn, schema)
     await a.open()
     await b.open()
     holder = await asyncpg.connect(dsn)
     try:
-        ids = [f"k{i:03d}" for i in range(10)]
+        ids = [f"k{i:04d}" for i in range(size)]
+        middle = ids[size // 2]
         lock = holder.transaction()
         await lock.start()
         await holder.execute(
             f"""INSERT INTO "{schema}".jobs (id_key, id, job_type, job_definition, tags,
                 tag_keys, status, created_at, error_message, retry_count, assignee_id)
-                VALUES ('k005', 'k005', 't', '', '{{}}', '{{}}', 'initial_pending', now(),
-                        '', 0, '')"""
+                VALUES ('{middle}', '{middle}', 't', '', '{{}}', '{{}}', 'initial_pending',
+                        now(), '', 0, '')"""
         )
 
         async def put(backend: PostgresBackend, order: list[str]) -> list[str] | None:
@@ -1441,6 +1578,7 @@ async def test_inserts_of_the_same_ids_in_opposite_orders_survive_a_deadlock(
         first, second = await asyncio.gather(up, down)  # no StorageError
         stored = await a.get_jobs(ids)
         assert [j.id for j in stored] == ids
+        assert bool(copies) == (size >= COPY_INSERT)
         if ignore:  # each id inserted once, by one of them; the other skipped it
             assert sorted([*(first or ()), *(second or ())]) == ids
         else:  # one inserted all ten, the other was refused as a duplicate

@@ -18,6 +18,9 @@
   on expiry. The table is created in place (``CREATE TABLE IF NOT EXISTS``) when
   a store written before leases existed is opened; older code ignores it, so the
   store version is unchanged.
+* An enqueue of :data:`COPY_INSERT` new jobs or more (without tags, messages or
+  time fields) is a binary ``COPY`` and its ``NOTIFY`` in one transaction; the
+  columns it leaves out take the table's defaults (:data:`COPY_DEFAULTS`).
 
 The package, by concern: ``_backend`` (the class and its calls), ``_statements``
 (the SQL text), ``_schema`` (tables, indexes, store upgrades), ``_notifications``
@@ -29,9 +32,12 @@ asyncpg is the optional ``postgres`` extra: ``pip install 'jobpool_async[postgre
 
 from ._backend import LOST_CLAIM_MESSAGE, PROBE_INTERVAL, PostgresBackend
 from ._maintenance import VACUUM_COST_DELAY_MS, VACUUM_MIN_CHANGES
-from ._schema import SCHEMA_VERSION
+from ._schema import COPY_DEFAULTS, SCHEMA_VERSION
+from ._statements import COPY_INSERT
 
 __all__ = [
+    "COPY_DEFAULTS",
+    "COPY_INSERT",
     "LOST_CLAIM_MESSAGE",
     "PROBE_INTERVAL",
     "SCHEMA_VERSION",

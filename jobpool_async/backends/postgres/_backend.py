@@ -74,6 +74,8 @@ from ._schema import StoreSchema
 from ._statements import (
     ACTIVE_IN,
     ASSIGNEE_PREFIX,
+    COPY_COLUMNS,
+    COPY_INSERT,
     FINAL_IN,
     ID_ORDER,
     LARGE_INSERT,
@@ -88,6 +90,7 @@ from ._statements import (
     Statements,
     busy_or_idle,
     bytea_parts,
+    copy_records,
     key,
     micros_array,
     quote_ident,
@@ -543,13 +546,31 @@ class PostgresBackend(Backend):
     # --- the contract -------------------------------------------------------------
 
     async def insert(self, jobs: Sequence[Job]) -> None:
-        statement = self._insert_statement(jobs, self._token)
-        if statement is None:
-            return
+        records = copy_records(jobs) if len(jobs) >= COPY_INSERT else None
+        if records is not None:
+            # (every job of a COPY is due now and untagged: one entry, the first job's)
+            payload = self._enqueue_payload(jobs[:1], self._token)
+
+            async def run(conn: PoolConnectionProxy[Record]) -> None:
+                # COPY cannot notify: the NOTIFY follows it in the same transaction
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "jobs", records=records, columns=COPY_COLUMNS, schema_name=self.schema
+                    )
+                    await conn.execute(self._sql.notify, payload)
+
+        else:
+            statement = self._insert_statement(jobs, self._token)
+            if statement is None:
+                return
+
+            async def run(conn: PoolConnectionProxy[Record]) -> None:
+                await conn.execute(*statement)
+
         with self._errors("insert"):
             assert self._pool is not None
             try:
-                await self._inserting(lambda: self._call(lambda c: c.execute(*statement), False))
+                await self._inserting(lambda: self._call(run, False))
             except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
                 raise await self._duplicate(jobs, None) from None
         self._learn_jobs(jobs)
@@ -632,30 +653,11 @@ class PostgresBackend(Backend):
         flat: list[str] = []
         starts: list[int] = []
         ends: list[int] = []
-        tagsets: dict[tuple[str, ...], None] = {}
         for job in jobs:
             starts.append(len(flat) + 1)
             flat.extend(job.tags)
             ends.append(len(flat))
-            tagsets[tuple(job.tags)] = None
-        # One entry per tag set of jobs due now, and per tag set of scheduled jobs with
-        # the earliest time (listeners wake then, not now: SPEC §8.2).
-        later: dict[tuple[str, ...], datetime] = {}
-        for job in jobs:
-            if job.scheduled_at is not None:
-                key = tuple(job.tags)
-                if key not in later or job.scheduled_at < later[key]:
-                    later[key] = job.scheduled_at
-                self._learn(job.scheduled_at)
-        pending = JobStatus.INITIAL_PENDING.value
-        now_due = (
-            tagsets if not later else {tuple(j.tags): None for j in jobs if j.scheduled_at is None}
-        )
-        entries: list[list[Any]] = [["", pending, list(ts), None] for ts in now_due]
-        entries += [["", pending, list(ts), None, us(at)] for ts, at in later.items()]
-        payload = token + " " + json.dumps(entries, separators=(",", ":"))
-        if len(payload.encode()) > MAX_PAYLOAD:
-            payload = token
+        payload = self._enqueue_payload(jobs, token)
         new = not any(has_history(j) for j in jobs)
         # A column of only defaults is sent as NULL (``unnest`` pads it, the statement
         # fills in the default): asyncpg checks the type of every array element, which
@@ -695,6 +697,25 @@ class PostgresBackend(Backend):
             ]
         args += [payload, [tag_key(tag) for tag in flat], def_ends, def_lengths]
         return (self._sql.insert[new, ignore, len(jobs) >= LARGE_INSERT], *args)
+
+    def _enqueue_payload(self, jobs: Sequence[Job], token: str) -> str:
+        """The notification payload of an insert of ``jobs``, starting with ``token``
+        (a listener ignores its own); learns their schedules (see :meth:`_learn`)."""
+        # One entry per tag set of jobs due now, and per tag set of scheduled jobs with
+        # the earliest time (listeners wake then, not now: SPEC §8.2).
+        later: dict[tuple[str, ...], datetime] = {}
+        for job in jobs:
+            if job.scheduled_at is not None:
+                key = tuple(job.tags)
+                if key not in later or job.scheduled_at < later[key]:
+                    later[key] = job.scheduled_at
+                self._learn(job.scheduled_at)
+        now_due = {tuple(j.tags): None for j in jobs if j.scheduled_at is None}
+        pending = JobStatus.INITIAL_PENDING.value
+        entries: list[list[Any]] = [["", pending, list(ts), None] for ts in now_due]
+        entries += [["", pending, list(ts), None, us(at)] for ts, at in later.items()]
+        payload = token + " " + json.dumps(entries, separators=(",", ":"))
+        return token if len(payload.encode()) > MAX_PAYLOAD else payload
 
     async def _duplicate(self, jobs: Sequence[Job], conn: Connection | None) -> DuplicateJobError:
         """The error for an insert refused by the unique id index: names the first id of

@@ -46,6 +46,19 @@ SCHEMA_VERSION = 7
 #: that locks rows in key order sorts them in ``"C"`` too (see LOCK_ORDER).
 _KEY_COLUMNS = ("id_key", "status", "job_type", "assignee_id")
 
+#: The defaults of the columns a ``COPY`` insert of new jobs leaves out (it writes
+#: only ``_statements.COPY_COLUMNS``): a new job's values.
+COPY_DEFAULTS = {
+    "tags": "'{}'", "tag_keys": "'{}'", "status": f"'{JobStatus.INITIAL_PENDING.value}'",
+    "error_message": "''", "retry_count": "0", "assignee_id": "''",
+}  # fmt: skip
+
+
+def default(column: str) -> str:
+    """The ``DEFAULT`` clause of ``column`` in the jobs table's definition."""
+    return f"DEFAULT {COPY_DEFAULTS[column]}"
+
+
 #: Called (awaited) at steps 1-6 of an upgrade, inside its transaction (tests: a crash).
 _UPGRADE_HOOK: Callable[[int], Awaitable[None]] | None = None
 
@@ -91,6 +104,7 @@ class StoreSchema:
                     raise StorageError(f"schema {self.schema!r}: jobs table is missing")
                 if version < SCHEMA_VERSION:
                     await self._upgrade(conn, version)
+                await self._copy_defaults(conn)
                 await conn.execute(self._leases_table_sql())
                 return
             if tables:
@@ -122,17 +136,17 @@ class StoreSchema:
                     seq bigserial NOT NULL,
                     job_type text COLLATE "C" NOT NULL,
                     job_definition bytea NOT NULL,
-                    tags text[] NOT NULL,
-                    tag_keys text[] NOT NULL,
-                    status text COLLATE "C" NOT NULL,
+                    tags text[] NOT NULL {default("tags")},
+                    tag_keys text[] NOT NULL {default("tag_keys")},
+                    status text COLLATE "C" NOT NULL {default("status")},
                     created_at timestamptz NOT NULL,
                     started_at timestamptz,
                     finalized_at timestamptz,
-                    error_message text NOT NULL,
+                    error_message text NOT NULL {default("error_message")},
                     result bytea,
-                    retry_count bigint NOT NULL,
+                    retry_count bigint NOT NULL {default("retry_count")},
                     last_retry_at timestamptz,
-                    assignee_id text COLLATE "C" NOT NULL,
+                    assignee_id text COLLATE "C" NOT NULL {default("assignee_id")},
                     assigned_at timestamptz,
                     claimed_by text,
                     scheduled_at timestamptz,
@@ -157,6 +171,24 @@ class StoreSchema:
                 INSERT INTO {s}.jobpool_version (version) VALUES ({SCHEMA_VERSION});
                 {self._leases_table_sql()}
                 """
+            )
+
+    async def _copy_defaults(self, conn: PoolConnectionProxy[Record]) -> None:
+        """Give the columns a ``COPY`` insert leaves out their defaults (see
+        :data:`COPY_DEFAULTS`), if a store made before them lacks any. Only the catalog
+        changes (no row is rewritten; code that writes every column, as older versions
+        do, is unaffected), so the store version stays; the ``ALTER`` waits for the
+        statements running on the table, once per store."""
+        missing = await conn.fetchval(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = $1::regclass "
+            "AND attname = ANY($2::text[]) AND NOT atthasdef",
+            self._t,
+            list(COPY_DEFAULTS),
+        )
+        if missing:
+            await conn.execute(
+                f"ALTER TABLE {self._t} "
+                + ", ".join(f"ALTER COLUMN {c} SET DEFAULT {v}" for c, v in COPY_DEFAULTS.items())
             )
 
     def _leases_table_sql(self) -> str:
