@@ -492,9 +492,10 @@ class PoolQueue:
             raise TypeError(f"jobs must be a sequence of Job, got {type(jobs).__name__}")
         clean: list[Job] = CheckedJobs()  # (a backend may keep these copies as they are)
         given = iter(jobs)
+        listed = itertools.repeat(not self._backend._takes_no_tags)  # (check_new_job's)
         schedules_mark, tags_mark = next(noted_schedules), next(noted_tags)
         while True:  # (chunks checked by ``map``: no loop of our own per job)
-            chunk = list(map(check_new_job, itertools.islice(given, _VALIDATE_CHUNK)))
+            chunk = list(map(check_new_job, itertools.islice(given, _VALIDATE_CHUNK), listed))
             clean += chunk
             if len(chunk) < _VALIDATE_CHUNK:
                 break

@@ -66,6 +66,7 @@ from .._models import (
     ACTIVE,
     ELIGIBLE,
     FINAL,
+    NO_TAGS,
     CheckedJobs,
     Job,
     JobStatus,
@@ -109,6 +110,7 @@ __all__ = [
     "FINAL",
     "LEASE_EXPIRED",
     "MARK_UNKNOWN_STOPPED",
+    "NO_TAGS",
     "RELEASE",
     "REQUEUE",
     "STOP",
@@ -287,6 +289,15 @@ class Backend(abc.ABC):
     #: take for its own): each such call runs on in a task of its own.
     _carry_calls: ClassVar[bool] = False
 
+    #: Whether :meth:`insert` and :meth:`insert_new` take a queue's checked copies of
+    #: jobs without tags with the one shared empty tuple as their ``tags``
+    #: (:data:`NO_TAGS`), not an empty list each: one object fewer
+    #: per job for the garbage collector to track while the copy lives (the enqueue,
+    #: or the store for a backend that keeps it). A backend that says so only reads a
+    #: copy's ``tags``, never changes it, and never hands the copy itself out (a job
+    #: it returns has a list of its own, as :meth:`Job.copy` makes). Memory does.
+    _takes_no_tags: ClassVar[bool] = False
+
     #: Fault injection for tests: awaited by :meth:`rescue_expired` between its read
     #: of the jobs to rescue and its compare-and-set write (so a test can commit a
     #: completion exactly there). ``None`` in normal use.
@@ -307,7 +318,9 @@ class Backend(abc.ABC):
         Raises :class:`DuplicateJobError` if an id exists. The ids in ``jobs`` are
         distinct (the queue checks). A queue passes :class:`CheckedJobs`: its private
         copies, which a backend keeping ``Job`` objects may keep as they are; any
-        other caller's jobs must be copied (they stay the caller's).
+        other caller's jobs must be copied (they stay the caller's). With
+        :attr:`_takes_no_tags`, a checked copy without tags has the shared empty tuple
+        as its ``tags``.
         """
 
     def check_connection(self, connection: object) -> None:

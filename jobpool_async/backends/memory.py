@@ -266,6 +266,9 @@ class MemoryBackend(RecordStore[Job, None, None]):
     indexes at once (no ``await`` until the call returns), so commit has nothing left
     to do."""
 
+    #: (Its records are the checked copies; each claim or read hands out a copy.)
+    _takes_no_tags = True
+
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         #: ``_read`` is the dict's own ``get``: no Python call per job read.
