@@ -571,7 +571,10 @@ class Worker:
                     # runner writes, or wakes it when it suspends, parks or ends with
                     # outcomes recorded.
                     runner.key = None
-                    running.pop(key, None)
+                    try:  # noqa: SIM105 (``pop(key, None)`` by a statement, not a call: per job)
+                        del running[key]
+                    except KeyError:
+                        pass
                     self._pending[key] = outcome
                     if not running:
                         idle = self._idle

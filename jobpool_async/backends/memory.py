@@ -693,7 +693,7 @@ class MemoryBackend(RecordStore[Job, None, None]):
             copy.id = job_id
             copy.job_type = job.job_type
             copy.job_definition = job.job_definition
-            copy.tags = list(tags)
+            copy.tags = [*tags]  # (no call of ``list``: per job)
             copy.status = job.status
             copy.created_at = job.created_at
             copy.started_at = job.started_at
