@@ -940,16 +940,25 @@ class Worker:
                 # Cancelled while the write was under way (at shutdown, say), the write
                 # goes on in a task: its own outcome decides (written twice, the second
                 # would be rejected, an error logged), and until then this is writing.
-                handed = handed_to(exc)
-                if handed is not None:
-                    self._runner_write_done.clear()  # (shutdown waits for it)
-                    handed.add_done_callback(functools.partial(self._carried_write_done, pending))
+                if handed_to(exc) is not None:
+                    self._left_to(exc, pending, "complete")
                 else:
                     self._pend_again(pending)
                 raise
+        except BaseException as exc:
+            handed = handed_to(exc)  # (the write goes on: still writing until it ends)
+            raise
         finally:
             if handed is None:
                 self._writing = False
+
+    def _left_to(self, exc: BaseException, pending: dict[_Key, _Pending], what: str) -> None:
+        """The outcomes of ``pending`` are left to the write that goes on in the task
+        marked on ``exc`` (its writer was cancelled): see ``_carried_write_done``."""
+        handed = handed_to(exc)
+        assert handed is not None
+        self._runner_write_done.clear()  # (shutdown and the flusher wait for it)
+        handed.add_done_callback(functools.partial(self._carried_write_done, pending, what))
 
     def _pend_again(self, pending: dict[_Key, _Pending]) -> None:
         """Outcomes a write did not write are pending again (a newer one for the same
@@ -960,13 +969,14 @@ class Worker:
                 self._pending[key] = result
 
     def _carried_write_done(
-        self, pending: dict[_Key, _Pending], task: asyncio.Future[ApplyOutcome]
+        self, pending: dict[_Key, _Pending], what: str, task: asyncio.Future[ApplyOutcome]
     ) -> None:
-        """Done callback of a write of completions whose writer (a runner, the
-        flusher) was cancelled while it was under way (at shutdown, say): it went on
-        in a task. Written, its outcomes are done (not written again: the store would
-        reject the second write, an error logged for a normal shutdown); failed, they
-        are pending again, for the flusher."""
+        """Done callback of a write of outcomes (``what``: their kind) whose writer (a
+        runner, the flusher) was cancelled while it was under way (at shutdown, say):
+        it went on in a task. Written, its outcomes are done (not written again: the
+        store would reject the second write, an error logged for a normal shutdown; a
+        second FAIL could even fail a later run of the job); failed, they are pending
+        again, for the flusher."""
         self._writing = False
         if task.cancelled() or task.exception() is not None:
             if not task.cancelled():
@@ -977,9 +987,17 @@ class Worker:
                 )
             self._pend_again(pending)
         else:
-            errors = task.result().errors
-            if errors:
-                self._report("complete", dict(errors))
+            errors: dict[str, Exception] = dict(task.result().errors)
+            if what == "fail":  # cancelled while it failed: it stopped (as ``_flush_mixed``)
+                for key in pending:
+                    err = errors.get(key[0])
+                    if (
+                        isinstance(err, InvalidTransitionError)
+                        and err.current is JobStatus.CANCELLING
+                    ):
+                        del errors[key[0]]
+                        self._pending[key] = _Outcome("ack")
+            self._report(what, errors)
         self._runner_write_done.set()  # (shutdown and the flusher wait for it)
         if self._pending:
             self._wake.set()
@@ -996,9 +1014,11 @@ class Worker:
         for key, outcome in batch.items():
             by_kind[outcome.kind][key[0]] = (key, outcome)
         written: set[_Key] = set()
+        kind = ""  # (the kind being written)
         try:
             completes = by_kind["complete"]
             if completes:
+                kind = "complete"
                 errors = await self._write(
                     self._queue._complete_checked,
                     [
@@ -1011,6 +1031,7 @@ class Worker:
             acks = {i: k for i, (k, _) in by_kind["ack"].items()}
             fails = by_kind["fail"]
             if fails:
+                kind = "fail"
                 errors = await self._write(
                     self._fail_jobs, {i: (o.message, o.retry_in) for i, (_, o) in fails.items()}
                 )
@@ -1027,18 +1048,33 @@ class Worker:
                 self._report("fail", errors)
             discards = by_kind["discard"]
             if discards:
+                kind = "discard"
                 errors = await self._write(
                     self._queue.discard_jobs, {i: o.message for i, (_, o) in discards.items()}
                 )
                 written.update(k for k, _ in discards.values())
                 self._report("discard", errors)
             if acks:
+                kind = "ack"
                 errors = await self._write(
                     self._queue.acknowledge_cancellation, dict.fromkeys(acks, True)
                 )
                 written.update(acks.values())
                 self._report("acknowledge_cancellation", errors)
-        except BaseException:
+        except BaseException as exc:
+            if handed_to(exc) is not None:  # cancelled, that kind's write goes on: its
+                # outcomes are left to it (see ``_flush``); the later kinds' are pending
+                under_way = (
+                    dict.fromkeys(acks.values())
+                    if kind == "ack"
+                    else dict.fromkeys(k for k, _ in by_kind[kind].values())
+                )
+                self._left_to(
+                    exc,
+                    {key: batch[key] for key in under_way},
+                    "acknowledge_cancellation" if kind == "ack" else kind,
+                )
+                written.update(under_way)
             newer = {k[0] for k in self._pending}
             for key, outcome in batch.items():
                 if key not in written and key[0] not in newer:

@@ -17,30 +17,33 @@ import pytest
 
 from jobpool_async import Config, Job, JobStatus, PoolQueue, StorageError, Worker
 from jobpool_async.backends import MemoryBackend
-from jobpool_async.backends.base import COMPLETE
+from jobpool_async.backends.base import COMPLETE, FAIL, Transition
 from jobpool_async.testing import DEADLINE, until
 
 
 class _GatedCompletions(MemoryBackend):
-    """Applies of COMPLETE changes wait for ``gate`` (a storage round trip held open,
-    carried in the caller's task as on SQLite or LevelDB); ``completes`` counts the
-    COMPLETE changes that reach the store per job; ``fail_next`` fails the next one."""
+    """Applies of ``gated`` changes (COMPLETE) wait for ``gate`` (a storage round trip
+    held open, carried in the caller's task as on SQLite or LevelDB); ``completes``
+    counts the ``gated`` changes that reach the store per job; ``fail_next`` fails the
+    next such apply."""
 
-    def __init__(self) -> None:
+    def __init__(self, gated: Transition = COMPLETE) -> None:
         super().__init__()
+        self.gated = gated
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
         self.completes: Counter[str] = Counter()
         self.fail_next = False
 
     async def apply(self, changes: Any, now: Any, refill: Any = None) -> Any:
-        if any(c.transition is COMPLETE for c in changes):
+        gated = self.gated
+        if any(c.transition is gated for c in changes):
             self.entered.set()
             await self.gate.wait()
             if self.fail_next:
                 self.fail_next = False
                 raise StorageError("the store is down for a moment")
-            self.completes.update(c.job_id for c in changes if c.transition is COMPLETE)
+            self.completes.update(c.job_id for c in changes if c.transition is gated)
         return await super().apply(changes, now, refill)
 
 
@@ -102,3 +105,32 @@ async def test_a_cancelled_runners_failed_write_is_written_by_the_flusher(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "worker w: writing job outcomes failed; the flusher retries"
     ]
+
+
+async def test_a_runner_cancelled_during_a_failures_write_writes_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch of several kinds (``_flush_mixed``): the completions are written, then
+    the runner is cancelled during the failures' write, which goes on: written once (a
+    second FAIL would be rejected here; on a job claimed again meanwhile it would fail
+    another worker's run)."""
+    backend = _GatedCompletions(FAIL)
+
+    async def proc(job: Job) -> bytes:
+        if job.id == "bad":
+            raise ValueError("no good")
+        return b"done"
+
+    caplog.set_level(logging.WARNING, logger="jobpool_async")
+    async with PoolQueue(backend) as queue:
+        await queue.enqueue_jobs([Job(id="ok", job_type="t"), Job(id="bad", job_type="t")])
+        worker = Worker(queue, proc, assignee_id="w", config=Config(concurrency=2))
+        async with worker:
+            await _cancel_the_writing_runner(backend, worker, True)
+            await until(lambda: backend.completes["bad"] >= 1, "the failure written")
+            await until(lambda: not worker._writing, "the write ended")
+        ok, bad = await queue.get_jobs(["ok", "bad"])
+    assert ok.status is JobStatus.COMPLETED and ok.result == b"done"
+    assert bad.status is JobStatus.FAILED_RETRY and bad.error_message == "no good"
+    assert backend.completes == {"bad": 1}  # (2 before)
+    assert [r.getMessage() for r in caplog.records if "could not" in r.getMessage()] == []
