@@ -1903,6 +1903,9 @@ class SQLiteBackend(Backend):
     #: (``Backend._carry_calls``: ``_run`` awaits one aiosqlite future, a hop to the
     #: connection's thread, under no timeout.)
     _carry_calls = True
+    #: (``Backend._takes_no_tags``: ``_insert`` and ``insert_in`` only read a copy's
+    #: tags, to JSON in the row and the tag table; no copy is kept or handed out.)
+    _takes_no_tags = True
 
     def __init__(
         self,
