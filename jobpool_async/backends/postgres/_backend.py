@@ -245,6 +245,9 @@ class PostgresBackend(Backend):
     #: Its calls await asyncpg's futures (and a pool's acquire, in a task of its own:
     #: see :meth:`_take`), under no ``asyncio.timeout`` of their own task.
     _carry_calls = True
+    #: (``Backend._takes_no_tags``: an insert only reads a checked copy's tags, into
+    #: the statement's arguments and the notification; no copy is kept or handed out.)
+    _takes_no_tags = True
 
     def __init__(
         self,
