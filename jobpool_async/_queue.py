@@ -511,8 +511,11 @@ class PoolQueue:
         if not clean:
             return []
         ignore = if_exists == "ignore"
-        if ignore:  # the first of each id; the backend skips those stored
-            clean = CheckedJobs(list({job.id: job for job in reversed(clean)}.values())[::-1])
+        if ignore:  # the first of each id, at its place; the backend skips those stored
+            first: dict[str, Job] = {}
+            for job in clean:
+                first.setdefault(job.id, job)
+            clean = CheckedJobs(first.values())
         if connection is not None:
             # Nobody may wake before the commit: the notification it sends does that.
             ids = set(await self._backend.insert_in(clean, connection, ignore=ignore))

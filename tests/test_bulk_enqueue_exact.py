@@ -403,11 +403,6 @@ async def test_a_large_enqueue_in_the_callers_transaction_exists_only_if_it_comm
 # --- a repeated id under "ignore": its first place -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reviewer, LEAD-NOTES session 14: enqueue_jobs(if_exists='ignore') puts a "
-    "repeated id at its last place in the batch (returned ids and enqueue order)",
-)
 async def test_an_ignoring_enqueue_returns_and_queues_repeated_ids_at_their_first_place(
     queue: PoolQueue,
 ) -> None:
