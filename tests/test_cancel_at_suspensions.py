@@ -232,6 +232,52 @@ async def test_a_written_enqueue_whose_caller_is_cancelled_wakes_the_waiting_str
         await queue.close()
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("hops", HOPS)
+async def test_a_bulk_enqueue_cancelled_at_each_step_is_all_or_nothing_and_wakes(
+    store: Callable[[], Backend], hops: int
+) -> None:
+    """A batch of 1,200 new jobs without tags or history (PostgreSQL writes these with a
+    binary ``COPY`` and a ``NOTIFY`` in one transaction, session 14): cut at each step,
+    it is stored whole or not at all (never a part), and once stored it reaches the
+    stream waiting for it with no other event."""
+    queue, hook = await _open(store)
+    n = 1200
+    try:
+
+        async def one(k: int) -> bool:
+            ids = [f"b{k}-{hops}-{i}" for i in range(n)]
+            stream = queue.stream_jobs(f"w{k}", max_assigned_jobs=3)
+            waiting = asyncio.ensure_future(stream.__anext__())
+            await _until(lambda: stream._waiting)
+            enqueuing = asyncio.ensure_future(
+                queue.enqueue_jobs([Job(id=i, job_type="t") for i in ids])
+            )
+            hook.arm(enqueuing, k, hops)
+            await _outcome(enqueuing)
+            fired = hook.fired.is_set()
+            if fired and not enqueuing.cancelled():
+                assert enqueuing.result() == ids
+            stored = len(await queue.get_jobs(ids))
+            assert stored in (0, n), f"{stored} of {n} jobs stored"
+            if not stored:  # (PostgreSQL: the server may still commit it: "ignore")
+                await queue.enqueue_jobs(
+                    [Job(id=i, job_type="t") for i in ids[:5]], if_exists="ignore"
+                )
+            batch = await asyncio.wait_for(waiting, DEADLINE)
+            assert len(batch) == 3 and {j.id for j in batch} <= set(ids)
+            await queue.complete_jobs({j.id: b"" for j in batch})
+            await asyncio.wait_for(stream.aclose(), DEADLINE)
+            # none left eligible for the next round's stream
+            await queue.cancel_jobs(job_ids=ids)
+            assert len(await queue.get_jobs(ids)) in (5, n)
+            return fired
+
+        await _sweep(hook, one)
+    finally:
+        await queue.close()
+
+
 @pytest.mark.parametrize("hops", HOPS)
 async def test_a_refilling_completion_cancelled_at_each_step(
     store: Callable[[], Backend], hops: int
