@@ -988,14 +988,10 @@ class Worker:
             self._pend_again(pending)
         else:
             errors: dict[str, Exception] = dict(task.result().errors)
-            if what == "fail":  # cancelled while it failed: it stopped (as ``_flush_mixed``)
+            if what == "fail":
+                stopped = set(_stopped(errors))
                 for key in pending:
-                    err = errors.get(key[0])
-                    if (
-                        isinstance(err, InvalidTransitionError)
-                        and err.current is JobStatus.CANCELLING
-                    ):
-                        del errors[key[0]]
+                    if key[0] in stopped:
                         self._pending[key] = _Outcome("ack")
             self._report(what, errors)
         self._runner_write_done.set()  # (shutdown and the flusher wait for it)
@@ -1035,15 +1031,10 @@ class Worker:
                 errors = await self._write(
                     self._fail_jobs, {i: (o.message, o.retry_in) for i, (_, o) in fails.items()}
                 )
-                for job_id, err in list(errors.items()):
-                    if (
-                        isinstance(err, InvalidTransitionError)
-                        and err.current is JobStatus.CANCELLING
-                    ):
-                        key = fails.pop(job_id)[0]
-                        batch[key] = _Outcome("ack")  # cancelled while it failed: it stopped
-                        acks[job_id] = key
-                        del errors[job_id]
+                for job_id in _stopped(errors):
+                    key = fails.pop(job_id)[0]
+                    batch[key] = _Outcome("ack")
+                    acks[job_id] = key
                 written.update(k for k, _ in fails.values())
                 self._report("fail", errors)
             discards = by_kind["discard"]
@@ -1075,10 +1066,7 @@ class Worker:
                     "acknowledge_cancellation" if kind == "ack" else kind,
                 )
                 written.update(under_way)
-            newer = {k[0] for k in self._pending}
-            for key, outcome in batch.items():
-                if key not in written and key[0] not in newer:
-                    self._pending[key] = outcome
+            self._pend_again({key: o for key, o in batch.items() if key not in written})
             raise
 
     def _latest_only(self, batch: dict[_Key, _Pending]) -> dict[_Key, _Pending]:
@@ -1206,6 +1194,19 @@ class Worker:
             self._stream._handoff = None
             with contextlib.suppress(ValueError):
                 self._stream._cancel_listeners.remove(self._on_cancel)
+
+
+def _stopped(errors: dict[str, Exception]) -> list[str]:
+    """The jobs whose failure met them ``CANCELLING`` (cancelled while it failed: it
+    stopped, so it is acknowledged instead), in order, taken out of ``errors``."""
+    stopped = [
+        job_id
+        for job_id, err in errors.items()
+        if isinstance(err, InvalidTransitionError) and err.current is JobStatus.CANCELLING
+    ]
+    for job_id in stopped:
+        del errors[job_id]
+    return stopped
 
 
 def _newest(a: datetime | None, b: datetime | None) -> datetime | None:

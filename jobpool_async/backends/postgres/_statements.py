@@ -98,8 +98,7 @@ def copy_records(jobs: Iterable[Any]) -> list[tuple[Any, ...]] | None:
             or created.year in _EXTREME_YEARS
         ):
             return None
-        # (an id of up to 64 characters is at most 256 bytes: its own key)
-        key = job_id if len(job_id) <= 64 else tag_key(job_id)
+        key = job_id if len(job_id) <= _SHORT_KEY else tag_key(job_id)
         append((key, job_id, j.job_type, j.job_definition, created))
     return rows
 
@@ -133,6 +132,10 @@ _MAX_UTC = datetime.max.replace(tzinfo=UTC)
 _MIN_UTC = datetime.min.replace(tzinfo=UTC)
 _INFINITY, _MINUS_INFINITY = 2**63 - 1, -(2**63)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: A text of at most this many characters is at most :data:`TAG_KEY_MAX` bytes in
+#: UTF-8 (4 a character at most), so its own key (:func:`tag_key`): checked without
+#: encoding it.
+_SHORT_KEY = TAG_KEY_MAX // 4
 #: The years of ``datetime.min`` and ``datetime.max`` (see :func:`copy_records`).
 _EXTREME_YEARS = (1, 9999)
 _MICROSECOND = timedelta(microseconds=1)
